@@ -1,0 +1,26 @@
+# Two entry points for a newcomer: `make demo` and `make test` (see README.md).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build by default (CI and laptops); on a GPU box use e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+
+.PHONY: install demo test
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# DeepSpeed builds from source against the torch above; its CUDA ops compile lazily when first used.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/dsdistill demo
+
+test: install
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q

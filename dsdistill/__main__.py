@@ -1,0 +1,5 @@
+import sys
+
+from dsdistill.cli import main
+
+sys.exit(main())

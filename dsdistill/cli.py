@@ -1,0 +1,72 @@
+"""`dsdistill` command line: train, check, demo."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from dsdistill.errors import DistillError
+
+
+def _cmd_train(args) -> int:
+    from dsdistill import train
+
+    argv = ["--config", args.config] + sum((["--set", s] for s in args.overrides), [])
+    return train.main(argv)
+
+
+def _cmd_check(args) -> int:
+    from dsdistill.config import load_config
+    from dsdistill.preflight import preflight
+
+    cfg = load_config(args.config, args.overrides)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    plan = preflight(cfg, world=world)
+    print(plan.describe())
+    print("check: ok")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from dsdistill.demo import run_demo
+
+    return run_demo(run_dir=Path(args.run_dir), steps=args.steps, nprocs=args.nprocs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsdistill", description="Distil a frozen teacher LLM into a student with DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", required=True, help="run config (YAML or JSON)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config value (repeatable)")
+
+    t = sub.add_parser("train", help="train in this process (use `deepspeed dsdistill/train.py` for several ranks)")
+    with_config(t)
+    t.set_defaults(func=_cmd_train)
+    c = sub.add_parser("check", help="validate a config against data, models and world size; print the plan")
+    with_config(c)
+    c.add_argument("--world-size", type=int, default=None, help="ranks the run will use (default: $WORLD_SIZE or 1)")
+    c.set_defaults(func=_cmd_check)
+    d = sub.add_parser("demo", help="distil a tiny local teacher into a smaller student (CPU is enough)")
+    d.add_argument("--run-dir", default="runs/demo", help="where the demo run writes (default runs/demo)")
+    d.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    d.add_argument("--nprocs", type=int, default=2, help="ranks launched by the DeepSpeed launcher (default 2)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DistillError as e:
+        print(f"dsdistill: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

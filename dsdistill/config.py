@@ -1,0 +1,317 @@
+"""Typed run configuration (pydantic v2), loaded from YAML or JSON with `--set a.b=value` overrides.
+
+Every validation problem becomes a `ConfigError` whose message is one line naming the field path, the bad
+value and what was expected.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dsdistill.curriculum import CurriculumConfig
+from dsdistill.errors import ConfigError, one_line
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelSpec(_Strict):
+    """Where a model (and its tokenizer) is loaded from."""
+
+    path: str
+    """Local directory written by `save_pretrained`, or a Hub name."""
+    tokenizer: Optional[str] = None
+    """Tokenizer location if it differs from `path`."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) when `path` is a Hub name."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint to run. Off unless you trust the source."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+
+
+class DataConfig(_Strict):
+    """Training and evaluation text."""
+
+    path: str
+    """Local .jsonl/.json/.txt/.csv/.parquet file or dataset directory, or a Hub dataset name."""
+    text_field: str = "text"
+    """Column holding the raw text."""
+    split: str = "train"
+    """Split of `path` used for training."""
+    eval_path: Optional[str] = None
+    """Separate file or dataset for evaluation; default: `eval_split` of `path`, else a held-out fraction."""
+    eval_split: Optional[str] = None
+    """Split used for evaluation (of `eval_path` if given, else of `path`)."""
+    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    """Fraction of training documents held out for evaluation when no eval split or file is given."""
+    max_documents: Optional[int] = Field(None, ge=1)
+    """Use at most this many training documents (for quick runs)."""
+
+
+class LossConfig(_Strict):
+    """Options of the loss components (their weights live in `curriculum`)."""
+
+    kd_top_k: Optional[int] = Field(None, ge=1)
+    """If set, KD uses only the teacher's top-k tokens per position, renormalised."""
+    kd_top_k_rest: bool = False
+    """With `kd_top_k`: add a bucket holding the remaining probability mass on both sides."""
+    ignore_index: int = -100
+    """Label value excluded from every token-level loss."""
+
+
+class OptimizerConfig(_Strict):
+    """Student optimizer, used when the DeepSpeed config has no `optimizer` block."""
+
+    name: Literal["adamw"] = "adamw"
+    """Optimizer type."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+
+
+class SchedulerConfig(_Strict):
+    """Learning-rate schedule over optimizer steps, used when the DeepSpeed config has no `scheduler`."""
+
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup length in optimizer steps; the first step already uses lr/warmup_steps, never 0."""
+    warmup_ratio: Optional[float] = Field(None, ge=0, lt=1)
+    """Warmup as a fraction of total optimizer steps (instead of `warmup_steps`)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final LR as a fraction of the peak LR."""
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "SchedulerConfig":
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Length, batch shape, precision and seed of training."""
+
+    max_steps: Optional[int] = Field(None, ge=1)
+    """Total optimizer steps. Exclusive with `epochs`; if neither is set, one epoch."""
+    epochs: Optional[int] = Field(None, ge=1)
+    """Passes over the training data (converted to optimizer steps)."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Sequences per rank per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    seq_len: int = Field(512, ge=2)
+    """Tokens per packed training sequence."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision of both engines; auto = bf16 on a GPU that supports it, else fp32."""
+    seed: int = 0
+    """Seed for initialisation, data order and sampling."""
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    """Global gradient-norm clip (None disables)."""
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set max_steps or epochs, not both")
+        return self
+
+
+class EarlyStoppingConfig(_Strict):
+    """Stop when an eval metric stops improving. The default metric is the student's eval perplexity:
+    the curriculum-weighted objective is not used by default because its weights move during training,
+    so a rising objective can mean a new component was switched on rather than a worse model."""
+
+    metric: Literal["ppl", "lm_ce", "kd", "objective"] = "ppl"
+    """Eval metric watched (lower is better)."""
+    patience: Optional[int] = Field(None, ge=1)
+    """Evaluations without improvement before stopping; None disables early stopping."""
+    min_delta: float = Field(0.0, ge=0)
+    """Smallest decrease that counts as an improvement."""
+
+
+class EvalConfig(_Strict):
+    """Periodic evaluation on the held-out split."""
+
+    every: int = Field(100, ge=0)
+    """Evaluate every this many optimizer steps (0: only at the end)."""
+    at_start: bool = True
+    """Also evaluate before the first optimizer step (the baseline the run improves on)."""
+    max_batches: Optional[int] = Field(None, ge=1)
+    """Evaluate on at most this many micro-batches per rank."""
+    micro_batch_size: Optional[int] = Field(None, ge=1)
+    """Eval micro-batch size; default `train.micro_batch_size`."""
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    """Early-stopping rule."""
+
+
+class DeepSpeedSection(_Strict):
+    """DeepSpeed JSON for the two engines: a path, an inline mapping, or None for the built-in default.
+    Values set to "auto" are filled from this run config."""
+
+    student: Union[str, dict[str, Any], None] = None
+    """Student engine config (ZeRO 1, 2 or 3, optional offload); default: ZeRO-2."""
+    teacher: Union[str, dict[str, Any], None] = None
+    """Teacher engine config; must be ZeRO stage 3 without optimizer; default: ZeRO-3 inference."""
+
+
+class OutputConfig(_Strict):
+    """Where the run writes, and how often it logs."""
+
+    run_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints."""
+    log_every: int = Field(10, ge=1)
+    """Print a log line and write a train record every this many optimizer steps."""
+    save_final: bool = True
+    """Write a DeepSpeed checkpoint of the student at the end."""
+
+
+class RunConfig(_Strict):
+    """A distillation run."""
+
+    teacher: ModelSpec
+    """The frozen teacher."""
+    student: ModelSpec
+    """The trainable student."""
+    data: DataConfig
+    """Training and eval text."""
+    curriculum: CurriculumConfig = CurriculumConfig()
+    """Component weights and temperature over training."""
+    loss: LossConfig = LossConfig()
+    """Loss options."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """Student optimizer."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    """Student LR schedule."""
+    train: TrainConfig = TrainConfig()
+    """Training length and batch shape."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation."""
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    """DeepSpeed engine configs."""
+    output: OutputConfig = OutputConfig()
+    """Run directory and logging."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+_UNION_TAGS = {"constant", "linear", "cosine", "str", "dict[str,any]", "function-after[_one_warmup(), SchedulerConfig]"}
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names accepted at the mapping that contains `loc[-1]` (for 'unknown key' messages)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        model = fields[part].annotation
+    fields = getattr(model, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def format_validation_error(err: ValidationError, *, prefix: str = "") -> str:
+    """One line: `<field path>: got <value>; expected <what>` for the first error (+N more)."""
+    errors = err.errors()
+    first = errors[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+    path = ".".join(str(p) for p in loc) or "<top level>"
+    if prefix:
+        path = f"{prefix}.{path}" if loc else prefix
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        msg = f"{path}: unknown key" + (f"; expected one of: {', '.join(allowed)}" if allowed else "")
+    elif kind == "missing":
+        msg = f"{path}: required field is missing"
+    else:
+        text = first["msg"]
+        text = text.removeprefix("Value error, ")
+        if text.startswith("Input should be "):
+            text = "expected " + text[len("Input should be "):]
+        value = first.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        msg = f"{path}: got {shown}; {text}"
+    more = len(errors) - 1
+    if more:
+        msg += f" (and {more} more error{'s' if more > 1 else ''})"
+    return one_line(msg)
+
+
+def read_mapping(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML or JSON file that must hold a mapping; one-line `ConfigError` otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} '{p}' does not exist")
+    if not p.is_file():
+        raise ConfigError(f"{what} '{p}' is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(one_line(f"{what} '{p}' cannot be read: {e}")) from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} '{p}': invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(one_line(f"{what} '{p}': invalid YAML{where}: {getattr(e, 'problem', e)}")) from None
+    if data is None:
+        raise ConfigError(f"{what} '{p}' is empty; expected a mapping")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{p}': expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML, so numbers, booleans and lists work)."""
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain mapping into a `RunConfig`."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load, override and validate a run config file."""
+    return validate(apply_overrides(read_mapping(path), overrides or []))
+
+
+def dump_config(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data."""
+    return cfg.model_dump(mode="json")

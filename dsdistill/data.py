@@ -1,0 +1,185 @@
+"""Text data: load with HF `datasets`, tokenise, pack to `seq_len`, split, and shard per rank.
+
+Training uses a seeded `DistributedSampler` (each rank its own shard, same number of batches everywhere).
+Evaluation shards by stride and pads the shorter ranks with fully-masked batches, so every rank runs the
+same number of forwards (ZeRO-3 needs every rank in every forward) and nothing is counted twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dsdistill.config import RunConfig
+from dsdistill.errors import DataError, one_line
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (writing any dataset cache), then the others (reading it)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if distributed and rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if distributed and rank == 0:
+            dist.barrier()
+
+
+def _looks_local(path: str) -> bool:
+    p = Path(path)
+    return path.startswith((".", "/", "~")) or p.suffix.lower() in BUILDERS or path.count("/") != 1
+
+
+def load_text(path: str, split: str, *, field: str):
+    """A `datasets.Dataset` from a local file, a local dataset directory, or a Hub dataset name."""
+    datasets = _quiet_datasets()
+    p = Path(path).expanduser()
+    try:
+        if p.is_file():
+            builder = BUILDERS.get(p.suffix.lower())
+            if builder is None:
+                raise DataError(f"{field}: '{path}' has extension '{p.suffix}'; expected one of {', '.join(BUILDERS)}")
+            if split != "train":
+                raise DataError(f"{field}: '{path}' is a single file and has only a 'train' split, not '{split}'")
+            return datasets.load_dataset(builder, data_files={"train": str(p)}, split="train")
+        if p.is_dir():
+            return datasets.load_dataset(str(p), split=split)
+        if _looks_local(path):
+            raise DataError(f"{field}: '{path}' does not exist; expected a data file, a dataset directory or a Hub name")
+        return datasets.load_dataset(path, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; the user needs the file and the reason
+        raise DataError(one_line(f"{field}: cannot load '{path}' (split '{split}'): {type(e).__name__}: {e}")[:400]) from None
+
+
+def _check_text_column(ds, text_field: str, where: str) -> None:
+    if text_field not in ds.column_names:
+        raise DataError(f"data.text_field: '{text_field}' is not a column of {where}; columns are: {', '.join(ds.column_names)}")
+    if len(ds) == 0:
+        raise DataError(f"{where} is empty; expected at least one document")
+
+
+def pack(ds, tokenizer, *, text_field: str, seq_len: int, where: str):
+    """Tokenise every document (EOS appended), concatenate and cut into blocks of `seq_len` tokens."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize_and_pack(batch):
+        texts = batch[text_field]
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise DataError(f"data.text_field: '{text_field}' in {where} holds {type(bad).__name__} values; expected strings")
+        ids = tokenizer([t for t in texts if t], add_special_tokens=False)["input_ids"]
+        flat: list[int] = []
+        for doc in ids:
+            flat.extend(doc)
+            if eos is not None:
+                flat.append(eos)
+        n = len(flat) // seq_len
+        return {"input_ids": [flat[i * seq_len : (i + 1) * seq_len] for i in range(n)]}
+
+    with main_process_first():
+        out = ds.map(tokenize_and_pack, batched=True, batch_size=2000, remove_columns=ds.column_names)
+    if "input_ids" not in out.column_names:  # no batch produced a full block
+        return out.select([])
+    out.set_format("torch", columns=["input_ids"])
+    return out
+
+
+@dataclass
+class Splits:
+    """Packed training and evaluation blocks."""
+
+    train: object
+    eval: object
+
+
+def build_splits(cfg: RunConfig, tokenizer) -> Splits:
+    """Load, split and pack the run's data (same result on every rank)."""
+    d = cfg.data
+    with main_process_first():
+        train_docs = load_text(d.path, d.split, field="data.path")
+    _check_text_column(train_docs, d.text_field, f"'{d.path}'")
+    if d.max_documents is not None and len(train_docs) > d.max_documents:
+        train_docs = train_docs.select(range(d.max_documents))
+    if d.eval_path is not None or d.eval_split is not None:
+        src = d.eval_path or d.path
+        with main_process_first():
+            eval_docs = load_text(src, d.eval_split or "train", field="data.eval_path" if d.eval_path else "data.eval_split")
+        _check_text_column(eval_docs, d.text_field, f"'{src}'")
+    else:
+        n = len(train_docs)
+        if n < 2:
+            raise DataError(f"data.path: '{d.path}' has {n} document; hold-out evaluation needs at least 2 (or set data.eval_path)")
+        n_eval = min(n - 1, max(1, round(n * d.eval_fraction)))
+        parts = train_docs.train_test_split(test_size=n_eval, seed=cfg.train.seed, shuffle=True)
+        train_docs, eval_docs = parts["train"], parts["test"]
+    seq = cfg.train.seq_len
+    train = pack(train_docs, tokenizer, text_field=d.text_field, seq_len=seq, where=f"'{d.path}'")
+    evals = pack(eval_docs, tokenizer, text_field=d.text_field, seq_len=seq, where="the eval split")
+    if len(evals) == 0:
+        raise DataError(f"data: the eval split holds fewer than seq_len={seq} tokens; use a larger eval set or a smaller train.seq_len")
+    return Splits(train=train, eval=evals)
+
+
+def _collate(rows) -> dict[str, torch.Tensor]:
+    ids = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class TrainStream:
+    """Endless, deterministic, per-rank stream of training micro-batches, epoch after epoch."""
+
+    def __init__(self, ds, *, micro_batch: int, rank: int, world: int, seed: int):
+        self.sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.loader = DataLoader(ds, batch_size=micro_batch, sampler=self.sampler, drop_last=True, collate_fn=_collate)
+        self.batches_per_epoch = len(self.loader)
+        self.epoch = 0
+        self.position = 0
+        """Micro-batches consumed in the current epoch."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            for batch in self.loader:
+                self.position += 1
+                yield batch
+            self.epoch += 1
+            self.position = 0
+
+
+def eval_batches(ds, *, micro_batch: int, rank: int, world: int, ignore_index: int, max_batches: Optional[int]):
+    """This rank's eval micro-batches; every rank yields the same number (padding with masked batches)."""
+    n = len(ds)
+    per_rank = math.ceil(n / world)
+    n_batches = math.ceil(per_rank / micro_batch)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    mine = list(range(rank, n, world))
+    for b in range(n_batches):
+        idx = mine[b * micro_batch : (b + 1) * micro_batch]
+        if idx:
+            batch = _collate([ds[i] for i in idx])
+        else:  # this rank ran out: a forward that counts nothing keeps the collectives in step
+            ids = ds[0]["input_ids"].unsqueeze(0)
+            batch = {"input_ids": ids, "labels": torch.full_like(ids, ignore_index)}
+        yield batch

@@ -1,0 +1,210 @@
+"""The embedded default: a tiny teacher that has learned something, a smaller student, local data.
+
+`dsdistill demo` builds (and caches) a generated corpus, a word-level tokenizer made from it, a small
+Llama-shaped teacher trained briefly on the corpus, and a narrower, shallower student with a different
+head layout; then it runs distillation with the default curriculum under the real DeepSpeed launcher.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
+NAMES = "ada bob cy dee eve fay gus hal ivy jo kim lu max ned ola pia".split()
+ADJS = "red blue green small big old new warm".split()
+NOUNS = "cat dog box cup hat key map pen".split()
+SPECIALS = ["<unk>", "<eos>", "<pad>"]
+CORPUS_VERSION = "v1"
+
+
+def _sentence(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:  # counting: fully predictable after the first number
+        start = rng.randrange(0, 9)
+        return "count : " + " ".join(NUMBERS[start : start + rng.randrange(3, 7)]) + " ."
+    if kind == 1:  # facts: each name always likes the same thing (memorisation)
+        i = rng.randrange(len(NAMES))
+        return f"{NAMES[i]} likes the {ADJS[i % len(ADJS)]} {NOUNS[(i * 3) % len(NOUNS)]} ."
+    if kind == 2:  # copy: needs attention to earlier tokens
+        words = [rng.choice(ADJS + NOUNS) for _ in range(rng.randrange(2, 5))]
+        return "copy : " + " ".join(words) + " | " + " ".join(words) + " ."
+    a, b = rng.randrange(0, 8), rng.randrange(0, 8)  # small sums
+    return f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]} ."
+
+
+def write_corpus(path: Path, *, documents: int, seed: int = 0) -> Path:
+    """A jsonl file of generated documents (a few sentences each) in a `text` field."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(documents):
+            doc = " ".join(_sentence(rng) for _ in range(rng.randrange(2, 6)))
+            fh.write(json.dumps({"text": doc}) + "\n")
+    return path
+
+
+def build_tokenizer(out_dir: Path):
+    """A word-level fast tokenizer over the corpus vocabulary, saved with `save_pretrained`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({*NUMBERS, *NAMES, *ADJS, *NOUNS, "count", "likes", "the", "copy", "plus", "is", ":", "|", "."})
+    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_llama(vocab: int, *, hidden: int, layers: int, heads: int, kv_heads: int, max_pos: int = 256, seed: int = 0):
+    """A randomly initialised Llama-shaped causal LM built from a config."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, pad_token_id=2,
+    )
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def pretrain(model, tokenizer, corpus: Path, *, steps: int, seq_len: int = 64, batch: int = 16, lr: float = 3e-3, seed: int = 0):
+    """Plain-PyTorch LM training of the teacher on the corpus (so it has something to teach)."""
+    import torch
+
+    ids: list[int] = []
+    for line in corpus.read_text().splitlines():
+        ids.extend(tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    data = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    loss = None
+    for _ in range(steps):
+        x = data[torch.randint(0, data.size(0), (batch,), generator=gen)]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach()) if loss is not None else float("nan")
+
+
+def default_cache() -> Path:
+    base = os.environ.get("DSDISTILL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "dsdistill")
+    return Path(base) / f"demo-{CORPUS_VERSION}"
+
+
+def ensure_assets(cache: Path, *, teacher_steps: int = 400, documents: int = 4000, log=print) -> dict[str, Path]:
+    """Corpus, tokenizer, trained teacher and initial student under `cache`, built once and reused."""
+    paths = {"corpus": cache / "corpus.jsonl", "tokenizer": cache / "tokenizer", "teacher": cache / "teacher", "student": cache / "student"}
+    if all((p / "config.json").exists() for p in (paths["teacher"], paths["student"])) and paths["corpus"].exists():
+        return paths
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cache.mkdir(parents=True, exist_ok=True)
+    write_corpus(paths["corpus"], documents=documents)
+    tok = build_tokenizer(paths["tokenizer"])
+    t0 = time.time()
+    teacher = tiny_llama(len(tok), hidden=128, layers=4, heads=4, kv_heads=2, seed=1)
+    log(f"demo: training the tiny teacher ({sum(p.numel() for p in teacher.parameters()):,} params) for {teacher_steps} steps ...")
+    final = pretrain(teacher, tok, paths["corpus"], steps=teacher_steps)
+    log(f"demo: teacher trained in {time.time() - t0:.0f}s (final LM loss {final:.3f})")
+    student = tiny_llama(len(tok), hidden=64, layers=2, heads=2, kv_heads=1, seed=2)
+    for key, model in (("teacher", teacher), ("student", student)):
+        tmp = cache / f".{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(paths[key], ignore_errors=True)
+        tmp.rename(paths[key])
+    return paths
+
+
+def demo_config(paths: dict[str, Path], run_dir: Path, *, steps: int) -> dict:
+    """The demo's run config: default curriculum, small batches, fp32 on CPU."""
+    return {
+        "teacher": {"path": str(paths["teacher"])},
+        "student": {"path": str(paths["student"])},
+        "data": {"path": str(paths["corpus"]), "eval_fraction": 0.05},
+        "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum": 1, "seq_len": 64, "seed": 0},
+        "optimizer": {"lr": 3e-3},
+        "scheduler": {"kind": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
+        "eval": {"every": max(1, steps // 5), "max_batches": 8},
+        "output": {"run_dir": str(run_dir), "log_every": max(1, steps // 20)},
+    }
+
+
+def launcher_command(script: Path, config: Path, *, nprocs: int, master_port: Optional[int] = None) -> list[str]:
+    """`deepspeed --num_gpus N dsdistill/train.py --config ...` through this interpreter."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs)]
+    if master_port is not None:
+        cmd += ["--master_port", str(master_port)]
+    return cmd + [str(script), "--config", str(config)]
+
+
+def launcher_env() -> dict[str, str]:
+    """Environment for a launch: the CPU accelerator where no GPU is present, one thread per rank."""
+    env = dict(os.environ)
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def summarize(metrics: Path) -> dict:
+    """Eval perplexities of the last run in a metrics file."""
+    from dsdistill.schema import EvalRecord, RunStart, parse_line
+
+    evals: list[EvalRecord] = []
+    for line in metrics.read_text().splitlines():
+        rec = parse_line(line)
+        if isinstance(rec, RunStart):
+            evals = []
+        elif isinstance(rec, EvalRecord):
+            evals.append(rec)
+    if not evals:
+        return {}
+    return {"first_ppl": evals[0].ppl, "last_ppl": evals[-1].ppl, "teacher_ppl": evals[-1].teacher_ppl,
+            "evals": [(e.step, e.ppl) for e in evals]}
+
+
+def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = None) -> int:
+    """Build assets, launch the distillation, print how far the student came toward the teacher."""
+    import yaml
+
+    from dsdistill import train as train_module
+    from dsdistill.schema import METRICS_FILE
+    from dsdistill.train import _free_port
+
+    paths = ensure_assets(cache or default_cache())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "run.yaml"
+    config.write_text(yaml.safe_dump(demo_config(paths, run_dir, steps=steps), sort_keys=False))
+    cmd = launcher_command(Path(train_module.__file__), config, nprocs=nprocs, master_port=_free_port())
+    print("demo: " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=launcher_env())
+    if rc != 0:
+        print(f"demo: the launch failed with exit code {rc}", file=sys.stderr)
+        return rc
+    s = summarize(run_dir / METRICS_FILE)
+    if s:
+        print(f"demo: student eval perplexity {s['first_ppl']:.2f} -> {s['last_ppl']:.2f} "
+              f"(teacher {s['teacher_ppl']:.2f}); metrics in {run_dir / METRICS_FILE}; watch with: dsmonitor {run_dir}")
+    return 0

@@ -1,0 +1,25 @@
+"""User-facing errors: one line, naming the field or file and what was expected."""
+from __future__ import annotations
+
+
+class DistillError(Exception):
+    """An error caused by the user's input. The CLI prints `str(err)` on one line and exits non-zero."""
+
+    exit_code = 2
+
+
+class ConfigError(DistillError):
+    """A run configuration (or DeepSpeed configuration) is invalid."""
+
+
+class DataError(DistillError):
+    """A dataset cannot be read or does not fit the run."""
+
+
+class ModelError(DistillError):
+    """A model or tokenizer cannot be loaded, or teacher and student are incompatible."""
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace so a message always prints on one line."""
+    return " ".join(str(text).split())

@@ -1,0 +1,136 @@
+"""Evaluation: the training objective's own functions, at the curriculum weights of a given step.
+
+`evaluate` prints nothing; the caller logs one summary line after it returns.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dsdistill.data import eval_batches
+from dsdistill.losses import lm_loss
+from dsdistill.objective import align_vocab, component_sums, objective_value
+
+
+@dataclass
+class EvalResult:
+    step: int
+    weights: dict[str, float]
+    temperature: float
+    losses: dict[str, float]
+    weighted: dict[str, float]
+    objective: float
+    lm_ce: float
+    ppl: float
+    tokens: int
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _batches(run):
+    return eval_batches(
+        run.splits.eval,
+        micro_batch=run.cfg.eval.micro_batch_size or run.cfg.train.micro_batch_size,
+        rank=run.rank,
+        world=run.world,
+        ignore_index=run.cfg.loss.ignore_index,
+        max_batches=run.cfg.eval.max_batches,
+    )
+
+
+@torch.no_grad()
+def evaluate(run, *, step: int) -> EvalResult:
+    """Every computed component and the objective over the eval split, reduced token-weighted over ranks,
+    with weights and temperature from the curriculum at optimizer step `step`."""
+    weights = run.curriculum.weights_at(step=step, total_steps=run.total_steps)
+    temperature = run.curriculum.temperature_at(step=step, total_steps=run.total_steps)
+    names = tuple(dict.fromkeys([*run.curriculum.active, "lm"]))  # lm always: perplexity needs it
+    sums = {n: 0.0 for n in names}
+    counts = {n: 0 for n in names}
+    student = run.student
+    was_training = student.module.training
+    student.eval()
+    try:
+        for batch in _batches(run):
+            ids = batch["input_ids"].to(student.device)
+            labels = batch["labels"].to(student.device)
+            t_logits = run.teacher(input_ids=ids).logits if "kd" in names else None
+            s_logits = student(input_ids=ids).logits
+            s_logits, t_logits = align_vocab(s_logits, t_logits, run.vocab)
+            part = component_sums(
+                names, student_logits=s_logits, teacher_logits=t_logits, labels=labels,
+                temperature=temperature, loss_cfg=run.cfg.loss,
+            )
+            for n in names:
+                sums[n] += float(part.sums[n])
+                counts[n] += part.counts[n]
+    finally:
+        if was_training:
+            student.train()
+    reduced = _all_reduce_sum([sums[n] for n in names] + [float(counts[n]) for n in names])
+    k = len(names)
+    losses = {n: reduced[i] / max(reduced[k + i], 1.0) for i, n in enumerate(names)}
+    lm_ce = losses["lm"]
+    return EvalResult(
+        step=step,
+        weights=weights,
+        temperature=temperature,
+        losses=losses,
+        weighted={n: weights[n] * losses[n] for n in weights},
+        objective=objective_value(losses, weights),
+        lm_ce=lm_ce,
+        ppl=math.exp(lm_ce) if lm_ce < 700 else float("inf"),
+        tokens=int(reduced[k + names.index("lm")]),
+    )
+
+
+@torch.no_grad()
+def teacher_perplexity(run) -> float:
+    """exp of the teacher's token-weighted LM cross-entropy on the eval split (computed once per run)."""
+    total, count = 0.0, 0
+    for batch in _batches(run):
+        ids = batch["input_ids"].to(run.teacher.device)
+        logits = run.teacher(input_ids=ids).logits[..., : run.vocab]
+        s, m = lm_loss(logits, batch["labels"].to(logits.device), ignore_index=run.cfg.loss.ignore_index)
+        total += float(s)
+        count += m["count"]
+    total, count = _all_reduce_sum([total, float(count)])
+    ce = total / max(count, 1.0)
+    return math.exp(ce) if ce < 700 else float("inf")
+
+
+class EarlyStopping:
+    """Patience on a lower-is-better eval metric."""
+
+    def __init__(self, *, metric: str, patience: Optional[int], min_delta: float):
+        self.metric = metric
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best: Optional[float] = None
+        self.bad_evals = 0
+
+    def value_of(self, r: EvalResult) -> float:
+        if self.metric in ("ppl", "lm_ce", "objective"):
+            return float(getattr(r, self.metric))
+        return float(r.losses[self.metric])
+
+    def update(self, r: EvalResult) -> bool:
+        """Record an evaluation; True when training should stop."""
+        v = self.value_of(r)
+        if self.best is None or v < self.best - self.min_delta:
+            self.best, self.bad_evals = v, 0
+        else:
+            self.bad_evals += 1
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state(self) -> dict:
+        return {"metric": self.metric, "best": self.best, "bad_evals": self.bad_evals}

@@ -1,0 +1,99 @@
+"""Loading teacher and student with `from_pretrained`, through the transformers DeepSpeed integration.
+
+With a ZeRO-3 DeepSpeed config the model is built inside `deepspeed.zero.Init`, so each rank only ever
+allocates its own shard of the parameters (the checkpoint is streamed in and partitioned as it loads).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dsdistill.config import ModelSpec
+from dsdistill.errors import ModelError, one_line
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _is_hub_name(path: str) -> bool:
+    return not path.startswith((".", "/", "~")) and path.count("/") <= 1 and not Path(path).suffix
+
+
+def _check_location(path: str, field: str) -> None:
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"{field}: '{path}' is a file; expected a model directory written by save_pretrained")
+        if not (p / "config.json").exists():
+            raise ModelError(f"{field}: '{path}' has no config.json; expected a model directory written by save_pretrained")
+    elif not _is_hub_name(path):
+        raise ModelError(f"{field}: '{path}' does not exist; expected a local model directory or a Hub name")
+
+
+def load_tokenizer(spec: ModelSpec, *, field: str):
+    """The tokenizer of `spec` (its `tokenizer` location if set, else its model path)."""
+    from transformers import AutoTokenizer
+
+    where = spec.tokenizer or spec.path
+    if not Path(where).expanduser().is_dir() and not _is_hub_name(where):
+        key = "tokenizer" if spec.tokenizer else "path"
+        raise ModelError(f"{field}.{key}: '{where}' does not exist; expected a local tokenizer directory or a Hub name")
+    try:
+        tok = AutoTokenizer.from_pretrained(where, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except Exception as e:
+        raise ModelError(one_line(f"{field}: cannot load a tokenizer from '{where}': {type(e).__name__}: {e}")[:400]) from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"{field}: the tokenizer at '{where}' has no eos token; packing needs one to separate documents")
+    return tok
+
+
+def load_config(spec: ModelSpec, *, field: str):
+    """The model's transformers config (cheap; used for checks before any weights load)."""
+    from transformers import AutoConfig
+
+    _check_location(spec.path, f"{field}.path")
+    try:
+        return AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except Exception as e:
+        raise ModelError(one_line(f"{field}.path: cannot load a model config from '{spec.path}': {type(e).__name__}: {e}")[:400]) from None
+
+
+def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_config: Optional[dict[str, Any]]):
+    """Load a causal LM; with `zero3_ds_config` it is partitioned at load time (never whole on a rank)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    _check_location(spec.path, f"{field}.path")
+    keep_alive = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config is not None else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path,
+            revision=spec.revision,
+            dtype=DTYPES[precision],
+            attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=True,
+        )
+    except Exception as e:
+        raise ModelError(one_line(f"{field}.path: cannot load a causal LM from '{spec.path}': {type(e).__name__}: {e}")[:400]) from None
+    finally:
+        # the integration keeps a global weak reference; clear it so the next model's load is not affected
+        del keep_alive
+        unset_hf_deepspeed_config()
+    return model
+
+
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(total parameters, parameters held on this rank); equal unless ZeRO-3 partitioned the model."""
+    total = local = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", None)
+        if n is not None:
+            total += n
+            local += p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else 0
+        else:
+            total += p.numel()
+            local += p.numel()
+    return total, local

@@ -1,0 +1,127 @@
+"""Everything that can be checked before any weights load: the plan of a run.
+
+`dsdistill check` prints it; training builds on it. Every failure is a one-line `DistillError`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsdistill.config import RunConfig
+from dsdistill.curriculum import Curriculum
+from dsdistill.data import Splits, TrainStream, build_splits
+from dsdistill.ds_config import precision_of, resolve_student, resolve_teacher, zero_stage
+from dsdistill.engines import warmup_steps_of
+from dsdistill.errors import ConfigError, DataError, ModelError
+from dsdistill.models import load_config as load_model_config, load_tokenizer
+
+
+@dataclass
+class Plan:
+    """A validated run, ready for models and engines."""
+
+    cfg: RunConfig
+    rank: int
+    world: int
+    run_dir: Path
+    curriculum: Curriculum
+    tokenizer: Any
+    vocab: int
+    teacher_config: Any
+    student_config: Any
+    splits: Splits
+    stream: TrainStream
+    total_steps: int
+    precision: str
+    ds_student: dict
+    ds_teacher: dict
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.world
+
+    def describe(self) -> str:
+        """A few lines a person reads before launching."""
+        c = self.cfg
+        t, s = self.teacher_config, self.student_config
+        lines = [
+            f"world size {self.world}; global batch {self.global_batch} sequences = micro {c.train.micro_batch_size}"
+            f" x accumulation {c.train.grad_accum} x world {self.world}; {self.global_batch * c.train.seq_len:,} tokens per optimizer step",
+            f"training: {self.total_steps} optimizer steps ({len(self.splits.train)} packed sequences of {c.train.seq_len} tokens,"
+            f" {self.stream.batches_per_epoch // c.train.grad_accum} steps per epoch); eval: {len(self.splits.eval)} sequences",
+            f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(self.ds_teacher)}, frozen",
+            f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(self.ds_student)}, precision {self.precision}",
+            f"curriculum: computes {', '.join(self.curriculum.active)}"
+            + (f"; scheduled but not computed by this version: {', '.join(self.curriculum.inactive)}" if self.curriculum.inactive else ""),
+            f"run dir: {self.run_dir}",
+        ]
+        return "\n".join(lines)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory exists (or can be made) and accepts files."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output.run_dir: '{run_dir}' is not writable ({e.strerror or e})") from None
+
+
+def _same_vocab(a, b) -> bool:
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> Plan:
+    """Validate the run against the data, models (configs and tokenizers only) and world size."""
+    run_dir = Path(cfg.output.run_dir)
+    check_run_dir(run_dir)
+    try:
+        curriculum = Curriculum(cfg.curriculum)
+    except ValueError as e:
+        raise ConfigError(f"curriculum.weights: {e}") from None
+    metric = cfg.eval.early_stopping.metric
+    if metric not in ("ppl", "lm_ce", "objective") and metric not in curriculum.active:
+        raise ConfigError(f"eval.early_stopping.metric: '{metric}' is not computed in this run; expected ppl, lm_ce, objective or one of {', '.join(curriculum.active)}")
+
+    teacher_cfg = load_model_config(cfg.teacher, field="teacher")
+    student_cfg = load_model_config(cfg.student, field="student")
+    tokenizer = load_tokenizer(cfg.student, field="student")
+    if cfg.teacher.tokenizer is not None or (Path(cfg.teacher.path) / "tokenizer_config.json").exists():
+        teacher_tok = load_tokenizer(cfg.teacher, field="teacher")
+    else:
+        teacher_tok = tokenizer
+    vocab = len(tokenizer)
+    if curriculum.ever_nonzero("kd") and not _same_vocab(tokenizer, teacher_tok):
+        raise ModelError(
+            f"teacher.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
+            "logit KD needs a shared vocabulary (set the kd weight to 0 to distil without it)"
+        )
+    for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
+        mv = getattr(mc, "vocab_size", None)
+        if mv is not None and mv < vocab:
+            raise ModelError(f"{field}.path: model vocab_size {mv} is smaller than the tokenizer's {vocab} tokens")
+        limit = getattr(mc, "max_position_embeddings", None)
+        if limit is not None and cfg.train.seq_len > limit:
+            raise ConfigError(f"train.seq_len: {cfg.train.seq_len} exceeds the {field}'s max_position_embeddings ({limit})")
+
+    splits = build_splits(cfg, tokenizer)
+    stream = TrainStream(splits.train, micro_batch=cfg.train.micro_batch_size, rank=rank, world=world, seed=cfg.train.seed)
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    steps_per_epoch = stream.batches_per_epoch // cfg.train.grad_accum
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"data.path: '{cfg.data.path}' packs into {len(splits.train)} sequences of {cfg.train.seq_len} tokens; "
+            f"one optimizer step needs {per_step} (micro_batch_size*grad_accum*world_size)"
+        )
+    total_steps = cfg.train.max_steps or (cfg.train.epochs or 1) * steps_per_epoch
+    ds_teacher = resolve_teacher(cfg, hidden_size=getattr(teacher_cfg, "hidden_size", None))
+    ds_student = resolve_student(
+        cfg, world_size=world, total_steps=total_steps,
+        warmup_steps=warmup_steps_of(cfg.scheduler, total_steps), hidden_size=getattr(student_cfg, "hidden_size", None),
+    )
+    return Plan(cfg, rank, world, run_dir, curriculum, tokenizer, vocab, teacher_cfg, student_cfg, splits, stream,
+                total_steps, precision_of(cfg), ds_student, ds_teacher)

@@ -1,0 +1,159 @@
+"""The metrics stream contract: one JSON object per line in `<run_dir>/metrics.jsonl`.
+
+Imported by both the trainer (which writes) and the monitor (which reads). Every record has `kind`,
+`step` (the optimizer step, `engine.global_steps`, at which the curriculum was evaluated for it) and `time`
+(unix seconds). A train record at step s and an eval record at step s used identical weights.
+Non-finite floats are written as the JSON extensions NaN / Infinity, which Python's json reads back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time as _time
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SCHEMA_VERSION = 1
+METRICS_FILE = "metrics.jsonl"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+
+    step: int = Field(ge=0)
+    """Optimizer step (engine.global_steps) the curriculum was evaluated at."""
+    time: float = Field(default_factory=_time.time)
+    """Unix seconds when the record was written."""
+
+
+class RunStart(_Record):
+    """Written once when a run (or a resumed run) starts."""
+
+    kind: Literal["run_start"] = "run_start"
+    schema_version: int = SCHEMA_VERSION
+    """Version of this schema."""
+    config: dict[str, Any]
+    """The resolved run config."""
+    total_steps: int
+    """Total optimizer steps of the run."""
+    world_size: int
+    """Number of data-parallel ranks."""
+    schedule: dict[str, Any]
+    """The full curriculum definition (see `Curriculum.definition`)."""
+    global_batch: int = 0
+    """Sequences per optimizer step over all ranks."""
+    seq_len: int = 0
+    """Tokens per sequence."""
+    student_zero_stage: int = 0
+    teacher_zero_stage: int = 3
+    student_params: int = 0
+    teacher_params: int = 0
+
+
+class TrainRecord(_Record):
+    """One optimizer step's (or log interval's last step's) training numbers."""
+
+    kind: Literal["train"] = "train"
+    weights: dict[str, float]
+    """Curriculum weight per active component at `step`."""
+    losses: dict[str, float]
+    """Raw (unweighted) token-weighted mean per component over the step's accumulation window."""
+    weighted: dict[str, float] = {}
+    """weight x raw per component."""
+    objective: float
+    """sum of weighted components: the number the optimizer minimised."""
+    lr: float
+    """Learning rate the optimizer used for this step (read from the engine)."""
+    temperature: float
+    """KD temperature at `step`."""
+    tokens_per_s: float
+    """Training throughput over the log interval (tokens on all ranks per second)."""
+    tokens: int = 0
+    """Tokens trained on so far, all ranks."""
+    progress: float = 0.0
+    """Fraction of total optimizer steps done after this step."""
+    total_steps: int = 0
+    grad_norm: Optional[float] = None
+    """Global gradient norm before clipping, if the engine reports it."""
+    extras: dict[str, float] = {}
+    """Diagnostics that are not objective terms (e.g. kd_kl: KD's KL before T^2 scaling)."""
+    mem_gib: Optional[float] = None
+    """Peak accelerator memory on rank 0, GiB (None on CPU)."""
+
+
+class EvalRecord(_Record):
+    """An evaluation at optimizer step `step`, with the curriculum at that same step."""
+
+    kind: Literal["eval"] = "eval"
+    weights: dict[str, float]
+    losses: dict[str, float]
+    weighted: dict[str, float] = {}
+    objective: float
+    """Objective at the current weights: comparable to the train objective at the same step."""
+    temperature: float
+    lm_ce: float
+    """Token-weighted LM cross-entropy of the student."""
+    ppl: float
+    """exp(lm_ce)."""
+    teacher_ppl: Optional[float] = None
+    """Teacher perplexity on the same eval set (computed once)."""
+    tokens: int = 0
+    """Eval tokens over all ranks."""
+    best: Optional[float] = None
+    """Best value so far of the early-stopping metric."""
+    bad_evals: int = 0
+    """Evaluations since the last improvement."""
+    early_stop_metric: str = "ppl"
+
+
+class AlertRecord(_Record):
+    """Something a person watching the run should see."""
+
+    kind: Literal["alert"] = "alert"
+    level: Literal["info", "warning", "error"] = "warning"
+    code: str
+    """Stable identifier, e.g. lr_zero, nan_loss."""
+    message: str
+
+
+class RunEnd(_Record):
+    """Written once when a run stops, for any reason."""
+
+    kind: Literal["run_end"] = "run_end"
+    reason: Literal["completed", "early_stopping", "interrupted", "error"]
+    message: str = ""
+    best: Optional[float] = None
+
+
+Record = Annotated[Union[RunStart, TrainRecord, EvalRecord, AlertRecord, RunEnd], Field(discriminator="kind")]
+_ADAPTER = TypeAdapter(Record)
+KINDS = ("run_start", "train", "eval", "alert", "run_end")
+
+
+def parse_record(obj: dict[str, Any]) -> Record:
+    """Validate a decoded JSON object as a record (raises pydantic.ValidationError)."""
+    return _ADAPTER.validate_python(obj)
+
+
+def parse_line(line: str) -> Optional[Record]:
+    """A record from one line of metrics.jsonl, or None if the line is not a valid record."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return parse_record(obj)
+    except ValidationError:
+        return None
+
+
+def dumps(record: BaseModel) -> str:
+    """One line of JSON for a record."""
+    return json.dumps(record.model_dump(), separators=(",", ":"), allow_nan=True)
+
+
+def is_finite(x: Optional[float]) -> bool:
+    return x is not None and math.isfinite(x)

@@ -1,0 +1,326 @@
+"""Distillation training: `deepspeed dsdistill/train.py --config run.yaml [--set a.b=value ...]`.
+
+One explicit loop. For each optimizer step (one accumulation window of micro-batches) the curriculum is
+evaluated once at `step = student.global_steps`; every micro-batch of the window then runs teacher forward,
+student forward, the component losses, the weighted sum, `backward` and `step`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Started as a script path (the deepspeed launcher does this): import this package, and keep this
+    # directory off sys.path so our module names cannot shadow anything.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from dsdistill.config import RunConfig, dump_config, load_config
+from dsdistill.ds_config import zero_stage
+from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
+from dsdistill.errors import DistillError
+from dsdistill.evaluate import EarlyStopping, EvalResult, evaluate, teacher_perplexity
+from dsdistill.metrics import MetricsWriter
+from dsdistill.models import load_causal_lm, param_counts
+from dsdistill.objective import align_vocab, component_sums, objective_value, weighted_sum
+from dsdistill.preflight import Plan, preflight
+from dsdistill.report import eval_line, train_line
+from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU); a plain `python` start is world 1."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, flush=True)
+
+
+@dataclass
+class Run:
+    """Everything the loop and evaluation need: the validated plan plus the two engines."""
+
+    plan: Plan
+    teacher: Any
+    student: Any
+    writer: MetricsWriter
+
+    def __getattr__(self, name):  # cfg, rank, world, splits, curriculum, vocab, total_steps, ... from the plan
+        return getattr(self.plan, name)
+
+
+def setup(cfg: RunConfig) -> Run:
+    """Validate everything that can be checked cheaply, then load the models into their engines."""
+    rank, world = init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    plan = preflight(cfg, world=world, rank=rank)
+    teacher_model = load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher)
+    teacher = build_teacher_engine(teacher_model, plan.ds_teacher)
+    student_model = load_causal_lm(
+        cfg.student, field="student", precision=plan.precision,
+        zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
+    )
+    student = build_student_engine(student_model, plan.ds_student, cfg, total_steps=plan.total_steps)
+    return Run(plan, teacher, student, MetricsWriter(plan.run_dir, enabled=rank == 0))
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _eval_record(r: EvalResult, teacher_ppl: float, stopper: EarlyStopping) -> EvalRecord:
+    return EvalRecord(
+        step=r.step, weights=r.weights, losses=r.losses, weighted=r.weighted, objective=r.objective,
+        temperature=r.temperature, lm_ce=r.lm_ce, ppl=r.ppl, teacher_ppl=teacher_ppl, tokens=r.tokens,
+        best=stopper.best, bad_evals=stopper.bad_evals, early_stop_metric=stopper.metric,
+    )
+
+
+def _progress_bar(run: Run):
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_steps, desc="distil", unit="step", dynamic_ncols=True,
+                disable=run.rank != 0 or not sys.stderr.isatty())
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run a whole distillation; returns a summary (rank 0's numbers; other ranks get the same).
+
+    A run that fails or is interrupted after the metrics stream opened still gets its run_end record."""
+    run = setup(cfg)
+    try:
+        return _train_loop(run)
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        run.writer.write(RunEnd(step=run.student.global_steps, reason="interrupted" if interrupted else "error",
+                                message=f"{type(e).__name__}: {e}"[:500]))
+        raise
+    finally:
+        run.writer.close()
+
+
+def _train_loop(run: Run) -> dict[str, Any]:
+    cfg = run.cfg
+    student, teacher, cur = run.student, run.teacher, run.curriculum
+    total, gas, world = run.total_steps, cfg.train.grad_accum, run.world
+    t_params, _ = param_counts(teacher.module)
+    s_params, _ = param_counts(student.module)
+    run.writer.write(RunStart(
+        step=student.global_steps, config=dump_config(cfg), total_steps=total, world_size=world,
+        schedule=cur.definition(), global_batch=cfg.train.micro_batch_size * gas * world, seq_len=cfg.train.seq_len,
+        student_zero_stage=zero_stage(run.ds_student), teacher_zero_stage=zero_stage(run.ds_teacher),
+        student_params=s_params, teacher_params=t_params,
+    ))
+    if run.rank == 0:
+        (run.run_dir / "config.yaml").write_text(_yaml(dump_config(cfg)))
+    _say(run.rank, f"dsdistill: {total} optimizer steps, world {world}, global batch "
+         f"{cfg.train.micro_batch_size * gas * world} x {cfg.train.seq_len} tokens, teacher {t_params:,} params "
+         f"(ZeRO-3), student {s_params:,} params (ZeRO-{zero_stage(run.ds_student)}), run dir {run.run_dir}")
+    if cur.inactive:
+        msg = f"scheduled components not computed by this version (left out of the objective): {', '.join(cur.inactive)}"
+        _say(run.rank, f"warning: {msg}")
+        run.writer.write(AlertRecord(step=student.global_steps, level="info", code="inactive_components", message=msg))
+
+    teacher_ppl = teacher_perplexity(run)
+    _say(run.rank, f"teacher perplexity on the eval split: {teacher_ppl:.3f}")
+    stopper = EarlyStopping(metric=cfg.eval.early_stopping.metric, patience=cfg.eval.early_stopping.patience,
+                            min_delta=cfg.eval.early_stopping.min_delta)
+    names = cur.active
+    ignore = cfg.loss.ignore_index
+    tokens_seen = 0
+    interval_tokens, interval_start = 0, time.perf_counter()
+    warned_zero_lr = False
+    last_eval: Optional[EvalResult] = None
+    reason = "completed"
+    batches = iter(run.stream)
+
+    def run_eval() -> bool:
+        nonlocal last_eval
+        last_eval = evaluate(run, step=student.global_steps)
+        stop = stopper.update(last_eval)
+        erec = _eval_record(last_eval, teacher_ppl, stopper)
+        run.writer.write(erec)
+        if run.rank == 0:
+            bar.write(eval_line(erec), file=sys.stdout)
+            sys.stdout.flush()
+        return stop
+
+    bar = _progress_bar(run)
+    if cfg.eval.at_start:
+        run_eval()
+    student.train()
+
+    while student.global_steps < total:
+        step = student.global_steps  # the one schedule position for this whole accumulation window
+        weights = cur.weights_at(step=step, total_steps=total)
+        temperature = cur.temperature_at(step=step, total_steps=total)
+        window = [next(batches) for _ in range(gas)]
+        valid = sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in window)
+        window_tokens, = _all_reduce([float(valid)])
+        normalizers = {n: window_tokens for n in names}  # every computed component is token-level
+        acc = {n: 0.0 for n in names}
+        acc_kl = 0.0
+        lr_used = float("nan")
+        for mb in window:
+            ids = mb["input_ids"].to(student.device)
+            labels = mb["labels"].to(student.device)
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids).logits if "kd" in names else None
+            s_logits = student(input_ids=ids).logits
+            s_logits, t_logits = align_vocab(s_logits, t_logits, run.vocab)
+            sums = component_sums(names, student_logits=s_logits, teacher_logits=t_logits, labels=labels,
+                                  temperature=temperature, loss_cfg=cfg.loss)
+            # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
+            # the token-weighted objective of the whole window on all ranks.
+            loss = weighted_sum(sums, weights=weights, normalizers=normalizers) * (gas * world)
+            student.backward(loss)
+            if student.is_gradient_accumulation_boundary():
+                lr_used = current_lr(student)  # what optimizer.step() below applies
+            student.step()
+            for n in names:
+                acc[n] += float(sums.sums[n].detach())
+            if "kd_kl" in sums.extras:
+                acc_kl += float(sums.extras["kd_kl"])
+        reduced = _all_reduce([acc[n] for n in names] + [acc_kl])
+        losses = {n: reduced[i] / max(window_tokens, 1.0) for i, n in enumerate(names)}
+        objective = objective_value(losses, weights)
+        step_tokens = sum(mb["input_ids"].numel() for mb in window) * world
+        tokens_seen += step_tokens
+        interval_tokens += step_tokens
+        done = student.global_steps
+        bar.update(1)
+
+        if step == 0 and lr_used == 0.0 and not warned_zero_lr:
+            warned_zero_lr = True
+            msg = "the LR schedule gave the first optimizer step LR 0 (warmup starts at 0); that step changed nothing"
+            _say(run.rank, f"warning: {msg}")
+            run.writer.write(AlertRecord(step=step, code="lr_zero_first_step", message=msg))
+
+        if done % cfg.output.log_every == 0 or done == total:
+            elapsed = time.perf_counter() - interval_start
+            norm = student.get_global_grad_norm() if hasattr(student, "get_global_grad_norm") else None
+            rec = TrainRecord(
+                step=step, weights=weights, losses=losses, weighted={n: weights[n] * losses[n] for n in names},
+                objective=objective, lr=lr_used, temperature=temperature,
+                tokens_per_s=interval_tokens / elapsed if elapsed > 0 else 0.0, tokens=tokens_seen,
+                progress=done / total, total_steps=total, grad_norm=_to_float(norm),
+                extras={"kd_kl": reduced[-1] / max(window_tokens, 1.0)} if "kd" in names else {},
+                mem_gib=_peak_mem_gib(),
+            )
+            run.writer.write(rec)
+            if run.rank == 0:
+                bar.write(train_line(rec), file=sys.stdout)
+                sys.stdout.flush()
+            interval_tokens, interval_start = 0, time.perf_counter()
+
+        if (cfg.eval.every and done % cfg.eval.every == 0) or done == total:
+            if run_eval():
+                reason = "early_stopping"
+                _say(run.rank, f"early stopping: eval {stopper.metric} has not improved by more than "
+                     f"{stopper.min_delta} for {stopper.patience} evaluations (best {stopper.best:.4g})")
+                break
+            interval_start = time.perf_counter()  # eval time is not training throughput
+    bar.close()
+
+    if cfg.output.save_final:
+        student.save_checkpoint(str(run.run_dir / "checkpoints"), tag=f"step{student.global_steps}",
+                                client_state={"global_steps": student.global_steps, "early_stopping": stopper.state()})
+    run.writer.write(RunEnd(step=student.global_steps, reason=reason, best=stopper.best))
+    return {
+        "steps": student.global_steps,
+        "total_steps": total,
+        "reason": reason,
+        "teacher_ppl": teacher_ppl,
+        "final_eval": last_eval,
+        "run_dir": str(run.run_dir),
+        "run": run,
+    }
+
+
+def _to_float(x) -> Optional[float]:
+    if x is None:
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _peak_mem_gib() -> Optional[float]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return None
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def build_parser(prog: str = "dsdistill/train.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Distil a frozen teacher into a student with DeepSpeed.")
+    p.add_argument("--config", required=True, help="run config (YAML or JSON)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def report_error(err: BaseException) -> None:
+    """Print a user error on one line (once: on rank 0, or where no rank is known yet)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"dsdistill: error: {err}", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except DistillError as e:
+        report_error(e)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

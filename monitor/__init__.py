@@ -1,0 +1,1 @@
+"""dsmonitor: a terminal dashboard for dsdistill's metrics stream."""

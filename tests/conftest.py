@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny real models saved with save_pretrained, a local tokenizer and corpus, and a
+single-process gloo world for in-process DeepSpeed engines."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsdistill.demo import build_tokenizer, pretrain, tiny_llama, write_corpus
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Corpus, tokenizer, a briefly trained teacher and a different-shaped student, on disk."""
+    root = tmp_path_factory.mktemp("assets")
+    corpus = write_corpus(root / "corpus.jsonl", documents=600, seed=3)
+    tok = build_tokenizer(root / "tokenizer")
+    teacher = tiny_llama(len(tok), hidden=64, layers=3, heads=4, kv_heads=2, max_pos=128, seed=1)
+    pretrain(teacher, tok, corpus, steps=60, seq_len=32, batch=8)
+    student = tiny_llama(len(tok), hidden=32, layers=2, heads=2, kv_heads=1, max_pos=128, seed=2)
+    out = {"corpus": corpus, "tokenizer": root / "tokenizer"}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def make_config(assets, tmp_path):
+    """A plain-dict run config for the tiny assets; tests tweak it, then validate it."""
+
+    def make(**sections) -> dict:
+        cfg = {
+            "teacher": {"path": str(assets["teacher"])},
+            "student": {"path": str(assets["student"])},
+            "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1},
+            "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "seq_len": 32, "precision": "fp32"},
+            "optimizer": {"lr": 2e-3},
+            "scheduler": {"kind": "cosine", "warmup_steps": 2},
+            "eval": {"every": 3, "max_batches": 2, "at_start": False},
+            "output": {"run_dir": str(tmp_path / "run"), "log_every": 1, "save_final": False},
+        }
+        for key, value in sections.items():
+            merged = copy.deepcopy(cfg.get(key, {}))
+            if isinstance(value, dict) and isinstance(merged, dict):
+                merged.update(value)
+                cfg[key] = merged
+            else:
+                cfg[key] = value
+        return cfg
+
+    return make

@@ -1,0 +1,62 @@
+"""Two ranks under the real DeepSpeed launcher (gloo on CPU): ZeRO-3 teacher and ZeRO-3 student."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dsdistill.schema import METRICS_FILE, EvalRecord, RunStart, TrainRecord, parse_line
+from dsdistill.train import _free_port
+
+PROBE = Path(__file__).with_name("dist_probe.py")
+
+
+def launch(config: dict, tmp_path: Path, nprocs: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
+           str(PROBE), "--config", str(cfg_path)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_rank_zero3_teacher_and_student(make_config, tmp_path):
+    steps = 10
+    cfg = make_config(
+        train={"max_steps": steps, "grad_accum": 2, "micro_batch_size": 2},
+        optimizer={"lr": 5e-3},
+        deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                               "train_batch_size": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+                   "teacher": {"train_micro_batch_size_per_gpu": "auto",
+                               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}},
+        eval={"every": 5, "max_batches": 2},
+    )
+    proc = launch(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = Path(cfg["output"]["run_dir"])
+    probes = [json.loads((run_dir / f"probe-rank{r}.json").read_text()) for r in range(2)]
+    for p in probes:
+        assert p["world"] == 2
+        assert 0 < p["teacher_local"] < p["teacher_total"]  # no rank holds the whole teacher
+        assert 0 < p["student_local"] < p["student_total"]
+        assert p["global_steps"] == steps and p["micro_steps"] == 2 * steps
+        assert p["teacher_grad_params"] == 0 and p["teacher_training_mode"] is False
+    assert probes[0]["teacher_local"] + probes[1]["teacher_local"] >= probes[0]["teacher_total"]
+
+    recs = [parse_line(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    assert all(r is not None for r in recs)
+    start = recs[0]
+    assert isinstance(start, RunStart) and start.world_size == 2 and start.global_batch == 2 * 2 * 2
+    assert start.student_zero_stage == 3 and start.teacher_zero_stage == 3
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    assert [t.step for t in trains] == list(range(steps))  # written once, by rank 0
+    assert all(math.isfinite(v) for t in trains for v in t.losses.values())
+    first, last = trains[0], trains[-1]
+    assert last.objective < first.objective and last.losses["kd"] < first.losses["kd"]
+    evals = [r for r in recs if isinstance(r, EvalRecord)]
+    assert [e.step for e in evals] == [5, 10] and evals[-1].ppl < evals[0].ppl
+    # rank 0 alone prints the log lines
+    assert proc.stdout.count("eval @ step 10") == 1
