@@ -118,6 +118,9 @@ class TrainConfig(_Strict):
     """Seed for initialisation, data order and sampling."""
     grad_clip: Optional[float] = Field(1.0, gt=0)
     """Global gradient-norm clip (None disables)."""
+    stop_at_step: Optional[int] = Field(None, ge=1)
+    """End this launch after this optimizer step, with a checkpoint, without changing the schedule (for
+    time-boxed sessions such as notebooks); the next launch resumes."""
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -171,8 +174,19 @@ class OutputConfig(_Strict):
     """Run directory: resolved config, metrics.jsonl, checkpoints."""
     log_every: int = Field(10, ge=1)
     """Print a log line and write a train record every this many optimizer steps."""
+
+
+class CheckpointConfig(_Strict):
+    """DeepSpeed checkpoints of the student (weights, optimizer, scheduler) plus the loop's own state."""
+
+    every: int = Field(0, ge=0)
+    """Save every this many optimizer steps (0: only at the end, if `save_final`)."""
     save_final: bool = True
-    """Write a DeepSpeed checkpoint of the student at the end."""
+    """Save when the run ends (completed or early-stopped)."""
+    keep_last: int = Field(3, ge=1)
+    """Checkpoints kept in `<run_dir>/checkpoints`; older ones are deleted after a successful save."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the run directory's latest checkpoint if there is one; never: start fresh."""
 
 
 class RunConfig(_Strict):
@@ -200,6 +214,8 @@ class RunConfig(_Strict):
     """DeepSpeed engine configs."""
     output: OutputConfig = OutputConfig()
     """Run directory and logging."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Saving and resuming."""
 
 
 # ---------------------------------------------------------------------------------------------- loading

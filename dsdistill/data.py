@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from dsdistill.config import RunConfig
 from dsdistill.errors import DataError, one_line
@@ -147,22 +147,35 @@ def _collate(rows) -> dict[str, torch.Tensor]:
 
 
 class TrainStream:
-    """Endless, deterministic, per-rank stream of training micro-batches, epoch after epoch."""
+    """Endless, deterministic, per-rank stream of training micro-batches, epoch after epoch.
+
+    The order of epoch e is fixed by (seed, e), so `state()` / `restore()` resume exactly."""
 
     def __init__(self, ds, *, micro_batch: int, rank: int, world: int, seed: int):
+        self.ds = ds
+        self.micro_batch = micro_batch
         self.sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.loader = DataLoader(ds, batch_size=micro_batch, sampler=self.sampler, drop_last=True, collate_fn=_collate)
-        self.batches_per_epoch = len(self.loader)
+        self.batches_per_epoch = len(self.sampler) // micro_batch
         self.epoch = 0
         self.position = 0
         """Micro-batches consumed in the current epoch."""
 
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             self.sampler.set_epoch(self.epoch)
-            for batch in self.loader:
+            order = list(self.sampler)
+            while self.position < self.batches_per_epoch:
+                start = self.position * self.micro_batch
+                idx = order[start : start + self.micro_batch]
                 self.position += 1
-                yield batch
+                ids = self.ds[idx]["input_ids"]
+                yield {"input_ids": ids, "labels": ids.clone()}
             self.epoch += 1
             self.position = 0
 

@@ -55,7 +55,13 @@ def build_student_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg:
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
         o = cfg.optimizer
-        optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        groups = _param_groups(model, o.weight_decay)
+        if optimizer_offloaded(ds_config):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
         if "scheduler" not in ds_config:
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda i: lr_multiplier(i, sched=cfg.scheduler, total_steps=total_steps)
@@ -68,6 +74,12 @@ def build_student_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg:
         config=ds_config,
     )
     return engine
+
+
+def optimizer_offloaded(ds_config: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed config offloads optimizer states to CPU or NVMe."""
+    off = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return off.get("device", "none") not in ("none", None)
 
 
 def build_teacher_engine(model: torch.nn.Module, ds_config: dict[str, Any]):

@@ -134,3 +134,8 @@ class EarlyStopping:
 
     def state(self) -> dict:
         return {"metric": self.metric, "best": self.best, "bad_evals": self.bad_evals}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a saved state (ignored if it watched another metric)."""
+        if state.get("metric") == self.metric:
+            self.best, self.bad_evals = state["best"], int(state["bad_evals"])

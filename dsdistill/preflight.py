@@ -57,7 +57,53 @@ class Plan:
             + (f"; scheduled but not computed by this version: {', '.join(self.curriculum.inactive)}" if self.curriculum.inactive else ""),
             f"run dir: {self.run_dir}",
         ]
+        m = estimate_memory(self)
+        lines.append(
+            f"memory per GPU (estimate, activations excluded): teacher shard {m['teacher_shard']:.2f} GiB, "
+            f"student weights+grads+optimizer {m['student_states']:.2f} GiB, logits {m['logits']:.2f} GiB "
+            f"({c.train.micro_batch_size} x {c.train.seq_len} x {self.vocab} vocab), total {m['total']:.2f} GiB"
+        )
         return "\n".join(lines)
+
+
+def count_params(model_config) -> int:
+    """Parameters of a model built from its config on the meta device (no memory, no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimate_memory(plan: "Plan") -> dict[str, float]:
+    """Per-GPU GiB for the teacher shard, the student's ZeRO-partitioned states and the logits of one
+    micro-batch (both models' logits, their fp32 log-softmax and the student's logit gradient)."""
+    gib = 2.0**30
+    width = 2 if plan.precision in ("bf16", "fp16") else 4
+    world = plan.world
+    teacher = count_params(plan.teacher_config)
+    student = count_params(plan.student_config)
+    zero = plan.ds_student.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    weights, grads = student * width, student * width
+    optim = student * (12 if width == 2 else 8)  # fp32 master copy (mixed precision) + Adam m and v
+    if stage >= 1:
+        optim /= world
+    if stage >= 2:
+        grads /= world
+    if stage >= 3:
+        weights /= world
+    if (zero.get("offload_optimizer") or {}).get("device", "none") != "none":
+        optim = 0
+    if stage >= 3 and (zero.get("offload_param") or {}).get("device", "none") != "none":
+        weights = 0
+    tokens = plan.cfg.train.micro_batch_size * plan.cfg.train.seq_len
+    logits = tokens * plan.vocab * (2 * width + 3 * 4)
+    out = {"teacher_shard": teacher * width / world / gib, "student_states": (weights + grads + optim) / gib,
+           "logits": logits / gib, "teacher_params": teacher, "student_params": student}
+    out["total"] = out["teacher_shard"] + out["student_states"] + out["logits"]
+    return out
 
 
 def check_run_dir(run_dir: Path) -> None:

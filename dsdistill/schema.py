@@ -49,6 +49,8 @@ class RunStart(_Record):
     teacher_zero_stage: int = 3
     student_params: int = 0
     teacher_params: int = 0
+    resumed: bool = False
+    """True when the run continued from a checkpoint at `step`."""
 
 
 class TrainRecord(_Record):
@@ -121,7 +123,8 @@ class RunEnd(_Record):
     """Written once when a run stops, for any reason."""
 
     kind: Literal["run_end"] = "run_end"
-    reason: Literal["completed", "early_stopping", "interrupted", "error"]
+    reason: Literal["completed", "early_stopping", "paused", "interrupted", "error"]
+    """paused: train.stop_at_step reached, resumable."""
     message: str = ""
     best: Optional[float] = None
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from dsdistill import checkpoint
 from dsdistill.config import RunConfig, dump_config, load_config
 from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
@@ -140,11 +141,21 @@ def _train_loop(run: Run) -> dict[str, Any]:
     total, gas, world = run.total_steps, cfg.train.grad_accum, run.world
     t_params, _ = param_counts(teacher.module)
     s_params, _ = param_counts(student.module)
+    stopper = EarlyStopping(metric=cfg.eval.early_stopping.metric, patience=cfg.eval.early_stopping.patience,
+                            min_delta=cfg.eval.early_stopping.min_delta)
+    tokens_seen = 0
+    resumed = checkpoint.load(student, run.run_dir) if cfg.checkpoint.resume == "auto" else None
+    if resumed is not None:
+        run.stream.restore(resumed["stream"])
+        stopper.restore(resumed["early_stopping"])
+        tokens_seen = int(resumed["tokens_seen"])
+        _say(run.rank, f"resumed from {checkpoint.checkpoint_dir(run.run_dir) / checkpoint.latest_tag(run.run_dir)} "
+             f"at optimizer step {student.global_steps}")
     run.writer.write(RunStart(
         step=student.global_steps, config=dump_config(cfg), total_steps=total, world_size=world,
         schedule=cur.definition(), global_batch=cfg.train.micro_batch_size * gas * world, seq_len=cfg.train.seq_len,
         student_zero_stage=zero_stage(run.ds_student), teacher_zero_stage=zero_stage(run.ds_teacher),
-        student_params=s_params, teacher_params=t_params,
+        student_params=s_params, teacher_params=t_params, resumed=resumed is not None,
     ))
     if run.rank == 0:
         (run.run_dir / "config.yaml").write_text(_yaml(dump_config(cfg)))
@@ -158,11 +169,8 @@ def _train_loop(run: Run) -> dict[str, Any]:
 
     teacher_ppl = teacher_perplexity(run)
     _say(run.rank, f"teacher perplexity on the eval split: {teacher_ppl:.3f}")
-    stopper = EarlyStopping(metric=cfg.eval.early_stopping.metric, patience=cfg.eval.early_stopping.patience,
-                            min_delta=cfg.eval.early_stopping.min_delta)
     names = cur.active
     ignore = cfg.loss.ignore_index
-    tokens_seen = 0
     interval_tokens, interval_start = 0, time.perf_counter()
     warned_zero_lr = False
     last_eval: Optional[EvalResult] = None
@@ -180,8 +188,13 @@ def _train_loop(run: Run) -> dict[str, Any]:
             sys.stdout.flush()
         return stop
 
+    def save() -> None:
+        state = {"stream": run.stream.state(), "early_stopping": stopper.state(), "tokens_seen": tokens_seen}
+        checkpoint.save(student, run.run_dir, state=state, keep_last=cfg.checkpoint.keep_last)
+
     bar = _progress_bar(run)
-    if cfg.eval.at_start:
+    bar.update(student.global_steps)
+    if cfg.eval.at_start and resumed is None:
         run_eval()
     student.train()
 
@@ -255,11 +268,17 @@ def _train_loop(run: Run) -> dict[str, Any]:
                      f"{stopper.min_delta} for {stopper.patience} evaluations (best {stopper.best:.4g})")
                 break
             interval_start = time.perf_counter()  # eval time is not training throughput
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total:
+            save()
+            interval_start = time.perf_counter()
+        if cfg.train.stop_at_step is not None and done >= cfg.train.stop_at_step and done < total:
+            reason = "paused"
+            _say(run.rank, f"stopping at optimizer step {done} (train.stop_at_step); relaunch to resume")
+            break
     bar.close()
 
-    if cfg.output.save_final:
-        student.save_checkpoint(str(run.run_dir / "checkpoints"), tag=f"step{student.global_steps}",
-                                client_state={"global_steps": student.global_steps, "early_stopping": stopper.state()})
+    if (cfg.checkpoint.save_final or reason == "paused") and checkpoint.latest_tag(run.run_dir) != f"step{student.global_steps}":
+        save()
     run.writer.write(RunEnd(step=student.global_steps, reason=reason, best=stopper.best))
     return {
         "steps": student.global_steps,

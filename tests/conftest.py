@@ -50,7 +50,8 @@ def make_config(assets, tmp_path):
             "optimizer": {"lr": 2e-3},
             "scheduler": {"kind": "cosine", "warmup_steps": 2},
             "eval": {"every": 3, "max_batches": 2, "at_start": False},
-            "output": {"run_dir": str(tmp_path / "run"), "log_every": 1, "save_final": False},
+            "output": {"run_dir": str(tmp_path / "run"), "log_every": 1},
+            "checkpoint": {"save_final": False},
         }
         for key, value in sections.items():
             merged = copy.deepcopy(cfg.get(key, {}))

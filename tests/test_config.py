@@ -22,7 +22,7 @@ BAD = [
     (lambda c: c["train"].update(precision="fp8"), "train.precision: got \"fp8\"; expected 'auto', 'fp32', 'bf16' or 'fp16'"),
     (lambda c: c["train"].update(max_steps=10, epochs=2), "train: got {...}; set max_steps or epochs, not both"),
     (lambda c: c["train"].update(batch_size=4), "train.batch_size: unknown key; expected one of: epochs, grad_accum, grad_clip"),
-    (lambda c: c.update(trainer={}), "trainer: unknown key; expected one of: curriculum, data, deepspeed, eval, loss"),
+    (lambda c: c.update(trainer={}), "trainer: unknown key; expected one of: checkpoint, curriculum, data, deepspeed, eval, loss"),
     (lambda c: c.pop("teacher"), "teacher: required field is missing"),
     (lambda c: c["optimizer"].update(lr="fast"), "optimizer.lr: got \"fast\"; expected a valid number"),
     (lambda c: c["optimizer"].update(lr=-1), "optimizer.lr: got -1; expected greater than 0"),
@@ -68,8 +68,8 @@ def test_file_level_errors(tmp_path):
 
 def test_overrides_parse_values_and_reject_bad_paths(tmp_path, make_config):
     p = write(tmp_path, make_config(), "run.json")
-    cfg = load_config(p, ["train.max_steps=42", "optimizer.betas=[0.8, 0.9]", "output.save_final=true", "data.text_field=body"])
-    assert cfg.train.max_steps == 42 and cfg.optimizer.betas == (0.8, 0.9) and cfg.output.save_final is True
+    cfg = load_config(p, ["train.max_steps=42", "optimizer.betas=[0.8, 0.9]", "checkpoint.save_final=true", "data.text_field=body"])
+    assert cfg.train.max_steps == 42 and cfg.optimizer.betas == (0.8, 0.9) and cfg.checkpoint.save_final is True
     assert cfg.data.text_field == "body"
     with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
         apply_overrides({}, ["train.max_steps"])

@@ -43,7 +43,8 @@ def ramped_run(assets, tmp_path_factory):
         "optimizer": {"lr": 3e-3},
         "scheduler": {"kind": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1},
         "eval": {"every": 2, "max_batches": 2, "at_start": True},
-        "output": {"run_dir": str(run_dir), "log_every": 1, "save_final": True},
+        "output": {"run_dir": str(run_dir), "log_every": 1},
+        "checkpoint": {"save_final": True},
     })
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -186,3 +187,45 @@ def test_appends_never_truncates(make_config, tmp_path):
         train(cfg)
     lines = (run_dir / METRICS_FILE).read_text().splitlines()
     assert json.loads(lines[0])["kind"] == "note" and len(lines) > 3
+
+
+def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path):
+    """Stopped after 3 of 6 steps and relaunched, the run logs the same per-step numbers."""
+    base = dict(train={"max_steps": 6, "grad_accum": 2}, eval={"every": 2, "max_batches": 1},
+                curriculum=RAMPED, checkpoint={"save_final": False, "keep_last": 2})
+    whole = make_config(**base)
+    whole["output"]["run_dir"] = str(tmp_path / "whole")
+    parts = make_config(**base)
+    parts["output"]["run_dir"] = str(tmp_path / "parts")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(validate(whole))
+        first = train(validate({**parts, "train": {**parts["train"], "stop_at_step": 3}}))
+        assert first["reason"] == "paused" and first["steps"] == 3
+        second = train(validate(parts))
+    assert second["steps"] == 6 and second["reason"] == "completed"
+    a = by_kind(records(tmp_path / "whole"), TrainRecord)
+    b = by_kind(records(tmp_path / "parts"), TrainRecord)
+    assert [t.step for t in b] == list(range(6))
+    for x, y in zip(a, b):
+        assert x.weights == y.weights and x.lr == y.lr
+        for name in x.losses:
+            assert y.losses[name] == pytest.approx(x.losses[name], rel=1e-6, abs=1e-7)
+    ends = [r for r in records(tmp_path / "parts") if isinstance(r, RunEnd)]
+    assert [e.reason for e in ends] == ["paused", "completed"]
+    starts = [r for r in records(tmp_path / "parts") if isinstance(r, RunStart)]
+    assert [s.resumed for s in starts] == [False, True] and starts[1].step == 3
+    # eval records at the same steps agree too
+    ea = {e.step: e.objective for e in by_kind(records(tmp_path / "whole"), EvalRecord)}
+    eb = {e.step: e.objective for e in by_kind(records(tmp_path / "parts"), EvalRecord)}
+    for step in (2, 4, 6):
+        assert eb[step] == pytest.approx(ea[step], rel=1e-6)
+
+
+def test_keep_last_prunes_old_checkpoints(make_config, tmp_path):
+    cfg = validate(make_config(train={"max_steps": 5}, eval={"every": 0, "max_batches": 1},
+                               checkpoint={"every": 1, "keep_last": 2, "save_final": True}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(cfg)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step4", "step5"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step5"

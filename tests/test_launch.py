@@ -1,0 +1,156 @@
+"""launch.sh (dry runs for each topology, a real two-process launch) and every file in ds_configs/."""
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsdistill.config import validate
+from dsdistill.schema import METRICS_FILE, RunEnd, RunStart, TrainRecord, parse_line
+from dsdistill.train import _free_port, train
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch.sh"
+DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+
+
+def run_launch(args, tmp_path, env_extra=None, timeout=300):
+    env = dict(os.environ, PYTHON=sys.executable, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    return subprocess.run(["bash", str(LAUNCH), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def config_file(make_config, tmp_path):
+    def write(**sections):
+        p = tmp_path / "run.yaml"
+        p.write_text(yaml.safe_dump(make_config(**sections)))
+        return p
+
+    return write
+
+
+def test_shellcheck_clean():
+    exe = shutil.which("shellcheck") or str(Path(sys.executable).with_name("shellcheck"))
+    proc = subprocess.run([exe, str(LAUNCH)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_dry_run_single_node(config_file, tmp_path):
+    proc = run_launch(["--config", str(config_file()), "--gpus-per-node", "2", "--dry-run", "--", "--set", "train.seed=7"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "world size 2; global batch 8 sequences" in out  # the preflight plan for this world size
+    assert "launch.sh: deepspeed, 1 node(s) x 2 GPU(s) = world 2" in out
+    launcher = next(line for line in out.splitlines() if line.startswith("launcher: "))
+    assert f"-m deepspeed.launcher.runner --num_gpus 2 --master_port 29500 {ROOT}/dsdistill/train.py --config" in launcher
+    assert launcher.endswith("--set checkpoint.resume=auto --set train.seed=7")
+    assert sum(line.startswith("node ") for line in out.splitlines()) == 1
+
+
+def test_dry_run_hostfile(config_file, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# cluster\nworker-0 slots=4\nworker-1 slots=4\n")
+    proc = run_launch(["--config", str(config_file()), "--hostfile", str(hostfile), "--master-port", "6000", "--no-resume", "--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "world size 8; global batch 32 sequences" in proc.stdout
+    assert "launch.sh: pdsh, 2 node(s) x 4 GPU(s) = world 8, master worker-0:6000, resume never" in proc.stdout
+    nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
+    assert len(nodes) == 2
+    for rank, line in enumerate(nodes):
+        assert line.startswith(f"node worker-{rank}: cd {tmp_path};")
+        assert f"--node_rank={rank} --master_addr=worker-0 --master_port=6000" in line
+        assert line.endswith("--set checkpoint.resume=never")
+    assert "--hostfile" in proc.stdout and "--launcher pdsh" in proc.stdout
+
+
+def test_dry_run_inside_slurm(config_file, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text("#!/bin/sh\n[ \"$1 $2\" = \"show hostnames\" ] && printf 'gpu-a17\\ngpu-a18\\ngpu-a19\\n'\n")
+    scontrol.chmod(0o755)
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-a[17-19]", "SLURM_GPUS_ON_NODE": "2"}
+    proc = run_launch(["--config", str(config_file()), "--nodes", "2", "--dry-run"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert "launch.sh: slurm, 2 node(s) x 2 GPU(s) = world 4, master gpu-a17:29500" in proc.stdout
+    launcher = next(line for line in proc.stdout.splitlines() if line.startswith("launcher: "))
+    assert launcher.startswith("launcher: srun --nodes 2 --ntasks-per-node 1") and "--node_rank $SLURM_NODEID" in launcher
+    nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
+    assert [n.split(":")[0] for n in nodes] == ["node gpu-a17", "node gpu-a18"]
+    assert "--nnodes 2 --nproc_per_node 2 --node_rank 1 --master_addr gpu-a17" in nodes[1]
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"deepspeed": {"student": {"train_batch_size": 12, "zero_optimization": {"stage": 2}}}},
+         "deepspeed.student: train_batch_size=12 conflicts with micro_batch_size*grad_accum*world_size (4*1*2)=8"),
+        ({"teacher": {"path": "/nonexistent/teacher"}}, "teacher.path: '/nonexistent/teacher' does not exist"),
+    ],
+)
+def test_preflight_failure_stops_the_launch(config_file, tmp_path, sections, message):
+    proc = run_launch(["--config", str(config_file(**sections)), "--gpus-per-node", "2"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"dsdistill: error: {message}")
+    assert "launch.sh:" not in proc.stdout  # nothing was launched
+
+
+def test_unwritable_run_dir_stops_the_launch(config_file, tmp_path):
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    proc = run_launch(["--config", str(config_file(output={"run_dir": str(tmp_path / "blocker" / "run")})), "--dry-run"], tmp_path)
+    assert proc.returncode == 2 and "output.run_dir:" in proc.stderr and "is not writable" in proc.stderr
+
+
+def test_bad_launch_arguments(config_file, tmp_path):
+    assert "--launcher 'mpich': expected pdsh" in run_launch(["--config", str(config_file()), "--launcher", "mpich"], tmp_path).stderr
+    assert "config file 'nope.yaml' does not exist" in run_launch(["--config", "nope.yaml"], tmp_path).stderr
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=2\nb slots=4\n")
+    assert "every host needs the same slots=" in run_launch(["--config", str(config_file()), "--hostfile", str(hostfile)], tmp_path).stderr
+
+
+def test_real_two_process_launch_and_resume(config_file, tmp_path):
+    cfg = config_file(train={"max_steps": 6, "micro_batch_size": 2}, eval={"every": 3, "max_batches": 1})
+    port = str(_free_port())
+    first = run_launch(["--config", str(cfg), "--gpus-per-node", "2", "--master-port", port, "--", "--set", "train.stop_at_step=3"], tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    second = run_launch(["--config", str(cfg), "--gpus-per-node", "2", "--master-port", str(_free_port())], tmp_path)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "resumed from" in second.stdout
+    recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    starts = [r for r in recs if isinstance(r, RunStart)]
+    assert [(s.world_size, s.resumed, s.step) for s in starts] == [(2, False, 0), (2, True, 3)]
+    assert [t.step for t in recs if isinstance(t, TrainRecord)] == list(range(6))
+    assert [e.reason for e in recs if isinstance(e, RunEnd)] == ["paused", "completed"]
+
+
+def test_ds_configs_are_documented():
+    table = (ROOT / "ds_configs" / "README.md").read_text()
+    assert len(DS_CONFIGS) == 5
+    for path in DS_CONFIGS:
+        json.loads(path.read_text())
+        assert f"`{path.name}`" in table
+
+
+@pytest.mark.parametrize("path", [p for p in DS_CONFIGS if not p.name.startswith("teacher")], ids=lambda p: p.name)
+def test_every_student_config_trains_at_its_stage(make_config, tmp_path, path):
+    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    cfg = validate(make_config(train={"max_steps": 2, "grad_accum": 2}, eval={"every": 0, "max_batches": 1},
+                               deepspeed={"student": str(path), "teacher": str(ROOT / "ds_configs" / "teacher_zero3.json")}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = train(cfg)
+    run = summary["run"]
+    assert run.student.zero_optimization_stage() == stage and run.student.global_steps == 2
+    assert run.teacher.zero_optimization_stage() == 3
+    if "offload" in path.name:
+        assert run.student.zero_cpu_offload()
+    recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    assert len(trains) == 2 and all(v == v for t in trains for v in t.losses.values())
