@@ -1,9 +1,396 @@
-"""dsmonitor entry point (placeholder until the dashboard lands): prints a run's latest state."""
+"""dsmonitor: a Textual dashboard that follows dsdistill metrics streams.
+
+    dsmonitor RUN_DIR [RUN_DIR ...]       follow runs (the first is the baseline in comparisons)
+    dsmonitor RUN_DIR --once               print a text summary and exit
+    dsmonitor RUN_DIR --json               print the parsed latest state as JSON and exit
+
+A thread worker tails every file and posts batches of records; the screen redraws on a timer, never per line.
+"""
 from __future__ import annotations
 
+import argparse
+import gc
+import io
+import json
 import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from rich.console import Console
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.widgets import Footer, Header, Input
+
+from monitor.alerts import AlertRules, evaluate_alerts
+from monitor.state import X_AXES, RunState
+from monitor.tail import PollResult, Tailer, metrics_path
+from monitor.widgets import (
+    SMOOTHING, WINDOWS, AlertsPanel, CurriculumPanel, EvalPanel, FilterInput, HelpScreen, Plots, PlotPanel,
+    RouterPanel, Side, StatsPanel, StatusBar, ViewOptions, _duration,
+)
+
+MAX_BYTES_PER_POLL = 16 << 20
 
 
-def main(argv=None) -> int:
-    print("dsmonitor: the dashboard is not built yet", file=sys.stderr)
+def run_name(target: str) -> str:
+    p = Path(target)
+    return (p.parent.name if p.suffix else p.name) or str(p)
+
+
+class RecordsArrived(Message):
+    """A batch read by the tail worker for run `index`."""
+
+    def __init__(self, index: int, result: PollResult):
+        super().__init__()
+        self.index = index
+        self.result = result
+
+
+class DsMonitor(App):
+    """The dashboard."""
+
+    TITLE = "dsmonitor"
+    CSS = """
+    Screen {
+        layout: vertical;
+    }
+    #main {
+        height: 1fr;
+    }
+    """
+    BINDINGS = [
+        Binding("q", "quit", "quit"),
+        Binding("question_mark", "help", "help"),
+        Binding("p", "pause", "pause"),
+        Binding("l", "toggle_log", "log-y"),
+        Binding("s", "smooth(1)", "smooth+"),
+        Binding("S", "smooth(-1)", "smooth-"),
+        Binding("x", "cycle_x", "x-axis"),
+        Binding("r", "toggle_weighted", "raw/weighted"),
+        Binding("n", "cycle_window", "window"),
+        Binding("slash", "filter", "filter"),
+        Binding("b", "cycle_baseline", "baseline"),
+        Binding("e", "export", "SVG"),
+        Binding("tab", "focus_next", "next panel", show=False),
+        Binding("shift+tab", "focus_previous", "prev panel", show=False),
+    ]
+    HELP = [
+        ("q", "quit"), ("?", "this help"), ("p", "pause / follow (records keep being read while paused)"),
+        ("l", "log-y on/off"), ("s / S", "more / less smoothing (debiased EMA)"), ("x", "x-axis: step, wall time, tokens"),
+        ("r", "raw / weighted components"), ("n", "window: all or the last N points"), ("/", "filter metrics by glob, e.g. kd,routing_*"),
+        ("b", "next run as the pinned baseline"), ("e", "export an SVG screenshot"), ("tab", "next / previous panel (shift+tab)"),
+    ]
+
+    def __init__(self, targets: list[str], *, poll_interval: float = 1.0, refresh_interval: float = 0.5,
+                 rules: Optional[AlertRules] = None, clock: Callable[[], float] = time.time, export_dir: Optional[str] = None):
+        super().__init__()
+        self.targets = targets
+        self.tailers = [Tailer(t) for t in targets]
+        self.runs = [RunState(run_name(t)) for t in targets]
+        self.opts = ViewOptions()
+        self.rules = rules or AlertRules()
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.refresh_interval = refresh_interval
+        self.paused = False
+        self.pending = 0
+        self.dirty = True
+        self.missing = [False] * len(targets)
+        self.export_dir = export_dir
+        self.catching_up = True
+        """True while the worker is still reading a backlog: intermediate full redraws are skipped."""
+        self._stop = threading.Event()
+        self._plots: dict[str, PlotPanel] = {}
+
+    # ------------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        # kept as attributes: the refresh timer must reach them even while a modal screen is on top
+        self.status_bar = StatusBar(id="status")
+        self.plots = Plots(id="plots")
+        self.stats = StatsPanel(id="stats")
+        self.alerts = AlertsPanel(id="alerts")
+        self.curriculum = CurriculumPanel(id="curriculum")
+        self.eval_panel = EvalPanel(id="eval")
+        self.router = RouterPanel(id="router")
+        self.filter_box = FilterInput(placeholder="filter metrics: glob[,glob...] (empty shows all)", id="filter")
+        yield Header()
+        yield self.status_bar
+        with Horizontal(id="main"):
+            yield self.plots
+            with Side(id="side"):
+                yield self.stats
+                yield self.alerts
+                yield self.curriculum
+                yield self.eval_panel
+                yield self.router
+        yield self.filter_box
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = ", ".join(r.name for r in self.runs)
+        self.set_interval(self.refresh_interval, self.refresh_views)
+        self.tail_worker()
+
+    def on_unmount(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ data
+    @work(thread=True, exclusive=True, group="tail")
+    def tail_worker(self) -> None:
+        while not self._stop.is_set():
+            more = False
+            for i, tailer in enumerate(self.tailers):
+                res = tailer.poll(max_bytes=MAX_BYTES_PER_POLL)
+                if res.records or res.corrupt or res.restarted or res.missing != self.missing[i]:
+                    self.post_message(RecordsArrived(i, res))
+                more = more or tailer.offset < _size(tailer.path)
+            self.catching_up = more
+            if not more:
+                self._stop.wait(self.poll_interval)
+
+    def on_records_arrived(self, msg: RecordsArrived) -> None:
+        res = msg.result
+        i = msg.index
+        self.missing[i] = res.missing
+        if res.restarted:
+            old = self.runs[i]
+            self.runs[i] = RunState(old.name)
+            self.runs[i].corrupt = old.corrupt
+            self.notify(f"{old.name}: metrics file {res.restarted}, re-reading from the start", severity="warning")
+        run = self.runs[i]
+        now = self.clock()
+        gc.disable()  # same reason as in Tailer.poll: a large batch of long-lived objects
+        try:
+            for rec in res.records:
+                run.add(rec, now=now)
+        finally:
+            gc.enable()
+        run.corrupt += res.corrupt
+        if self.paused:
+            self.pending += len(res.records)
+        self.dirty = True
+
+    # ------------------------------------------------------------------ drawing
+    def all_alerts(self):
+        now = self.clock()
+        return [(run.name, a) for run in self.runs for a in evaluate_alerts(run, self.rules, now=now)]
+
+    def refresh_views(self, force: bool = False) -> None:
+        self._draw_status()
+        if (self.paused or not self.dirty or self.catching_up) and not force:
+            return
+        self.dirty = False
+        runs, opts = self.runs, self.opts
+        wanted = [c for c in _union_components(runs) if opts.matches(c)]
+        plots = self.plots
+        for name, panel in list(self._plots.items()):
+            if name not in wanted:
+                panel.remove()
+                del self._plots[name]
+        for name in wanted:
+            if name not in self._plots:
+                self._plots[name] = PlotPanel(name)
+                plots.mount(self._plots[name])
+        for name in wanted:
+            self._plots[name].draw(runs, opts)
+        self.stats.draw(runs, opts, self.clock())
+        self.curriculum.draw(runs, opts)
+        self.eval_panel.draw(runs, opts)
+        self.router.draw(runs, opts)
+        self.alerts.draw(self.all_alerts(), len(runs) > 1)
+
+    def _draw_status(self) -> None:
+        now = self.clock()
+        parts = []
+        mode = f"PAUSED (+{self.pending} new)" if self.paused else "FOLLOW"
+        if self.catching_up:
+            mode += f" loading {sum(r.records for r in self.runs):,} records"
+        parts.append(mode)
+        for i, run in enumerate(self.runs):
+            since = run.since_last(now)
+            bits = [f"{run.name}: {run.records_per_second(now):.1f} rec/s",
+                    "no file yet" if self.missing[i] else f"last record {_duration(since)} ago" if since is not None else "no records"]
+            if run.corrupt:
+                bits.append(f"{run.corrupt} corrupt")
+            if run.end is not None:
+                bits.append(f"ended: {run.end.reason}")
+            elif since is not None and since > self.rules.stall_seconds:
+                bits.append("STALLED")
+            parts.append(" ".join(bits))
+        o = self.opts
+        parts.append(f"x:{o.x_axis} smooth:{o.smoothing:g} log-y:{'on' if o.logy else 'off'} "
+                     f"{'weighted' if o.weighted else 'raw'} window:{o.window or 'all'}"
+                     + (f" filter:{o.filter}" if o.filter else ""))
+        self.status_bar.update(" | ".join(parts))
+
+    def screen_text(self) -> str:
+        """The screen as plain text (what a snapshot test compares)."""
+        width, height = self.size
+        console = Console(width=width, height=height, file=io.StringIO(), record=True, color_system=None, legacy_windows=False)
+        console.print(self.screen._compositor.render_update(full=True, screen_stack=self._background_screens))
+        return "\n".join(line.rstrip() for line in console.export_text().splitlines()) + "\n"
+
+    # ------------------------------------------------------------------ actions
+    def _changed(self) -> None:
+        self.dirty = True
+        self.refresh_views(force=True)
+
+    def action_toggle_log(self) -> None:
+        self.opts.logy = not self.opts.logy
+        self._changed()
+
+    def action_smooth(self, direction: int) -> None:
+        i = SMOOTHING.index(self.opts.smoothing) if self.opts.smoothing in SMOOTHING else 1
+        self.opts.smoothing = SMOOTHING[max(0, min(len(SMOOTHING) - 1, i + direction))]
+        self._changed()
+
+    def action_cycle_x(self) -> None:
+        self.opts.x_axis = X_AXES[(X_AXES.index(self.opts.x_axis) + 1) % len(X_AXES)]
+        self._changed()
+
+    def action_toggle_weighted(self) -> None:
+        self.opts.weighted = not self.opts.weighted
+        self._changed()
+
+    def action_cycle_window(self) -> None:
+        self.opts.window = WINDOWS[(WINDOWS.index(self.opts.window) + 1) % len(WINDOWS)]
+        self._changed()
+
+    def action_cycle_baseline(self) -> None:
+        self.opts.baseline = (self.opts.baseline + 1) % len(self.runs)
+        self.notify(f"baseline: {self.runs[self.opts.baseline].name}")
+        self._changed()
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        if not self.paused:
+            self.pending = 0
+            self._changed()
+        else:
+            self._draw_status()
+
+    def action_filter(self) -> None:
+        self.filter_box.open(self.opts.filter)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.opts.filter = event.value.strip()
+        self.filter_box.close()
+        self._changed()
+
+    def action_export(self) -> None:
+        target = self.export_dir or str(metrics_path(self.targets[0]).parent)
+        try:
+            path = self.save_screenshot(path=target)
+        except OSError as e:
+            self.notify(f"export failed: {e}", severity="error")
+            return
+        self.notify(f"saved {path}")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.HELP))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _union_components(runs: list[RunState]) -> list[str]:
+    from monitor.state import component_order
+
+    return component_order({c for r in runs for c in r.components})
+
+
+# ---------------------------------------------------------------------- one-shot modes
+
+
+def load_states(targets: list[str]) -> list[RunState]:
+    """Read every file once, to its end."""
+    states = []
+    for t in targets:
+        tailer, state = Tailer(t), RunState(run_name(t))
+        res = tailer.poll()
+        now = time.time()
+        for rec in res.records:
+            state.add(rec, now=now)
+        state.corrupt = res.corrupt
+        if not res.records:
+            state.last_record_time = None
+        else:
+            state.last_record_time = res.records[-1].time  # the file's own clock for the stall check
+        states.append(state)
+    return states
+
+
+def summary_text(states: list[RunState], rules: AlertRules) -> str:
+    lines = []
+    now = time.time()
+    for s in states:
+        d = s.summary()
+        prog = "" if d["progress"] is None else f" ({100 * d['progress']:.1f}%)"
+        lines.append(f"run {s.name}: step {d['step']}/{d['total_steps'] or '?'}{prog}, {d['records']} records, "
+                     f"{d['corrupt_lines']} corrupt, {'ended: ' + d['ended'] if d['ended'] else 'running, ETA ' + _duration(d['eta_s'])}")
+        if d["train"]:
+            t = d["train"]
+            comps = " ".join(f"{k}={v:.4g}" for k, v in t["losses"].items())
+            lines.append(f"  train @ {t['step']}: objective {t['objective']:.4g} | {comps} | lr {t['lr']:.3g} | T {t['temperature']:.3g} | {t['tokens_per_s']:,.0f} tok/s")
+        if d["eval"]:
+            e = d["eval"]
+            teacher = f" (teacher {e['teacher_ppl']:.4g})" if e["teacher_ppl"] is not None else ""
+            lines.append(f"  eval  @ {e['step']}: objective {e['objective']:.4g} | ppl {e['ppl']:.4g}{teacher} | best {e['metric']} {e['best']}")
+        alerts = evaluate_alerts(s, rules, now=now)
+        for a in alerts:
+            lines.append(f"  {a.level.upper()} {a.code}: {a.message}")
+        if not alerts:
+            lines.append("  no alerts")
+    return "\n".join(lines)
+
+
+def summary_json(states: list[RunState], rules: AlertRules) -> str:
+    now = time.time()
+    out = []
+    for s in states:
+        d = s.summary()
+        d["alerts"] = [{"code": a.code, "level": a.level, "message": a.message, "step": a.step} for a in evaluate_alerts(s, rules, now=now)]
+        out.append(d)
+    return json.dumps(out if len(out) > 1 else out[0], indent=2, allow_nan=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsmonitor", description="Follow dsdistill runs in the terminal.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory or metrics.jsonl (several: compare; the first is the baseline)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--once", action="store_true", help="print a text summary and exit")
+    g.add_argument("--json", action="store_true", help="print the parsed latest state as JSON and exit")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between file polls (default 1)")
+    p.add_argument("--refresh", type=float, default=0.5, help="seconds between redraws (default 0.5)")
+    p.add_argument("--stall", type=float, default=300.0, help="seconds without a record before 'stalled' (default 300)")
+    p.add_argument("--gap", type=float, default=0.5, help="relative train/eval objective gap that alerts (default 0.5)")
+    p.add_argument("--spike", type=float, default=3.0, help="objective above this multiple of the recent median alerts (default 3)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for t in args.runs:
+        if not Path(t).exists():
+            print(f"dsmonitor: error: '{t}' does not exist; expected a run directory or a metrics.jsonl file", file=sys.stderr)
+            return 2
+    rules = AlertRules(gap=args.gap, spike=args.spike, stall_seconds=args.stall)
+    if args.once or args.json:
+        states = load_states(args.runs)
+        print(summary_json(states, rules) if args.json else summary_text(states, rules))
+        return 0
+    DsMonitor(args.runs, poll_interval=args.poll, refresh_interval=args.refresh, rules=rules).run()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""How fast dsmonitor opens a large metrics file, as a ratio against a baseline measured in the same run.
+
+    python bench/monitor_ingest.py [--records 100000]
+
+baseline: read the file and json.loads every line (the least any reader must do);
+dsmonitor: Tailer.poll (pydantic-core JSON validation of every record) + RunState ingest, i.e. everything
+the app does before the first draw. Also times the first full draw of the dashboard at 160x50.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from monitor.app import DsMonitor  # noqa: E402
+from monitor.state import RunState  # noqa: E402
+from monitor.tail import Tailer  # noqa: E402
+from tests.streams import healthy_records, write  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--no-ui", action="store_true", help="skip the dashboard draw timing")
+    args = ap.parse_args()
+    steps = max(10, int(args.records / 1.1))
+    with tempfile.TemporaryDirectory() as d:
+        path = write(Path(d) / "run" / "metrics.jsonl", healthy_records(steps, eval_every=10))
+        n_lines = sum(1 for _ in open(path))
+        size_mb = path.stat().st_size / 1e6
+
+        t = time.perf_counter()
+        with open(path, "rb") as fh:
+            base = [json.loads(line) for line in fh]
+        baseline = time.perf_counter() - t
+
+        t = time.perf_counter()
+        tailer, state = Tailer(path), RunState("bench")
+        res = tailer.poll()
+        gc.disable()  # as the app does around ingest
+        for rec in res.records:
+            state.add(rec, now=0.0)
+        gc.enable()
+        ours = time.perf_counter() - t
+        assert len(res.records) == len(base) == n_lines
+
+        draw = None
+        if not args.no_ui:
+            async def run_ui():
+                app = DsMonitor([str(path.parent)], poll_interval=0.01, refresh_interval=0.05)
+                start = time.perf_counter()
+                async with app.run_test(size=(160, 50)) as pilot:
+                    while app.runs[0].end is None:
+                        await pilot.pause(0.01)
+                    app.refresh_views(force=True)
+                    await pilot.pause(0)
+                    return time.perf_counter() - start
+            draw = asyncio.run(run_ui())
+
+    result = {"records": n_lines, "file_mb": round(size_mb, 1), "baseline_json_loads_s": round(baseline, 3),
+              "dsmonitor_ingest_s": round(ours, 3), "ratio_vs_baseline": round(ours / baseline, 2),
+              "records_per_s": round(n_lines / ours), "open_to_full_draw_s": None if draw is None else round(draw, 3)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Alert rules evaluated on a run's state: the things a person watching a distillation must not miss."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+from monitor.state import RunState
+
+
+@dataclass(frozen=True)
+class Alert:
+    code: str
+    level: str  # "error" | "warning" | "info"
+    message: str
+    step: Optional[int] = None
+
+
+@dataclass
+class AlertRules:
+    """Thresholds; every one can be set from the command line."""
+
+    gap: float = 0.5
+    """Relative train/eval objective gap at the same step that raises an alert."""
+    spike: float = 3.0
+    """Latest train objective above this multiple of the recent median is a spike."""
+    spike_window: int = 20
+    stall_seconds: float = 300.0
+    """No record for this long (and no run_end) means the run looks stalled."""
+
+
+def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[Alert]:
+    """All current alerts for one run, most severe first."""
+    out: list[Alert] = []
+    obj = state.train.get("objective")
+    if state.first_nonfinite is not None:
+        key, value, step = state.first_nonfinite
+        out.append(Alert("nan", "error", f"non-finite train {key} ({value}) at step {step}", step))
+    if state.first_nonfinite_eval is not None:
+        names, step = state.first_nonfinite_eval
+        out.append(Alert("nan", "error", f"non-finite eval {names} at step {step}", step))
+    evals = state.evals
+    for prev, cur in zip(evals, evals[1:]):
+        if cur.step != prev.step and cur.objective == prev.objective:
+            out.append(Alert("eval_identical", "error",
+                             f"eval objective {cur.objective:.6g} at step {cur.step} is identical to step {prev.step}: "
+                             "is eval using the training step's curriculum weights?", cur.step))
+            break
+    if obj is not None and evals:
+        by_step = state.train_objective_at
+        for e in reversed(evals):
+            t = by_step.get(e.step)
+            if t is not None and math.isfinite(t) and math.isfinite(e.objective):
+                gap = abs(e.objective - t) / max(abs(t), 1e-12)
+                if gap > rules.gap:
+                    out.append(Alert("train_eval_gap", "warning",
+                                     f"eval objective {e.objective:.4g} vs train {t:.4g} at step {e.step} ({gap:.0%} apart)", e.step))
+                break
+    lr = state.train.get("lr")
+    if lr is not None:
+        started = False
+        for s, v in zip(lr.step, lr.value):
+            if v > 0:
+                started = True
+            elif started and v == 0:
+                out.append(Alert("lr_zero", "error", f"LR is 0 at step {s} after warmup began", s))
+                break
+    if obj is not None and len(obj) > rules.spike_window:
+        recent = [v for v in obj.value[-rules.spike_window - 1 : -1] if math.isfinite(v)]
+        last = obj.value[-1]
+        if recent and math.isfinite(last):
+            med = statistics.median(recent)
+            if med > 0 and last > rules.spike * med:
+                out.append(Alert("spike", "warning", f"train objective {last:.4g} at step {obj.step[-1]} is {last / med:.1f}x the recent median", obj.step[-1]))
+    since = state.since_last(now)
+    if state.end is None and since is not None and since > rules.stall_seconds:
+        out.append(Alert("stalled", "warning", f"no record for {since:.0f}s (threshold {rules.stall_seconds:.0f}s)", state.last_step))
+    for a in state.trainer_alerts:
+        out.append(Alert(a.code, a.level, a.message, a.step))
+    rank = {"error": 0, "warning": 1, "info": 2}
+    return sorted(out, key=lambda a: rank.get(a.level, 3))

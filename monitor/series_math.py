@@ -1,0 +1,66 @@
+"""Smoothing and downsampling for plots."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def debiased_ema(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average divided by (1 - weight^n), so early points
+    are not pulled toward 0. Non-finite values pass through and do not disturb the average."""
+    if weight <= 0:
+        return list(values)
+    out = []
+    last, n = 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        last = last * weight + (1 - weight) * v
+        n += 1
+        out.append(last / (1 - weight**n))
+    return out
+
+
+def minmax_indices(ys, buckets: int) -> list[int]:
+    """Indices that reduce a series to at most ~2 * `buckets` points, keeping each bucket's min and max
+    (in order), so spikes survive downsampling to the plot width. Non-finite points are kept."""
+    n = len(ys)
+    if n <= 2 * buckets or buckets <= 0:
+        return list(range(n))
+    arr = np.asarray(ys, dtype=np.float64)
+    size = -(-n // buckets)  # ceil
+    padded = np.full(size * buckets, np.nan)
+    padded[:n] = arr
+    grid = padded.reshape(buckets, size)
+    finite = np.isfinite(grid)
+    lo = np.where(finite, grid, np.inf).argmin(axis=1)
+    hi = np.where(finite, grid, -np.inf).argmax(axis=1)
+    base = np.arange(buckets) * size
+    keep = set((base + lo)[finite.any(axis=1)].tolist()) | set((base + hi)[finite.any(axis=1)].tolist())
+    keep |= set(np.flatnonzero(~np.isfinite(arr)).tolist())
+    return sorted(i for i in keep if i < n)
+
+
+class IncrementalEMA:
+    """`debiased_ema` over a growing list, extended with only the new values on each call."""
+
+    __slots__ = ("weight", "last", "count", "out")
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.last, self.count, self.out = 0.0, 0, []
+
+    def update(self, values: list[float]) -> list[float]:
+        w = self.weight
+        if len(values) < len(self.out):  # the series was rebuilt: start over
+            self.last, self.count, self.out = 0.0, 0, []
+        for v in values[len(self.out):]:
+            if not math.isfinite(v):
+                self.out.append(v)
+                continue
+            self.last = self.last * w + (1 - w) * v
+            self.count += 1
+            self.out.append(self.last / (1 - w**self.count))
+        return self.out

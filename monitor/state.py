@@ -1,0 +1,289 @@
+"""What the dashboard knows about one run, built incrementally from metrics records (no UI here)."""
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from dsdistill import registry
+from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
+
+X_AXES = ("step", "time", "tokens")
+
+
+class XTable:
+    """x coordinates stored once per record: step, seconds since run start, tokens, restart segment."""
+
+    def __init__(self):
+        self.step: list[int] = []
+        self.time: list[float] = []
+        self.tokens: list[int] = []
+        self.segment: list[int] = []
+
+    def add(self, step: int, t: float, tokens: int, segment: int) -> int:
+        self.step.append(step)
+        self.time.append(t)
+        self.tokens.append(tokens)
+        self.segment.append(segment)
+        return len(self.step) - 1
+
+
+class Series:
+    """One metric over training: values and the rows of the shared `XTable` they belong to.
+
+    `segment` numbers increase whenever the step goes backwards (a restart from an earlier checkpoint),
+    so plots can break the line there instead of drawing back across the chart."""
+
+    __slots__ = ("table", "rows", "value", "smoothers", "vmin")
+
+    def __init__(self, table: XTable):
+        self.table = table
+        self.rows: list[int] = []
+        self.value: list[float] = []
+        self.smoothers: dict = {}
+        self.vmin: Optional[float] = None
+
+    def smoothed(self, weight: float) -> list[float]:
+        """Debiased EMA of the values, kept up to date incrementally per weight."""
+        from monitor.series_math import IncrementalEMA
+
+        ema = self.smoothers.get(weight)
+        if ema is None:
+            ema = self.smoothers[weight] = IncrementalEMA(weight)
+        return ema.update(self.value)
+
+    def add(self, row: int, value: float) -> None:
+        self.rows.append(row)
+        self.value.append(value)
+        if (self.vmin is None or value < self.vmin) and math.isfinite(value):
+            self.vmin = value
+
+    def xs(self, axis: str) -> list[float]:
+        col = getattr(self.table, axis)
+        return [col[i] for i in self.rows]
+
+    @property
+    def step(self) -> list[int]:
+        return self.xs("step")
+
+    @property
+    def time(self) -> list[float]:
+        return self.xs("time")
+
+    @property
+    def segment(self) -> list[int]:
+        return self.xs("segment")
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    @property
+    def last(self) -> Optional[float]:
+        return self.value[-1] if self.value else None
+
+    def finite_min(self) -> Optional[float]:
+        return self.vmin
+
+
+def component_order(names) -> list[str]:
+    """Registry order first, anything else after, alphabetically."""
+    known = [n for n in registry.NAMES if n in names]
+    return known + sorted(n for n in names if n not in registry.COMPONENTS)
+
+
+class RunState:
+    """Aggregates one run's records: series per metric, evals, alerts, and the latest state."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.start: Optional[RunStart] = None
+        self.end: Optional[RunEnd] = None
+        self.last_train: Optional[TrainRecord] = None
+        self.last_eval: Optional[EvalRecord] = None
+        self.train_x = XTable()
+        self.eval_x = XTable()
+        self.train: dict[str, Series] = {}
+        """raw/<component>, weighted/<component>, objective, lr, temperature, tokens_per_s, grad_norm, weight/<c>."""
+        self.eval: dict[str, Series] = {}
+        """objective, ppl, lm_ce, teacher_ppl, raw/<component>."""
+        self.evals: list[EvalRecord] = []
+        self.trainer_alerts: list[AlertRecord] = []
+        self.records = 0
+        self.corrupt = 0
+        self.restarts = 0
+        self.segment = 0
+        self.last_step: Optional[int] = None
+        self.last_record_time: Optional[float] = None
+        """Wall time (this machine) when the last record arrived."""
+        self.arrivals: list[float] = []
+        self.gate_usage: Optional[list[float]] = None
+        self.first_nonfinite: Optional[tuple[str, float, int]] = None
+        """(metric, value, step) of the first non-finite train loss or objective."""
+        self.first_nonfinite_eval: Optional[tuple[str, int]] = None
+        """(metrics, step) of the first eval with a non-finite value."""
+        self.train_objective_at: dict[int, float] = {}
+        """Train objective by step (the latest segment wins), for train/eval comparisons."""
+
+    # ------------------------------------------------------------------ ingest
+    def _series(self, table: dict[str, Series], key: str, x: XTable) -> Series:
+        s = table.get(key)
+        if s is None:
+            s = table[key] = Series(x)
+        return s
+
+    def _x(self, rec) -> tuple[int, float, int]:
+        t0 = self.start.time if self.start is not None else rec.time
+        tokens = getattr(rec, "tokens", 0) or 0
+        return rec.step, rec.time - t0, tokens
+
+    def add(self, rec, *, now: Optional[float] = None) -> None:
+        self.records += 1
+        self.last_record_time = now if now is not None else time.time()
+        self.arrivals.append(self.last_record_time)
+        if len(self.arrivals) > 512:
+            del self.arrivals[:256]
+        if isinstance(rec, RunStart):
+            if self.start is not None:
+                self.restarts += 1
+            self.start = rec
+            self.end = None
+            return
+        if isinstance(rec, (TrainRecord, EvalRecord)):
+            if self.last_step is not None and rec.step < self.last_step:
+                self.segment += 1
+            self.last_step = rec.step
+        if isinstance(rec, TrainRecord):
+            self._add_train(rec)
+        elif isinstance(rec, EvalRecord):
+            self._add_eval(rec)
+        elif isinstance(rec, AlertRecord):
+            self.trainer_alerts.append(rec)
+        elif isinstance(rec, RunEnd):
+            self.end = rec
+
+    def _add_train(self, rec: TrainRecord) -> None:
+        self.last_train = rec
+        step, t, tok = self._x(rec)
+        row = self.train_x.add(step, t, tok, self.segment)
+        table, x = self.train, self.train_x
+        weighted = rec.weighted
+        weights = rec.weights
+        if self.first_nonfinite is None:
+            bad = next(((k, v) for k, v in (*rec.losses.items(), ("objective", rec.objective)) if not math.isfinite(v)), None)
+            if bad is not None:
+                self.first_nonfinite = (bad[0] if bad[0] == "objective" else "raw/" + bad[0], bad[1], rec.step)
+        for name, value in rec.losses.items():
+            (table.get("raw/" + name) or self._series(table, "raw/" + name, x)).add(row, value)
+            w = weighted.get(name)
+            if w is None:
+                w = weights.get(name, 0.0) * value
+            (table.get("weighted/" + name) or self._series(table, "weighted/" + name, x)).add(row, w)
+        for name, w in weights.items():
+            (table.get("weight/" + name) or self._series(table, "weight/" + name, x)).add(row, w)
+        self.train_objective_at[rec.step] = rec.objective
+        for key, value in (("objective", rec.objective), ("lr", rec.lr), ("temperature", rec.temperature),
+                           ("tokens_per_s", rec.tokens_per_s), ("grad_norm", rec.grad_norm), ("mem_gib", rec.mem_gib)):
+            if value is not None:
+                (table.get(key) or self._series(table, key, x)).add(row, value)
+        extra = rec.model_extra
+        if extra:
+            usage = extra.get("gate_usage")
+            if isinstance(usage, list) and usage:
+                self.gate_usage = [float(u) for u in usage]
+
+    def _add_eval(self, rec: EvalRecord) -> None:
+        self.last_eval = rec
+        self.evals.append(rec)
+        if self.first_nonfinite_eval is None:
+            bad = [k for k, v in [("objective", rec.objective), ("ppl", rec.ppl), *rec.losses.items()] if not math.isfinite(v)]
+            if bad:
+                self.first_nonfinite_eval = (", ".join(bad), rec.step)
+        step, t, tok = self._x(rec)
+        if self.last_train is not None:
+            tok = self.last_train.tokens
+        row = self.eval_x.add(step, t, tok, self.segment)
+        for key, value in (("objective", rec.objective), ("ppl", rec.ppl), ("lm_ce", rec.lm_ce), ("teacher_ppl", rec.teacher_ppl)):
+            if value is not None:
+                self._series(self.eval, key, self.eval_x).add(row, float(value))
+        for name, value in rec.losses.items():
+            self._series(self.eval, f"raw/{name}", self.eval_x).add(row, float(value))
+
+    # ------------------------------------------------------------------ views
+    @property
+    def components(self) -> list[str]:
+        names = {k.split("/", 1)[1] for k in self.train if k.startswith("raw/")}
+        names |= {k.split("/", 1)[1] for k in self.eval if k.startswith("raw/")}
+        return component_order(names)
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        return self.start.total_steps if self.start is not None else None
+
+    @property
+    def current_step(self) -> int:
+        if self.last_train is not None:
+            return self.last_train.step + 1
+        return self.start.step if self.start is not None else 0
+
+    def progress(self) -> Optional[float]:
+        total = self.total_steps
+        return min(1.0, self.current_step / total) if total else None
+
+    def eta_seconds(self) -> Optional[float]:
+        """Remaining time from the average pace of the current segment's train records."""
+        x = self.train_x
+        total = self.total_steps
+        if len(x.step) < 2 or not total:
+            return None
+        i1 = len(x.step) - 1
+        i0 = bisect.bisect_left(x.segment, x.segment[-1])  # first record of the current segment
+        dstep = x.step[i1] - x.step[i0]
+        if dstep <= 0:
+            return None
+        pace = (x.time[i1] - x.time[i0]) / dstep
+        return max(0.0, (total - self.current_step) * pace)
+
+    def records_per_second(self, now: float, window: float = 30.0) -> float:
+        recent = [t for t in self.arrivals if now - t <= window]
+        return len(recent) / window if recent else 0.0
+
+    def since_last(self, now: float) -> Optional[float]:
+        return None if self.last_record_time is None else now - self.last_record_time
+
+    def schedule(self):
+        """The run's curriculum as a `Curriculum`, rebuilt from the run_start record (None if absent)."""
+        if self.start is None:
+            return None
+        from dsdistill.curriculum import Curriculum, CurriculumConfig
+
+        sched = self.start.schedule
+        try:
+            cfg = CurriculumConfig.model_validate({"weights": sched["weights"], "temperature": sched["temperature"]})
+            return Curriculum(cfg, active=tuple(sched.get("active") or registry.IMPLEMENTED))
+        except Exception:
+            return None
+
+    def summary(self) -> dict[str, Any]:
+        """The latest state as plain data (for --json and --once)."""
+        t, e = self.last_train, self.last_eval
+        return {
+            "run": self.name,
+            "records": self.records,
+            "corrupt_lines": self.corrupt,
+            "restarts": self.restarts,
+            "total_steps": self.total_steps,
+            "step": self.current_step,
+            "progress": self.progress(),
+            "eta_s": self.eta_seconds(),
+            "ended": self.end.reason if self.end is not None else None,
+            "train": None if t is None else {
+                "step": t.step, "objective": t.objective, "losses": t.losses, "weights": t.weights,
+                "lr": t.lr, "temperature": t.temperature, "tokens_per_s": t.tokens_per_s, "tokens": t.tokens,
+            },
+            "eval": None if e is None else {
+                "step": e.step, "objective": e.objective, "losses": e.losses, "lm_ce": e.lm_ce, "ppl": e.ppl,
+                "teacher_ppl": e.teacher_ppl, "best": e.best, "bad_evals": e.bad_evals, "metric": e.early_stop_metric,
+            },
+        }

@@ -1,0 +1,457 @@
+"""Dashboard panels. Each widget owns its CSS; all of them draw from `RunState`s and `ViewOptions`."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widget import Widget
+from textual.widgets import Input, Static
+
+from monitor.alerts import Alert
+from monitor.plot import HLine, Trace, render_plot
+from monitor.series_math import minmax_indices
+from monitor.state import RunState, Series
+
+RUN_COLORS = ("cyan", "magenta", "green", "yellow", "dodger_blue1", "orange1")
+SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
+WINDOWS = (None, 50, 200, 1000, 5000)
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+@dataclass
+class ViewOptions:
+    """Everything the keys toggle."""
+
+    logy: bool = False
+    smoothing: float = 0.6
+    x_axis: str = "step"
+    weighted: bool = False
+    window: Optional[int] = None
+    filter: str = ""
+    baseline: int = 0
+
+    def matches(self, name: str) -> bool:
+        if not self.filter:
+            return True
+        return any(fnmatch.fnmatch(name, pat.strip()) for pat in self.filter.split(",") if pat.strip())
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return str(v)
+    a = abs(v)
+    if 1e3 <= a < 1e8:
+        return f"{v:,.0f}"
+    if a != 0 and (a >= 1e8 or a < 1e-3):
+        return f"{v:.2e}"
+    return f"{v:.4g}" if a >= 1e-2 else f"{v:.3g}"
+
+
+def _duration(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def sparkline(values: list[float], n: int = 10) -> str:
+    vals = [v for v in values[-n:] if math.isfinite(v)]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    if hi == lo:
+        return SPARK[3] * len(vals)
+    return "".join(SPARK[min(7, int((v - lo) / (hi - lo) * 8))] for v in vals)
+
+
+def ordered_runs(runs: list[RunState], opts: ViewOptions) -> list[tuple[int, RunState]]:
+    """Baseline first, then the others, each with its index (which fixes its colour)."""
+    idx = [opts.baseline] + [i for i in range(len(runs)) if i != opts.baseline]
+    return [(i, runs[i]) for i in idx if i < len(runs)]
+
+
+def series_trace(series: Series, opts: ViewOptions, color: str, width: int, label: str, points_only: bool = False) -> list[Trace]:
+    """Raw (dim) and smoothed traces of one series, windowed and downsampled to the plot width."""
+    start = max(0, len(series) - opts.window) if opts.window else 0
+    rows = series.rows[start:]
+    xcol, scol = getattr(series.table, opts.x_axis), series.table.segment
+    ys_full = series.value[start:]
+    smooth = series.smoothed(opts.smoothing)[start:] if opts.smoothing > 0 and not points_only else None
+
+    def pick(values: list[float]) -> Trace:
+        keep = minmax_indices(values, max(8, width))
+        return Trace([xcol[rows[i]] for i in keep], [values[i] for i in keep], "", label, [scol[rows[i]] for i in keep])
+
+    if smooth is None:
+        t = pick(ys_full)
+        t.color, t.points_only = f"bold {color}", points_only
+        return [t]
+    raw, sm = pick(ys_full), pick(smooth)
+    raw.color, sm.color = f"dim {color}", f"bold {color}"
+    return [raw, sm]
+
+
+class Panel(Widget, can_focus=True):
+    """A bordered, focusable panel (tab / shift+tab move between panels).
+
+    `draw(...)` stores a painter; `render()` calls it with the panel's current content size, so a resize
+    redraws at the new size without new data."""
+
+    DEFAULT_CSS = """
+    Panel {
+        border: round $panel-lighten-2;
+        padding: 0 1;
+        height: auto;
+    }
+    Panel:focus {
+        border: round $accent;
+    }
+    """
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._painter = None
+        self._cache: Optional[tuple[tuple[int, int], object]] = None
+
+    def paint(self, painter) -> None:
+        """Set what to draw: a callable (width, height) -> renderable."""
+        self._painter = painter
+        self._cache = None
+        self.refresh(layout=True)
+
+    def render(self):
+        if self._painter is None:
+            return Text("waiting for records", style="grey50")
+        size = self.content_size
+        key = (max(20, size.width), max(3, size.height))
+        if self._cache is None or self._cache[0] != key:  # render is called more than once per frame
+            self._cache = (key, self._painter(*key))
+        return self._cache[1]
+
+
+class PlotPanel(Panel):
+    """One loss component over training, raw or weighted, for every run (baseline first)."""
+
+    DEFAULT_CSS = """
+    PlotPanel {
+        height: 12;
+    }
+    """
+
+    def __init__(self, component: str, **kw):
+        super().__init__(id=f"plot-{component}", **kw)
+        self.component = component
+        self.border_title = component
+
+    def draw(self, runs: list[RunState], opts: ViewOptions) -> None:
+        kind = "weighted" if opts.weighted else "raw"
+        title = Text(f"{self.component} ({kind})  ")
+        for i, run in ordered_runs(runs, opts):
+            s = run.train.get(f"{kind}/{self.component}")
+            if s is not None and len(s):
+                title.append(f"{_fmt(s.last)} ", style=RUN_COLORS[i % len(RUN_COLORS)])
+        self.border_title = title
+
+        def painter(width: int, height: int):
+            traces: list[Trace] = []
+            for i, run in ordered_runs(runs, opts):
+                color = RUN_COLORS[i % len(RUN_COLORS)]
+                s = run.train.get(f"{kind}/{self.component}")
+                if s is not None and len(s):
+                    traces += series_trace(s, opts, color, width - 9, run.name)
+                ev = run.eval.get(f"raw/{self.component}")
+                if ev is not None and len(ev) and not opts.weighted:
+                    traces += series_trace(ev, opts, "white", width - 9, f"{run.name} eval", points_only=True)
+            return render_plot(traces, width, height, logy=opts.logy, x_axis=opts.x_axis)
+
+        self.paint(painter)
+
+
+class CurriculumPanel(Panel):
+    """The whole schedule (from run_start), a marker at the current step, current weights and T."""
+
+    DEFAULT_CSS = """
+    CurriculumPanel {
+        height: 12;
+    }
+    """
+
+    def draw(self, runs: list[RunState], opts: ViewOptions) -> None:
+        run = runs[opts.baseline] if runs else None
+        cur = run.schedule() if run is not None else None
+        if run is None or cur is None or not run.total_steps:
+            self.border_title = "curriculum"
+            self.paint(lambda w, h: Text("waiting for run_start", style="grey50"))
+            return
+        total = run.total_steps
+        steps = sorted({round(total * k / 120) for k in range(121)})
+        names = [n for n in cur.config.weights if opts.matches(n)]
+        traces = []
+        for j, name in enumerate(names):
+            sched = cur.config.weights[name]
+            ys = [sched.at(min(1.0, s / total)) for s in steps]
+            style = RUN_COLORS[j % len(RUN_COLORS)] if name in cur.active else "grey42"
+            traces.append(Trace([float(s) for s in steps], ys, style, name))
+        step = run.current_step
+        weights = cur.weights_at(step=min(step, total), total_steps=total)
+        temp = cur.temperature_at(step=min(step, total), total_steps=total)
+        self.border_title = f"curriculum @ step {step}  T={temp:.3g}"
+        legend = Text()
+        for j, name in enumerate(names):
+            w = weights.get(name)
+            style = RUN_COLORS[j % len(RUN_COLORS)] if name in cur.active else "grey42"
+            legend.append(f"{name}={_fmt(w) if w is not None else 'off'} ", style=style)
+
+        def painter(width: int, height: int):
+            legend_rows = len(legend.wrap(self.app.console, width))
+            plot = render_plot(traces, width, max(3, height - legend_rows), x_axis="step", markers=[float(step)])
+            return Text("\n").join([legend, plot])
+
+        self.paint(painter)
+
+
+class EvalPanel(Panel):
+    """Train objective vs eval objective at the same steps; eval perplexity vs the teacher's."""
+
+    DEFAULT_CSS = """
+    EvalPanel {
+        height: 16;
+    }
+    """
+
+    def draw(self, runs: list[RunState], opts: ViewOptions) -> None:
+        self.paint(lambda width, height: self._paint(runs, opts, width, height))
+
+    def _paint(self, runs: list[RunState], opts: ViewOptions, width: int, height: int):
+        obj_traces, ppl_traces, hlines = [], [], []
+        lines = Text()
+        for i, run in ordered_runs(runs, opts):
+            color = RUN_COLORS[i % len(RUN_COLORS)]
+            if "objective" in run.train:
+                obj_traces += series_trace(run.train["objective"], opts, color, width - 9, run.name)
+            if "objective" in run.eval:
+                obj_traces.append(Trace(run.eval["objective"].xs(opts.x_axis), run.eval["objective"].value, "bold white", "eval",
+                                        run.eval["objective"].segment))
+            if "ppl" in run.eval:
+                s = run.eval["ppl"]
+                ppl_traces.append(Trace(s.xs(opts.x_axis), s.value, f"bold {color}", run.name, s.segment))
+            e = run.last_eval
+            if e is not None:
+                if e.teacher_ppl is not None:
+                    hlines.append(HLine(e.teacher_ppl, "grey62", "teacher"))
+                stop = f"best {e.early_stop_metric} {_fmt(e.best)}, {e.bad_evals} eval(s) without improvement" if e.best is not None else ""
+                lines.append(f"{run.name}: eval @ {e.step} obj {_fmt(e.objective)} ppl {_fmt(e.ppl)} (teacher {_fmt(e.teacher_ppl)}) {stop}\n", style=color)
+        self.border_title = "train vs eval objective  |  eval ppl (teacher dotted)"
+        lines.rstrip()
+        head = lines if lines else Text("no eval yet", style="grey50")
+        h = max(6, height - len(head.wrap(self.app.console, width)))
+        top = render_plot(obj_traces, width, h // 2, logy=opts.logy, x_axis=opts.x_axis)
+        bottom = render_plot(ppl_traces, width, h - h // 2, logy=opts.logy, x_axis=opts.x_axis, hlines=hlines)
+        return Text("\n").join([head, top, bottom])
+
+
+class StatsPanel(Panel):
+    """Last, min, delta and sparkline per metric, plus LR, throughput, progress, ETA, memory."""
+
+    DEFAULT_CSS = """
+    StatsPanel {
+        height: auto;
+        max-height: 24;
+    }
+    """
+
+    def draw(self, runs: list[RunState], opts: ViewOptions, now: float) -> None:
+        if not runs:
+            return
+        run = runs[opts.baseline]
+        others = [r for i, r in enumerate(runs) if i != opts.baseline]
+        table = Table(box=None, padding=(0, 0, 0, 1), show_edge=False)
+        table.add_column("metric", style="bold", no_wrap=True, min_width=11)
+        for col in ("last", "min", "Δ"):
+            table.add_column(col, justify="right", no_wrap=True, min_width=9)
+        table.add_column("trend", no_wrap=True, min_width=10)
+        for o in others:
+            table.add_column(o.name[-10:], justify="right", no_wrap=True, min_width=9)
+        kind = "weighted" if opts.weighted else "raw"
+        keys = [("objective", run.train, "objective")]
+        keys += [(c, run.train, f"{kind}/{c}") for c in run.components if opts.matches(c)]
+        keys += [("lr", run.train, "lr"), ("temperature", run.train, "temperature"), ("tokens/s", run.train, "tokens_per_s"),
+                 ("grad norm", run.train, "grad_norm"), ("mem GiB", run.train, "mem_gib"),
+                 ("eval obj", run.eval, "objective"), ("eval ppl", run.eval, "ppl"), ("teacher ppl", run.eval, "teacher_ppl")]
+        for label, table_src, key in keys:
+            s = table_src.get(key)
+            if s is None or not len(s):
+                continue
+            delta = s.value[-1] - s.value[-2] if len(s) > 1 else None
+            row = [label, _fmt(s.last), _fmt(s.finite_min()), _fmt(delta), sparkline(s.value)]
+            for o in others:
+                src = o.train if table_src is run.train else o.eval
+                os_ = src.get(key)
+                row.append(_fmt(os_.last if os_ is not None else None))
+            table.add_row(*row)
+        prog = run.progress()
+        self.border_title = (f"{run.name}: step {run.current_step}/{run.total_steps or '?'}"
+                             f" {'' if prog is None else f'{100 * prog:.1f}%'}  ETA {_duration(run.eta_seconds())}")
+        self.paint(lambda w, h: table)
+
+
+class RouterPanel(Panel):
+    """Teacher-layer router gate usage (when the run has a router)."""
+
+    DEFAULT_CSS = """
+    RouterPanel {
+        height: auto;
+        max-height: 14;
+    }
+    """
+
+    def draw(self, runs: list[RunState], opts: ViewOptions) -> None:
+        run = runs[opts.baseline] if runs else None
+        usage = run.gate_usage if run is not None else None
+        self.border_title = "router gate usage per teacher layer"
+        if not usage:
+            self.paint(lambda w, h: Text("no router in this run", style="grey50"))
+            return
+        top = max(usage) or 1.0
+        t = Text()
+        for layer, u in enumerate(usage):
+            t.append(f"L{layer:<3}", style="bold")
+            t.append("█" * max(0, round(u / top * 30)), style="cyan")
+            t.append(f" {u:.3f}\n")
+        t.rstrip()
+        self.paint(lambda w, h: t)
+
+
+class AlertsPanel(Panel):
+    """Alerts of every run, most severe first."""
+
+    DEFAULT_CSS = """
+    AlertsPanel {
+        height: auto;
+        max-height: 12;
+    }
+    """
+
+    STYLES = {"error": "bold red", "warning": "yellow", "info": "grey62"}
+
+    def draw(self, alerts: list[tuple[str, Alert]], multi: bool) -> None:
+        n = sum(a.level != "info" for _, a in alerts)
+        self.border_title = f"alerts ({n})"
+        if not alerts:
+            self.paint(lambda w, h: Text("no alerts", style="green"))
+            return
+        t = Text()
+        for name, a in alerts:
+            prefix = f"[{name}] " if multi else ""
+            t.append(f"{a.level.upper():7} {prefix}{a.code}: {a.message}\n", style=self.STYLES.get(a.level, ""))
+        t.rstrip()
+        self.paint(lambda w, h: t)
+
+
+class StatusBar(Static):
+    """FOLLOW/PAUSED, records per second, time since the last record, stalled warning, view settings."""
+
+    DEFAULT_CSS = """
+    StatusBar {
+        height: 1;
+        background: $boost;
+        padding: 0 1;
+    }
+    """
+
+
+class Plots(VerticalScroll):
+    """The column of per-component plots."""
+
+    DEFAULT_CSS = """
+    Plots {
+        width: 3fr;
+        height: 1fr;
+    }
+    """
+
+
+class Side(VerticalScroll):
+    """Curriculum, eval, stats, router and alerts."""
+
+    DEFAULT_CSS = """
+    Side {
+        width: 2fr;
+        height: 1fr;
+    }
+    """
+
+
+class FilterInput(Input):
+    """Glob filter for metric names (comma-separated); Enter applies, Escape cancels."""
+
+    DEFAULT_CSS = """
+    FilterInput {
+        dock: bottom;
+        display: none;
+    }
+    FilterInput.-shown {
+        display: block;
+    }
+    """
+    BINDINGS = [Binding("escape", "cancel", "cancel", show=False)]
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.disabled = True  # hidden and unfocusable until "/" opens it
+
+    def open(self, value: str) -> None:
+        self.value = value
+        self.disabled = False
+        self.add_class("-shown")
+        self.focus()
+
+    def close(self) -> None:
+        self.remove_class("-shown")
+        self.disabled = True
+        self.app.set_focus(None)
+
+    def action_cancel(self) -> None:
+        self.close()
+
+
+class HelpScreen(ModalScreen):
+    """Every key and what it does."""
+
+    DEFAULT_CSS = """
+    HelpScreen {
+        align: center middle;
+    }
+    HelpScreen > Static {
+        width: 64;
+        height: auto;
+        border: round $accent;
+        padding: 1 2;
+        background: $surface;
+    }
+    """
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        t = Text("dsmonitor keys\n\n", style="bold")
+        for key, desc in self.rows:
+            t.append(f"{key:>12}  ", style="bold cyan")
+            t.append(f"{desc}\n")
+        t.append("\nEscape closes this screen.", style="grey62")
+        yield Static(t)

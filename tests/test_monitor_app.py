@@ -1,0 +1,205 @@
+"""The real Textual app, driven by App.run_test() and Pilot."""
+import asyncio
+import contextlib
+import io
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dsdistill.config import validate
+from dsdistill.schema import METRICS_FILE, dumps
+from dsdistill.train import train
+from monitor.app import DsMonitor
+from monitor.widgets import HelpScreen, Panel, PlotPanel
+from tests.streams import T0, healthy_records, write
+
+SNAPSHOTS = Path(__file__).with_name("snapshots")
+
+
+def run_app(app, scenario, size=(120, 40)):
+    async def main():
+        async with app.run_test(size=size) as pilot:
+            await scenario(pilot)
+    asyncio.run(main())
+
+
+async def wait_for(pilot, cond, timeout=15.0):
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            raise AssertionError("condition not reached in time")
+        await pilot.pause(0.05)
+    await pilot.pause(0.15)
+
+
+def text_of(widget) -> str:
+    return str(widget.render()) if not hasattr(widget.render(), "plain") else widget.render().plain
+
+
+@pytest.fixture(scope="module")
+def real_run(assets, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("monitored") / "run"
+    cfg = validate({
+        "teacher": {"path": str(assets["teacher"])}, "student": {"path": str(assets["student"])},
+        "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1},
+        "train": {"max_steps": 8, "micro_batch_size": 4, "seq_len": 32, "precision": "fp32"},
+        "optimizer": {"lr": 3e-3}, "eval": {"every": 4, "max_batches": 1},
+        "output": {"run_dir": str(run_dir), "log_every": 1}, "checkpoint": {"save_final": False},
+    })
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(cfg)
+    return run_dir
+
+
+def test_follows_a_real_run(real_run):
+    app = DsMonitor([str(real_run)], poll_interval=0.05, refresh_interval=0.05)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].end is not None)
+        run = app.runs[0]
+        assert len(run.train["objective"]) == 8 and len(run.evals) == 3
+        assert set(app._plots) == {"kd", "lm"}
+        assert "ended: completed" in str(app.query_one("#status").render())
+        alerts = [a for _, a in app.all_alerts() if a.level in ("error", "warning")]
+        assert alerts == []
+        assert "ppl" in app.query_one("#eval").render().plain
+
+    run_app(app, scenario)
+
+
+def test_follow_catches_appends_partial_lines_corruption_and_truncation(tmp_path):
+    path = tmp_path / "run" / METRICS_FILE
+    recs = healthy_records(30, eval_every=10)
+    write(path, recs[:1])
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05)
+    done = threading.Event()
+
+    def writer():
+        with open(path, "a") as fh:
+            for i, r in enumerate(recs[1:], start=1):
+                line = dumps(r) + "\n"
+                if i == 5:  # a record arriving in two writes
+                    fh.write(line[:20]); fh.flush(); time.sleep(0.1)
+                    fh.write(line[20:])
+                else:
+                    fh.write(line)
+                if i == 8:
+                    fh.write("{corrupt\n")
+                fh.flush()
+                time.sleep(0.01)
+        done.set()
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].start is not None)
+        threading.Thread(target=writer, daemon=True).start()
+        await wait_for(pilot, lambda: done.is_set() and app.runs[0].end is not None)
+        run = app.runs[0]
+        assert run.records == len(recs) and run.corrupt == 1
+        assert [s for s in run.train["objective"].step] == list(range(30))
+        # truncation: the file is rewritten with a new, shorter run
+        with open(path, "w") as fh:
+            for r in healthy_records(4, eval_every=2, end=False):
+                fh.write(dumps(r) + "\n")
+        await wait_for(pilot, lambda: app.runs[0].records == len(healthy_records(4, eval_every=2, end=False)))
+        assert app.runs[0].end is None and len(app.runs[0].train["objective"]) == 4
+
+    run_app(app, scenario)
+
+
+def test_every_key(tmp_path):
+    a = write(tmp_path / "a" / METRICS_FILE, healthy_records(40, end=False))
+    b = write(tmp_path / "b" / METRICS_FILE, healthy_records(40))
+    export = tmp_path / "shots"
+    export.mkdir()
+    app = DsMonitor([str(a.parent), str(b.parent)], poll_interval=0.02, refresh_interval=0.05, export_dir=str(export))
+
+    def status():
+        return str(app.query_one("#status").render())
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[1].end is not None and "kd" in app._plots)
+        kd = app.query_one("#plot-kd", PlotPanel)
+        before = kd.render().plain
+        await pilot.press("l")
+        assert app.opts.logy and "log-y:on" in status() and kd.render().plain != before
+        await pilot.press("s")
+        assert app.opts.smoothing == 0.8 and "smooth:0.8" in status()
+        await pilot.press("S", "S")
+        assert app.opts.smoothing == 0.0
+        await pilot.press("x")
+        assert app.opts.x_axis == "time" and "x:time" in status()
+        await pilot.press("x")
+        assert app.opts.x_axis == "tokens"
+        await pilot.press("r")
+        assert app.opts.weighted and "(weighted)" in str(kd.border_title)
+        await pilot.press("n")
+        assert app.opts.window == 50 and "window:50" in status()
+        await pilot.press("b")
+        assert app.opts.baseline == 1 and app.query_one("#stats").border_title.startswith("b:")
+        await pilot.press("p")
+        assert app.paused and "PAUSED" in status()
+        title = str(kd.border_title)
+        write(a, healthy_records(60, end=False)[41:50])
+        await wait_for(pilot, lambda: app.pending > 0)
+        assert "PAUSED (+" in status() and str(kd.border_title) == title  # frozen while paused
+        await pilot.press("p")
+        await pilot.pause(0.2)
+        assert not app.paused and "FOLLOW" in status()
+        await pilot.press("slash")
+        await pilot.press(*"kd")
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert app.opts.filter == "kd" and set(app._plots) == {"kd"} and len(app.query(PlotPanel)) == 1
+        await pilot.press("slash", "backspace", "backspace", "enter")
+        await pilot.pause(0.2)
+        assert set(app._plots) == {"kd", "lm"}
+        await pilot.press("e")
+        await pilot.pause(0.2)
+        assert len(list(export.glob("*.svg"))) == 1
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("tab")
+        assert isinstance(app.focused, Panel)
+        await pilot.press("q")
+        await pilot.pause(0.1)
+        assert app._exit_renderables is not None or not app.is_running
+
+    run_app(app, scenario, size=(140, 45))
+
+
+def test_alerts_panel_shows_crafted_problems(tmp_path):
+    path = write(tmp_path / "run" / METRICS_FILE, healthy_records(40, identical_evals=True, nan_at=33))
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].end is not None)
+        text = app.query_one("#alerts").render().plain
+        assert "ERROR   nan: non-finite train raw/kd (nan) at step 33" in text
+        assert "ERROR   eval_identical: eval objective 1.5 at step 20 is identical to step 10" in text
+        assert "WARNING train_eval_gap" in text  # a constant eval objective also drifts away from train
+        assert "alerts (3)" in str(app.query_one("#alerts").border_title)
+
+    run_app(app, scenario)
+
+
+def test_main_screen_snapshot(tmp_path):
+    """The whole screen at 120x40 for a fixed stream and clock. DSMONITOR_UPDATE_SNAPSHOTS=1 rewrites it."""
+    path = write(tmp_path / "demo" / METRICS_FILE, healthy_records(40))
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05, clock=lambda: T0 + 200)
+    shot = {}
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].end is not None)
+        await pilot.pause(0.3)
+        shot["text"] = app.screen_text()
+
+    run_app(app, scenario)
+    expected = SNAPSHOTS / "main_120x40.txt"
+    if os.environ.get("DSMONITOR_UPDATE_SNAPSHOTS") or not expected.exists():
+        expected.write_text(shot["text"])
+    assert shot["text"] == expected.read_text()

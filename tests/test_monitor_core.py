@@ -1,0 +1,145 @@
+"""The monitor's pure layers: tailing, state, smoothing, downsampling, alerts, one-shot output."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from monitor.alerts import AlertRules, evaluate_alerts
+from monitor.app import load_states, summary_json, summary_text
+from monitor.series_math import debiased_ema, minmax_indices
+from monitor.state import RunState
+from monitor.tail import Tailer
+from dsdistill.schema import dumps
+from tests.streams import T0, healthy_records, write
+
+
+def state_of(records, now=None):
+    s = RunState("r")
+    for r in records:
+        s.add(r, now=now if now is not None else r.time)
+    return s
+
+
+def test_tailer_partial_lines_corrupt_truncation_and_rotation(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    t = Tailer(tmp_path)
+    assert t.poll().missing
+    recs = healthy_records(6, eval_every=3)
+    lines = [dumps(r) for r in recs]
+    with open(path, "w") as fh:
+        fh.write(lines[0] + "\n" + lines[1][:25])  # a partial second line
+    res = t.poll()
+    assert [r.kind for r in res.records] == ["run_start"] and t.partial
+    with open(path, "a") as fh:
+        fh.write(lines[1][25:] + "\n{not json\n" + "\x00\xff garbage\n" + '{"kind": "train"}\n' + lines[2] + "\n")
+    res = t.poll()
+    assert [r.kind for r in res.records] == ["train", "train"] and res.corrupt == 3 and t.corrupt_total == 3
+    with open(path, "w") as fh:  # truncated and rewritten shorter
+        fh.write(lines[0] + "\n")
+    res = t.poll()
+    assert res.restarted == "truncated" and [r.kind for r in res.records] == ["run_start"]
+    rotated = tmp_path / "new.jsonl"
+    rotated.write_text(lines[0] + "\n" + lines[1] + "\n")
+    os.replace(rotated, path)  # a new inode under the same name
+    res = t.poll()
+    assert res.restarted == "rotated" and len(res.records) == 2
+
+
+def test_tailer_reads_in_bounded_chunks(tmp_path):
+    path = write(tmp_path / "metrics.jsonl", healthy_records(50))
+    t = Tailer(path, chunk=257)
+    first = t.poll(max_bytes=1000)
+    assert 0 < t.offset <= 1028 and len(first.records) < 5
+    rest = t.poll()
+    assert len(first.records) + len(rest.records) == len(healthy_records(50)) and first.corrupt + rest.corrupt == 0
+
+
+def test_debiased_ema_is_tensorboards():
+    values = [1.0, 3.0, float("nan"), 2.0, 5.0]
+    w = 0.6
+    expected, last, n = [], 0.0, 0
+    for v in values:  # TensorBoard's smoothing, written out
+        if math.isnan(v):
+            expected.append(v)
+            continue
+        last = last * w + (1 - w) * v
+        n += 1
+        expected.append(last / (1 - w**n))
+    got = debiased_ema(values, w)
+    assert got[0] == 1.0  # debiased: the first point is not pulled toward zero
+    assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b) for a, b in zip(got, expected))
+    assert debiased_ema(values[:2], 0.0) == values[:2]
+
+
+def test_minmax_downsampling_keeps_spikes():
+    ys = [1.0] * 10_000
+    ys[4321] = 99.0
+    ys[777] = -5.0
+    keep = minmax_indices(ys, 50)
+    assert len(keep) <= 100 and 4321 in keep and 777 in keep and keep == sorted(keep)
+
+
+def test_state_series_segments_and_eta():
+    recs = healthy_records(20, eval_every=5, end=False)
+    restart = healthy_records(20, eval_every=5, end=False, t0=T0 + 100)[1:6]  # steps go back to 0
+    s = state_of(recs + restart)
+    obj = s.train["objective"]
+    assert obj.segment[19] == 0 and obj.segment[20] == 1  # the line breaks where steps went backwards
+    assert s.components == ["kd", "lm"]
+    assert s.eval["ppl"].value[-1] == pytest.approx(math.exp(s.last_eval.lm_ce))
+    from dsdistill.curriculum import Curriculum, CurriculumConfig
+
+    rebuilt = s.schedule()
+    assert rebuilt.weights_at(step=7, total_steps=20) == Curriculum(CurriculumConfig()).weights_at(step=7, total_steps=20)
+    half = state_of([r for r in recs if r.kind == "run_start" or (r.kind == "train" and r.step < 10)])
+    assert half.current_step == 10 and half.progress() == 0.5
+    assert half.eta_seconds() == pytest.approx(10 * 2.0)  # 2 s per step in the crafted stream
+
+
+def test_alerts_fire_on_crafted_streams_and_stay_silent_when_healthy():
+    rules = AlertRules(stall_seconds=60)
+    healthy = state_of(healthy_records(40))
+    assert [a for a in evaluate_alerts(healthy, rules, now=T0 + 10_000) if a.level != "info"] == []
+    codes = lambda recs, now=T0 + 100: {a.code for a in evaluate_alerts(state_of(recs), rules, now=now)}
+    assert "eval_identical" in codes(healthy_records(40, identical_evals=True))
+    assert "nan" in codes(healthy_records(40, nan_at=17))
+    assert "lr_zero" in codes(healthy_records(40, zero_lr_at=30))
+    assert "spike" in codes(healthy_records(40, spike_at=39))
+    stalled = state_of(healthy_records(40, end=False), now=T0)
+    assert "stalled" in {a.code for a in evaluate_alerts(stalled, rules, now=T0 + 61)}
+    assert "stalled" not in {a.code for a in evaluate_alerts(stalled, rules, now=T0 + 59)}
+    gap = healthy_records(40)
+    for r in gap:
+        if r.kind == "eval":
+            r.objective *= 3
+    assert "train_eval_gap" in codes(gap)
+
+
+def test_once_and_json(tmp_path):
+    write(tmp_path / "run" / "metrics.jsonl", healthy_records(30, nan_at=29))
+    (tmp_path / "run" / "metrics.jsonl").open("a").write("garbage line\n")
+    states = load_states([str(tmp_path / "run")])
+    text = summary_text(states, AlertRules())
+    assert "run run: step 30/30 (100.0%), 35 records, 1 corrupt, ended: completed" in text
+    assert "ERROR nan: non-finite train" in text
+    data = json.loads(summary_json(states, AlertRules()))
+    assert data["step"] == 30 and data["eval"]["teacher_ppl"] == 2.5 and data["corrupt_lines"] == 1
+    assert any(a["code"] == "nan" for a in data["alerts"])
+    proc = subprocess.run([sys.executable, "-m", "monitor.app", str(tmp_path / "run"), "--once"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ERROR nan" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "monitor.app", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"dsmonitor: error: '{tmp_path / 'nope'}' does not exist; expected a run directory or a metrics.jsonl file"
+
+
+def test_ingest_benchmark_script_runs():
+    """Smoke test of the benchmark (no timing assertion: speed is reported by the script, not tested)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "monitor_ingest.py"
+    proc = subprocess.run([sys.executable, str(script), "--records", "2000", "--no-ui"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["records"] >= 2000 and out["ratio_vs_baseline"] > 0
