@@ -54,15 +54,45 @@ class DataConfig(_Strict):
     """Use at most this many training documents (for quick runs)."""
 
 
-class LossConfig(_Strict):
-    """Options of the loss components (their weights live in `curriculum`)."""
+LayerPairs = Optional[list[tuple[int, int]]]
 
+
+class LossConfig(_Strict):
+    """Options of the loss components (their weights live in `curriculum`). Layers are 1-based decoder
+    block numbers; -1 means the last block."""
+
+    kd_divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tv"] = "forward_kl"
+    """Divergence between teacher and student token distributions at temperature T."""
+    kd_beta: float = Field(0.5, ge=0, le=1)
+    """jsd: mixture weight; 0 is forward KL, 1 is reverse KL, 0.5 the symmetric JSD."""
+    kd_alpha: float = Field(0.1, ge=0, le=1)
+    """skew_kl: the student side is alpha * teacher + (1 - alpha) * student."""
     kd_top_k: Optional[int] = Field(None, ge=1)
     """If set, KD uses only the teacher's top-k tokens per position, renormalised."""
     kd_top_k_rest: bool = False
     """With `kd_top_k`: add a bucket holding the remaining probability mass on both sides."""
     ignore_index: int = -100
     """Label value excluded from every token-level loss."""
+    feature_layers: LayerPairs = None
+    """(student, teacher) layer pairs for the feature loss; default [[-1, -1]] (last to last)."""
+    feature_metric: Literal["mse", "cosine"] = "mse"
+    """Distance between projected student and teacher hidden states."""
+    feature_normalize: bool = True
+    """Layer-normalise both sides (no learned scale) before the feature distance."""
+    layerwise_layers: LayerPairs = None
+    """(student, teacher) pairs for the layerwise loss; default: every student layer, uniformly mapped."""
+    attention_layers: LayerPairs = None
+    """(student, teacher) pairs for the attention loss (and the router's attention alignment); default [[-1, -1]]."""
+    attention_chunk: int = Field(128, ge=1)
+    """Query rows per chunk when rebuilding attention distributions (bounds memory)."""
+    contrastive_dim: int = Field(128, ge=1)
+    """Width of the contrastive projection heads."""
+    contrastive_temperature: float = Field(0.1, gt=0)
+    """InfoNCE temperature."""
+    contrastive_gather: bool = True
+    """Use the other ranks' teacher embeddings as extra negatives."""
+    router_conditioned: bool = False
+    """Condition each student layer's router gates on its mean-pooled hidden state."""
 
 
 class OptimizerConfig(_Strict):

@@ -190,9 +190,10 @@ def eval_batches(ds, *, micro_batch: int, rank: int, world: int, ignore_index: i
     mine = list(range(rank, n, world))
     for b in range(n_batches):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
-        if idx:
-            batch = _collate([ds[i] for i in idx])
-        else:  # this rank ran out: a forward that counts nothing keeps the collectives in step
-            ids = ds[0]["input_ids"].unsqueeze(0)
-            batch = {"input_ids": ids, "labels": torch.full_like(ids, ignore_index)}
+        batch = _collate([ds[i] for i in idx]) if idx else None
+        missing = micro_batch - len(idx)
+        if missing:  # rows that count nothing keep every rank's batch the same shape for the collectives
+            filler = ds[0]["input_ids"].unsqueeze(0).expand(missing, -1).clone()
+            pad = {"input_ids": filler, "labels": torch.full_like(filler, ignore_index)}
+            batch = pad if batch is None else {k: torch.cat([batch[k], pad[k]]) for k in batch}
         yield batch

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from dsdistill.data import eval_batches
 from dsdistill.losses import lm_loss
-from dsdistill.objective import align_vocab, component_sums, objective_value
+from dsdistill.objective import component_sums, forward_pair, objective_value
 
 
 @dataclass
@@ -63,13 +63,8 @@ def evaluate(run, *, step: int) -> EvalResult:
         for batch in _batches(run):
             ids = batch["input_ids"].to(student.device)
             labels = batch["labels"].to(student.device)
-            t_logits = run.teacher(input_ids=ids).logits if "kd" in names else None
-            s_logits = student(input_ids=ids).logits
-            s_logits, t_logits = align_vocab(s_logits, t_logits, run.vocab)
-            part = component_sums(
-                names, student_logits=s_logits, teacher_logits=t_logits, labels=labels,
-                temperature=temperature, loss_cfg=run.cfg.loss,
-            )
+            out = forward_pair(run, ids, labels)
+            part = component_sums(names, out, temperature=temperature, loss_cfg=run.cfg.loss, plan=run.layers)
             for n in names:
                 sums[n] += float(part.sums[n])
                 counts[n] += part.counts[n]
@@ -100,6 +95,8 @@ def teacher_perplexity(run) -> float:
     for batch in _batches(run):
         ids = batch["input_ids"].to(run.teacher.device)
         logits = run.teacher(input_ids=ids).logits[..., : run.vocab]
+        if run.teacher_capture is not None:
+            run.teacher_capture.collect()  # drop what the hooks kept
         s, m = lm_loss(logits, batch["labels"].to(logits.device), ignore_index=run.cfg.loss.ignore_index)
         total += float(s)
         count += m["count"]

@@ -16,6 +16,7 @@ from dsdistill.ds_config import precision_of, resolve_student, resolve_teacher, 
 from dsdistill.engines import warmup_steps_of
 from dsdistill.errors import ConfigError, DataError, ModelError
 from dsdistill.models import load_config as load_model_config, load_tokenizer
+from dsdistill.student import LayerPlan
 
 
 @dataclass
@@ -37,6 +38,12 @@ class Plan:
     precision: str
     ds_student: dict
     ds_teacher: dict
+    layers: LayerPlan
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Components this run computes (in every train and eval record)."""
+        return self.curriculum.active
 
     @property
     def global_batch(self) -> int:
@@ -169,5 +176,13 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> Plan:
         cfg, world_size=world, total_steps=total_steps,
         warmup_steps=warmup_steps_of(cfg.scheduler, total_steps), hidden_size=getattr(student_cfg, "hidden_size", None),
     )
+    layers = LayerPlan.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
     return Plan(cfg, rank, world, run_dir, curriculum, tokenizer, vocab, teacher_cfg, student_cfg, splits, stream,
-                total_steps, precision_of(cfg), ds_student, ds_teacher)
+                total_steps, precision_of(cfg), ds_student, ds_teacher, layers)
+
+
+def _n_layers(model_config, field: str) -> int:
+    n = getattr(model_config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ModelError(f"{field}.path: the model config has no num_hidden_layers; hidden-state losses need a decoder stack")
+    return n

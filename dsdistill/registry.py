@@ -26,13 +26,13 @@ COMPONENTS: dict[str, Component] = {
     for c in (
         Component("kd", "token", True, "KL divergence between temperature-softened teacher and student logits, x T^2"),
         Component("lm", "token", True, "cross-entropy of the student on the next token"),
-        Component("feature", "token", False, "projected student hidden state vs teacher hidden state"),
-        Component("attention", "token", False, "student vs teacher attention distributions on mapped layers"),
-        Component("layerwise", "token", False, "every student layer vs its mapped teacher layer"),
-        Component("contrastive", "sequence", False, "InfoNCE between pooled student and teacher representations"),
-        Component("routing_feature", "token", False, "student hidden vs router-gated mixture of teacher layers"),
-        Component("routing_load_balance", "layer", False, "keeps every teacher layer in use by the router"),
-        Component("routing_attention_alignment", "token", False, "student attention vs gated teacher attention"),
+        Component("feature", "token", True, "projected student hidden state vs teacher hidden state"),
+        Component("attention", "token", True, "student vs teacher attention distributions on mapped layers"),
+        Component("layerwise", "token", True, "every student layer vs its mapped teacher layer"),
+        Component("contrastive", "sequence", True, "InfoNCE between pooled student and teacher representations"),
+        Component("routing_feature", "token", True, "student hidden vs router-gated mixture of teacher layers"),
+        Component("routing_load_balance", "layer", True, "keeps every teacher layer in use by the router"),
+        Component("routing_attention_alignment", "token", True, "student attention vs gated teacher attention"),
     )
 }
 

@@ -82,6 +82,8 @@ class TrainRecord(_Record):
     """Diagnostics that are not objective terms (e.g. kd_kl: KD's KL before T^2 scaling)."""
     mem_gib: Optional[float] = None
     """Peak accelerator memory on rank 0, GiB (None on CPU)."""
+    gate_usage: Optional[list[float]] = None
+    """Router: mean gate per teacher layer (sums to 1), when the run has a router."""
 
 
 class EvalRecord(_Record):

@@ -31,8 +31,10 @@ from dsdistill.engines import build_student_engine, build_teacher_engine, curren
 from dsdistill.errors import DistillError
 from dsdistill.evaluate import EarlyStopping, EvalResult, evaluate, teacher_perplexity
 from dsdistill.metrics import MetricsWriter
-from dsdistill.models import load_causal_lm, param_counts
-from dsdistill.objective import align_vocab, component_sums, objective_value, weighted_sum
+from dsdistill.capture import QKCapture
+from dsdistill.models import DTYPES, load_causal_lm, param_counts
+from dsdistill.objective import component_sums, forward_pair, objective_value, unit_counts, unit_of, weighted_sum
+from dsdistill.student import DistillStudent
 from dsdistill.preflight import Plan, preflight
 from dsdistill.report import eval_line, train_line
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
@@ -74,6 +76,8 @@ class Run:
     teacher: Any
     student: Any
     writer: MetricsWriter
+    student_capture: Optional[QKCapture] = None
+    teacher_capture: Optional[QKCapture] = None
 
     def __getattr__(self, name):  # cfg, rank, world, splits, curriculum, vocab, total_steps, ... from the plan
         return getattr(self.plan, name)
@@ -90,11 +94,28 @@ def setup(cfg: RunConfig) -> Run:
         cfg.student, field="student", precision=plan.precision,
         zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
     )
-    student = build_student_engine(student_model, plan.ds_student, cfg, total_steps=plan.total_steps)
-    return Run(plan, teacher, student, MetricsWriter(plan.run_dir, enabled=rank == 0))
+    active = set(plan.components)
+    wrapped = DistillStudent(student_model, loss=cfg.loss, plan=plan.layers, teacher_width=plan.teacher_config.hidden_size,
+                             components=active, seed=cfg.train.seed)
+    if plan.precision != "fp32":
+        wrapped.aux.to(DTYPES[plan.precision])
+    student = build_student_engine(wrapped, plan.ds_student, cfg, total_steps=plan.total_steps)
+    s_layers, t_layers = set(), set()
+    if "attention" in active:
+        s_layers |= {si for si, _ in plan.layers.attention}
+        t_layers |= {ti for _, ti in plan.layers.attention}
+    if "routing_attention_alignment" in active:
+        s_layers |= set(plan.layers.routed_attention_students)
+        t_layers |= set(range(1, plan.layers.n_teacher + 1))
+    return Run(plan, teacher, student, MetricsWriter(plan.run_dir, enabled=rank == 0),
+               student_capture=QKCapture(student_model, sorted(s_layers)) if s_layers else None,
+               teacher_capture=QKCapture(teacher.module, sorted(t_layers)) if t_layers else None)
 
 
 # ---------------------------------------------------------------------------------------------- loop
+
+
+UNITS = ("token", "sequence", "layer")
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -140,7 +161,7 @@ def _train_loop(run: Run) -> dict[str, Any]:
     student, teacher, cur = run.student, run.teacher, run.curriculum
     total, gas, world = run.total_steps, cfg.train.grad_accum, run.world
     t_params, _ = param_counts(teacher.module)
-    s_params, _ = param_counts(student.module)
+    s_params, _ = param_counts(student.module.model)
     stopper = EarlyStopping(metric=cfg.eval.early_stopping.metric, patience=cfg.eval.early_stopping.patience,
                             min_delta=cfg.eval.early_stopping.min_delta)
     tokens_seen = 0
@@ -173,6 +194,7 @@ def _train_loop(run: Run) -> dict[str, Any]:
     ignore = cfg.loss.ignore_index
     interval_tokens, interval_start = 0, time.perf_counter()
     warned_zero_lr = False
+    skipped_seen = int(getattr(student, "skipped_steps", 0))
     last_eval: Optional[EvalResult] = None
     reason = "completed"
     batches = iter(run.stream)
@@ -203,21 +225,21 @@ def _train_loop(run: Run) -> dict[str, Any]:
         weights = cur.weights_at(step=step, total_steps=total)
         temperature = cur.temperature_at(step=step, total_steps=total)
         window = [next(batches) for _ in range(gas)]
-        valid = sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in window)
-        window_tokens, = _all_reduce([float(valid)])
-        normalizers = {n: window_tokens for n in names}  # every computed component is token-level
+        # units in the whole window on all ranks: each component is divided by its own unit count
+        counted = [unit_counts(mb["labels"], ignore) for mb in window]
+        units = dict(zip(UNITS, _all_reduce([float(sum(c[u] for c in counted)) for u in UNITS])))
+        normalizers = {n: units[unit_of(n)] for n in names}
+        window_tokens = units["token"]
+        with_grad = {n for n in names if weights[n] != 0.0}
         acc = {n: 0.0 for n in names}
         acc_kl = 0.0
+        usage = None
         lr_used = float("nan")
         for mb in window:
             ids = mb["input_ids"].to(student.device)
             labels = mb["labels"].to(student.device)
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids).logits if "kd" in names else None
-            s_logits = student(input_ids=ids).logits
-            s_logits, t_logits = align_vocab(s_logits, t_logits, run.vocab)
-            sums = component_sums(names, student_logits=s_logits, teacher_logits=t_logits, labels=labels,
-                                  temperature=temperature, loss_cfg=cfg.loss)
+            out = forward_pair(run, ids, labels)
+            sums = component_sums(names, out, temperature=temperature, loss_cfg=cfg.loss, plan=run.layers, grad=with_grad)
             # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
             # the token-weighted objective of the whole window on all ranks.
             loss = weighted_sum(sums, weights=weights, normalizers=normalizers) * (gas * world)
@@ -229,14 +251,22 @@ def _train_loop(run: Run) -> dict[str, Any]:
                 acc[n] += float(sums.sums[n].detach())
             if "kd_kl" in sums.extras:
                 acc_kl += float(sums.extras["kd_kl"])
+            usage = sums.extras.get("gate_usage", usage)
+            del out, sums, loss
         reduced = _all_reduce([acc[n] for n in names] + [acc_kl])
-        losses = {n: reduced[i] / max(window_tokens, 1.0) for i, n in enumerate(names)}
+        losses = {n: reduced[i] / max(normalizers[n], 1.0) for i, n in enumerate(names)}
         objective = objective_value(losses, weights)
         step_tokens = sum(mb["input_ids"].numel() for mb in window) * world
         tokens_seen += step_tokens
         interval_tokens += step_tokens
         done = student.global_steps
         bar.update(1)
+        skipped = int(getattr(student, "skipped_steps", 0))
+        if skipped > skipped_seen:
+            msg = (f"DeepSpeed skipped optimizer step {step} (non-finite gradients"
+                   f"{' or fp16 loss-scale overflow' if run.precision == 'fp16' else ''}); {skipped} skipped so far")
+            run.writer.write(AlertRecord(step=step, level="info" if run.precision == "fp16" else "warning", code="step_skipped", message=msg))
+            skipped_seen = skipped
 
         if step == 0 and lr_used == 0.0 and not warned_zero_lr:
             warned_zero_lr = True
@@ -253,7 +283,7 @@ def _train_loop(run: Run) -> dict[str, Any]:
                 tokens_per_s=interval_tokens / elapsed if elapsed > 0 else 0.0, tokens=tokens_seen,
                 progress=done / total, total_steps=total, grad_norm=_to_float(norm),
                 extras={"kd_kl": reduced[-1] / max(window_tokens, 1.0)} if "kd" in names else {},
-                mem_gib=_peak_mem_gib(),
+                mem_gib=_peak_mem_gib(), gate_usage=usage,
             )
             run.writer.write(rec)
             if run.rank == 0:

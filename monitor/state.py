@@ -187,11 +187,8 @@ class RunState:
                            ("tokens_per_s", rec.tokens_per_s), ("grad_norm", rec.grad_norm), ("mem_gib", rec.mem_gib)):
             if value is not None:
                 (table.get(key) or self._series(table, key, x)).add(row, value)
-        extra = rec.model_extra
-        if extra:
-            usage = extra.get("gate_usage")
-            if isinstance(usage, list) and usage:
-                self.gate_usage = [float(u) for u in usage]
+        if rec.gate_usage:
+            self.gate_usage = rec.gate_usage
 
     def _add_eval(self, rec: EvalRecord) -> None:
         self.last_eval = rec

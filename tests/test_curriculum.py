@@ -77,14 +77,19 @@ def test_shorthand_numbers_and_replacing_the_default():
     assert cur.inactive == ()
 
 
-def test_unimplemented_components_are_reported_not_weighted():
-    cur = Curriculum(CurriculumConfig())
+def test_every_registered_component_is_computed_by_default():
+    assert Curriculum(CurriculumConfig()).active == registry.NAMES and registry.IMPLEMENTED == registry.NAMES
+
+
+def test_components_a_build_does_not_compute_are_reported_not_weighted():
+    """The mechanism that keeps the objective honest when a scheduled component is not computed."""
+    cur = Curriculum(CurriculumConfig(), active=("kd", "lm"))
     assert cur.active == ("kd", "lm")
     assert "feature" in cur.inactive
     assert set(cur.weights_at(step=9, total_steps=10)) == {"kd", "lm"}
     assert cur.definition()["inactive"] == list(cur.inactive)
     with pytest.raises(ValueError, match="every computed component"):
-        Curriculum(CurriculumConfig(weights={"feature": 1.0}))
+        Curriculum(CurriculumConfig(weights={"feature": 1.0}), active=("kd", "lm"))
 
 
 @pytest.mark.parametrize(

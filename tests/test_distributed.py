@@ -23,11 +23,18 @@ def launch(config: dict, tmp_path: Path, nprocs: int = 2, timeout: int = 300) ->
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_rank_zero3_teacher_and_student(make_config, tmp_path):
+EVERY_COMPONENT = {"kd": 0.7, "lm": 0.3, "feature": 0.05, "attention": 0.5, "layerwise": 0.05, "contrastive": 0.05,
+                   "routing_feature": 0.05, "routing_load_balance": 0.01, "routing_attention_alignment": 0.5}
+
+
+def test_two_rank_zero3_teacher_and_student_with_every_component(make_config, tmp_path):
     steps = 10
     cfg = make_config(
         train={"max_steps": steps, "grad_accum": 2, "micro_batch_size": 2},
         optimizer={"lr": 5e-3},
+        curriculum={"weights": EVERY_COMPONENT},
+        loss={"router_conditioned": True, "attention_chunk": 8},
+        checkpoint={"save_final": True},
         deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                                "train_batch_size": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
                    "teacher": {"train_micro_batch_size_per_gpu": "auto",
@@ -53,10 +60,40 @@ def test_two_rank_zero3_teacher_and_student(make_config, tmp_path):
     assert start.student_zero_stage == 3 and start.teacher_zero_stage == 3
     trains = [r for r in recs if isinstance(r, TrainRecord)]
     assert [t.step for t in trains] == list(range(steps))  # written once, by rank 0
-    assert all(math.isfinite(v) for t in trains for v in t.losses.values())
+    for t in trains:
+        assert set(t.losses) == set(EVERY_COMPONENT) and all(math.isfinite(v) for v in t.losses.values())
+        assert t.weights == EVERY_COMPONENT and math.isfinite(t.objective)
+        assert len(t.gate_usage) == 3 and abs(sum(t.gate_usage) - 1.0) < 1e-5  # router gates sum to one
     first, last = trains[0], trains[-1]
     assert last.objective < first.objective and last.losses["kd"] < first.losses["kd"]
+    assert not [r for r in recs if getattr(r, "code", None) == "step_skipped"]  # every update was applied
     evals = [r for r in recs if isinstance(r, EvalRecord)]
     assert [e.step for e in evals] == [5, 10] and evals[-1].ppl < evals[0].ppl
+    assert all(set(e.losses) == set(EVERY_COMPONENT) and all(math.isfinite(v) for v in e.losses.values()) for e in evals)
+    # the checkpoint holds the router and projections with the student (consolidated from the ZeRO-3 shards)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
+    assert state["aux.router.logits"].shape == (2, 3) and "aux.router.cond.weight" in state
+    assert state["aux.feature.0.weight"].shape == (64, 32) and "aux.contrastive_teacher.weight" in state
+    assert len([k for k in state if k.startswith("aux.layerwise.")]) == 2 and "model.lm_head.weight" in state
     # rank 0 alone prints the log lines
     assert proc.stdout.count("eval @ step 10") == 1
+
+
+def test_two_rank_zero1_with_every_component(make_config, tmp_path):
+    cfg = make_config(
+        train={"max_steps": 4, "micro_batch_size": 2}, curriculum={"weights": EVERY_COMPONENT},
+        deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                               "zero_optimization": {"stage": 1}}},
+        loss={"kd_divergence": "jsd", "kd_beta": 0.3, "kd_top_k": 8, "kd_top_k_rest": True, "feature_metric": "cosine"},
+        eval={"every": 0, "max_batches": 1},
+    )
+    proc = launch(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [parse_line(line) for line in (Path(cfg["output"]["run_dir"]) / METRICS_FILE).read_text().splitlines()]
+    assert recs[0].student_zero_stage == 1 and recs[0].world_size == 2
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    assert len(trains) == 4 and all(set(t.losses) == set(EVERY_COMPONENT) for t in trains)
+    assert all(math.isfinite(v) for t in trains for v in [*t.losses.values(), *t.weighted.values()])
+    assert not [r for r in recs if getattr(r, "code", None) == "step_skipped"]

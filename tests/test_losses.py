@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from dsdistill.config import LossConfig
 from dsdistill.losses import kd_loss, lm_loss
-from dsdistill.objective import component_sums, objective_value, weighted_sum
+from dsdistill.objective import Outputs, component_sums, objective_value, weighted_sum
+from dsdistill.student import LayerPlan
 
 IGN = -100
 
@@ -96,11 +97,16 @@ def test_token_weighted_reduction_over_uneven_micro_batches_equals_one_batch():
     labels[:3, 2:] = IGN  # first micro-batch almost fully masked
     cfg = LossConfig(ignore_index=IGN)
     weights = {"kd": 0.7, "lm": 0.3}
-    parts = [component_sums(("kd", "lm"), student_logits=st[sl], teacher_logits=te[sl], labels=labels[sl], temperature=2.0, loss_cfg=cfg)
-             for sl in (slice(0, 3), slice(3, 4))]
+    plan = LayerPlan.build(cfg, 1, 1)
+
+    def sums(sl):
+        out = Outputs(labels=labels[sl], student={"logits": st[sl]}, teacher_logits=te[sl])
+        return component_sums(("kd", "lm"), out, temperature=2.0, loss_cfg=cfg, plan=plan)
+
+    parts = [sums(slice(0, 3)), sums(slice(3, 4))]
     n = sum(p.counts["kd"] for p in parts)
     window = sum(float(weighted_sum(p, weights=weights, normalizers={"kd": n, "lm": n})) for p in parts)
-    whole = component_sums(("kd", "lm"), student_logits=st, teacher_logits=te, labels=labels, temperature=2.0, loss_cfg=cfg)
+    whole = sums(slice(0, 4))
     means = {k: float(v) / whole.counts[k] for k, v in whole.sums.items()}
     assert window == pytest.approx(objective_value(means, weights), rel=1e-12)
     mean_of_means = sum(objective_value({k: float(v) / p.counts[k] for k, v in p.sums.items()}, weights) for p in parts) / 2

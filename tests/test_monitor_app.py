@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dsdistill import registry
 from dsdistill.config import validate
 from dsdistill.schema import METRICS_FILE, dumps
 from dsdistill.train import train
@@ -61,11 +62,13 @@ def test_follows_a_real_run(real_run):
         await wait_for(pilot, lambda: app.runs[0].end is not None)
         run = app.runs[0]
         assert len(run.train["objective"]) == 8 and len(run.evals) == 3
-        assert set(app._plots) == {"kd", "lm"}
+        assert set(app._plots) == set(registry.NAMES)  # every component of the default curriculum
         assert "ended: completed" in str(app.query_one("#status").render())
         alerts = [a for _, a in app.all_alerts() if a.level in ("error", "warning")]
         assert alerts == []
         assert "ppl" in app.query_one("#eval").render().plain
+        router = app.query_one("#router").render().plain  # the default curriculum routes over 3 teacher layers
+        assert run.gate_usage is not None and len(run.gate_usage) == 3 and "L2" in router
 
     run_app(app, scenario)
 

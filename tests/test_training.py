@@ -10,7 +10,7 @@ import torch
 from dsdistill.config import validate
 from dsdistill.engines import lr_multiplier
 from dsdistill.evaluate import evaluate
-from dsdistill.objective import align_vocab, component_sums, weighted_sum
+from dsdistill.objective import component_sums, forward_pair, weighted_sum
 from dsdistill.schema import METRICS_FILE, AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord, parse_line
 from dsdistill.train import train
 
@@ -75,6 +75,7 @@ def test_global_steps_advance_once_per_accumulation_window(ramped_run):
     student = summary["run"].student
     assert student.global_steps == TOTAL
     assert student.micro_steps == 2 * TOTAL
+    assert student.skipped_steps == 0  # every step was applied (no non-finite gradients)
 
 
 def test_eval_uses_the_train_weights_at_the_same_step(ramped_run):
@@ -107,8 +108,8 @@ def test_eval_objective_equals_train_objective_on_the_same_batch(ramped_run, ste
     n = run.cfg.train.micro_batch_size
     ids = torch.stack([run.splits.eval[i]["input_ids"] for i in range(n)])
     with torch.no_grad():
-        s, t = align_vocab(run.student(input_ids=ids).logits, run.teacher(input_ids=ids).logits, run.vocab)
-        sums = component_sums(cur.active, student_logits=s, teacher_logits=t, labels=ids, temperature=temperature, loss_cfg=run.cfg.loss)
+        out = forward_pair(run, ids, ids.clone())
+        sums = component_sums(cur.active, out, temperature=temperature, loss_cfg=run.cfg.loss, plan=run.layers)
         count = sums.counts["kd"]
         train_objective = float(weighted_sum(sums, weights=weights, normalizers={"kd": count, "lm": count}))
     assert ev.objective == pytest.approx(train_objective, rel=1e-6)

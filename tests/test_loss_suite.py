@@ -1,0 +1,304 @@
+"""The full loss suite: divergence properties, float64 references written here, gradcheck, and the
+attention rebuild against eager attention."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsdistill.capture import QKCapture
+from dsdistill.losses import kd_loss
+from dsdistill.losses.attention import attention_loss, head_avg_log_probs, routing_attention_loss
+from dsdistill.losses.contrastive import info_nce, mean_pool
+from dsdistill.losses.hidden import feature_loss, layerwise_loss, load_balance_loss, routing_feature_loss
+from dsdistill.losses.kd import DIVERGENCES
+
+IGN = -100
+D64 = torch.float64
+
+
+def logits(seed, b=2, s=5, v=7, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, s, v, generator=g, dtype=D64) * scale
+
+
+def labels_for(b=2, s=5, v=7, masked=((0, 2),)):
+    g = torch.Generator().manual_seed(99)
+    lab = torch.randint(0, v, (b, s), generator=g)
+    for i, j in masked:
+        lab[i, j] = IGN
+    return lab
+
+
+# ------------------------------------------------------------------ references (plain Python math)
+
+def ref_probs(row, T):
+    z = [x / T for x in row]
+    m = max(z)
+    e = [math.exp(x - m) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def ref_kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def ref_div(p, q, kind, beta=0.5, alpha=0.1):
+    if kind == "forward_kl":
+        return ref_kl(p, q)
+    if kind == "reverse_kl":
+        return ref_kl(q, p)
+    if kind == "jsd":
+        if beta == 0:
+            return ref_kl(p, q)
+        if beta == 1:
+            return ref_kl(q, p)
+        m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
+        return beta * ref_kl(p, m) + (1 - beta) * ref_kl(q, m)
+    if kind == "skew_kl":
+        return ref_kl(p, [alpha * a + (1 - alpha) * b for a, b in zip(p, q)])
+    if kind == "tv":
+        return 0.5 * sum(abs(a - b) for a, b in zip(p, q))
+    raise AssertionError(kind)
+
+
+def ref_kd(st, te, lab, T, kind, **kw):
+    total = 0.0
+    for i in range(st.size(0)):
+        for t in range(st.size(1) - 1):
+            if lab[i, t + 1] != IGN:
+                total += ref_div(ref_probs(te[i, t].tolist(), T), ref_probs(st[i, t].tolist(), T), kind, **kw)
+    return total * T * T
+
+
+def ref_layernorm(vec, eps=1e-5):
+    mu = sum(vec) / len(vec)
+    var = sum((x - mu) ** 2 for x in vec) / len(vec)
+    return [(x - mu) / math.sqrt(var + eps) for x in vec]
+
+
+# ------------------------------------------------------------------ divergences
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_every_divergence_matches_reference(kind, T):
+    st, te, lab = logits(0), logits(1, scale=2), labels_for()
+    got, m = kd_loss(st, te, lab, temperature=T, ignore_index=IGN, divergence_kind=kind, beta=0.3, alpha=0.2)
+    ref = ref_kd(st, te, lab, T, kind, beta=0.3, alpha=0.2)
+    assert float(got) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    assert float(m["kl"]) * T * T == pytest.approx(float(got), rel=1e-12)  # raw and T^2-scaled both reported
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergence_properties(kind):
+    st, te, lab = logits(0), logits(1, scale=2), labels_for()
+    same, _ = kd_loss(st, st.clone(), lab, temperature=1.5, ignore_index=IGN, divergence_kind=kind)
+    assert abs(float(same)) < 1e-12  # zero for identical inputs
+    full, _ = kd_loss(st, te, lab, temperature=1.5, ignore_index=IGN, divergence_kind=kind)
+    k_all, _ = kd_loss(st, te, lab, temperature=1.5, ignore_index=IGN, divergence_kind=kind, top_k=7, top_k_rest=True)
+    assert float(k_all) == pytest.approx(float(full), rel=1e-12)  # k = vocab with the rest bucket is full KD
+    # T^2 scaling is exact
+    for T in (1.0, 3.0):
+        v, m = kd_loss(st, te, lab, temperature=T, ignore_index=IGN, divergence_kind=kind)
+        assert float(v) == pytest.approx(T * T * float(m["kl"]), rel=1e-14)
+    # masked positions contribute nothing
+    st2 = st.clone()
+    st2[0, 1] += 50.0  # position 1 predicts label[0, 2], which is masked
+    moved, _ = kd_loss(st2, te, lab, temperature=1.5, ignore_index=IGN, divergence_kind=kind)
+    assert float(moved) == pytest.approx(float(full), rel=1e-12)
+
+
+def test_jsd_endpoints_and_symmetry():
+    st, te, lab = logits(0), logits(1, scale=2), labels_for()
+
+    def kd(kind, s=st, t=te, **kw):
+        return float(kd_loss(s, t, lab, temperature=1.0, ignore_index=IGN, divergence_kind=kind, **kw)[0])
+
+    assert kd("jsd", beta=0.0) == pytest.approx(kd("forward_kl"), rel=1e-12)
+    assert kd("jsd", beta=1.0) == pytest.approx(kd("reverse_kl"), rel=1e-12)
+    # the endpoints are the limits of jsd/beta and jsd/(1 - beta)
+    assert kd("jsd", beta=1e-5) / 1e-5 == pytest.approx(kd("forward_kl"), rel=1e-3)
+    assert kd("jsd", beta=1 - 1e-5) / 1e-5 == pytest.approx(kd("reverse_kl"), rel=1e-3)
+    assert kd("jsd", beta=0.5) == pytest.approx(kd("jsd", s=te, t=st, beta=0.5), rel=1e-12)  # symmetric at 0.5
+    assert kd("skew_kl", alpha=0.0) == pytest.approx(kd("forward_kl"), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergence_gradcheck(kind):
+    st, te, lab = logits(0, s=4, v=5), logits(1, s=4, v=5), labels_for(s=4, v=5)
+    st.requires_grad_(True)
+    fn = lambda x: kd_loss(x, te, lab, temperature=1.3, ignore_index=IGN, divergence_kind=kind, beta=0.4, alpha=0.3)[0]
+    assert torch.autograd.gradcheck(fn, (st,))
+
+
+# ------------------------------------------------------------------ hidden-state components
+
+def hidden(seed, b=2, s=5, d=4):
+    return torch.randn(b, s, d, generator=torch.Generator().manual_seed(seed), dtype=D64)
+
+
+@pytest.mark.parametrize("metric", ["mse", "cosine"])
+@pytest.mark.parametrize("normalized", [True, False])
+def test_feature_matches_reference(metric, normalized):
+    lab = labels_for()
+    pairs = [(hidden(1), hidden(2)), (hidden(3), hidden(4))]
+    got, m = feature_loss(pairs, lab, ignore_index=IGN, metric=metric, normalized=normalized)
+    total = 0.0
+    for s, t in pairs:
+        for i in range(2):
+            for p in range(4):
+                if lab[i, p + 1] == IGN:
+                    continue
+                a, b = s[i, p].tolist(), t[i, p].tolist()
+                if normalized:
+                    a, b = ref_layernorm(a), ref_layernorm(b)
+                if metric == "mse":
+                    total += sum((x - y) ** 2 for x, y in zip(a, b)) / len(a)
+                else:
+                    total += 1 - sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+    assert m["count"] == 7 and float(got) == pytest.approx(total / 2, rel=1e-9)
+    s0 = hidden(1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: feature_loss([(x, hidden(2))], lab, metric=metric, normalized=normalized)[0], (s0,))
+
+
+def test_layerwise_is_normalised_mse_averaged_over_layers():
+    lab = labels_for()
+    pairs = [(hidden(5), hidden(6) * 100), (hidden(7), hidden(8) * 10)]  # very different scales per layer
+    got, _ = layerwise_loss(pairs, lab, ignore_index=IGN)
+    ref, _ = feature_loss(pairs, lab, ignore_index=IGN, metric="mse", normalized=True)
+    assert float(got) == pytest.approx(float(ref), rel=1e-12)
+    unscaled, _ = layerwise_loss([(hidden(5), hidden(6)), (hidden(7), hidden(8))], lab, ignore_index=IGN)
+    assert float(got) == pytest.approx(float(unscaled), rel=1e-3)  # each layer's scale is normalised away
+
+
+def test_routing_feature_and_load_balance_match_reference():
+    lab = labels_for()
+    teacher = [hidden(10), hidden(11), hidden(12)]
+    student = [hidden(13), hidden(14)]
+    gates = torch.softmax(torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=D64), -1).requires_grad_(True)
+    got, _ = routing_feature_loss(student, teacher, gates, lab, ignore_index=IGN)
+    total = 0.0
+    for li, s in enumerate(student):
+        for i in range(2):
+            for p in range(4):
+                if lab[i, p + 1] == IGN:
+                    continue
+                mix = [sum(float(gates[li, j]) * ref_layernorm(teacher[j][i, p].tolist())[d] for j in range(3)) for d in range(4)]
+                a = ref_layernorm(s[i, p].tolist())
+                total += sum((x - y) ** 2 for x, y in zip(a, mix)) / 4
+    assert float(got) == pytest.approx(total / 2, rel=1e-9)
+    assert torch.autograd.gradcheck(lambda g: routing_feature_loss(student, teacher, g, lab)[0], (gates,))
+    uniform = torch.full((4, 3), 1 / 3, dtype=D64)
+    assert float(load_balance_loss(uniform)[0]) == pytest.approx(1.0)
+    collapsed = torch.tensor([[0.98, 0.01, 0.01]] * 4, dtype=D64)
+    assert float(load_balance_loss(collapsed)[0]) == pytest.approx(3 * 0.98)
+    assert torch.autograd.gradcheck(lambda g: load_balance_loss(torch.softmax(g, -1))[0], (torch.randn(4, 3, dtype=D64, requires_grad=True),))
+
+
+def test_contrastive_matches_reference():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(3, 5, generator=g, dtype=D64), torch.randn(3, 5, generator=g, dtype=D64)
+    valid = torch.tensor([True, False, True])
+    got, m = info_nce(s, t, temperature=0.2, valid=valid)
+    total = 0.0
+    norm = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]
+    for i in range(3):
+        if not valid[i]:
+            continue
+        row = [sum(a * b for a, b in zip(norm(s[i].tolist()), norm(t[j].tolist()))) / 0.2 for j in range(3)]
+        total += -row[i] + math.log(sum(math.exp(x) for x in row))
+    assert m["count"] == 2 and float(got) == pytest.approx(total, rel=1e-9)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: info_nce(x, t, temperature=0.2, valid=valid)[0], (s,))
+    pooled = mean_pool(hidden(1), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))
+    assert torch.allclose(pooled[0], hidden(1)[0, :2].mean(0))
+
+
+# ------------------------------------------------------------------ attention
+
+def qk(seed, b=2, h=4, hk=2, s=6, d=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, s, d, generator=g, dtype=D64), torch.randn(b, hk, s, d, generator=g, dtype=D64)
+
+
+def ref_head_avg(q, k):
+    """[B, S, S] head-averaged causal attention, by explicit loops (GQA: query head h uses key head h // group)."""
+    b, h, s, d = q.shape
+    group = h // k.size(1)
+    out = torch.zeros(b, s, s, dtype=D64)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(s):
+                sc = [float(q[bi, hi, i] @ k[bi, hi // group, j]) / math.sqrt(d) for j in range(i + 1)]
+                m = max(sc)
+                e = [math.exp(x - m) for x in sc]
+                for j in range(i + 1):
+                    out[bi, i, j] += e[j] / sum(e) / h
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_attention_matches_reference_with_gqa_and_different_head_counts(chunk):
+    (qs, ks), (qt, kt) = qk(1, h=2, hk=1), qk(2, h=4, hk=2)  # student 2 heads / 1 kv; teacher 4 / 2
+    lab = labels_for(s=6, masked=((1, 3),))
+    got, m = attention_loss([((qs, ks), (qt, kt))], lab, ignore_index=IGN, chunk=chunk)
+    ps, pt = ref_head_avg(qs, ks), ref_head_avg(qt, kt)
+    total = 0.0
+    for bi in range(2):
+        for i in range(5):
+            if lab[bi, i + 1] == IGN:
+                continue
+            total += sum(float(pt[bi, i, j]) * math.log(float(pt[bi, i, j]) / float(ps[bi, i, j])) for j in range(i + 1))
+    assert m["count"] == 9 and float(got) == pytest.approx(total, rel=1e-9)
+    qs.requires_grad_(True)
+    ks.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: attention_loss([((a, b), (qt, kt))], lab, chunk=chunk)[0], (qs, ks))
+
+
+def test_routing_attention_alignment_matches_reference():
+    (qs, ks) = qk(1, h=2, hk=1, s=4)
+    teachers = [qk(10 + j, s=4) for j in range(3)]
+    lab = labels_for(s=4, masked=())
+    gates = torch.softmax(torch.randn(1, 3, generator=torch.Generator().manual_seed(2), dtype=D64), -1).requires_grad_(True)
+    got, _ = routing_attention_loss([(qs, ks)], teachers, gates, lab, chunk=2)
+    ps = ref_head_avg(qs, ks)
+    pts = [ref_head_avg(q, k) for q, k in teachers]
+    total = 0.0
+    for bi in range(2):
+        for i in range(3):
+            for j in range(i + 1):
+                mix = sum(float(gates[0, t]) * float(pts[t][bi, i, j]) for t in range(3))
+                total += mix * math.log(mix / float(ps[bi, i, j]))
+    assert float(got) == pytest.approx(total, rel=1e-9)
+    assert torch.autograd.gradcheck(lambda g: routing_attention_loss([(qs, ks)], teachers, g, lab, chunk=2)[0], (gates,))
+
+
+def _tiny(kind: str, attn: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(**common) if kind == "llama" else Qwen3Config(head_dim=8, **common)
+    cfg._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).double().eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_captured_attention_equals_eager_attention_while_running_sdpa(kind):
+    sdpa = _tiny(kind, "sdpa")
+    eager = _tiny(kind, "eager")
+    eager.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    cap = QKCapture(sdpa, [1, 2])
+    with torch.no_grad():
+        out_sdpa = sdpa(input_ids=ids)
+        out_eager = eager(input_ids=ids, output_attentions=True)
+    assert sdpa.config._attn_implementation == "sdpa"
+    assert torch.allclose(out_sdpa.logits, out_eager.logits, atol=1e-8)
+    captured = cap.collect()
+    for layer in (1, 2):
+        q, k = captured[layer]
+        ours = head_avg_log_probs(q, k, 0, 12).exp()
+        reference = out_eager.attentions[layer - 1].mean(1)
+        assert torch.allclose(ours, reference, atol=1e-10), (kind, layer)
