@@ -35,6 +35,14 @@ def _cmd_demo(args) -> int:
     return run_demo(run_dir=Path(args.run_dir), steps=args.steps, nprocs=args.nprocs)
 
 
+def _cmd_export(args) -> int:
+    from dsdistill.export import export
+
+    out = export(args.run_dir, args.out, tag=args.tag, dtype=args.dtype)
+    print(f"exported the student to {out} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsdistill", description="Distil a frozen teacher LLM into a student with DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     d.add_argument("--nprocs", type=int, default=2, help="ranks launched by the DeepSpeed launcher (default 2)")
     d.set_defaults(func=_cmd_demo)
+    x = sub.add_parser("export", help="write the trained student as a Hugging Face model (any ZeRO stage)")
+    x.add_argument("run_dir", help="run directory with checkpoints")
+    x.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    x.add_argument("--tag", default=None, help="checkpoint tag, e.g. step400 (default: latest)")
+    x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

@@ -148,6 +148,9 @@ class TrainConfig(_Strict):
     """Seed for initialisation, data order and sampling."""
     grad_clip: Optional[float] = Field(1.0, gt=0)
     """Global gradient-norm clip (None disables)."""
+    max_bad_steps: int = Field(5, ge=1)
+    """Stop the run after this many consecutive optimizer steps with a non-finite loss or gradient (each
+    such step is skipped, weights untouched)."""
     stop_at_step: Optional[int] = Field(None, ge=1)
     """End this launch after this optimizer step, with a checkpoint, without changing the schedule (for
     time-boxed sessions such as notebooks); the next launch resumes."""
@@ -215,6 +218,8 @@ class CheckpointConfig(_Strict):
     """Save when the run ends (completed or early-stopped)."""
     keep_last: int = Field(3, ge=1)
     """Checkpoints kept in `<run_dir>/checkpoints`; older ones are deleted after a successful save."""
+    keep_best: bool = True
+    """Also keep a checkpoint of the best eval (by eval.early_stopping.metric); never pruned."""
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the run directory's latest checkpoint if there is one; never: start fresh."""
 

@@ -160,8 +160,8 @@ def resolve_student(
         del f.data["gradient_clipping"]
     _fill_precision(f, precision_of(cfg))
     stage = zero_stage(f.data)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{field}: zero_optimization.stage={stage}; expected 0, 1, 2 or 3")
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{field}: zero_optimization.stage={stage}; expected 1, 2 or 3 (the non-finite step guard relies on ZeRO's gradient check)")
     opt = f.data.get("optimizer")
     if isinstance(opt, dict):
         params = opt.setdefault("params", {})

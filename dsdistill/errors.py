@@ -23,3 +23,14 @@ class ModelError(DistillError):
 def one_line(text: str) -> str:
     """Collapse whitespace so a message always prints on one line."""
     return " ".join(str(text).split())
+
+
+def first_sentence(err: BaseException, limit: int = 200) -> str:
+    """`Type: first sentence` of a library exception, for embedding in a one-line message."""
+    text = one_line(str(err))
+    cut = text.find(". ")
+    if cut != -1:
+        text = text[: cut + 1]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"

@@ -140,23 +140,65 @@ def _progress_bar(run: Run):
                 disable=run.rank != 0 or not sys.stderr.isatty())
 
 
+EXIT_PREEMPTED = 75
+"""Exit status after SIGTERM/SIGINT: the step in flight finished and a checkpoint was saved (resumable)."""
+
+
+class StopRequest:
+    """First SIGTERM/SIGINT: finish the current optimizer step, save, stop. Second: exit at once."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self._previous = {}
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, _frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            print(f"dsdistill: second {name}: exiting now without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = name
+        print(f"dsdistill: {name} received: finishing this optimizer step, then saving a checkpoint "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run a whole distillation; returns a summary (rank 0's numbers; other ranks get the same).
 
     A run that fails or is interrupted after the metrics stream opened still gets its run_end record."""
     run = setup(cfg)
+    stop = StopRequest()
+    stop.install()
     try:
-        return _train_loop(run)
+        return _train_loop(run, stop)
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         run.writer.write(RunEnd(step=run.student.global_steps, reason="interrupted" if interrupted else "error",
                                 message=f"{type(e).__name__}: {e}"[:500]))
         raise
     finally:
+        stop.uninstall()
         run.writer.close()
 
 
-def _train_loop(run: Run) -> dict[str, Any]:
+def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
     cfg = run.cfg
     student, teacher, cur = run.student, run.teacher, run.curriculum
     total, gas, world = run.total_steps, cfg.train.grad_accum, run.world
@@ -195,6 +237,7 @@ def _train_loop(run: Run) -> dict[str, Any]:
     interval_tokens, interval_start = 0, time.perf_counter()
     warned_zero_lr = False
     skipped_seen = int(getattr(student, "skipped_steps", 0))
+    bad_in_a_row = 0
     last_eval: Optional[EvalResult] = None
     reason = "completed"
     batches = iter(run.stream)
@@ -202,7 +245,10 @@ def _train_loop(run: Run) -> dict[str, Any]:
     def run_eval() -> bool:
         nonlocal last_eval
         last_eval = evaluate(run, step=student.global_steps)
+        best_before = stopper.best
         stop = stopper.update(last_eval)
+        if cfg.checkpoint.keep_best and student.global_steps > 0 and stopper.best != best_before:
+            save(mark_best=True)
         erec = _eval_record(last_eval, teacher_ppl, stopper)
         run.writer.write(erec)
         if run.rank == 0:
@@ -210,9 +256,9 @@ def _train_loop(run: Run) -> dict[str, Any]:
             sys.stdout.flush()
         return stop
 
-    def save() -> None:
+    def save(mark_best: bool = False) -> None:
         state = {"stream": run.stream.state(), "early_stopping": stopper.state(), "tokens_seen": tokens_seen}
-        checkpoint.save(student, run.run_dir, state=state, keep_last=cfg.checkpoint.keep_last)
+        checkpoint.save(student, run.run_dir, state=state, keep_last=cfg.checkpoint.keep_last, mark_best=mark_best)
 
     bar = _progress_bar(run)
     bar.update(student.global_steps)
@@ -234,6 +280,7 @@ def _train_loop(run: Run) -> dict[str, Any]:
         acc = {n: 0.0 for n in names}
         acc_kl = 0.0
         usage = None
+        nonfinite_loss = False
         lr_used = float("nan")
         for mb in window:
             ids = mb["input_ids"].to(student.device)
@@ -243,6 +290,10 @@ def _train_loop(run: Run) -> dict[str, Any]:
             # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
             # the token-weighted objective of the whole window on all ranks.
             loss = weighted_sum(sums, weights=weights, normalizers=normalizers) * (gas * world)
+            if not torch.isfinite(loss):
+                # make the gradients non-finite too, so ZeRO's global check skips this update on every rank
+                nonfinite_loss = True
+                loss = loss * float("nan")
             student.backward(loss)
             if student.is_gradient_accumulation_boundary():
                 lr_used = current_lr(student)  # what optimizer.step() below applies
@@ -253,7 +304,9 @@ def _train_loop(run: Run) -> dict[str, Any]:
                 acc_kl += float(sums.extras["kd_kl"])
             usage = sums.extras.get("gate_usage", usage)
             del out, sums, loss
-        reduced = _all_reduce([acc[n] for n in names] + [acc_kl])
+        reduced = _all_reduce([acc[n] for n in names] + [acc_kl, float(nonfinite_loss), float(stop.signal is not None)])
+        stop_requested = reduced.pop() > 0  # every rank stops after the same step
+        any_nonfinite = reduced.pop() > 0
         losses = {n: reduced[i] / max(normalizers[n], 1.0) for i, n in enumerate(names)}
         objective = objective_value(losses, weights)
         step_tokens = sum(mb["input_ids"].numel() for mb in window) * world
@@ -262,11 +315,26 @@ def _train_loop(run: Run) -> dict[str, Any]:
         done = student.global_steps
         bar.update(1)
         skipped = int(getattr(student, "skipped_steps", 0))
-        if skipped > skipped_seen:
-            msg = (f"DeepSpeed skipped optimizer step {step} (non-finite gradients"
-                   f"{' or fp16 loss-scale overflow' if run.precision == 'fp16' else ''}); {skipped} skipped so far")
-            run.writer.write(AlertRecord(step=step, level="info" if run.precision == "fp16" else "warning", code="step_skipped", message=msg))
-            skipped_seen = skipped
+        was_skipped = skipped > skipped_seen
+        skipped_seen = skipped
+        overflow_only = run.precision == "fp16" and not any_nonfinite  # fp16 loss scaling skips steps by design
+        if was_skipped and overflow_only:
+            run.writer.write(AlertRecord(step=step, level="info", code="step_skipped",
+                                         message=f"fp16 loss-scale overflow: DeepSpeed skipped optimizer step {step}"))
+        elif any_nonfinite or was_skipped:
+            bad_in_a_row += 1
+            what = "loss" if any_nonfinite else "gradients"
+            msg = (f"non-finite {what} at optimizer step {step}: the update was skipped, weights untouched "
+                   f"({bad_in_a_row} in a row; the run stops at {cfg.train.max_bad_steps})")
+            run.writer.write(AlertRecord(step=step, level="error", code="nonfinite_step", message=msg))
+            _say(run.rank, f"warning: {msg}")
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                last_good = checkpoint.latest_tag(run.run_dir)
+                raise DistillError(f"train.max_bad_steps: {bad_in_a_row} consecutive optimizer steps had a non-finite {what} "
+                                   f"(last at step {step}); stopped. Latest checkpoint: "
+                                   f"{checkpoint.checkpoint_dir(run.run_dir) / last_good if last_good else 'none'}")
+        else:
+            bad_in_a_row = 0
 
         if step == 0 and lr_used == 0.0 and not warned_zero_lr:
             warned_zero_lr = True
@@ -305,11 +373,16 @@ def _train_loop(run: Run) -> dict[str, Any]:
             reason = "paused"
             _say(run.rank, f"stopping at optimizer step {done} (train.stop_at_step); relaunch to resume")
             break
+        if stop_requested and done < total:
+            reason = "interrupted"
+            _say(run.rank, f"stopping at optimizer step {done} on {stop.signal or 'a signal on another rank'}; saving a checkpoint")
+            break
     bar.close()
 
-    if (cfg.checkpoint.save_final or reason == "paused") and checkpoint.latest_tag(run.run_dir) != f"step{student.global_steps}":
+    if (cfg.checkpoint.save_final or reason in ("paused", "interrupted")) and checkpoint.latest_tag(run.run_dir) != f"step{student.global_steps}":
         save()
-    run.writer.write(RunEnd(step=student.global_steps, reason=reason, best=stopper.best))
+    message = f"{stop.signal or 'signal'} received; checkpoint at step {student.global_steps}; relaunch to resume" if reason == "interrupted" else ""
+    run.writer.write(RunEnd(step=student.global_steps, reason=reason, best=stopper.best, message=message))
     return {
         "steps": student.global_steps,
         "total_steps": total,
@@ -364,11 +437,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg)
+        summary = train(cfg)
     except DistillError as e:
         report_error(e)
         return e.exit_code
-    return 0
+    return EXIT_PREEMPTED if summary["reason"] == "interrupted" else 0
 
 
 if __name__ == "__main__":

@@ -21,3 +21,12 @@ info = {
     "teacher_training_mode": run.teacher.module.training,
 }
 Path(run.run_dir, f"probe-rank{run.rank}.json").write_text(json.dumps(info))
+# the engine's logits on a fixed batch (every rank takes part in a ZeRO-3 forward), for the export check
+import torch
+
+ids = torch.stack([run.splits.eval[i]["input_ids"] for i in range(2)])
+run.student.eval()
+with torch.no_grad():
+    logits = run.student(input_ids=ids)["logits"]
+if run.rank == 0:
+    torch.save({"ids": ids, "logits": logits}, Path(run.run_dir, "probe_logits.pt"))

@@ -113,7 +113,7 @@ def test_ds_user_values_kept_and_conflicts_named(make_config, tmp_path):
     "student, teacher, message",
     [
         ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, None, "deepspeed.student: train.precision='fp32' but bf16.enabled is true"),
-        ({"zero_optimization": {"stage": 7}}, None, "zero_optimization.stage=7; expected 0, 1, 2 or 3"),
+        ({"zero_optimization": {"stage": 7}}, None, "zero_optimization.stage=7; expected 1, 2 or 3"),
         ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}, None, "zero_optimization.allgather_bucket_size is \"auto\" but dsdistill has no run-config value"),
         (None, {"zero_optimization": {"stage": 2}}, "deepspeed.teacher: zero_optimization.stage=2; the teacher engine must be stage 3"),
         (None, {"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}, "deepspeed.teacher: has an 'optimizer' block"),

@@ -77,6 +77,16 @@ def test_two_rank_zero3_teacher_and_student_with_every_component(make_config, tm
     assert state["aux.router.logits"].shape == (2, 3) and "aux.router.cond.weight" in state
     assert state["aux.feature.0.weight"].shape == (64, 32) and "aux.contrastive_teacher.weight" in state
     assert len([k for k in state if k.startswith("aux.layerwise.")]) == 2 and "model.lm_head.weight" in state
+    # export consolidates the two ranks' shards into a plain HF model with the engine's logits
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsdistill.export import export
+
+    probe = torch.load(run_dir / "probe_logits.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(export(run_dir, tmp_path / "exported")).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=probe["ids"]).logits, probe["logits"], atol=1e-5)
     # rank 0 alone prints the log lines
     assert proc.stdout.count("eval @ step 10") == 1
 

@@ -1,0 +1,255 @@
+"""Preemption, the non-finite step guard, atomic/best checkpoints, export, and damaged input on disk."""
+import contextlib
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dsdistill import checkpoint
+from dsdistill.config import validate
+from dsdistill.errors import DistillError
+from dsdistill.export import export
+from dsdistill.schema import METRICS_FILE, AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord, parse_line
+from dsdistill.train import EXIT_PREEMPTED, train
+
+TRAIN_PY = Path(__file__).resolve().parent.parent / "dsdistill" / "train.py"
+
+
+def records(run_dir):
+    return [parse_line(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines()]
+
+
+def quiet_train(cfg):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train(validate(cfg))
+
+
+def start_script(cfg: dict, tmp_path: Path, preexec=None) -> subprocess.Popen:
+    path = tmp_path / f"run-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # this pytest process's own world
+        env.pop(key, None)
+    return subprocess.Popen([sys.executable, str(TRAIN_PY), "--config", str(path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+
+
+def wait_for_train_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout=120):
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        f = run_dir / METRICS_FILE
+        if f.exists() and sum('"kind":"train"' in line for line in f.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read()[-3000:])
+        time.sleep(0.1)
+    raise AssertionError("no train records in time")
+
+
+# ------------------------------------------------------------------ preemption
+
+def test_sigterm_finishes_the_step_saves_and_exits_resumably(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 400}, eval={"every": 0, "max_batches": 1})
+    run_dir = Path(cfg["output"]["run_dir"])
+    proc = start_script(cfg, tmp_path)
+    wait_for_train_records(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "SIGTERM received: finishing this optimizer step" in err
+    recs = records(run_dir)
+    end = recs[-1]
+    assert isinstance(end, RunEnd) and end.reason == "interrupted" and "SIGTERM" in end.message
+    last = [r for r in recs if isinstance(r, TrainRecord)][-1]
+    assert end.step == last.step + 1 and checkpoint.latest_tag(run_dir) == f"step{end.step}"
+    # relaunch continues from that step
+    again = start_script({**cfg, "train": {**cfg["train"], "max_steps": end.step + 2}}, tmp_path)
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err[-2000:]
+    recs = records(run_dir)
+    assert [r.step for r in recs if isinstance(r, RunStart)][-1] == end.step
+    assert [r.step for r in recs if isinstance(r, TrainRecord)][-2:] == [end.step, end.step + 1]
+
+
+def test_second_signal_exits_at_once(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 400}, eval={"every": 0, "max_batches": 1})
+    proc = start_script(cfg, tmp_path)
+    wait_for_train_records(Path(cfg["output"]["run_dir"]), 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    # both signals were pending together; Python runs their handlers in signal-number order
+    second = "SIGTERM" if "second SIGTERM" in err else "SIGINT"
+    assert f"second {second}: exiting now without saving" in err
+    assert proc.returncode == 128 + getattr(signal, second)
+
+
+# ------------------------------------------------------------------ non-finite guard
+
+class NaNLogits:
+    """Fault injection through PyTorch's public global forward hook: the student's logits become NaN on
+    chosen forward calls (student = the model with hidden size 32), and the weights are recorded."""
+
+    def __init__(self, bad_calls):
+        self.bad_calls = set(bad_calls)
+        self.calls = 0
+        self.weights_at_call = {}
+
+    def __call__(self, module, args, output):
+        if type(module).__name__ != "LlamaForCausalLM" or module.config.hidden_size != 32 or not module.training:
+            return output
+        self.weights_at_call[self.calls] = module.lm_head.weight.detach().clone()
+        bad = self.calls in self.bad_calls
+        self.calls += 1
+        if bad:
+            output.logits = output.logits * float("nan")
+        return output
+
+
+def test_one_nonfinite_step_is_skipped_with_weights_untouched(make_config):
+    hook = NaNLogits(bad_calls={2})  # grad_accum 1: forward call i is optimizer step i
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        summary = quiet_train(make_config(train={"max_steps": 5, "max_bad_steps": 2}, eval={"every": 0, "max_batches": 1}))
+    finally:
+        handle.remove()
+    assert summary["reason"] == "completed" and summary["steps"] == 5
+    assert torch.equal(hook.weights_at_call[2], hook.weights_at_call[3])  # the bad step changed nothing
+    assert not torch.equal(hook.weights_at_call[1], hook.weights_at_call[2])  # good steps do change weights
+    recs = records(summary["run_dir"])
+    alerts = [r for r in recs if isinstance(r, AlertRecord) and r.code == "nonfinite_step"]
+    assert [a.step for a in alerts] == [2] and "weights untouched" in alerts[0].message
+    trains = {r.step: r for r in recs if isinstance(r, TrainRecord)}
+    assert trains[2].losses["kd"] != trains[2].losses["kd"]  # NaN is logged as it was
+    assert all(v == v for s in (1, 3, 4) for v in trains[s].losses.values())
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(make_config):
+    hook = NaNLogits(bad_calls=range(1, 100))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with pytest.raises(DistillError) as e:
+            quiet_train(make_config(train={"max_steps": 10, "max_bad_steps": 3}, eval={"every": 0, "max_batches": 1}))
+    finally:
+        handle.remove()
+    assert str(e.value).startswith("train.max_bad_steps: 3 consecutive optimizer steps had a non-finite loss (last at step 3); stopped.")
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ checkpoints: best, atomic, damaged
+
+def test_best_checkpoint_is_kept_and_partial_saves_never_published(make_config, tmp_path):
+    summary = quiet_train(make_config(train={"max_steps": 6}, optimizer={"lr": 3e-3}, eval={"every": 2, "max_batches": 1},
+                                      checkpoint={"every": 1, "keep_last": 1, "save_final": True}))
+    run_dir = Path(summary["run_dir"])
+    evals = [r for r in records(run_dir) if isinstance(r, EvalRecord) and r.step > 0]
+    best = min(evals, key=lambda e: e.ppl)
+    assert checkpoint.best_tag(run_dir) == f"step{best.step}"
+    kept = sorted(p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir() if p.is_dir())
+    assert kept == sorted({f"step{best.step}", "step6"})  # keep_last 1 plus the best
+    assert not list(checkpoint.checkpoint_dir(run_dir).glob(".*partial"))
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 2}, eval={"every": 0, "max_batches": 1}, checkpoint={"save_final": True})
+    quiet_train(cfg)
+    run_dir = Path(cfg["output"]["run_dir"])
+    assert checkpoint.latest_tag(run_dir) == "step2"
+    metrics_before = (run_dir / METRICS_FILE).read_text()
+    files_before = {p: p.read_bytes() for p in (checkpoint.checkpoint_dir(run_dir) / "step2").rglob("*") if p.is_file()}
+    # resume to step 4 with every file capped below a checkpoint's size: the save at the end must fail
+    proc = start_script({**cfg, "train": {**cfg["train"], "max_steps": 4}}, tmp_path, preexec=_limit_file_size(60_000))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("dsdistill: error: checkpoint: writing step4 to") and "'latest' are intact" in line
+    assert checkpoint.latest_tag(run_dir) == "step2" and not list(checkpoint.checkpoint_dir(run_dir).glob(".*partial"))
+    assert all(p.read_bytes() == b for p, b in files_before.items())  # the previous checkpoint is untouched
+    after = (run_dir / METRICS_FILE).read_text()
+    assert after.startswith(metrics_before)  # earlier records intact; the failed run appended its own
+    assert isinstance(records(run_dir)[-1], RunEnd) and records(run_dir)[-1].reason == "error"
+
+
+def test_corrupt_checkpoint_is_a_one_line_error_and_damages_nothing(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 2}, eval={"every": 0, "max_batches": 1}, checkpoint={"save_final": True})
+    quiet_train(cfg)
+    run_dir = Path(cfg["output"]["run_dir"])
+    states = next((checkpoint.checkpoint_dir(run_dir) / "step2").glob("mp_rank_*_model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])
+    metrics_before = (run_dir / METRICS_FILE).read_text()
+    with pytest.raises(DistillError) as e:
+        quiet_train({**cfg, "train": {**cfg["train"], "max_steps": 4}})
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint: '{checkpoint.checkpoint_dir(run_dir) / 'step2'}' cannot be read") and "\n" not in msg
+    assert msg.endswith("or set checkpoint.resume: never") and "(RuntimeError: PytorchStreamReader failed" in msg
+    assert (run_dir / METRICS_FILE).read_text().startswith(metrics_before)  # earlier records intact
+    end = records(run_dir)[-1]
+    assert isinstance(end, RunEnd) and end.reason == "error" and "cannot be read" in end.message
+    assert checkpoint.latest_tag(run_dir) == "step2"
+
+
+def test_trainer_appends_after_garbage_lines_and_monitor_skips_them(make_config, tmp_path):
+    from monitor.app import load_states
+
+    cfg = make_config(train={"max_steps": 2}, eval={"every": 0, "max_batches": 1})
+    run_dir = Path(cfg["output"]["run_dir"])
+    run_dir.mkdir(parents=True)
+    (run_dir / METRICS_FILE).write_text("not json\n{\"kind\": \"train\"}\n\x00\x01 binary")  # no final newline
+    quiet_train(cfg)
+    state = load_states([str(run_dir)])[0]
+    assert state.end is not None and state.end.reason == "completed" and len(state.train["objective"]) == 2
+    assert state.corrupt >= 2
+
+
+# ------------------------------------------------------------------ export
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_loads_with_from_pretrained_and_matches_the_engine(make_config, tmp_path, stage):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = make_config(train={"max_steps": 3}, eval={"every": 0, "max_batches": 1}, checkpoint={"save_final": True},
+                      deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                             "zero_optimization": {"stage": stage}}})
+    summary = quiet_train(cfg)
+    engine = summary["run"].student
+    ids = torch.stack([summary["run"].splits.eval[i]["input_ids"] for i in range(2)])
+    engine.eval()
+    with torch.no_grad():
+        expected = engine(input_ids=ids)["logits"]
+    out = export(summary["run_dir"], tmp_path / "exported")
+    files = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "aux" in k or "router" in k]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == summary["run"].tokenizer.get_vocab()
+    with pytest.raises(DistillError, match="exists and is not an empty directory"):
+        export(summary["run_dir"], out)
+
+
+def test_export_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dsdistill", "export", str(tmp_path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"dsdistill: error: export: '{tmp_path}' has no config.yaml; expected a dsdistill run directory"
