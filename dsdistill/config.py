@@ -93,6 +93,15 @@ class LossConfig(_Strict):
     """Use the other ranks' teacher embeddings as extra negatives."""
     router_conditioned: bool = False
     """Condition each student layer's router gates on its mean-pooled hidden state."""
+    fused_logits: bool = True
+    """KD and LM from final hidden states and lm_head weights in chunks, never materialising full
+    [tokens, vocab] logits (falls back to plain logits for models that transform their logits)."""
+    fused_chunk: Optional[int] = Field(None, ge=1)
+    """Rows per fused chunk; default: sized from vocab so one chunk stays near `fused_chunk_mib`."""
+    fused_chunk_mib: int = Field(256, ge=1)
+    """Memory target of one fused chunk's logits and intermediates, MiB."""
+    fused_compile: bool = False
+    """torch.compile the fused chunk math on CUDA (ignored on CPU)."""
 
 
 class OptimizerConfig(_Strict):

@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 
 from dsdistill.data import eval_batches
+from dsdistill.heads import full_weight
 from dsdistill.losses import lm_loss
+from dsdistill.losses.fused import fused_kd_lm
 from dsdistill.objective import component_sums, forward_pair, objective_value
 
 
@@ -59,11 +61,12 @@ def evaluate(run, *, step: int) -> EvalResult:
     student = run.student
     was_training = student.module.training
     student.eval()
+    t_weight = full_weight(run.teacher_head_weight) if run.fused and "kd" in names else None
     try:
         for batch in _batches(run):
             ids = batch["input_ids"].to(student.device)
             labels = batch["labels"].to(student.device)
-            out = forward_pair(run, ids, labels)
+            out = forward_pair(run, ids, labels, temperature=temperature, teacher_weight=t_weight, want_lm=True)
             part = component_sums(names, out, temperature=temperature, loss_cfg=run.cfg.loss, plan=run.layers)
             for n in names:
                 sums[n] += float(part.sums[n])
@@ -92,12 +95,22 @@ def evaluate(run, *, step: int) -> EvalResult:
 def teacher_perplexity(run) -> float:
     """exp of the teacher's token-weighted LM cross-entropy on the eval split (computed once per run)."""
     total, count = 0.0, 0
+    t_weight = full_weight(run.teacher_head_weight) if run.fused else None
     for batch in _batches(run):
         ids = batch["input_ids"].to(run.teacher.device)
-        logits = run.teacher(input_ids=ids).logits[..., : run.vocab]
+        labels = batch["labels"].to(ids.device)
+        out = run.teacher(input_ids=ids).logits  # the final hidden state on the fused path
         if run.teacher_capture is not None:
             run.teacher_capture.collect()  # drop what the hooks kept
-        s, m = lm_loss(logits, batch["labels"].to(logits.device), ignore_index=run.cfg.loss.ignore_index)
+        if run.fused:
+            from dsdistill.objective import kd_options
+
+            _, m = fused_kd_lm(out, t_weight[: run.vocab], None, None, labels, coef_kd=0.0, coef_lm=0.0,
+                               options=kd_options(run, temperature=1.0, want_kd=False, want_lm=True),
+                               ignore_index=run.cfg.loss.ignore_index)
+            s = m["lm"]
+        else:
+            s, m = lm_loss(out[..., : run.vocab], labels, ignore_index=run.cfg.loss.ignore_index)
         total += float(s)
         count += m["count"]
     total, count = _all_reduce_sum([total, float(count)])

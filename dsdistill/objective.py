@@ -32,6 +32,8 @@ class Sums:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    fused: Optional[torch.Tensor] = None
+    """Fused path: the differentiable coef-weighted KD+LM scalar (kd/lm `sums` are then detached values)."""
 
 
 @dataclass
@@ -62,9 +64,26 @@ def unit_counts(labels: torch.Tensor, ignore_index: int) -> dict[str, int]:
     return {"token": int(mask.sum()), "sequence": int(mask.any(1).sum()), "layer": int(bool(mask.any()))}
 
 
-def forward_pair(run, input_ids: torch.Tensor, labels: torch.Tensor) -> Outputs:
+def kd_options(run, *, temperature: float, want_kd: bool, want_lm: bool):
+    """Fused-loss options for this run (chunk sized from vocab unless set)."""
+    from dsdistill.losses.fused import KDOptions, auto_chunk
+
+    c = run.cfg.loss
+    chunk = c.fused_chunk or auto_chunk(run.vocab, run.student_config.hidden_size, budget_bytes=c.fused_chunk_mib << 20)
+    return KDOptions(temperature=temperature, divergence=c.kd_divergence, beta=c.kd_beta, alpha=c.kd_alpha, top_k=c.kd_top_k,
+                     top_k_rest=c.kd_top_k_rest, chunk=chunk, want_kd=want_kd, want_lm=want_lm, compile=c.fused_compile)
+
+
+def forward_pair(run, input_ids: torch.Tensor, labels: torch.Tensor, *, temperature: float,
+                 coef_kd: float = 0.0, coef_lm: float = 0.0, teacher_weight: Optional[torch.Tensor] = None,
+                 want_lm: bool = False) -> Outputs:
     """Teacher forward (no grad) then student forward for one micro-batch, with whatever the run's active
-    components need (hidden states, captured attention, pooled teacher states)."""
+    components need (hidden states, captured attention, pooled teacher states).
+
+    On the fused path the teacher stops at its final hidden state and KD+LM run chunked inside the
+    student's head: `coef_kd`/`coef_lm` weight their gradient, `teacher_weight` is the teacher's full
+    lm_head weight (gathered once per step by the caller) and `want_lm` forces the LM sums (eval).
+    `temperature` is required (the curriculum's, at the caller's step): on the fused path KD runs here."""
     names = set(run.components)
     ignore = run.cfg.loss.ignore_index
     need_hidden = bool(names & TEACHER_HIDDEN)
@@ -74,9 +93,24 @@ def forward_pair(run, input_ids: torch.Tensor, labels: torch.Tensor) -> Outputs:
         t_hidden = t_out.hidden_states if need_hidden else None
         t_qk = run.teacher_capture.collect() if run.teacher_capture is not None else {}
         pooled = mean_pool(t_hidden[-1].float(), valid).to(t_hidden[-1].dtype) if "contrastive" in names else None
-    s_out = run.student(input_ids=input_ids, valid=valid, teacher_pooled=pooled)
+    fused = None
+    if run.fused:
+        from dsdistill.heads import FusedArgs
+
+        want_kd = "kd" in names
+        if want_kd and teacher_weight is None:  # callers in a loop gather it once per step and pass it in
+            from dsdistill.heads import full_weight
+
+            teacher_weight = full_weight(run.teacher_head_weight)
+        options = kd_options(run, temperature=temperature, want_kd=want_kd, want_lm=want_lm or "lm" in names)
+        fused = FusedArgs(labels=labels, teacher_hidden=t_out.logits if want_kd else None,
+                          teacher_weight=teacher_weight if want_kd else None, coef_kd=coef_kd, coef_lm=coef_lm,
+                          options=options, vocab=run.vocab, ignore_index=ignore)
+    s_out = run.student(input_ids=input_ids, valid=valid, teacher_pooled=pooled, fused=fused)
     s_qk = run.student_capture.collect() if run.student_capture is not None else {}
-    s_out["logits"], t_logits = align_vocab(s_out["logits"], t_out.logits, run.vocab)
+    t_logits = None
+    if not run.fused:
+        s_out["logits"], t_logits = align_vocab(s_out["logits"], t_out.logits, run.vocab)
     return Outputs(labels=labels, student=s_out, teacher_logits=t_logits, teacher_hidden=t_hidden, s_qk=s_qk, t_qk=t_qk)
 
 
@@ -91,6 +125,9 @@ def _gather_teachers(t_emb: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _one(name: str, out: Outputs, *, temperature: float, cfg: LossConfig, plan: LayerPlan):
     labels, s = out.labels, out.student
     ign = cfg.ignore_index
+    if "fused" in s and name in ("kd", "lm"):
+        _, m = s["fused"]
+        return m[name], {"count": m["count"], "kl": m["kl"]}
     if name == "kd":
         return kd_loss(s["logits"], out.teacher_logits, labels, temperature=temperature, ignore_index=ign, top_k=cfg.kd_top_k,
                        top_k_rest=cfg.kd_top_k_rest, divergence_kind=cfg.kd_divergence, beta=cfg.kd_beta, alpha=cfg.kd_alpha)
@@ -143,12 +180,18 @@ def component_sums(names, out: Outputs, *, temperature: float, loss_cfg: LossCon
             result.extras["kd_kl"] = m["kl"]
     if "gates" in out.student:
         result.extras["gate_usage"] = gate_usage(out.student["gates"])
+    if "fused" in out.student:
+        result.fused = out.student["fused"][0]
     return result
 
 
 def weighted_sum(sums: Sums, *, weights: dict[str, float], normalizers: dict[str, float]) -> torch.Tensor:
     """sum_c w_c * sum_c / N_c: this micro-batch's share of the window objective (differentiable)."""
     terms = [sums.sums[n] * (weights[n] / max(normalizers[n], 1)) for n in sums.sums if weights.get(n, 0.0) != 0.0]
+    if sums.fused is not None:
+        # fused KD/LM: the value comes from their exact sums above; the gradient from the fused scalar,
+        # whose coefficients the caller set to the same weight / normaliser (its value is added as 0)
+        terms.append(sums.fused - sums.fused.detach())
     if not terms:
         return next(iter(sums.sums.values())) * 0.0
     total = terms[0]

@@ -15,6 +15,7 @@ from torch import nn
 
 from dsdistill.config import LossConfig
 from dsdistill.errors import ConfigError
+from dsdistill.heads import FusedArgs, SwitchHead
 from dsdistill.losses.contrastive import mean_pool
 
 HIDDEN_COMPONENTS = ("feature", "layerwise", "contrastive", "routing_feature", "routing_load_balance", "routing_attention_alignment")
@@ -85,9 +86,13 @@ class Router(nn.Module):
 class DistillStudent(nn.Module):
     """HF causal LM (`.model`) + projections, contrastive heads and router (`.aux`)."""
 
-    def __init__(self, model: nn.Module, *, loss: LossConfig, plan: LayerPlan, teacher_width: int, components: set[str], seed: int = 0):
+    def __init__(self, model: nn.Module, *, loss: LossConfig, plan: LayerPlan, teacher_width: int, components: set[str],
+                 seed: int = 0, fused: bool = False):
         super().__init__()
         self.model = model
+        self.fused = fused
+        if fused:
+            model.lm_head = SwitchHead(model.lm_head, mode="fused")
         self.plan = plan
         self.components = set(components)
         width = model.config.hidden_size
@@ -113,13 +118,19 @@ class DistillStudent(nn.Module):
         return self.model.config
 
     def forward(self, input_ids: torch.Tensor, *, valid: Optional[torch.Tensor] = None,
-                teacher_pooled: Optional[torch.Tensor] = None) -> dict:
-        """Student logits, hidden states and every projection the active components need.
+                teacher_pooled: Optional[torch.Tensor] = None, fused: Optional[FusedArgs] = None) -> dict:
+        """Student logits (or, fused, the weighted KD+LM scalar and sums), hidden states and every
+        projection the active components need.
 
         valid: [B, S] positions that count (for pooling); teacher_pooled: [B, Dt] mean-pooled final teacher
-        hidden state (for the contrastive teacher head)."""
+        hidden state (for the contrastive teacher head); fused: the fused KD+LM inputs."""
+        if self.fused:
+            self.model.lm_head.pending = fused
         out = self.model(input_ids=input_ids, output_hidden_states=self.needs_hidden)
-        res: dict = {"logits": out.logits}
+        if self.fused and fused is not None:
+            res: dict = {"fused": (out.logits, self.model.lm_head.last_metrics)}
+        else:
+            res = {"logits": out.logits}
         if not self.needs_hidden:
             return res
         hidden = out.hidden_states  # embeddings, then one entry per block

@@ -28,7 +28,8 @@ from dsdistill import checkpoint
 from dsdistill.config import RunConfig, dump_config, load_config
 from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
-from dsdistill.errors import DistillError
+from dsdistill.errors import DistillError, ModelError
+from dsdistill.heads import PassThrough, fused_supported, full_weight
 from dsdistill.evaluate import EarlyStopping, EvalResult, evaluate, teacher_perplexity
 from dsdistill.metrics import MetricsWriter
 from dsdistill.capture import QKCapture
@@ -78,6 +79,10 @@ class Run:
     writer: MetricsWriter
     student_capture: Optional[QKCapture] = None
     teacher_capture: Optional[QKCapture] = None
+    fused: bool = False
+    """KD and LM run chunked from hidden states (the teacher returns its final hidden state)."""
+    teacher_head_weight: Any = None
+    """The teacher's lm_head weight (ZeRO-3 partitioned); `full_weight` gathers it once per step."""
 
     def __getattr__(self, name):  # cfg, rank, world, splits, curriculum, vocab, total_steps, ... from the plan
         return getattr(self.plan, name)
@@ -89,14 +94,25 @@ def setup(cfg: RunConfig) -> Run:
     torch.manual_seed(cfg.train.seed)
     plan = preflight(cfg, world=world, rank=rank)
     teacher_model = load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher)
+    fused = cfg.loss.fused_logits
+    if fused:
+        reason = fused_supported(teacher_model)
+        if reason is not None:
+            fused = False
+            _say(rank, f"note: fused KD/LM is off because {reason} (teacher); using full logits")
+    teacher_head_weight = teacher_model.lm_head.weight
+    if fused:
+        teacher_model.lm_head = PassThrough()  # the teacher stops at its final hidden state
     teacher = build_teacher_engine(teacher_model, plan.ds_teacher)
     student_model = load_causal_lm(
         cfg.student, field="student", precision=plan.precision,
         zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
     )
     active = set(plan.components)
+    if fused and fused_supported(student_model) is not None:
+        raise ModelError(f"loss.fused_logits: the student cannot use fused KD/LM ({fused_supported(student_model)}); set it to false")
     wrapped = DistillStudent(student_model, loss=cfg.loss, plan=plan.layers, teacher_width=plan.teacher_config.hidden_size,
-                             components=active, seed=cfg.train.seed)
+                             components=active, seed=cfg.train.seed, fused=fused)
     if plan.precision != "fp32":
         wrapped.aux.to(DTYPES[plan.precision])
     student = build_student_engine(wrapped, plan.ds_student, cfg, total_steps=plan.total_steps)
@@ -109,7 +125,8 @@ def setup(cfg: RunConfig) -> Run:
         t_layers |= set(range(1, plan.layers.n_teacher + 1))
     return Run(plan, teacher, student, MetricsWriter(plan.run_dir, enabled=rank == 0),
                student_capture=QKCapture(student_model, sorted(s_layers)) if s_layers else None,
-               teacher_capture=QKCapture(teacher.module, sorted(t_layers)) if t_layers else None)
+               teacher_capture=QKCapture(teacher.module, sorted(t_layers)) if t_layers else None,
+               fused=fused, teacher_head_weight=teacher_head_weight)
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -282,10 +299,14 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
         usage = None
         nonfinite_loss = False
         lr_used = float("nan")
+        # fused KD/LM: the teacher's lm_head weight is gathered once for the whole step
+        t_weight = full_weight(run.teacher_head_weight) if run.fused and "kd" in names else None
+        coef = {n: weights.get(n, 0.0) / max(normalizers.get(n, 1.0), 1.0) for n in ("kd", "lm")}
         for mb in window:
             ids = mb["input_ids"].to(student.device)
             labels = mb["labels"].to(student.device)
-            out = forward_pair(run, ids, labels)
+            out = forward_pair(run, ids, labels, temperature=temperature, coef_kd=coef["kd"], coef_lm=coef["lm"],
+                               teacher_weight=t_weight)
             sums = component_sums(names, out, temperature=temperature, loss_cfg=cfg.loss, plan=run.layers, grad=with_grad)
             # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
             # the token-weighted objective of the whole window on all ranks.
@@ -304,6 +325,7 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
                 acc_kl += float(sums.extras["kd_kl"])
             usage = sums.extras.get("gate_usage", usage)
             del out, sums, loss
+        del t_weight
         reduced = _all_reduce([acc[n] for n in names] + [acc_kl, float(nonfinite_loss), float(stop.signal is not None)])
         stop_requested = reduced.pop() > 0  # every rank stops after the same step
         any_nonfinite = reduced.pop() > 0

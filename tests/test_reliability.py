@@ -96,8 +96,9 @@ def test_second_signal_exits_at_once(make_config, tmp_path):
 # ------------------------------------------------------------------ non-finite guard
 
 class NaNLogits:
-    """Fault injection through PyTorch's public global forward hook: the student's logits become NaN on
-    chosen forward calls (student = the model with hidden size 32), and the weights are recorded."""
+    """Fault injection through PyTorch's public global forward hook: the student decoder's final hidden
+    state (hence its logits, on the fused and the plain path alike) becomes NaN on chosen forward calls
+    (student = the decoder with hidden size 32, in training mode), and a weight is recorded per call."""
 
     def __init__(self, bad_calls):
         self.bad_calls = set(bad_calls)
@@ -105,13 +106,13 @@ class NaNLogits:
         self.weights_at_call = {}
 
     def __call__(self, module, args, output):
-        if type(module).__name__ != "LlamaForCausalLM" or module.config.hidden_size != 32 or not module.training:
+        if type(module).__name__ != "LlamaModel" or module.config.hidden_size != 32 or not module.training:
             return output
-        self.weights_at_call[self.calls] = module.lm_head.weight.detach().clone()
+        self.weights_at_call[self.calls] = module.embed_tokens.weight.detach().clone()
         bad = self.calls in self.bad_calls
         self.calls += 1
         if bad:
-            output.logits = output.logits * float("nan")
+            output.last_hidden_state = output.last_hidden_state * float("nan")
         return output
 
 

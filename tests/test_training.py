@@ -108,7 +108,7 @@ def test_eval_objective_equals_train_objective_on_the_same_batch(ramped_run, ste
     n = run.cfg.train.micro_batch_size
     ids = torch.stack([run.splits.eval[i]["input_ids"] for i in range(n)])
     with torch.no_grad():
-        out = forward_pair(run, ids, ids.clone())
+        out = forward_pair(run, ids, ids.clone(), temperature=temperature)
         sums = component_sums(cur.active, out, temperature=temperature, loss_cfg=run.cfg.loss, plan=run.layers)
         count = sums.counts["kd"]
         train_objective = float(weighted_sum(sums, weights=weights, normalizers={"kd": count, "lm": count}))

@@ -1,0 +1,140 @@
+"""KD + LM from final hidden states and lm_head weights, chunk by chunk: full [tokens, vocab] logits are
+never materialised for either model.
+
+For each chunk of valid positions the student and teacher logits of that chunk are formed (fp32), the KD
+divergence (any of `kd.DIVERGENCES`, top-k optional) and the LM cross-entropy are computed with the same
+functions as the unchunked loss, and -- when gradients are needed -- the chunk's gradient with respect
+to the student hidden states and the student lm_head weight is taken right away (one logits computation
+per chunk, no recomputation in backward). Backward then only scales the stored gradients.
+
+Peak extra memory: O(chunk x vocab) for the chunk's logits and their softmax intermediates, plus one
+gradient buffer the size of the student hidden states and one the size of the student lm_head weight.
+The gradient is that of `coef_kd * kd_sum + coef_lm * lm_sum` (the caller's curriculum weight divided by
+the window's token count), so one set of buffers serves both terms.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dsdistill.losses.kd import _topk_log_probs, divergence
+
+BYTES_PER_LOGIT = 4 * 8  # fp32 logits of both models plus softmax/log-softmax/gradient intermediates
+
+
+def auto_chunk(vocab: int, hidden: int, *, budget_bytes: int) -> int:
+    """Rows per chunk so one chunk's logits and intermediates stay within `budget_bytes`."""
+    return max(16, min(8192, budget_bytes // max(1, vocab * BYTES_PER_LOGIT)))
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    temperature: float
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    alpha: float = 0.1
+    top_k: Optional[int] = None
+    top_k_rest: bool = False
+    chunk: int = 1024
+    want_kd: bool = True
+    want_lm: bool = True
+    compile: bool = False
+    """torch.compile the per-chunk math (CUDA only; the CPU path always runs eagerly)."""
+
+
+def _chunk_terms(s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], targets: torch.Tensor, o: KDOptions):
+    """(kd sum x T^2, kd raw sum, lm sum) for one chunk of valid rows (fp32 logits [c, V])."""
+    zero = s_logits.new_zeros(())
+    kd = raw = zero
+    if o.want_kd:
+        s = s_logits / o.temperature
+        t = t_logits / o.temperature
+        if o.top_k is not None and o.top_k < s.size(-1):
+            s_logp, t_logp = _topk_log_probs(s, t, o.top_k, o.top_k_rest)
+        else:
+            s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+        raw = divergence(t_logp, s_logp, o.divergence, beta=o.beta, alpha=o.alpha).sum()
+        kd = raw * (o.temperature**2)
+    lm = F.cross_entropy(s_logits, targets, reduction="sum") if o.want_lm else zero
+    return kd, raw, lm
+
+
+_COMPILED = None
+
+
+def _terms_fn(o: KDOptions, device: torch.device):
+    """The per-chunk function: compiled once (dynamic shapes, for the uneven last chunk) when asked on CUDA."""
+    global _COMPILED
+    if o.compile and device.type == "cuda":
+        if _COMPILED is None:
+            _COMPILED = torch.compile(_chunk_terms, dynamic=True)
+        return _COMPILED
+    return _chunk_terms
+
+
+class _FusedKDLM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, targets, coef_kd: float, coef_lm: float, o: KDOptions):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need = (need_h or need_w) and (coef_kd != 0.0 or coef_lm != 0.0)
+        acc_dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
+        grad_h = torch.zeros(s_hidden.shape, dtype=acc_dtype, device=s_hidden.device) if need and need_h else None
+        grad_w = torch.zeros(s_weight.shape, dtype=acc_dtype, device=s_weight.device) if need and need_w else None
+        w_leaf = s_weight.detach().requires_grad_(need and need_w)
+        kd_sum = raw_sum = lm_sum = torch.zeros((), dtype=acc_dtype, device=s_hidden.device)
+        up = (lambda x: x) if acc_dtype == torch.float64 else (lambda x: x.float())
+        for start in range(0, s_hidden.size(0), o.chunk):
+            end = min(s_hidden.size(0), start + o.chunk)
+            h = s_hidden[start:end].detach().requires_grad_(need and need_h)
+            with torch.enable_grad() if need else torch.no_grad():
+                s_logits = up(h) @ up(w_leaf).T
+                t_logits = None
+                if o.want_kd:
+                    with torch.no_grad():
+                        t_logits = up(t_hidden[start:end]) @ up(t_weight).T
+                kd, raw, lm = _terms_fn(o, s_logits.device)(s_logits, t_logits, targets[start:end], o)
+                if need:
+                    inputs = [x for x, flag in ((h, need_h), (w_leaf, need_w)) if flag]
+                    grads = torch.autograd.grad(coef_kd * kd + coef_lm * lm, inputs)
+                    it = iter(grads)
+                    if need_h:
+                        grad_h[start:end] = next(it)
+                    if need_w:
+                        grad_w += next(it)
+            kd_sum = kd_sum + kd.detach()
+            raw_sum = raw_sum + raw.detach()
+            lm_sum = lm_sum + lm.detach()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.flags = (grad_h is not None, grad_w is not None)
+        ctx.dtypes = (s_hidden.dtype, s_weight.dtype)
+        combined = coef_kd * kd_sum + coef_lm * lm_sum
+        ctx.mark_non_differentiable(kd_sum, raw_sum, lm_sum)
+        return combined, kd_sum, raw_sum, lm_sum
+
+    @staticmethod
+    def backward(ctx, g_combined, *_unused):
+        saved = iter(ctx.saved_tensors)
+        has_h, has_w = ctx.flags
+        gh = (next(saved) * g_combined).to(ctx.dtypes[0]) if has_h else None
+        gw = (next(saved) * g_combined).to(ctx.dtypes[1]) if has_w else None
+        return gh, gw, None, None, None, None, None, None
+
+
+def fused_kd_lm(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_hidden: Optional[torch.Tensor], t_weight: Optional[torch.Tensor],
+                labels: torch.Tensor, *, coef_kd: float, coef_lm: float, options: KDOptions, ignore_index: int = -100):
+    """Chunked KD and LM over the valid next-token positions of a batch.
+
+    s_hidden [B, S, Ds], s_weight [V, Ds] (student final hidden states and lm_head weight), t_hidden
+    [B, S, Dt], t_weight [V, Dt] (teacher, no gradient), labels [B, S]. Only the first V rows of the
+    weights are used, so padded embedding matrices line up with the shared tokenizer vocabulary.
+    Returns (differentiable coef_kd * kd_sum + coef_lm * lm_sum, {"kd": kd_sum, "kl": raw_sum,
+    "lm": lm_sum, "count": valid positions}) -- the same sums as `kd_loss` and `lm_loss`."""
+    mask = labels[:, 1:] != ignore_index
+    sh = s_hidden[:, :-1][mask]
+    th = t_hidden[:, :-1][mask] if t_hidden is not None else None
+    targets = labels[:, 1:][mask]
+    combined, kd, raw, lm = _FusedKDLM.apply(sh, s_weight, th, t_weight, targets, float(coef_kd), float(coef_lm), options)
+    return combined, {"kd": kd, "kl": raw, "lm": lm, "count": int(mask.sum())}

@@ -1,0 +1,134 @@
+"""Chunked (fused) KD + LM equals the unchunked loss: pure function in float64, and the real engine path."""
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsdistill.config import validate
+from dsdistill.losses import kd_loss, lm_loss
+from dsdistill.losses.fused import KDOptions, auto_chunk, fused_kd_lm
+from dsdistill.losses.kd import DIVERGENCES
+from dsdistill.schema import METRICS_FILE, EvalRecord, TrainRecord, parse_line
+from dsdistill.train import train
+from tests.test_distributed import launch
+
+IGN = -100
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("top_k, rest", [(None, False), (4, False), (4, True)])
+@pytest.mark.parametrize("chunk", [1, 4, 100])  # 4 leaves an uneven last chunk of the 16 valid rows
+def test_fused_equals_unchunked_values_and_gradients(kind, top_k, rest, chunk):
+    g = torch.Generator().manual_seed(0)
+    b, s, ds_, dt, v = 3, 7, 5, 6, 11
+    sh = torch.randn(b, s, ds_, generator=g, dtype=torch.float64, requires_grad=True)
+    sw = torch.randn(v + 2, ds_, generator=g, dtype=torch.float64, requires_grad=True)  # padded embedding rows
+    th = torch.randn(b, s, dt, generator=g, dtype=torch.float64)
+    tw = torch.randn(v + 2, dt, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, v, (b, s), generator=g)
+    lab[0, 3] = IGN
+    lab[2, 1] = IGN
+    opts = KDOptions(temperature=2.0, divergence=kind, beta=0.3, alpha=0.2, top_k=top_k, top_k_rest=rest, chunk=chunk)
+    combined, m = fused_kd_lm(sh, sw[:v], th, tw[:v], lab, coef_kd=0.7, coef_lm=0.3, options=opts, ignore_index=IGN)
+    combined.backward()
+    fused_grads = sh.grad.clone(), sw.grad.clone()
+    sh.grad = sw.grad = None
+    s_logits, t_logits = sh @ sw[:v].T, th @ tw[:v].T
+    kd, km = kd_loss(s_logits, t_logits, lab, temperature=2.0, ignore_index=IGN, divergence_kind=kind, beta=0.3, alpha=0.2,
+                     top_k=top_k, top_k_rest=rest)
+    lm, lmm = lm_loss(s_logits, lab, ignore_index=IGN)
+    (0.7 * kd + 0.3 * lm).backward()
+    assert m["count"] == km["count"] == lmm["count"] == 16
+    assert float(m["kd"]) == pytest.approx(float(kd), rel=1e-12, abs=1e-12)
+    assert float(m["kl"]) == pytest.approx(float(km["kl"]), rel=1e-12, abs=1e-12)
+    assert float(m["lm"]) == pytest.approx(float(lm), rel=1e-12)
+    assert float(combined) == pytest.approx(float(0.7 * kd + 0.3 * lm), rel=1e-12)
+    assert torch.allclose(fused_grads[0], sh.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(fused_grads[1], sw.grad, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(fused_grads[1][v:]) == 0  # padded rows get no gradient
+
+
+def test_no_gradient_work_without_coefficients():
+    sh = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    sw = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    lab = torch.randint(0, 9, (2, 5))
+    combined, m = fused_kd_lm(sh, sw, None, None, lab, coef_kd=0.0, coef_lm=0.0,
+                              options=KDOptions(temperature=1.0, want_kd=False, chunk=3))
+    assert float(combined) == 0.0 and float(m["lm"]) == pytest.approx(float(lm_loss(sh @ sw.T, lab)[0]), rel=1e-12)
+
+
+def test_auto_chunk_is_bounded_by_the_memory_target():
+    rows = auto_chunk(151_936, 896, budget_bytes=256 << 20)
+    assert 16 <= rows <= 8192 and rows * 151_936 * 32 <= 256 << 20
+    assert auto_chunk(100, 16, budget_bytes=1 << 30) == 8192
+
+
+def _run(cfg):
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = train(validate(cfg))
+    recs = [parse_line(line) for line in (Path(summary["run_dir"]) / METRICS_FILE).read_text().splitlines()]
+    return summary, [r for r in recs if isinstance(r, TrainRecord)], [r for r in recs if isinstance(r, EvalRecord)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_engine_path_fused_equals_full_logits(make_config, tmp_path, stage):
+    """Same models, data and steps through the real DeepSpeed engine: identical per-step numbers."""
+    runs = {}
+    for fused in (True, False):
+        cfg = make_config(train={"max_steps": 4, "grad_accum": 2}, eval={"every": 2, "max_batches": 2},
+                          curriculum={"weights": {"kd": 0.7, "lm": 0.3}},
+                          loss={"fused_logits": fused, "fused_chunk": 37, "kd_divergence": "jsd", "kd_top_k": 9, "kd_top_k_rest": True},
+                          deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                                 "zero_optimization": {"stage": stage}}})
+        cfg["output"]["run_dir"] = str(tmp_path / f"fused-{fused}")
+        runs[fused] = _run(cfg)
+    (s_f, t_f, e_f), (s_u, t_u, e_u) = runs[True], runs[False]
+    assert s_f["run"].fused and not s_u["run"].fused
+    for a, b in zip(t_f, t_u):
+        for name in ("kd", "lm"):
+            assert a.losses[name] == pytest.approx(b.losses[name], rel=1e-5), (a.step, name)
+        assert a.extras["kd_kl"] == pytest.approx(b.extras["kd_kl"], rel=1e-5)
+    for a, b in zip(e_f, e_u):
+        assert a.objective == pytest.approx(b.objective, rel=1e-5) and a.ppl == pytest.approx(b.ppl, rel=1e-5)
+        assert a.teacher_ppl == pytest.approx(b.teacher_ppl, rel=1e-6)
+
+
+def test_two_rank_zero3_fused_equals_full_logits(make_config, tmp_path):
+    out = {}
+    for fused in (True, False):
+        cfg = make_config(train={"max_steps": 3, "micro_batch_size": 2}, eval={"every": 0, "max_batches": 1},
+                          curriculum={"weights": {"kd": 0.7, "lm": 0.3}}, loss={"fused_logits": fused, "fused_chunk": 29},
+                          deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                                 "zero_optimization": {"stage": 3}}})
+        cfg["output"]["run_dir"] = str(tmp_path / f"fused-{fused}")
+        (tmp_path / f"launch-{fused}").mkdir()
+        proc = launch(cfg, tmp_path / f"launch-{fused}")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        recs = [parse_line(line) for line in (Path(cfg["output"]["run_dir"]) / METRICS_FILE).read_text().splitlines()]
+        out[fused] = [r for r in recs if isinstance(r, TrainRecord)]
+    assert len(out[True]) == len(out[False]) == 3
+    for a, b in zip(out[True], out[False]):
+        assert all(math.isfinite(v) for v in a.losses.values())
+        for name in ("kd", "lm"):
+            assert a.losses[name] == pytest.approx(b.losses[name], rel=1e-5), (a.step, name)
+
+
+def test_benchmark_script_smoke(tmp_path):
+    """The benchmark runs end to end on the tiny CPU preset (numbers are reported, not asserted)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "dsdistill.bench", "--preset", "cpu-tiny", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    methods = {r["method"]: r for r in report["results"]}
+    assert set(methods) >= {"naive", "dsdistill"} and all("error" not in r for r in methods.values())
+    assert methods["naive"]["speed_vs_naive"] == 1.0 and methods["dsdistill"]["tokens_per_s"] > 0
