@@ -14,7 +14,8 @@ class Alert:
     code: str
     level: str  # "error" | "warning" | "info"
     message: str
-    step: Optional[int] = None
+    step: Optional[int]
+    """The optimizer step the alert is about (None when it is about no particular step)."""
 
 
 @dataclass
@@ -75,7 +76,7 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
                 out.append(Alert("spike", "warning", f"train objective {last:.4g} at step {obj.step[-1]} is {last / med:.1f}x the recent median", obj.step[-1]))
     since = state.since_last(now)
     if state.end is None and since is not None and since > rules.stall_seconds:
-        out.append(Alert("stalled", "warning", f"no record for {since:.0f}s (threshold {rules.stall_seconds:.0f}s)", state.last_step))
+        out.append(Alert("stalled", "warning", f"no record for {since:.0f}s (threshold {rules.stall_seconds:.0f}s)", state.step_seen))
     for a in state.trainer_alerts:
         out.append(Alert(a.code, a.level, a.message, a.step))
     rank = {"error": 0, "warning": 1, "info": 2}

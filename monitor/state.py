@@ -114,7 +114,7 @@ class RunState:
         self.corrupt = 0
         self.restarts = 0
         self.segment = 0
-        self.last_step: Optional[int] = None
+        self.step_seen: Optional[int] = None
         self.last_record_time: Optional[float] = None
         """Wall time (this machine) when the last record arrived."""
         self.arrivals: list[float] = []
@@ -151,9 +151,9 @@ class RunState:
             self.end = None
             return
         if isinstance(rec, (TrainRecord, EvalRecord)):
-            if self.last_step is not None and rec.step < self.last_step:
+            if self.step_seen is not None and rec.step < self.step_seen:
                 self.segment += 1
-            self.last_step = rec.step
+            self.step_seen = rec.step
         if isinstance(rec, TrainRecord):
             self._add_train(rec)
         elif isinstance(rec, EvalRecord):
