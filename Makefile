@@ -8,13 +8,16 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 
 .PHONY: install demo test
 
-$(BIN)/.installed: pyproject.toml Makefile
+# constraints.txt holds the versions the suite passed with; CONSTRAINTS= (empty) installs the newest.
+CONSTRAINTS ?= -c constraints.txt
+
+$(BIN)/.installed: pyproject.toml Makefile constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	# DeepSpeed builds from source against the torch above; its CUDA ops compile lazily when first used.
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation $(CONSTRAINTS) "$(DEEPSPEED_SPEC)"
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed
