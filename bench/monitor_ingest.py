@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import sys
 import tempfile
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from monitor.app import DsMonitor  # noqa: E402
 from monitor.state import RunState  # noqa: E402
-from monitor.tail import Tailer  # noqa: E402
+from monitor.tail import Tailer, gc_paused  # noqa: E402
 from tests.streams import healthy_records, write  # noqa: E402
 
 
@@ -44,10 +43,9 @@ def main() -> int:
         t = time.perf_counter()
         tailer, state = Tailer(path), RunState("bench")
         res = tailer.poll()
-        gc.disable()  # as the app does around ingest
-        for rec in res.records:
-            state.add(rec, now=0.0)
-        gc.enable()
+        with gc_paused():  # as the app does around ingest
+            for rec in res.records:
+                state.add(rec, now=0.0)
         ours = time.perf_counter() - t
         assert len(res.records) == len(base) == n_lines
 

@@ -9,7 +9,6 @@ A thread worker tails every file and posts batches of records; the screen redraw
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import json
 import sys
@@ -28,7 +27,7 @@ from textual.widgets import Footer, Header, Input
 
 from monitor.alerts import AlertRules, evaluate_alerts
 from monitor.state import X_AXES, RunState
-from monitor.tail import PollResult, Tailer, metrics_path
+from monitor.tail import PollResult, Tailer, gc_paused, metrics_path
 from monitor.widgets import (
     SMOOTHING, WINDOWS, AlertsPanel, CurriculumPanel, EvalPanel, FilterInput, HelpScreen, Plots, PlotPanel,
     RouterPanel, Side, StatsPanel, StatusBar, ViewOptions, _duration,
@@ -164,12 +163,9 @@ class DsMonitor(App):
             self.notify(f"{old.name}: metrics file {res.restarted}, re-reading from the start", severity="warning")
         run = self.runs[i]
         now = self.clock()
-        gc.disable()  # same reason as in Tailer.poll: a large batch of long-lived objects
-        try:
+        with gc_paused():  # as in Tailer.poll: a large batch of long-lived objects
             for rec in res.records:
                 run.add(rec, now=now)
-        finally:
-            gc.enable()
         run.corrupt += res.corrupt
         if self.paused:
             self.pending += len(res.records)
