@@ -65,10 +65,12 @@ class Plan:
             f"run dir: {self.run_dir}",
         ]
         m = estimate_memory(self)
+        logits_how = (f"fused: chunks of {m['chunk_rows']} positions x {self.vocab} vocab" if c.loss.fused_logits
+                      else f"{c.train.micro_batch_size} x {c.train.seq_len} x {self.vocab} vocab")
         lines.append(
-            f"memory per GPU (estimate, activations excluded): teacher shard {m['teacher_shard']:.2f} GiB, "
-            f"student weights+grads+optimizer {m['student_states']:.2f} GiB, logits {m['logits']:.2f} GiB "
-            f"({c.train.micro_batch_size} x {c.train.seq_len} x {self.vocab} vocab), total {m['total']:.2f} GiB"
+            f"memory per GPU (estimate, activations excluded): teacher shard {_size(m['teacher_shard'])}, "
+            f"student weights+grads+optimizer {_size(m['student_states'])}, logits {_size(m['logits'])} "
+            f"({logits_how}), total {_size(m['total'])}"
         )
         return "\n".join(lines)
 
@@ -105,12 +107,22 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
         optim = 0
     if stage >= 3 and (zero.get("offload_param") or {}).get("device", "none") != "none":
         weights = 0
+    from dsdistill.losses.fused import BYTES_PER_LOGIT, auto_chunk
+
     tokens = plan.cfg.train.micro_batch_size * plan.cfg.train.seq_len
-    logits = tokens * plan.vocab * (2 * width + 3 * 4)
+    logits = tokens * plan.vocab * BYTES_PER_LOGIT  # both models' logits, softmax intermediates, gradient
+    chunk_rows = 0
+    if plan.cfg.loss.fused_logits:  # one chunk's worth at a time
+        chunk_rows = min(tokens, plan.cfg.loss.fused_chunk or auto_chunk(plan.vocab, 0, budget_bytes=plan.cfg.loss.fused_chunk_mib << 20))
+        logits = chunk_rows * plan.vocab * BYTES_PER_LOGIT
     out = {"teacher_shard": teacher * width / world / gib, "student_states": (weights + grads + optim) / gib,
-           "logits": logits / gib, "teacher_params": teacher, "student_params": student}
+           "logits": logits / gib, "teacher_params": teacher, "student_params": student, "chunk_rows": chunk_rows}
     out["total"] = out["teacher_shard"] + out["student_states"] + out["logits"]
     return out
+
+
+def _size(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB" if gib * 1024 >= 0.1 else f"{gib * 2**20:.0f} KiB"
 
 
 def check_run_dir(run_dir: Path) -> None:
