@@ -203,10 +203,9 @@ def _matmul_from_config(config, count_params) -> int:
 
 def run_worker(method: str, root: Path, preset_name: str, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "dsdistill.bench", "--preset", preset_name, "--worker", method, "--root", str(root)]
-    env = dict(os.environ)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    from dsdistill.dist import without_world_env
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=without_world_env(dict(os.environ)))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -158,8 +158,11 @@ def launcher_command(script: Path, config: Path, *, nprocs: int, master_port: Op
 
 
 def launcher_env() -> dict[str, str]:
-    """Environment for a launch: the CPU accelerator where no GPU is present, one thread per rank."""
-    env = dict(os.environ)
+    """Environment for a launch: the CPU accelerator where no GPU is present, one thread per rank, and no
+    world variables inherited from a run this is started from (the launcher sets its own)."""
+    from dsdistill.dist import without_world_env
+
+    env = without_world_env(dict(os.environ))
     import torch
 
     if not torch.cuda.is_available():
@@ -191,13 +194,13 @@ def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = 
 
     from dsdistill import train as train_module
     from dsdistill.schema import METRICS_FILE
-    from dsdistill.train import _free_port
+    from dsdistill.dist import free_port
 
     paths = ensure_assets(cache or default_cache())
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "run.yaml"
     config.write_text(yaml.safe_dump(demo_config(paths, run_dir, steps=steps), sort_keys=False))
-    cmd = launcher_command(Path(train_module.__file__), config, nprocs=nprocs, master_port=_free_port())
+    cmd = launcher_command(Path(train_module.__file__), config, nprocs=nprocs, master_port=free_port())
     print("demo: " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=launcher_env())
     if rc != 0:

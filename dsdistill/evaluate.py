@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from dsdistill.data import eval_batches
 from dsdistill.heads import full_weight
 from dsdistill.losses import lm_loss
 from dsdistill.losses.fused import fused_kd_lm
-from dsdistill.objective import component_sums, forward_pair, objective_value
+from dsdistill.dist import all_reduce_sum
+from dsdistill.objective import component_sums, forward_pair, kd_options, objective_value
 
 
 @dataclass
@@ -29,13 +29,6 @@ class EvalResult:
     lm_ce: float
     ppl: float
     tokens: int
-
-
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def _batches(run):
@@ -68,13 +61,13 @@ def evaluate(run, *, step: int) -> EvalResult:
             labels = batch["labels"].to(student.device)
             out = forward_pair(run, ids, labels, temperature=temperature, teacher_weight=t_weight, want_lm=True)
             part = component_sums(names, out, temperature=temperature, loss_cfg=run.cfg.loss, plan=run.layers)
-            for n in names:
-                sums[n] += float(part.sums[n])
+            for n in names:  # summed on the device; transferred once by the all-reduce below
+                sums[n] = sums[n] + part.sums[n].detach()
                 counts[n] += part.counts[n]
     finally:
         if was_training:
             student.train()
-    reduced = _all_reduce_sum([sums[n] for n in names] + [float(counts[n]) for n in names])
+    reduced = all_reduce_sum([sums[n] for n in names] + [float(counts[n]) for n in names])
     k = len(names)
     losses = {n: reduced[i] / max(reduced[k + i], 1.0) for i, n in enumerate(names)}
     lm_ce = losses["lm"]
@@ -103,17 +96,15 @@ def teacher_perplexity(run) -> float:
         if run.teacher_capture is not None:
             run.teacher_capture.collect()  # drop what the hooks kept
         if run.fused:
-            from dsdistill.objective import kd_options
-
             _, m = fused_kd_lm(out, t_weight[: run.vocab], None, None, labels, coef_kd=0.0, coef_lm=0.0,
                                options=kd_options(run, temperature=1.0, want_kd=False, want_lm=True),
                                ignore_index=run.cfg.loss.ignore_index)
             s = m["lm"]
         else:
             s, m = lm_loss(out[..., : run.vocab], labels, ignore_index=run.cfg.loss.ignore_index)
-        total += float(s)
+        total = total + s.detach()
         count += m["count"]
-    total, count = _all_reduce_sum([total, float(count)])
+    total, count = all_reduce_sum([total, float(count)])
     ce = total / max(count, 1.0)
     return math.exp(ce) if ce < 700 else float("inf")
 

@@ -24,7 +24,6 @@ class ExportError(DistillError):
 
 
 def export(run_dir: str | Path, out: str | Path, *, tag: Optional[str] = None, dtype: str = "fp32") -> Path:
-    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -16,7 +16,6 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from dsdistill import checkpoint
 from dsdistill.config import RunConfig, dump_config, load_config
+from dsdistill.dist import all_reduce_sum, free_port
 from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
 from dsdistill.errors import DistillError, ModelError
@@ -44,12 +44,6 @@ from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRec
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU); a plain `python` start is world 1."""
     import deepspeed
@@ -57,7 +51,7 @@ def init_distributed() -> tuple[int, int]:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         backend = "gloo" if get_accelerator().device_name() == "cpu" else None
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -109,8 +103,9 @@ def setup(cfg: RunConfig) -> Run:
         zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
     )
     active = set(plan.components)
-    if fused and fused_supported(student_model) is not None:
-        raise ModelError(f"loss.fused_logits: the student cannot use fused KD/LM ({fused_supported(student_model)}); set it to false")
+    student_reason = fused_supported(student_model) if fused else None
+    if student_reason is not None:
+        raise ModelError(f"loss.fused_logits: the student cannot use fused KD/LM ({student_reason}); set it to false")
     wrapped = DistillStudent(student_model, loss=cfg.loss, plan=plan.layers, teacher_width=plan.teacher_config.hidden_size,
                              components=active, seed=cfg.train.seed, fused=fused)
     if plan.precision != "fp32":
@@ -133,13 +128,6 @@ def setup(cfg: RunConfig) -> Run:
 
 
 UNITS = ("token", "sequence", "layer")
-
-
-def _all_reduce(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def _eval_record(r: EvalResult, teacher_ppl: float, stopper: EarlyStopping) -> EvalRecord:
@@ -290,7 +278,7 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
         window = [next(batches) for _ in range(gas)]
         # units in the whole window on all ranks: each component is divided by its own unit count
         counted = [unit_counts(mb["labels"], ignore) for mb in window]
-        units = dict(zip(UNITS, _all_reduce([float(sum(c[u] for c in counted)) for u in UNITS])))
+        units = dict(zip(UNITS, all_reduce_sum([float(sum(c[u] for c in counted)) for u in UNITS])))
         normalizers = {n: units[unit_of(n)] for n in names}
         window_tokens = units["token"]
         with_grad = {n for n in names if weights[n] != 0.0}
@@ -319,14 +307,14 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
             if student.is_gradient_accumulation_boundary():
                 lr_used = current_lr(student)  # what optimizer.step() below applies
             student.step()
-            for n in names:
-                acc[n] += float(sums.sums[n].detach())
+            for n in names:  # summed on the device; transferred once per window by the all-reduce below
+                acc[n] = acc[n] + sums.sums[n].detach()
             if "kd_kl" in sums.extras:
-                acc_kl += float(sums.extras["kd_kl"])
+                acc_kl = acc_kl + sums.extras["kd_kl"]
             usage = sums.extras.get("gate_usage", usage)
             del out, sums, loss
         del t_weight
-        reduced = _all_reduce([acc[n] for n in names] + [acc_kl, float(nonfinite_loss), float(stop.signal is not None)])
+        reduced = all_reduce_sum([acc[n] for n in names] + [acc_kl, float(nonfinite_loss), float(stop.signal is not None)])
         stop_requested = reduced.pop() > 0  # every rank stops after the same step
         any_nonfinite = reduced.pop() > 0
         losses = {n: reduced[i] / max(normalizers[n], 1.0) for i, n in enumerate(names)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from dsdistill import registry

@@ -1,26 +1,24 @@
 """Two ranks under the real DeepSpeed launcher (gloo on CPU): ZeRO-3 teacher and ZeRO-3 student."""
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from dsdistill.schema import METRICS_FILE, EvalRecord, RunStart, TrainRecord, parse_line
-from dsdistill.train import _free_port
+from dsdistill.demo import launcher_command, launcher_env
+from dsdistill.dist import free_port
 
 PROBE = Path(__file__).with_name("dist_probe.py")
 
 
 def launch(config: dict, tmp_path: Path, nprocs: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N tests/dist_probe.py --config ...`, built the way the demo builds its launch."""
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
-           str(PROBE), "--config", str(cfg_path)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = launcher_command(PROBE, cfg_path, nprocs=nprocs, master_port=free_port())
+    return subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
 
 
 EVERY_COMPONENT = {"kd": 0.7, "lm": 0.3, "feature": 0.05, "attention": 0.5, "layerwise": 0.05, "contrastive": 0.05,

@@ -123,7 +123,9 @@ def test_benchmark_script_smoke(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    from dsdistill.dist import without_world_env
+
+    env = without_world_env(dict(os.environ))
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "dsdistill.bench", "--preset", "cpu-tiny", "--steps", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)

@@ -13,7 +13,8 @@ import yaml
 
 from dsdistill.config import validate
 from dsdistill.schema import METRICS_FILE, RunEnd, RunStart, TrainRecord, parse_line
-from dsdistill.train import _free_port, train
+from dsdistill.dist import free_port
+from dsdistill.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch.sh"
@@ -118,10 +119,10 @@ def test_bad_launch_arguments(config_file, tmp_path):
 
 def test_real_two_process_launch_and_resume(config_file, tmp_path):
     cfg = config_file(train={"max_steps": 6, "micro_batch_size": 2}, eval={"every": 3, "max_batches": 1})
-    port = str(_free_port())
+    port = str(free_port())
     first = run_launch(["--config", str(cfg), "--gpus-per-node", "2", "--master-port", port, "--", "--set", "train.stop_at_step=3"], tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    second = run_launch(["--config", str(cfg), "--gpus-per-node", "2", "--master-port", str(_free_port())], tmp_path)
+    second = run_launch(["--config", str(cfg), "--gpus-per-node", "2", "--master-port", str(free_port())], tmp_path)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "resumed from" in second.stdout
     recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dsdistill.capture import QKCapture
 from dsdistill.losses import kd_loss

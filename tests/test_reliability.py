@@ -1,7 +1,6 @@
 """Preemption, the non-finite step guard, atomic/best checkpoints, export, and damaged input on disk."""
 import contextlib
 import io
-import json
 import os
 import resource
 import signal
@@ -16,6 +15,7 @@ import yaml
 
 from dsdistill import checkpoint
 from dsdistill.config import validate
+from dsdistill.dist import without_world_env
 from dsdistill.errors import DistillError
 from dsdistill.export import export
 from dsdistill.schema import METRICS_FILE, AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord, parse_line
@@ -36,9 +36,7 @@ def quiet_train(cfg):
 def start_script(cfg: dict, tmp_path: Path, preexec=None) -> subprocess.Popen:
     path = tmp_path / f"run-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # this pytest process's own world
-        env.pop(key, None)
+    env = without_world_env(dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))  # not this pytest process's world
     return subprocess.Popen([sys.executable, str(TRAIN_PY), "--config", str(path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
 
