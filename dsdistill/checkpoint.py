@@ -7,15 +7,22 @@ Atomicity: DeepSpeed writes into a hidden `.stepN.partial` tag; only when every 
 rank 0 rename it to `stepN` and replace `latest` (write-then-rename), so a crash or a full disk mid-save
 leaves the previous checkpoint and `latest` untouched. (The run directory must be on a filesystem that
 all ranks share, as DeepSpeed's own `latest` handling assumes.)
+
+Safety: nothing read from a run directory may run code. DeepSpeed unpickles its files with
+`weights_only=False`; every load here runs under `TORCH_FORCE_WEIGHTS_ONLY_LOAD` with an explicit list of
+the plain classes DeepSpeed's states hold, so a planted pickle payload is refused, never executed. Tags
+(`latest`, `best`, a tag given by the user) resolve only to `stepN` directories inside `checkpoints/`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +31,7 @@ from dsdistill.errors import DistillError, first_sentence
 
 CHECKPOINT_DIR = "checkpoints"
 _TAG = re.compile(r"^step(\d+)$")
+_PARTIAL = re.compile(r"^\.step\d+\.partial$")
 
 
 class CheckpointError(DistillError):
@@ -43,12 +51,21 @@ def tags(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def valid_tag(tag: str) -> bool:
+    """A tag names a checkpoint directory directly inside `checkpoints/` (`stepN`), nothing else."""
+    return bool(_TAG.match(tag))
+
+
 def _read_pointer(run_dir: Path, name: str) -> Optional[str]:
+    """The tag a pointer file names, if it is a valid tag whose checkpoint exists."""
     f = checkpoint_dir(run_dir) / name
     if not f.is_file():
         return None
-    tag = f.read_text().strip()
-    return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
+    try:
+        tag = f.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag if valid_tag(tag) and (checkpoint_dir(run_dir) / tag).is_dir() else None
 
 
 def latest_tag(run_dir: Path) -> Optional[str]:
@@ -59,6 +76,98 @@ def latest_tag(run_dir: Path) -> Optional[str]:
 def best_tag(run_dir: Path) -> Optional[str]:
     """The tag `best` names (the best eval so far), if that checkpoint exists."""
     return _read_pointer(run_dir, "best")
+
+
+def _listing(run_dir: Path) -> str:
+    found = [p.name for _, p in tags(run_dir)]
+    return ", ".join(found) if found else "none"
+
+
+def resolve_tag(run_dir: Path, tag: Optional[str], *, field: str) -> Optional[str]:
+    """The checkpoint to resume or export: `tag` if given (validated), else what `latest` names.
+
+    None when the run has no checkpoint at all. A `latest` that is unreadable, names something outside
+    `checkpoints/` or a checkpoint that is gone, while checkpoints exist, is refused: restarting from
+    step 0 would overwrite them."""
+    root = checkpoint_dir(run_dir)
+    if tag is not None:
+        if not valid_tag(tag):
+            raise CheckpointError(f"{field}: '{tag}' is not a checkpoint tag; expected stepN, one of: {_listing(run_dir)}")
+        if not (root / tag).is_dir():
+            raise CheckpointError(f"{field}: no checkpoint '{tag}' in '{root}'; checkpoints: {_listing(run_dir)}")
+        return tag
+    pointer = root / "latest"
+    if not pointer.exists() and not pointer.is_symlink():
+        if tags(run_dir):
+            raise CheckpointError(f"checkpoint: '{pointer}' is missing but '{root}' holds checkpoints ({_listing(run_dir)}); "
+                                  "pick one with --set checkpoint.resume_tag=stepN, or start fresh with checkpoint.resume: never "
+                                  "and another output.run_dir")
+        return None
+    tag = _read_pointer(run_dir, "latest")
+    if tag is None:
+        try:
+            shown = pointer.read_text(encoding="utf-8", errors="replace").strip()[:60]
+        except OSError as e:
+            shown = f"unreadable: {e.strerror or e}"
+        raise CheckpointError(f"checkpoint: '{pointer}' names {shown!r}, which is not a checkpoint in '{root}' "
+                              f"(checkpoints: {_listing(run_dir)}); pick one with --set checkpoint.resume_tag=stepN, "
+                              "or start fresh with checkpoint.resume: never and another output.run_dir")
+    return tag
+
+
+SAFE_GLOBALS_NAMES = (
+    "collections.OrderedDict", "collections.defaultdict", "argparse.Namespace", "torch.Size",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.checkpoint.constants.PARAM_SLICE_MAPPINGS",
+)
+"""Plain classes found in DeepSpeed's checkpoint files (data holders, no code runs when they load)."""
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    out = []
+    for name in SAFE_GLOBALS_NAMES:
+        module, _, attr = name.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(obj, type) or callable(obj):
+            out.append(obj)
+    return out
+
+
+@contextlib.contextmanager
+def safe_unpickling() -> Iterator[None]:
+    """Every `torch.load` inside runs as `weights_only=True` (whatever its caller passed), with only the
+    plain classes DeepSpeed's states need allowed."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def refused_pickle(err: BaseException) -> bool:
+    """Whether a load failed because the file holds something other than plain data."""
+    return isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err) or "Unsupported global" in str(err)
+
+
+def _describe_load_error(where: Path, err: BaseException) -> str:
+    if refused_pickle(err):
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        return (f"checkpoint: '{where}' holds an object that is not plain data{what}; refusing to unpickle it "
+                "(a file in a run directory must not run code); delete it or point checkpoint.resume_tag at another checkpoint")
+    return (f"checkpoint: '{where}' cannot be read ({first_sentence(err)}); delete it "
+            "(or point 'latest' at an older checkpoint), or set checkpoint.resume: never")
 
 
 def _write_pointer(run_dir: Path, name: str, tag: str) -> None:
@@ -73,6 +182,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def clean_partials(run_dir: Path) -> list[str]:
+    """Remove `.stepN.partial` directories left by saves that never finished (a crash, a full disk)."""
+    root = checkpoint_dir(run_dir)
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and _PARTIAL.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
 def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_best: bool = False) -> str:
     """Save on every rank (a collective); publish atomically and prune on rank 0."""
     root = checkpoint_dir(run_dir)
@@ -81,7 +202,7 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / partial, ignore_errors=True)
+        clean_partials(run_dir)
     _barrier()
     client = dict(state)
     client["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -110,19 +231,34 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
     return tag
 
 
-def load(engine, run_dir: Path) -> Optional[dict[str, Any]]:
-    """Restore the newest checkpoint into `engine`; the loop state it saved, or None if there is none."""
-    tag = latest_tag(run_dir)
+def _has_states(where: Path) -> bool:
+    return any(where.glob("*model_states.pt"))
+
+
+def load(engine, run_dir: Path, *, tag: Optional[str] = None, expect: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """Restore a checkpoint (`tag`, else what `latest` names) into `engine`; the loop state it saved, or None
+    if the run has none. `expect` maps each field whose value fixes the meaning of the saved data position
+    (batch shape, world size, data fingerprint) to its value now: any difference is refused."""
+    tag = resolve_tag(run_dir, tag, field="checkpoint.resume_tag")
     if tag is None:
         return None
     where = checkpoint_dir(run_dir) / tag
+    if not _has_states(where):
+        raise CheckpointError(f"checkpoint: '{where}' holds no model states (an empty or incomplete checkpoint); "
+                              f"delete it or pick another with --set checkpoint.resume_tag=stepN (checkpoints: {_listing(run_dir)})")
     try:
-        path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+        with safe_unpickling():
+            path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
     except Exception as e:  # DeepSpeed/torch raise many types for a damaged file
-        raise CheckpointError(f"checkpoint: '{where}' cannot be read ({first_sentence(e)}); delete it "
-                              "(or point 'latest' at an older checkpoint), or set checkpoint.resume: never") from None
+        raise CheckpointError(_describe_load_error(where, e)) from None
     if path is None or client is None or "stream" not in client:
         raise CheckpointError(f"checkpoint: '{where}' is incomplete (no loop state); delete it or set checkpoint.resume: never")
+    saved = client.get("layout") or {}
+    for key, now in (expect or {}).items():
+        if key in saved and saved[key] != now:
+            raise CheckpointError(f"checkpoint: '{where}' was written with {key}={saved[key]!r}, this run has {now!r}; "
+                                  f"its data position would mean other sequences; resume with the same {key}, "
+                                  "or start fresh with checkpoint.resume: never and another output.run_dir")
     rng = client.pop("rng", None)
     if rng:
         torch.set_rng_state(rng["torch"])

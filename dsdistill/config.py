@@ -163,6 +163,10 @@ class TrainConfig(_Strict):
     stop_at_step: Optional[int] = Field(None, ge=1)
     """End this launch after this optimizer step, with a checkpoint, without changing the schedule (for
     time-boxed sessions such as notebooks); the next launch resumes."""
+    signal_grace_s: float = Field(5.0, ge=0)
+    """Seconds after a first SIGTERM/SIGINT/SIGHUP during which further stop signals count as the same
+    preemption (the process group and the launcher both deliver it); a signal after that exits at once
+    without saving."""
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -231,6 +235,8 @@ class CheckpointConfig(_Strict):
     """Also keep a checkpoint of the best eval (by eval.early_stopping.metric); never pruned."""
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the run directory's latest checkpoint if there is one; never: start fresh."""
+    resume_tag: Optional[str] = None
+    """Resume from this checkpoint (`stepN` in `<run_dir>/checkpoints`) instead of the one `latest` names."""
 
 
 class RunConfig(_Strict):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,32 @@ def all_reduce_sum(values) -> list[float]:
     if _initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def agree(fn, *, what: str):
+    """Run `fn()` on every rank and agree on failure, so no rank waits forever in a later collective.
+
+    If any rank raised, every rank raises: the lowest failing rank its own error, the others `PeerFailed`
+    (which prints nothing), so the first real error reaches the user once, from whichever rank found it."""
+    from dsdistill.errors import PeerFailed
+
+    error: Optional[BaseException] = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below on this rank
+        error = e
+    if _initialized() and dist.get_world_size() > 1:
+        flags = [0.0] * dist.get_world_size()
+        flags[dist.get_rank()] = 1.0 if error is not None else 0.0
+        failed = [r for r, f in enumerate(all_reduce_sum(flags)) if f > 0]
+        if failed and error is None:
+            raise PeerFailed(f"rank {failed[0]} failed during {what}")
+        if failed and failed[0] != dist.get_rank():
+            raise PeerFailed(f"rank {failed[0]} failed during {what}") from error
+    if error is not None:
+        raise error
+    return result
 
 
 def free_port() -> int:

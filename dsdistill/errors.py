@@ -6,6 +6,14 @@ class DistillError(Exception):
     """An error caused by the user's input. The CLI prints `str(err)` on one line and exits non-zero."""
 
     exit_code = 2
+    everywhere = False
+    """True when every rank raises the same error at the same point (only rank 0 prints it)."""
+
+
+class PeerFailed(DistillError):
+    """Another rank failed first and reports its own error; this rank stops without printing."""
+
+    exit_code = 1
 
 
 class ConfigError(DistillError):

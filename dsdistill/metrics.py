@@ -6,30 +6,46 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from dsdistill.errors import DistillError
 from dsdistill.schema import METRICS_FILE, dumps
+
+
+class MetricsError(DistillError):
+    """The metrics stream cannot be written."""
 
 
 class MetricsWriter:
     """Appends one record per line and flushes at once; a no-op on ranks other than 0.
 
-    The file is opened in append mode: records from earlier runs in the same directory are never lost."""
+    The file is opened in append mode on the first record: records from earlier runs in the same
+    directory are never lost, and a run that fails before its first record leaves no empty file."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
+        self.opened = False
+        """Whether this run has written a record (so a failure owes the stream a run_end)."""
         self._fh = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: BaseModel) -> None:
-        if self._fh is None:
+        if not self.enabled:
             return
-        self._fh.write(dumps(record) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh.write(dumps(record) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as e:
+            raise MetricsError(f"output.run_dir: cannot write '{self.path}' ({e.strerror or e}); "
+                               "records written before are kept") from None
+        self.opened = True
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass
             self._fh = None

@@ -25,10 +25,11 @@ import torch.distributed as dist
 
 from dsdistill import checkpoint
 from dsdistill.config import RunConfig, dump_config, load_config
-from dsdistill.dist import all_reduce_sum, free_port
+from dsdistill.dist import agree, all_reduce_sum, free_port
 from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
-from dsdistill.errors import DistillError, ModelError
+from dsdistill.errors import DistillError, ModelError, PeerFailed, one_line
+from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
 from dsdistill.heads import PassThrough, fused_supported, full_weight
 from dsdistill.evaluate import EarlyStopping, EvalResult, evaluate, teacher_perplexity
 from dsdistill.metrics import MetricsWriter
@@ -86,8 +87,11 @@ def setup(cfg: RunConfig) -> Run:
     """Validate everything that can be checked cheaply, then load the models into their engines."""
     rank, world = init_distributed()
     torch.manual_seed(cfg.train.seed)
-    plan = preflight(cfg, world=world, rank=rank)
-    teacher_model = load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher)
+    # every rank checks the same inputs; agreeing on failure keeps a rank that failed alone from leaving the
+    # others waiting in the next collective, and the first error is printed once
+    plan = agree(lambda: preflight(cfg, world=world, rank=rank), what="preflight")
+    teacher_model = agree(lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision,
+                                                 zero3_ds_config=plan.ds_teacher), what="loading the teacher")
     fused = cfg.loss.fused_logits
     if fused:
         reason = fused_supported(teacher_model)
@@ -98,10 +102,10 @@ def setup(cfg: RunConfig) -> Run:
     if fused:
         teacher_model.lm_head = PassThrough()  # the teacher stops at its final hidden state
     teacher = build_teacher_engine(teacher_model, plan.ds_teacher)
-    student_model = load_causal_lm(
+    student_model = agree(lambda: load_causal_lm(
         cfg.student, field="student", precision=plan.precision,
         zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
-    )
+    ), what="loading the student")
     active = set(plan.components)
     student_reason = fused_supported(student_model) if fused else None
     if student_reason is not None:
@@ -145,62 +149,34 @@ def _progress_bar(run: Run):
                 disable=run.rank != 0 or not sys.stderr.isatty())
 
 
-EXIT_PREEMPTED = 75
-"""Exit status after SIGTERM/SIGINT: the step in flight finished and a checkpoint was saved (resumable)."""
-
-
-class StopRequest:
-    """First SIGTERM/SIGINT: finish the current optimizer step, save, stop. Second: exit at once."""
-
-    def __init__(self):
-        self.signal: Optional[str] = None
-        self._previous = {}
-
-    def install(self) -> None:
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, _frame) -> None:
-        import signal
-
-        name = signal.Signals(signum).name
-        if self.signal is not None:
-            print(f"dsdistill: second {name}: exiting now without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.signal = name
-        print(f"dsdistill: {name} received: finishing this optimizer step, then saving a checkpoint "
-              f"(send it again to exit at once)", file=sys.stderr, flush=True)
-
-
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run a whole distillation; returns a summary (rank 0's numbers; other ranks get the same).
 
-    A run that fails or is interrupted after the metrics stream opened still gets its run_end record."""
-    run = setup(cfg)
-    stop = StopRequest()
+    Stop signals are handled from the start (a preemption during model loading still ends cleanly), and
+    a run that fails or is interrupted after its metrics stream opened still gets its run_end record."""
+    stop = StopRequest(cfg.train.signal_grace_s)
     stop.install()
+    run: Optional[Run] = None
+    watch: Optional[LauncherWatch] = None
     try:
+        run = setup(cfg)
+        watch = LauncherWatch(stop).start()
         return _train_loop(run, stop)
     except BaseException as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        run.writer.write(RunEnd(step=run.student.global_steps, reason="interrupted" if interrupted else "error",
-                                message=f"{type(e).__name__}: {e}"[:500]))
+        if run is not None and run.writer.opened and not isinstance(e, PeerFailed):
+            interrupted = isinstance(e, KeyboardInterrupt)
+            try:
+                run.writer.write(RunEnd(step=run.student.global_steps, reason="interrupted" if interrupted else "error",
+                                        message=one_line(f"{type(e).__name__}: {e}")[:500]))
+            except DistillError:
+                pass  # the stream itself cannot be written: the error being raised says so already
         raise
     finally:
+        if watch is not None:
+            watch.close()
         stop.uninstall()
-        run.writer.close()
+        if run is not None:
+            run.writer.close()
 
 
 def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
@@ -212,7 +188,11 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
     stopper = EarlyStopping(metric=cfg.eval.early_stopping.metric, patience=cfg.eval.early_stopping.patience,
                             min_delta=cfg.eval.early_stopping.min_delta)
     tokens_seen = 0
-    resumed = checkpoint.load(student, run.run_dir) if cfg.checkpoint.resume == "auto" else None
+    layout = _layout(run)
+    resumed = None
+    if cfg.checkpoint.resume == "auto":
+        resumed = agree(lambda: checkpoint.load(student, run.run_dir, tag=cfg.checkpoint.resume_tag, expect=layout),
+                        what="resuming")
     if resumed is not None:
         run.stream.restore(resumed["stream"])
         stopper.restore(resumed["early_stopping"])
@@ -262,7 +242,8 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
         return stop
 
     def save(mark_best: bool = False) -> None:
-        state = {"stream": run.stream.state(), "early_stopping": stopper.state(), "tokens_seen": tokens_seen}
+        state = {"stream": run.stream.state(), "early_stopping": stopper.state(), "tokens_seen": tokens_seen,
+                 "layout": layout}
         checkpoint.save(student, run.run_dir, state=state, keep_last=cfg.checkpoint.keep_last, mark_best=mark_best)
 
     bar = _progress_bar(run)
@@ -340,9 +321,11 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
             _say(run.rank, f"warning: {msg}")
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 last_good = checkpoint.latest_tag(run.run_dir)
-                raise DistillError(f"train.max_bad_steps: {bad_in_a_row} consecutive optimizer steps had a non-finite {what} "
+                err = DistillError(f"train.max_bad_steps: {bad_in_a_row} consecutive optimizer steps had a non-finite {what} "
                                    f"(last at step {step}); stopped. Latest checkpoint: "
                                    f"{checkpoint.checkpoint_dir(run.run_dir) / last_good if last_good else 'none'}")
+                err.everywhere = True  # every rank counts the same agreed steps
+                raise err
         else:
             bad_in_a_row = 0
 
@@ -385,14 +368,19 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
             break
         if stop_requested and done < total:
             reason = "interrupted"
-            _say(run.rank, f"stopping at optimizer step {done} on {stop.signal or 'a signal on another rank'}; saving a checkpoint")
+            _say(run.rank, f"stopping at optimizer step {done} ({stop.signal or 'a stop request on another rank'}); saving a checkpoint")
             break
     bar.close()
 
     if (cfg.checkpoint.save_final or reason in ("paused", "interrupted")) and checkpoint.latest_tag(run.run_dir) != f"step{student.global_steps}":
         save()
-    message = f"{stop.signal or 'signal'} received; checkpoint at step {student.global_steps}; relaunch to resume" if reason == "interrupted" else ""
+    stop.leaving()  # saved: a launcher's follow-up signals have nothing left to interrupt
+    message = f"{stop.signal or 'signal'}; checkpoint at step {student.global_steps}; relaunch to resume" if reason == "interrupted" else ""
     run.writer.write(RunEnd(step=student.global_steps, reason=reason, best=stopper.best, message=message))
+    # leave together: a launcher that sees one rank exit stops the others, which must not be before rank 0
+    # has written run_end
+    if dist.is_initialized() and run.world > 1:
+        dist.barrier()
     return {
         "steps": student.global_steps,
         "total_steps": total,
@@ -402,6 +390,25 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
         "run_dir": str(run.run_dir),
         "run": run,
     }
+
+
+def data_fingerprint(ds) -> str:
+    """Sequence count and a hash of the first, middle and last packed sequences (cheap; any change to the
+    data, tokenizer or packing moves it)."""
+    import hashlib
+
+    n = len(ds)
+    h = hashlib.sha256()
+    for i in sorted({0, n // 2, n - 1} if n else set()):
+        h.update(ds[i]["input_ids"].numpy().tobytes())
+    return f"{n} sequences, {h.hexdigest()[:16]}"
+
+
+def _layout(run: Run) -> dict[str, Any]:
+    """What fixes the meaning of a saved data position: resuming with any of it changed is refused."""
+    c = run.cfg
+    return {"train.micro_batch_size": c.train.micro_batch_size, "train.seq_len": c.train.seq_len,
+            "train.seed": c.train.seed, "world_size": run.world, "data": data_fingerprint(run.splits.train)}
 
 
 def _to_float(x) -> Optional[float]:
@@ -437,10 +444,28 @@ def build_parser(prog: str = "dsdistill/train.py") -> argparse.ArgumentParser:
     return p
 
 
+def _rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def report_error(err: BaseException) -> None:
-    """Print a user error on one line (once: on rank 0, or where no rank is known yet)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"dsdistill: error: {err}", file=sys.stderr, flush=True)
+    """Print a user error on one line, from the rank that found it (an error every rank raises alike is
+    printed by rank 0 alone; a rank that stopped because another failed prints nothing)."""
+    if isinstance(err, PeerFailed):
+        return
+    rank = _rank()
+    if rank == 0 or not err.everywhere:
+        where = f"rank {rank}: " if rank != 0 else ""
+        print(f"dsdistill: error: {where}{one_line(str(err))}", file=sys.stderr, flush=True)
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank went away (it reports its own error)."""
+    text = f"{type(err).__name__} {err}".lower()
+    return any(k in text for k in ("connection closed", "connection reset", "broken pipe", "distbackenderror",
+                                   "gloo", "nccl error", "socket timeout", "timed out"))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -451,6 +476,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except DistillError as e:
         report_error(e)
         return e.exit_code
+    except (RuntimeError, OSError) as e:
+        if not _lost_peer(e):
+            raise
+        print(f"dsdistill: error: rank {_rank()}: stopped because another rank went away "
+              f"({one_line(str(e))[:160]})", file=sys.stderr, flush=True)
+        return 1
     return EXIT_PREEMPTED if summary["reason"] == "interrupted" else 0
 
 

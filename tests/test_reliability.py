@@ -78,8 +78,23 @@ def test_sigterm_finishes_the_step_saves_and_exits_resumably(make_config, tmp_pa
     assert [r.step for r in recs if isinstance(r, TrainRecord)][-2:] == [end.step, end.step + 1]
 
 
-def test_second_signal_exits_at_once(make_config, tmp_path):
+def test_a_signal_repeated_within_the_grace_period_is_the_same_preemption(make_config, tmp_path):
     cfg = make_config(train={"max_steps": 400}, eval={"every": 0, "max_batches": 1})
+    run_dir = Path(cfg["output"]["run_dir"])
+    proc = start_script(cfg, tmp_path)
+    wait_for_train_records(run_dir, 2, proc)
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):  # group + launcher + a Ctrl-C, at once
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "exiting now without saving" not in err
+    end = records(run_dir)[-1]
+    assert isinstance(end, RunEnd) and end.reason == "interrupted"
+    assert checkpoint.latest_tag(run_dir) == f"step{end.step}"
+
+
+def test_second_signal_after_the_grace_period_exits_at_once(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 400, "signal_grace_s": 0.0}, eval={"every": 0, "max_batches": 1})
     proc = start_script(cfg, tmp_path)
     wait_for_train_records(Path(cfg["output"]["run_dir"]), 2, proc)
     proc.send_signal(signal.SIGTERM)
