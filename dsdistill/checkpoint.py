@@ -160,7 +160,7 @@ def refused_pickle(err: BaseException) -> bool:
     return isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err) or "Unsupported global" in str(err)
 
 
-def _describe_load_error(where: Path, err: BaseException) -> str:
+def describe_load_error(where: Path, err: BaseException) -> str:
     if refused_pickle(err):
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f" ({found.group(1)})" if found else ""
@@ -250,7 +250,7 @@ def load(engine, run_dir: Path, *, tag: Optional[str] = None, expect: Optional[d
         with safe_unpickling():
             path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
     except Exception as e:  # DeepSpeed/torch raise many types for a damaged file
-        raise CheckpointError(_describe_load_error(where, e)) from None
+        raise CheckpointError(describe_load_error(where, e)) from None
     if path is None or client is None or "stream" not in client:
         raise CheckpointError(f"checkpoint: '{where}' is incomplete (no loop state); delete it or set checkpoint.resume: never")
     saved = client.get("layout") or {}
@@ -263,4 +263,5 @@ def load(engine, run_dir: Path, *, tag: Optional[str] = None, expect: Optional[d
     if rng:
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
+    client["tag"] = tag
     return client

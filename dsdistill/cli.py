@@ -38,7 +38,7 @@ def _cmd_demo(args) -> int:
 def _cmd_export(args) -> int:
     from dsdistill.export import export
 
-    out = export(args.run_dir, args.out, tag=args.tag, dtype=args.dtype)
+    out = export(args.run_dir, args.out, tag=args.tag, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"exported the student to {out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     x.add_argument("--tag", default=None, help="checkpoint tag, e.g. step400 (default: latest)")
     x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
+    x.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the student's model code to run (never taken from the run directory)")
     x.set_defaults(func=_cmd_export)
     return p
 

@@ -23,7 +23,12 @@ class ExportError(DistillError):
     """The run cannot be exported."""
 
 
-def export(run_dir: str | Path, out: str | Path, *, tag: Optional[str] = None, dtype: str = "fp32") -> Path:
+def export(run_dir: str | Path, out: str | Path, *, tag: Optional[str] = None, dtype: str = "fp32",
+           trust_remote_code: bool = False) -> Path:
+    """Write the student of `run_dir`'s checkpoint `tag` (default: latest) to `out`.
+
+    `trust_remote_code` comes from the caller (the command line) only, never from the run directory:
+    a run directory is data, and nothing read from it may run code."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -33,16 +38,22 @@ def export(run_dir: str | Path, out: str | Path, *, tag: Optional[str] = None, d
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"export: '{out}' exists and is not an empty directory; choose another --out")
     cfg = validate(read_mapping(run_dir / "config.yaml"))
-    tag = tag or checkpoint.latest_tag(run_dir)
-    if tag is None or not (checkpoint.checkpoint_dir(run_dir) / tag).is_dir():
-        raise ExportError(f"export: no checkpoint{f' {tag!r}' if tag else ''} in '{checkpoint.checkpoint_dir(run_dir)}'")
+    tag = checkpoint.resolve_tag(run_dir, tag, field="export --tag")
+    if tag is None:
+        raise ExportError(f"export: no checkpoint in '{checkpoint.checkpoint_dir(run_dir)}'")
+    where = checkpoint.checkpoint_dir(run_dir) / tag
+    if not any(where.glob("*model_states.pt")):
+        raise ExportError(f"export: '{where}' holds no model states (an empty or incomplete checkpoint); pick another with --tag")
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.checkpoint_dir(run_dir)), tag=tag)
+        with checkpoint.safe_unpickling():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.checkpoint_dir(run_dir)), tag=tag)
     except Exception as e:
-        raise ExportError(one_line(f"export: cannot consolidate '{checkpoint.checkpoint_dir(run_dir) / tag}': {type(e).__name__}: {e}")[:400]) from None
+        if checkpoint.refused_pickle(e):
+            raise ExportError("export: " + checkpoint.describe_load_error(where, e)) from None
+        raise ExportError(one_line(f"export: cannot consolidate '{where}': {type(e).__name__}: {e}")[:400]) from None
     weights = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
-    config = AutoConfig.from_pretrained(cfg.student.path, revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.student.trust_remote_code)
+    config = AutoConfig.from_pretrained(cfg.student.path, revision=cfg.student.revision, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     result = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied]

@@ -163,7 +163,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         watch = LauncherWatch(stop).start()
         return _train_loop(run, stop)
     except BaseException as e:
-        if run is not None and run.writer.opened and not isinstance(e, PeerFailed):
+        # the stream gets its run_end if this run wrote to it, or continues one (a failed resume)
+        if run is not None and (run.writer.opened or run.writer.path.exists()) and not isinstance(e, PeerFailed):
             interrupted = isinstance(e, KeyboardInterrupt)
             try:
                 run.writer.write(RunEnd(step=run.student.global_steps, reason="interrupted" if interrupted else "error",
@@ -197,7 +198,7 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
         run.stream.restore(resumed["stream"])
         stopper.restore(resumed["early_stopping"])
         tokens_seen = int(resumed["tokens_seen"])
-        _say(run.rank, f"resumed from {checkpoint.checkpoint_dir(run.run_dir) / checkpoint.latest_tag(run.run_dir)} "
+        _say(run.rank, f"resumed from {checkpoint.checkpoint_dir(run.run_dir) / resumed['tag']} "
              f"at optimizer step {student.global_steps}")
     run.writer.write(RunStart(
         step=student.global_steps, config=dump_config(cfg), total_steps=total, world_size=world,

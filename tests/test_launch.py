@@ -3,7 +3,9 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +50,10 @@ def test_dry_run_single_node(config_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "world size 2; global batch 8 sequences" in out  # the preflight plan for this world size
-    assert "launch.sh: deepspeed, 1 node(s) x 2 GPU(s) = world 2" in out
+    assert "launch.sh: local, 1 node(s) x 2 GPU(s) = world 2" in out
     launcher = next(line for line in out.splitlines() if line.startswith("launcher: "))
-    assert f"-m deepspeed.launcher.runner --num_gpus 2 --master_port 29500 {ROOT}/dsdistill/train.py --config" in launcher
+    assert "-m dsdistill.launcher --nnodes 1 --nproc-per-node 2 --node-rank 0 --master-addr" in launcher
+    assert f"--master-port 29500 {ROOT}/dsdistill/train.py --config" in launcher
     assert launcher.endswith("--set checkpoint.resume=auto --set train.seed=7")
     assert sum(line.startswith("node ") for line in out.splitlines()) == 1
 
@@ -82,10 +85,12 @@ def test_dry_run_inside_slurm(config_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "launch.sh: slurm, 2 node(s) x 2 GPU(s) = world 4, master gpu-a17:29500" in proc.stdout
     launcher = next(line for line in proc.stdout.splitlines() if line.startswith("launcher: "))
-    assert launcher.startswith("launcher: srun --nodes 2 --ntasks-per-node 1") and "--node_rank $SLURM_NODEID" in launcher
+    assert launcher.startswith("launcher: srun --nodes 2 --ntasks-per-node 1")
+    inner = shlex.split(launcher[len("launcher: "):])[-1]  # what each node's shell runs
+    assert inner.startswith("exec ") and '--node-rank "$SLURM_NODEID"' in inner and "-m dsdistill.launcher --nnodes 2" in inner
     nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
     assert [n.split(":")[0] for n in nodes] == ["node gpu-a17", "node gpu-a18"]
-    assert "--nnodes 2 --nproc_per_node 2 --node_rank 1 --master_addr gpu-a17" in nodes[1]
+    assert "--nnodes 2 --nproc-per-node 2 --node-rank 1 --master-addr gpu-a17" in nodes[1]
 
 
 @pytest.mark.parametrize(
@@ -110,7 +115,7 @@ def test_unwritable_run_dir_stops_the_launch(config_file, tmp_path):
 
 
 def test_bad_launch_arguments(config_file, tmp_path):
-    assert "--launcher 'mpich': expected pdsh" in run_launch(["--config", str(config_file()), "--launcher", "mpich"], tmp_path).stderr
+    assert "--launcher 'mpich': expected local, deepspeed, pdsh" in run_launch(["--config", str(config_file()), "--launcher", "mpich"], tmp_path).stderr
     assert "config file 'nope.yaml' does not exist" in run_launch(["--config", "nope.yaml"], tmp_path).stderr
     hostfile = tmp_path / "hosts"
     hostfile.write_text("a slots=2\nb slots=4\n")
@@ -155,3 +160,97 @@ def test_every_student_config_trains_at_its_stage(make_config, tmp_path, path):
     recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
     trains = [r for r in recs if isinstance(r, TrainRecord)]
     assert len(trains) == 2 and all(v == v for t in trains for v in t.losses.values())
+
+
+# ------------------------------------------------------------------ hostile paths, environment, SLURM without scontrol
+
+HOSTILE = "my runs/$(touch PWNED) `touch PWNED2`; echo x"
+
+
+def _hostile_config(make_config, tmp_path) -> Path:
+    folder = tmp_path / HOSTILE
+    folder.mkdir(parents=True)
+    cfg = folder / "run $(id).yaml"
+    cfg.write_text(yaml.safe_dump(make_config()))
+    return cfg
+
+
+def _fake_bin(tmp_path: Path, name: str, body: str) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    f = d / name
+    f.write_text("#!/usr/bin/env bash\n" + body)
+    f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    return d
+
+
+@pytest.mark.parametrize("mode", ["local", "hostfile", "slurm"])
+def test_a_config_path_with_spaces_and_substitutions_neither_splits_nor_runs(make_config, tmp_path, mode):
+    cfg = _hostile_config(make_config, tmp_path)
+    out_dir = f"{tmp_path}/out $(touch PWNED3)"
+    args, env = ["--config", str(cfg), "--dry-run", "--", "--set", f"output.run_dir={out_dir}"], {}
+    if mode == "hostfile":
+        (tmp_path / "hosts").write_text("n0 slots=1\nn1 slots=1\n")
+        args = ["--hostfile", str(tmp_path / "hosts")] + args
+    if mode == "slurm":
+        fake = _fake_bin(tmp_path, "scontrol", 'printf "n0\\nn1\\n"\n')
+        env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[0-1]", "SLURM_GPUS_ON_NODE": "1"}
+    proc = run_launch(args, tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    launcher = next(line for line in proc.stdout.splitlines() if line.startswith("launcher: "))
+    argv = shlex.split(launcher[len("launcher: "):])
+    if mode == "slurm":  # the inner shell's command line, as the node's bash will parse it
+        argv = shlex.split(argv[-1].replace('"$SLURM_NODEID"', "0"))
+    assert str(cfg) in argv and f"output.run_dir={out_dir}" in argv
+    for line in proc.stdout.splitlines():
+        if line.startswith("node "):
+            assert str(cfg) in shlex.split(line.split(": ", 1)[1].split("; ")[-1])
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
+
+
+def test_slurm_inner_command_runs_without_executing_the_path(make_config, tmp_path):
+    """A fake srun runs the per-node shell line for real; a fake python records the launcher's argv."""
+    cfg = _hostile_config(make_config, tmp_path)
+    record = tmp_path / "argv.txt"
+    fake = _fake_bin(tmp_path, "scontrol", 'printf "n0\\n"\n')
+    _fake_bin(tmp_path, "srun", 'while [[ "$1" != bash ]]; do shift; done; SLURM_NODEID=0 exec "$@"\n')
+    _fake_bin(tmp_path, "py", f'if [[ "$2" == dsdistill.launcher ]]; then printf "%s\\n" "$@" > {shlex.quote(str(record))}; exit 0; fi\n'
+                              f'exec {shlex.quote(sys.executable)} "$@"\n')
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n0", "SLURM_GPUS_ON_NODE": "1",
+           "PYTHON": str(fake / "py")}
+    proc = run_launch(["--config", str(cfg)], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    argv = record.read_text().splitlines()
+    assert argv[argv.index("--config") + 1] == str(cfg) and argv[argv.index("--node-rank") + 1] == "0"
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_env_file_lands_in_the_run_dir_private_and_without_credentials(config_file, tmp_path):
+    fake = _fake_bin(tmp_path, "pdsh", "exit 0\n")
+    _fake_bin(tmp_path, "ssh", "exit 0\n")  # DeepSpeed's runner first checks each host over ssh
+    (tmp_path / "hosts").write_text("n0 slots=1\nn1 slots=1\n")
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "HF_TOKEN": "hf_secret", "NCCL_DEBUG": "INFO", "MY_SITE_VAR": "x1",
+           "AWS_SECRET_ACCESS_KEY": "nope"}
+    (tmp_path / "extra.env").write_text("WANDB_API_KEY=given-on-purpose\n")
+    proc = run_launch(["--config", str(config_file()), "--hostfile", str(tmp_path / "hosts"), "--export", "MY_SITE_VAR",
+                       "--env-file", str(tmp_path / "extra.env")], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    env_file = tmp_path / "run" / ".deepspeed_env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    lines = env_file.read_text().splitlines()
+    assert "NCCL_DEBUG=INFO" in lines and "DS_ACCELERATOR=cpu" in lines and "MY_SITE_VAR=x1" in lines
+    assert "WANDB_API_KEY=given-on-purpose" in lines
+    assert not [ln for ln in lines if "hf_secret" in ln or "AWS_SECRET" in ln]
+    assert not (ROOT / ".deepspeed_env.launch").exists()
+
+
+def test_slurm_without_scontrol_says_what_is_missing(config_file, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tool in ("bash", "sed", "hostname", "grep", "dirname", "tail"):
+        (bare / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bare), "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "gpu-[1-2]"}
+    proc = run_launch(["--config", str(config_file()), "--dry-run"], tmp_path, env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("launch.sh: error: inside SLURM job 9 but 'scontrol' is not on PATH; it expands the node list "
+                                   "'gpu-[1-2]' (load your site's slurm module, or pass --hostfile)")
