@@ -1,28 +1,83 @@
-"""Capturing post-RoPE queries and keys of chosen decoder layers while the model runs normally (SDPA).
+"""Capturing post-RoPE queries and keys of chosen layers while the model runs its normal attention kernel.
 
-Forward hooks on each chosen layer's query/key modules (`q_norm`/`k_norm` where the architecture has
-them, as Qwen3 does, else `q_proj`/`k_proj`) keep their outputs, and a pre-hook on the attention module
-keeps the rotary `position_embeddings`; `collect()` applies the rotation. Works for Llama/Qwen/Mistral-
-style decoders (rotate-half RoPE).
+transformers routes every modern architecture's attention (Llama, Qwen2/3, Mistral, Gemma, Phi, GPT-2,
+OPT, GPT-NeoX, ...) through its attention-function registry, calling `fn(module, query, key, value, mask,
+scaling=..., ...)` with queries and keys already rotated and normed, shaped [B, H, S, d]. `QKCapture`
+wraps the registered functions once (the wrapper is a pass-through for every module nobody captures) and
+keeps (q, k) of the attention modules of the chosen layers, found by their `layer_idx`; nothing depends
+on module names or on how an architecture applies its positions.
+
+Each captured query is rescaled so that `q k^T / sqrt(d)` (what the attention losses compute) equals the
+model's own `q k^T * scaling` (OPT folds the scale into its projection, Gemma uses its own scalar).
+`unsupported_reason` tells, from a model built on the meta device, whether capture can work before any
+weight loads.
 """
 from __future__ import annotations
+
+import math
+import weakref
+from typing import Optional
 
 import torch
 from torch import nn
 
-
-def decoder_layers(model: nn.Module):
-    """The list of decoder blocks of a causal LM (Llama/Qwen/Mistral layout)."""
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: cannot find decoder layers for attention capture")
-    return layers
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, tuple[QKCapture, int]]" = weakref.WeakKeyDictionary()
+"""Attention module -> (capture, 1-based layer) for every module whose q/k someone keeps."""
+_WRAPPED: set[str] = set()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _wrap(fn):
+    def capturing(module, query, key, value, attention_mask, *args, **kwargs):
+        owner = _OWNERS.get(module)
+        if owner is not None:
+            capture, layer = owner
+            scaling = kwargs.get("scaling")
+            capture._keep(layer, query, key, scaling)
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    capturing.__wrapped_by_dsdistill__ = fn
+    return capturing
+
+
+def _install_wrappers() -> None:
+    """Wrap every registered attention function once (idempotent; the wrapper changes nothing for modules
+    that are not captured)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name in list(ALL_ATTENTION_FUNCTIONS.valid_keys()):
+        fn = ALL_ATTENTION_FUNCTIONS[name]
+        if getattr(fn, "__wrapped_by_dsdistill__", None) is None:
+            ALL_ATTENTION_FUNCTIONS[name] = _wrap(fn)
+        _WRAPPED.add(name)
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """{0-based layer index: self-attention module} of a causal LM, found by the `layer_idx` attribute."""
+    found: dict[int, nn.Module] = {}
+    for _, mod in model.named_modules():
+        idx = getattr(mod, "layer_idx", None)
+        if isinstance(idx, int) and "attention" in type(mod).__name__.lower() and not getattr(mod, "is_cross_attention", False):
+            found.setdefault(idx, mod)
+    return found
+
+
+def unsupported_reason(model: nn.Module, layers: list[int], attn_implementation: Optional[str]) -> Optional[str]:
+    """Why q/k of `layers` (1-based) cannot be captured for `model` (built on any device), or None."""
+    name = type(model).__name__
+    if attn_implementation == "eager":
+        return "attn_implementation 'eager' bypasses transformers' attention registry; use sdpa"
+    can = getattr(type(model), "_can_set_attn_implementation", None)
+    if can is not None:
+        try:
+            if not can():
+                return f"{name} computes attention in its own code, not through transformers' attention registry"
+        except Exception:  # noqa: BLE001 - a heuristic; fall through to the module check
+            pass
+    mods = attention_modules(model)
+    missing = [layer for layer in layers if layer - 1 not in mods]
+    if missing:
+        return f"{name} has no attention module with layer_idx for layer(s) {', '.join(map(str, missing))}"
+    return None
 
 
 class QKCapture:
@@ -30,49 +85,31 @@ class QKCapture:
 
     def __init__(self, model: nn.Module, layers: list[int]):
         self.layers = sorted(set(layers))
-        self._store: dict = {}
-        self._handles = []
-        blocks = decoder_layers(model)
-        for layer in self.layers:
-            attn = blocks[layer - 1].self_attn
-            head_dim = attn.head_dim
-            q_mod = getattr(attn, "q_norm", None) or attn.q_proj
-            k_mod = getattr(attn, "k_norm", None) or attn.k_proj
-            self._handles.append(q_mod.register_forward_hook(self._keep(layer, "q", head_dim)))
-            self._handles.append(k_mod.register_forward_hook(self._keep(layer, "k", head_dim)))
-            self._handles.append(attn.register_forward_pre_hook(self._keep_pos(layer), with_kwargs=True))
+        self._store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        mods = attention_modules(model)
+        missing = [layer for layer in self.layers if layer - 1 not in mods]
+        if missing:
+            raise ValueError(f"{type(model).__name__}: no attention module for layer(s) {missing}")
+        _install_wrappers()
+        self._modules = [mods[layer - 1] for layer in self.layers]
+        for layer, mod in zip(self.layers, self._modules):
+            _OWNERS[mod] = (self, layer)
 
-    def _keep(self, layer: int, which: str, head_dim: int):
-        def hook(_module, _inputs, output):
-            b, s = output.shape[0], output.shape[1]
-            self._store[(layer, which)] = output.reshape(b, s, -1, head_dim).transpose(1, 2)  # [B, H, S, d]
-        return hook
-
-    def _keep_pos(self, layer: int):
-        def hook(_module, args, kwargs):
-            pos = kwargs.get("position_embeddings")
-            if pos is None and len(args) > 1:
-                pos = args[1]
-            self._store[(layer, "pos")] = pos
-        return hook
+    def _keep(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: Optional[float]) -> None:
+        d = q.size(-1)
+        if scaling is not None:
+            factor = float(scaling) * math.sqrt(d)
+            if abs(factor - 1.0) > 1e-12:
+                q = q * factor
+        self._store[layer] = (q, k)
 
     def collect(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer: (q, k)} with RoPE applied, then forget them."""
-        out = {}
-        for layer in self.layers:
-            q, k = self._store.get((layer, "q")), self._store.get((layer, "k"))
-            if q is None or k is None:
-                continue
-            pos = self._store.get((layer, "pos"))
-            if pos is not None:
-                cos, sin = pos[0].unsqueeze(1).to(q.dtype), pos[1].unsqueeze(1).to(q.dtype)
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-            out[layer] = (q, k)
+        """{layer: (q, k)} of the last forward, then forget them."""
+        out = dict(self._store)
         self._store.clear()
         return out
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for mod in self._modules:
+            _OWNERS.pop(mod, None)
+        self._modules = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from dsdistill.config import RunConfig
 from dsdistill.curriculum import Curriculum
@@ -39,6 +39,10 @@ class Plan:
     ds_student: dict
     ds_teacher: dict
     layers: LayerPlan
+    left_out: dict
+    """Scheduled components this run cannot compute for these models, with the reason (warned, not run)."""
+    fused_off: Optional[str] = None
+    """Why fused KD/LM cannot run for these models (then full logits are used), or None."""
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -61,7 +65,10 @@ class Plan:
             f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(self.ds_teacher)}, frozen",
             f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(self.ds_student)}, precision {self.precision}",
             f"curriculum: computes {', '.join(self.curriculum.active)}"
-            + (f"; scheduled but not computed by this version: {', '.join(self.curriculum.inactive)}" if self.curriculum.inactive else ""),
+            + (f"; scheduled but not computed: {', '.join(self.curriculum.inactive)}" if self.curriculum.inactive else ""),
+            *(f"warning: {name} is left out: {why}" for name, why in self.left_out.items()),
+            *([f"note: fused KD/LM is off because {self.fused_off}; full logits are used"]
+              if c.loss.fused_logits and self.fused_off else []),
             f"run dir: {self.run_dir}",
         ]
         m = estimate_memory(self)
@@ -77,12 +84,7 @@ class Plan:
 
 def count_params(model_config) -> int:
     """Parameters of a model built from its config on the meta device (no memory, no weights read)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(model_config).parameters())
 
 
 def estimate_memory(plan: "Plan") -> dict[str, float]:
@@ -189,8 +191,67 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> Plan:
         warmup_steps=warmup_steps_of(cfg.scheduler, total_steps), hidden_size=getattr(student_cfg, "hidden_size", None),
     )
     layers = LayerPlan.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
+    for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
+        _check_causal_lm(mc, field, getattr(cfg, field).path)
+    left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
+    fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
+    if left_out:
+        try:
+            curriculum = Curriculum(cfg.curriculum, active=tuple(n for n in curriculum.active if n not in left_out))
+        except ValueError as e:
+            raise ConfigError(f"curriculum.weights: {e}") from None
     return Plan(cfg, rank, world, run_dir, curriculum, tokenizer, vocab, teacher_cfg, student_cfg, splits, stream,
-                total_steps, precision_of(cfg), ds_student, ds_teacher, layers)
+                total_steps, precision_of(cfg), ds_student, ds_teacher, layers, left_out, fused_off)
+
+
+def _check_causal_lm(model_config, field: str, path: str) -> None:
+    """A decoder-only causal LM with a linear output head, or a one-line error naming what it is."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(model_config, "model_type", "?")
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ModelError(f"{field}.path: '{path}' is a {kind} encoder-decoder model; expected a decoder-only causal LM")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False):
+        raise ModelError(f"{field}.path: '{path}' is a {kind} model (a bidirectional encoder); expected a decoder-only causal LM")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(model_config, "auto_map", None):
+        raise ModelError(f"{field}.path: '{path}' has model_type '{kind}', which transformers has no causal LM for")
+
+
+def _fused_off(teacher_cfg, student_cfg) -> Optional[str]:
+    from dsdistill.heads import fused_supported
+
+    for role, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
+        why = fused_supported(meta_model(mc))
+        if why is not None:
+            return f"{why} ({role})"
+    return None
+
+
+def meta_model(model_config):
+    """The causal LM of a config, built on the meta device (no memory, no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def _uncomputable(cfg: RunConfig, curriculum: Curriculum, layers: LayerPlan, teacher_cfg, student_cfg) -> dict[str, str]:
+    """{component: why} for scheduled components these architectures cannot provide inputs for."""
+    from dsdistill.capture import unsupported_reason
+    from dsdistill.student import ATTENTION_COMPONENTS, capture_layers
+
+    out: dict[str, str] = {}
+    for name in ATTENTION_COMPONENTS:
+        if name not in curriculum.active:
+            continue
+        s_layers, t_layers = capture_layers(layers, {name})
+        for role, spec, mc, needed in (("teacher", cfg.teacher, teacher_cfg, t_layers), ("student", cfg.student, student_cfg, s_layers)):
+            why = unsupported_reason(meta_model(mc), needed, spec.attn_implementation)
+            if why is not None:
+                out[name] = f"the {role}'s attention cannot be captured ({why})"
+                break
+    return out
 
 
 def _n_layers(model_config, field: str) -> int:

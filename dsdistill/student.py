@@ -152,3 +152,19 @@ class DistillStudent(nn.Module):
             if "routing_proj" in self.aux:
                 res["routing_feature"] = [proj(hidden[i + 1]) for i, proj in enumerate(self.aux["routing_proj"])]
         return res
+
+
+ATTENTION_COMPONENTS = ("attention", "routing_attention_alignment")
+"""Components that need captured queries and keys."""
+
+
+def capture_layers(layers: LayerPlan, active) -> tuple[list[int], list[int]]:
+    """(student layers, teacher layers), 1-based, whose q/k the active attention components need."""
+    s_layers, t_layers = set(), set()
+    if "attention" in active:
+        s_layers |= {si for si, _ in layers.attention}
+        t_layers |= {ti for _, ti in layers.attention}
+    if "routing_attention_alignment" in active:
+        s_layers |= set(layers.routed_attention_students)
+        t_layers |= set(range(1, layers.n_teacher + 1))
+    return sorted(s_layers), sorted(t_layers)

@@ -30,13 +30,13 @@ from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
 from dsdistill.errors import DistillError, ModelError, PeerFailed, one_line
 from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
-from dsdistill.heads import PassThrough, fused_supported, full_weight
+from dsdistill.heads import PassThrough, full_weight
 from dsdistill.evaluate import EarlyStopping, EvalResult, evaluate, teacher_perplexity
 from dsdistill.metrics import MetricsWriter
 from dsdistill.capture import QKCapture
 from dsdistill.models import DTYPES, load_causal_lm, param_counts
 from dsdistill.objective import component_sums, forward_pair, objective_value, unit_counts, unit_of, weighted_sum
-from dsdistill.student import DistillStudent
+from dsdistill.student import DistillStudent, capture_layers
 from dsdistill.preflight import Plan, preflight
 from dsdistill.report import eval_line, train_line
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
@@ -92,13 +92,11 @@ def setup(cfg: RunConfig) -> Run:
     plan = agree(lambda: preflight(cfg, world=world, rank=rank), what="preflight")
     teacher_model = agree(lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision,
                                                  zero3_ds_config=plan.ds_teacher), what="loading the teacher")
-    fused = cfg.loss.fused_logits
-    if fused:
-        reason = fused_supported(teacher_model)
-        if reason is not None:
-            fused = False
-            _say(rank, f"note: fused KD/LM is off because {reason} (teacher); using full logits")
-    teacher_head_weight = teacher_model.lm_head.weight
+    # preflight decided from both architectures (built on the meta device) whether the fused path applies
+    fused = cfg.loss.fused_logits and plan.fused_off is None
+    if cfg.loss.fused_logits and plan.fused_off is not None:
+        _say(rank, f"note: fused KD/LM is off because {plan.fused_off}; using full logits")
+    teacher_head_weight = teacher_model.lm_head.weight if fused else None
     if fused:
         teacher_model.lm_head = PassThrough()  # the teacher stops at its final hidden state
     teacher = build_teacher_engine(teacher_model, plan.ds_teacher)
@@ -107,24 +105,15 @@ def setup(cfg: RunConfig) -> Run:
         zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
     ), what="loading the student")
     active = set(plan.components)
-    student_reason = fused_supported(student_model) if fused else None
-    if student_reason is not None:
-        raise ModelError(f"loss.fused_logits: the student cannot use fused KD/LM ({student_reason}); set it to false")
     wrapped = DistillStudent(student_model, loss=cfg.loss, plan=plan.layers, teacher_width=plan.teacher_config.hidden_size,
                              components=active, seed=cfg.train.seed, fused=fused)
     if plan.precision != "fp32":
         wrapped.aux.to(DTYPES[plan.precision])
     student = build_student_engine(wrapped, plan.ds_student, cfg, total_steps=plan.total_steps)
-    s_layers, t_layers = set(), set()
-    if "attention" in active:
-        s_layers |= {si for si, _ in plan.layers.attention}
-        t_layers |= {ti for _, ti in plan.layers.attention}
-    if "routing_attention_alignment" in active:
-        s_layers |= set(plan.layers.routed_attention_students)
-        t_layers |= set(range(1, plan.layers.n_teacher + 1))
+    s_layers, t_layers = capture_layers(plan.layers, active)
     return Run(plan, teacher, student, MetricsWriter(plan.run_dir, enabled=rank == 0),
-               student_capture=QKCapture(student_model, sorted(s_layers)) if s_layers else None,
-               teacher_capture=QKCapture(teacher.module, sorted(t_layers)) if t_layers else None,
+               student_capture=QKCapture(student_model, s_layers) if s_layers else None,
+               teacher_capture=QKCapture(teacher.module, t_layers) if t_layers else None,
                fused=fused, teacher_head_weight=teacher_head_weight)
 
 
@@ -212,7 +201,9 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
          f"{cfg.train.micro_batch_size * gas * world} x {cfg.train.seq_len} tokens, teacher {t_params:,} params "
          f"(ZeRO-3), student {s_params:,} params (ZeRO-{zero_stage(run.ds_student)}), run dir {run.run_dir}")
     if cur.inactive:
-        msg = f"scheduled components not computed by this version (left out of the objective): {', '.join(cur.inactive)}"
+        why = "; ".join(f"{n}: {run.plan.left_out[n]}" for n in cur.inactive if n in run.plan.left_out)
+        msg = (f"scheduled components not computed for this run (left out of the objective): {', '.join(cur.inactive)}"
+               + (f" ({why})" if why else ""))
         _say(run.rank, f"warning: {msg}")
         run.writer.write(AlertRecord(step=student.global_steps, level="info", code="inactive_components", message=msg))
 
