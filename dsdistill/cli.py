@@ -22,6 +22,8 @@ def _cmd_check(args) -> int:
     from dsdistill.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
+    if args.world_size is not None and args.world_size < 1:
+        raise DistillError(f"check: --world-size {args.world_size}: expected a positive number of ranks")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     plan = preflight(cfg, world=world)
     print(plan.describe())

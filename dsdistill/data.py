@@ -60,6 +60,8 @@ def load_text(path: str, split: str, *, field: str):
                 raise DataError(f"{field}: '{path}' has extension '{p.suffix}'; expected one of {', '.join(BUILDERS)}")
             if split != "train":
                 raise DataError(f"{field}: '{path}' is a single file and has only a 'train' split, not '{split}'")
+            if builder != "parquet":
+                _check_text_file(p, field=field, path=path)
             return datasets.load_dataset(builder, data_files={"train": str(p)}, split="train")
         if p.is_dir():
             return datasets.load_dataset(str(p), split=split)
@@ -69,14 +71,74 @@ def load_text(path: str, split: str, *, field: str):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the file and the reason
-        raise DataError(one_line(f"{field}: cannot load '{path}' (split '{split}'): {type(e).__name__}: {e}")[:400]) from None
+        cause = _root_cause(e)
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(f"{field}: '{path}' is not UTF-8 text ({cause.reason} at byte {cause.start} of a block); "
+                            "expected UTF-8 encoded text") from None
+        raise DataError(one_line(f"{field}: cannot load '{path}' (split '{split}'): {type(cause).__name__}: {cause}")[:400]) from None
 
 
-def _check_text_column(ds, text_field: str, where: str) -> None:
+def _root_cause(e: BaseException) -> BaseException:
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _check_text_file(p: Path, *, field: str, path: str) -> None:
+    """An empty file or bytes that are not UTF-8 are named here, before `datasets` turns them into
+    StopIteration or DatasetGenerationError. The decode scan is streamed (a few GB/s)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen_text = False
+    offset = 0
+    with open(p, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{field}: '{path}' is not UTF-8 text (byte 0x{chunk[e.start]:02x} at offset {offset + e.start}); "
+                                "expected UTF-8 encoded text") from None
+            seen_text = seen_text or bool(text.strip())
+            offset += len(chunk)
+    if not seen_text:
+        raise DataError(f"{field}: '{path}' is empty; expected at least one document")
+
+
+def _check_text_column(ds, text_field: str, where: str) -> int:
+    """Validate the text column; the number of documents with a null or empty text (they are skipped)."""
     if text_field not in ds.column_names:
         raise DataError(f"data.text_field: '{text_field}' is not a column of {where}; columns are: {', '.join(ds.column_names)}")
     if len(ds) == 0:
         raise DataError(f"{where} is empty; expected at least one document")
+    empty = count_empty(ds, text_field)
+    if empty == len(ds):
+        raise DataError(f"data.text_field: every one of the {len(ds)} documents in {where} has a null or empty '{text_field}'")
+    return empty
+
+
+def count_empty(ds, text_field: str) -> int:
+    """Documents whose text is null or the empty string (counted on the Arrow column, no Python loop)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = ds.data.column(text_field)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return col.null_count
+    empty = pc.sum(pc.equal(pc.utf8_length(col), 0)).as_py() or 0
+    return col.null_count + int(empty)
+
+
+def unknown_share(ds, tokenizer, sample: int = 512) -> float:
+    """Share of the tokenizer's unknown token among the first `sample` packed sequences (0 without one)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or len(ds) == 0:
+        return 0.0
+    ids = ds[: min(sample, len(ds))]["input_ids"]
+    ids = torch.as_tensor(ids) if not torch.is_tensor(ids) else ids
+    return float((ids == unk).float().mean())
 
 
 def pack(ds, tokenizer, *, text_field: str, seq_len: int, where: str):
@@ -111,6 +173,10 @@ class Splits:
 
     train: object
     eval: object
+    skipped_documents: int = 0
+    """Training and eval documents skipped because their text was null or empty."""
+    unknown_share: float = 0.0
+    """Share of unknown-token ids in (a sample of) the packed training data."""
 
 
 def build_splits(cfg: RunConfig, tokenizer) -> Splits:
@@ -118,14 +184,14 @@ def build_splits(cfg: RunConfig, tokenizer) -> Splits:
     d = cfg.data
     with main_process_first():
         train_docs = load_text(d.path, d.split, field="data.path")
-    _check_text_column(train_docs, d.text_field, f"'{d.path}'")
+    skipped = _check_text_column(train_docs, d.text_field, f"'{d.path}'")
     if d.max_documents is not None and len(train_docs) > d.max_documents:
         train_docs = train_docs.select(range(d.max_documents))
     if d.eval_path is not None or d.eval_split is not None:
         src = d.eval_path or d.path
         with main_process_first():
             eval_docs = load_text(src, d.eval_split or "train", field="data.eval_path" if d.eval_path else "data.eval_split")
-        _check_text_column(eval_docs, d.text_field, f"'{src}'")
+        skipped += _check_text_column(eval_docs, d.text_field, f"'{src}'")
     else:
         n = len(train_docs)
         if n < 2:
@@ -138,7 +204,11 @@ def build_splits(cfg: RunConfig, tokenizer) -> Splits:
     evals = pack(eval_docs, tokenizer, text_field=d.text_field, seq_len=seq, where="the eval split")
     if len(evals) == 0:
         raise DataError(f"data: the eval split holds fewer than seq_len={seq} tokens; use a larger eval set or a smaller train.seq_len")
-    return Splits(train=train, eval=evals)
+    share = unknown_share(train, tokenizer)
+    if share > 0.5:
+        raise DataError(f"data.path: {share:.0%} of the tokens of '{d.path}' are the tokenizer's unknown token "
+                        f"({tokenizer.unk_token!r}); the data does not match the student's tokenizer")
+    return Splits(train=train, eval=evals, skipped_documents=skipped, unknown_share=share)
 
 
 def _collate(rows) -> dict[str, torch.Tensor]:

@@ -68,13 +68,14 @@ def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_conf
     _check_location(spec.path, f"{field}.path")
     keep_alive = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config is not None else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             spec.path,
             revision=spec.revision,
             dtype=DTYPES[precision],
             attn_implementation=spec.attn_implementation,
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=True,
+            output_loading_info=True,
         )
     except Exception as e:
         raise ModelError(one_line(f"{field}.path: cannot load a causal LM from '{spec.path}': {type(e).__name__}: {e}")[:400]) from None
@@ -82,6 +83,15 @@ def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_conf
         # the integration keeps a global weak reference; clear it so the next model's load is not affected
         del keep_alive
         unset_hf_deepspeed_config()
+    # transformers fills weights missing from the checkpoint with random values and only logs it: a
+    # teacher or student saved from another architecture would train (or teach) as noise
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        what = (f"lacks {len(missing)} weight(s) the {type(model).__name__} architecture needs (e.g. {', '.join(missing[:3])})"
+                if missing else f"has {len(mismatched)} weight(s) of another shape (e.g. {mismatched[0][0] if mismatched[0] else '?'})")
+        raise ModelError(one_line(f"{field}.path: the checkpoint in '{spec.path}' {what}; expected weights saved from "
+                                  "this architecture and config")[:400])
     return model
 
 

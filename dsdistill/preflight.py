@@ -69,6 +69,10 @@ class Plan:
             *(f"warning: {name} is left out: {why}" for name, why in self.left_out.items()),
             *([f"note: fused KD/LM is off because {self.fused_off}; full logits are used"]
               if c.loss.fused_logits and self.fused_off else []),
+            *([f"warning: {self.splits.skipped_documents} documents with a null or empty '{c.data.text_field}' are skipped"]
+              if self.splits.skipped_documents else []),
+            *([f"warning: {self.splits.unknown_share:.1%} of the training tokens are the tokenizer's unknown token"]
+              if self.splits.unknown_share > 0.01 else []),
             f"run dir: {self.run_dir}",
         ]
         m = estimate_memory(self)
@@ -136,6 +140,12 @@ def check_run_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output.run_dir: '{run_dir}' is not writable ({e.strerror or e})") from None
+    for name in ("metrics.jsonl", "config.yaml"):
+        target = run_dir / name
+        if target.exists() and not target.is_file():
+            raise ConfigError(f"output.run_dir: '{target}' is not a regular file; expected the run's {name} (or nothing) there")
+        if target.is_file() and not os.access(target, os.W_OK):
+            raise ConfigError(f"output.run_dir: '{target}' is not writable")
 
 
 def _same_vocab(a, b) -> bool:

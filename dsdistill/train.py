@@ -196,7 +196,7 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
         student_params=s_params, teacher_params=t_params, resumed=resumed is not None,
     ))
     if run.rank == 0:
-        (run.run_dir / "config.yaml").write_text(_yaml(dump_config(cfg)))
+        _write_config(run.run_dir / "config.yaml", dump_config(cfg))
     _say(run.rank, f"dsdistill: {total} optimizer steps, world {world}, global batch "
          f"{cfg.train.micro_batch_size * gas * world} x {cfg.train.seq_len} tokens, teacher {t_params:,} params "
          f"(ZeRO-3), student {s_params:,} params (ZeRO-{zero_stage(run.ds_student)}), run dir {run.run_dir}")
@@ -207,6 +207,10 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
         _say(run.rank, f"warning: {msg}")
         run.writer.write(AlertRecord(step=student.global_steps, level="info", code="inactive_components", message=msg))
 
+    if run.splits.skipped_documents:
+        msg = f"{run.splits.skipped_documents} documents with a null or empty '{cfg.data.text_field}' were skipped"
+        _say(run.rank, f"warning: {msg}")
+        run.writer.write(AlertRecord(step=student.global_steps, level="info", code="skipped_documents", message=msg))
     teacher_ppl = teacher_perplexity(run)
     _say(run.rank, f"teacher perplexity on the eval split: {teacher_ppl:.3f}")
     names = cur.active
@@ -277,9 +281,15 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
                 nonfinite_loss = True
                 loss = loss * float("nan")
             student.backward(loss)
-            if student.is_gradient_accumulation_boundary():
+            boundary = student.is_gradient_accumulation_boundary()
+            if boundary:
                 lr_used = current_lr(student)  # what optimizer.step() below applies
+            skipped_before = int(getattr(student, "skipped_steps", 0))
             student.step()
+            if boundary and int(getattr(student, "skipped_steps", 0)) > skipped_before and student.lr_scheduler is not None:
+                # DeepSpeed does not advance the LR schedule on a skipped step, but the step counter (and with it
+                # the curriculum) moves on: advance it here so the LR stays a function of the optimizer step
+                student.lr_scheduler.step()
             for n in names:  # summed on the device; transferred once per window by the all-reduce below
                 acc[n] = acc[n] + sums.sums[n].detach()
             if "kd_kl" in sums.extras:
@@ -416,6 +426,17 @@ def _peak_mem_gib() -> Optional[float]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return None
+
+
+def _write_config(path: Path, data: dict) -> None:
+    """The resolved config, written whole or not at all (a full disk leaves the previous file intact)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(_yaml(data))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DistillError(f"output.run_dir: cannot write '{path}' ({e.strerror or e}); files written before are kept") from None
 
 
 def _yaml(data: dict) -> str:
