@@ -178,8 +178,8 @@ def summarize(metrics: Path) -> dict:
     evals: list[EvalRecord] = []
     for line in metrics.read_text().splitlines():
         rec = parse_line(line)
-        if isinstance(rec, RunStart):
-            evals = []
+        if isinstance(rec, RunStart) and not rec.resumed:
+            evals = []  # a fresh start; a resumed one continues the same run (a finished run relaunched too)
         elif isinstance(rec, EvalRecord):
             evals.append(rec)
     if not evals:

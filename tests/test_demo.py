@@ -10,4 +10,9 @@ def test_demo_student_moves_toward_teacher(tmp_path, capsys):
     s = summarize(tmp_path / "demo" / METRICS_FILE)
     assert s["last_ppl"] < 0.5 * s["first_ppl"]
     assert s["teacher_ppl"] < s["last_ppl"]
-    assert "student eval perplexity" in capsys.readouterr().out
+    first = [ln for ln in capsys.readouterr().out.splitlines() if "student eval perplexity" in ln]
+    assert len(first) == 1
+    # running the finished demo again resumes at its last step, trains nothing, and says the same again
+    assert run_demo(run_dir=tmp_path / "demo", steps=40, nprocs=2, cache=cache) == 0
+    again = [ln for ln in capsys.readouterr().out.splitlines() if "student eval perplexity" in ln]
+    assert again == first
