@@ -28,7 +28,7 @@ from dsdistill.config import RunConfig, dump_config, load_config
 from dsdistill.dist import agree, all_reduce_sum, free_port
 from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
-from dsdistill.errors import DistillError, ModelError, PeerFailed, one_line
+from dsdistill.errors import DistillError, PeerFailed, one_line
 from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
 from dsdistill.heads import PassThrough, full_weight
 from dsdistill.evaluate import EarlyStopping, EvalResult, evaluate, teacher_perplexity

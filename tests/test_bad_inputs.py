@@ -187,3 +187,29 @@ def test_an_error_found_only_on_rank_1_reaches_the_user_as_one_line(make_config,
     assert len(errors) == 1, proc.stderr[-3000:]
     assert f"dsdistill: error: rank 1: checkpoint: '{checkpoint.checkpoint_dir(run_dir) / 'step2'}' cannot be read" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_under_the_metrics_stream_is_one_line_and_keeps_what_was_written(make_config, tmp_path):
+    """The metrics file may not grow past its current size (RLIMIT_FSIZE, as a full disk): the run stops
+    with one line naming the file, and every record written before is intact."""
+    import resource
+    import signal
+
+    cfg = make_config(train={"max_steps": 2}, eval={"every": 0, "max_batches": 1}, checkpoint={"save_final": False})
+    run_dir = Path(cfg["output"]["run_dir"])
+    first = _cli("train", "--config", str(_write(tmp_path, cfg)))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (run_dir / METRICS_FILE).read_bytes()
+    limit = len(before) + 100  # room for less than one record
+
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = without_world_env(dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    fresh = {**cfg, "checkpoint": {"save_final": False, "resume": "never"}}
+    proc = subprocess.run([sys.executable, "-m", "dsdistill", "train", "--config", str(_write(tmp_path, fresh))],
+                          capture_output=True, text=True, env=env, preexec_fn=cap, timeout=300)
+    msg = _one_error_line(proc)
+    assert msg.startswith(f"output.run_dir: cannot write '{run_dir / METRICS_FILE}' (File too large)")
+    assert (run_dir / METRICS_FILE).read_bytes().startswith(before)

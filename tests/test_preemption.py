@@ -22,15 +22,12 @@ from dsdistill import checkpoint
 from dsdistill.demo import launcher_command
 from dsdistill.dist import free_port, without_world_env
 from dsdistill.preempt import EXIT_PREEMPTED
-from dsdistill.schema import METRICS_FILE, RunEnd, TrainRecord, parse_line
+from dsdistill.schema import RunEnd, TrainRecord
+from runs import records, wait_for_train_records
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = ROOT / "dsdistill" / "train.py"
 pytestmark = pytest.mark.slow
-
-
-def _records(run_dir: Path):
-    return [parse_line(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
 
 
 def _start(cmd: list[str], tmp_path: Path) -> subprocess.Popen:
@@ -39,16 +36,8 @@ def _start(cmd: list[str], tmp_path: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_training(run_dir: Path, proc: subprocess.Popen, n: int = 2, timeout: float = 240) -> None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        f = run_dir / METRICS_FILE
-        if f.exists() and sum('"kind":"train"' in line for line in f.read_text().splitlines()) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {(run_dir.parent / 'launch.log').read_text()[-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError("no train records in time")
+def _wait_training(run_dir: Path, proc: subprocess.Popen) -> None:
+    wait_for_train_records(run_dir, 2, proc, timeout=240, output=lambda: (run_dir.parent / "launch.log").read_text())
 
 
 def _session(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -81,7 +70,7 @@ def _wait_gone(proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 def _assert_saved_and_ended(run_dir: Path) -> int:
-    recs = _records(run_dir)
+    recs = records(run_dir)
     end = recs[-1]
     assert isinstance(end, RunEnd) and end.reason == "interrupted", recs[-3:]
     last = [r for r in recs if isinstance(r, TrainRecord)][-1]
@@ -161,18 +150,24 @@ def test_slurm_style_sigterm_to_every_process_then_sigkill_after_killwait(long_r
     _assert_saved_and_ended(run_dir)
 
 
-def test_relaunch_after_preemption_resumes_at_the_saved_step(long_run, tmp_path):
-    config, run_dir = long_run
-    proc = _start(_launch_sh(config), tmp_path)
+def _group_sigterm(cmd: list[str], run_dir: Path, tmp_path: Path) -> subprocess.Popen:
+    """Start `cmd`, let it train, SIGTERM its whole process group, wait until every process is gone."""
+    proc = _start(cmd, tmp_path)
     _wait_training(run_dir, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=180)
     _wait_gone(proc)
+    return proc
+
+
+def test_relaunch_after_preemption_resumes_at_the_saved_step(long_run, tmp_path):
+    config, run_dir = long_run
+    _group_sigterm(_launch_sh(config), run_dir, tmp_path)
     step = _assert_saved_and_ended(run_dir)
     again = _start(_launch_sh(config) + ["--", "--set", f"train.stop_at_step={step + 1}"], tmp_path)
     again.wait(timeout=240)
     assert again.returncode == 0, (tmp_path / "launch.log").read_text()[-3000:]
-    trains = [r.step for r in _records(run_dir) if isinstance(r, TrainRecord)]
+    trains = [r.step for r in records(run_dir) if isinstance(r, TrainRecord)]
     assert trains[-1] == step and trains.count(step) == 1
 
 
@@ -182,11 +177,7 @@ def test_deepspeed_runner_group_sigterm_saves_and_leaves_no_process(long_run, tm
     """`deepspeed train.py` under a group SIGTERM: the ranks count the group's and the launcher's deliveries
     as one, save and end. (DeepSpeed's runner itself dies on the signal: launch.sh is what returns 75.)"""
     config, run_dir = long_run
-    proc = _start(_deepspeed(config), tmp_path)
-    _wait_training(run_dir, proc)
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=180)
-    _wait_gone(proc)
+    _group_sigterm(_deepspeed(config), run_dir, tmp_path)
     _assert_saved_and_ended(run_dir)
     assert "exiting now without saving" not in (tmp_path / "launch.log").read_text()
 

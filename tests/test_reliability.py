@@ -18,14 +18,11 @@ from dsdistill.config import validate
 from dsdistill.dist import without_world_env
 from dsdistill.errors import DistillError
 from dsdistill.export import export
-from dsdistill.schema import METRICS_FILE, AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord, parse_line
+from dsdistill.schema import METRICS_FILE, AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.train import EXIT_PREEMPTED, train
+from runs import records, wait_for_train_records
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "dsdistill" / "train.py"
-
-
-def records(run_dir):
-    return [parse_line(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines()]
 
 
 def quiet_train(cfg):
@@ -39,18 +36,6 @@ def start_script(cfg: dict, tmp_path: Path, preexec=None) -> subprocess.Popen:
     env = without_world_env(dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))  # not this pytest process's world
     return subprocess.Popen([sys.executable, str(TRAIN_PY), "--config", str(path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
-
-
-def wait_for_train_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout=120):
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        f = run_dir / METRICS_FILE
-        if f.exists() and sum('"kind":"train"' in line for line in f.read_text().splitlines()) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read()[-3000:])
-        time.sleep(0.1)
-    raise AssertionError("no train records in time")
 
 
 # ------------------------------------------------------------------ preemption
