@@ -1,6 +1,7 @@
 """Distillation step benchmark: naive HF full-vocab KD vs Liger's fused-linear JSD vs dsdistill.
 
     python -m dsdistill.bench --preset cpu-tiny                      # smoke test (CI)
+    python -m dsdistill.bench --preset cpu-bf16                      # the bf16 path on CPU
     python -m dsdistill.bench --preset gpu-qwen --peak-tflops 989   # one H100: Qwen2.5-1.5B -> 0.5B shapes
     python -m dsdistill.bench --preset gpu-qwen --tokens-per-step 16384
 
@@ -36,6 +37,10 @@ PRESETS = {
     "cpu-vocab": {  # a vocabulary large enough that logits dominate memory, still CPU-sized
         "teacher": dict(hidden=256, layers=4, heads=4, kv=2, inter=512), "student": dict(hidden=128, layers=2, heads=2, kv=1, inter=256),
         "vocab": 32000, "seq": 512, "tokens_per_step": 4096, "steps": 2, "warmup": 1, "dtype": "fp32", "tie": False,
+    },
+    "cpu-bf16": {  # the GPU preset's dtype path (bf16 models, bf16 GEMMs) at a CPU size: checks the fused path's casts
+        "teacher": dict(hidden=256, layers=4, heads=4, kv=2, inter=512), "student": dict(hidden=128, layers=2, heads=2, kv=1, inter=256),
+        "vocab": 32000, "seq": 256, "tokens_per_step": 2048, "steps": 2, "warmup": 1, "dtype": "bf16", "tie": False,
     },
     "gpu-qwen": {  # Qwen2.5-1.5B teacher, Qwen2.5-0.5B student shapes (random weights)
         "teacher": dict(hidden=1536, layers=28, heads=12, kv=2, inter=8960), "student": dict(hidden=896, layers=24, heads=14, kv=2, inter=4864),

@@ -97,9 +97,10 @@ class LossConfig(_Strict):
     """KD and LM from final hidden states and lm_head weights in chunks, never materialising full
     [tokens, vocab] logits (falls back to plain logits for models that transform their logits)."""
     fused_chunk: Optional[int] = Field(None, ge=1)
-    """Rows per fused chunk; default: sized from vocab so one chunk stays near `fused_chunk_mib`."""
-    fused_chunk_mib: int = Field(256, ge=1)
-    """Memory target of one fused chunk's logits and intermediates, MiB."""
+    """Rows per fused chunk; default: sized by a memory model of every live buffer against `fused_chunk_mib`."""
+    fused_chunk_mib: Optional[int] = Field(None, ge=1)
+    """Memory budget of one fused KD/LM call (chunk buffers plus the gathered teacher head and the fp32
+    gradient buffers), MiB; default: half of the GPU's free memory, or 256 MiB on CPU."""
     fused_compile: bool = False
     """torch.compile the fused chunk math on CUDA (ignored on CPU)."""
 

@@ -6,6 +6,8 @@ with weights taken from the curriculum at the same optimizer step.
 """
 from __future__ import annotations
 
+import functools
+
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -64,12 +66,33 @@ def unit_counts(labels: torch.Tensor, ignore_index: int) -> dict[str, int]:
     return {"token": int(mask.sum()), "sequence": int(mask.any(1).sum()), "layer": int(bool(mask.any()))}
 
 
+def fused_chunk_rows(run) -> int:
+    """Rows per fused chunk for this run's shapes and device, from the fused loss's memory model (sized
+    once per process: on a GPU from the free memory at the first step)."""
+    from dsdistill.models import DTYPES
+
+    t = run.teacher_config
+    dev = run.student.device if hasattr(run.student, "device") else torch.device("cpu")
+    return _chunk_rows(run.vocab, run.student_config.hidden_size, getattr(t, "hidden_size", 0),
+                       DTYPES[run.precision].itemsize, run.cfg.train.micro_batch_size * run.cfg.train.seq_len,
+                       run.cfg.loss.fused_chunk_mib, torch.device(dev).type)
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_rows(vocab: int, s_width: int, t_width: int, t_bytes: int, tokens: int, budget_mib, device_type: str) -> int:
+    from dsdistill.losses.fused import auto_chunk, default_budget, fixed_bytes
+
+    budget = budget_mib << 20 if budget_mib else default_budget(torch.device(device_type))
+    fixed = fixed_bytes(tokens=tokens, vocab=vocab, s_width=s_width, t_width=t_width, t_dtype_bytes=t_bytes, grads=True)
+    return auto_chunk(vocab, s_width, budget_bytes=budget, fixed=fixed)
+
+
 def kd_options(run, *, temperature: float, want_kd: bool, want_lm: bool):
     """Fused-loss options for this run (chunk sized from vocab unless set)."""
-    from dsdistill.losses.fused import KDOptions, auto_chunk
+    from dsdistill.losses.fused import KDOptions
 
     c = run.cfg.loss
-    chunk = c.fused_chunk or auto_chunk(run.vocab, run.student_config.hidden_size, budget_bytes=c.fused_chunk_mib << 20)
+    chunk = c.fused_chunk or fused_chunk_rows(run)
     return KDOptions(temperature=temperature, divergence=c.kd_divergence, beta=c.kd_beta, alpha=c.kd_alpha, top_k=c.kd_top_k,
                      top_k_rest=c.kd_top_k_rest, chunk=chunk, want_kd=want_kd, want_lm=want_lm, compile=c.fused_compile)
 

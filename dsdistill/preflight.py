@@ -113,14 +113,20 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
         optim = 0
     if stage >= 3 and (zero.get("offload_param") or {}).get("device", "none") != "none":
         weights = 0
-    from dsdistill.losses.fused import BYTES_PER_LOGIT, auto_chunk
+    import torch
+
+    from dsdistill.losses.fused import BYTES_PER_LOGIT, auto_chunk, default_budget, fixed_bytes
 
     tokens = plan.cfg.train.micro_batch_size * plan.cfg.train.seq_len
     logits = tokens * plan.vocab * BYTES_PER_LOGIT  # both models' logits, softmax intermediates, gradient
     chunk_rows = 0
-    if plan.cfg.loss.fused_logits:  # one chunk's worth at a time
-        chunk_rows = min(tokens, plan.cfg.loss.fused_chunk or auto_chunk(plan.vocab, 0, budget_bytes=plan.cfg.loss.fused_chunk_mib << 20))
-        logits = chunk_rows * plan.vocab * BYTES_PER_LOGIT
+    if plan.cfg.loss.fused_logits:  # one chunk's worth at a time, plus the call's fixed buffers
+        mib = plan.cfg.loss.fused_chunk_mib
+        budget = mib << 20 if mib else default_budget(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        fixed = fixed_bytes(tokens=tokens, vocab=plan.vocab, s_width=getattr(plan.student_config, "hidden_size", 0),
+                            t_width=getattr(plan.teacher_config, "hidden_size", 0), t_dtype_bytes=width, grads=True)
+        chunk_rows = min(tokens, plan.cfg.loss.fused_chunk or auto_chunk(plan.vocab, 0, budget_bytes=budget, fixed=fixed))
+        logits = chunk_rows * plan.vocab * BYTES_PER_LOGIT + fixed
     out = {"teacher_shard": teacher * width / world / gib, "student_states": (weights + grads + optim) / gib,
            "logits": logits / gib, "teacher_params": teacher, "student_params": student, "chunk_rows": chunk_rows}
     out["total"] = out["teacher_shard"] + out["student_states"] + out["logits"]

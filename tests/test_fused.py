@@ -60,10 +60,19 @@ def test_no_gradient_work_without_coefficients():
     assert float(combined) == 0.0 and float(m["lm"]) == pytest.approx(float(lm_loss(sh @ sw.T, lab)[0]), rel=1e-12)
 
 
-def test_auto_chunk_is_bounded_by_the_memory_target():
-    rows = auto_chunk(151_936, 896, budget_bytes=256 << 20)
-    assert 16 <= rows <= 8192 and rows * 151_936 * 32 <= 256 << 20
-    assert auto_chunk(100, 16, budget_bytes=1 << 30) == 8192
+def test_chunk_rows_come_from_a_memory_model_of_every_live_buffer():
+    from dsdistill.losses.fused import BYTES_PER_LOGIT, MAX_ROWS, fixed_bytes
+
+    # the GPU preset (vocab 151,936, teacher 1,536, student 896, 8,192 tokens) on an 80 GB card with
+    # half of ~70 GiB free: thousands of rows, not the 55 of a 256 MiB budget
+    fixed = fixed_bytes(tokens=8192, vocab=151_936, s_width=896, t_width=1536, t_dtype_bytes=2, grads=True)
+    assert fixed == 151_936 * 1536 * 2 + 4 * (8192 * 896 + 151_936 * 896)
+    rows = auto_chunk(151_936, 896, budget_bytes=35 << 30, fixed=fixed)
+    assert 1000 <= rows <= MAX_ROWS and rows * 151_936 * BYTES_PER_LOGIT + fixed <= 35 << 30
+    small = auto_chunk(151_936, 896, budget_bytes=256 << 20)
+    assert small * 151_936 * BYTES_PER_LOGIT <= 256 << 20
+    assert auto_chunk(151_936, 896, budget_bytes=256 << 20, fixed=300 << 20) == 16  # never below the floor
+    assert auto_chunk(100, 16, budget_bytes=1 << 30) == MAX_ROWS
 
 
 def _run(cfg):
@@ -134,3 +143,96 @@ def test_benchmark_script_smoke(tmp_path):
     methods = {r["method"]: r for r in report["results"]}
     assert set(methods) >= {"naive", "dsdistill"} and all("error" not in r for r in methods.values())
     assert methods["naive"]["speed_vs_naive"] == 1.0 and methods["dsdistill"]["tokens_per_s"] > 0
+
+
+# ------------------------------------------------------------------ GPU-grade precision, checked on CPU
+
+def _problem(dtype, *, b=2, s=33, ds_=48, dt=64, v=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sh = (torch.randn(b, s, ds_, generator=g, dtype=torch.float64) * 0.5)
+    sw = torch.randn(v, ds_, generator=g, dtype=torch.float64) * 0.3
+    th = torch.randn(b, s, dt, generator=g, dtype=torch.float64) * 0.5
+    tw = torch.randn(v, dt, generator=g, dtype=torch.float64) * 0.3
+    lab = torch.randint(0, v, (b, s), generator=g)
+    return [x.to(dtype) for x in (sh, sw, th, tw)] + [lab]
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_bf16_inputs_stay_within_bf16_rounding_of_the_float64_reference(kind):
+    sh, sw, th, tw, lab = _problem(torch.bfloat16)
+    opts = KDOptions(temperature=2.0, divergence=kind, beta=0.3, alpha=0.2, chunk=16)
+    sh.requires_grad_(True)
+    sw.requires_grad_(True)
+    combined, m = fused_kd_lm(sh, sw, th, tw, lab, coef_kd=0.7, coef_lm=0.3, options=opts, ignore_index=IGN)
+    combined.backward()
+    assert sh.grad.dtype == torch.bfloat16 and sw.grad.dtype == torch.bfloat16
+    # reference: the same bf16 numbers, computed in float64 end to end
+    ref = [x.detach().double().requires_grad_(i < 2) for i, x in enumerate((sh, sw, th, tw))]
+    s_logits, t_logits = ref[0] @ ref[1].T, ref[2] @ ref[3].T
+    kd, _ = kd_loss(s_logits, t_logits, lab, temperature=2.0, ignore_index=IGN, divergence_kind=kind, beta=0.3, alpha=0.2)
+    lm, _ = lm_loss(s_logits, lab, ignore_index=IGN)
+    (0.7 * kd + 0.3 * lm).backward()
+    eps = 2.0**-8  # bf16's unit roundoff: logits and GEMM outputs are rounded once to it
+    assert float(m["kd"]) == pytest.approx(float(kd), rel=4 * eps, abs=1e-3)
+    assert float(m["lm"]) == pytest.approx(float(lm), rel=4 * eps)
+    for got, want in ((sh.grad, ref[0].grad), (sw.grad, ref[1].grad)):
+        err = (got.double() - want).norm() / want.norm()
+        assert err < 4 * eps, float(err)
+
+
+def test_bf16_call_runs_its_large_gemms_in_bf16_and_copies_no_full_weight():
+    """The profiler shows every vocab-sized GEMM with bf16 operands; an op-level trace shows that no dtype
+    conversion (or any copy) ever reads either lm_head weight."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    v, ds_, dt = 4096, 96, 128
+    sh, sw, th, tw, lab = _problem(torch.bfloat16, b=2, s=65, ds_=ds_, dt=dt, v=v)
+    sh.requires_grad_(True)
+    sw.requires_grad_(True)
+    weights = {sw.data_ptr(): "student lm_head", tw.data_ptr(): "teacher lm_head"}
+    converted = []
+
+    class WeightCopies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if any(k in name for k in ("_to_copy", "copy_", "clone", "to.dtype", "contiguous")):
+                for a in args:
+                    if torch.is_tensor(a) and a.data_ptr() in weights and a.numel() >= v:
+                        converted.append((name, weights[a.data_ptr()]))
+            return func(*args, **(kwargs or {}))
+
+    opts = KDOptions(temperature=2.0, chunk=32)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, WeightCopies():
+        combined, _ = fused_kd_lm(sh, sw, th, tw, lab, coef_kd=0.5, coef_lm=0.5, options=opts)
+        combined.backward()
+    large = [(ev.input_shapes, ev.input_dtypes) for ev in prof.events()
+             if ev.name == "aten::mm" and any(v in shape for shape in ev.input_shapes)]
+    assert len(large) >= 3 * (2 * 64 // 32)  # student logits, teacher logits, d hidden, d weight per chunk
+    assert all(dtypes[:2] == ["c10::BFloat16", "c10::BFloat16"] for _, dtypes in large), large[:3]
+    assert converted == []
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("peaked", [False, True], ids=["spread", "near-one-hot"])
+def test_rest_bucket_at_k_equal_vocab_minus_one_is_full_kd_in_float32(kind, peaked):
+    g = torch.Generator().manual_seed(3)
+    n, v = 24, 257
+    s = torch.randn(n, v, generator=g) * 2
+    t = torch.randn(n, v, generator=g) * 2
+    if peaked:  # tail mass far below fp32's epsilon, where log(1 - kept) cancels to nothing
+        t[torch.arange(n), torch.randint(0, v, (n,), generator=g)] += 40.0
+    lab = torch.randint(0, v, (1, n + 1), generator=g)
+
+    def value_and_grad(top_k, rest):
+        x = s.clone().requires_grad_(True)
+        logits = torch.cat([x, x[:1]])[None]  # [1, n + 1, v]: the last position carries no loss
+        loss, _ = kd_loss(logits, torch.cat([t, t[:1]])[None], lab, temperature=1.5, divergence_kind=kind,
+                          beta=0.3, alpha=0.2, top_k=top_k, top_k_rest=rest)
+        loss.backward()
+        return float(loss), x.grad
+
+    full, g_full = value_and_grad(None, False)
+    rest, g_rest = value_and_grad(v - 1, True)
+    assert rest == pytest.approx(full, rel=1e-5, abs=1e-7)
+    assert (g_rest - g_full).norm() <= 1e-5 * g_full.norm() + 1e-7

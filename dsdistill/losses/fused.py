@@ -1,14 +1,24 @@
 """KD + LM from final hidden states and lm_head weights, chunk by chunk: full [tokens, vocab] logits are
 never materialised for either model.
 
-For each chunk of valid positions the student and teacher logits of that chunk are formed (fp32), the KD
+For each chunk of valid positions the student and teacher logits of that chunk are formed, the KD
 divergence (any of `kd.DIVERGENCES`, top-k optional) and the LM cross-entropy are computed with the same
 functions as the unchunked loss, and -- when gradients are needed -- the chunk's gradient with respect
 to the student hidden states and the student lm_head weight is taken right away (one logits computation
 per chunk, no recomputation in backward). Backward then only scales the stored gradients.
 
-Peak extra memory: O(chunk x vocab) for the chunk's logits and their softmax intermediates, plus one
-gradient buffer the size of the student hidden states and one the size of the student lm_head weight.
+Precision: the GEMMs run in the models' dtype (bf16/fp16 on tensor cores, fp32 accumulation); only the
+[chunk, vocab] logits are upcast to fp32 for the softmax math, and no full weight is ever copied or cast.
+Gradients are taken by hand from the fp32 logit gradient: d hidden = g @ W and d W += g^T @ h, with fp32
+outputs into fp32 buffers where the backend has such a GEMM (CUDA), so the head's gradient does not round
+to bf16 once per chunk. (PyTorch's CPU backend has no bf16 GEMM with an fp32 output; there each chunk's
+contribution is rounded to bf16 before it is added to the fp32 buffer.)
+
+Memory: one chunk holds about `BYTES_PER_LOGIT` bytes per logit (both models' fp32 logits, log-softmaxes,
+probabilities, the divergence's elementwise terms and the logit gradient); besides, the gathered teacher
+head and the fp32 gradient buffers of the student's hidden states and head live for the whole call.
+`chunk_rows` sizes chunks from that model against a budget: a fraction of free device memory on a GPU
+(hundreds to thousands of rows at a 150k vocabulary), a fixed budget on CPU.
 The gradient is that of `coef_kd * kd_sum + coef_lm * lm_sum` (the caller's curriculum weight divided by
 the window's token count), so one set of buffers serves both terms.
 """
@@ -22,12 +32,51 @@ import torch.nn.functional as F
 
 from dsdistill.losses.kd import _topk_log_probs, divergence
 
-BYTES_PER_LOGIT = 4 * 8  # fp32 logits of both models plus softmax/log-softmax/gradient intermediates
+BYTES_PER_LOGIT = 4 * 8
+"""Live fp32 buffers per logit of one chunk: student and teacher logits, both log-softmaxes, a probability
+(exp), the divergence's elementwise product, the logit gradient, and one temporary."""
+MIN_ROWS, MAX_ROWS = 16, 16384
+CPU_BUDGET_BYTES = 256 << 20
+GPU_FREE_FRACTION = 0.5
 
 
-def auto_chunk(vocab: int, hidden: int, *, budget_bytes: int) -> int:
-    """Rows per chunk so one chunk's logits and intermediates stay within `budget_bytes`."""
-    return max(16, min(8192, budget_bytes // max(1, vocab * BYTES_PER_LOGIT)))
+def fixed_bytes(*, tokens: int, vocab: int, s_width: int, t_width: int, t_dtype_bytes: int, grads: bool) -> int:
+    """Buffers that live for a whole call, whatever the chunk: the gathered teacher head (its own dtype) and,
+    with gradients, the fp32 gradient buffers of the student's hidden states and head."""
+    out = vocab * t_width * t_dtype_bytes
+    if grads:
+        out += 4 * (tokens * s_width + vocab * s_width)
+    return out
+
+
+def auto_chunk(vocab: int, hidden: int, *, budget_bytes: int, fixed: int = 0) -> int:
+    """Rows per chunk so one chunk's logits and intermediates fit in `budget_bytes` less the `fixed` buffers."""
+    room = max(0, budget_bytes - fixed)
+    return max(MIN_ROWS, min(MAX_ROWS, room // max(1, vocab * BYTES_PER_LOGIT)))
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes one call may use: a fraction of the GPU's free memory, or a fixed budget on CPU."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * GPU_FREE_FRACTION)
+    return CPU_BUDGET_BYTES
+
+
+_OUT_F32: dict = {}
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result. Half-precision operands stay in their dtype (tensor cores, fp32
+    accumulation); CUDA writes the fp32 result directly, elsewhere the half-precision result is upcast."""
+    if a.dtype not in (torch.bfloat16, torch.float16):
+        return a @ b
+    if a.is_cuda and _OUT_F32.get(a.dtype, True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _OUT_F32[a.dtype] = False
+    return (a @ b).float()
 
 
 @dataclass(frozen=True)
@@ -83,27 +132,26 @@ class _FusedKDLM(torch.autograd.Function):
         acc_dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
         grad_h = torch.zeros(s_hidden.shape, dtype=acc_dtype, device=s_hidden.device) if need and need_h else None
         grad_w = torch.zeros(s_weight.shape, dtype=acc_dtype, device=s_weight.device) if need and need_w else None
-        w_leaf = s_weight.detach().requires_grad_(need and need_w)
+        w = s_weight.detach()
         kd_sum = raw_sum = lm_sum = torch.zeros((), dtype=acc_dtype, device=s_hidden.device)
-        up = (lambda x: x) if acc_dtype == torch.float64 else (lambda x: x.float())
         for start in range(0, s_hidden.size(0), o.chunk):
             end = min(s_hidden.size(0), start + o.chunk)
-            h = s_hidden[start:end].detach().requires_grad_(need and need_h)
+            # the chunk's rows take the weight's dtype (never the other way round: no full-weight copy)
+            h = s_hidden[start:end].detach().to(w.dtype)
+            with torch.no_grad():
+                s_logits = _mm_f32(h, w.T).to(acc_dtype)
+                t_logits = _mm_f32(t_hidden[start:end].to(t_weight.dtype), t_weight.T).to(acc_dtype) if o.want_kd else None
+            s_logits.requires_grad_(need)
             with torch.enable_grad() if need else torch.no_grad():
-                s_logits = up(h) @ up(w_leaf).T
-                t_logits = None
-                if o.want_kd:
-                    with torch.no_grad():
-                        t_logits = up(t_hidden[start:end]) @ up(t_weight).T
                 kd, raw, lm = _terms_fn(o, s_logits.device)(s_logits, t_logits, targets[start:end], o)
-                if need:
-                    inputs = [x for x, flag in ((h, need_h), (w_leaf, need_w)) if flag]
-                    grads = torch.autograd.grad(coef_kd * kd + coef_lm * lm, inputs)
-                    it = iter(grads)
-                    if need_h:
-                        grad_h[start:end] = next(it)
-                    if need_w:
-                        grad_w += next(it)
+                g = torch.autograd.grad(coef_kd * kd + coef_lm * lm, s_logits)[0] if need else None
+            if g is not None:
+                g_low = g.to(w.dtype)
+                if need_h:
+                    grad_h[start:end] = _mm_f32(g_low, w).to(acc_dtype)
+                if need_w:
+                    grad_w += _mm_f32(g_low.T, h).to(acc_dtype)
+                del g, g_low
             kd_sum = kd_sum + kd.detach()
             raw_sum = raw_sum + raw.detach()
             lm_sum = lm_sum + lm.detach()

@@ -26,7 +26,11 @@ DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "t
 
 def _topk_log_probs(s: torch.Tensor, t: torch.Tensor, k: int, rest: bool):
     """Teacher's top-k positions; log-probabilities of both sides over those k tokens (renormalised), or
-    over k + 1 buckets where the last holds all remaining mass (so k = vocab equals full KD)."""
+    over k + 1 buckets where the last holds all remaining mass (so k = vocab equals full KD).
+
+    The rest bucket is the log-sum-exp of the tail itself, not log(1 - kept mass): when the tail holds less
+    than ~1e-7 of the mass, 1 - kept cancels to nothing in fp32 (a near one-hot teacher, or k close to V),
+    while the tail's own log-sum-exp stays exact."""
     t_logp_full = torch.log_softmax(t, dim=-1)
     top_t, idx = t_logp_full.topk(k, dim=-1)
     s_logp_full = torch.log_softmax(s, dim=-1)
@@ -34,13 +38,11 @@ def _topk_log_probs(s: torch.Tensor, t: torch.Tensor, k: int, rest: bool):
     if not rest:
         return torch.log_softmax(top_s, dim=-1), torch.log_softmax(top_t, dim=-1)
 
-    def with_rest(top):
-        kept = torch.logsumexp(top, dim=-1, keepdim=True)
-        # log(1 - exp(kept)), stable; clamp: rounding can make the kept mass exceed 1 by an ulp
-        rest_lp = torch.log(-torch.expm1(kept.clamp(max=-1e-12)))
-        return torch.cat([top, rest_lp], dim=-1)
+    def with_rest(full, top):
+        tail = full.scatter(-1, idx, float("-inf"))
+        return torch.cat([top, torch.logsumexp(tail, dim=-1, keepdim=True)], dim=-1)
 
-    return with_rest(top_s), with_rest(top_t)
+    return with_rest(s_logp_full, top_s), with_rest(t_logp_full, top_t)
 
 
 def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
