@@ -23,7 +23,7 @@ from dsdistill.demo import launcher_command
 from dsdistill.dist import free_port, without_world_env
 from dsdistill.preempt import EXIT_PREEMPTED
 from dsdistill.schema import RunEnd, TrainRecord
-from runs import records, wait_for_train_records
+from tests.runs import records, wait_for_train_records
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = ROOT / "dsdistill" / "train.py"

@@ -20,7 +20,7 @@ from dsdistill.errors import DistillError
 from dsdistill.export import export
 from dsdistill.schema import METRICS_FILE, AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.train import EXIT_PREEMPTED, train
-from runs import records, wait_for_train_records
+from tests.runs import records, wait_for_train_records
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "dsdistill" / "train.py"
 
