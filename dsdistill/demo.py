@@ -135,32 +135,18 @@ def ensure_assets(cache: Path, *, teacher_steps: int = 400, documents: int = 400
     return paths
 
 
-def demo_config(paths: dict[str, Path], run_dir: Path, *, steps: int, seed: int = 0) -> dict:
+def demo_config(paths: dict[str, Path], run_dir: Path, *, steps: int) -> dict:
     """The demo's run config: default curriculum, small batches, fp32 on CPU."""
     return {
         "teacher": {"path": str(paths["teacher"])},
         "student": {"path": str(paths["student"])},
         "data": {"path": str(paths["corpus"]), "eval_fraction": 0.05},
-        "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum": 1, "seq_len": 64, "seed": seed},
+        "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum": 1, "seq_len": 64, "seed": 0},
         "optimizer": {"lr": 3e-3},
         "scheduler": {"kind": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
         "eval": {"every": max(1, steps // 5), "max_batches": 8},
         "output": {"run_dir": str(run_dir), "log_every": max(1, steps // 20)},
     }
-
-
-NO_TEACHER_SUFFIX = "-no-teacher"
-NO_TEACHER_CURRICULUM = {"weights": {"lm": 1.0}}
-"""The control: the same student trained on the LM loss alone."""
-
-
-def no_teacher_config(config: dict) -> dict:
-    """The same run without the teacher's signal: identical data, seed, steps and LR schedule; only the
-    curriculum (LM alone) and the run directory differ."""
-    out = json.loads(json.dumps(config))
-    out["curriculum"] = json.loads(json.dumps(NO_TEACHER_CURRICULUM))
-    out["output"]["run_dir"] = config["output"]["run_dir"] + NO_TEACHER_SUFFIX
-    return out
 
 
 def launcher_command(script: Path, config: Path, *, nprocs: int, master_port: Optional[int] = None) -> list[str]:
@@ -202,46 +188,26 @@ def summarize(metrics: Path) -> dict:
             "evals": [(e.step, e.ppl) for e in evals]}
 
 
-def _launch(config: dict, path: Path, *, nprocs: int) -> int:
-    """Write `config` to `path` and run it under the DeepSpeed launcher on `nprocs` ranks."""
+def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = None) -> int:
+    """Build assets, launch the distillation, print how far the student came toward the teacher."""
     import yaml
 
     from dsdistill import train as train_module
+    from dsdistill.schema import METRICS_FILE
     from dsdistill.dist import free_port
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = launcher_command(Path(train_module.__file__), path, nprocs=nprocs, master_port=free_port())
-    print("demo: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=launcher_env())
-
-
-def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = None, seed: int = 0,
-             control: bool = True) -> int:
-    """Build assets, distil, then train the same student without the teacher; print all three perplexities."""
-    from dsdistill.schema import METRICS_FILE
-
     paths = ensure_assets(cache or default_cache())
-    config = demo_config(paths, run_dir, steps=steps, seed=seed)
-    runs = [(config, run_dir / "run.yaml")]
-    if control:
-        plain = no_teacher_config(config)
-        runs.append((plain, Path(plain["output"]["run_dir"]) / "run.yaml"))
-    for cfg, path in runs:
-        rc = _launch(cfg, path, nprocs=nprocs)
-        if rc != 0:
-            print(f"demo: the launch for {path.parent} failed with exit code {rc}", file=sys.stderr)
-            return rc
-    distilled = summarize(run_dir / METRICS_FILE)
-    if not distilled:
-        return 0
-    print(f"demo: student eval perplexity {distilled['first_ppl']:.2f} -> {distilled['last_ppl']:.2f} "
-          f"(teacher {distilled['teacher_ppl']:.2f}); metrics in {run_dir / METRICS_FILE}", flush=True)
-    if control:
-        alone = summarize(Path(runs[1][0]["output"]["run_dir"]) / METRICS_FILE)
-        if alone:
-            d, s = distilled["last_ppl"], alone["last_ppl"]
-            print(f"demo: eval perplexity: teacher {distilled['teacher_ppl']:.2f}, distilled student {d:.2f}, "
-                  f"same student without the teacher {s:.2f} (distilled is {(1 - d / s) * 100:+.1f}% lower); "
-                  f"compare with: dsmonitor {run_dir} {runs[1][0]['output']['run_dir']}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "run.yaml"
+    config.write_text(yaml.safe_dump(demo_config(paths, run_dir, steps=steps), sort_keys=False))
+    cmd = launcher_command(Path(train_module.__file__), config, nprocs=nprocs, master_port=free_port())
+    print("demo: " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=launcher_env())
+    if rc != 0:
+        print(f"demo: the launch failed with exit code {rc}", file=sys.stderr)
+        return rc
+    s = summarize(run_dir / METRICS_FILE)
+    if s:
+        print(f"demo: student eval perplexity {s['first_ppl']:.2f} -> {s['last_ppl']:.2f} "
+              f"(teacher {s['teacher_ppl']:.2f}); metrics in {run_dir / METRICS_FILE}; watch with: dsmonitor {run_dir}")
     return 0

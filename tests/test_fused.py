@@ -66,7 +66,7 @@ def test_chunk_rows_come_from_a_memory_model_of_every_live_buffer():
     # the GPU preset (vocab 151,936, teacher 1,536, student 896, 8,192 tokens) on an 80 GB card with
     # half of ~70 GiB free: thousands of rows, not the 55 of a 256 MiB budget
     fixed = fixed_bytes(tokens=8192, vocab=151_936, s_width=896, t_width=1536, t_dtype_bytes=2, grads=True)
-    assert fixed == 151_936 * 1536 * 2 + 4 * (8192 * 896 + 151_936 * 896)
+    assert fixed == 151_936 * 1536 * 2 + 4 * (8192 * 896 + 2 * 151_936 * 896)
     rows = auto_chunk(151_936, 896, budget_bytes=35 << 30, fixed=fixed)
     assert 1000 <= rows <= MAX_ROWS and rows * 151_936 * BYTES_PER_LOGIT + fixed <= 35 << 30
     small = auto_chunk(151_936, 896, budget_bytes=256 << 20)

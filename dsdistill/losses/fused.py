@@ -42,10 +42,11 @@ GPU_FREE_FRACTION = 0.5
 
 def fixed_bytes(*, tokens: int, vocab: int, s_width: int, t_width: int, t_dtype_bytes: int, grads: bool) -> int:
     """Buffers that live for a whole call, whatever the chunk: the gathered teacher head (its own dtype) and,
-    with gradients, the fp32 gradient buffers of the student's hidden states and head."""
+    with gradients, the fp32 gradient buffers of the student's hidden states and head, plus the fp32
+    [vocab, width] product of one chunk's head gradient before it is added in."""
     out = vocab * t_width * t_dtype_bytes
     if grads:
-        out += 4 * (tokens * s_width + vocab * s_width)
+        out += 4 * (tokens * s_width + 2 * vocab * s_width)
     return out
 
 
