@@ -34,7 +34,8 @@ def _cmd_check(args) -> int:
 def _cmd_demo(args) -> int:
     from dsdistill.demo import run_demo
 
-    return run_demo(run_dir=Path(args.run_dir), steps=args.steps, nprocs=args.nprocs)
+    return run_demo(run_dir=Path(args.run_dir), steps=args.steps, nprocs=args.nprocs, seed=args.seed,
+                    control=not args.no_control)
 
 
 def _cmd_export(args) -> int:
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", default="runs/demo", help="where the demo run writes (default runs/demo)")
     d.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     d.add_argument("--nprocs", type=int, default=2, help="ranks launched by the DeepSpeed launcher (default 2)")
+    d.add_argument("--seed", type=int, default=0, help="train.seed of both runs (default 0)")
+    d.add_argument("--no-control", action="store_true",
+                   help="skip the second run (the same student trained without the teacher)")
     d.set_defaults(func=_cmd_demo)
     x = sub.add_parser("export", help="write the trained student as a Hugging Face model (any ZeRO stage)")
     x.add_argument("run_dir", help="run directory with checkpoints")

@@ -78,13 +78,15 @@ def _coerce_schedule(value):
 
 
 def default_weights() -> dict[str, Constant | Ramp]:
-    """The seed design: kd 0.7 and lm 0.3 throughout; feature/attention (and the router's feature,
-    attention-alignment and load-balance terms) ramp 0 -> 0.1 over 10%-40%; layerwise 0 -> 0.05 over
-    40%-70%; contrastive 0 -> 0.05 over 70%-100%."""
+    """kd 0.9 and lm 0.1 throughout; feature/attention (and the router's feature, attention-alignment and
+    load-balance terms) ramp 0 -> 0.1 over 10%-40%; layerwise 0 -> 0.05 over 40%-70%; contrastive
+    0 -> 0.05 over 70%-100%. (The seed design had kd 0.7 / lm 0.3 at temperature 3; on the demo that
+    student ended barely ahead of the same student trained without the teacher, and kd 0.9 / lm 0.1 at
+    temperature 1 is what made distillation pay: docs/quality.md.)"""
     early = Ramp(kind="linear", start=0.1, end=0.4, start_value=0.0, end_value=0.1)
     return {
-        "kd": Constant(value=0.7),
-        "lm": Constant(value=0.3),
+        "kd": Constant(value=0.9),
+        "lm": Constant(value=0.1),
         "feature": early,
         "attention": early,
         "layerwise": Ramp(kind="linear", start=0.4, end=0.7, start_value=0.0, end_value=0.05),
@@ -101,8 +103,9 @@ class CurriculumConfig(_Strict):
     weights: dict[str, Schedule] = Field(default_factory=default_weights)
     """Schedule per component name (from the loss registry). Giving this replaces the default schedule
     entirely; components left out have weight 0. A bare number means a constant weight."""
-    temperature: Schedule = Constant(value=3.0)
-    """KD temperature schedule (must stay > 0); a bare number means constant."""
+    temperature: Schedule = Constant(value=1.0)
+    """KD temperature schedule (must stay > 0); a bare number means constant. The default 1 matches the
+    teacher's own distribution; a higher temperature flattened it and hurt on the demo (docs/quality.md)."""
 
     @field_validator("weights", mode="before")
     @classmethod

@@ -20,23 +20,49 @@ NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve t
 NAMES = "ada bob cy dee eve fay gus hal ivy jo kim lu max ned ola pia".split()
 ADJS = "red blue green small big old new warm".split()
 NOUNS = "cat dog box cup hat key map pen".split()
+STORY = "sun rain wind tree road house river hill bird fish boat door lamp rock star moon".split()
 SPECIALS = ["<unk>", "<eos>", "<pad>"]
-CORPUS_VERSION = "v1"
+CORPUS_VERSION = "v2"
+
+
+def _dirichlet(rng: random.Random, k: int, alpha: float) -> list[float]:
+    draws = [rng.gammavariate(alpha, 1.0) for _ in range(k)]
+    total = sum(draws)
+    return [d / total for d in draws]
+
+
+# Why stochastic text: where every continuation is determined, a one-hot label says all there is to say
+# and the teacher adds nothing. Here each name has its own distribution over what it likes and each story
+# word a distribution over the next one (fixed tables, drawn once): the teacher, trained on far more text
+# than the student sees, knows those distributions, and its soft targets carry them in every position.
+_TABLES = random.Random(1234)
+LIKES_ADJ = {n: _dirichlet(_TABLES, len(ADJS), 0.6) for n in NAMES}
+LIKES_NOUN = {n: _dirichlet(_TABLES, len(NOUNS), 0.6) for n in NAMES}
+STORY_NEXT = {w: _dirichlet(_TABLES, len(STORY), 0.4) for w in STORY}
+KIND_WEIGHTS = (1, 1, 1, 1, 2)
+"""count, likes, copy, sums, story."""
 
 
 def _sentence(rng: random.Random) -> str:
-    kind = rng.randrange(4)
+    kind = rng.choices(range(5), weights=KIND_WEIGHTS)[0]
     if kind == 0:  # counting: fully predictable after the first number
         start = rng.randrange(0, 9)
         return "count : " + " ".join(NUMBERS[start : start + rng.randrange(3, 7)]) + " ."
-    if kind == 1:  # facts: each name always likes the same thing (memorisation)
-        i = rng.randrange(len(NAMES))
-        return f"{NAMES[i]} likes the {ADJS[i % len(ADJS)]} {NOUNS[(i * 3) % len(NOUNS)]} ."
+    if kind == 1:  # preferences: each name draws from its own distribution (soft knowledge)
+        n = rng.choice(NAMES)
+        return f"{n} likes the {rng.choices(ADJS, LIKES_ADJ[n])[0]} {rng.choices(NOUNS, LIKES_NOUN[n])[0]} ."
     if kind == 2:  # copy: needs attention to earlier tokens
         words = [rng.choice(ADJS + NOUNS) for _ in range(rng.randrange(2, 5))]
         return "copy : " + " ".join(words) + " | " + " ".join(words) + " ."
-    a, b = rng.randrange(0, 8), rng.randrange(0, 8)  # small sums
-    return f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]} ."
+    if kind == 3:  # small sums
+        a, b = rng.randrange(0, 8), rng.randrange(0, 8)
+        return f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]} ."
+    w = rng.choice(STORY)  # stories: a Markov chain with a stochastic next word
+    words = [w]
+    for _ in range(rng.randrange(4, 9)):
+        w = rng.choices(STORY, STORY_NEXT[w])[0]
+        words.append(w)
+    return "story : " + " ".join(words) + " ."
 
 
 def write_corpus(path: Path, *, documents: int, seed: int = 0) -> Path:
@@ -55,7 +81,7 @@ def build_tokenizer(out_dir: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({*NUMBERS, *NAMES, *ADJS, *NOUNS, "count", "likes", "the", "copy", "plus", "is", ":", "|", "."})
+    words = sorted({*NUMBERS, *NAMES, *ADJS, *NOUNS, *STORY, "count", "likes", "the", "copy", "plus", "is", "story", ":", "|", "."})
     vocab = {w: i for i, w in enumerate(SPECIALS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -108,7 +134,7 @@ def default_cache() -> Path:
     return Path(base) / f"demo-{CORPUS_VERSION}"
 
 
-def ensure_assets(cache: Path, *, teacher_steps: int = 400, documents: int = 4000, log=print) -> dict[str, Path]:
+def ensure_assets(cache: Path, *, teacher_steps: int = 1000, documents: int = 4000, log=print) -> dict[str, Path]:
     """Corpus, tokenizer, trained teacher and initial student under `cache`, built once and reused."""
     paths = {"corpus": cache / "corpus.jsonl", "tokenizer": cache / "tokenizer", "teacher": cache / "teacher", "student": cache / "student"}
     if all((p / "config.json").exists() for p in (paths["teacher"], paths["student"])) and paths["corpus"].exists():
@@ -118,11 +144,14 @@ def ensure_assets(cache: Path, *, teacher_steps: int = 400, documents: int = 400
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cache.mkdir(parents=True, exist_ok=True)
     write_corpus(paths["corpus"], documents=documents)
+    # the teacher learns from its own, larger corpus (same generator, other draws): it never sees the
+    # student's data, so its eval perplexity on the student's held-out split is honest
+    teacher_corpus = write_corpus(cache / "teacher-corpus.jsonl", documents=3 * documents, seed=1)
     tok = build_tokenizer(paths["tokenizer"])
     t0 = time.time()
     teacher = tiny_llama(len(tok), hidden=128, layers=4, heads=4, kv_heads=2, seed=1)
     log(f"demo: training the tiny teacher ({sum(p.numel() for p in teacher.parameters()):,} params) for {teacher_steps} steps ...")
-    final = pretrain(teacher, tok, paths["corpus"], steps=teacher_steps)
+    final = pretrain(teacher, tok, teacher_corpus, steps=teacher_steps)
     log(f"demo: teacher trained in {time.time() - t0:.0f}s (final LM loss {final:.3f})")
     student = tiny_llama(len(tok), hidden=64, layers=2, heads=2, kv_heads=1, seed=2)
     for key, model in (("teacher", teacher), ("student", student)):
@@ -135,18 +164,32 @@ def ensure_assets(cache: Path, *, teacher_steps: int = 400, documents: int = 400
     return paths
 
 
-def demo_config(paths: dict[str, Path], run_dir: Path, *, steps: int) -> dict:
+def demo_config(paths: dict[str, Path], run_dir: Path, *, steps: int, seed: int = 0) -> dict:
     """The demo's run config: default curriculum, small batches, fp32 on CPU."""
     return {
         "teacher": {"path": str(paths["teacher"])},
         "student": {"path": str(paths["student"])},
         "data": {"path": str(paths["corpus"]), "eval_fraction": 0.05},
-        "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum": 1, "seq_len": 64, "seed": 0},
+        "train": {"max_steps": steps, "micro_batch_size": 8, "grad_accum": 1, "seq_len": 64, "seed": seed},
         "optimizer": {"lr": 3e-3},
         "scheduler": {"kind": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
         "eval": {"every": max(1, steps // 5), "max_batches": 8},
         "output": {"run_dir": str(run_dir), "log_every": max(1, steps // 20)},
     }
+
+
+NO_TEACHER_SUFFIX = "-no-teacher"
+NO_TEACHER_CURRICULUM = {"weights": {"lm": 1.0}}
+"""The control: the same student trained on the LM loss alone."""
+
+
+def no_teacher_config(config: dict) -> dict:
+    """The same run without the teacher's signal: identical data, seed, steps and LR schedule; only the
+    curriculum (LM alone) and the run directory differ."""
+    out = json.loads(json.dumps(config))
+    out["curriculum"] = json.loads(json.dumps(NO_TEACHER_CURRICULUM))
+    out["output"]["run_dir"] = config["output"]["run_dir"] + NO_TEACHER_SUFFIX
+    return out
 
 
 def launcher_command(script: Path, config: Path, *, nprocs: int, master_port: Optional[int] = None) -> list[str]:
@@ -188,26 +231,46 @@ def summarize(metrics: Path) -> dict:
             "evals": [(e.step, e.ppl) for e in evals]}
 
 
-def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = None) -> int:
-    """Build assets, launch the distillation, print how far the student came toward the teacher."""
+def _launch(config: dict, path: Path, *, nprocs: int) -> int:
+    """Write `config` to `path` and run it under the DeepSpeed launcher on `nprocs` ranks."""
     import yaml
 
     from dsdistill import train as train_module
-    from dsdistill.schema import METRICS_FILE
     from dsdistill.dist import free_port
 
-    paths = ensure_assets(cache or default_cache())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = run_dir / "run.yaml"
-    config.write_text(yaml.safe_dump(demo_config(paths, run_dir, steps=steps), sort_keys=False))
-    cmd = launcher_command(Path(train_module.__file__), config, nprocs=nprocs, master_port=free_port())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = launcher_command(Path(train_module.__file__), path, nprocs=nprocs, master_port=free_port())
     print("demo: " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, env=launcher_env())
-    if rc != 0:
-        print(f"demo: the launch failed with exit code {rc}", file=sys.stderr)
-        return rc
-    s = summarize(run_dir / METRICS_FILE)
-    if s:
-        print(f"demo: student eval perplexity {s['first_ppl']:.2f} -> {s['last_ppl']:.2f} "
-              f"(teacher {s['teacher_ppl']:.2f}); metrics in {run_dir / METRICS_FILE}; watch with: dsmonitor {run_dir}")
+    return subprocess.call(cmd, env=launcher_env())
+
+
+def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = None, seed: int = 0,
+             control: bool = True) -> int:
+    """Build assets, distil, then train the same student without the teacher; print all three perplexities."""
+    from dsdistill.schema import METRICS_FILE
+
+    paths = ensure_assets(cache or default_cache())
+    config = demo_config(paths, run_dir, steps=steps, seed=seed)
+    runs = [(config, run_dir / "run.yaml")]
+    if control:
+        plain = no_teacher_config(config)
+        runs.append((plain, Path(plain["output"]["run_dir"]) / "run.yaml"))
+    for cfg, path in runs:
+        rc = _launch(cfg, path, nprocs=nprocs)
+        if rc != 0:
+            print(f"demo: the launch for {path.parent} failed with exit code {rc}", file=sys.stderr)
+            return rc
+    distilled = summarize(run_dir / METRICS_FILE)
+    if not distilled:
+        return 0
+    print(f"demo: student eval perplexity {distilled['first_ppl']:.2f} -> {distilled['last_ppl']:.2f} "
+          f"(teacher {distilled['teacher_ppl']:.2f}); metrics in {run_dir / METRICS_FILE}", flush=True)
+    if control:
+        alone = summarize(Path(runs[1][0]["output"]["run_dir"]) / METRICS_FILE)
+        if alone:
+            d, s = distilled["last_ppl"], alone["last_ppl"]
+            print(f"demo: eval perplexity: teacher {distilled['teacher_ppl']:.2f}, distilled student {d:.2f}, "
+                  f"same student without the teacher {s:.2f} (distilled is {(1 - d / s) * 100:+.1f}% lower); "
+                  f"compare with: dsmonitor {run_dir} {runs[1][0]['output']['run_dir']}", flush=True)
     return 0

@@ -16,23 +16,23 @@ def every_component():
 @pytest.mark.parametrize(
     "progress, expected",
     [
-        (0.0, dict(kd=0.7, lm=0.3, feature=0, attention=0, layerwise=0, contrastive=0)),
+        (0.0, dict(kd=0.9, lm=0.1, feature=0, attention=0, layerwise=0, contrastive=0)),
         (0.1, dict(feature=0, attention=0)),
         (0.25, dict(feature=0.05, attention=0.05, layerwise=0)),
         (0.4, dict(feature=0.1, attention=0.1, layerwise=0)),
         (0.55, dict(layerwise=0.025, contrastive=0)),
         (0.7, dict(layerwise=0.05, contrastive=0)),
         (0.85, dict(contrastive=0.025, feature=0.1)),
-        (1.0, dict(kd=0.7, lm=0.3, feature=0.1, attention=0.1, layerwise=0.05, contrastive=0.05)),
+        (1.0, dict(kd=0.9, lm=0.1, feature=0.1, attention=0.1, layerwise=0.05, contrastive=0.05)),
     ],
 )
-def test_default_schedule_is_the_seed_design(progress, expected):
+def test_default_schedule(progress, expected):
     w = every_component().weights_at(step=int(progress * 1000), total_steps=1000)
     for name, value in expected.items():
         assert w[name] == pytest.approx(value, abs=1e-12), name
     for routed, follows in (("routing_feature", "feature"), ("routing_attention_alignment", "attention"), ("routing_load_balance", "feature")):
         assert w[routed] == pytest.approx(w[follows])
-    assert every_component().temperature_at(step=0, total_steps=10) == 3.0
+    assert every_component().temperature_at(step=0, total_steps=10) == 1.0
 
 
 def test_step_has_no_default_anywhere():
