@@ -41,6 +41,8 @@ def default_weights() -> dict:
 
 def variants(only: str) -> dict[str, dict]:
     """Name -> changes to the demo config (a curriculum and/or loss options)."""
+    if only == "divergences":
+        return {f"default with kd_divergence {d}": {"loss": {"kd_divergence": d}} for d in DIVERGENCES[1:]}
     if only == "seed-design":
         return {SEED_DESIGN: {"curriculum": {"weights": {**default_weights(), "kd": 0.7, "lm": 0.3}, "temperature": 3.0}}}
     out: dict[str, dict] = {"same student without the teacher (LM only)": {"curriculum": {"weights": {"lm": 1.0}}},
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--only", choices=["headline", "all", "seed-design"], default="all")
+    ap.add_argument("--only", choices=["headline", "all", "divergences", "seed-design"], default="all")
     ap.add_argument("--merge", default=None, help="a --json file of an earlier run whose variants join the table")
     ap.add_argument("--root", default="runs/quality", help="where the runs go")
     ap.add_argument("--json", default=None, help="also write the raw numbers here")
@@ -95,6 +97,8 @@ def main(argv=None) -> int:
             r = run_variant(paths, Path(args.root), name, change, seed, args.steps)
             results.setdefault(name, []).append(r)
             print(f"demo_quality: {name} seed {seed}: eval ppl {r['ppl']:.3f} ({r['seconds']:.0f}s)", flush=True)
+    if "default curriculum (distilled)" not in results:
+        return 0
     teacher = [r["teacher_ppl"] for r in results["default curriculum (distilled)"]]
     alone = [r["ppl"] for r in results["same student without the teacher (LM only)"]]
     lines = [f"Seeds {', '.join(map(str, args.seeds))}; {args.steps} optimizer steps; eval perplexity of the student at the "

@@ -69,3 +69,28 @@ def free_port() -> int:
 def without_world_env(env: dict[str, str]) -> dict[str, str]:
     """A copy of `env` without the world variables, for launching a separate run from inside one."""
     return {k: v for k, v in env.items() if k not in WORLD_ENV}
+
+
+def unlink_shm_buffers_at_exit() -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce buffers from /dev/shm when the process exits.
+
+    DeepSpeed's shared-memory comm ops (CPU accelerator) create `deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>`
+    with shm_open and never unlink them: every multi-rank CPU run leaked about 65 MB per rank of RAM-backed
+    /dev/shm until the machine swapped (seen here: 21 GB after a day of runs). Peers map each other's
+    buffers when the group starts, so unlinking at exit frees the memory without touching a live mapping."""
+    import atexit
+    import glob
+    import os
+
+    addr, port, rank = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    if not (addr and port and rank):
+        return
+
+    def unlink() -> None:
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    atexit.register(unlink)

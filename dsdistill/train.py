@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from dsdistill import checkpoint
 from dsdistill.config import RunConfig, dump_config, load_config
-from dsdistill.dist import agree, all_reduce_sum, free_port
+from dsdistill.dist import agree, all_reduce_sum, free_port, unlink_shm_buffers_at_exit
 from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
 from dsdistill.errors import DistillError, PeerFailed, one_line
@@ -56,6 +56,7 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "gloo" if get_accelerator().device_name() == "cpu" else None
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        unlink_shm_buffers_at_exit()
     return dist.get_rank(), dist.get_world_size()
 
 

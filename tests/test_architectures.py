@@ -22,7 +22,7 @@ from dsdistill.losses.attention import head_avg_log_probs
 from dsdistill.schema import METRICS_FILE, AlertRecord, RunEnd, RunStart, TrainRecord, parse_line
 from dsdistill.train import train
 
-V = 64
+V = 96
 
 
 def family_config(kind: str, *, width: int, layers: int, heads: int):

@@ -135,6 +135,8 @@ def test_real_two_process_launch_and_resume(config_file, tmp_path):
     assert [(s.world_size, s.resumed, s.step) for s in starts] == [(2, False, 0), (2, True, 3)]
     assert [t.step for t in recs if isinstance(t, TrainRecord)] == list(range(6))
     assert [e.reason for e in recs if isinstance(e, RunEnd)] == ["paused", "completed"]
+    # DeepSpeed's CPU all-reduce buffers in /dev/shm are unlinked when the ranks exit (they leaked before)
+    assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
 
 
 def test_ds_configs_are_documented():
