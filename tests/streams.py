@@ -4,15 +4,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from dsdistill.curriculum import Curriculum, CurriculumConfig
+from dsdistill.curriculum import Constant, Curriculum, CurriculumConfig, default_weights
 from dsdistill.schema import EvalRecord, RunEnd, RunStart, TrainRecord, dumps
 
 T0 = 1_800_000_000.0
+STREAM_CURRICULUM = CurriculumConfig(weights={**default_weights(), "kd": Constant(value=0.7), "lm": Constant(value=0.3)},
+                                     temperature=Constant(value=3.0))
+"""Fixed here, not the product's default, so the crafted streams (and the screen snapshot) do not move with it."""
 
 
 def healthy_records(steps: int = 40, *, eval_every: int = 10, nan_at=None, zero_lr_at=None, identical_evals=False,
                     spike_at=None, end: bool = True, t0: float = T0):
-    cur = Curriculum(CurriculumConfig())
+    cur = Curriculum(STREAM_CURRICULUM)
     recs = [RunStart(step=0, time=t0, config={}, total_steps=steps, world_size=2, schedule=cur.definition(),
                      global_batch=16, seq_len=64)]
     for s in range(steps):

@@ -13,7 +13,7 @@ from monitor.series_math import debiased_ema, minmax_indices
 from monitor.state import RunState
 from monitor.tail import Tailer
 from dsdistill.schema import dumps
-from tests.streams import T0, healthy_records, write
+from tests.streams import STREAM_CURRICULUM, T0, healthy_records, write
 
 
 def state_of(records, now=None):
@@ -90,10 +90,10 @@ def test_state_series_segments_and_eta():
     assert obj.segment[19] == 0 and obj.segment[20] == 1  # the line breaks where steps went backwards
     assert s.components == ["kd", "lm"]
     assert s.eval["ppl"].value[-1] == pytest.approx(math.exp(s.last_eval.lm_ce))
-    from dsdistill.curriculum import Curriculum, CurriculumConfig
+    from dsdistill.curriculum import Curriculum
 
     rebuilt = s.schedule()
-    assert rebuilt.weights_at(step=7, total_steps=20) == Curriculum(CurriculumConfig()).weights_at(step=7, total_steps=20)
+    assert rebuilt.weights_at(step=7, total_steps=20) == Curriculum(STREAM_CURRICULUM).weights_at(step=7, total_steps=20)
     half = state_of([r for r in recs if r.kind == "run_start" or (r.kind == "train" and r.step < 10)])
     assert half.current_step == 10 and half.progress() == 0.5
     assert half.eta_seconds() == pytest.approx(10 * 2.0)  # 2 s per step in the crafted stream
