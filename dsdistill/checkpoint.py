@@ -119,7 +119,6 @@ SAFE_GLOBALS_NAMES = (
     "collections.OrderedDict", "collections.defaultdict", "argparse.Namespace", "torch.Size",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.checkpoint.constants.PARAM_SLICE_MAPPINGS",
 )
 """Plain classes found in DeepSpeed's checkpoint files (data holders, no code runs when they load)."""
 

@@ -267,3 +267,15 @@ def eval_batches(ds, *, micro_batch: int, rank: int, world: int, ignore_index: i
             pad = {"input_ids": filler, "labels": torch.full_like(filler, ignore_index)}
             batch = pad if batch is None else {k: torch.cat([batch[k], pad[k]]) for k in batch}
         yield batch
+
+
+def data_fingerprint(ds) -> str:
+    """Sequence count and a hash of the first, middle and last packed sequences (cheap; any change to the
+    data, tokenizer or packing moves it)."""
+    import hashlib
+
+    n = len(ds)
+    h = hashlib.sha256()
+    for i in sorted({0, n // 2, n - 1} if n else set()):
+        h.update(ds[i]["input_ids"].numpy().tobytes())
+    return f"{n} sequences, {h.hexdigest()[:16]}"

@@ -243,13 +243,22 @@ def _fused_off(teacher_cfg, student_cfg) -> Optional[str]:
     return None
 
 
+_META: dict[int, tuple[Any, Any]] = {}
+
+
 def meta_model(model_config):
-    """The causal LM of a config, built on the meta device (no memory, no weights read)."""
+    """The causal LM of a config, built on the meta device (no memory, no weights read); built once per
+    config object, since the memory plan, the capture check and the fused check all inspect it."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    hit = _META.get(id(model_config))
+    if hit is not None and hit[0] is model_config:
+        return hit[1]
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(model_config)
+    _META[id(model_config)] = (model_config, model)  # the config is kept alive, so its id is not reused
+    return model
 
 
 def _uncomputable(cfg: RunConfig, curriculum: Curriculum, layers: LayerPlan, teacher_cfg, student_cfg) -> dict[str, str]:

@@ -32,6 +32,7 @@ from dsdistill.errors import DistillError, PeerFailed, one_line
 from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
 from dsdistill.heads import PassThrough, full_weight
 from dsdistill.evaluate import EarlyStopping, EvalResult, evaluate, teacher_perplexity
+from dsdistill.data import data_fingerprint
 from dsdistill.metrics import MetricsWriter
 from dsdistill.capture import QKCapture
 from dsdistill.models import DTYPES, load_causal_lm, param_counts
@@ -393,18 +394,6 @@ def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
         "run_dir": str(run.run_dir),
         "run": run,
     }
-
-
-def data_fingerprint(ds) -> str:
-    """Sequence count and a hash of the first, middle and last packed sequences (cheap; any change to the
-    data, tokenizer or packing moves it)."""
-    import hashlib
-
-    n = len(ds)
-    h = hashlib.sha256()
-    for i in sorted({0, n // 2, n - 1} if n else set()):
-        h.update(ds[i]["input_ids"].numpy().tobytes())
-    return f"{n} sequences, {h.hexdigest()[:16]}"
 
 
 def _layout(run: Run) -> dict[str, Any]:

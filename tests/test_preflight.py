@@ -61,7 +61,7 @@ def test_vocab_mismatch_for_logit_kd(make_config, assets, tmp_path):
     tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<eos>": 1, "a": 2}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     other = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    teacher = tiny_llama(64, hidden=16, layers=1, heads=2, kv_heads=1)
+    teacher = tiny_llama(96, hidden=16, layers=1, heads=2, kv_heads=1)
     teacher.save_pretrained(tmp_path / "t")
     other.save_pretrained(tmp_path / "t")
     fails(make_config(teacher={"path": str(tmp_path / "t")}), "teacher and student vocabularies differ (3 vs")
