@@ -173,7 +173,7 @@ def worker_dsdistill(root: Path, preset: dict) -> dict:
 
     from dsdistill.config import validate
     from dsdistill.schema import METRICS_FILE, TrainRecord, parse_line
-    from dsdistill.train import train
+    from dsdistill.train import open_session
 
     micro = preset["tokens_per_step"] // preset["seq"]
     total = preset["steps"] + preset["warmup"]
@@ -185,18 +185,18 @@ def worker_dsdistill(root: Path, preset: dict) -> dict:
         "optimizer": {"lr": 1e-4}, "eval": {"every": 0, "max_batches": 1, "at_start": False},
         "output": {"run_dir": str(root / "run"), "log_every": 1}, "checkpoint": {"save_final": False, "resume": "never"},
     })
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = train(cfg)
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as session:
+        session.fit()
     recs = [parse_line(line) for line in (root / "run" / METRICS_FILE).read_text().splitlines()]
     timed = [r for r in recs if isinstance(r, TrainRecord)][preset["warmup"]:]
     tps = sum(r.tokens_per_s for r in timed) / len(timed)
-    run = summary["run"]
+    plan = session.plan
     from dsdistill.preflight import count_params
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {"tokens_per_s": tps, "peak_bytes": _peak_bytes(device),
-            "teacher_matmul_params": _matmul_from_config(run.teacher_config, count_params),
-            "student_matmul_params": _matmul_from_config(run.student_config, count_params), "last_loss": timed[-1].objective}
+            "teacher_matmul_params": _matmul_from_config(plan.teacher_config, count_params),
+            "student_matmul_params": _matmul_from_config(plan.student_config, count_params), "last_loss": timed[-1].objective}
 
 
 def _matmul_from_config(config, count_params) -> int:

@@ -19,14 +19,14 @@ def _cmd_train(args) -> int:
 
 def _cmd_check(args) -> int:
     from dsdistill.config import load_config
-    from dsdistill.preflight import preflight
+    from dsdistill.preflight import describe, preflight
 
     cfg = load_config(args.config, args.overrides)
     if args.world_size is not None and args.world_size < 1:
         raise DistillError(f"check: --world-size {args.world_size}: expected a positive number of ranks")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    plan = preflight(cfg, world=world)
-    print(plan.describe())
+    plan, data = preflight(cfg, world=world)
+    print(describe(plan, data))
     print("check: ok")
     return 0
 

@@ -7,7 +7,7 @@ call the same methods with the same step, so their objectives are comparable by 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -161,12 +161,14 @@ def progress_of(*, step: int, total_steps: int) -> float:
 class Curriculum:
     """Evaluates a validated `CurriculumConfig` at optimizer steps."""
 
-    def __init__(self, config: CurriculumConfig, *, active: tuple[str, ...] = registry.IMPLEMENTED):
+    def __init__(self, config: CurriculumConfig, *, active: Optional[tuple[str, ...]] = None):
         self.config = config
-        self.active = tuple(n for n in registry.NAMES if n in config.weights and n in active)
-        """Components this run computes (scheduled and implemented), in registry order."""
-        self.inactive = tuple(n for n in registry.NAMES if n in config.weights and n not in active)
-        """Scheduled components this version does not compute; they are left out of the objective."""
+        can = registry.NAMES if active is None else active
+        self.active = tuple(n for n in registry.NAMES if n in config.weights and n in can)
+        """Components this run computes (scheduled and computable for its models), in registry order."""
+        self.inactive = tuple(n for n in registry.NAMES if n in config.weights and n not in can)
+        """Scheduled components this run cannot compute (see the plan's `left_out`); they are left out of the
+        objective."""
         for p in _probe_points(config.weights[n] for n in self.active):
             if sum(config.weights[n].at(p) for n in self.active) <= 0:
                 raise ValueError(

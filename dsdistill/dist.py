@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,12 @@ def all_reduce_sum(values) -> list[float]:
     if _initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_reduce_named(values: dict[str, Any]) -> dict[str, float]:
+    """`all_reduce_sum` over a dict: every rank passes the same keys and gets each one's sum by name."""
+    keys = sorted(values)
+    return dict(zip(keys, all_reduce_sum([values[k] for k in keys])))
 
 
 def agree(fn, *, what: str):

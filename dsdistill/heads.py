@@ -1,61 +1,66 @@
-"""`SwitchHead`: stands in for a causal LM's lm_head (same weight parameter) so the fused KD+LM loss runs
-inside the head's own forward.
+"""`FusedKDLMHead`: the student's KD + LM computed chunk by chunk from the decoder's final hidden state,
+with the student's own `lm_head.weight` (the same Parameter: tying, ZeRO partitioning and checkpoints
+are untouched, and the lm_head stays in the model for generation and export).
 
-Running inside a module forward keeps DeepSpeed ZeRO-3 semantics intact: the engine gathers the head's
-weight for the forward and again for the backward (its hooks see the head's output), exactly as for the
-plain Linear it replaces. Modes:
-- "logits": a plain linear layer (the default; used by generation and export paths);
-- "hidden": returns its input (the teacher runs only up to its final hidden state);
-- "fused":  consumes `pending` (a `FusedArgs`) and returns the differentiable weighted KD+LM scalar in
-            place of logits; the component sums are left in `last_metrics`.
+It is a module of its own, called explicitly on the decoder's output. It does not register the weight as
+its parameter (which would put a second name for it into every state dict); under ZeRO-3 it declares it
+as an external parameter, so the engine gathers it once for the head's forward and once for its
+backward, as it would for the lm_head. Its coefficients come from the objective (the
+curriculum weight over the window's unit count), the one place they are set.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsdistill.losses.fused import KDOptions, fused_kd_lm
+from dsdistill.components.base import FusedSums
+from dsdistill.losses.fused import KDOptions, auto_chunk, default_budget, fixed_bytes, fused_kd_lm
+
+if TYPE_CHECKING:
+    from dsdistill.preflight import Plan
 
 
 @dataclass
-class FusedArgs:
+class FusedCall:
+    """One micro-batch's inputs of the fused head besides the student's hidden state."""
+
     labels: torch.Tensor
     teacher_hidden: Optional[torch.Tensor]
-    teacher_weight: Optional[torch.Tensor]
+    """[B, S, Dt] the teacher's final hidden state (None: no KD)."""
+    teacher_head: Optional[torch.Tensor]
+    """The teacher's whole lm_head weight (None: no KD)."""
     coef_kd: float
     coef_lm: float
     options: KDOptions
-    vocab: int
-    ignore_index: int = -100
 
 
-class SwitchHead(nn.Module):
-    def __init__(self, linear: nn.Linear, mode: str = "logits"):
+class FusedKDLMHead(nn.Module):
+    def __init__(self, lm_head: nn.Module, *, vocab: int, ignore_index: int):
         super().__init__()
-        self.weight = linear.weight  # the same Parameter object (keeps ZeRO partitioning and tying)
-        self.bias = linear.bias
-        self.mode = mode
-        self.pending: Optional[FusedArgs] = None
-        self.last_metrics: Optional[dict] = None
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.mode == "hidden":
-            return hidden
-        args, self.pending = self.pending, None
-        if self.mode == "logits" or args is None:
-            return F.linear(hidden, self.weight, self.bias)
-        if self.bias is not None:
+        if getattr(lm_head, "bias", None) is not None:
             raise ValueError("fused KD does not support an lm_head with a bias; set loss.fused_logits: false")
-        combined, metrics = fused_kd_lm(hidden, self.weight[: args.vocab], args.teacher_hidden,
-                                        None if args.teacher_weight is None else args.teacher_weight[: args.vocab],
-                                        args.labels, coef_kd=args.coef_kd, coef_lm=args.coef_lm, options=args.options,
-                                        ignore_index=args.ignore_index)
-        self.last_metrics = metrics
-        return combined
+        self._lm_head = (lm_head,)  # a reference, not a submodule: the lm_head stays where the model has it
+        self.vocab = vocab
+        self.ignore_index = ignore_index
+        if hasattr(lm_head.weight, "ds_id"):  # ZeRO-3: gather the weight around this module's forward/backward
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, lm_head.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._lm_head[0].weight
+
+    def forward(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
+        t_head = None if call.teacher_head is None else call.teacher_head[: self.vocab]
+        combined, m = fused_kd_lm(hidden, self.weight[: self.vocab], call.teacher_hidden, t_head, call.labels,
+                                  coef_kd=call.coef_kd, coef_lm=call.coef_lm, options=call.options,
+                                  ignore_index=self.ignore_index)
+        return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined)
 
 
 def fused_supported(model: nn.Module) -> Optional[str]:
@@ -66,25 +71,32 @@ def fused_supported(model: nn.Module) -> Optional[str]:
     if getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
         return "the model scales its logits"
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, (nn.Linear, SwitchHead)):
+    if not isinstance(head, nn.Linear):
         return "the model has no linear lm_head"
     if getattr(head, "bias", None) is not None:
         return "the lm_head has a bias"
     return None
 
 
-class PassThrough(nn.Module):
-    """Replaces the teacher's lm_head: the teacher then returns its final hidden state as `logits`."""
+def head_options(plan: "Plan", device: torch.device, *, temperature: float, want_kd: bool, want_lm: bool) -> KDOptions:
+    """The fused head's options for this run: KD settings from `loss.*`, rows per chunk from
+    `loss.fused_chunk` or the fused loss's memory model (sized once per process: on a GPU from the free
+    memory at the first call)."""
+    from dsdistill.models import DTYPES
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
+    c = plan.cfg.loss
+    chunk = c.fused_chunk or _chunk_rows(plan.vocab, plan.student_config.hidden_size,
+                                         getattr(plan.teacher_config, "hidden_size", 0), DTYPES[plan.precision].itemsize,
+                                         plan.cfg.train.micro_batch_size * plan.cfg.train.seq_len, c.fused_chunk_mib,
+                                         torch.device(device).type)
+    return KDOptions(temperature=temperature, divergence=c.kd_divergence, beta=c.kd_beta, alpha=c.kd_alpha,
+                     top_k=c.kd_top_k, top_k_rest=c.kd_top_k_rest, chunk=chunk, want_kd=want_kd, want_lm=want_lm,
+                     compile=c.fused_compile)
 
 
-def full_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A full, detached copy of a (possibly ZeRO-3-partitioned) weight: gathered once, then released."""
-    if hasattr(weight, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-            return weight.data.detach().clone()
-    return weight.detach()
+@functools.lru_cache(maxsize=8)
+def _chunk_rows(vocab: int, s_width: int, t_width: int, t_bytes: int, tokens: int, budget_mib: Optional[int],
+                device_type: str) -> int:
+    budget = budget_mib << 20 if budget_mib else default_budget(torch.device(device_type))
+    fixed = fixed_bytes(tokens=tokens, vocab=vocab, s_width=s_width, t_width=t_width, t_dtype_bytes=t_bytes, grads=True)
+    return auto_chunk(vocab, s_width, budget_bytes=budget, fixed=fixed)

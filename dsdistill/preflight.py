@@ -16,29 +16,27 @@ from dsdistill.ds_config import precision_of, resolve_student, resolve_teacher, 
 from dsdistill.engines import warmup_steps_of
 from dsdistill.errors import ConfigError, DataError, ModelError
 from dsdistill.models import load_config as load_model_config, load_tokenizer
-from dsdistill.student import LayerPlan
+from dsdistill.layers import LayerMap
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """A validated run, ready for models and engines."""
+    """The facts of a validated run: no engines, no data, nothing that changes while it trains."""
 
     cfg: RunConfig
     rank: int
     world: int
     run_dir: Path
     curriculum: Curriculum
-    tokenizer: Any
     vocab: int
+    """Tokens of the shared tokenizer (logits are cut to it: embedding matrices are often padded)."""
     teacher_config: Any
     student_config: Any
-    splits: Splits
-    stream: TrainStream
     total_steps: int
     precision: str
     ds_student: dict
     ds_teacher: dict
-    layers: LayerPlan
+    layers: LayerMap
     left_out: dict
     """Scheduled components this run cannot compute for these models, with the reason (warned, not run)."""
     fused_off: Optional[str] = None
@@ -50,40 +48,55 @@ class Plan:
         return self.curriculum.active
 
     @property
+    def fused(self) -> bool:
+        """KD and LM run chunked from final hidden states (no [tokens, vocab] logits)."""
+        return self.cfg.loss.fused_logits and self.fused_off is None
+
+    @property
     def global_batch(self) -> int:
         return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.world
 
-    def describe(self) -> str:
-        """A few lines a person reads before launching."""
-        c = self.cfg
-        t, s = self.teacher_config, self.student_config
-        lines = [
-            f"world size {self.world}; global batch {self.global_batch} sequences = micro {c.train.micro_batch_size}"
-            f" x accumulation {c.train.grad_accum} x world {self.world}; {self.global_batch * c.train.seq_len:,} tokens per optimizer step",
-            f"training: {self.total_steps} optimizer steps ({len(self.splits.train)} packed sequences of {c.train.seq_len} tokens,"
-            f" {self.stream.batches_per_epoch // c.train.grad_accum} steps per epoch); eval: {len(self.splits.eval)} sequences",
-            f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(self.ds_teacher)}, frozen",
-            f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(self.ds_student)}, precision {self.precision}",
-            f"curriculum: computes {', '.join(self.curriculum.active)}"
-            + (f"; scheduled but not computed: {', '.join(self.curriculum.inactive)}" if self.curriculum.inactive else ""),
-            *(f"warning: {name} is left out: {why}" for name, why in self.left_out.items()),
-            *([f"note: fused KD/LM is off because {self.fused_off}; full logits are used"]
-              if c.loss.fused_logits and self.fused_off else []),
-            *([f"warning: {self.splits.skipped_documents} documents with a null or empty '{c.data.text_field}' are skipped"]
-              if self.splits.skipped_documents else []),
-            *([f"warning: {self.splits.unknown_share:.1%} of the training tokens are the tokenizer's unknown token"]
-              if self.splits.unknown_share > 0.01 else []),
-            f"run dir: {self.run_dir}",
-        ]
-        m = estimate_memory(self)
-        logits_how = (f"fused: chunks of {m['chunk_rows']} positions x {self.vocab} vocab" if c.loss.fused_logits
-                      else f"{c.train.micro_batch_size} x {c.train.seq_len} x {self.vocab} vocab")
-        lines.append(
-            f"memory per GPU (estimate, activations excluded): teacher shard {_size(m['teacher_shard'])}, "
-            f"student weights+grads+optimizer {_size(m['student_states'])}, logits {_size(m['logits'])} "
-            f"({logits_how}), total {_size(m['total'])}"
-        )
-        return "\n".join(lines)
+
+@dataclass
+class RunData:
+    """The run's tokenizer and data: the packed splits and the (resumable) training stream of this rank."""
+
+    tokenizer: Any
+    splits: Splits
+    stream: TrainStream
+
+
+def describe(plan: Plan, data: RunData) -> str:
+    """A few lines a person reads before launching."""
+    c = plan.cfg
+    t, s = plan.teacher_config, plan.student_config
+    lines = [
+        f"world size {plan.world}; global batch {plan.global_batch} sequences = micro {c.train.micro_batch_size}"
+        f" x accumulation {c.train.grad_accum} x world {plan.world}; {plan.global_batch * c.train.seq_len:,} tokens per optimizer step",
+        f"training: {plan.total_steps} optimizer steps ({len(data.splits.train)} packed sequences of {c.train.seq_len} tokens,"
+        f" {data.stream.batches_per_epoch // c.train.grad_accum} steps per epoch); eval: {len(data.splits.eval)} sequences",
+        f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_teacher)}, frozen",
+        f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_student)}, precision {plan.precision}",
+        f"curriculum: computes {', '.join(plan.curriculum.active)}"
+        + (f"; scheduled but not computed: {', '.join(plan.curriculum.inactive)}" if plan.curriculum.inactive else ""),
+        *(f"warning: {name} is left out: {why}" for name, why in plan.left_out.items()),
+        *([f"note: fused KD/LM is off because {plan.fused_off}; full logits are used"]
+          if c.loss.fused_logits and plan.fused_off else []),
+        *([f"warning: {data.splits.skipped_documents} documents with a null or empty '{c.data.text_field}' are skipped"]
+          if data.splits.skipped_documents else []),
+        *([f"warning: {data.splits.unknown_share:.1%} of the training tokens are the tokenizer's unknown token"]
+          if data.splits.unknown_share > 0.01 else []),
+        f"run dir: {plan.run_dir}",
+    ]
+    m = estimate_memory(plan)
+    logits_how = (f"fused: chunks of {m['chunk_rows']} positions x {plan.vocab} vocab" if c.loss.fused_logits
+                  else f"{c.train.micro_batch_size} x {c.train.seq_len} x {plan.vocab} vocab")
+    lines.append(
+        f"memory per GPU (estimate, activations excluded): teacher shard {_size(m['teacher_shard'])}, "
+        f"student weights+grads+optimizer {_size(m['student_states'])}, logits {_size(m['logits'])} "
+        f"({logits_how}), total {_size(m['total'])}"
+    )
+    return "\n".join(lines)
 
 
 def count_params(model_config) -> int:
@@ -158,7 +171,7 @@ def _same_vocab(a, b) -> bool:
     return a is b or a.get_vocab() == b.get_vocab()
 
 
-def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> Plan:
+def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunData]:
     """Validate the run against the data, models (configs and tokenizers only) and world size."""
     run_dir = Path(cfg.output.run_dir)
     check_run_dir(run_dir)
@@ -206,7 +219,7 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> Plan:
         cfg, world_size=world, total_steps=total_steps,
         warmup_steps=warmup_steps_of(cfg.scheduler, total_steps), hidden_size=getattr(student_cfg, "hidden_size", None),
     )
-    layers = LayerPlan.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
+    layers = LayerMap.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
     for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
         _check_causal_lm(mc, field, getattr(cfg, field).path)
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
@@ -216,8 +229,9 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> Plan:
             curriculum = Curriculum(cfg.curriculum, active=tuple(n for n in curriculum.active if n not in left_out))
         except ValueError as e:
             raise ConfigError(f"curriculum.weights: {e}") from None
-    return Plan(cfg, rank, world, run_dir, curriculum, tokenizer, vocab, teacher_cfg, student_cfg, splits, stream,
-                total_steps, precision_of(cfg), ds_student, ds_teacher, layers, left_out, fused_off)
+    plan = Plan(cfg, rank, world, run_dir, curriculum, vocab, teacher_cfg, student_cfg, total_steps, precision_of(cfg),
+                ds_student, ds_teacher, layers, left_out, fused_off)
+    return plan, RunData(tokenizer, splits, stream)
 
 
 def _check_causal_lm(model_config, field: str, path: str) -> None:
@@ -261,16 +275,18 @@ def meta_model(model_config):
     return model
 
 
-def _uncomputable(cfg: RunConfig, curriculum: Curriculum, layers: LayerPlan, teacher_cfg, student_cfg) -> dict[str, str]:
-    """{component: why} for scheduled components these architectures cannot provide inputs for."""
+def _uncomputable(cfg: RunConfig, curriculum: Curriculum, layers: LayerMap, teacher_cfg, student_cfg) -> dict[str, str]:
+    """{component: why} for scheduled components these architectures cannot provide inputs for (today:
+    queries and keys that cannot be captured), from what each component declares it needs."""
+    from dsdistill import registry
     from dsdistill.capture import unsupported_reason
-    from dsdistill.student import ATTENTION_COMPONENTS, capture_layers
 
     out: dict[str, str] = {}
-    for name in ATTENTION_COMPONENTS:
-        if name not in curriculum.active:
+    for name in curriculum.active:
+        needs = registry.implementation(name).needs(layers)
+        s_layers, t_layers = sorted(needs.student_qk), sorted(needs.teacher_qk)
+        if not (s_layers or t_layers):
             continue
-        s_layers, t_layers = capture_layers(layers, {name})
         for role, spec, mc, needed in (("teacher", cfg.teacher, teacher_cfg, t_layers), ("student", cfg.student, student_cfg, s_layers)):
             why = unsupported_reason(meta_model(mc), needed, spec.attn_implementation)
             if why is not None:

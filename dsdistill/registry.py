@@ -1,12 +1,21 @@
-"""The one registry of loss component names.
+"""The one registry of loss components: one `register(...)` line per component.
 
-Every other module (curriculum, objective, metrics schema, monitor) takes component names from here;
-nothing matches components by substring.
+Each line gives the name, the unit it is averaged over, a description, and where its implementation
+lives (`module:attribute`, imported only when a run builds its objective). This module imports nothing
+heavy, so the config, the curriculum and the monitor read names from here without loading torch.
+Everything else about a component (what it needs from the two forwards, the modules it owns, how it is
+computed) is in its own file under `dsdistill/components/`; see docs/architecture.md.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from dsdistill.components.base import Component as ComponentImpl
+
+Unit = Literal["token", "sequence", "micro_batch"]
 
 
 @dataclass(frozen=True)
@@ -14,30 +23,33 @@ class Component:
     """A named term of the distillation objective."""
 
     name: str
-    unit: Literal["token", "sequence", "layer"]
-    """What the component is averaged over: valid tokens, sequences, or (for router terms) layers."""
-    implemented: bool
-    """Whether this version computes it. Scheduled but unimplemented components are reported as inactive."""
+    unit: Unit
+    """What the component is averaged over: loss-bearing tokens, sequences with any, or micro-batches
+    with any (the router's load balance is one number per micro-batch)."""
     description: str
+    implementation: str
+    """`package.module:Class` of its `dsdistill.components.base.Component` subclass."""
 
 
-COMPONENTS: dict[str, Component] = {
-    c.name: c
-    for c in (
-        Component("kd", "token", True, "KL divergence between temperature-softened teacher and student logits, x T^2"),
-        Component("lm", "token", True, "cross-entropy of the student on the next token"),
-        Component("feature", "token", True, "projected student hidden state vs teacher hidden state"),
-        Component("attention", "token", True, "student vs teacher attention distributions on mapped layers"),
-        Component("layerwise", "token", True, "every student layer vs its mapped teacher layer"),
-        Component("contrastive", "sequence", True, "InfoNCE between pooled student and teacher representations"),
-        Component("routing_feature", "token", True, "student hidden vs router-gated mixture of teacher layers"),
-        Component("routing_load_balance", "layer", True, "keeps every teacher layer in use by the router"),
-        Component("routing_attention_alignment", "token", True, "student attention vs gated teacher attention"),
-    )
-}
+COMPONENTS: dict[str, Component] = {}
+NAMES: tuple[str, ...] = ()
+"""Registered names in registration order (the order of records, plots and the objective)."""
 
-NAMES: tuple[str, ...] = tuple(COMPONENTS)
-IMPLEMENTED: tuple[str, ...] = tuple(n for n, c in COMPONENTS.items() if c.implemented)
+
+def register(name: str, unit: Unit, description: str, implementation: str) -> Component:
+    """Add a component (a test may register a toy one and remove it with `unregister`)."""
+    global NAMES
+    if name in COMPONENTS:
+        raise ValueError(f"loss component {name!r} is registered already")
+    COMPONENTS[name] = spec = Component(name, unit, description, implementation)
+    NAMES = tuple(COMPONENTS)
+    return spec
+
+
+def unregister(name: str) -> None:
+    global NAMES
+    COMPONENTS.pop(name, None)
+    NAMES = tuple(COMPONENTS)
 
 
 def check_name(name: str) -> str:
@@ -45,3 +57,28 @@ def check_name(name: str) -> str:
     if name not in COMPONENTS:
         raise ValueError(f"unknown loss component {name!r}; expected one of: {', '.join(NAMES)}")
     return name
+
+
+def implementation(name: str) -> "ComponentImpl":
+    """A new instance of the component registered under `name` (its module is imported on first use)."""
+    module, _, attr = COMPONENTS[check_name(name)].implementation.partition(":")
+    cls: Any = getattr(importlib.import_module(module), attr)
+    return cls()
+
+
+register("kd", "token", "divergence between temperature-softened teacher and student distributions, x T^2",
+         "dsdistill.components.kd:KD")
+register("lm", "token", "cross-entropy of the student on the next token", "dsdistill.components.lm:LM")
+register("feature", "token", "projected student hidden state vs teacher hidden state",
+         "dsdistill.components.feature:Feature")
+register("attention", "token", "student vs teacher attention distributions on mapped layers",
+         "dsdistill.components.attention:Attention")
+register("layerwise", "token", "every student layer vs its mapped teacher layer", "dsdistill.components.layerwise:Layerwise")
+register("contrastive", "sequence", "InfoNCE between pooled student and teacher representations",
+         "dsdistill.components.contrastive:Contrastive")
+register("routing_feature", "token", "student hidden vs router-gated mixture of teacher layers",
+         "dsdistill.components.routing:RoutingFeature")
+register("routing_load_balance", "micro_batch", "keeps every teacher layer in use by the router",
+         "dsdistill.components.routing:LoadBalance")
+register("routing_attention_alignment", "token", "student attention vs gated teacher attention",
+         "dsdistill.components.routing:AttentionAlignment")

@@ -1,8 +1,8 @@
 """Distillation training: `deepspeed dsdistill/train.py --config run.yaml [--set a.b=value ...]`.
 
-One explicit loop. For each optimizer step (one accumulation window of micro-batches) the curriculum is
-evaluated once at `step = student.global_steps`; every micro-batch of the window then runs teacher forward,
-student forward, the component losses, the weighted sum, `backward` and `step`.
+`Session` holds a run's live parts around its frozen plan; `Session.fit` is the loop: one optimizer step
+at a time through `Trainer.step` (dsdistill/trainer.py), then logging, evaluation at the same step's
+curriculum, checkpoints and the stop policy. docs/architecture.md shows how the types fit together.
 """
 from __future__ import annotations
 
@@ -17,30 +17,34 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from dsdistill import checkpoint
-from dsdistill.config import RunConfig, dump_config, load_config
-from dsdistill.dist import agree, all_reduce_sum, free_port, unlink_shm_buffers_at_exit
-from dsdistill.ds_config import zero_stage
-from dsdistill.engines import build_student_engine, build_teacher_engine, current_lr
-from dsdistill.errors import DistillError, PeerFailed, one_line
-from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
-from dsdistill.heads import PassThrough, full_weight
-from dsdistill.evaluate import EarlyStopping, EvalResult, evaluate, teacher_perplexity
-from dsdistill.data import data_fingerprint
-from dsdistill.metrics import MetricsWriter
 from dsdistill.capture import QKCapture
+from dsdistill.components.base import Build
+from dsdistill.config import RunConfig, dump_config, load_config
+from dsdistill.data import data_fingerprint, eval_batches
+from dsdistill.dist import agree, free_port, unlink_shm_buffers_at_exit
+from dsdistill.ds_config import zero_stage
+from dsdistill.engines import build_student_engine, build_teacher_engine
+from dsdistill.errors import DistillError, PeerFailed, one_line
+from dsdistill.heads import head_options
+from dsdistill.metrics import MetricsWriter
 from dsdistill.models import DTYPES, load_causal_lm, param_counts
-from dsdistill.objective import component_sums, forward_pair, objective_value, unit_counts, unit_of, weighted_sum
-from dsdistill.student import DistillStudent, capture_layers
-from dsdistill.preflight import Plan, preflight
+from dsdistill.objective import Objective
+from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
+from dsdistill.preflight import Plan, RunData, preflight
 from dsdistill.report import eval_line, train_line
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
+from dsdistill.student import DistillStudent
+from dsdistill.teacher import LiveTeacher, TeacherModel
+from dsdistill.trainer import (EarlyStopping, EvalResult, Evaluator, NonFiniteGuard, PairForward, Pace, StepResult,
+                               StopPolicy, Trainer)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -66,100 +70,277 @@ def _say(rank: int, text: str) -> None:
         print(text, flush=True)
 
 
-@dataclass
-class Run:
-    """Everything the loop and evaluation need: the validated plan plus the two engines."""
+@dataclass(frozen=True)
+class Summary:
+    """How a run ended (rank 0's numbers; every rank gets the same)."""
 
-    plan: Plan
-    teacher: Any
-    student: Any
-    writer: MetricsWriter
-    student_capture: Optional[QKCapture] = None
-    teacher_capture: Optional[QKCapture] = None
-    fused: bool = False
-    """KD and LM run chunked from hidden states (the teacher returns its final hidden state)."""
-    teacher_head_weight: Any = None
-    """The teacher's lm_head weight (ZeRO-3 partitioned); `full_weight` gathers it once per step."""
-
-    def __getattr__(self, name):  # cfg, rank, world, splits, curriculum, vocab, total_steps, ... from the plan
-        return getattr(self.plan, name)
+    steps: int
+    total_steps: int
+    reason: str
+    """completed | early_stopping | paused | interrupted"""
+    teacher_ppl: float
+    final_eval: Optional[EvalResult]
+    run_dir: str
 
 
-def setup(cfg: RunConfig) -> Run:
-    """Validate everything that can be checked cheaply, then load the models into their engines."""
-    rank, world = init_distributed()
-    torch.manual_seed(cfg.train.seed)
-    # every rank checks the same inputs; agreeing on failure keeps a rank that failed alone from leaving the
-    # others waiting in the next collective, and the first error is printed once
-    plan = agree(lambda: preflight(cfg, world=world, rank=rank), what="preflight")
-    teacher_model = agree(lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision,
-                                                 zero3_ds_config=plan.ds_teacher), what="loading the teacher")
-    # preflight decided from both architectures (built on the meta device) whether the fused path applies
-    fused = cfg.loss.fused_logits and plan.fused_off is None
-    if cfg.loss.fused_logits and plan.fused_off is not None:
-        _say(rank, f"note: fused KD/LM is off because {plan.fused_off}; using full logits")
-    teacher_head_weight = teacher_model.lm_head.weight if fused else None
-    if fused:
-        teacher_model.lm_head = PassThrough()  # the teacher stops at its final hidden state
-    teacher = build_teacher_engine(teacher_model, plan.ds_teacher)
-    student_model = agree(lambda: load_causal_lm(
-        cfg.student, field="student", precision=plan.precision,
-        zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
-    ), what="loading the student")
-    active = set(plan.components)
-    wrapped = DistillStudent(student_model, loss=cfg.loss, plan=plan.layers, teacher_width=plan.teacher_config.hidden_size,
-                             components=active, seed=cfg.train.seed, fused=fused)
-    if plan.precision != "fp32":
-        wrapped.aux.to(DTYPES[plan.precision])
-    student = build_student_engine(wrapped, plan.ds_student, cfg, total_steps=plan.total_steps)
-    s_layers, t_layers = capture_layers(plan.layers, active)
-    return Run(plan, teacher, student, MetricsWriter(plan.run_dir, enabled=rank == 0),
-               student_capture=QKCapture(student_model, s_layers) if s_layers else None,
-               teacher_capture=QKCapture(teacher.module, t_layers) if t_layers else None,
-               fused=fused, teacher_head_weight=teacher_head_weight)
+class Session:
+    """The live side of a run around its frozen `Plan`: the two engines, the teacher source, the
+    objective, the trainer and evaluator, and the metrics stream. `fit()` trains it."""
+
+    def __init__(self, cfg: RunConfig, stop: StopRequest):
+        rank, world = init_distributed()
+        torch.manual_seed(cfg.train.seed)
+        self.stop = stop
+        # every rank checks the same inputs; agreeing on failure keeps a rank that failed alone from leaving the
+        # others waiting in the next collective, and the first error is printed once
+        plan, data = agree(lambda: preflight(cfg, world=world, rank=rank), what="preflight")
+        self.plan: Plan = plan
+        self.data: RunData = data
+        self.writer = MetricsWriter(plan.run_dir, enabled=rank == 0)
+        if cfg.loss.fused_logits and plan.fused_off is not None:
+            _say(rank, f"note: fused KD/LM is off because {plan.fused_off}; using full logits")
+        self.objective = Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers)
+        needs = self.objective.needs
+        teacher_lm = agree(lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision,
+                                                  zero3_ds_config=plan.ds_teacher), what="loading the teacher")
+        self.teacher_engine = build_teacher_engine(TeacherModel(teacher_lm), plan.ds_teacher)
+        student_lm = agree(lambda: load_causal_lm(
+            cfg.student, field="student", precision=plan.precision,
+            zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
+        ), what="loading the student")
+        build = Build(loss=cfg.loss, layers=plan.layers, student_width=plan.student_config.hidden_size,
+                      teacher_width=plan.teacher_config.hidden_size)
+        wrapped = DistillStudent(student_lm, components=self.objective.components, build=build, vocab=plan.vocab,
+                                 seed=cfg.train.seed, fused=plan.fused)
+        if plan.precision != "fp32":
+            wrapped.aux.to(DTYPES[plan.precision])
+        self.student = build_student_engine(wrapped, plan.ds_student, cfg, total_steps=plan.total_steps)
+        self.teacher = LiveTeacher(
+            self.teacher_engine, vocab=plan.vocab, fused=plan.fused,
+            capture=QKCapture(teacher_lm, sorted(needs.teacher_qk)) if needs.teacher_qk else None,
+            lm_options=lambda: head_options(plan, self.student.device, temperature=1.0, want_kd=False, want_lm=True),
+            ignore_index=cfg.loss.ignore_index)
+        s_capture = QKCapture(student_lm, sorted(needs.student_qk)) if needs.student_qk else None
+        self.forward = PairForward(plan, self.student, self.teacher, s_capture)
+        self.trainer = Trainer(plan, self.student, self.objective, self.forward)
+        eval_names = self.objective.names if "lm" in self.objective.names else (*self.objective.names, "lm")
+        self.evaluator = Evaluator(plan, self.forward, Objective(plan.curriculum, total_steps=plan.total_steps,
+                                                                 layers=plan.layers, names=eval_names))
+        # what the loop accumulates (set again by `fit`)
+        self.tokens_seen = 0
+        self.teacher_ppl = float("nan")
+        self.last_eval: Optional[EvalResult] = None
+        self.pace = Pace()
+        self.bar: Any = None
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> Summary:
+        """Train to the end (or to a stop); the run's records go to its metrics stream."""
+        plan, cfg, engine = self.plan, self.plan.cfg, self.student
+        early = EarlyStopping(metric=cfg.eval.early_stopping.metric, patience=cfg.eval.early_stopping.patience,
+                              min_delta=cfg.eval.early_stopping.min_delta)
+        resumed = self._resume(early)
+        self._announce(resumed)
+        # once per run: the teacher's own perplexity is what the student's is compared with
+        self.teacher_ppl = self.evaluator.teacher_perplexity(self._eval_batches())
+        _say(plan.rank, f"teacher perplexity on the eval split: {self.teacher_ppl:.3f}")
+        guard = NonFiniteGuard(max_bad_steps=cfg.train.max_bad_steps, fp16=plan.precision == "fp16",
+                               resume_hint=self._latest_checkpoint)
+        policy = StopPolicy(total_steps=plan.total_steps, stop_at_step=cfg.train.stop_at_step)
+        batches = iter(self.data.stream)
+        self.bar = _progress_bar(plan, done=engine.global_steps)
+        if cfg.eval.at_start and resumed is None:
+            self._evaluate(early)
+        engine.train()
+        reason = "completed" if policy.finished(engine.global_steps) else None
+        self.pace = Pace()
+        while reason is None:
+            # one optimizer step over one accumulation window; every rank learns of any stop request
+            r = self.trainer.step([next(batches) for _ in range(cfg.train.grad_accum)],
+                                  stop_requested=self.stop.signal is not None)
+            self.tokens_seen += r.tokens
+            self.pace.add(r.tokens)
+            done = engine.global_steps
+            self.bar.update(1)
+            # a non-finite step is skipped on every rank; too many in a row end the run
+            self._guard(guard, r)
+            self._log(r, done)
+            # evaluation at the same step's curriculum; patience may end the run here
+            if (cfg.eval.every and done % cfg.eval.every == 0) or done == plan.total_steps:
+                if self._evaluate(early):
+                    reason = "early_stopping"
+                    _say(plan.rank, f"early stopping: eval {early.metric} has not improved by more than "
+                         f"{early.min_delta} for {early.patience} evaluations (best {early.best:.4g})")
+                    break
+            # periodic checkpoints are what a preemption without warning falls back to
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < plan.total_steps:
+                self._save(early)
+            reason = policy.after_step(done=done, stop_requested=r.stop_requested)
+        self.bar.close()
+        return self._finish(reason, early)
+
+    # ------------------------------------------------------------------------------------------ its parts
+
+    def _layout(self) -> dict[str, Any]:
+        """What fixes the meaning of a saved data position: resuming with any of it changed is refused."""
+        c = self.plan.cfg
+        return {"train.micro_batch_size": c.train.micro_batch_size, "train.seq_len": c.train.seq_len,
+                "train.seed": c.train.seed, "world_size": self.plan.world, "data": data_fingerprint(self.data.splits.train)}
+
+    def _resume(self, early: EarlyStopping) -> Optional[dict[str, Any]]:
+        plan, engine = self.plan, self.student
+        self.tokens_seen = 0
+        if plan.cfg.checkpoint.resume != "auto":
+            return None
+        resumed = agree(lambda: checkpoint.load(engine, plan.run_dir, tag=plan.cfg.checkpoint.resume_tag,
+                                                expect=self._layout()), what="resuming")
+        if resumed is not None:
+            self.data.stream.restore(resumed["stream"])
+            early.restore(resumed["early_stopping"])
+            self.tokens_seen = int(resumed["tokens_seen"])
+            _say(plan.rank, f"resumed from {checkpoint.checkpoint_dir(plan.run_dir) / resumed['tag']} "
+                 f"at optimizer step {engine.global_steps}")
+        return resumed
+
+    def _announce(self, resumed: Optional[dict[str, Any]]) -> None:
+        """run_start, the resolved config.yaml, the header line and the plan's warnings."""
+        plan, cfg, step = self.plan, self.plan.cfg, self.student.global_steps
+        t_params, _ = param_counts(self.teacher_engine.module)
+        s_params, _ = param_counts(self.student.module.model)
+        cur = plan.curriculum
+        self.writer.write(RunStart(
+            step=step, config=dump_config(cfg), total_steps=plan.total_steps, world_size=plan.world,
+            schedule=cur.definition(), global_batch=plan.global_batch, seq_len=cfg.train.seq_len,
+            student_zero_stage=zero_stage(plan.ds_student), teacher_zero_stage=zero_stage(plan.ds_teacher),
+            student_params=s_params, teacher_params=t_params, resumed=resumed is not None,
+        ))
+        if plan.rank == 0:
+            _write_config(plan.run_dir / "config.yaml", dump_config(cfg))
+        _say(plan.rank, f"dsdistill: {plan.total_steps} optimizer steps, world {plan.world}, global batch "
+             f"{plan.global_batch} x {cfg.train.seq_len} tokens, teacher {t_params:,} params "
+             f"(ZeRO-3), student {s_params:,} params (ZeRO-{zero_stage(plan.ds_student)}), run dir {plan.run_dir}")
+        if cur.inactive:
+            why = "; ".join(f"{n}: {plan.left_out[n]}" for n in cur.inactive if n in plan.left_out)
+            self._alert(step, "info", "inactive_components",
+                        f"scheduled components not computed for this run (left out of the objective): "
+                        f"{', '.join(cur.inactive)}" + (f" ({why})" if why else ""))
+        if self.data.splits.skipped_documents:
+            self._alert(step, "info", "skipped_documents", f"{self.data.splits.skipped_documents} documents with a "
+                        f"null or empty '{cfg.data.text_field}' were skipped")
+
+    def _alert(self, step: int, level: str, code: str, message: str, *, say: bool = True) -> None:
+        if say:
+            _say(self.plan.rank, f"warning: {message}")
+        self.writer.write(AlertRecord(step=step, level=level, code=code, message=message))
+
+    def _latest_checkpoint(self) -> str:
+        last = checkpoint.latest_tag(self.plan.run_dir)
+        return f"Latest checkpoint: {checkpoint.checkpoint_dir(self.plan.run_dir) / last if last else 'none'}"
+
+    def _guard(self, guard: NonFiniteGuard, r: StepResult) -> None:
+        alert = guard.observe(r)
+        if alert is not None:
+            level, message = alert
+            self._alert(r.step, level, "step_skipped" if level == "info" else "nonfinite_step", message,
+                        say=level != "info")
+        if r.step == 0 and r.lr == 0.0:
+            self._alert(r.step, "warning", "lr_zero_first_step",
+                        "the LR schedule gave the first optimizer step LR 0 (warmup starts at 0); that step changed nothing")
+
+    def _log(self, r: StepResult, done: int) -> None:
+        plan = self.plan
+        if done % plan.cfg.output.log_every and done != plan.total_steps:
+            return
+        rec = TrainRecord(
+            step=r.step, weights=r.ctx.weights, losses=r.losses, weighted={n: r.ctx.weights[n] * v for n, v in r.losses.items()},
+            objective=r.objective, lr=r.lr, temperature=r.ctx.temperature,
+            tokens_per_s=self.pace.rate(), tokens=self.tokens_seen, progress=done / plan.total_steps,
+            total_steps=plan.total_steps, grad_norm=r.grad_norm, extras={} if r.kd_kl is None else {"kd_kl": r.kd_kl},
+            mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, gate_usage=r.gate_usage,
+        )
+        self.writer.write(rec)
+        if plan.rank == 0:
+            self.bar.write(train_line(rec), file=sys.stdout)
+            sys.stdout.flush()
+
+    def _eval_batches(self):
+        c = self.plan.cfg
+        return eval_batches(self.data.splits.eval, micro_batch=c.eval.micro_batch_size or c.train.micro_batch_size,
+                            rank=self.plan.rank, world=self.plan.world, ignore_index=c.loss.ignore_index,
+                            max_batches=c.eval.max_batches)
+
+    def evaluate(self, *, step: int) -> EvalResult:
+        """The objective on the held-out split at the curriculum of optimizer step `step`."""
+        return self.evaluator.evaluate(self._eval_batches(), step=step)
+
+    def _evaluate(self, early: EarlyStopping) -> bool:
+        """Evaluate at the engine's step, keep the best checkpoint, write the record; True: stop early."""
+        step = self.student.global_steps
+        self.last_eval = r = self.evaluate(step=step)
+        best_before = early.best
+        stop = early.update(r)
+        if self.plan.cfg.checkpoint.keep_best and step > 0 and early.best != best_before:
+            self._save(early, mark_best=True)
+        rec = EvalRecord(step=r.step, weights=r.weights, losses=r.losses, weighted=r.weighted, objective=r.objective,
+                         temperature=r.temperature, lm_ce=r.lm_ce, ppl=r.ppl, teacher_ppl=self.teacher_ppl, tokens=r.tokens,
+                         best=early.best, bad_evals=early.bad_evals, early_stop_metric=early.metric)
+        self.writer.write(rec)
+        if self.plan.rank == 0:
+            self.bar.write(eval_line(rec), file=sys.stdout)
+            sys.stdout.flush()
+        self.pace.pause_ended()  # eval time is not training throughput
+        return stop
+
+    def _save(self, early: EarlyStopping, mark_best: bool = False) -> None:
+        state = {"stream": self.data.stream.state(), "early_stopping": early.state(), "tokens_seen": self.tokens_seen,
+                 "layout": self._layout()}
+        checkpoint.save(self.student, self.plan.run_dir, state=state, keep_last=self.plan.cfg.checkpoint.keep_last,
+                        mark_best=mark_best)
+        self.pace.pause_ended()
+
+    def _finish(self, reason: str, early: EarlyStopping) -> Summary:
+        plan, step = self.plan, self.student.global_steps
+        if reason == "paused":
+            _say(plan.rank, f"stopping at optimizer step {step} (train.stop_at_step); relaunch to resume")
+        if reason == "interrupted":
+            _say(plan.rank, f"stopping at optimizer step {step} ({self.stop.signal or 'a stop request on another rank'}); "
+                 "saving a checkpoint")
+        if ((plan.cfg.checkpoint.save_final or reason in ("paused", "interrupted"))
+                and checkpoint.latest_tag(plan.run_dir) != f"step{step}"):
+            self._save(early)
+        self.stop.leaving()  # saved: a launcher's follow-up signals have nothing left to interrupt
+        message = (f"{self.stop.signal or 'signal'}; checkpoint at step {step}; relaunch to resume"
+                   if reason == "interrupted" else "")
+        self.writer.write(RunEnd(step=step, reason=reason, best=early.best, message=message))
+        # leave together: a launcher that sees one rank exit stops the others, which must not be before rank 0
+        # has written run_end
+        if dist.is_initialized() and plan.world > 1:
+            dist.barrier()
+        return Summary(steps=step, total_steps=plan.total_steps, reason=reason, teacher_ppl=self.teacher_ppl,
+                       final_eval=self.last_eval, run_dir=str(plan.run_dir))
 
 
-# ---------------------------------------------------------------------------------------------- loop
-
-
-UNITS = ("token", "sequence", "layer")
-
-
-def _eval_record(r: EvalResult, teacher_ppl: float, stopper: EarlyStopping) -> EvalRecord:
-    return EvalRecord(
-        step=r.step, weights=r.weights, losses=r.losses, weighted=r.weighted, objective=r.objective,
-        temperature=r.temperature, lm_ce=r.lm_ce, ppl=r.ppl, teacher_ppl=teacher_ppl, tokens=r.tokens,
-        best=stopper.best, bad_evals=stopper.bad_evals, early_stop_metric=stopper.metric,
-    )
-
-
-def _progress_bar(run: Run):
-    from tqdm import tqdm
-
-    return tqdm(total=run.total_steps, desc="distil", unit="step", dynamic_ncols=True,
-                disable=run.rank != 0 or not sys.stderr.isatty())
-
-
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run a whole distillation; returns a summary (rank 0's numbers; other ranks get the same).
-
-    Stop signals are handled from the start (a preemption during model loading still ends cleanly), and
-    a run that fails or is interrupted after its metrics stream opened still gets its run_end record."""
+@contextmanager
+def open_session(cfg: RunConfig) -> Iterator[Session]:
+    """A run's session with stop signals handled from the start (a preemption during model loading still
+    ends cleanly); a run that fails or is interrupted after its metrics stream opened still gets its
+    run_end record. The engines stay usable after the block (for tests and tools); the stream is closed."""
     stop = StopRequest(cfg.train.signal_grace_s)
     stop.install()
-    run: Optional[Run] = None
+    session: Optional[Session] = None
     watch: Optional[LauncherWatch] = None
     try:
-        run = setup(cfg)
+        session = Session(cfg, stop)
         watch = LauncherWatch(stop).start()
-        return _train_loop(run, stop)
+        yield session
     except BaseException as e:
         # the stream gets its run_end if this run wrote to it, or continues one (a failed resume)
-        if run is not None and (run.writer.opened or run.writer.path.exists()) and not isinstance(e, PeerFailed):
-            interrupted = isinstance(e, KeyboardInterrupt)
+        w = session.writer if session is not None else None
+        if w is not None and (w.opened or w.path.exists()) and not isinstance(e, PeerFailed):
             try:
-                run.writer.write(RunEnd(step=run.student.global_steps, reason="interrupted" if interrupted else "error",
-                                        message=one_line(f"{type(e).__name__}: {e}")[:500]))
+                w.write(RunEnd(step=session.student.global_steps, reason="interrupted" if isinstance(e, KeyboardInterrupt)
+                               else "error", message=one_line(f"{type(e).__name__}: {e}")[:500]))
             except DistillError:
                 pass  # the stream itself cannot be written: the error being raised says so already
         raise
@@ -167,255 +348,23 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if watch is not None:
             watch.close()
         stop.uninstall()
-        if run is not None:
-            run.writer.close()
+        if session is not None:
+            session.writer.close()
 
 
-def _train_loop(run: Run, stop: StopRequest) -> dict[str, Any]:
-    cfg = run.cfg
-    student, teacher, cur = run.student, run.teacher, run.curriculum
-    total, gas, world = run.total_steps, cfg.train.grad_accum, run.world
-    t_params, _ = param_counts(teacher.module)
-    s_params, _ = param_counts(student.module.model)
-    stopper = EarlyStopping(metric=cfg.eval.early_stopping.metric, patience=cfg.eval.early_stopping.patience,
-                            min_delta=cfg.eval.early_stopping.min_delta)
-    tokens_seen = 0
-    layout = _layout(run)
-    resumed = None
-    if cfg.checkpoint.resume == "auto":
-        resumed = agree(lambda: checkpoint.load(student, run.run_dir, tag=cfg.checkpoint.resume_tag, expect=layout),
-                        what="resuming")
-    if resumed is not None:
-        run.stream.restore(resumed["stream"])
-        stopper.restore(resumed["early_stopping"])
-        tokens_seen = int(resumed["tokens_seen"])
-        _say(run.rank, f"resumed from {checkpoint.checkpoint_dir(run.run_dir) / resumed['tag']} "
-             f"at optimizer step {student.global_steps}")
-    run.writer.write(RunStart(
-        step=student.global_steps, config=dump_config(cfg), total_steps=total, world_size=world,
-        schedule=cur.definition(), global_batch=cfg.train.micro_batch_size * gas * world, seq_len=cfg.train.seq_len,
-        student_zero_stage=zero_stage(run.ds_student), teacher_zero_stage=zero_stage(run.ds_teacher),
-        student_params=s_params, teacher_params=t_params, resumed=resumed is not None,
-    ))
-    if run.rank == 0:
-        _write_config(run.run_dir / "config.yaml", dump_config(cfg))
-    _say(run.rank, f"dsdistill: {total} optimizer steps, world {world}, global batch "
-         f"{cfg.train.micro_batch_size * gas * world} x {cfg.train.seq_len} tokens, teacher {t_params:,} params "
-         f"(ZeRO-3), student {s_params:,} params (ZeRO-{zero_stage(run.ds_student)}), run dir {run.run_dir}")
-    if cur.inactive:
-        why = "; ".join(f"{n}: {run.plan.left_out[n]}" for n in cur.inactive if n in run.plan.left_out)
-        msg = (f"scheduled components not computed for this run (left out of the objective): {', '.join(cur.inactive)}"
-               + (f" ({why})" if why else ""))
-        _say(run.rank, f"warning: {msg}")
-        run.writer.write(AlertRecord(step=student.global_steps, level="info", code="inactive_components", message=msg))
-
-    if run.splits.skipped_documents:
-        msg = f"{run.splits.skipped_documents} documents with a null or empty '{cfg.data.text_field}' were skipped"
-        _say(run.rank, f"warning: {msg}")
-        run.writer.write(AlertRecord(step=student.global_steps, level="info", code="skipped_documents", message=msg))
-    teacher_ppl = teacher_perplexity(run)
-    _say(run.rank, f"teacher perplexity on the eval split: {teacher_ppl:.3f}")
-    names = cur.active
-    ignore = cfg.loss.ignore_index
-    interval_tokens, interval_start = 0, time.perf_counter()
-    warned_zero_lr = False
-    skipped_seen = int(getattr(student, "skipped_steps", 0))
-    bad_in_a_row = 0
-    last_eval: Optional[EvalResult] = None
-    reason = "completed"
-    batches = iter(run.stream)
-
-    def run_eval() -> bool:
-        nonlocal last_eval
-        last_eval = evaluate(run, step=student.global_steps)
-        best_before = stopper.best
-        stop = stopper.update(last_eval)
-        if cfg.checkpoint.keep_best and student.global_steps > 0 and stopper.best != best_before:
-            save(mark_best=True)
-        erec = _eval_record(last_eval, teacher_ppl, stopper)
-        run.writer.write(erec)
-        if run.rank == 0:
-            bar.write(eval_line(erec), file=sys.stdout)
-            sys.stdout.flush()
-        return stop
-
-    def save(mark_best: bool = False) -> None:
-        state = {"stream": run.stream.state(), "early_stopping": stopper.state(), "tokens_seen": tokens_seen,
-                 "layout": layout}
-        checkpoint.save(student, run.run_dir, state=state, keep_last=cfg.checkpoint.keep_last, mark_best=mark_best)
-
-    bar = _progress_bar(run)
-    bar.update(student.global_steps)
-    if cfg.eval.at_start and resumed is None:
-        run_eval()
-    student.train()
-
-    while student.global_steps < total:
-        step = student.global_steps  # the one schedule position for this whole accumulation window
-        weights = cur.weights_at(step=step, total_steps=total)
-        temperature = cur.temperature_at(step=step, total_steps=total)
-        window = [next(batches) for _ in range(gas)]
-        # units in the whole window on all ranks: each component is divided by its own unit count
-        counted = [unit_counts(mb["labels"], ignore) for mb in window]
-        units = dict(zip(UNITS, all_reduce_sum([float(sum(c[u] for c in counted)) for u in UNITS])))
-        normalizers = {n: units[unit_of(n)] for n in names}
-        window_tokens = units["token"]
-        with_grad = {n for n in names if weights[n] != 0.0}
-        acc = {n: 0.0 for n in names}
-        acc_kl = 0.0
-        usage = None
-        nonfinite_loss = False
-        lr_used = float("nan")
-        # fused KD/LM: the teacher's lm_head weight is gathered once for the whole step
-        t_weight = full_weight(run.teacher_head_weight) if run.fused and "kd" in names else None
-        coef = {n: weights.get(n, 0.0) / max(normalizers.get(n, 1.0), 1.0) for n in ("kd", "lm")}
-        for mb in window:
-            ids = mb["input_ids"].to(student.device)
-            labels = mb["labels"].to(student.device)
-            out = forward_pair(run, ids, labels, temperature=temperature, coef_kd=coef["kd"], coef_lm=coef["lm"],
-                               teacher_weight=t_weight)
-            sums = component_sums(names, out, temperature=temperature, loss_cfg=cfg.loss, plan=run.layers, grad=with_grad)
-            # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
-            # the token-weighted objective of the whole window on all ranks.
-            loss = weighted_sum(sums, weights=weights, normalizers=normalizers) * (gas * world)
-            if not torch.isfinite(loss):
-                # make the gradients non-finite too, so ZeRO's global check skips this update on every rank
-                nonfinite_loss = True
-                loss = loss * float("nan")
-            student.backward(loss)
-            boundary = student.is_gradient_accumulation_boundary()
-            if boundary:
-                lr_used = current_lr(student)  # what optimizer.step() below applies
-            skipped_before = int(getattr(student, "skipped_steps", 0))
-            student.step()
-            if boundary and int(getattr(student, "skipped_steps", 0)) > skipped_before and student.lr_scheduler is not None:
-                # DeepSpeed does not advance the LR schedule on a skipped step, but the step counter (and with it
-                # the curriculum) moves on: advance it here so the LR stays a function of the optimizer step
-                student.lr_scheduler.step()
-            for n in names:  # summed on the device; transferred once per window by the all-reduce below
-                acc[n] = acc[n] + sums.sums[n].detach()
-            if "kd_kl" in sums.extras:
-                acc_kl = acc_kl + sums.extras["kd_kl"]
-            usage = sums.extras.get("gate_usage", usage)
-            del out, sums, loss
-        del t_weight
-        reduced = all_reduce_sum([acc[n] for n in names] + [acc_kl, float(nonfinite_loss), float(stop.signal is not None)])
-        stop_requested = reduced.pop() > 0  # every rank stops after the same step
-        any_nonfinite = reduced.pop() > 0
-        losses = {n: reduced[i] / max(normalizers[n], 1.0) for i, n in enumerate(names)}
-        objective = objective_value(losses, weights)
-        step_tokens = sum(mb["input_ids"].numel() for mb in window) * world
-        tokens_seen += step_tokens
-        interval_tokens += step_tokens
-        done = student.global_steps
-        bar.update(1)
-        skipped = int(getattr(student, "skipped_steps", 0))
-        was_skipped = skipped > skipped_seen
-        skipped_seen = skipped
-        overflow_only = run.precision == "fp16" and not any_nonfinite  # fp16 loss scaling skips steps by design
-        if was_skipped and overflow_only:
-            run.writer.write(AlertRecord(step=step, level="info", code="step_skipped",
-                                         message=f"fp16 loss-scale overflow: DeepSpeed skipped optimizer step {step}"))
-        elif any_nonfinite or was_skipped:
-            bad_in_a_row += 1
-            what = "loss" if any_nonfinite else "gradients"
-            msg = (f"non-finite {what} at optimizer step {step}: the update was skipped, weights untouched "
-                   f"({bad_in_a_row} in a row; the run stops at {cfg.train.max_bad_steps})")
-            run.writer.write(AlertRecord(step=step, level="error", code="nonfinite_step", message=msg))
-            _say(run.rank, f"warning: {msg}")
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                last_good = checkpoint.latest_tag(run.run_dir)
-                err = DistillError(f"train.max_bad_steps: {bad_in_a_row} consecutive optimizer steps had a non-finite {what} "
-                                   f"(last at step {step}); stopped. Latest checkpoint: "
-                                   f"{checkpoint.checkpoint_dir(run.run_dir) / last_good if last_good else 'none'}")
-                err.everywhere = True  # every rank counts the same agreed steps
-                raise err
-        else:
-            bad_in_a_row = 0
-
-        if step == 0 and lr_used == 0.0 and not warned_zero_lr:
-            warned_zero_lr = True
-            msg = "the LR schedule gave the first optimizer step LR 0 (warmup starts at 0); that step changed nothing"
-            _say(run.rank, f"warning: {msg}")
-            run.writer.write(AlertRecord(step=step, code="lr_zero_first_step", message=msg))
-
-        if done % cfg.output.log_every == 0 or done == total:
-            elapsed = time.perf_counter() - interval_start
-            norm = student.get_global_grad_norm() if hasattr(student, "get_global_grad_norm") else None
-            rec = TrainRecord(
-                step=step, weights=weights, losses=losses, weighted={n: weights[n] * losses[n] for n in names},
-                objective=objective, lr=lr_used, temperature=temperature,
-                tokens_per_s=interval_tokens / elapsed if elapsed > 0 else 0.0, tokens=tokens_seen,
-                progress=done / total, total_steps=total, grad_norm=_to_float(norm),
-                extras={"kd_kl": reduced[-1] / max(window_tokens, 1.0)} if "kd" in names else {},
-                mem_gib=_peak_mem_gib(), gate_usage=usage,
-            )
-            run.writer.write(rec)
-            if run.rank == 0:
-                bar.write(train_line(rec), file=sys.stdout)
-                sys.stdout.flush()
-            interval_tokens, interval_start = 0, time.perf_counter()
-
-        if (cfg.eval.every and done % cfg.eval.every == 0) or done == total:
-            if run_eval():
-                reason = "early_stopping"
-                _say(run.rank, f"early stopping: eval {stopper.metric} has not improved by more than "
-                     f"{stopper.min_delta} for {stopper.patience} evaluations (best {stopper.best:.4g})")
-                break
-            interval_start = time.perf_counter()  # eval time is not training throughput
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total:
-            save()
-            interval_start = time.perf_counter()
-        if cfg.train.stop_at_step is not None and done >= cfg.train.stop_at_step and done < total:
-            reason = "paused"
-            _say(run.rank, f"stopping at optimizer step {done} (train.stop_at_step); relaunch to resume")
-            break
-        if stop_requested and done < total:
-            reason = "interrupted"
-            _say(run.rank, f"stopping at optimizer step {done} ({stop.signal or 'a stop request on another rank'}); saving a checkpoint")
-            break
-    bar.close()
-
-    if (cfg.checkpoint.save_final or reason in ("paused", "interrupted")) and checkpoint.latest_tag(run.run_dir) != f"step{student.global_steps}":
-        save()
-    stop.leaving()  # saved: a launcher's follow-up signals have nothing left to interrupt
-    message = f"{stop.signal or 'signal'}; checkpoint at step {student.global_steps}; relaunch to resume" if reason == "interrupted" else ""
-    run.writer.write(RunEnd(step=student.global_steps, reason=reason, best=stopper.best, message=message))
-    # leave together: a launcher that sees one rank exit stops the others, which must not be before rank 0
-    # has written run_end
-    if dist.is_initialized() and run.world > 1:
-        dist.barrier()
-    return {
-        "steps": student.global_steps,
-        "total_steps": total,
-        "reason": reason,
-        "teacher_ppl": teacher_ppl,
-        "final_eval": last_eval,
-        "run_dir": str(run.run_dir),
-        "run": run,
-    }
+def train(cfg: RunConfig) -> Summary:
+    """Run a whole distillation; returns how it ended."""
+    with open_session(cfg) as session:
+        return session.fit()
 
 
-def _layout(run: Run) -> dict[str, Any]:
-    """What fixes the meaning of a saved data position: resuming with any of it changed is refused."""
-    c = run.cfg
-    return {"train.micro_batch_size": c.train.micro_batch_size, "train.seq_len": c.train.seq_len,
-            "train.seed": c.train.seed, "world_size": run.world, "data": data_fingerprint(run.splits.train)}
+def _progress_bar(plan: Plan, *, done: int):
+    from tqdm import tqdm
 
-
-def _to_float(x) -> Optional[float]:
-    if x is None:
-        return None
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def _peak_mem_gib() -> Optional[float]:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return None
+    bar = tqdm(total=plan.total_steps, desc="distil", unit="step", dynamic_ncols=True,
+               disable=plan.rank != 0 or not sys.stderr.isatty())
+    bar.update(done)
+    return bar
 
 
 def _write_config(path: Path, data: dict) -> None:
@@ -485,7 +434,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dsdistill: error: rank {_rank()}: stopped because another rank went away "
               f"({one_line(str(e))[:160]})", file=sys.stderr, flush=True)
         return 1
-    return EXIT_PREEMPTED if summary["reason"] == "interrupted" else 0
+    return EXIT_PREEMPTED if summary.reason == "interrupted" else 0
 
 
 if __name__ == "__main__":

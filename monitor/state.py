@@ -257,7 +257,7 @@ class RunState:
         sched = self.start.schedule
         try:
             cfg = CurriculumConfig.model_validate({"weights": sched["weights"], "temperature": sched["temperature"]})
-            return Curriculum(cfg, active=tuple(sched.get("active") or registry.IMPLEMENTED))
+            return Curriculum(cfg, active=tuple(sched["active"]) if sched.get("active") else None)
         except Exception:
             return None
 

@@ -123,7 +123,7 @@ def test_each_family_trains_with_the_default_curriculum(kind, assets, tmp_path):
     })
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train(cfg)
-    assert summary["reason"] == "completed" and summary["steps"] == 2
+    assert summary.reason == "completed" and summary.steps == 2
     recs = _records(run_dir)
     start = next(r for r in recs if isinstance(r, RunStart))
     assert start.schedule["inactive"] == []
@@ -152,7 +152,7 @@ def test_a_model_whose_attention_bypasses_the_registry_is_left_out_at_check_time
     assert "warning: attention is left out: the teacher's attention cannot be captured (FalconForCausalLM computes attention in its own code" in proc.stdout
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train(validate(conf))
-    assert summary["reason"] == "completed"
+    assert summary.reason == "completed"
     recs = _records(run_dir)
     start = next(r for r in recs if isinstance(r, RunStart))
     assert "attention" in start.schedule["inactive"] and "attention" not in start.schedule["active"]

@@ -156,7 +156,7 @@ def test_lr_stays_a_function_of_the_optimizer_step_after_a_skipped_step(make_con
             summary = train(cfg)
     finally:
         handle.remove()
-    recs = [parse_line(ln) for ln in (Path(summary["run_dir"]) / METRICS_FILE).read_text().splitlines()]
+    recs = [parse_line(ln) for ln in (Path(summary.run_dir) / METRICS_FILE).read_text().splitlines()]
     assert [r.step for r in recs if isinstance(r, AlertRecord) and r.code == "nonfinite_step"] == [2]
     for r in (r for r in recs if isinstance(r, TrainRecord)):
         expected = cfg.optimizer.lr * lr_multiplier(r.step, sched=cfg.scheduler, total_steps=6)

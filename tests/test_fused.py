@@ -12,7 +12,7 @@ from dsdistill.losses import kd_loss, lm_loss
 from dsdistill.losses.fused import KDOptions, auto_chunk, fused_kd_lm
 from dsdistill.losses.kd import DIVERGENCES
 from dsdistill.schema import METRICS_FILE, EvalRecord, TrainRecord, parse_line
-from dsdistill.train import train
+from dsdistill.train import open_session
 from tests.test_distributed import launch
 
 IGN = -100
@@ -76,10 +76,10 @@ def test_chunk_rows_come_from_a_memory_model_of_every_live_buffer():
 
 
 def _run(cfg):
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = train(validate(cfg))
-    recs = [parse_line(line) for line in (Path(summary["run_dir"]) / METRICS_FILE).read_text().splitlines()]
-    return summary, [r for r in recs if isinstance(r, TrainRecord)], [r for r in recs if isinstance(r, EvalRecord)]
+    with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as session:
+        summary = session.fit()
+    recs = [parse_line(line) for line in (Path(summary.run_dir) / METRICS_FILE).read_text().splitlines()]
+    return session, [r for r in recs if isinstance(r, TrainRecord)], [r for r in recs if isinstance(r, EvalRecord)]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -95,7 +95,7 @@ def test_engine_path_fused_equals_full_logits(make_config, tmp_path, stage):
         cfg["output"]["run_dir"] = str(tmp_path / f"fused-{fused}")
         runs[fused] = _run(cfg)
     (s_f, t_f, e_f), (s_u, t_u, e_u) = runs[True], runs[False]
-    assert s_f["run"].fused and not s_u["run"].fused
+    assert s_f.plan.fused and not s_u.plan.fused
     for a, b in zip(t_f, t_u):
         for name in ("kd", "lm"):
             assert a.losses[name] == pytest.approx(b.losses[name], rel=1e-5), (a.step, name)

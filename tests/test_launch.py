@@ -16,7 +16,7 @@ import yaml
 from dsdistill.config import validate
 from dsdistill.schema import METRICS_FILE, RunEnd, RunStart, TrainRecord, parse_line
 from dsdistill.dist import free_port
-from dsdistill.train import train
+from dsdistill.train import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch.sh"
@@ -152,13 +152,12 @@ def test_every_student_config_trains_at_its_stage(make_config, tmp_path, path):
     stage = json.loads(path.read_text())["zero_optimization"]["stage"]
     cfg = validate(make_config(train={"max_steps": 2, "grad_accum": 2}, eval={"every": 0, "max_batches": 1},
                                deepspeed={"student": str(path), "teacher": str(ROOT / "ds_configs" / "teacher_zero3.json")}))
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = train(cfg)
-    run = summary["run"]
-    assert run.student.zero_optimization_stage() == stage and run.student.global_steps == 2
-    assert run.teacher.zero_optimization_stage() == 3
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as session:
+        session.fit()
+    assert session.student.zero_optimization_stage() == stage and session.student.global_steps == 2
+    assert session.teacher_engine.zero_optimization_stage() == 3
     if "offload" in path.name:
-        assert run.student.zero_cpu_offload()
+        assert session.student.zero_cpu_offload()
     recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
     trains = [r for r in recs if isinstance(r, TrainRecord)]
     assert len(trains) == 2 and all(v == v for t in trains for v in t.losses.values())

@@ -6,8 +6,11 @@ import torch.nn.functional as F
 
 from dsdistill.config import LossConfig
 from dsdistill.losses import kd_loss, lm_loss
-from dsdistill.objective import Outputs, component_sums, objective_value, weighted_sum
-from dsdistill.student import LayerPlan
+from dsdistill.components.base import Inputs, StudentOutputs
+from dsdistill.curriculum import Curriculum, CurriculumConfig
+from dsdistill.layers import LayerMap
+from dsdistill.objective import Objective, count_units
+from dsdistill.teacher import TeacherSignal
 
 IGN = -100
 
@@ -97,17 +100,28 @@ def test_token_weighted_reduction_over_uneven_micro_batches_equals_one_batch():
     labels[:3, 2:] = IGN  # first micro-batch almost fully masked
     cfg = LossConfig(ignore_index=IGN)
     weights = {"kd": 0.7, "lm": 0.3}
-    plan = LayerPlan.build(cfg, 1, 1)
+    layers = LayerMap.build(cfg, 1, 1)
+    objective = Objective(Curriculum(CurriculumConfig(weights=weights, temperature=2.0)), total_steps=10, layers=layers)
+    ctx = objective.context(step=0)
 
     def sums(sl):
-        out = Outputs(labels=labels[sl], student={"logits": st[sl]}, teacher_logits=te[sl])
-        return component_sums(("kd", "lm"), out, temperature=2.0, loss_cfg=cfg, plan=plan)
+        student = StudentOutputs(logits=st[sl], fused=None, hidden=None, side={}, qk={})
+        x = Inputs(labels=labels[sl], student=student, teacher=TeacherSignal(logits=te[sl]), temperature=2.0, loss=cfg,
+                   layers=layers)
+        return objective.sums(x)
+
+    def units(sl):
+        return {u: float(c) for u, c in count_units(labels[sl], IGN).items()}
 
     parts = [sums(slice(0, 3)), sums(slice(3, 4))]
-    n = sum(p.counts["kd"] for p in parts)
-    window = sum(float(weighted_sum(p, weights=weights, normalizers={"kd": n, "lm": n})) for p in parts)
+    window_units = {u: units(slice(0, 3))[u] + units(slice(3, 4))[u] for u in units(slice(0, 4))}
+    coefficients = objective.coefficients(ctx, objective.normalizers(window_units))
+    window = sum(float(objective.loss(p, coefficients)) for p in parts)
     whole = sums(slice(0, 4))
-    means = {k: float(v) / whole.counts[k] for k, v in whole.sums.items()}
-    assert window == pytest.approx(objective_value(means, weights), rel=1e-12)
-    mean_of_means = sum(objective_value({k: float(v) / p.counts[k] for k, v in p.sums.items()}, weights) for p in parts) / 2
+    n = objective.normalizers(units(slice(0, 4)))
+    means = {k: float(v) / n[k] for k, v in whole.sums.items()}
+    assert window == pytest.approx(objective.value(means, weights), rel=1e-12)
+    per_part = [objective.normalizers(units(slice(0, 3))), objective.normalizers(units(slice(3, 4)))]
+    mean_of_means = sum(objective.value({k: float(v) / pn[k] for k, v in p.sums.items()}, weights)
+                        for p, pn in zip(parts, per_part)) / 2
     assert abs(mean_of_means - window) > 1e-3  # the naive reduction really is different here

@@ -66,7 +66,7 @@ def test_vocab_mismatch_for_logit_kd(make_config, assets, tmp_path):
     other.save_pretrained(tmp_path / "t")
     fails(make_config(teacher={"path": str(tmp_path / "t")}), "teacher and student vocabularies differ (3 vs")
     # without logit KD the same pair is allowed
-    plan = preflight(validate(make_config(teacher={"path": str(tmp_path / "t")}, curriculum={"weights": {"lm": 1.0}})), world=1)
+    plan, _ = preflight(validate(make_config(teacher={"path": str(tmp_path / "t")}, curriculum={"weights": {"lm": 1.0}})), world=1)
     assert plan.curriculum.active == ("lm",)
 
 

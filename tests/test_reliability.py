@@ -19,7 +19,7 @@ from dsdistill.dist import without_world_env
 from dsdistill.errors import DistillError
 from dsdistill.export import export
 from dsdistill.schema import METRICS_FILE, AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
-from dsdistill.train import EXIT_PREEMPTED, train
+from dsdistill.train import EXIT_PREEMPTED, open_session, train
 from tests.runs import records, wait_for_train_records
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "dsdistill" / "train.py"
@@ -121,10 +121,10 @@ def test_one_nonfinite_step_is_skipped_with_weights_untouched(make_config):
         summary = quiet_train(make_config(train={"max_steps": 5, "max_bad_steps": 2}, eval={"every": 0, "max_batches": 1}))
     finally:
         handle.remove()
-    assert summary["reason"] == "completed" and summary["steps"] == 5
+    assert summary.reason == "completed" and summary.steps == 5
     assert torch.equal(hook.weights_at_call[2], hook.weights_at_call[3])  # the bad step changed nothing
     assert not torch.equal(hook.weights_at_call[1], hook.weights_at_call[2])  # good steps do change weights
-    recs = records(summary["run_dir"])
+    recs = records(summary.run_dir)
     alerts = [r for r in recs if isinstance(r, AlertRecord) and r.code == "nonfinite_step"]
     assert [a.step for a in alerts] == [2] and "weights untouched" in alerts[0].message
     trains = {r.step: r for r in recs if isinstance(r, TrainRecord)}
@@ -149,7 +149,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(make_config):
 def test_best_checkpoint_is_kept_and_partial_saves_never_published(make_config, tmp_path):
     summary = quiet_train(make_config(train={"max_steps": 6}, optimizer={"lr": 3e-3}, eval={"every": 2, "max_batches": 1},
                                       checkpoint={"every": 1, "keep_last": 1, "save_final": True}))
-    run_dir = Path(summary["run_dir"])
+    run_dir = Path(summary.run_dir)
     evals = [r for r in records(run_dir) if isinstance(r, EvalRecord) and r.step > 0]
     best = min(evals, key=lambda e: e.ppl)
     assert checkpoint.best_tag(run_dir) == f"step{best.step}"
@@ -225,13 +225,14 @@ def test_export_loads_with_from_pretrained_and_matches_the_engine(make_config, t
     cfg = make_config(train={"max_steps": 3}, eval={"every": 0, "max_batches": 1}, checkpoint={"save_final": True},
                       deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                                              "zero_optimization": {"stage": stage}}})
-    summary = quiet_train(cfg)
-    engine = summary["run"].student
-    ids = torch.stack([summary["run"].splits.eval[i]["input_ids"] for i in range(2)])
+    with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as session:
+        summary = session.fit()
+    engine = session.student
+    ids = torch.stack([session.data.splits.eval[i]["input_ids"] for i in range(2)])
     engine.eval()
     with torch.no_grad():
-        expected = engine(input_ids=ids)["logits"]
-    out = export(summary["run_dir"], tmp_path / "exported")
+        expected = engine(ids, valid=ids > -1)["logits"]
+    out = export(summary.run_dir, tmp_path / "exported")
     files = {p.name for p in out.iterdir()}
     assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files
     from safetensors import safe_open
@@ -242,9 +243,9 @@ def test_export_loads_with_from_pretrained_and_matches_the_engine(make_config, t
     with torch.no_grad():
         got = model(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
-    assert AutoTokenizer.from_pretrained(out).get_vocab() == summary["run"].tokenizer.get_vocab()
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == session.data.tokenizer.get_vocab()
     with pytest.raises(DistillError, match="exists and is not an empty directory"):
-        export(summary["run_dir"], out)
+        export(summary.run_dir, out)
 
 
 def test_export_cli_errors_are_one_line(tmp_path):

@@ -143,7 +143,7 @@ def test_resume_tag_picks_a_checkpoint_when_latest_is_gone(run_copy):
     cfg, run_dir = run_copy
     (checkpoint.checkpoint_dir(run_dir) / "latest").unlink()
     summary = _train({**cfg, "checkpoint": {"resume_tag": "step2", "save_final": False}})
-    assert summary["steps"] == 4
+    assert summary.steps == 4
 
 
 def test_an_empty_checkpoint_directory_is_a_one_line_error(run_copy, tmp_path):

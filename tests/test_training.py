@@ -9,10 +9,9 @@ import torch
 
 from dsdistill.config import validate
 from dsdistill.engines import lr_multiplier
-from dsdistill.evaluate import evaluate
-from dsdistill.objective import component_sums, forward_pair, weighted_sum
+from dsdistill.objective import count_units
 from dsdistill.schema import METRICS_FILE, AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord, parse_line
-from dsdistill.train import train
+from dsdistill.train import open_session, train
 
 RAMPED = {
     "weights": {
@@ -47,9 +46,9 @@ def ramped_run(assets, tmp_path_factory):
         "checkpoint": {"save_final": True},
     })
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        summary = train(cfg)
-    return summary, records(run_dir), out.getvalue()
+    with contextlib.redirect_stdout(out), open_session(cfg) as session:
+        session.fit()
+    return session, records(run_dir), out.getvalue()
 
 
 def by_kind(recs, cls):
@@ -67,12 +66,12 @@ def test_stream_shape(ramped_run):
     assert [t.step for t in trains] == list(range(TOTAL))  # one record per optimizer step, never per micro-step
     assert all(set(t.losses) == {"kd", "lm"} and all(math.isfinite(v) for v in t.losses.values()) for t in trains)
     assert [e.step for e in by_kind(recs, EvalRecord)] == [0, 2, 4, 6, 8]
-    assert (summary["run"].run_dir / "checkpoints" / f"step{TOTAL}").is_dir()
+    assert (summary.plan.run_dir / "checkpoints" / f"step{TOTAL}").is_dir()
 
 
 def test_global_steps_advance_once_per_accumulation_window(ramped_run):
     summary, _, _ = ramped_run
-    student = summary["run"].student
+    student = summary.student
     assert student.global_steps == TOTAL
     assert student.micro_steps == 2 * TOTAL
     assert student.skipped_steps == 0  # every step was applied (no non-finite gradients)
@@ -94,24 +93,24 @@ def test_eval_uses_the_train_weights_at_the_same_step(ramped_run):
 
 @pytest.mark.parametrize("step", [0, 1, 2, 3, 4, 5, 6, 7, 8])
 def test_eval_objective_equals_train_objective_on_the_same_batch(ramped_run, step):
-    summary, _, _ = ramped_run
-    run = summary["run"]
-    run.cfg.eval.max_batches = 1  # one eval batch, recomputed below through the training path
-    try:
-        ev = evaluate(run, step=step)
-    finally:
-        run.cfg.eval.max_batches = 2
-    cur = run.curriculum
-    weights = cur.weights_at(step=step, total_steps=run.total_steps)
-    temperature = cur.temperature_at(step=step, total_steps=run.total_steps)
+    run, _, _ = ramped_run
+    n = run.plan.cfg.train.micro_batch_size
+    ids = torch.stack([run.data.splits.eval[i]["input_ids"] for i in range(n)])
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    ev = run.evaluator.evaluate([batch], step=step)  # one batch, recomputed below through the training path
+    cur, total = run.plan.curriculum, run.plan.total_steps
+    weights = cur.weights_at(step=step, total_steps=total)
+    temperature = cur.temperature_at(step=step, total_steps=total)
     assert ev.weights == weights and ev.temperature == temperature
-    n = run.cfg.train.micro_batch_size
-    ids = torch.stack([run.splits.eval[i]["input_ids"] for i in range(n)])
+    objective = run.trainer.objective
+    ctx = objective.context(step=step)
+    units = {u: float(c) for u, c in count_units(batch["labels"], run.plan.cfg.loss.ignore_index).items()}
+    coefficients = objective.coefficients(ctx, objective.normalizers(units))
+    run.teacher.begin_step(objective.needs)
     with torch.no_grad():
-        out = forward_pair(run, ids, ids.clone(), temperature=temperature)
-        sums = component_sums(cur.active, out, temperature=temperature, loss_cfg=run.cfg.loss, plan=run.layers)
-        count = sums.counts["kd"]
-        train_objective = float(weighted_sum(sums, weights=weights, normalizers={"kd": count, "lm": count}))
+        x = run.forward(batch, objective, ctx, coefficients, want_lm=True)
+        train_objective = float(objective.loss(objective.sums(x), coefficients))
+    run.teacher.end_step()
     assert ev.objective == pytest.approx(train_objective, rel=1e-6)
 
 
@@ -135,10 +134,9 @@ def test_perplexity_is_exp_of_token_weighted_lm_ce(ramped_run):
 
 
 def test_logged_lr_is_the_lr_the_optimizer_used(ramped_run):
-    summary, recs, out = ramped_run
-    run = summary["run"]
+    run, recs, out = ramped_run
     for t in by_kind(recs, TrainRecord):
-        expected = 3e-3 * lr_multiplier(t.step, sched=run.cfg.scheduler, total_steps=TOTAL)
+        expected = 3e-3 * lr_multiplier(t.step, sched=run.plan.cfg.scheduler, total_steps=TOTAL)
         assert t.lr == pytest.approx(expected, rel=1e-12)
         assert t.lr > 0
     assert f"lr {3e-3 / 3:.3g} " in out  # three significant digits in the log line
@@ -147,7 +145,7 @@ def test_logged_lr_is_the_lr_the_optimizer_used(ramped_run):
 def test_eval_prints_nothing(ramped_run, capsys):
     summary, _, out = ramped_run
     capsys.readouterr()
-    evaluate(summary["run"], step=3)
+    summary.evaluate(step=3)
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert out.count("eval @ step") == 5
@@ -174,7 +172,7 @@ def test_early_stopping_on_perplexity(make_config, tmp_path):
                                eval={"every": 1, "max_batches": 1, "early_stopping": {"patience": 2, "min_delta": 0.5}}))
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train(cfg)
-    assert summary["reason"] == "early_stopping" and summary["steps"] == 3
+    assert summary.reason == "early_stopping" and summary.steps == 3
     end = records(tmp_path / "run")[-1]
     assert isinstance(end, RunEnd) and end.reason == "early_stopping"
 
@@ -201,9 +199,9 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         train(validate(whole))
         first = train(validate({**parts, "train": {**parts["train"], "stop_at_step": 3}}))
-        assert first["reason"] == "paused" and first["steps"] == 3
+        assert first.reason == "paused" and first.steps == 3
         second = train(validate(parts))
-    assert second["steps"] == 6 and second["reason"] == "completed"
+    assert second.steps == 6 and second.reason == "completed"
     a = by_kind(records(tmp_path / "whole"), TrainRecord)
     b = by_kind(records(tmp_path / "parts"), TrainRecord)
     assert [t.step for t in b] == list(range(6))

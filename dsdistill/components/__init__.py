@@ -1,0 +1,1 @@
+"""Loss components, one per file, each implementing `base.Component`; registered in `dsdistill/registry.py`."""

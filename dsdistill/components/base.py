@@ -1,0 +1,143 @@
+"""The component protocol: everything the trainer needs to know about one named term of the objective.
+
+A component says what it reads from the two forwards (`needs`), which trainable modules it owns
+(`aux_modules`, built once per key inside the student so ZeRO shards, optimises and checkpoints them),
+what it computes inside the student's forward (`student_side`: projections must run there, because ZeRO-3
+gathers a parameter only inside its module's forward), and its loss (`compute`: a pure function of the
+`Inputs`, returning `(sum over its units, metrics)`). Its name, unit and description are its
+registration line in `dsdistill/registry.py`. The registry, the captures, the auxiliary modules and the
+objective are all derived from these declarations; nothing else lists components.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dsdistill.config import LossConfig
+    from dsdistill.layers import LayerMap
+    from dsdistill.teacher import TeacherSignal
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a component reads besides the labels (the union over the active components is what runs)."""
+
+    teacher_logits: bool = False
+    """The teacher's distribution over the vocabulary (dense logits, or its final hidden state and head)."""
+    student_hidden: bool = False
+    """Every hidden state of the student (embeddings first, then one per block)."""
+    teacher_hidden: bool = False
+    """Every hidden state of the teacher."""
+    teacher_pooled: bool = False
+    """The teacher's final hidden state mean-pooled over each sequence's loss-bearing positions."""
+    student_qk: frozenset[int] = frozenset()
+    """1-based student layers whose post-RoPE queries and keys are captured."""
+    teacher_qk: frozenset[int] = frozenset()
+    """1-based teacher layers whose post-RoPE queries and keys are captured."""
+
+    def __or__(self, other: "Needs") -> "Needs":
+        return Needs(
+            teacher_logits=self.teacher_logits or other.teacher_logits,
+            student_hidden=self.student_hidden or other.student_hidden,
+            teacher_hidden=self.teacher_hidden or other.teacher_hidden,
+            teacher_pooled=self.teacher_pooled or other.teacher_pooled,
+            student_qk=self.student_qk | other.student_qk,
+            teacher_qk=self.teacher_qk | other.teacher_qk,
+        )
+
+
+@dataclass(frozen=True)
+class Build:
+    """What a component may use to size the modules it owns."""
+
+    loss: "LossConfig"
+    layers: "LayerMap"
+    student_width: int
+    teacher_width: int
+
+
+@dataclass
+class StudentSide:
+    """The student forward's tensors, as a component sees them inside `DistillStudent.forward`."""
+
+    hidden: tuple[torch.Tensor, ...]
+    """Embeddings, then one hidden state per block."""
+    valid: torch.Tensor
+    """[B, S] positions that carry loss (position t when labels[:, t+1] does)."""
+    teacher_pooled: Optional[torch.Tensor]
+    layers: "LayerMap"
+    shared: dict[str, Any] = field(default_factory=dict)
+    """Results several components use (the router's gates), computed once by whichever asks first."""
+
+
+class FusedSums(NamedTuple):
+    """What the fused KD+LM head computed for one micro-batch (sums over loss-bearing tokens). A named
+    tuple: ZeRO-3's module hooks see the tensors inside it."""
+
+    kd: torch.Tensor
+    """KD sum x T^2."""
+    kl: torch.Tensor
+    """KD sum without the T^2 factor."""
+    lm: torch.Tensor
+    combined: torch.Tensor
+    """The differentiable coef_kd * kd + coef_lm * lm (its gradient is the objective's for both terms)."""
+
+
+@dataclass
+class StudentOutputs:
+    """One micro-batch's student forward."""
+
+    logits: Optional[torch.Tensor]
+    """[B, S, V] cut to the shared vocabulary (None on the fused path)."""
+    fused: Optional[FusedSums]
+    """KD and LM from the fused head (None on the full-logits path)."""
+    hidden: Optional[tuple[torch.Tensor, ...]]
+    side: dict[str, Any]
+    """What components computed in the forward (`student_side` results), by their keys."""
+    qk: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    """Captured (q, k) of the layers the components need, 1-based."""
+
+
+@dataclass
+class Inputs:
+    """Everything a component's `compute` may read for one micro-batch."""
+
+    labels: torch.Tensor
+    student: StudentOutputs
+    teacher: "TeacherSignal"
+    temperature: float
+    loss: "LossConfig"
+    layers: "LayerMap"
+
+    @property
+    def ignore_index(self) -> int:
+        return self.loss.ignore_index
+
+
+class Component:
+    """Base class of a loss component; a subclass overrides what it uses (see the module docstring)."""
+
+    name: str = ""
+    """Its registered name (set by the subclass; the registry line gives unit and description)."""
+    options: tuple[str, ...] = ()
+    """The `loss.*` config fields it reads."""
+
+    def needs(self, layers: "LayerMap") -> Needs:
+        return Needs()
+
+    def aux_modules(self, build: Build) -> dict[str, Callable[[], nn.Module]]:
+        """{key: factory} of the trainable modules it owns, in creation order (a key two components
+        share is built once)."""
+        return {}
+
+    def student_side(self, aux: nn.ModuleDict, side: StudentSide) -> dict[str, Any]:
+        """Tensors to compute inside the student's forward from its own modules, by key."""
+        return {}
+
+    def compute(self, x: Inputs) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(sum over the component's units in this micro-batch, metrics with at least "count")."""
+        raise NotImplementedError

@@ -1,0 +1,16 @@
+"""LM: the student's next-token cross-entropy on the data's labels."""
+from __future__ import annotations
+
+from dsdistill.components.base import Component, Inputs
+from dsdistill.losses import lm_loss, shifted_mask
+
+
+class LM(Component):
+    name = "lm"
+
+    def compute(self, x: Inputs):
+        fused = x.student.fused
+        if fused is not None:  # the fused head computed it chunk by chunk
+            return fused.lm, {"count": int(shifted_mask(x.labels, x.ignore_index).sum())}
+        return lm_loss(x.student.logits, x.labels, ignore_index=x.ignore_index)
+

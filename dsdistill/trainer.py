@@ -1,0 +1,334 @@
+"""One optimizer step, and the small policies around it.
+
+`Trainer.step(window)` runs one accumulation window: the curriculum once at the engine's step, the
+window's units counted on all ranks, then for each micro-batch the teacher's signal, the student's
+forward, the component sums, `backward` and `step`; it returns a `StepResult` with named reductions.
+`NonFiniteGuard` and `StopPolicy` decide what follows a step; `Evaluator` runs the same forward and the
+same normaliser path on the held-out split. None of them writes records or prints: the loop does.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from dsdistill.components.base import Inputs, StudentOutputs
+from dsdistill.dist import all_reduce_named
+from dsdistill.engines import current_lr
+from dsdistill.errors import DistillError
+from dsdistill.heads import FusedCall, head_options
+from dsdistill.objective import UNITS, Objective, StepContext, count_units, shifted_valid
+from dsdistill.preflight import Plan
+from dsdistill.teacher import TeacherSource
+
+
+class PairForward:
+    """Teacher signal, then student forward, for one micro-batch: the `Inputs` every component reads."""
+
+    def __init__(self, plan: Plan, engine, teacher: TeacherSource, capture=None):
+        self.plan = plan
+        self.engine = engine
+        self.teacher = teacher
+        self.capture = capture
+        """The student's q/k capture (None when no component needs attention)."""
+
+    def __call__(self, batch: dict[str, torch.Tensor], objective: Objective, ctx: StepContext,
+                 coefficients: dict[str, float], *, want_lm: bool) -> Inputs:
+        ids = batch["input_ids"].to(self.engine.device)
+        labels = batch["labels"].to(self.engine.device)
+        ignore = self.plan.cfg.loss.ignore_index
+        valid = shifted_valid(labels, ignore)
+        signal = self.teacher.signal(ids, valid, objective.needs)
+        call = None
+        if self.plan.fused:
+            want_kd = "kd" in objective.names
+            call = FusedCall(labels=labels, teacher_hidden=signal.hidden if want_kd else None,
+                             teacher_head=signal.head if want_kd else None,
+                             coef_kd=coefficients.get("kd", 0.0), coef_lm=coefficients.get("lm", 0.0),
+                             options=head_options(self.plan, self.engine.device, temperature=ctx.temperature,
+                                                  want_kd=want_kd, want_lm=want_lm))
+        out = self.engine(ids, valid=valid, teacher_pooled=signal.pooled, fused=call)
+        qk = self.capture.collect() if self.capture is not None else {}
+        return Inputs(labels=labels, student=StudentOutputs(qk=qk, **out), teacher=signal, temperature=ctx.temperature,
+                      loss=self.plan.cfg.loss, layers=self.plan.layers)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, reduced over its window's micro-batches and every rank."""
+
+    ctx: StepContext
+    """The step it ran at (the engine's optimizer step before it) and the curriculum there."""
+    losses: dict[str, float]
+    """Each component's mean over its units in the window."""
+    objective: float
+    lr: float
+    """The learning rate the optimizer applied."""
+    tokens: int
+    """Token positions the step consumed on all ranks."""
+    kd_kl: Optional[float]
+    """KD's divergence without the T^2 factor, per loss-bearing token (None without KD)."""
+    gate_usage: Optional[list[float]]
+    grad_norm: Optional[float]
+    nonfinite_loss: bool
+    """Some rank's loss was not finite (its gradients were made non-finite so every rank skips)."""
+    skipped: bool
+    """DeepSpeed did not apply the update (non-finite gradients, or an fp16 loss-scale overflow)."""
+    stop_requested: bool
+    """Some rank was asked to stop: every rank stops after this same step."""
+
+    @property
+    def step(self) -> int:
+        return self.ctx.step
+
+
+class Trainer:
+    def __init__(self, plan: Plan, engine, objective: Objective, forward: PairForward):
+        self.plan = plan
+        self.engine = engine
+        self.objective = objective
+        self.forward = forward
+
+    def step(self, window: list[dict[str, torch.Tensor]], *, stop_requested: bool) -> StepResult:
+        engine, objective, cfg = self.engine, self.objective, self.plan.cfg
+        scale = cfg.train.grad_accum * self.plan.world
+        names = objective.names
+        ctx = objective.context(step=engine.global_steps)  # the one schedule position for this whole window
+        # units in the whole window on all ranks: each component is divided by its own unit count
+        counted = [count_units(mb["labels"], cfg.loss.ignore_index) for mb in window]
+        units = all_reduce_named({u: float(sum(c[u] for c in counted)) for u in UNITS})
+        normalizers = objective.normalizers(units)
+        coefficients = objective.coefficients(ctx, normalizers)
+        with_grad = {n for n in names if ctx.weights[n] != 0.0}
+        acc: dict[str, Any] = {f"loss.{n}": 0.0 for n in names}
+        acc["kd_kl"] = 0.0
+        usage, nonfinite, skipped, lr = None, False, False, float("nan")
+        self.forward.teacher.begin_step(objective.needs)
+        try:
+            for mb in window:
+                x = self.forward(mb, objective, ctx, coefficients, want_lm="lm" in names)
+                sums = objective.sums(x, grad=with_grad)
+                # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
+                # the unit-weighted objective of the whole window on all ranks
+                loss = objective.loss(sums, coefficients) * scale
+                if not torch.isfinite(loss):
+                    # non-finite gradients too, so ZeRO's global check skips this update on every rank
+                    nonfinite = True
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                boundary = engine.is_gradient_accumulation_boundary()
+                if boundary:
+                    lr = current_lr(engine)  # what optimizer.step() below applies
+                skipped_before = int(getattr(engine, "skipped_steps", 0))
+                engine.step()
+                if boundary and int(getattr(engine, "skipped_steps", 0)) > skipped_before:
+                    skipped = True
+                    if engine.lr_scheduler is not None:
+                        # DeepSpeed does not advance the LR schedule on a skipped step, but the step counter (and
+                        # the curriculum) moves on: advance it so the LR stays a function of the optimizer step
+                        engine.lr_scheduler.step()
+                for n in names:  # summed on the device; transferred once per window by the reduction below
+                    acc[f"loss.{n}"] = acc[f"loss.{n}"] + sums.sums[n].detach()
+                if "kd_kl" in sums.extras:
+                    acc["kd_kl"] = acc["kd_kl"] + sums.extras["kd_kl"]
+                usage = sums.extras.get("gate_usage", usage)
+                del x, sums, loss
+        finally:
+            self.forward.teacher.end_step()
+        r = all_reduce_named({**acc, "nonfinite": float(nonfinite), "stop": float(stop_requested)})
+        losses = {n: r[f"loss.{n}"] / normalizers[n] for n in names}
+        return StepResult(
+            ctx=ctx, losses=losses, objective=objective.value(losses, ctx.weights), lr=lr,
+            tokens=sum(mb["input_ids"].numel() for mb in window) * self.plan.world,
+            kd_kl=r["kd_kl"] / max(units["token"], 1.0) if "kd" in names else None,
+            gate_usage=usage, grad_norm=_grad_norm(engine), nonfinite_loss=r["nonfinite"] > 0, skipped=skipped,
+            stop_requested=r["stop"] > 0,
+        )
+
+
+def _grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    try:
+        return None if norm is None else float(norm)
+    except (TypeError, ValueError):
+        return None
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps in a row whose update was skipped for a non-finite loss or gradients; the
+    run stops after `max_bad_steps` of them. fp16 loss-scale overflows are expected and never count."""
+
+    def __init__(self, *, max_bad_steps: int, fp16: bool, resume_hint: Callable[[], str] = lambda: ""):
+        self.max_bad_steps = max_bad_steps
+        self.fp16 = fp16
+        self.resume_hint = resume_hint
+        """Where the run can resume from, for the error that stops it."""
+        self.in_a_row = 0
+
+    def observe(self, r: StepResult) -> Optional[tuple[str, str]]:
+        """(level, message) of an alert for this step, or None. Raises `DistillError` (every rank alike)
+        once `max_bad_steps` bad steps came in a row."""
+        if r.skipped and self.fp16 and not r.nonfinite_loss:
+            return "info", f"fp16 loss-scale overflow: DeepSpeed skipped optimizer step {r.step}"
+        if not (r.nonfinite_loss or r.skipped):
+            self.in_a_row = 0
+            return None
+        self.in_a_row += 1
+        what = "loss" if r.nonfinite_loss else "gradients"
+        if self.in_a_row >= self.max_bad_steps:
+            err = DistillError(f"train.max_bad_steps: {self.in_a_row} consecutive optimizer steps had a non-finite "
+                               f"{what} (last at step {r.step}); stopped. {self.resume_hint()}".rstrip())
+            err.everywhere = True  # every rank counts the same agreed steps
+            raise err
+        return "error", (f"non-finite {what} at optimizer step {r.step}: the update was skipped, weights untouched "
+                         f"({self.in_a_row} in a row; the run stops at {self.max_bad_steps})")
+
+
+class Pace:
+    """Tokens per second of training between log lines (evaluation and saving are not training time)."""
+
+    def __init__(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def pause_ended(self) -> None:
+        self.start = time.perf_counter()
+
+    def rate(self) -> float:
+        """Tokens per second since the last call (or the start), then count anew."""
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.start, self.tokens = time.perf_counter(), 0
+        return rate
+
+
+class StopPolicy:
+    """Why the run ends after a step, if it does: all steps done, `train.stop_at_step` reached (a
+    time-boxed session pauses), or a stop request (a signal on any rank). Early stopping is the
+    evaluator's call."""
+
+    def __init__(self, *, total_steps: int, stop_at_step: Optional[int]):
+        self.total_steps = total_steps
+        self.stop_at_step = stop_at_step
+
+    def finished(self, done: int) -> bool:
+        return done >= self.total_steps
+
+    def after_step(self, *, done: int, stop_requested: bool) -> Optional[str]:
+        if self.finished(done):
+            return "completed"
+        if self.stop_at_step is not None and done >= self.stop_at_step:
+            return "paused"
+        if stop_requested:
+            return "interrupted"
+        return None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    step: int
+    weights: dict[str, float]
+    temperature: float
+    losses: dict[str, float]
+    weighted: dict[str, float]
+    objective: float
+    lm_ce: float
+    ppl: float
+    tokens: int
+
+
+class Evaluator:
+    """The training objective on held-out batches, at the curriculum of a given step, reduced over ranks
+    with the same unit counts as training. LM is always computed: perplexity is exp of its mean."""
+
+    def __init__(self, plan: Plan, forward: PairForward, objective: Objective):
+        self.plan = plan
+        self.forward = forward
+        self.objective = objective
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]], *, step: int) -> EvalResult:
+        engine, obj = self.forward.engine, self.objective
+        ctx = obj.context(step=step)
+        acc: dict[str, Any] = {f"loss.{n}": 0.0 for n in obj.names}
+        acc.update({f"units.{u}": 0.0 for u in UNITS})
+        was_training = engine.module.training
+        engine.eval()
+        obj_needs = obj.needs
+        self.forward.teacher.begin_step(obj_needs)
+        try:
+            for batch in batches:
+                x = self.forward(batch, obj, ctx, {}, want_lm=True)
+                part = obj.sums(x)
+                for n in obj.names:  # summed on the device; transferred once by the reduction below
+                    acc[f"loss.{n}"] = acc[f"loss.{n}"] + part.sums[n].detach()
+                for u, c in count_units(x.labels, self.plan.cfg.loss.ignore_index).items():
+                    acc[f"units.{u}"] += c
+        finally:
+            self.forward.teacher.end_step()
+            if was_training:
+                engine.train()
+        r = all_reduce_named(acc)
+        normalizers = obj.normalizers({u: r[f"units.{u}"] for u in UNITS})
+        losses = {n: r[f"loss.{n}"] / normalizers[n] for n in obj.names}
+        lm_ce = losses["lm"]
+        return EvalResult(step=step, weights=ctx.weights, temperature=ctx.temperature, losses=losses,
+                          weighted={n: ctx.weights[n] * losses[n] for n in ctx.weights}, objective=obj.value(losses, ctx.weights),
+                          lm_ce=lm_ce, ppl=math.exp(lm_ce) if lm_ce < 700 else float("inf"), tokens=int(r["units.token"]))
+
+    @torch.no_grad()
+    def teacher_perplexity(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+        """exp of the teacher's token-weighted LM cross-entropy (computed once per run)."""
+        teacher, device = self.forward.teacher, self.forward.engine.device
+        total: Any = 0.0
+        count = 0
+        from dsdistill.components.base import Needs
+
+        teacher.begin_step(Needs(teacher_logits=True))
+        try:
+            for batch in batches:
+                s, n = teacher.lm_sums(batch["input_ids"].to(device), batch["labels"].to(device))
+                total, count = total + s.detach(), count + n
+        finally:
+            teacher.end_step()
+        r = all_reduce_named({"sum": total, "count": float(count)})
+        ce = r["sum"] / max(r["count"], 1.0)
+        return math.exp(ce) if ce < 700 else float("inf")
+
+
+class EarlyStopping:
+    """Patience on a lower-is-better eval metric."""
+
+    def __init__(self, *, metric: str, patience: Optional[int], min_delta: float):
+        self.metric = metric
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best: Optional[float] = None
+        self.bad_evals = 0
+
+    def value_of(self, r: EvalResult) -> float:
+        if self.metric in ("ppl", "lm_ce", "objective"):
+            return float(getattr(r, self.metric))
+        return float(r.losses[self.metric])
+
+    def update(self, r: EvalResult) -> bool:
+        """Record an evaluation; True when training should stop."""
+        v = self.value_of(r)
+        if self.best is None or v < self.best - self.min_delta:
+            self.best, self.bad_evals = v, 0
+        else:
+            self.bad_evals += 1
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state(self) -> dict:
+        return {"metric": self.metric, "best": self.best, "bad_evals": self.bad_evals}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a saved state (ignored if it watched another metric)."""
+        if state.get("metric") == self.metric:
+            self.best, self.bad_evals = state["best"], int(state["bad_evals"])
