@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 
-.PHONY: install demo test
+.PHONY: install demo test quick
 
 # constraints.txt holds the versions the suite passed with; CONSTRAINTS= (empty) installs the newest.
 CONSTRAINTS ?= -c constraints.txt
@@ -25,5 +25,10 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/dsdistill demo
 
+# lint, format and types first (seconds), then the whole suite; `make quick` skips the slow multi-process tests
 test: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q
+
+quick: install
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m "not slow"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from monitor.app import DsMonitor  # noqa: E402
-from monitor.state import RunState  # noqa: E402
-from monitor.tail import Tailer, gc_paused  # noqa: E402
+from dsmonitor.app import DsMonitor  # noqa: E402
+from dsmonitor.state import RunState  # noqa: E402
+from dsmonitor.tail import Tailer, gc_paused  # noqa: E402
 from tests.streams import healthy_records, write  # noqa: E402
 
 

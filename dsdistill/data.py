@@ -10,7 +10,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -171,8 +171,9 @@ def pack(ds, tokenizer, *, text_field: str, seq_len: int, where: str):
 class Splits:
     """Packed training and evaluation blocks."""
 
-    train: object
-    eval: object
+    train: Any
+    """The packed training blocks (a `datasets.Dataset` of input_ids)."""
+    eval: Any
     skipped_documents: int = 0
     """Training and eval documents skipped because their text was null or empty."""
     unknown_share: float = 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class FusedKDLMHead(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._lm_head[0].weight
+        return cast(torch.Tensor, self._lm_head[0].weight)
 
     def forward(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
         t_head = None if call.teacher_head is None else call.teacher_head[: self.vocab]

@@ -114,8 +114,8 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
     student = count_params(plan.student_config)
     zero = plan.ds_student.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
-    weights, grads = student * width, student * width
-    optim = student * (12 if width == 2 else 8)  # fp32 master copy (mixed precision) + Adam m and v
+    weights, grads = float(student * width), float(student * width)
+    optim = float(student * (12 if width == 2 else 8))  # fp32 master copy (mixed precision) + Adam m and v
     if stage >= 1:
         optim /= world
     if stage >= 2:

@@ -19,7 +19,7 @@ from dsdistill.layers import LayerMap
 
 
 class DistillStudent(nn.Module):
-    def __init__(self, model: nn.Module, *, components: dict[str, Component], build: Build, vocab: int,
+    def __init__(self, model: Any, *, components: dict[str, Component], build: Build, vocab: int,
                  seed: int = 0, fused: bool = False):
         super().__init__()
         self.model = model

@@ -8,7 +8,7 @@ ZeRO-3 engine; an offline cache or a rollout scorer is another implementation of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ class TeacherModel(nn.Module):
     """What the teacher's engine wraps: the causal LM, run either whole (dense logits) or up to its final
     hidden state (the fused path; its lm_head weight is then gathered once per step instead)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: Any):
         super().__init__()
         self.lm = lm
 

@@ -19,7 +19,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRec
 from dsdistill.student import DistillStudent
 from dsdistill.teacher import LiveTeacher, TeacherModel
 from dsdistill.trainer import (EarlyStopping, EvalResult, Evaluator, NonFiniteGuard, PairForward, Pace, StepResult,
-                               StopPolicy, Trainer)
+                               StopPolicy, StopReason, Trainer)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -76,8 +76,7 @@ class Summary:
 
     steps: int
     total_steps: int
-    reason: str
-    """completed | early_stopping | paused | interrupted"""
+    reason: StopReason
     teacher_ppl: float
     final_eval: Optional[EvalResult]
     run_dir: str
@@ -153,7 +152,7 @@ class Session:
         if cfg.eval.at_start and resumed is None:
             self._evaluate(early)
         engine.train()
-        reason = "completed" if policy.finished(engine.global_steps) else None
+        reason: Optional[StopReason] = "completed" if policy.finished(engine.global_steps) else None
         self.pace = Pace()
         while reason is None:
             # one optimizer step over one accumulation window; every rank learns of any stop request
@@ -229,7 +228,8 @@ class Session:
             self._alert(step, "info", "skipped_documents", f"{self.data.splits.skipped_documents} documents with a "
                         f"null or empty '{cfg.data.text_field}' were skipped")
 
-    def _alert(self, step: int, level: str, code: str, message: str, *, say: bool = True) -> None:
+    def _alert(self, step: int, level: Literal["info", "warning", "error"], code: str, message: str, *,
+               say: bool = True) -> None:
         if say:
             _say(self.plan.rank, f"warning: {message}")
         self.writer.write(AlertRecord(step=step, level=level, code=code, message=message))
@@ -299,7 +299,7 @@ class Session:
                         mark_best=mark_best)
         self.pace.pause_ended()
 
-    def _finish(self, reason: str, early: EarlyStopping) -> Summary:
+    def _finish(self, reason: StopReason, early: EarlyStopping) -> Summary:
         plan, step = self.plan, self.student.global_steps
         if reason == "paused":
             _say(plan.rank, f"stopping at optimizer step {step} (train.stop_at_step); relaunch to resume")
@@ -336,10 +336,9 @@ def open_session(cfg: RunConfig) -> Iterator[Session]:
         yield session
     except BaseException as e:
         # the stream gets its run_end if this run wrote to it, or continues one (a failed resume)
-        w = session.writer if session is not None else None
-        if w is not None and (w.opened or w.path.exists()) and not isinstance(e, PeerFailed):
+        if session is not None and (session.writer.opened or session.writer.path.exists()) and not isinstance(e, PeerFailed):
             try:
-                w.write(RunEnd(step=session.student.global_steps, reason="interrupted" if isinstance(e, KeyboardInterrupt)
+                session.writer.write(RunEnd(step=session.student.global_steps, reason="interrupted" if isinstance(e, KeyboardInterrupt)
                                else "error", message=one_line(f"{type(e).__name__}: {e}")[:500]))
             except DistillError:
                 pass  # the stream itself cannot be written: the error being raised says so already
@@ -402,7 +401,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def report_error(err: BaseException) -> None:
+def report_error(err: DistillError) -> None:
     """Print a user error on one line, from the rank that found it (an error every rank raises alike is
     printed by rank 0 alone; a rank that stopped because another failed prints nothing)."""
     if isinstance(err, PeerFailed):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
 
@@ -168,7 +168,7 @@ class NonFiniteGuard:
         """Where the run can resume from, for the error that stops it."""
         self.in_a_row = 0
 
-    def observe(self, r: StepResult) -> Optional[tuple[str, str]]:
+    def observe(self, r: StepResult) -> Optional[tuple[Literal["info", "error"], str]]:
         """(level, message) of an alert for this step, or None. Raises `DistillError` (every rank alike)
         once `max_bad_steps` bad steps came in a row."""
         if r.skipped and self.fp16 and not r.nonfinite_loss:
@@ -207,6 +207,9 @@ class Pace:
         return rate
 
 
+StopReason = Literal["completed", "early_stopping", "paused", "interrupted"]
+
+
 class StopPolicy:
     """Why the run ends after a step, if it does: all steps done, `train.stop_at_step` reached (a
     time-boxed session pauses), or a stop request (a signal on any rank). Early stopping is the
@@ -219,7 +222,7 @@ class StopPolicy:
     def finished(self, done: int) -> bool:
         return done >= self.total_steps
 
-    def after_step(self, *, done: int, stop_requested: bool) -> Optional[str]:
+    def after_step(self, *, done: int, stop_requested: bool) -> Optional[StopReason]:
         if self.finished(done):
             return "completed"
         if self.stop_at_step is not None and done >= self.stop_at_step:

@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Optional
 
-from monitor.state import RunState
+from .state import RunState
 
 
 @dataclass(frozen=True)

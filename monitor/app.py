@@ -25,10 +25,10 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Footer, Header, Input
 
-from monitor.alerts import AlertRules, evaluate_alerts
-from monitor.state import X_AXES, RunState
-from monitor.tail import PollResult, Tailer, gc_paused, metrics_path
-from monitor.widgets import (
+from .alerts import AlertRules, evaluate_alerts
+from .state import X_AXES, RunState
+from .tail import PollResult, Tailer, gc_paused, metrics_path
+from .widgets import (
     SMOOTHING, WINDOWS, AlertsPanel, CurriculumPanel, EvalPanel, FilterInput, HelpScreen, Plots, PlotPanel,
     RouterPanel, Side, StatsPanel, StatusBar, ViewOptions, _duration,
 )
@@ -299,7 +299,7 @@ def _size(path: Path) -> int:
 
 
 def _union_components(runs: list[RunState]) -> list[str]:
-    from monitor.state import component_order
+    from .state import component_order
 
     return component_order({c for r in runs for c in r.components})
 

@@ -46,7 +46,7 @@ class Series:
 
     def smoothed(self, weight: float) -> list[float]:
         """Debiased EMA of the values, kept up to date incrementally per weight."""
-        from monitor.series_math import IncrementalEMA
+        from .series_math import IncrementalEMA
 
         ema = self.smoothers.get(weight)
         if ema is None:

@@ -15,10 +15,10 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Input, Static
 
-from monitor.alerts import Alert
-from monitor.plot import HLine, Trace, render_plot
-from monitor.series_math import minmax_indices
-from monitor.state import RunState, Series
+from .alerts import Alert
+from .plot import HLine, Trace, render_plot
+from .series_math import minmax_indices
+from .state import RunState, Series
 
 RUN_COLORS = ("cyan", "magenta", "green", "yellow", "dodger_blue1", "orange1")
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)

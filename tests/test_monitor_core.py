@@ -7,13 +7,16 @@ import sys
 
 import pytest
 
-from monitor.alerts import AlertRules, evaluate_alerts
-from monitor.app import load_states, summary_json, summary_text
-from monitor.series_math import debiased_ema, minmax_indices
-from monitor.state import RunState
-from monitor.tail import Tailer
+from dsmonitor.alerts import AlertRules, evaluate_alerts
+from dsmonitor.app import load_states, summary_json, summary_text
+from dsmonitor.series_math import debiased_ema, minmax_indices
+from dsmonitor.state import RunState
+from dsmonitor.tail import Tailer
 from dsdistill.schema import dumps
 from tests.streams import STREAM_CURRICULUM, T0, healthy_records, write
+
+DSMONITOR = os.path.join(os.path.dirname(sys.executable), "dsmonitor")
+"""The installed console script, as a user runs it."""
 
 
 def state_of(records, now=None):
@@ -128,9 +131,9 @@ def test_once_and_json(tmp_path):
     data = json.loads(summary_json(states, AlertRules()))
     assert data["step"] == 30 and data["eval"]["teacher_ppl"] == 2.5 and data["corrupt_lines"] == 1
     assert any(a["code"] == "nan" for a in data["alerts"])
-    proc = subprocess.run([sys.executable, "-m", "monitor.app", str(tmp_path / "run"), "--once"], capture_output=True, text=True)
+    proc = subprocess.run([DSMONITOR, str(tmp_path / "run"), "--once"], capture_output=True, text=True)
     assert proc.returncode == 0 and "ERROR nan" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "monitor.app", str(tmp_path / "nope")], capture_output=True, text=True)
+    proc = subprocess.run([DSMONITOR, str(tmp_path / "nope")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == f"dsmonitor: error: '{tmp_path / 'nope'}' does not exist; expected a run directory or a metrics.jsonl file"
 
 

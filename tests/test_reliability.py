@@ -204,7 +204,7 @@ def test_corrupt_checkpoint_is_a_one_line_error_and_damages_nothing(make_config,
 
 
 def test_trainer_appends_after_garbage_lines_and_monitor_skips_them(make_config, tmp_path):
-    from monitor.app import load_states
+    from dsmonitor.app import load_states
 
     cfg = make_config(train={"max_steps": 2}, eval={"every": 0, "max_batches": 1})
     run_dir = Path(cfg["output"]["run_dir"])

@@ -1,6 +1,8 @@
 """Feature: projected student hidden states vs teacher hidden states on mapped layers (`loss.feature_layers`)."""
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from dsdistill.components.base import Build, Component, Inputs, Needs, StudentSide
@@ -20,10 +22,12 @@ class Feature(Component):
                                                  for _ in build.layers.feature)}
 
     def student_side(self, aux: nn.ModuleDict, side: StudentSide):
-        return {"feature": [proj(side.hidden[s]) for proj, (s, _) in zip(aux["feature"], side.layers.feature)]}
+        projections = cast(nn.ModuleList, aux["feature"])
+        return {"feature": [proj(side.hidden[s]) for proj, (s, _) in zip(projections, side.layers.feature)]}
 
     def compute(self, x: Inputs):
         th = x.teacher.hidden_states
+        assert th is not None, "the teacher source gave no hidden states"
         pairs = [(p, th[t]) for p, (_, t) in zip(x.student.side["feature"], x.layers.feature)]
         return feature_loss(pairs, x.labels, ignore_index=x.ignore_index, metric=x.loss.feature_metric,
                             normalized=x.loss.feature_normalize)

@@ -2,6 +2,8 @@
 uniform by default), both normalised, MSE averaged over layers."""
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from dsdistill.components.base import Build, Component, Inputs, Needs, StudentSide
@@ -20,9 +22,11 @@ class Layerwise(Component):
                                                    for _ in build.layers.layerwise)}
 
     def student_side(self, aux: nn.ModuleDict, side: StudentSide):
-        return {"layerwise": [proj(side.hidden[s]) for proj, (s, _) in zip(aux["layerwise"], side.layers.layerwise)]}
+        projections = cast(nn.ModuleList, aux["layerwise"])
+        return {"layerwise": [proj(side.hidden[s]) for proj, (s, _) in zip(projections, side.layers.layerwise)]}
 
     def compute(self, x: Inputs):
         th = x.teacher.hidden_states
+        assert th is not None, "the teacher source gave no hidden states"
         pairs = [(p, th[t]) for p, (_, t) in zip(x.student.side["layerwise"], x.layers.layerwise)]
         return layerwise_loss(pairs, x.labels, ignore_index=x.ignore_index)

@@ -12,5 +12,6 @@ class LM(Component):
         fused = x.student.fused
         if fused is not None:  # the fused head computed it chunk by chunk
             return fused.lm, {"count": int(shifted_mask(x.labels, x.ignore_index).sum())}
+        assert x.student.logits is not None, "LM needs the student's logits"
         return lm_loss(x.student.logits, x.labels, ignore_index=x.ignore_index)
 

@@ -3,7 +3,7 @@ alignment. The router (soft gates over teacher layers for every student layer) i
 the three; whichever runs first in the student's forward computes the gates for all."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def _router(build: Build):
 
 def _gates(aux: nn.ModuleDict, side: StudentSide) -> dict:
     if "gates" not in side.shared:
-        router = aux["router"]
+        router = cast(Router, aux["router"])
         pooled = None
         if router.cond is not None:
             pooled = [mean_pool(side.hidden[i], side.valid) for i in range(1, side.layers.n_student + 1)]
@@ -70,10 +70,12 @@ class RoutingFeature(Component):
 
     def student_side(self, aux: nn.ModuleDict, side: StudentSide):
         return {**_gates(aux, side),
-                "routing_feature": [proj(side.hidden[i + 1]) for i, proj in enumerate(aux["routing_proj"])]}
+                "routing_feature": [proj(side.hidden[i + 1]) for i, proj in enumerate(cast(nn.ModuleList, aux["routing_proj"]))]}
 
     def compute(self, x: Inputs):
-        total, m = routing_feature_loss(x.student.side["routing_feature"], list(x.teacher.hidden_states[1:]),
+        th = x.teacher.hidden_states
+        assert th is not None, "the teacher source gave no hidden states"
+        total, m = routing_feature_loss(x.student.side["routing_feature"], list(th[1:]),
                                         x.student.side["gates"], x.labels, ignore_index=x.ignore_index)
         return total, {**m, "gate_usage": _usage(x)}
 

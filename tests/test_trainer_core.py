@@ -1,0 +1,122 @@
+"""The trainer core's parts on their own terms: the stop policy and the non-finite guard as plain
+objects, `Trainer.step` on a real in-process DeepSpeed engine (a fault raised by a component, no hooks),
+and a new loss component added with its own file plus one registration line."""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import pytest
+import torch
+
+from dsdistill import registry
+from dsdistill.config import validate
+from dsdistill.data import eval_batches
+from dsdistill.engines import lr_multiplier
+from dsdistill.errors import DistillError
+from dsdistill.objective import StepContext
+from dsdistill.schema import METRICS_FILE, EvalRecord, TrainRecord, parse_line
+from dsdistill.train import open_session
+from dsdistill.trainer import NonFiniteGuard, StepResult, StopPolicy
+from tests import toy_components
+
+
+def _result(step: int, *, nonfinite=False, skipped=False, stop=False) -> StepResult:
+    return StepResult(ctx=StepContext(step=step, weights={"lm": 1.0}, temperature=1.0), losses={"lm": 1.0}, objective=1.0,
+                      lr=1e-3, tokens=64, kd_kl=None, gate_usage=None, grad_norm=1.0, nonfinite_loss=nonfinite,
+                      skipped=skipped, stop_requested=stop)
+
+
+def test_stop_policy_orders_its_reasons():
+    policy = StopPolicy(total_steps=10, stop_at_step=4)
+    assert not policy.finished(9) and policy.finished(10)
+    assert policy.after_step(done=3, stop_requested=False) is None
+    assert policy.after_step(done=3, stop_requested=True) == "interrupted"
+    assert policy.after_step(done=4, stop_requested=True) == "paused"  # the planned pause saves the same way
+    assert policy.after_step(done=10, stop_requested=True) == "completed"  # the last step is not an interruption
+    assert StopPolicy(total_steps=10, stop_at_step=None).after_step(done=9, stop_requested=False) is None
+
+
+def test_nonfinite_guard_counts_bad_steps_in_a_row():
+    guard = NonFiniteGuard(max_bad_steps=3, fp16=False, resume_hint=lambda: "Latest checkpoint: none")
+    assert guard.observe(_result(0)) is None
+    level, msg = guard.observe(_result(1, nonfinite=True, skipped=True))
+    assert level == "error" and "non-finite loss at optimizer step 1" in msg and "1 in a row" in msg
+    assert guard.observe(_result(2)) is None and guard.in_a_row == 0  # a good step resets the count
+    guard.observe(_result(3, skipped=True))
+    guard.observe(_result(4, skipped=True))
+    with pytest.raises(DistillError, match=r"train.max_bad_steps: 3 consecutive .* gradients .*Latest checkpoint: none"):
+        guard.observe(_result(5, skipped=True))
+
+
+def test_fp16_overflow_skips_are_expected_and_never_counted():
+    guard = NonFiniteGuard(max_bad_steps=1, fp16=True)
+    for step in range(3):
+        level, msg = guard.observe(_result(step, skipped=True))
+        assert level == "info" and "loss-scale overflow" in msg
+    with pytest.raises(DistillError):
+        guard.observe(_result(3, nonfinite=True, skipped=True))  # a non-finite loss is not an overflow
+
+
+@pytest.fixture
+def toys():
+    # adding a component: its file (tests/toy_components.py) plus one registration line each
+    registry.register("hidden_energy", "token", "mean square of the student's last hidden state", "tests.toy_components:HiddenEnergy")
+    registry.register("poison", "token", "NaN on demand", "tests.toy_components:Poison")
+    yield
+    toy_components.POISON["on"] = False
+    registry.unregister("hidden_energy")
+    registry.unregister("poison")
+
+
+def test_trainer_step_skips_a_nonfinite_update_on_its_own(make_config, toys):
+    cfg = validate(make_config(train={"max_steps": 6, "grad_accum": 2, "micro_batch_size": 2},
+                               curriculum={"weights": {"kd": 0.5, "lm": 0.5, "poison": 1.0}}))
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
+        batches = iter(s.data.stream)
+
+        def window():
+            return [next(batches) for _ in range(cfg.train.grad_accum)]
+
+        first = s.trainer.step(window(), stop_requested=False)
+        assert first.step == 0 and s.student.global_steps == 1 and s.student.micro_steps == 2
+        assert not first.skipped and not first.nonfinite_loss and math.isfinite(first.objective)
+        assert first.tokens == 2 * 2 * 32 and first.lr == pytest.approx(2e-3 * lr_multiplier(0, sched=cfg.scheduler, total_steps=6))
+        before = [p.detach().clone() for p in s.student.module.parameters()]
+        toy_components.POISON["on"] = True
+        bad = s.trainer.step(window(), stop_requested=True)
+        assert bad.step == 1 and bad.nonfinite_loss and bad.skipped and bad.stop_requested
+        assert all(torch.equal(a, b.detach()) for a, b in zip(before, s.student.module.parameters()))
+        toy_components.POISON["on"] = False
+        good = s.trainer.step(window(), stop_requested=False)
+        assert good.step == 2 and not good.skipped and not good.stop_requested
+        # the LR stays a function of the optimizer step through the skipped one
+        assert good.lr == pytest.approx(2e-3 * lr_multiplier(2, sched=cfg.scheduler, total_steps=6), rel=1e-12)
+        assert not all(torch.equal(a, b.detach()) for a, b in zip(before, s.student.module.parameters()))
+
+
+def test_a_new_component_trains_and_evaluates_with_its_registration_alone(make_config, assets, toys):
+    from transformers import AutoModelForCausalLM
+
+    cfg = validate(make_config(train={"max_steps": 2}, eval={"every": 2, "max_batches": 2, "at_start": True},
+                               curriculum={"weights": {"kd": 0.5, "lm": 0.5, "hidden_energy": 0.01}}))
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
+        s.fit()
+        batches = list(eval_batches(s.data.splits.eval, micro_batch=4, rank=0, world=1, ignore_index=-100, max_batches=2))
+    recs = [parse_line(line) for line in (s.plan.run_dir / METRICS_FILE).read_text().splitlines()]
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    evals = [r for r in recs if isinstance(r, EvalRecord)]
+    assert [t.step for t in trains] == [0, 1] and all("hidden_energy" in t.losses for t in trains)
+    assert recs[0].schedule["active"] == ["kd", "lm", "hidden_energy"]
+    # the value at step 0 (the initial student, before any update) recomputed from the model on disk
+    model = AutoModelForCausalLM.from_pretrained(assets["student"]).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            h = model(input_ids=b["input_ids"], output_hidden_states=True).hidden_states[-1]
+            mask = b["labels"][:, 1:] != -100
+            total += float(h[:, :-1].pow(2).mean(-1)[mask].sum())
+            count += int(mask.sum())
+    assert evals[0].step == 0 and evals[0].losses["hidden_energy"] == pytest.approx(total / count, rel=1e-5)
+    assert evals[0].objective == pytest.approx(sum(evals[0].weights[n] * evals[0].losses[n] for n in evals[0].weights))
