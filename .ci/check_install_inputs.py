@@ -8,6 +8,7 @@ The inputs checked: constraints/requirements files, pyproject.toml's dependency 
 
 Usage: python3 .ci/check_install_inputs.py [ROOT]   exit 0 when clean, 1 with one line per finding.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,23 @@ except ModuleNotFoundError:  # Python 3.10
 PROJECT_ITSELF = re.compile(r"^\.(\[[\w,\-]+\])?/?$")
 """`.` or `.[extra]`: the project being installed, the only local target allowed."""
 LOCAL_URL = re.compile(r"(?i)\bfile:")
-PATH_OPTIONS = ("-e", "--editable", "-f", "--find-links", "-r", "--requirement", "-c", "--constraint",
-                "--index-url", "-i", "--extra-index-url", "--target", "-t", "--prefix", "--root")
+PATH_OPTIONS = (
+    "-e",
+    "--editable",
+    "-f",
+    "--find-links",
+    "-r",
+    "--requirement",
+    "-c",
+    "--constraint",
+    "--index-url",
+    "-i",
+    "--extra-index-url",
+    "--target",
+    "-t",
+    "--prefix",
+    "--root",
+)
 
 
 def _is_local_path(token: str) -> bool:
@@ -102,7 +118,9 @@ def check_variables(text: str) -> list[tuple[int, str]]:
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         m = re.match(r"^\s*(?:export\s+)?([A-Z_][A-Z0-9_]*)\s*[:?+]?=\s*(.*)$", line)
-        if not m or not m.group(1).endswith(("SPEC", "REQ", "REQUIREMENTS", "WHEEL", "PKG", "PACKAGES", "FIND_LINKS", "INDEX_URL")):
+        if not m or not m.group(1).endswith(
+            ("SPEC", "REQ", "REQUIREMENTS", "WHEEL", "PKG", "PACKAGES", "FIND_LINKS", "INDEX_URL")
+        ):
             continue
         for tok in _shell_tokens(m.group(2)):
             if _is_local_path(tok):

@@ -9,6 +9,7 @@ schedule, models) with one change, launched through the real DeepSpeed launcher 
 number is the student's final eval perplexity from its metrics stream. The same variants on your own
 run: `--set curriculum.weights='{kd: 0.7, lm: 0.3}'` (or drop any component from the default schedule).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,18 @@ def variants(only: str) -> dict[str, dict]:
         return {f"default with kd_divergence {d}": {"loss": {"kd_divergence": d}} for d in DIVERGENCES[1:]}
     if only == "seed-design":
         return {SEED_DESIGN: {"curriculum": {"weights": {**default_weights(), "kd": 0.7, "lm": 0.3}, "temperature": 3.0}}}
-    out: dict[str, dict] = {"same student without the teacher (LM only)": {"curriculum": {"weights": {"lm": 1.0}}},
-                            "default curriculum (distilled)": {}}
+    out: dict[str, dict] = {
+        "same student without the teacher (LM only)": {"curriculum": {"weights": {"lm": 1.0}}},
+        "default curriculum (distilled)": {},
+    }
     if only == "headline":
         return out
     out["KD only"] = {"curriculum": {"weights": {"kd": 1.0}}}
     out["KD + LM (0.7 / 0.3)"] = {"curriculum": {"weights": {"kd": 0.7, "lm": 0.3}}}
     for family, names in FAMILIES.items():
-        out[f"default without {family}"] = {"curriculum": {"weights": {k: v for k, v in default_weights().items() if k not in names}}}
+        out[f"default without {family}"] = {
+            "curriculum": {"weights": {k: v for k, v in default_weights().items() if k not in names}}
+        }
     for d in DIVERGENCES[1:]:
         out[f"default with kd_divergence {d}"] = {"loss": {"kd_divergence": d}}
     return out
@@ -101,10 +106,14 @@ def main(argv=None) -> int:
         return 0
     teacher = [r["teacher_ppl"] for r in results["default curriculum (distilled)"]]
     alone = [r["ppl"] for r in results["same student without the teacher (LM only)"]]
-    lines = [f"Seeds {', '.join(map(str, args.seeds))}; {args.steps} optimizer steps; eval perplexity of the student at the "
-             "last step (mean ± half the range over seeds).", "",
-             "| run | eval ppl | vs without the teacher |", "|---|---:|---:|",
-             f"| teacher | {_fmt(teacher)} | |"]
+    lines = [
+        f"Seeds {', '.join(map(str, args.seeds))}; {args.steps} optimizer steps; eval perplexity of the student at the "
+        "last step (mean ± half the range over seeds).",
+        "",
+        "| run | eval ppl | vs without the teacher |",
+        "|---|---:|---:|",
+        f"| teacher | {_fmt(teacher)} | |",
+    ]
     for name, rs in results.items():
         ppl = [r["ppl"] for r in rs]
         gains = [1 - p / a for p, a in zip(ppl, alone)]

@@ -6,6 +6,7 @@ baseline: read the file and json.loads every line (the least any reader must do)
 dsmonitor: Tailer.poll (pydantic-core JSON validation of every record) + RunState ingest, i.e. everything
 the app does before the first draw. Also times the first full draw of the dashboard at 160x50.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def main() -> int:
 
         draw = None
         if not args.no_ui:
+
             async def run_ui():
                 app = DsMonitor([str(path.parent)], poll_interval=0.01, refresh_interval=0.05)
                 start = time.perf_counter()
@@ -60,11 +62,18 @@ def main() -> int:
                     app.refresh_views(force=True)
                     await pilot.pause(0)
                     return time.perf_counter() - start
+
             draw = asyncio.run(run_ui())
 
-    result = {"records": n_lines, "file_mb": round(size_mb, 1), "baseline_json_loads_s": round(baseline, 3),
-              "dsmonitor_ingest_s": round(ours, 3), "ratio_vs_baseline": round(ours / baseline, 2),
-              "records_per_s": round(n_lines / ours), "open_to_full_draw_s": None if draw is None else round(draw, 3)}
+    result = {
+        "records": n_lines,
+        "file_mb": round(size_mb, 1),
+        "baseline_json_loads_s": round(baseline, 3),
+        "dsmonitor_ingest_s": round(ours, 3),
+        "ratio_vs_baseline": round(ours / baseline, 2),
+        "records_per_s": round(n_lines / ours),
+        "open_to_full_draw_s": None if draw is None else round(draw, 3),
+    }
     print(json.dumps(result))
     return 0
 

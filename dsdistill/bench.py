@@ -17,6 +17,7 @@ against the naive step measured in the same run; `--out` writes them as JSON.
 - dsdistill: the real product path -- `dsdistill.train.train` with both DeepSpeed engines (teacher ZeRO-3,
   student ZeRO-2), fused chunked KD+LM, curriculum kd 0.7 / lm 0.3; throughput from its metrics stream.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,20 +32,48 @@ from pathlib import Path
 
 PRESETS = {
     "cpu-tiny": {
-        "teacher": dict(hidden=128, layers=4, heads=4, kv=2, inter=256), "student": dict(hidden=64, layers=2, heads=2, kv=1, inter=128),
-        "vocab": 4096, "seq": 128, "tokens_per_step": 512, "steps": 3, "warmup": 1, "dtype": "fp32", "tie": False,
+        "teacher": dict(hidden=128, layers=4, heads=4, kv=2, inter=256),
+        "student": dict(hidden=64, layers=2, heads=2, kv=1, inter=128),
+        "vocab": 4096,
+        "seq": 128,
+        "tokens_per_step": 512,
+        "steps": 3,
+        "warmup": 1,
+        "dtype": "fp32",
+        "tie": False,
     },
     "cpu-vocab": {  # a vocabulary large enough that logits dominate memory, still CPU-sized
-        "teacher": dict(hidden=256, layers=4, heads=4, kv=2, inter=512), "student": dict(hidden=128, layers=2, heads=2, kv=1, inter=256),
-        "vocab": 32000, "seq": 512, "tokens_per_step": 4096, "steps": 2, "warmup": 1, "dtype": "fp32", "tie": False,
+        "teacher": dict(hidden=256, layers=4, heads=4, kv=2, inter=512),
+        "student": dict(hidden=128, layers=2, heads=2, kv=1, inter=256),
+        "vocab": 32000,
+        "seq": 512,
+        "tokens_per_step": 4096,
+        "steps": 2,
+        "warmup": 1,
+        "dtype": "fp32",
+        "tie": False,
     },
     "cpu-bf16": {  # the GPU preset's dtype path (bf16 models, bf16 GEMMs) at a CPU size: checks the fused path's casts
-        "teacher": dict(hidden=256, layers=4, heads=4, kv=2, inter=512), "student": dict(hidden=128, layers=2, heads=2, kv=1, inter=256),
-        "vocab": 32000, "seq": 256, "tokens_per_step": 2048, "steps": 2, "warmup": 1, "dtype": "bf16", "tie": False,
+        "teacher": dict(hidden=256, layers=4, heads=4, kv=2, inter=512),
+        "student": dict(hidden=128, layers=2, heads=2, kv=1, inter=256),
+        "vocab": 32000,
+        "seq": 256,
+        "tokens_per_step": 2048,
+        "steps": 2,
+        "warmup": 1,
+        "dtype": "bf16",
+        "tie": False,
     },
     "gpu-qwen": {  # Qwen2.5-1.5B teacher, Qwen2.5-0.5B student shapes (random weights)
-        "teacher": dict(hidden=1536, layers=28, heads=12, kv=2, inter=8960), "student": dict(hidden=896, layers=24, heads=14, kv=2, inter=4864),
-        "vocab": 151936, "seq": 2048, "tokens_per_step": 8192, "steps": 8, "warmup": 2, "dtype": "bf16", "tie": True,
+        "teacher": dict(hidden=1536, layers=28, heads=12, kv=2, inter=8960),
+        "student": dict(hidden=896, layers=24, heads=14, kv=2, inter=4864),
+        "vocab": 151936,
+        "seq": 2048,
+        "tokens_per_step": 8192,
+        "steps": 8,
+        "warmup": 2,
+        "dtype": "bf16",
+        "tie": True,
     },
 }
 TEMPERATURE = 2.0
@@ -55,9 +84,20 @@ def _config(spec, vocab, seq, tie):
     AutoTokenizer on the generated word-level tokenizer instead of Qwen's BPE class."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(attention_bias=True, vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=spec["inter"], num_hidden_layers=spec["layers"],
-                       num_attention_heads=spec["heads"], num_key_value_heads=spec["kv"], max_position_embeddings=max(seq, 512),
-                       tie_word_embeddings=tie, eos_token_id=1, bos_token_id=None, pad_token_id=2)
+    return LlamaConfig(
+        attention_bias=True,
+        vocab_size=vocab,
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["inter"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv"],
+        max_position_embeddings=max(seq, 512),
+        tie_word_embeddings=tie,
+        eos_token_id=1,
+        bos_token_id=None,
+        pad_token_id=2,
+    )
 
 
 def prepare(root: Path, preset: dict) -> None:
@@ -160,8 +200,13 @@ def worker_plain(root: Path, preset: dict, method: str) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"tokens_per_s": preset["steps"] * preset["tokens_per_step"] / elapsed, "peak_bytes": _peak_bytes(device),
-            "teacher_matmul_params": matmul_params(teacher), "student_matmul_params": matmul_params(student), "last_loss": last}
+    return {
+        "tokens_per_s": preset["steps"] * preset["tokens_per_step"] / elapsed,
+        "peak_bytes": _peak_bytes(device),
+        "teacher_matmul_params": matmul_params(teacher),
+        "student_matmul_params": matmul_params(student),
+        "last_loss": last,
+    }
 
 
 def worker_dsdistill(root: Path, preset: dict) -> dict:
@@ -177,26 +222,35 @@ def worker_dsdistill(root: Path, preset: dict) -> dict:
 
     micro = preset["tokens_per_step"] // preset["seq"]
     total = preset["steps"] + preset["warmup"]
-    cfg = validate({
-        "teacher": {"path": str(root / "teacher")}, "student": {"path": str(root / "student")},
-        "data": {"path": str(root / "corpus.jsonl"), "eval_path": str(root / "corpus.jsonl")},  # eval is not timed
-        "curriculum": {"weights": {"kd": 0.7, "lm": 0.3}, "temperature": TEMPERATURE},
-        "train": {"max_steps": total, "micro_batch_size": micro, "seq_len": preset["seq"], "precision": preset["dtype"]},
-        "optimizer": {"lr": 1e-4}, "eval": {"every": 0, "max_batches": 1, "at_start": False},
-        "output": {"run_dir": str(root / "run"), "log_every": 1}, "checkpoint": {"save_final": False, "resume": "never"},
-    })
+    cfg = validate(
+        {
+            "teacher": {"path": str(root / "teacher")},
+            "student": {"path": str(root / "student")},
+            "data": {"path": str(root / "corpus.jsonl"), "eval_path": str(root / "corpus.jsonl")},  # eval is not timed
+            "curriculum": {"weights": {"kd": 0.7, "lm": 0.3}, "temperature": TEMPERATURE},
+            "train": {"max_steps": total, "micro_batch_size": micro, "seq_len": preset["seq"], "precision": preset["dtype"]},
+            "optimizer": {"lr": 1e-4},
+            "eval": {"every": 0, "max_batches": 1, "at_start": False},
+            "output": {"run_dir": str(root / "run"), "log_every": 1},
+            "checkpoint": {"save_final": False, "resume": "never"},
+        }
+    )
     with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as session:
         session.fit()
     recs = [parse_line(line) for line in (root / "run" / METRICS_FILE).read_text().splitlines()]
-    timed = [r for r in recs if isinstance(r, TrainRecord)][preset["warmup"]:]
+    timed = [r for r in recs if isinstance(r, TrainRecord)][preset["warmup"] :]
     tps = sum(r.tokens_per_s for r in timed) / len(timed)
     plan = session.plan
     from dsdistill.preflight import count_params
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {"tokens_per_s": tps, "peak_bytes": _peak_bytes(device),
-            "teacher_matmul_params": _matmul_from_config(plan.teacher_config, count_params),
-            "student_matmul_params": _matmul_from_config(plan.student_config, count_params), "last_loss": timed[-1].objective}
+    return {
+        "tokens_per_s": tps,
+        "peak_bytes": _peak_bytes(device),
+        "teacher_matmul_params": _matmul_from_config(plan.teacher_config, count_params),
+        "student_matmul_params": _matmul_from_config(plan.student_config, count_params),
+        "last_loss": timed[-1].objective,
+    }
 
 
 def _matmul_from_config(config, count_params) -> int:
@@ -224,7 +278,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     ap.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step (default: the preset's)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: the preset's)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device in TFLOP/s, for MFU (e.g. 989 for H100 bf16)")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak FLOP/s of the device in TFLOP/s, for MFU (e.g. 989 for H100 bf16)"
+    )
     ap.add_argument("--methods", default="naive,liger,dsdistill", help="comma-separated subset")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--timeout", type=int, default=1800)
@@ -264,23 +320,36 @@ def main(argv=None) -> int:
             rows.append({"method": m, "error": r["error"]})
             continue
         flops = (2 * r["teacher_matmul_params"] + 6 * r["student_matmul_params"]) * r["tokens_per_s"]
-        row = {"method": m, "tokens_per_s": round(r["tokens_per_s"], 1), "peak_gib": round(r["peak_bytes"] / 2**30, 3),
-               "mfu": round(flops / (args.peak_tflops * 1e12), 4) if args.peak_tflops else None}
+        row = {
+            "method": m,
+            "tokens_per_s": round(r["tokens_per_s"], 1),
+            "peak_gib": round(r["peak_bytes"] / 2**30, 3),
+            "mfu": round(flops / (args.peak_tflops * 1e12), 4) if args.peak_tflops else None,
+        }
         if "tokens_per_s" in base:
             row["speed_vs_naive"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
             row["memory_vs_naive"] = round(r["peak_bytes"] / base["peak_bytes"], 3)
         rows.append(row)
-    report = {"preset": args.preset, "tokens_per_step": preset["tokens_per_step"], "seq_len": preset["seq"],
-              "vocab": preset["vocab"], "dtype": preset["dtype"], "peak_tflops": args.peak_tflops, "results": rows,
-              "memory_note": "peak GPU memory allocated" if "cuda" in str(_device_name()) else "peak process RSS (CPU)"}
+    report = {
+        "preset": args.preset,
+        "tokens_per_step": preset["tokens_per_step"],
+        "seq_len": preset["seq"],
+        "vocab": preset["vocab"],
+        "dtype": preset["dtype"],
+        "peak_tflops": args.peak_tflops,
+        "results": rows,
+        "memory_note": "peak GPU memory allocated" if "cuda" in str(_device_name()) else "peak process RSS (CPU)",
+    }
     print(f"{'method':<10} {'tokens/s':>12} {'peak GiB':>9} {'MFU':>7} {'speed/naive':>12} {'mem/naive':>10}")
     for row in rows:
         if "error" in row:
             print(f"{row['method']:<10} error: {row['error']}")
             continue
         mfu = f"{row['mfu']:.3f}" if row["mfu"] is not None else "-"
-        print(f"{row['method']:<10} {row['tokens_per_s']:>12,.0f} {row['peak_gib']:>9.3f} {mfu:>7} "
-              f"{row.get('speed_vs_naive', '-'):>12} {row.get('memory_vs_naive', '-'):>10}")
+        print(
+            f"{row['method']:<10} {row['tokens_per_s']:>12,.0f} {row['peak_gib']:>9.3f} {mfu:>7} "
+            f"{row.get('speed_vs_naive', '-'):>12} {row.get('memory_vs_naive', '-'):>10}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 0

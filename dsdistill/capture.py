@@ -12,6 +12,7 @@ model's own `q k^T * scaling` (OPT folds the scale into its projection, Gemma us
 `unsupported_reason` tells, from a model built on the meta device, whether capture can work before any
 weight loads.
 """
+
 from __future__ import annotations
 
 import math

@@ -13,6 +13,7 @@ Safety: nothing read from a run directory may run code. DeepSpeed unpickles its 
 the plain classes DeepSpeed's states hold, so a planted pickle payload is refused, never executed. Tags
 (`latest`, `best`, a tag given by the user) resolve only to `stepN` directories inside `checkpoints/`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,9 +100,11 @@ def resolve_tag(run_dir: Path, tag: Optional[str], *, field: str) -> Optional[st
     pointer = root / "latest"
     if not pointer.exists() and not pointer.is_symlink():
         if tags(run_dir):
-            raise CheckpointError(f"checkpoint: '{pointer}' is missing but '{root}' holds checkpoints ({_listing(run_dir)}); "
-                                  "pick one with --set checkpoint.resume_tag=stepN, or start fresh with checkpoint.resume: never "
-                                  "and another output.run_dir")
+            raise CheckpointError(
+                f"checkpoint: '{pointer}' is missing but '{root}' holds checkpoints ({_listing(run_dir)}); "
+                "pick one with --set checkpoint.resume_tag=stepN, or start fresh with checkpoint.resume: never "
+                "and another output.run_dir"
+            )
         return None
     tag = _read_pointer(run_dir, "latest")
     if tag is None:
@@ -109,16 +112,23 @@ def resolve_tag(run_dir: Path, tag: Optional[str], *, field: str) -> Optional[st
             shown = pointer.read_text(encoding="utf-8", errors="replace").strip()[:60]
         except OSError as e:
             shown = f"unreadable: {e.strerror or e}"
-        raise CheckpointError(f"checkpoint: '{pointer}' names {shown!r}, which is not a checkpoint in '{root}' "
-                              f"(checkpoints: {_listing(run_dir)}); pick one with --set checkpoint.resume_tag=stepN, "
-                              "or start fresh with checkpoint.resume: never and another output.run_dir")
+        raise CheckpointError(
+            f"checkpoint: '{pointer}' names {shown!r}, which is not a checkpoint in '{root}' "
+            f"(checkpoints: {_listing(run_dir)}); pick one with --set checkpoint.resume_tag=stepN, "
+            "or start fresh with checkpoint.resume: never and another output.run_dir"
+        )
     return tag
 
 
 SAFE_GLOBALS_NAMES = (
-    "collections.OrderedDict", "collections.defaultdict", "argparse.Namespace", "torch.Size",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+    "collections.OrderedDict",
+    "collections.defaultdict",
+    "argparse.Namespace",
+    "torch.Size",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
 )
 """Plain classes found in DeepSpeed's checkpoint files (data holders, no code runs when they load)."""
 
@@ -163,10 +173,14 @@ def describe_load_error(where: Path, err: BaseException) -> str:
     if refused_pickle(err):
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f" ({found.group(1)})" if found else ""
-        return (f"checkpoint: '{where}' holds an object that is not plain data{what}; refusing to unpickle it "
-                "(a file in a run directory must not run code); delete it or point checkpoint.resume_tag at another checkpoint")
-    return (f"checkpoint: '{where}' cannot be read ({first_sentence(err)}); delete it "
-            "(or point 'latest' at an older checkpoint), or set checkpoint.resume: never")
+        return (
+            f"checkpoint: '{where}' holds an object that is not plain data{what}; refusing to unpickle it "
+            "(a file in a run directory must not run code); delete it or point checkpoint.resume_tag at another checkpoint"
+        )
+    return (
+        f"checkpoint: '{where}' cannot be read ({first_sentence(err)}); delete it "
+        "(or point 'latest' at an older checkpoint), or set checkpoint.resume: never"
+    )
 
 
 def _write_pointer(run_dir: Path, name: str, tag: str) -> None:
@@ -234,7 +248,9 @@ def _has_states(where: Path) -> bool:
     return any(where.glob("*model_states.pt"))
 
 
-def load(engine, run_dir: Path, *, tag: Optional[str] = None, expect: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+def load(
+    engine, run_dir: Path, *, tag: Optional[str] = None, expect: Optional[dict[str, Any]] = None
+) -> Optional[dict[str, Any]]:
     """Restore a checkpoint (`tag`, else what `latest` names) into `engine`; the loop state it saved, or None
     if the run has none. `expect` maps each field whose value fixes the meaning of the saved data position
     (batch shape, world size, data fingerprint) to its value now: any difference is refused."""
@@ -243,8 +259,10 @@ def load(engine, run_dir: Path, *, tag: Optional[str] = None, expect: Optional[d
         return None
     where = checkpoint_dir(run_dir) / tag
     if not _has_states(where):
-        raise CheckpointError(f"checkpoint: '{where}' holds no model states (an empty or incomplete checkpoint); "
-                              f"delete it or pick another with --set checkpoint.resume_tag=stepN (checkpoints: {_listing(run_dir)})")
+        raise CheckpointError(
+            f"checkpoint: '{where}' holds no model states (an empty or incomplete checkpoint); "
+            f"delete it or pick another with --set checkpoint.resume_tag=stepN (checkpoints: {_listing(run_dir)})"
+        )
     try:
         with safe_unpickling():
             path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
@@ -255,9 +273,11 @@ def load(engine, run_dir: Path, *, tag: Optional[str] = None, expect: Optional[d
     saved = client.get("layout") or {}
     for key, now in (expect or {}).items():
         if key in saved and saved[key] != now:
-            raise CheckpointError(f"checkpoint: '{where}' was written with {key}={saved[key]!r}, this run has {now!r}; "
-                                  f"its data position would mean other sequences; resume with the same {key}, "
-                                  "or start fresh with checkpoint.resume: never and another output.run_dir")
+            raise CheckpointError(
+                f"checkpoint: '{where}' was written with {key}={saved[key]!r}, this run has {now!r}; "
+                f"its data position would mean other sequences; resume with the same {key}, "
+                "or start fresh with checkpoint.resume: never and another output.run_dir"
+            )
     rng = client.pop("rng", None)
     if rng:
         torch.set_rng_state(rng["torch"])

@@ -1,4 +1,5 @@
 """`dsdistill` command line: train, check, demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,7 @@ def _cmd_check(args) -> int:
 def _cmd_demo(args) -> int:
     from dsdistill.demo import run_demo
 
-    return run_demo(run_dir=Path(args.run_dir), steps=args.steps, nprocs=args.nprocs, seed=args.seed,
-                    control=not args.no_control)
+    return run_demo(run_dir=Path(args.run_dir), steps=args.steps, nprocs=args.nprocs, seed=args.seed, control=not args.no_control)
 
 
 def _cmd_export(args) -> int:
@@ -52,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(sp):
         sp.add_argument("--config", required=True, help="run config (YAML or JSON)")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config value (repeatable)")
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a config value (repeatable)",
+        )
 
     t = sub.add_parser("train", help="train in this process (use `deepspeed dsdistill/train.py` for several ranks)")
     with_config(t)
@@ -67,16 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     d.add_argument("--nprocs", type=int, default=2, help="ranks launched by the DeepSpeed launcher (default 2)")
     d.add_argument("--seed", type=int, default=0, help="train.seed of both runs (default 0)")
-    d.add_argument("--no-control", action="store_true",
-                   help="skip the second run (the same student trained without the teacher)")
+    d.add_argument("--no-control", action="store_true", help="skip the second run (the same student trained without the teacher)")
     d.set_defaults(func=_cmd_demo)
     x = sub.add_parser("export", help="write the trained student as a Hugging Face model (any ZeRO stage)")
     x.add_argument("run_dir", help="run directory with checkpoints")
     x.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     x.add_argument("--tag", default=None, help="checkpoint tag, e.g. step400 (default: latest)")
     x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default fp32)")
-    x.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the student's model code to run (never taken from the run directory)")
+    x.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the student's model code to run (never taken from the run directory)",
+    )
     x.set_defaults(func=_cmd_export)
     return p
 

@@ -3,6 +3,7 @@
 Every validation problem becomes a `ConfigError` whose message is one line naming the field path, the bad
 value and what was expected.
 """
+
 from __future__ import annotations
 
 import json
@@ -304,7 +305,7 @@ def format_validation_error(err: ValidationError, *, prefix: str = "") -> str:
         text = first["msg"]
         text = text.removeprefix("Value error, ")
         if text.startswith("Input should be "):
-            text = "expected " + text[len("Input should be "):]
+            text = "expected " + text[len("Input should be ") :]
         value = first.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
         if len(shown) > 60:

@@ -4,6 +4,7 @@ There is no default schedule position anywhere: every query takes the engine's o
 (`engine.global_steps`) and the run's total optimizer steps as required keyword arguments. Train and eval
 call the same methods with the same step, so their objectives are comparable by construction.
 """
+
 from __future__ import annotations
 
 import math

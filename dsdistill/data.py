@@ -4,6 +4,7 @@ Training uses a seeded `DistributedSampler` (each rank its own shard, same numbe
 Evaluation shards by stride and pads the shorter ranks with fully-masked batches, so every rank runs the
 same number of forwards (ZeRO-3 needs every rank in every forward) and nothing is counted twice.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,9 +74,13 @@ def load_text(path: str, split: str, *, field: str):
     except Exception as e:  # datasets raises many types; the user needs the file and the reason
         cause = _root_cause(e)
         if isinstance(cause, UnicodeDecodeError):
-            raise DataError(f"{field}: '{path}' is not UTF-8 text ({cause.reason} at byte {cause.start} of a block); "
-                            "expected UTF-8 encoded text") from None
-        raise DataError(one_line(f"{field}: cannot load '{path}' (split '{split}'): {type(cause).__name__}: {cause}")[:400]) from None
+            raise DataError(
+                f"{field}: '{path}' is not UTF-8 text ({cause.reason} at byte {cause.start} of a block); "
+                "expected UTF-8 encoded text"
+            ) from None
+        raise DataError(
+            one_line(f"{field}: cannot load '{path}' (split '{split}'): {type(cause).__name__}: {cause}")[:400]
+        ) from None
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -99,8 +104,10 @@ def _check_text_file(p: Path, *, field: str, path: str) -> None:
             try:
                 text = decoder.decode(chunk)
             except UnicodeDecodeError as e:
-                raise DataError(f"{field}: '{path}' is not UTF-8 text (byte 0x{chunk[e.start]:02x} at offset {offset + e.start}); "
-                                "expected UTF-8 encoded text") from None
+                raise DataError(
+                    f"{field}: '{path}' is not UTF-8 text (byte 0x{chunk[e.start]:02x} at offset {offset + e.start}); "
+                    "expected UTF-8 encoded text"
+                ) from None
             seen_text = seen_text or bool(text.strip())
             offset += len(chunk)
     if not seen_text:
@@ -196,7 +203,9 @@ def build_splits(cfg: RunConfig, tokenizer) -> Splits:
     else:
         n = len(train_docs)
         if n < 2:
-            raise DataError(f"data.path: '{d.path}' has {n} document; hold-out evaluation needs at least 2 (or set data.eval_path)")
+            raise DataError(
+                f"data.path: '{d.path}' has {n} document; hold-out evaluation needs at least 2 (or set data.eval_path)"
+            )
         n_eval = min(n - 1, max(1, round(n * d.eval_fraction)))
         parts = train_docs.train_test_split(test_size=n_eval, seed=cfg.train.seed, shuffle=True)
         train_docs, eval_docs = parts["train"], parts["test"]
@@ -204,11 +213,15 @@ def build_splits(cfg: RunConfig, tokenizer) -> Splits:
     train = pack(train_docs, tokenizer, text_field=d.text_field, seq_len=seq, where=f"'{d.path}'")
     evals = pack(eval_docs, tokenizer, text_field=d.text_field, seq_len=seq, where="the eval split")
     if len(evals) == 0:
-        raise DataError(f"data: the eval split holds fewer than seq_len={seq} tokens; use a larger eval set or a smaller train.seq_len")
+        raise DataError(
+            f"data: the eval split holds fewer than seq_len={seq} tokens; use a larger eval set or a smaller train.seq_len"
+        )
     share = unknown_share(train, tokenizer)
     if share > 0.5:
-        raise DataError(f"data.path: {share:.0%} of the tokens of '{d.path}' are the tokenizer's unknown token "
-                        f"({tokenizer.unk_token!r}); the data does not match the student's tokenizer")
+        raise DataError(
+            f"data.path: {share:.0%} of the tokens of '{d.path}' are the tokenizer's unknown token "
+            f"({tokenizer.unk_token!r}); the data does not match the student's tokenizer"
+        )
     return Splits(train=train, eval=evals, skipped_documents=skipped, unknown_share=share)
 
 

@@ -4,6 +4,7 @@
 Llama-shaped teacher trained briefly on the corpus, and a narrower, shallower student with a different
 head layout; then it runs distillation with the default curriculum under the real DeepSpeed launcher.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,7 +82,9 @@ def build_tokenizer(out_dir: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({*NUMBERS, *NAMES, *ADJS, *NOUNS, *STORY, "count", "likes", "the", "copy", "plus", "is", "story", ":", "|", "."})
+    words = sorted(
+        {*NUMBERS, *NAMES, *ADJS, *NOUNS, *STORY, "count", "likes", "the", "copy", "plus", "is", "story", ":", "|", "."}
+    )
     vocab = {w: i for i, w in enumerate(SPECIALS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -97,9 +100,17 @@ def tiny_llama(vocab: int, *, hidden: int, layers: int, heads: int, kv_heads: in
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, pad_token_id=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=2,
     )
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -130,13 +141,20 @@ def pretrain(model, tokenizer, corpus: Path, *, steps: int, seq_len: int = 64, b
 
 
 def default_cache() -> Path:
-    base = os.environ.get("DSDISTILL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "dsdistill")
+    base = os.environ.get("DSDISTILL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "dsdistill"
+    )
     return Path(base) / f"demo-{CORPUS_VERSION}"
 
 
 def ensure_assets(cache: Path, *, teacher_steps: int = 1000, documents: int = 4000, log=print) -> dict[str, Path]:
     """Corpus, tokenizer, trained teacher and initial student under `cache`, built once and reused."""
-    paths = {"corpus": cache / "corpus.jsonl", "tokenizer": cache / "tokenizer", "teacher": cache / "teacher", "student": cache / "student"}
+    paths = {
+        "corpus": cache / "corpus.jsonl",
+        "tokenizer": cache / "tokenizer",
+        "teacher": cache / "teacher",
+        "student": cache / "student",
+    }
     if all((p / "config.json").exists() for p in (paths["teacher"], paths["student"])) and paths["corpus"].exists():
         return paths
     import torch
@@ -150,7 +168,9 @@ def ensure_assets(cache: Path, *, teacher_steps: int = 1000, documents: int = 40
     tok = build_tokenizer(paths["tokenizer"])
     t0 = time.time()
     teacher = tiny_llama(len(tok), hidden=128, layers=4, heads=4, kv_heads=2, seed=1)
-    log(f"demo: training the tiny teacher ({sum(p.numel() for p in teacher.parameters()):,} params) for {teacher_steps} steps ...")
+    log(
+        f"demo: training the tiny teacher ({sum(p.numel() for p in teacher.parameters()):,} params) for {teacher_steps} steps ..."
+    )
     final = pretrain(teacher, tok, teacher_corpus, steps=teacher_steps)
     log(f"demo: teacher trained in {time.time() - t0:.0f}s (final LM loss {final:.3f})")
     student = tiny_llama(len(tok), hidden=64, layers=2, heads=2, kv_heads=1, seed=2)
@@ -227,8 +247,12 @@ def summarize(metrics: Path) -> dict:
             evals.append(rec)
     if not evals:
         return {}
-    return {"first_ppl": evals[0].ppl, "last_ppl": evals[-1].ppl, "teacher_ppl": evals[-1].teacher_ppl,
-            "evals": [(e.step, e.ppl) for e in evals]}
+    return {
+        "first_ppl": evals[0].ppl,
+        "last_ppl": evals[-1].ppl,
+        "teacher_ppl": evals[-1].teacher_ppl,
+        "evals": [(e.step, e.ppl) for e in evals],
+    }
 
 
 def _launch(config: dict, path: Path, *, nprocs: int) -> int:
@@ -245,8 +269,7 @@ def _launch(config: dict, path: Path, *, nprocs: int) -> int:
     return subprocess.call(cmd, env=launcher_env())
 
 
-def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = None, seed: int = 0,
-             control: bool = True) -> int:
+def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = None, seed: int = 0, control: bool = True) -> int:
     """Build assets, distil, then train the same student without the teacher; print all three perplexities."""
     from dsdistill.schema import METRICS_FILE
 
@@ -264,13 +287,19 @@ def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = 
     distilled = summarize(run_dir / METRICS_FILE)
     if not distilled:
         return 0
-    print(f"demo: student eval perplexity {distilled['first_ppl']:.2f} -> {distilled['last_ppl']:.2f} "
-          f"(teacher {distilled['teacher_ppl']:.2f}); metrics in {run_dir / METRICS_FILE}", flush=True)
+    print(
+        f"demo: student eval perplexity {distilled['first_ppl']:.2f} -> {distilled['last_ppl']:.2f} "
+        f"(teacher {distilled['teacher_ppl']:.2f}); metrics in {run_dir / METRICS_FILE}",
+        flush=True,
+    )
     if control:
         alone = summarize(Path(runs[1][0]["output"]["run_dir"]) / METRICS_FILE)
         if alone:
             d, s = distilled["last_ppl"], alone["last_ppl"]
-            print(f"demo: eval perplexity: teacher {distilled['teacher_ppl']:.2f}, distilled student {d:.2f}, "
-                  f"same student without the teacher {s:.2f} (distilled is {(1 - d / s) * 100:+.1f}% lower); "
-                  f"compare with: dsmonitor {run_dir} {runs[1][0]['output']['run_dir']}", flush=True)
+            print(
+                f"demo: eval perplexity: teacher {distilled['teacher_ppl']:.2f}, distilled student {d:.2f}, "
+                f"same student without the teacher {s:.2f} (distilled is {(1 - d / s) * 100:+.1f}% lower); "
+                f"compare with: dsmonitor {run_dir} {runs[1][0]['output']['run_dir']}",
+                flush=True,
+            )
     return 0

@@ -1,4 +1,5 @@
 """Small helpers for the process group: sums over ranks, a free port, the variables that define a world."""
+
 from __future__ import annotations
 
 import socket
@@ -26,8 +27,12 @@ def all_reduce_sum(values) -> list[float]:
     """Element-wise sum over ranks (float64) of numbers and 0-dim tensors, in one collective and one
     device-to-host transfer (tensors are not synchronised one by one)."""
     dev = reduce_device()
-    t = torch.stack([v.detach().to(dev, torch.float64) if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
-                     for v in values])
+    t = torch.stack(
+        [
+            v.detach().to(dev, torch.float64) if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
+            for v in values
+        ]
+    )
     if _initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()

@@ -4,6 +4,7 @@
 micro batch x gradient accumulation x world size = global batch. A value the user set explicitly that
 disagrees with the run config is a one-line `ConfigError`; an "auto" left that we cannot fill is one too.
 """
+
 from __future__ import annotations
 
 import copy
@@ -89,7 +90,7 @@ class _Filler:
             node[key] = value
         elif value is not None and current != value:
             raise ConfigError(
-                f"{self.field}: {path}={current!r} conflicts with {source}={value!r}; set it to \"auto\" or make them agree"
+                f'{self.field}: {path}={current!r} conflicts with {source}={value!r}; set it to "auto" or make them agree'
             )
 
     def leftover_autos(self, node=None, prefix="") -> list[str]:
@@ -153,7 +154,11 @@ def resolve_student(
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     f.fill("train_micro_batch_size_per_gpu", micro, source="train.micro_batch_size")
     f.fill("gradient_accumulation_steps", accum, source="train.grad_accum")
-    f.fill("train_batch_size", micro * accum * world_size, source=f"micro_batch_size*grad_accum*world_size ({micro}*{accum}*{world_size})")
+    f.fill(
+        "train_batch_size",
+        micro * accum * world_size,
+        source=f"micro_batch_size*grad_accum*world_size ({micro}*{accum}*{world_size})",
+    )
     if cfg.train.grad_clip is not None:
         f.fill("gradient_clipping", cfg.train.grad_clip, source="train.grad_clip")
     elif f.data.get("gradient_clipping") == "auto":
@@ -161,7 +166,9 @@ def resolve_student(
     _fill_precision(f, precision_of(cfg))
     stage = zero_stage(f.data)
     if stage not in (1, 2, 3):
-        raise ConfigError(f"{field}: zero_optimization.stage={stage}; expected 1, 2 or 3 (the non-finite step guard relies on ZeRO's gradient check)")
+        raise ConfigError(
+            f"{field}: zero_optimization.stage={stage}; expected 1, 2 or 3 (the non-finite step guard relies on ZeRO's gradient check)"
+        )
     opt = f.data.get("optimizer")
     if isinstance(opt, dict):
         params = opt.setdefault("params", {})
@@ -195,7 +202,9 @@ def resolve_teacher(cfg: RunConfig, *, hidden_size: int | None = None) -> dict[s
             raise ConfigError(f"{field}: has an '{key}' block; the teacher is frozen and takes none")
     stage = zero_stage(f.data)
     if stage != 3:
-        raise ConfigError(f"{field}: zero_optimization.stage={stage}; the teacher engine must be stage 3 so no rank holds it whole")
+        raise ConfigError(
+            f"{field}: zero_optimization.stage={stage}; the teacher engine must be stage 3 so no rank holds it whole"
+        )
     # The teacher never steps an optimizer, so its batch size is bookkeeping only: fill it, never conflict.
     if f.data.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         f.data["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
@@ -211,4 +220,4 @@ def resolve_teacher(cfg: RunConfig, *, hidden_size: int | None = None) -> dict[s
 def _check_no_auto(f: _Filler) -> None:
     left = f.leftover_autos()
     if left:
-        raise ConfigError(f"{f.field}: {left[0]} is \"auto\" but dsdistill has no run-config value to fill it; set it explicitly")
+        raise ConfigError(f'{f.field}: {left[0]} is "auto" but dsdistill has no run-config value to fill it; set it explicitly')

@@ -1,4 +1,5 @@
 """The two DeepSpeed engines: the trainable student and the frozen, ZeRO-3-sharded teacher."""
+
 from __future__ import annotations
 
 import math

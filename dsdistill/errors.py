@@ -1,4 +1,5 @@
 """User-facing errors: one line, naming the field or file and what was expected."""
+
 from __future__ import annotations
 
 

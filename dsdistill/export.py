@@ -5,6 +5,7 @@ student model (drops the projections, contrastive heads and router that live bes
 and writes config, safetensors weights and tokenizer. The output directory is written under a temporary
 name and renamed when complete; an existing non-empty directory is never overwritten.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,8 +24,9 @@ class ExportError(DistillError):
     """The run cannot be exported."""
 
 
-def export(run_dir: str | Path, out: str | Path, *, tag: Optional[str] = None, dtype: str = "fp32",
-           trust_remote_code: bool = False) -> Path:
+def export(
+    run_dir: str | Path, out: str | Path, *, tag: Optional[str] = None, dtype: str = "fp32", trust_remote_code: bool = False
+) -> Path:
     """Write the student of `run_dir`'s checkpoint `tag` (default: latest) to `out`.
 
     `trust_remote_code` comes from the caller (the command line) only, never from the run directory:
@@ -51,21 +53,27 @@ def export(run_dir: str | Path, out: str | Path, *, tag: Optional[str] = None, d
         if checkpoint.refused_pickle(e):
             raise ExportError("export: " + checkpoint.describe_load_error(where, e)) from None
         raise ExportError(one_line(f"export: cannot consolidate '{where}': {type(e).__name__}: {e}")[:400]) from None
-    weights = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    weights = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     config = AutoConfig.from_pretrained(cfg.student.path, revision=cfg.student.revision, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     result = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise ExportError(one_line(f"export: checkpoint '{tag}' does not match the student architecture "
-                                   f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"))
+        raise ExportError(
+            one_line(
+                f"export: checkpoint '{tag}' does not match the student architecture "
+                f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+            )
+        )
     model.to(DTYPES[dtype])
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     try:
-        AutoTokenizer.from_pretrained(cfg.student.tokenizer or cfg.student.path, revision=cfg.student.revision).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(cfg.student.tokenizer or cfg.student.path, revision=cfg.student.revision).save_pretrained(
+            tmp
+        )
     except Exception as e:  # a model without a tokenizer still exports; say so
         print(f"export: warning: no tokenizer saved ({type(e).__name__}: {e})")
     if out.exists():

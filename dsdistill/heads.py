@@ -8,6 +8,7 @@ as an external parameter, so the engine gathers it once for the head's forward a
 backward, as it would for the lm_head. Its coefficients come from the objective (the
 curriculum weight over the window's unit count), the one place they are set.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,9 +58,17 @@ class FusedKDLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
         t_head = None if call.teacher_head is None else call.teacher_head[: self.vocab]
-        combined, m = fused_kd_lm(hidden, self.weight[: self.vocab], call.teacher_hidden, t_head, call.labels,
-                                  coef_kd=call.coef_kd, coef_lm=call.coef_lm, options=call.options,
-                                  ignore_index=self.ignore_index)
+        combined, m = fused_kd_lm(
+            hidden,
+            self.weight[: self.vocab],
+            call.teacher_hidden,
+            t_head,
+            call.labels,
+            coef_kd=call.coef_kd,
+            coef_lm=call.coef_lm,
+            options=call.options,
+            ignore_index=self.ignore_index,
+        )
         return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined)
 
 
@@ -85,18 +94,33 @@ def head_options(plan: "Plan", device: torch.device, *, temperature: float, want
     from dsdistill.models import DTYPES
 
     c = plan.cfg.loss
-    chunk = c.fused_chunk or _chunk_rows(plan.vocab, plan.student_config.hidden_size,
-                                         getattr(plan.teacher_config, "hidden_size", 0), DTYPES[plan.precision].itemsize,
-                                         plan.cfg.train.micro_batch_size * plan.cfg.train.seq_len, c.fused_chunk_mib,
-                                         torch.device(device).type)
-    return KDOptions(temperature=temperature, divergence=c.kd_divergence, beta=c.kd_beta, alpha=c.kd_alpha,
-                     top_k=c.kd_top_k, top_k_rest=c.kd_top_k_rest, chunk=chunk, want_kd=want_kd, want_lm=want_lm,
-                     compile=c.fused_compile)
+    chunk = c.fused_chunk or _chunk_rows(
+        plan.vocab,
+        plan.student_config.hidden_size,
+        getattr(plan.teacher_config, "hidden_size", 0),
+        DTYPES[plan.precision].itemsize,
+        plan.cfg.train.micro_batch_size * plan.cfg.train.seq_len,
+        c.fused_chunk_mib,
+        torch.device(device).type,
+    )
+    return KDOptions(
+        temperature=temperature,
+        divergence=c.kd_divergence,
+        beta=c.kd_beta,
+        alpha=c.kd_alpha,
+        top_k=c.kd_top_k,
+        top_k_rest=c.kd_top_k_rest,
+        chunk=chunk,
+        want_kd=want_kd,
+        want_lm=want_lm,
+        compile=c.fused_compile,
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _chunk_rows(vocab: int, s_width: int, t_width: int, t_bytes: int, tokens: int, budget_mib: Optional[int],
-                device_type: str) -> int:
+def _chunk_rows(
+    vocab: int, s_width: int, t_width: int, t_bytes: int, tokens: int, budget_mib: Optional[int], device_type: str
+) -> int:
     budget = budget_mib << 20 if budget_mib else default_budget(torch.device(device_type))
     fixed = fixed_bytes(tokens=tokens, vocab=vocab, s_width=s_width, t_width=t_width, t_dtype_bytes=t_bytes, grads=True)
     return auto_chunk(vocab, s_width, budget_bytes=budget, fixed=fixed)

@@ -11,6 +11,7 @@ later, so a slow step or save is lost. This one:
 Its ranks watch it: if this launcher is killed outright, they save and exit instead of training on.
 `launch.sh` uses it on a single node and under SLURM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rank", type=int, default=None, help="this node's index (default $SLURM_NODEID or 0)")
     p.add_argument("--master-addr", default="127.0.0.1", help="address of rank 0's node")
     p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on that node")
-    p.add_argument("--kill-after", type=float, default=0.0,
-                   help="after forwarding a stop, SIGKILL ranks still running this many seconds later (0: never; "
-                        "the scheduler's own kill is the limit)")
-    p.add_argument("--crash-grace", type=float, default=30.0,
-                   help="after a rank crashed, seconds the others get to exit before SIGKILL")
+    p.add_argument(
+        "--kill-after",
+        type=float,
+        default=0.0,
+        help="after forwarding a stop, SIGKILL ranks still running this many seconds later (0: never; "
+        "the scheduler's own kill is the limit)",
+    )
+    p.add_argument(
+        "--crash-grace", type=float, default=30.0, help="after a rank crashed, seconds the others get to exit before SIGKILL"
+    )
     p.add_argument("script", help="training script, e.g. dsdistill/train.py")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     return p
@@ -61,10 +67,19 @@ class Launcher:
         node_rank = a.node_rank if a.node_rank is not None else int(os.environ.get("SLURM_NODEID", "0"))
         world = a.nnodes * a.nproc_per_node
         for local in range(a.nproc_per_node):
-            env = dict(os.environ, RANK=str(node_rank * a.nproc_per_node + local), LOCAL_RANK=str(local),
-                       WORLD_SIZE=str(world), LOCAL_SIZE=str(a.nproc_per_node), LOCAL_WORLD_SIZE=str(a.nproc_per_node),
-                       CROSS_RANK=str(node_rank), CROSS_SIZE=str(a.nnodes),
-                       MASTER_ADDR=a.master_addr, MASTER_PORT=str(a.master_port), PYTHONUNBUFFERED="1")
+            env = dict(
+                os.environ,
+                RANK=str(node_rank * a.nproc_per_node + local),
+                LOCAL_RANK=str(local),
+                WORLD_SIZE=str(world),
+                LOCAL_SIZE=str(a.nproc_per_node),
+                LOCAL_WORLD_SIZE=str(a.nproc_per_node),
+                CROSS_RANK=str(node_rank),
+                CROSS_SIZE=str(a.nnodes),
+                MASTER_ADDR=a.master_addr,
+                MASTER_PORT=str(a.master_port),
+                PYTHONUNBUFFERED="1",
+            )
             cmd = [sys.executable, "-u", a.script, f"--local_rank={local}", *a.script_args]
             self.procs.append(subprocess.Popen(cmd, env=env))
 

@@ -1,4 +1,5 @@
 """Which student layer is compared with which teacher layer: a frozen fact of the run's plan."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,9 @@ from dsdistill.errors import ConfigError
 def _resolve(layer: int, n: int, field_name: str, side: str) -> int:
     value = n if layer == -1 else layer
     if not 1 <= value <= n:
-        raise ConfigError(f"{field_name}: {side} layer {layer} is out of range; the {side} has layers 1..{n} (or -1 for the last)")
+        raise ConfigError(
+            f"{field_name}: {side} layer {layer} is out of range; the {side} has layers 1..{n} (or -1 for the last)"
+        )
     return value
 
 

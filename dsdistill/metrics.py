@@ -1,4 +1,5 @@
 """Rank 0's append-only writer of `metrics.jsonl` (records from `dsdistill.schema`)."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ class MetricsWriter:
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as e:
-            raise MetricsError(f"output.run_dir: cannot write '{self.path}' ({e.strerror or e}); "
-                               "records written before are kept") from None
+            raise MetricsError(
+                f"output.run_dir: cannot write '{self.path}' ({e.strerror or e}); records written before are kept"
+            ) from None
         self.opened = True
 
     def close(self) -> None:

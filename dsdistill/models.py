@@ -3,6 +3,7 @@
 With a ZeRO-3 DeepSpeed config the model is built inside `deepspeed.zero.Init`, so each rank only ever
 allocates its own shard of the parameters (the checkpoint is streamed in and partitioned as it loads).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,7 +57,9 @@ def load_config(spec: ModelSpec, *, field: str):
     try:
         return AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except Exception as e:
-        raise ModelError(one_line(f"{field}.path: cannot load a model config from '{spec.path}': {type(e).__name__}: {e}")[:400]) from None
+        raise ModelError(
+            one_line(f"{field}.path: cannot load a model config from '{spec.path}': {type(e).__name__}: {e}")[:400]
+        ) from None
 
 
 def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_config: Optional[dict[str, Any]]):
@@ -78,7 +81,9 @@ def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_conf
             output_loading_info=True,
         )
     except Exception as e:
-        raise ModelError(one_line(f"{field}.path: cannot load a causal LM from '{spec.path}': {type(e).__name__}: {e}")[:400]) from None
+        raise ModelError(
+            one_line(f"{field}.path: cannot load a causal LM from '{spec.path}': {type(e).__name__}: {e}")[:400]
+        ) from None
     finally:
         # the integration keeps a global weak reference; clear it so the next model's load is not affected
         del keep_alive
@@ -88,10 +93,16 @@ def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_conf
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:
-        what = (f"lacks {len(missing)} weight(s) the {type(model).__name__} architecture needs (e.g. {', '.join(missing[:3])})"
-                if missing else f"has {len(mismatched)} weight(s) of another shape (e.g. {mismatched[0][0] if mismatched[0] else '?'})")
-        raise ModelError(one_line(f"{field}.path: the checkpoint in '{spec.path}' {what}; expected weights saved from "
-                                  "this architecture and config")[:400])
+        what = (
+            f"lacks {len(missing)} weight(s) the {type(model).__name__} architecture needs (e.g. {', '.join(missing[:3])})"
+            if missing
+            else f"has {len(mismatched)} weight(s) of another shape (e.g. {mismatched[0][0] if mismatched[0] else '?'})"
+        )
+        raise ModelError(
+            one_line(
+                f"{field}.path: the checkpoint in '{spec.path}' {what}; expected weights saved from this architecture and config"
+            )[:400]
+        )
     return model
 
 

@@ -4,6 +4,7 @@ on all ranks. Training and evaluation both count units with `count_units` and di
 normaliser path. The coefficients (curriculum weight / unit count) are set here alone, for the fused
 head and the other components alike.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -55,8 +56,7 @@ class Sums:
 
 
 class Objective:
-    def __init__(self, curriculum: Curriculum, *, total_steps: int, layers: LayerMap,
-                 names: Optional[tuple[str, ...]] = None):
+    def __init__(self, curriculum: Curriculum, *, total_steps: int, layers: LayerMap, names: Optional[tuple[str, ...]] = None):
         """`names`: the components computed (default: the curriculum's active ones; evaluation adds lm,
         which perplexity needs, at weight 0 when it is not scheduled)."""
         self.curriculum = curriculum
@@ -67,8 +67,11 @@ class Objective:
 
     def context(self, *, step: int) -> StepContext:
         """Weights and temperature at optimizer step `step` (required: there is no default position)."""
-        return StepContext(step=step, weights=self.curriculum.weights_at(step=step, total_steps=self.total_steps),
-                           temperature=self.curriculum.temperature_at(step=step, total_steps=self.total_steps))
+        return StepContext(
+            step=step,
+            weights=self.curriculum.weights_at(step=step, total_steps=self.total_steps),
+            temperature=self.curriculum.temperature_at(step=step, total_steps=self.total_steps),
+        )
 
     def normalizers(self, units: dict[str, float]) -> dict[str, float]:
         """Each component's unit count (at least 1) from the units of a window or an evaluation."""

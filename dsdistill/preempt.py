@@ -10,6 +10,7 @@ and is on its way out, further signals are ignored (a launcher that sees one ran
 or the per-node launcher alone): the ranks would otherwise train on as orphans. When a watched launcher
 process is gone, the watch files the same stop request, so the run finishes its step, saves and exits.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,14 @@ EXIT_PREEMPTED = 75
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-LAUNCHER_MARKS = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "bin/deepspeed", "dsdistill.launcher",
-                  "torch.distributed.run", "bin/torchrun")
+LAUNCHER_MARKS = (
+    "deepspeed.launcher.launch",
+    "deepspeed.launcher.runner",
+    "bin/deepspeed",
+    "dsdistill.launcher",
+    "torch.distributed.run",
+    "bin/torchrun",
+)
 """Command-line fragments of the processes that start ranks (their death orphans the ranks)."""
 
 
@@ -75,8 +82,10 @@ class StopRequest:
         now = time.monotonic()
         if self.signal is None:
             self.signal, self.first_at = name, now
-            self._log(f"dsdistill: {name} received: finishing this optimizer step, then saving a checkpoint "
-                      f"(send it again after {self.grace_s:g}s to exit at once without saving)")
+            self._log(
+                f"dsdistill: {name} received: finishing this optimizer step, then saving a checkpoint "
+                f"(send it again after {self.grace_s:g}s to exit at once without saving)"
+            )
             return
         if now - (self.first_at or now) < self.grace_s:
             self.duplicates += 1  # the same preemption, delivered by the group and by the launcher

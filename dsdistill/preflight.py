@@ -2,6 +2,7 @@
 
 `dsdistill check` prints it; training builds on it. Every failure is a one-line `DistillError`.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ from dsdistill.data import Splits, TrainStream, build_splits
 from dsdistill.ds_config import precision_of, resolve_student, resolve_teacher, zero_stage
 from dsdistill.engines import warmup_steps_of
 from dsdistill.errors import ConfigError, DataError, ModelError
-from dsdistill.models import load_config as load_model_config, load_tokenizer
 from dsdistill.layers import LayerMap
+from dsdistill.models import load_config as load_model_config
+from dsdistill.models import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -80,17 +82,29 @@ def describe(plan: Plan, data: RunData) -> str:
         f"curriculum: computes {', '.join(plan.curriculum.active)}"
         + (f"; scheduled but not computed: {', '.join(plan.curriculum.inactive)}" if plan.curriculum.inactive else ""),
         *(f"warning: {name} is left out: {why}" for name, why in plan.left_out.items()),
-        *([f"note: fused KD/LM is off because {plan.fused_off}; full logits are used"]
-          if c.loss.fused_logits and plan.fused_off else []),
-        *([f"warning: {data.splits.skipped_documents} documents with a null or empty '{c.data.text_field}' are skipped"]
-          if data.splits.skipped_documents else []),
-        *([f"warning: {data.splits.unknown_share:.1%} of the training tokens are the tokenizer's unknown token"]
-          if data.splits.unknown_share > 0.01 else []),
+        *(
+            [f"note: fused KD/LM is off because {plan.fused_off}; full logits are used"]
+            if c.loss.fused_logits and plan.fused_off
+            else []
+        ),
+        *(
+            [f"warning: {data.splits.skipped_documents} documents with a null or empty '{c.data.text_field}' are skipped"]
+            if data.splits.skipped_documents
+            else []
+        ),
+        *(
+            [f"warning: {data.splits.unknown_share:.1%} of the training tokens are the tokenizer's unknown token"]
+            if data.splits.unknown_share > 0.01
+            else []
+        ),
         f"run dir: {plan.run_dir}",
     ]
     m = estimate_memory(plan)
-    logits_how = (f"fused: chunks of {m['chunk_rows']} positions x {plan.vocab} vocab" if c.loss.fused_logits
-                  else f"{c.train.micro_batch_size} x {c.train.seq_len} x {plan.vocab} vocab")
+    logits_how = (
+        f"fused: chunks of {m['chunk_rows']} positions x {plan.vocab} vocab"
+        if c.loss.fused_logits
+        else f"{c.train.micro_batch_size} x {c.train.seq_len} x {plan.vocab} vocab"
+    )
     lines.append(
         f"memory per GPU (estimate, activations excluded): teacher shard {_size(m['teacher_shard'])}, "
         f"student weights+grads+optimizer {_size(m['student_states'])}, logits {_size(m['logits'])} "
@@ -136,12 +150,24 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
     if plan.cfg.loss.fused_logits:  # one chunk's worth at a time, plus the call's fixed buffers
         mib = plan.cfg.loss.fused_chunk_mib
         budget = mib << 20 if mib else default_budget(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        fixed = fixed_bytes(tokens=tokens, vocab=plan.vocab, s_width=getattr(plan.student_config, "hidden_size", 0),
-                            t_width=getattr(plan.teacher_config, "hidden_size", 0), t_dtype_bytes=width, grads=True)
+        fixed = fixed_bytes(
+            tokens=tokens,
+            vocab=plan.vocab,
+            s_width=getattr(plan.student_config, "hidden_size", 0),
+            t_width=getattr(plan.teacher_config, "hidden_size", 0),
+            t_dtype_bytes=width,
+            grads=True,
+        )
         chunk_rows = min(tokens, plan.cfg.loss.fused_chunk or auto_chunk(plan.vocab, 0, budget_bytes=budget, fixed=fixed))
         logits = chunk_rows * plan.vocab * BYTES_PER_LOGIT + fixed
-    out = {"teacher_shard": teacher * width / world / gib, "student_states": (weights + grads + optim) / gib,
-           "logits": logits / gib, "teacher_params": teacher, "student_params": student, "chunk_rows": chunk_rows}
+    out = {
+        "teacher_shard": teacher * width / world / gib,
+        "student_states": (weights + grads + optim) / gib,
+        "logits": logits / gib,
+        "teacher_params": teacher,
+        "student_params": student,
+        "chunk_rows": chunk_rows,
+    }
     out["total"] = out["teacher_shard"] + out["student_states"] + out["logits"]
     return out
 
@@ -181,7 +207,9 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
         raise ConfigError(f"curriculum.weights: {e}") from None
     metric = cfg.eval.early_stopping.metric
     if metric not in ("ppl", "lm_ce", "objective") and metric not in curriculum.active:
-        raise ConfigError(f"eval.early_stopping.metric: '{metric}' is not computed in this run; expected ppl, lm_ce, objective or one of {', '.join(curriculum.active)}")
+        raise ConfigError(
+            f"eval.early_stopping.metric: '{metric}' is not computed in this run; expected ppl, lm_ce, objective or one of {', '.join(curriculum.active)}"
+        )
 
     teacher_cfg = load_model_config(cfg.teacher, field="teacher")
     student_cfg = load_model_config(cfg.student, field="student")
@@ -216,8 +244,11 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
     total_steps = cfg.train.max_steps or (cfg.train.epochs or 1) * steps_per_epoch
     ds_teacher = resolve_teacher(cfg, hidden_size=getattr(teacher_cfg, "hidden_size", None))
     ds_student = resolve_student(
-        cfg, world_size=world, total_steps=total_steps,
-        warmup_steps=warmup_steps_of(cfg.scheduler, total_steps), hidden_size=getattr(student_cfg, "hidden_size", None),
+        cfg,
+        world_size=world,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps_of(cfg.scheduler, total_steps),
+        hidden_size=getattr(student_cfg, "hidden_size", None),
     )
     layers = LayerMap.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
     for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
@@ -229,8 +260,23 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
             curriculum = Curriculum(cfg.curriculum, active=tuple(n for n in curriculum.active if n not in left_out))
         except ValueError as e:
             raise ConfigError(f"curriculum.weights: {e}") from None
-    plan = Plan(cfg, rank, world, run_dir, curriculum, vocab, teacher_cfg, student_cfg, total_steps, precision_of(cfg),
-                ds_student, ds_teacher, layers, left_out, fused_off)
+    plan = Plan(
+        cfg,
+        rank,
+        world,
+        run_dir,
+        curriculum,
+        vocab,
+        teacher_cfg,
+        student_cfg,
+        total_steps,
+        precision_of(cfg),
+        ds_student,
+        ds_teacher,
+        layers,
+        left_out,
+        fused_off,
+    )
     return plan, RunData(tokenizer, splits, stream)
 
 
@@ -287,7 +333,10 @@ def _uncomputable(cfg: RunConfig, curriculum: Curriculum, layers: LayerMap, teac
         s_layers, t_layers = sorted(needs.student_qk), sorted(needs.teacher_qk)
         if not (s_layers or t_layers):
             continue
-        for role, spec, mc, needed in (("teacher", cfg.teacher, teacher_cfg, t_layers), ("student", cfg.student, student_cfg, s_layers)):
+        for role, spec, mc, needed in (
+            ("teacher", cfg.teacher, teacher_cfg, t_layers),
+            ("student", cfg.student, student_cfg, s_layers),
+        ):
             why = unsupported_reason(meta_model(mc), needed, spec.attn_implementation)
             if why is not None:
                 out[name] = f"the {role}'s attention cannot be captured ({why})"

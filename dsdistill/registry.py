@@ -6,6 +6,7 @@ heavy, so the config, the curriculum and the monitor read names from here withou
 Everything else about a component (what it needs from the two forwards, the modules it owns, how it is
 computed) is in its own file under `dsdistill/components/`; see docs/architecture.md.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -66,19 +67,42 @@ def implementation(name: str) -> "ComponentImpl":
     return cls()
 
 
-register("kd", "token", "divergence between temperature-softened teacher and student distributions, x T^2",
-         "dsdistill.components.kd:KD")
+register(
+    "kd",
+    "token",
+    "divergence between temperature-softened teacher and student distributions, x T^2",
+    "dsdistill.components.kd:KD",
+)
 register("lm", "token", "cross-entropy of the student on the next token", "dsdistill.components.lm:LM")
-register("feature", "token", "projected student hidden state vs teacher hidden state",
-         "dsdistill.components.feature:Feature")
-register("attention", "token", "student vs teacher attention distributions on mapped layers",
-         "dsdistill.components.attention:Attention")
+register("feature", "token", "projected student hidden state vs teacher hidden state", "dsdistill.components.feature:Feature")
+register(
+    "attention",
+    "token",
+    "student vs teacher attention distributions on mapped layers",
+    "dsdistill.components.attention:Attention",
+)
 register("layerwise", "token", "every student layer vs its mapped teacher layer", "dsdistill.components.layerwise:Layerwise")
-register("contrastive", "sequence", "InfoNCE between pooled student and teacher representations",
-         "dsdistill.components.contrastive:Contrastive")
-register("routing_feature", "token", "student hidden vs router-gated mixture of teacher layers",
-         "dsdistill.components.routing:RoutingFeature")
-register("routing_load_balance", "micro_batch", "keeps every teacher layer in use by the router",
-         "dsdistill.components.routing:LoadBalance")
-register("routing_attention_alignment", "token", "student attention vs gated teacher attention",
-         "dsdistill.components.routing:AttentionAlignment")
+register(
+    "contrastive",
+    "sequence",
+    "InfoNCE between pooled student and teacher representations",
+    "dsdistill.components.contrastive:Contrastive",
+)
+register(
+    "routing_feature",
+    "token",
+    "student hidden vs router-gated mixture of teacher layers",
+    "dsdistill.components.routing:RoutingFeature",
+)
+register(
+    "routing_load_balance",
+    "micro_batch",
+    "keeps every teacher layer in use by the router",
+    "dsdistill.components.routing:LoadBalance",
+)
+register(
+    "routing_attention_alignment",
+    "token",
+    "student attention vs gated teacher attention",
+    "dsdistill.components.routing:AttentionAlignment",
+)

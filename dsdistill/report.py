@@ -1,4 +1,5 @@
 """Human-readable log lines (rank 0's console output), built from the same records the stream holds."""
+
 from __future__ import annotations
 
 from dsdistill.schema import EvalRecord, TrainRecord

@@ -5,6 +5,7 @@ Imported by both the trainer (which writes) and the monitor (which reads). Every
 (unix seconds). A train record at step s and an eval record at step s used identical weights.
 Non-finite floats are written as the JSON extensions NaN / Infinity, which Python's json reads back.
 """
+
 from __future__ import annotations
 
 import json

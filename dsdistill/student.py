@@ -6,6 +6,7 @@ never exported; `.head` is the fused KD+LM head on the fused path. Under ZeRO-3 
 gathered only inside its module's forward, so all of them are applied in `DistillStudent.forward`; the
 loss functions stay pure functions of the returned tensors.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -19,8 +20,9 @@ from dsdistill.layers import LayerMap
 
 
 class DistillStudent(nn.Module):
-    def __init__(self, model: Any, *, components: dict[str, Component], build: Build, vocab: int,
-                 seed: int = 0, fused: bool = False):
+    def __init__(
+        self, model: Any, *, components: dict[str, Component], build: Build, vocab: int, seed: int = 0, fused: bool = False
+    ):
         super().__init__()
         self.model = model
         self.components = components
@@ -35,15 +37,23 @@ class DistillStudent(nn.Module):
                 if key not in self.aux:  # a module two components share (the router) is built once
                     self.aux[key] = make()
         torch.random.set_rng_state(gen_state)
-        self.head = FusedKDLMHead(model.get_output_embeddings(), vocab=vocab, ignore_index=build.loss.ignore_index) if fused else None
+        self.head = (
+            FusedKDLMHead(model.get_output_embeddings(), vocab=vocab, ignore_index=build.loss.ignore_index) if fused else None
+        )
         self.needs_hidden = any(c.needs(self.layers).student_hidden for c in components.values())
 
     @property
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, *, valid: torch.Tensor, teacher_pooled: Optional[torch.Tensor] = None,
-                fused: Optional[FusedCall] = None) -> dict[str, Any]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        valid: torch.Tensor,
+        teacher_pooled: Optional[torch.Tensor] = None,
+        fused: Optional[FusedCall] = None,
+    ) -> dict[str, Any]:
         """{"logits" | "fused", "hidden", "side"} for one micro-batch (a dict, so ZeRO-3's hooks see every
         tensor in it).
 

@@ -5,6 +5,7 @@ prepare something once per step, as the live teacher gathers its lm_head), `sign
 `lm_sums` for the teacher's perplexity. `LiveTeacher` runs the frozen teacher in its optimizer-less
 ZeRO-3 engine; an offline cache or a rollout scorer is another implementation of the same protocol.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -84,8 +85,16 @@ def gather_full(weight: torch.Tensor) -> torch.Tensor:
 class LiveTeacher:
     """The frozen teacher in its ZeRO-3 engine (no rank holds it whole)."""
 
-    def __init__(self, engine, *, vocab: int, fused: bool, capture: "Optional[QKCapture]",
-                 lm_options: "Callable[[], KDOptions]", ignore_index: int):
+    def __init__(
+        self,
+        engine,
+        *,
+        vocab: int,
+        fused: bool,
+        capture: "Optional[QKCapture]",
+        lm_options: "Callable[[], KDOptions]",
+        ignore_index: int,
+    ):
         self.engine = engine
         self.vocab = vocab
         self.fused = fused
@@ -137,6 +146,15 @@ class LiveTeacher:
             from dsdistill.losses.fused import fused_kd_lm
 
             head = self._head if self._head is not None else gather_full(self.head_weight)
-            _, m = fused_kd_lm(out, head[: self.vocab], None, None, labels, coef_kd=0.0, coef_lm=0.0,
-                               options=self.lm_options(), ignore_index=self.ignore_index)
+            _, m = fused_kd_lm(
+                out,
+                head[: self.vocab],
+                None,
+                None,
+                labels,
+                coef_kd=0.0,
+                coef_lm=0.0,
+                options=self.lm_options(),
+                ignore_index=self.ignore_index,
+            )
             return m["lm"], m["count"]

@@ -4,6 +4,7 @@
 at a time through `Trainer.step` (dsdistill/trainer.py), then logging, evaluation at the same step's
 curriculum, checkpoints and the stop policy. docs/architecture.md shows how the types fit together.
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,6 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional
@@ -43,9 +43,18 @@ from dsdistill.report import eval_line, train_line
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.student import DistillStudent
 from dsdistill.teacher import LiveTeacher, TeacherModel
-from dsdistill.trainer import (EarlyStopping, EvalResult, Evaluator, NonFiniteGuard, PairForward, Pace, StepResult,
-                               StopPolicy, StopReason, Trainer)
-
+from dsdistill.trainer import (
+    EarlyStopping,
+    EvalResult,
+    Evaluator,
+    NonFiniteGuard,
+    Pace,
+    PairForward,
+    StepResult,
+    StopPolicy,
+    StopReason,
+    Trainer,
+)
 
 # ---------------------------------------------------------------------------------------------- setup
 
@@ -100,31 +109,47 @@ class Session:
             _say(rank, f"note: fused KD/LM is off because {plan.fused_off}; using full logits")
         self.objective = Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers)
         needs = self.objective.needs
-        teacher_lm = agree(lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision,
-                                                  zero3_ds_config=plan.ds_teacher), what="loading the teacher")
+        teacher_lm = agree(
+            lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher),
+            what="loading the teacher",
+        )
         self.teacher_engine = build_teacher_engine(TeacherModel(teacher_lm), plan.ds_teacher)
-        student_lm = agree(lambda: load_causal_lm(
-            cfg.student, field="student", precision=plan.precision,
-            zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
-        ), what="loading the student")
-        build = Build(loss=cfg.loss, layers=plan.layers, student_width=plan.student_config.hidden_size,
-                      teacher_width=plan.teacher_config.hidden_size)
-        wrapped = DistillStudent(student_lm, components=self.objective.components, build=build, vocab=plan.vocab,
-                                 seed=cfg.train.seed, fused=plan.fused)
+        student_lm = agree(
+            lambda: load_causal_lm(
+                cfg.student,
+                field="student",
+                precision=plan.precision,
+                zero3_ds_config=plan.ds_student if zero_stage(plan.ds_student) == 3 else None,
+            ),
+            what="loading the student",
+        )
+        build = Build(
+            loss=cfg.loss,
+            layers=plan.layers,
+            student_width=plan.student_config.hidden_size,
+            teacher_width=plan.teacher_config.hidden_size,
+        )
+        wrapped = DistillStudent(
+            student_lm, components=self.objective.components, build=build, vocab=plan.vocab, seed=cfg.train.seed, fused=plan.fused
+        )
         if plan.precision != "fp32":
             wrapped.aux.to(DTYPES[plan.precision])
         self.student = build_student_engine(wrapped, plan.ds_student, cfg, total_steps=plan.total_steps)
         self.teacher = LiveTeacher(
-            self.teacher_engine, vocab=plan.vocab, fused=plan.fused,
+            self.teacher_engine,
+            vocab=plan.vocab,
+            fused=plan.fused,
             capture=QKCapture(teacher_lm, sorted(needs.teacher_qk)) if needs.teacher_qk else None,
             lm_options=lambda: head_options(plan, self.student.device, temperature=1.0, want_kd=False, want_lm=True),
-            ignore_index=cfg.loss.ignore_index)
+            ignore_index=cfg.loss.ignore_index,
+        )
         s_capture = QKCapture(student_lm, sorted(needs.student_qk)) if needs.student_qk else None
         self.forward = PairForward(plan, self.student, self.teacher, s_capture)
         self.trainer = Trainer(plan, self.student, self.objective, self.forward)
         eval_names = self.objective.names if "lm" in self.objective.names else (*self.objective.names, "lm")
-        self.evaluator = Evaluator(plan, self.forward, Objective(plan.curriculum, total_steps=plan.total_steps,
-                                                                 layers=plan.layers, names=eval_names))
+        self.evaluator = Evaluator(
+            plan, self.forward, Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers, names=eval_names)
+        )
         # what the loop accumulates (set again by `fit`)
         self.tokens_seen = 0
         self.teacher_ppl = float("nan")
@@ -137,15 +162,19 @@ class Session:
     def fit(self) -> Summary:
         """Train to the end (or to a stop); the run's records go to its metrics stream."""
         plan, cfg, engine = self.plan, self.plan.cfg, self.student
-        early = EarlyStopping(metric=cfg.eval.early_stopping.metric, patience=cfg.eval.early_stopping.patience,
-                              min_delta=cfg.eval.early_stopping.min_delta)
+        early = EarlyStopping(
+            metric=cfg.eval.early_stopping.metric,
+            patience=cfg.eval.early_stopping.patience,
+            min_delta=cfg.eval.early_stopping.min_delta,
+        )
         resumed = self._resume(early)
         self._announce(resumed)
         # once per run: the teacher's own perplexity is what the student's is compared with
         self.teacher_ppl = self.evaluator.teacher_perplexity(self._eval_batches())
         _say(plan.rank, f"teacher perplexity on the eval split: {self.teacher_ppl:.3f}")
-        guard = NonFiniteGuard(max_bad_steps=cfg.train.max_bad_steps, fp16=plan.precision == "fp16",
-                               resume_hint=self._latest_checkpoint)
+        guard = NonFiniteGuard(
+            max_bad_steps=cfg.train.max_bad_steps, fp16=plan.precision == "fp16", resume_hint=self._latest_checkpoint
+        )
         policy = StopPolicy(total_steps=plan.total_steps, stop_at_step=cfg.train.stop_at_step)
         batches = iter(self.data.stream)
         self.bar = _progress_bar(plan, done=engine.global_steps)
@@ -156,8 +185,9 @@ class Session:
         self.pace = Pace()
         while reason is None:
             # one optimizer step over one accumulation window; every rank learns of any stop request
-            r = self.trainer.step([next(batches) for _ in range(cfg.train.grad_accum)],
-                                  stop_requested=self.stop.signal is not None)
+            r = self.trainer.step(
+                [next(batches) for _ in range(cfg.train.grad_accum)], stop_requested=self.stop.signal is not None
+            )
             self.tokens_seen += r.tokens
             self.pace.add(r.tokens)
             done = engine.global_steps
@@ -169,8 +199,11 @@ class Session:
             if (cfg.eval.every and done % cfg.eval.every == 0) or done == plan.total_steps:
                 if self._evaluate(early):
                     reason = "early_stopping"
-                    _say(plan.rank, f"early stopping: eval {early.metric} has not improved by more than "
-                         f"{early.min_delta} for {early.patience} evaluations (best {early.best:.4g})")
+                    _say(
+                        plan.rank,
+                        f"early stopping: eval {early.metric} has not improved by more than "
+                        f"{early.min_delta} for {early.patience} evaluations (best {early.best:.4g})",
+                    )
                     break
             # periodic checkpoints are what a preemption without warning falls back to
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < plan.total_steps:
@@ -184,22 +217,32 @@ class Session:
     def _layout(self) -> dict[str, Any]:
         """What fixes the meaning of a saved data position: resuming with any of it changed is refused."""
         c = self.plan.cfg
-        return {"train.micro_batch_size": c.train.micro_batch_size, "train.seq_len": c.train.seq_len,
-                "train.seed": c.train.seed, "world_size": self.plan.world, "data": data_fingerprint(self.data.splits.train)}
+        return {
+            "train.micro_batch_size": c.train.micro_batch_size,
+            "train.seq_len": c.train.seq_len,
+            "train.seed": c.train.seed,
+            "world_size": self.plan.world,
+            "data": data_fingerprint(self.data.splits.train),
+        }
 
     def _resume(self, early: EarlyStopping) -> Optional[dict[str, Any]]:
         plan, engine = self.plan, self.student
         self.tokens_seen = 0
         if plan.cfg.checkpoint.resume != "auto":
             return None
-        resumed = agree(lambda: checkpoint.load(engine, plan.run_dir, tag=plan.cfg.checkpoint.resume_tag,
-                                                expect=self._layout()), what="resuming")
+        resumed = agree(
+            lambda: checkpoint.load(engine, plan.run_dir, tag=plan.cfg.checkpoint.resume_tag, expect=self._layout()),
+            what="resuming",
+        )
         if resumed is not None:
             self.data.stream.restore(resumed["stream"])
             early.restore(resumed["early_stopping"])
             self.tokens_seen = int(resumed["tokens_seen"])
-            _say(plan.rank, f"resumed from {checkpoint.checkpoint_dir(plan.run_dir) / resumed['tag']} "
-                 f"at optimizer step {engine.global_steps}")
+            _say(
+                plan.rank,
+                f"resumed from {checkpoint.checkpoint_dir(plan.run_dir) / resumed['tag']} "
+                f"at optimizer step {engine.global_steps}",
+            )
         return resumed
 
     def _announce(self, resumed: Optional[dict[str, Any]]) -> None:
@@ -208,28 +251,48 @@ class Session:
         t_params, _ = param_counts(self.teacher_engine.module)
         s_params, _ = param_counts(self.student.module.model)
         cur = plan.curriculum
-        self.writer.write(RunStart(
-            step=step, config=dump_config(cfg), total_steps=plan.total_steps, world_size=plan.world,
-            schedule=cur.definition(), global_batch=plan.global_batch, seq_len=cfg.train.seq_len,
-            student_zero_stage=zero_stage(plan.ds_student), teacher_zero_stage=zero_stage(plan.ds_teacher),
-            student_params=s_params, teacher_params=t_params, resumed=resumed is not None,
-        ))
+        self.writer.write(
+            RunStart(
+                step=step,
+                config=dump_config(cfg),
+                total_steps=plan.total_steps,
+                world_size=plan.world,
+                schedule=cur.definition(),
+                global_batch=plan.global_batch,
+                seq_len=cfg.train.seq_len,
+                student_zero_stage=zero_stage(plan.ds_student),
+                teacher_zero_stage=zero_stage(plan.ds_teacher),
+                student_params=s_params,
+                teacher_params=t_params,
+                resumed=resumed is not None,
+            )
+        )
         if plan.rank == 0:
             _write_config(plan.run_dir / "config.yaml", dump_config(cfg))
-        _say(plan.rank, f"dsdistill: {plan.total_steps} optimizer steps, world {plan.world}, global batch "
-             f"{plan.global_batch} x {cfg.train.seq_len} tokens, teacher {t_params:,} params "
-             f"(ZeRO-3), student {s_params:,} params (ZeRO-{zero_stage(plan.ds_student)}), run dir {plan.run_dir}")
+        _say(
+            plan.rank,
+            f"dsdistill: {plan.total_steps} optimizer steps, world {plan.world}, global batch "
+            f"{plan.global_batch} x {cfg.train.seq_len} tokens, teacher {t_params:,} params "
+            f"(ZeRO-3), student {s_params:,} params (ZeRO-{zero_stage(plan.ds_student)}), run dir {plan.run_dir}",
+        )
         if cur.inactive:
             why = "; ".join(f"{n}: {plan.left_out[n]}" for n in cur.inactive if n in plan.left_out)
-            self._alert(step, "info", "inactive_components",
-                        f"scheduled components not computed for this run (left out of the objective): "
-                        f"{', '.join(cur.inactive)}" + (f" ({why})" if why else ""))
+            self._alert(
+                step,
+                "info",
+                "inactive_components",
+                f"scheduled components not computed for this run (left out of the objective): "
+                f"{', '.join(cur.inactive)}" + (f" ({why})" if why else ""),
+            )
         if self.data.splits.skipped_documents:
-            self._alert(step, "info", "skipped_documents", f"{self.data.splits.skipped_documents} documents with a "
-                        f"null or empty '{cfg.data.text_field}' were skipped")
+            self._alert(
+                step,
+                "info",
+                "skipped_documents",
+                f"{self.data.splits.skipped_documents} documents with a null or empty '{cfg.data.text_field}' were skipped",
+            )
 
-    def _alert(self, step: int, level: Literal["info", "warning", "error"], code: str, message: str, *,
-               say: bool = True) -> None:
+    def _alert(self, step: int, level: Literal["info", "warning", "error"], code: str, message: str, *, say: bool = True) -> None:
         if say:
             _say(self.plan.rank, f"warning: {message}")
         self.writer.write(AlertRecord(step=step, level=level, code=code, message=message))
@@ -242,22 +305,35 @@ class Session:
         alert = guard.observe(r)
         if alert is not None:
             level, message = alert
-            self._alert(r.step, level, "step_skipped" if level == "info" else "nonfinite_step", message,
-                        say=level != "info")
+            self._alert(r.step, level, "step_skipped" if level == "info" else "nonfinite_step", message, say=level != "info")
         if r.step == 0 and r.lr == 0.0:
-            self._alert(r.step, "warning", "lr_zero_first_step",
-                        "the LR schedule gave the first optimizer step LR 0 (warmup starts at 0); that step changed nothing")
+            self._alert(
+                r.step,
+                "warning",
+                "lr_zero_first_step",
+                "the LR schedule gave the first optimizer step LR 0 (warmup starts at 0); that step changed nothing",
+            )
 
     def _log(self, r: StepResult, done: int) -> None:
         plan = self.plan
         if done % plan.cfg.output.log_every and done != plan.total_steps:
             return
         rec = TrainRecord(
-            step=r.step, weights=r.ctx.weights, losses=r.losses, weighted={n: r.ctx.weights[n] * v for n, v in r.losses.items()},
-            objective=r.objective, lr=r.lr, temperature=r.ctx.temperature,
-            tokens_per_s=self.pace.rate(), tokens=self.tokens_seen, progress=done / plan.total_steps,
-            total_steps=plan.total_steps, grad_norm=r.grad_norm, extras={} if r.kd_kl is None else {"kd_kl": r.kd_kl},
-            mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, gate_usage=r.gate_usage,
+            step=r.step,
+            weights=r.ctx.weights,
+            losses=r.losses,
+            weighted={n: r.ctx.weights[n] * v for n, v in r.losses.items()},
+            objective=r.objective,
+            lr=r.lr,
+            temperature=r.ctx.temperature,
+            tokens_per_s=self.pace.rate(),
+            tokens=self.tokens_seen,
+            progress=done / plan.total_steps,
+            total_steps=plan.total_steps,
+            grad_norm=r.grad_norm,
+            extras={} if r.kd_kl is None else {"kd_kl": r.kd_kl},
+            mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            gate_usage=r.gate_usage,
         )
         self.writer.write(rec)
         if plan.rank == 0:
@@ -266,9 +342,14 @@ class Session:
 
     def _eval_batches(self):
         c = self.plan.cfg
-        return eval_batches(self.data.splits.eval, micro_batch=c.eval.micro_batch_size or c.train.micro_batch_size,
-                            rank=self.plan.rank, world=self.plan.world, ignore_index=c.loss.ignore_index,
-                            max_batches=c.eval.max_batches)
+        return eval_batches(
+            self.data.splits.eval,
+            micro_batch=c.eval.micro_batch_size or c.train.micro_batch_size,
+            rank=self.plan.rank,
+            world=self.plan.world,
+            ignore_index=c.loss.ignore_index,
+            max_batches=c.eval.max_batches,
+        )
 
     def evaluate(self, *, step: int) -> EvalResult:
         """The objective on the held-out split at the curriculum of optimizer step `step`."""
@@ -282,9 +363,21 @@ class Session:
         stop = early.update(r)
         if self.plan.cfg.checkpoint.keep_best and step > 0 and early.best != best_before:
             self._save(early, mark_best=True)
-        rec = EvalRecord(step=r.step, weights=r.weights, losses=r.losses, weighted=r.weighted, objective=r.objective,
-                         temperature=r.temperature, lm_ce=r.lm_ce, ppl=r.ppl, teacher_ppl=self.teacher_ppl, tokens=r.tokens,
-                         best=early.best, bad_evals=early.bad_evals, early_stop_metric=early.metric)
+        rec = EvalRecord(
+            step=r.step,
+            weights=r.weights,
+            losses=r.losses,
+            weighted=r.weighted,
+            objective=r.objective,
+            temperature=r.temperature,
+            lm_ce=r.lm_ce,
+            ppl=r.ppl,
+            teacher_ppl=self.teacher_ppl,
+            tokens=r.tokens,
+            best=early.best,
+            bad_evals=early.bad_evals,
+            early_stop_metric=early.metric,
+        )
         self.writer.write(rec)
         if self.plan.rank == 0:
             self.bar.write(eval_line(rec), file=sys.stdout)
@@ -293,10 +386,15 @@ class Session:
         return stop
 
     def _save(self, early: EarlyStopping, mark_best: bool = False) -> None:
-        state = {"stream": self.data.stream.state(), "early_stopping": early.state(), "tokens_seen": self.tokens_seen,
-                 "layout": self._layout()}
-        checkpoint.save(self.student, self.plan.run_dir, state=state, keep_last=self.plan.cfg.checkpoint.keep_last,
-                        mark_best=mark_best)
+        state = {
+            "stream": self.data.stream.state(),
+            "early_stopping": early.state(),
+            "tokens_seen": self.tokens_seen,
+            "layout": self._layout(),
+        }
+        checkpoint.save(
+            self.student, self.plan.run_dir, state=state, keep_last=self.plan.cfg.checkpoint.keep_last, mark_best=mark_best
+        )
         self.pace.pause_ended()
 
     def _finish(self, reason: StopReason, early: EarlyStopping) -> Summary:
@@ -304,21 +402,32 @@ class Session:
         if reason == "paused":
             _say(plan.rank, f"stopping at optimizer step {step} (train.stop_at_step); relaunch to resume")
         if reason == "interrupted":
-            _say(plan.rank, f"stopping at optimizer step {step} ({self.stop.signal or 'a stop request on another rank'}); "
-                 "saving a checkpoint")
-        if ((plan.cfg.checkpoint.save_final or reason in ("paused", "interrupted"))
-                and checkpoint.latest_tag(plan.run_dir) != f"step{step}"):
+            _say(
+                plan.rank,
+                f"stopping at optimizer step {step} ({self.stop.signal or 'a stop request on another rank'}); "
+                "saving a checkpoint",
+            )
+        if (plan.cfg.checkpoint.save_final or reason in ("paused", "interrupted")) and checkpoint.latest_tag(
+            plan.run_dir
+        ) != f"step{step}":
             self._save(early)
         self.stop.leaving()  # saved: a launcher's follow-up signals have nothing left to interrupt
-        message = (f"{self.stop.signal or 'signal'}; checkpoint at step {step}; relaunch to resume"
-                   if reason == "interrupted" else "")
+        message = (
+            f"{self.stop.signal or 'signal'}; checkpoint at step {step}; relaunch to resume" if reason == "interrupted" else ""
+        )
         self.writer.write(RunEnd(step=step, reason=reason, best=early.best, message=message))
         # leave together: a launcher that sees one rank exit stops the others, which must not be before rank 0
         # has written run_end
         if dist.is_initialized() and plan.world > 1:
             dist.barrier()
-        return Summary(steps=step, total_steps=plan.total_steps, reason=reason, teacher_ppl=self.teacher_ppl,
-                       final_eval=self.last_eval, run_dir=str(plan.run_dir))
+        return Summary(
+            steps=step,
+            total_steps=plan.total_steps,
+            reason=reason,
+            teacher_ppl=self.teacher_ppl,
+            final_eval=self.last_eval,
+            run_dir=str(plan.run_dir),
+        )
 
 
 @contextmanager
@@ -338,8 +447,13 @@ def open_session(cfg: RunConfig) -> Iterator[Session]:
         # the stream gets its run_end if this run wrote to it, or continues one (a failed resume)
         if session is not None and (session.writer.opened or session.writer.path.exists()) and not isinstance(e, PeerFailed):
             try:
-                session.writer.write(RunEnd(step=session.student.global_steps, reason="interrupted" if isinstance(e, KeyboardInterrupt)
-                               else "error", message=one_line(f"{type(e).__name__}: {e}")[:500]))
+                session.writer.write(
+                    RunEnd(
+                        step=session.student.global_steps,
+                        reason="interrupted" if isinstance(e, KeyboardInterrupt) else "error",
+                        message=one_line(f"{type(e).__name__}: {e}")[:500],
+                    )
+                )
             except DistillError:
                 pass  # the stream itself cannot be written: the error being raised says so already
         raise
@@ -360,8 +474,9 @@ def train(cfg: RunConfig) -> Summary:
 def _progress_bar(plan: Plan, *, done: int):
     from tqdm import tqdm
 
-    bar = tqdm(total=plan.total_steps, desc="distil", unit="step", dynamic_ncols=True,
-               disable=plan.rank != 0 or not sys.stderr.isatty())
+    bar = tqdm(
+        total=plan.total_steps, desc="distil", unit="step", dynamic_ncols=True, disable=plan.rank != 0 or not sys.stderr.isatty()
+    )
     bar.update(done)
     return bar
 
@@ -389,8 +504,14 @@ def _yaml(data: dict) -> str:
 def build_parser(prog: str = "dsdistill/train.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Distil a frozen teacher into a student with DeepSpeed.")
     p.add_argument("--config", required=True, help="run config (YAML or JSON)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (repeatable), e.g. --set train.max_steps=100",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -415,8 +536,19 @@ def report_error(err: DistillError) -> None:
 def _lost_peer(err: BaseException) -> bool:
     """A collective failed because another rank went away (it reports its own error)."""
     text = f"{type(err).__name__} {err}".lower()
-    return any(k in text for k in ("connection closed", "connection reset", "broken pipe", "distbackenderror",
-                                   "gloo", "nccl error", "socket timeout", "timed out"))
+    return any(
+        k in text
+        for k in (
+            "connection closed",
+            "connection reset",
+            "broken pipe",
+            "distbackenderror",
+            "gloo",
+            "nccl error",
+            "socket timeout",
+            "timed out",
+        )
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -430,8 +562,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (RuntimeError, OSError) as e:
         if not _lost_peer(e):
             raise
-        print(f"dsdistill: error: rank {_rank()}: stopped because another rank went away "
-              f"({one_line(str(e))[:160]})", file=sys.stderr, flush=True)
+        print(
+            f"dsdistill: error: rank {_rank()}: stopped because another rank went away ({one_line(str(e))[:160]})",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return EXIT_PREEMPTED if summary.reason == "interrupted" else 0
 

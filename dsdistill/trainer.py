@@ -6,6 +6,7 @@ forward, the component sums, `backward` and `step`; it returns a `StepResult` wi
 `NonFiniteGuard` and `StopPolicy` decide what follows a step; `Evaluator` runs the same forward and the
 same normaliser path on the held-out split. None of them writes records or prints: the loop does.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,15 @@ class PairForward:
         self.capture = capture
         """The student's q/k capture (None when no component needs attention)."""
 
-    def __call__(self, batch: dict[str, torch.Tensor], objective: Objective, ctx: StepContext,
-                 coefficients: dict[str, float], *, want_lm: bool) -> Inputs:
+    def __call__(
+        self,
+        batch: dict[str, torch.Tensor],
+        objective: Objective,
+        ctx: StepContext,
+        coefficients: dict[str, float],
+        *,
+        want_lm: bool,
+    ) -> Inputs:
         ids = batch["input_ids"].to(self.engine.device)
         labels = batch["labels"].to(self.engine.device)
         ignore = self.plan.cfg.loss.ignore_index
@@ -45,15 +53,26 @@ class PairForward:
         call = None
         if self.plan.fused:
             want_kd = "kd" in objective.names
-            call = FusedCall(labels=labels, teacher_hidden=signal.hidden if want_kd else None,
-                             teacher_head=signal.head if want_kd else None,
-                             coef_kd=coefficients.get("kd", 0.0), coef_lm=coefficients.get("lm", 0.0),
-                             options=head_options(self.plan, self.engine.device, temperature=ctx.temperature,
-                                                  want_kd=want_kd, want_lm=want_lm))
+            call = FusedCall(
+                labels=labels,
+                teacher_hidden=signal.hidden if want_kd else None,
+                teacher_head=signal.head if want_kd else None,
+                coef_kd=coefficients.get("kd", 0.0),
+                coef_lm=coefficients.get("lm", 0.0),
+                options=head_options(
+                    self.plan, self.engine.device, temperature=ctx.temperature, want_kd=want_kd, want_lm=want_lm
+                ),
+            )
         out = self.engine(ids, valid=valid, teacher_pooled=signal.pooled, fused=call)
         qk = self.capture.collect() if self.capture is not None else {}
-        return Inputs(labels=labels, student=StudentOutputs(qk=qk, **out), teacher=signal, temperature=ctx.temperature,
-                      loss=self.plan.cfg.loss, layers=self.plan.layers)
+        return Inputs(
+            labels=labels,
+            student=StudentOutputs(qk=qk, **out),
+            teacher=signal,
+            temperature=ctx.temperature,
+            loss=self.plan.cfg.loss,
+            layers=self.plan.layers,
+        )
 
 
 @dataclass(frozen=True)
@@ -141,10 +160,16 @@ class Trainer:
         r = all_reduce_named({**acc, "nonfinite": float(nonfinite), "stop": float(stop_requested)})
         losses = {n: r[f"loss.{n}"] / normalizers[n] for n in names}
         return StepResult(
-            ctx=ctx, losses=losses, objective=objective.value(losses, ctx.weights), lr=lr,
+            ctx=ctx,
+            losses=losses,
+            objective=objective.value(losses, ctx.weights),
+            lr=lr,
             tokens=sum(mb["input_ids"].numel() for mb in window) * self.plan.world,
             kd_kl=r["kd_kl"] / max(units["token"], 1.0) if "kd" in names else None,
-            gate_usage=usage, grad_norm=_grad_norm(engine), nonfinite_loss=r["nonfinite"] > 0, skipped=skipped,
+            gate_usage=usage,
+            grad_norm=_grad_norm(engine),
+            nonfinite_loss=r["nonfinite"] > 0,
+            skipped=skipped,
             stop_requested=r["stop"] > 0,
         )
 
@@ -179,12 +204,16 @@ class NonFiniteGuard:
         self.in_a_row += 1
         what = "loss" if r.nonfinite_loss else "gradients"
         if self.in_a_row >= self.max_bad_steps:
-            err = DistillError(f"train.max_bad_steps: {self.in_a_row} consecutive optimizer steps had a non-finite "
-                               f"{what} (last at step {r.step}); stopped. {self.resume_hint()}".rstrip())
+            err = DistillError(
+                f"train.max_bad_steps: {self.in_a_row} consecutive optimizer steps had a non-finite "
+                f"{what} (last at step {r.step}); stopped. {self.resume_hint()}".rstrip()
+            )
             err.everywhere = True  # every rank counts the same agreed steps
             raise err
-        return "error", (f"non-finite {what} at optimizer step {r.step}: the update was skipped, weights untouched "
-                         f"({self.in_a_row} in a row; the run stops at {self.max_bad_steps})")
+        return "error", (
+            f"non-finite {what} at optimizer step {r.step}: the update was skipped, weights untouched "
+            f"({self.in_a_row} in a row; the run stops at {self.max_bad_steps})"
+        )
 
 
 class Pace:
@@ -280,9 +309,17 @@ class Evaluator:
         normalizers = obj.normalizers({u: r[f"units.{u}"] for u in UNITS})
         losses = {n: r[f"loss.{n}"] / normalizers[n] for n in obj.names}
         lm_ce = losses["lm"]
-        return EvalResult(step=step, weights=ctx.weights, temperature=ctx.temperature, losses=losses,
-                          weighted={n: ctx.weights[n] * losses[n] for n in ctx.weights}, objective=obj.value(losses, ctx.weights),
-                          lm_ce=lm_ce, ppl=math.exp(lm_ce) if lm_ce < 700 else float("inf"), tokens=int(r["units.token"]))
+        return EvalResult(
+            step=step,
+            weights=ctx.weights,
+            temperature=ctx.temperature,
+            losses=losses,
+            weighted={n: ctx.weights[n] * losses[n] for n in ctx.weights},
+            objective=obj.value(losses, ctx.weights),
+            lm_ce=lm_ce,
+            ppl=math.exp(lm_ce) if lm_ce < 700 else float("inf"),
+            tokens=int(r["units.token"]),
+        )
 
     @torch.no_grad()
     def teacher_perplexity(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:

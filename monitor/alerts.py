@@ -1,4 +1,5 @@
 """Alert rules evaluated on a run's state: the things a person watching a distillation must not miss."""
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,15 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
     evals = state.evals
     for prev, cur in zip(evals, evals[1:]):
         if cur.step != prev.step and cur.objective == prev.objective:
-            out.append(Alert("eval_identical", "error",
-                             f"eval objective {cur.objective:.6g} at step {cur.step} is identical to step {prev.step}: "
-                             "is eval using the training step's curriculum weights?", cur.step))
+            out.append(
+                Alert(
+                    "eval_identical",
+                    "error",
+                    f"eval objective {cur.objective:.6g} at step {cur.step} is identical to step {prev.step}: "
+                    "is eval using the training step's curriculum weights?",
+                    cur.step,
+                )
+            )
             break
     if obj is not None and evals:
         by_step = state.train_objective_at
@@ -55,8 +62,14 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
             if t is not None and math.isfinite(t) and math.isfinite(e.objective):
                 gap = abs(e.objective - t) / max(abs(t), 1e-12)
                 if gap > rules.gap:
-                    out.append(Alert("train_eval_gap", "warning",
-                                     f"eval objective {e.objective:.4g} vs train {t:.4g} at step {e.step} ({gap:.0%} apart)", e.step))
+                    out.append(
+                        Alert(
+                            "train_eval_gap",
+                            "warning",
+                            f"eval objective {e.objective:.4g} vs train {t:.4g} at step {e.step} ({gap:.0%} apart)",
+                            e.step,
+                        )
+                    )
                 break
     lr = state.train.get("lr")
     if lr is not None:
@@ -73,10 +86,19 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
         if recent and math.isfinite(last):
             med = statistics.median(recent)
             if med > 0 and last > rules.spike * med:
-                out.append(Alert("spike", "warning", f"train objective {last:.4g} at step {obj.step[-1]} is {last / med:.1f}x the recent median", obj.step[-1]))
+                out.append(
+                    Alert(
+                        "spike",
+                        "warning",
+                        f"train objective {last:.4g} at step {obj.step[-1]} is {last / med:.1f}x the recent median",
+                        obj.step[-1],
+                    )
+                )
     since = state.since_last(now)
     if state.end is None and since is not None and since > rules.stall_seconds:
-        out.append(Alert("stalled", "warning", f"no record for {since:.0f}s (threshold {rules.stall_seconds:.0f}s)", state.step_seen))
+        out.append(
+            Alert("stalled", "warning", f"no record for {since:.0f}s (threshold {rules.stall_seconds:.0f}s)", state.step_seen)
+        )
     for a in state.trainer_alerts:
         out.append(Alert(a.code, a.level, a.message, a.step))
     rank = {"error": 0, "warning": 1, "info": 2}

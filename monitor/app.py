@@ -6,6 +6,7 @@
 
 A thread worker tails every file and posts batches of records; the screen redraws on a timer, never per line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,21 @@ from .alerts import AlertRules, evaluate_alerts
 from .state import X_AXES, RunState
 from .tail import PollResult, Tailer, gc_paused, metrics_path
 from .widgets import (
-    SMOOTHING, WINDOWS, AlertsPanel, CurriculumPanel, EvalPanel, FilterInput, HelpScreen, Plots, PlotPanel,
-    RouterPanel, Side, StatsPanel, StatusBar, ViewOptions, _duration,
+    SMOOTHING,
+    WINDOWS,
+    AlertsPanel,
+    CurriculumPanel,
+    EvalPanel,
+    FilterInput,
+    HelpScreen,
+    PlotPanel,
+    Plots,
+    RouterPanel,
+    Side,
+    StatsPanel,
+    StatusBar,
+    ViewOptions,
+    _duration,
 )
 
 MAX_BYTES_PER_POLL = 16 << 20
@@ -79,14 +93,30 @@ class DsMonitor(App):
         Binding("shift+tab", "focus_previous", "prev panel", show=False),
     ]
     HELP = [
-        ("q", "quit"), ("?", "this help"), ("p", "pause / follow (records keep being read while paused)"),
-        ("l", "log-y on/off"), ("s / S", "more / less smoothing (debiased EMA)"), ("x", "x-axis: step, wall time, tokens"),
-        ("r", "raw / weighted components"), ("n", "window: all or the last N points"), ("/", "filter metrics by glob, e.g. kd,routing_*"),
-        ("b", "next run as the pinned baseline"), ("e", "export an SVG screenshot"), ("tab", "next / previous panel (shift+tab)"),
+        ("q", "quit"),
+        ("?", "this help"),
+        ("p", "pause / follow (records keep being read while paused)"),
+        ("l", "log-y on/off"),
+        ("s / S", "more / less smoothing (debiased EMA)"),
+        ("x", "x-axis: step, wall time, tokens"),
+        ("r", "raw / weighted components"),
+        ("n", "window: all or the last N points"),
+        ("/", "filter metrics by glob, e.g. kd,routing_*"),
+        ("b", "next run as the pinned baseline"),
+        ("e", "export an SVG screenshot"),
+        ("tab", "next / previous panel (shift+tab)"),
     ]
 
-    def __init__(self, targets: list[str], *, poll_interval: float = 1.0, refresh_interval: float = 0.5,
-                 rules: Optional[AlertRules] = None, clock: Callable[[], float] = time.time, export_dir: Optional[str] = None):
+    def __init__(
+        self,
+        targets: list[str],
+        *,
+        poll_interval: float = 1.0,
+        refresh_interval: float = 0.5,
+        rules: Optional[AlertRules] = None,
+        clock: Callable[[], float] = time.time,
+        export_dir: Optional[str] = None,
+    ):
         super().__init__()
         self.targets = targets
         self.tailers = [Tailer(t) for t in targets]
@@ -209,8 +239,14 @@ class DsMonitor(App):
         parts.append(mode)
         for i, run in enumerate(self.runs):
             since = run.since_last(now)
-            bits = [f"{run.name}: {run.records_per_second(now):.1f} rec/s",
-                    "no file yet" if self.missing[i] else f"last record {_duration(since)} ago" if since is not None else "no records"]
+            bits = [
+                f"{run.name}: {run.records_per_second(now):.1f} rec/s",
+                "no file yet"
+                if self.missing[i]
+                else f"last record {_duration(since)} ago"
+                if since is not None
+                else "no records",
+            ]
             if run.corrupt:
                 bits.append(f"{run.corrupt} corrupt")
             if run.end is not None:
@@ -219,9 +255,10 @@ class DsMonitor(App):
                 bits.append("STALLED")
             parts.append(" ".join(bits))
         o = self.opts
-        parts.append(f"x:{o.x_axis} smooth:{o.smoothing:g} log-y:{'on' if o.logy else 'off'} "
-                     f"{'weighted' if o.weighted else 'raw'} window:{o.window or 'all'}"
-                     + (f" filter:{o.filter}" if o.filter else ""))
+        parts.append(
+            f"x:{o.x_axis} smooth:{o.smoothing:g} log-y:{'on' if o.logy else 'off'} "
+            f"{'weighted' if o.weighted else 'raw'} window:{o.window or 'all'}" + (f" filter:{o.filter}" if o.filter else "")
+        )
         self.status_bar.update(" | ".join(parts))
 
     def screen_text(self) -> str:
@@ -331,16 +368,22 @@ def summary_text(states: list[RunState], rules: AlertRules) -> str:
     for s in states:
         d = s.summary()
         prog = "" if d["progress"] is None else f" ({100 * d['progress']:.1f}%)"
-        lines.append(f"run {s.name}: step {d['step']}/{d['total_steps'] or '?'}{prog}, {d['records']} records, "
-                     f"{d['corrupt_lines']} corrupt, {'ended: ' + d['ended'] if d['ended'] else 'running, ETA ' + _duration(d['eta_s'])}")
+        lines.append(
+            f"run {s.name}: step {d['step']}/{d['total_steps'] or '?'}{prog}, {d['records']} records, "
+            f"{d['corrupt_lines']} corrupt, {'ended: ' + d['ended'] if d['ended'] else 'running, ETA ' + _duration(d['eta_s'])}"
+        )
         if d["train"]:
             t = d["train"]
             comps = " ".join(f"{k}={v:.4g}" for k, v in t["losses"].items())
-            lines.append(f"  train @ {t['step']}: objective {t['objective']:.4g} | {comps} | lr {t['lr']:.3g} | T {t['temperature']:.3g} | {t['tokens_per_s']:,.0f} tok/s")
+            lines.append(
+                f"  train @ {t['step']}: objective {t['objective']:.4g} | {comps} | lr {t['lr']:.3g} | T {t['temperature']:.3g} | {t['tokens_per_s']:,.0f} tok/s"
+            )
         if d["eval"]:
             e = d["eval"]
             teacher = f" (teacher {e['teacher_ppl']:.4g})" if e["teacher_ppl"] is not None else ""
-            lines.append(f"  eval  @ {e['step']}: objective {e['objective']:.4g} | ppl {e['ppl']:.4g}{teacher} | best {e['metric']} {e['best']}")
+            lines.append(
+                f"  eval  @ {e['step']}: objective {e['objective']:.4g} | ppl {e['ppl']:.4g}{teacher} | best {e['metric']} {e['best']}"
+            )
         alerts = evaluate_alerts(s, rules, now=now)
         for a in alerts:
             lines.append(f"  {a.level.upper()} {a.code}: {a.message}")
@@ -354,14 +397,18 @@ def summary_json(states: list[RunState], rules: AlertRules) -> str:
     out = []
     for s in states:
         d = s.summary()
-        d["alerts"] = [{"code": a.code, "level": a.level, "message": a.message, "step": a.step} for a in evaluate_alerts(s, rules, now=now)]
+        d["alerts"] = [
+            {"code": a.code, "level": a.level, "message": a.message, "step": a.step} for a in evaluate_alerts(s, rules, now=now)
+        ]
         out.append(d)
     return json.dumps(out if len(out) > 1 else out[0], indent=2, allow_nan=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsmonitor", description="Follow dsdistill runs in the terminal.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory or metrics.jsonl (several: compare; the first is the baseline)")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directory or metrics.jsonl (several: compare; the first is the baseline)"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--once", action="store_true", help="print a text summary and exit")
     g.add_argument("--json", action="store_true", help="print the parsed latest state as JSON and exit")
@@ -369,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=float, default=0.5, help="seconds between redraws (default 0.5)")
     p.add_argument("--stall", type=float, default=300.0, help="seconds without a record before 'stalled' (default 300)")
     p.add_argument("--gap", type=float, default=0.5, help="relative train/eval objective gap that alerts (default 0.5)")
-    p.add_argument("--spike", type=float, default=3.0, help="objective above this multiple of the recent median alerts (default 3)")
+    p.add_argument(
+        "--spike", type=float, default=3.0, help="objective above this multiple of the recent median alerts (default 3)"
+    )
     return p
 
 

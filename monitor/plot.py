@@ -1,4 +1,5 @@
 """Line plots drawn with braille characters (2 x 4 dots per cell), rendered to Rich `Text`."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Smoothing and downsampling for plots."""
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ class IncrementalEMA:
         w = self.weight
         if len(values) < len(self.out):  # the series was rebuilt: start over
             self.last, self.count, self.out = 0.0, 0, []
-        for v in values[len(self.out):]:
+        for v in values[len(self.out) :]:
             if not math.isfinite(v):
                 self.out.append(v)
                 continue

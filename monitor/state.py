@@ -1,4 +1,5 @@
 """What the dashboard knows about one run, built incrementally from metrics records (no UI here)."""
+
 from __future__ import annotations
 
 import bisect
@@ -182,8 +183,14 @@ class RunState:
         for name, w in weights.items():
             (table.get("weight/" + name) or self._series(table, "weight/" + name, x)).add(row, w)
         self.train_objective_at[rec.step] = rec.objective
-        for key, value in (("objective", rec.objective), ("lr", rec.lr), ("temperature", rec.temperature),
-                           ("tokens_per_s", rec.tokens_per_s), ("grad_norm", rec.grad_norm), ("mem_gib", rec.mem_gib)):
+        for key, value in (
+            ("objective", rec.objective),
+            ("lr", rec.lr),
+            ("temperature", rec.temperature),
+            ("tokens_per_s", rec.tokens_per_s),
+            ("grad_norm", rec.grad_norm),
+            ("mem_gib", rec.mem_gib),
+        ):
             if value is not None:
                 (table.get(key) or self._series(table, key, x)).add(row, value)
         if rec.gate_usage:
@@ -200,7 +207,12 @@ class RunState:
         if self.last_train is not None:
             tok = self.last_train.tokens
         row = self.eval_x.add(step, t, tok, self.segment)
-        for key, value in (("objective", rec.objective), ("ppl", rec.ppl), ("lm_ce", rec.lm_ce), ("teacher_ppl", rec.teacher_ppl)):
+        for key, value in (
+            ("objective", rec.objective),
+            ("ppl", rec.ppl),
+            ("lm_ce", rec.lm_ce),
+            ("teacher_ppl", rec.teacher_ppl),
+        ):
             if value is not None:
                 self._series(self.eval, key, self.eval_x).add(row, float(value))
         for name, value in rec.losses.items():
@@ -274,12 +286,29 @@ class RunState:
             "progress": self.progress(),
             "eta_s": self.eta_seconds(),
             "ended": self.end.reason if self.end is not None else None,
-            "train": None if t is None else {
-                "step": t.step, "objective": t.objective, "losses": t.losses, "weights": t.weights,
-                "lr": t.lr, "temperature": t.temperature, "tokens_per_s": t.tokens_per_s, "tokens": t.tokens,
+            "train": None
+            if t is None
+            else {
+                "step": t.step,
+                "objective": t.objective,
+                "losses": t.losses,
+                "weights": t.weights,
+                "lr": t.lr,
+                "temperature": t.temperature,
+                "tokens_per_s": t.tokens_per_s,
+                "tokens": t.tokens,
             },
-            "eval": None if e is None else {
-                "step": e.step, "objective": e.objective, "losses": e.losses, "lm_ce": e.lm_ce, "ppl": e.ppl,
-                "teacher_ppl": e.teacher_ppl, "best": e.best, "bad_evals": e.bad_evals, "metric": e.early_stop_metric,
+            "eval": None
+            if e is None
+            else {
+                "step": e.step,
+                "objective": e.objective,
+                "losses": e.losses,
+                "lm_ce": e.lm_ce,
+                "ppl": e.ppl,
+                "teacher_ppl": e.teacher_ppl,
+                "best": e.best,
+                "bad_evals": e.bad_evals,
+                "metric": e.early_stop_metric,
             },
         }

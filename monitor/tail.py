@@ -5,6 +5,7 @@ since the last one, in bounded chunks, keeps a partial last line until its newli
 counts lines that are not valid records, and starts over from the beginning when the file was truncated,
 replaced (rotation: a new inode) or deleted and recreated.
 """
+
 from __future__ import annotations
 
 import contextlib

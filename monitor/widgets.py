@@ -1,4 +1,5 @@
 """Dashboard panels. Each widget owns its CSS; all of them draw from `RunState`s and `ViewOptions`."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -242,8 +243,15 @@ class EvalPanel(Panel):
             if "objective" in run.train:
                 obj_traces += series_trace(run.train["objective"], opts, color, width - 9, run.name)
             if "objective" in run.eval:
-                obj_traces.append(Trace(run.eval["objective"].xs(opts.x_axis), run.eval["objective"].value, "bold white", "eval",
-                                        run.eval["objective"].segment))
+                obj_traces.append(
+                    Trace(
+                        run.eval["objective"].xs(opts.x_axis),
+                        run.eval["objective"].value,
+                        "bold white",
+                        "eval",
+                        run.eval["objective"].segment,
+                    )
+                )
             if "ppl" in run.eval:
                 s = run.eval["ppl"]
                 ppl_traces.append(Trace(s.xs(opts.x_axis), s.value, f"bold {color}", run.name, s.segment))
@@ -251,8 +259,15 @@ class EvalPanel(Panel):
             if e is not None:
                 if e.teacher_ppl is not None:
                     hlines.append(HLine(e.teacher_ppl, "grey62", "teacher"))
-                stop = f"best {e.early_stop_metric} {_fmt(e.best)}, {e.bad_evals} eval(s) without improvement" if e.best is not None else ""
-                lines.append(f"{run.name}: eval @ {e.step} obj {_fmt(e.objective)} ppl {_fmt(e.ppl)} (teacher {_fmt(e.teacher_ppl)}) {stop}\n", style=color)
+                stop = (
+                    f"best {e.early_stop_metric} {_fmt(e.best)}, {e.bad_evals} eval(s) without improvement"
+                    if e.best is not None
+                    else ""
+                )
+                lines.append(
+                    f"{run.name}: eval @ {e.step} obj {_fmt(e.objective)} ppl {_fmt(e.ppl)} (teacher {_fmt(e.teacher_ppl)}) {stop}\n",
+                    style=color,
+                )
         self.border_title = "train vs eval objective  |  eval ppl (teacher dotted)"
         lines.rstrip()
         head = lines if lines else Text("no eval yet", style="grey50")
@@ -287,9 +302,16 @@ class StatsPanel(Panel):
         kind = "weighted" if opts.weighted else "raw"
         keys = [("objective", run.train, "objective")]
         keys += [(c, run.train, f"{kind}/{c}") for c in run.components if opts.matches(c)]
-        keys += [("lr", run.train, "lr"), ("temperature", run.train, "temperature"), ("tokens/s", run.train, "tokens_per_s"),
-                 ("grad norm", run.train, "grad_norm"), ("mem GiB", run.train, "mem_gib"),
-                 ("eval obj", run.eval, "objective"), ("eval ppl", run.eval, "ppl"), ("teacher ppl", run.eval, "teacher_ppl")]
+        keys += [
+            ("lr", run.train, "lr"),
+            ("temperature", run.train, "temperature"),
+            ("tokens/s", run.train, "tokens_per_s"),
+            ("grad norm", run.train, "grad_norm"),
+            ("mem GiB", run.train, "mem_gib"),
+            ("eval obj", run.eval, "objective"),
+            ("eval ppl", run.eval, "ppl"),
+            ("teacher ppl", run.eval, "teacher_ppl"),
+        ]
         for label, table_src, key in keys:
             s = table_src.get(key)
             if s is None or not len(s):
@@ -302,8 +324,10 @@ class StatsPanel(Panel):
                 row.append(_fmt(os_.last if os_ is not None else None))
             table.add_row(*row)
         prog = run.progress()
-        self.border_title = (f"{run.name}: step {run.current_step}/{run.total_steps or '?'}"
-                             f" {'' if prog is None else f'{100 * prog:.1f}%'}  ETA {_duration(run.eta_seconds())}")
+        self.border_title = (
+            f"{run.name}: step {run.current_step}/{run.total_steps or '?'}"
+            f" {'' if prog is None else f'{100 * prog:.1f}%'}  ETA {_duration(run.eta_seconds())}"
+        )
         self.paint(lambda w, h: table)
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real models saved with save_pretrained, a local tokenizer and corpus, and a
 single-process gloo world for in-process DeepSpeed engines."""
+
 from __future__ import annotations
 
 import os

@@ -1,8 +1,11 @@
 """Launched by tests under `deepspeed --num_gpus 2`: trains through the public API, then each rank
 writes what it holds (parameter shards, step counters) for the test to inspect."""
+
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 from dsdistill.config import load_config
 from dsdistill.models import param_counts
@@ -15,16 +18,19 @@ plan, student, teacher = run.plan, run.student, run.teacher_engine
 t_total, t_local = param_counts(teacher.module)
 s_total, s_local = param_counts(student.module)
 info = {
-    "rank": plan.rank, "world": plan.world, "teacher_total": t_total, "teacher_local": t_local,
-    "student_total": s_total, "student_local": s_local,
-    "global_steps": student.global_steps, "micro_steps": student.micro_steps,
+    "rank": plan.rank,
+    "world": plan.world,
+    "teacher_total": t_total,
+    "teacher_local": t_local,
+    "student_total": s_total,
+    "student_local": s_local,
+    "global_steps": student.global_steps,
+    "micro_steps": student.micro_steps,
     "teacher_grad_params": sum(p.requires_grad for p in teacher.module.parameters()),
     "teacher_training_mode": teacher.module.training,
 }
 Path(plan.run_dir, f"probe-rank{plan.rank}.json").write_text(json.dumps(info))
 # the engine's logits on a fixed batch (every rank takes part in a ZeRO-3 forward), for the export check
-import torch
-
 ids = torch.stack([run.data.splits.eval[i]["input_ids"] for i in range(2)])
 student.eval()
 with torch.no_grad():

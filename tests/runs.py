@@ -1,4 +1,5 @@
 """Watching a real run from a test: its records, and waiting until it has trained a few steps."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +14,9 @@ def records(run_dir) -> list:
     return [parse_line(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines()]
 
 
-def wait_for_train_records(run_dir: Path, n: int, proc: subprocess.Popen, *, timeout: float = 120,
-                           output: Optional[Callable[[], str]] = None) -> None:
+def wait_for_train_records(
+    run_dir: Path, n: int, proc: subprocess.Popen, *, timeout: float = 120, output: Optional[Callable[[], str]] = None
+) -> None:
     """Return once `n` train records are in the run's metrics; fail with the run's output if it ended."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:

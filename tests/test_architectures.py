@@ -5,6 +5,7 @@ family's own eager attention probabilities; then a teacher and a student of each
 default curriculum (every component, attention included). A model whose attention bypasses the registry
 gets the component left out with a warning, said by `dsdistill check` before any weight loads.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,16 @@ def family_config(kind: str, *, width: int, layers: int, heads: int):
     import transformers as tf
 
     ids = dict(vocab_size=V, eos_token_id=1, pad_token_id=2, bos_token_id=None)
-    llama_like = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=max(1, heads // 2), max_position_embeddings=128, tie_word_embeddings=False, **ids)
+    llama_like = dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        **ids,
+    )
     if kind == "llama":
         return tf.LlamaConfig(**llama_like)
     if kind == "qwen2":
@@ -43,18 +52,53 @@ def family_config(kind: str, *, width: int, layers: int, heads: int):
     if kind == "gemma":
         return tf.GemmaConfig(head_dim=width // heads, **llama_like)
     if kind == "phi":
-        return tf.PhiConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                            max_position_embeddings=128, tie_word_embeddings=False, **ids)
+        return tf.PhiConfig(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            **ids,
+        )
     if kind == "gpt2":
-        return tf.GPT2Config(n_embd=width, n_layer=layers, n_head=heads, n_positions=128, tie_word_embeddings=False,
-                             vocab_size=V, eos_token_id=1, bos_token_id=1, pad_token_id=2)
+        return tf.GPT2Config(
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=128,
+            tie_word_embeddings=False,
+            vocab_size=V,
+            eos_token_id=1,
+            bos_token_id=1,
+            pad_token_id=2,
+        )
     if kind == "opt":
-        return tf.OPTConfig(hidden_size=width, word_embed_proj_dim=width, ffn_dim=2 * width, num_hidden_layers=layers,
-                            num_attention_heads=heads, max_position_embeddings=128, tie_word_embeddings=False,
-                            enable_bias=True, vocab_size=V, eos_token_id=1, bos_token_id=1, pad_token_id=2)
+        return tf.OPTConfig(
+            hidden_size=width,
+            word_embed_proj_dim=width,
+            ffn_dim=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            enable_bias=True,
+            vocab_size=V,
+            eos_token_id=1,
+            bos_token_id=1,
+            pad_token_id=2,
+        )
     if kind == "falcon":
-        return tf.FalconConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, vocab_size=V,
-                               eos_token_id=1, bos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+        return tf.FalconConfig(
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            vocab_size=V,
+            eos_token_id=1,
+            bos_token_id=1,
+            pad_token_id=2,
+            tie_word_embeddings=False,
+        )
     raise ValueError(kind)
 
 
@@ -114,13 +158,17 @@ def _records(run_dir):
 def test_each_family_trains_with_the_default_curriculum(kind, assets, tmp_path):
     pair = _save_pair(kind, tmp_path, assets["tokenizer"])
     run_dir = tmp_path / "run"
-    cfg = validate({
-        "teacher": {"path": str(pair["teacher"])}, "student": {"path": str(pair["student"])},
-        "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1, "max_documents": 200},
-        "train": {"max_steps": 2, "micro_batch_size": 2, "seq_len": 32, "precision": "fp32"},
-        "eval": {"every": 0, "max_batches": 1, "at_start": False},
-        "output": {"run_dir": str(run_dir), "log_every": 1}, "checkpoint": {"save_final": False},
-    })
+    cfg = validate(
+        {
+            "teacher": {"path": str(pair["teacher"])},
+            "student": {"path": str(pair["student"])},
+            "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1, "max_documents": 200},
+            "train": {"max_steps": 2, "micro_batch_size": 2, "seq_len": 32, "precision": "fp32"},
+            "eval": {"every": 0, "max_batches": 1, "at_start": False},
+            "output": {"run_dir": str(run_dir), "log_every": 1},
+            "checkpoint": {"save_final": False},
+        }
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train(cfg)
     assert summary.reason == "completed" and summary.steps == 2
@@ -139,17 +187,22 @@ def test_a_model_whose_attention_bypasses_the_registry_is_left_out_at_check_time
     pair = _save_pair("falcon", tmp_path, assets["tokenizer"])
     run_dir = tmp_path / "run"
     conf = {
-        "teacher": {"path": str(pair["teacher"])}, "student": {"path": str(pair["student"])},
+        "teacher": {"path": str(pair["teacher"])},
+        "student": {"path": str(pair["student"])},
         "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1, "max_documents": 200},
         "train": {"max_steps": 2, "micro_batch_size": 2, "seq_len": 32, "precision": "fp32"},
         "eval": {"every": 0, "max_batches": 1, "at_start": False},
-        "output": {"run_dir": str(run_dir), "log_every": 1}, "checkpoint": {"save_final": False},
+        "output": {"run_dir": str(run_dir), "log_every": 1},
+        "checkpoint": {"save_final": False},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(conf))
     proc = subprocess.run([sys.executable, "-m", "dsdistill", "check", "--config", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "warning: attention is left out: the teacher's attention cannot be captured (FalconForCausalLM computes attention in its own code" in proc.stdout
+    assert (
+        "warning: attention is left out: the teacher's attention cannot be captured (FalconForCausalLM computes attention in its own code"
+        in proc.stdout
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train(validate(conf))
     assert summary.reason == "completed"
@@ -160,16 +213,22 @@ def test_a_model_whose_attention_bypasses_the_registry_is_left_out_at_check_time
     assert "attention" in alert.message and "Falcon" in alert.message
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("bert", "is a bert model (a bidirectional encoder); expected a decoder-only causal LM"),
-    ("t5", "is a t5 encoder-decoder model; expected a decoder-only causal LM"),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("bert", "is a bert model (a bidirectional encoder); expected a decoder-only causal LM"),
+        ("t5", "is a t5 encoder-decoder model; expected a decoder-only causal LM"),
+    ],
+)
 def test_a_non_causal_lm_is_refused_at_check_time(kind, expected, assets, make_config, tmp_path):
     import transformers as tf
 
-    cfg_cls = {"bert": lambda: tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                              intermediate_size=64),
-               "t5": lambda: tf.T5Config(vocab_size=V, d_model=32, d_ff=64, num_layers=2, num_heads=2)}[kind]
+    cfg_cls = {
+        "bert": lambda: tf.BertConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        ),
+        "t5": lambda: tf.T5Config(vocab_size=V, d_model=32, d_ff=64, num_layers=2, num_heads=2),
+    }[kind]
     folder = tmp_path / kind
     cfg_cls().save_pretrained(folder)
     path = tmp_path / "run.yaml"

@@ -22,13 +22,22 @@ BAD = [
     (lambda c: c["train"].update(precision="fp8"), "train.precision: got \"fp8\"; expected 'auto', 'fp32', 'bf16' or 'fp16'"),
     (lambda c: c["train"].update(max_steps=10, epochs=2), "train: got {...}; set max_steps or epochs, not both"),
     (lambda c: c["train"].update(batch_size=4), "train.batch_size: unknown key; expected one of: epochs, grad_accum, grad_clip"),
-    (lambda c: c.update(trainer={}), "trainer: unknown key; expected one of: checkpoint, curriculum, data, deepspeed, eval, loss"),
+    (
+        lambda c: c.update(trainer={}),
+        "trainer: unknown key; expected one of: checkpoint, curriculum, data, deepspeed, eval, loss",
+    ),
     (lambda c: c.pop("teacher"), "teacher: required field is missing"),
-    (lambda c: c["optimizer"].update(lr="fast"), "optimizer.lr: got \"fast\"; expected a valid number"),
+    (lambda c: c["optimizer"].update(lr="fast"), 'optimizer.lr: got "fast"; expected a valid number'),
     (lambda c: c["optimizer"].update(lr=-1), "optimizer.lr: got -1; expected greater than 0"),
     (lambda c: c["data"].update(eval_fraction=1.5), "data.eval_fraction: got 1.5; expected less than 1"),
-    (lambda c: c["scheduler"].update(warmup_ratio=0.1, warmup_steps=5), "scheduler: got {...}; set warmup_steps or warmup_ratio, not both"),
-    (lambda c: c["eval"].update(early_stopping={"metric": "accuracy"}), "eval.early_stopping.metric: got \"accuracy\"; expected 'ppl', 'lm_ce', 'kd' or 'objective'"),
+    (
+        lambda c: c["scheduler"].update(warmup_ratio=0.1, warmup_steps=5),
+        "scheduler: got {...}; set warmup_steps or warmup_ratio, not both",
+    ),
+    (
+        lambda c: c["eval"].update(early_stopping={"metric": "accuracy"}),
+        "eval.early_stopping.metric: got \"accuracy\"; expected 'ppl', 'lm_ce', 'kd' or 'objective'",
+    ),
     (lambda c: c["deepspeed"].update(student=5), "deepspeed.student: got 5; expected a valid string"),
     (lambda c: c["loss"].update(kd_top_k=0), "loss.kd_top_k: got 0; expected greater than or equal to 1"),
 ]
@@ -53,7 +62,7 @@ def test_file_level_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"invalid YAML at line \d+ column \d+"):
         load_config(bad)
     badj = tmp_path / "bad.json"
-    badj.write_text("{\"teacher\": ")
+    badj.write_text('{"teacher": ')
     with pytest.raises(ConfigError, match="invalid JSON at line 1"):
         load_config(badj)
     lst = tmp_path / "list.yaml"
@@ -68,7 +77,9 @@ def test_file_level_errors(tmp_path):
 
 def test_overrides_parse_values_and_reject_bad_paths(tmp_path, make_config):
     p = write(tmp_path, make_config(), "run.json")
-    cfg = load_config(p, ["train.max_steps=42", "optimizer.betas=[0.8, 0.9]", "checkpoint.save_final=true", "data.text_field=body"])
+    cfg = load_config(
+        p, ["train.max_steps=42", "optimizer.betas=[0.8, 0.9]", "checkpoint.save_final=true", "data.text_field=body"]
+    )
     assert cfg.train.max_steps == 42 and cfg.optimizer.betas == (0.8, 0.9) and cfg.checkpoint.save_final is True
     assert cfg.data.text_field == "body"
     with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
@@ -94,9 +105,14 @@ def test_ds_auto_filled_by_the_batch_arithmetic(make_config):
 
 
 def test_ds_user_values_kept_and_conflicts_named(make_config, tmp_path):
-    user = {"train_batch_size": 64, "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": 4,
-            "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.1}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto", "warmup_max_lr": "auto", "warmup_min_lr": 0}}}
+    user = {
+        "train_batch_size": 64,
+        "gradient_accumulation_steps": "auto",
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.1}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto", "warmup_max_lr": "auto", "warmup_min_lr": 0}},
+    }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     cfg = validate(make_config(train={"micro_batch_size": 4, "grad_accum": 2}, deepspeed={"student": str(path)}))
@@ -105,17 +121,31 @@ def test_ds_user_values_kept_and_conflicts_named(make_config, tmp_path):
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 5 and ds["zero_optimization"]["stage"] == 1
     with pytest.raises(ConfigError) as e:
         resolve_student(cfg, world_size=2, total_steps=50, warmup_steps=5)
-    assert str(e.value) == ("deepspeed.student: train_batch_size=64 conflicts with micro_batch_size*grad_accum*world_size "
-                            "(4*2*2)=16; set it to \"auto\" or make them agree")
+    assert str(e.value) == (
+        "deepspeed.student: train_batch_size=64 conflicts with micro_batch_size*grad_accum*world_size "
+        '(4*2*2)=16; set it to "auto" or make them agree'
+    )
 
 
 @pytest.mark.parametrize(
     "student, teacher, message",
     [
-        ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, None, "deepspeed.student: train.precision='fp32' but bf16.enabled is true"),
+        (
+            {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}},
+            None,
+            "deepspeed.student: train.precision='fp32' but bf16.enabled is true",
+        ),
         ({"zero_optimization": {"stage": 7}}, None, "zero_optimization.stage=7; expected 1, 2 or 3"),
-        ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}, None, "zero_optimization.allgather_bucket_size is \"auto\" but dsdistill has no run-config value"),
-        (None, {"zero_optimization": {"stage": 2}}, "deepspeed.teacher: zero_optimization.stage=2; the teacher engine must be stage 3"),
+        (
+            {"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}},
+            None,
+            'zero_optimization.allgather_bucket_size is "auto" but dsdistill has no run-config value',
+        ),
+        (
+            None,
+            {"zero_optimization": {"stage": 2}},
+            "deepspeed.teacher: zero_optimization.stage=2; the teacher engine must be stage 3",
+        ),
         (None, {"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}, "deepspeed.teacher: has an 'optimizer' block"),
         ("missing.json", None, "deepspeed.student DeepSpeed config 'missing.json' does not exist"),
     ],

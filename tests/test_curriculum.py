@@ -4,8 +4,8 @@ import math
 import pytest
 
 from dsdistill import registry
-from dsdistill.curriculum import Constant, Curriculum, CurriculumConfig, Ramp, progress_of
 from dsdistill.config import validate
+from dsdistill.curriculum import Constant, Curriculum, CurriculumConfig, Ramp, progress_of
 from dsdistill.errors import ConfigError
 
 
@@ -30,7 +30,11 @@ def test_default_schedule(progress, expected):
     w = every_component().weights_at(step=int(progress * 1000), total_steps=1000)
     for name, value in expected.items():
         assert w[name] == pytest.approx(value, abs=1e-12), name
-    for routed, follows in (("routing_feature", "feature"), ("routing_attention_alignment", "attention"), ("routing_load_balance", "feature")):
+    for routed, follows in (
+        ("routing_feature", "feature"),
+        ("routing_attention_alignment", "attention"),
+        ("routing_load_balance", "feature"),
+    ):
         assert w[routed] == pytest.approx(w[follows])
     assert every_component().temperature_at(step=0, total_steps=10) == 1.0
 
@@ -70,7 +74,9 @@ def test_progress_is_clipped_and_checked():
 
 
 def test_shorthand_numbers_and_replacing_the_default():
-    cfg = CurriculumConfig(weights={"kd": 1, "lm": {"kind": "linear", "start": 0, "end": 0.5, "start_value": 0, "end_value": 1}}, temperature=2)
+    cfg = CurriculumConfig(
+        weights={"kd": 1, "lm": {"kind": "linear", "start": 0, "end": 0.5, "start_value": 0, "end_value": 1}}, temperature=2
+    )
     cur = Curriculum(cfg)
     assert cur.weights_at(step=5, total_steps=20) == {"kd": 1.0, "lm": 0.5}
     assert cur.temperature_at(step=5, total_steps=20) == 2.0
@@ -96,10 +102,19 @@ def test_components_a_build_does_not_compute_are_reported_not_weighted():
     "weights, message",
     [
         ({"kd": -0.1}, "curriculum.weights.kd.value: got -0.1; expected greater than or equal to 0"),
-        ({"kd": {"kind": "linear", "start": 0.6, "end": 0.2, "start_value": 0, "end_value": 1}}, "ramp end (0.2) must be >= start (0.6)"),
-        ({"kd": {"kind": "linear", "start": 0.1, "end": 1.5, "start_value": 0, "end_value": 1}}, "curriculum.weights.kd.end: got 1.5; expected less than or equal to 1"),
+        (
+            {"kd": {"kind": "linear", "start": 0.6, "end": 0.2, "start_value": 0, "end_value": 1}},
+            "ramp end (0.2) must be >= start (0.6)",
+        ),
+        (
+            {"kd": {"kind": "linear", "start": 0.1, "end": 1.5, "start_value": 0, "end_value": 1}},
+            "curriculum.weights.kd.end: got 1.5; expected less than or equal to 1",
+        ),
         ({"kd_logits": 0.5}, "unknown loss component 'kd_logits'"),
-        ({"kd": {"kind": "linear", "start": 0.0, "end": 0.5, "start_value": 1, "end_value": 0}}, "every component weight is 0 at progress 0.5"),
+        (
+            {"kd": {"kind": "linear", "start": 0.0, "end": 0.5, "start_value": 1, "end_value": 0}},
+            "every component weight is 0 at progress 0.5",
+        ),
         ({"kd": {"kind": "step", "value": 1}}, "curriculum.weights.kd"),
     ],
 )
@@ -112,4 +127,6 @@ def test_bad_schedules_are_one_line_errors(make_config, weights, message):
 
 def test_temperature_must_stay_positive(make_config):
     with pytest.raises(ConfigError, match="temperature must be > 0"):
-        validate(make_config(curriculum={"temperature": {"kind": "linear", "start": 0, "end": 1, "start_value": 2, "end_value": 0}}))
+        validate(
+            make_config(curriculum={"temperature": {"kind": "linear", "start": 0, "end": 1, "start_value": 2, "end_value": 0}})
+        )

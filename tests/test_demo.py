@@ -1,4 +1,5 @@
 """The README's first command, shortened: cached assets, real launcher, two ranks, and its control run."""
+
 from pathlib import Path
 
 from dsdistill.demo import demo_config, ensure_assets, no_teacher_config, run_demo, summarize
@@ -13,7 +14,9 @@ def test_the_control_run_differs_from_the_demo_only_in_its_curriculum_and_direct
     assert alone["output"]["run_dir"] == str(tmp_path / "demo-no-teacher")
     same = {k: v for k, v in demo.items() if k != "output"}
     assert {k: v for k, v in alone.items() if k not in ("output", "curriculum")} == same  # data, seed, steps, LR, models
-    assert {k: v for k, v in alone["output"].items() if k != "run_dir"} == {k: v for k, v in demo["output"].items() if k != "run_dir"}
+    assert {k: v for k, v in alone["output"].items() if k != "run_dir"} == {
+        k: v for k, v in demo["output"].items() if k != "run_dir"
+    }
 
 
 def test_demo_student_moves_toward_teacher_and_reports_the_control(tmp_path, capsys):

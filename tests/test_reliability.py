@@ -1,4 +1,5 @@
 """Preemption, the non-finite step guard, atomic/best checkpoints, export, and damaged input on disk."""
+
 import contextlib
 import io
 import os
@@ -34,11 +35,18 @@ def start_script(cfg: dict, tmp_path: Path, preexec=None) -> subprocess.Popen:
     path = tmp_path / f"run-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = without_world_env(dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))  # not this pytest process's world
-    return subprocess.Popen([sys.executable, str(TRAIN_PY), "--config", str(path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), "--config", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec,
+    )
 
 
 # ------------------------------------------------------------------ preemption
+
 
 def test_sigterm_finishes_the_step_saves_and_exits_resumably(make_config, tmp_path):
     cfg = make_config(train={"max_steps": 400}, eval={"every": 0, "max_batches": 1})
@@ -93,6 +101,7 @@ def test_second_signal_after_the_grace_period_exits_at_once(make_config, tmp_pat
 
 # ------------------------------------------------------------------ non-finite guard
 
+
 class NaNLogits:
     """Fault injection through PyTorch's public global forward hook: the student decoder's final hidden
     state (hence its logits, on the fused and the plain path alike) becomes NaN on chosen forward calls
@@ -140,15 +149,24 @@ def test_consecutive_nonfinite_steps_stop_the_run(make_config):
             quiet_train(make_config(train={"max_steps": 10, "max_bad_steps": 3}, eval={"every": 0, "max_batches": 1}))
     finally:
         handle.remove()
-    assert str(e.value).startswith("train.max_bad_steps: 3 consecutive optimizer steps had a non-finite loss (last at step 3); stopped.")
+    assert str(e.value).startswith(
+        "train.max_bad_steps: 3 consecutive optimizer steps had a non-finite loss (last at step 3); stopped."
+    )
     assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------ checkpoints: best, atomic, damaged
 
+
 def test_best_checkpoint_is_kept_and_partial_saves_never_published(make_config, tmp_path):
-    summary = quiet_train(make_config(train={"max_steps": 6}, optimizer={"lr": 3e-3}, eval={"every": 2, "max_batches": 1},
-                                      checkpoint={"every": 1, "keep_last": 1, "save_final": True}))
+    summary = quiet_train(
+        make_config(
+            train={"max_steps": 6},
+            optimizer={"lr": 3e-3},
+            eval={"every": 2, "max_batches": 1},
+            checkpoint={"every": 1, "keep_last": 1, "save_final": True},
+        )
+    )
     run_dir = Path(summary.run_dir)
     evals = [r for r in records(run_dir) if isinstance(r, EvalRecord) and r.step > 0]
     best = min(evals, key=lambda e: e.ppl)
@@ -162,6 +180,7 @@ def _limit_file_size(limit):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -209,7 +228,7 @@ def test_trainer_appends_after_garbage_lines_and_monitor_skips_them(make_config,
     cfg = make_config(train={"max_steps": 2}, eval={"every": 0, "max_batches": 1})
     run_dir = Path(cfg["output"]["run_dir"])
     run_dir.mkdir(parents=True)
-    (run_dir / METRICS_FILE).write_text("not json\n{\"kind\": \"train\"}\n\x00\x01 binary")  # no final newline
+    (run_dir / METRICS_FILE).write_text('not json\n{"kind": "train"}\n\x00\x01 binary')  # no final newline
     quiet_train(cfg)
     state = load_states([str(run_dir)])[0]
     assert state.end is not None and state.end.reason == "completed" and len(state.train["objective"]) == 2
@@ -218,13 +237,23 @@ def test_trainer_appends_after_garbage_lines_and_monitor_skips_them(make_config,
 
 # ------------------------------------------------------------------ export
 
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_loads_with_from_pretrained_and_matches_the_engine(make_config, tmp_path, stage):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = make_config(train={"max_steps": 3}, eval={"every": 0, "max_batches": 1}, checkpoint={"save_final": True},
-                      deepspeed={"student": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                             "zero_optimization": {"stage": stage}}})
+    cfg = make_config(
+        train={"max_steps": 3},
+        eval={"every": 0, "max_batches": 1},
+        checkpoint={"save_final": True},
+        deepspeed={
+            "student": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": stage},
+            }
+        },
+    )
     with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as session:
         summary = session.fit()
     engine = session.student
@@ -249,7 +278,8 @@ def test_export_loads_with_from_pretrained_and_matches_the_engine(make_config, t
 
 
 def test_export_cli_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dsdistill", "export", str(tmp_path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsdistill", "export", str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"dsdistill: error: export: '{tmp_path}' has no config.yaml; expected a dsdistill run directory"

@@ -4,6 +4,7 @@ Every case starts from a real 2-step run's directory and tampers with it the way
 shared file system or a hostile colleague would; the resume or export must refuse in one line, run
 nothing, and leave every file as it was.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,8 @@ def finished(assets, tmp_path_factory):
     """A 2-step run with one checkpoint (step2), trained once for the whole module."""
     root = tmp_path_factory.mktemp("finished")
     cfg = {
-        "teacher": {"path": str(assets["teacher"])}, "student": {"path": str(assets["student"])},
+        "teacher": {"path": str(assets["teacher"])},
+        "student": {"path": str(assets["student"])},
         "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1},
         "train": {"max_steps": 2, "micro_batch_size": 4, "seq_len": 32, "precision": "fp32"},
         "eval": {"every": 0, "max_batches": 1, "at_start": False},
@@ -94,8 +96,11 @@ def test_a_planted_pickle_payload_runs_nothing_on_export(run_copy, tmp_path):
     _, run_dir = run_copy
     marker = tmp_path / "PWNED"
     _plant(run_dir, marker)
-    proc = subprocess.run([sys.executable, "-m", "dsdistill", "export", str(run_dir), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsdistill", "export", str(run_dir), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert not marker.exists()
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "holds an object that is not plain data" in proc.stderr
@@ -115,7 +120,9 @@ def test_latest_pointing_outside_is_refused_and_nothing_is_overwritten(run_copy)
     cfg, run_dir = run_copy
     (checkpoint.checkpoint_dir(run_dir) / "latest").write_text("../../../elsewhere/step2")
     before = _snapshot(run_dir)
-    with pytest.raises(DistillError, match=r"names '../../../elsewhere/step2', which is not a checkpoint .* \(checkpoints: step2\)"):
+    with pytest.raises(
+        DistillError, match=r"names '../../../elsewhere/step2', which is not a checkpoint .* \(checkpoints: step2\)"
+    ):
         _train(cfg)
     assert _snapshot(run_dir) == before
 
@@ -160,12 +167,15 @@ def test_an_empty_checkpoint_directory_is_a_one_line_error(run_copy, tmp_path):
         export(run_dir, tmp_path / "out")
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"train": {"micro_batch_size": 2}}, "train.micro_batch_size=4"),
-    ({"train": {"seq_len": 16}}, "train.seq_len=32"),
-    ({"train": {"seed": 5}}, "train.seed=0"),
-    ({"data": {"max_documents": 300}}, "data="),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"train": {"micro_batch_size": 2}}, "train.micro_batch_size=4"),
+        ({"train": {"seq_len": 16}}, "train.seq_len=32"),
+        ({"train": {"seed": 5}}, "train.seed=0"),
+        ({"data": {"max_documents": 300}}, "data="),
+    ],
+)
 def test_resuming_with_another_batch_shape_or_data_is_refused(run_copy, change, field):
     cfg, run_dir = run_copy
     for section, values in change.items():
@@ -200,7 +210,8 @@ def test_export_ignores_trust_remote_code_from_the_run_directory(run_copy, asset
     marker = tmp_path / "REMOTE_CODE_RAN"
     (student / "remote_cfg.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
-        "from transformers import LlamaConfig\n\nclass RemoteConfig(LlamaConfig):\n    model_type = 'llama'\n")
+        "from transformers import LlamaConfig\n\nclass RemoteConfig(LlamaConfig):\n    model_type = 'llama'\n"
+    )
     conf = json.loads((student / "config.json").read_text())
     conf["auto_map"] = {"AutoConfig": "remote_cfg.RemoteConfig"}
     (student / "config.json").write_text(json.dumps(conf))

@@ -1,6 +1,7 @@
 """The trainer core's parts on their own terms: the stop policy and the non-finite guard as plain
 objects, `Trainer.step` on a real in-process DeepSpeed engine (a fault raised by a component, no hooks),
 and a new loss component added with its own file plus one registration line."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,19 @@ from tests import toy_components
 
 
 def _result(step: int, *, nonfinite=False, skipped=False, stop=False) -> StepResult:
-    return StepResult(ctx=StepContext(step=step, weights={"lm": 1.0}, temperature=1.0), losses={"lm": 1.0}, objective=1.0,
-                      lr=1e-3, tokens=64, kd_kl=None, gate_usage=None, grad_norm=1.0, nonfinite_loss=nonfinite,
-                      skipped=skipped, stop_requested=stop)
+    return StepResult(
+        ctx=StepContext(step=step, weights={"lm": 1.0}, temperature=1.0),
+        losses={"lm": 1.0},
+        objective=1.0,
+        lr=1e-3,
+        tokens=64,
+        kd_kl=None,
+        gate_usage=None,
+        grad_norm=1.0,
+        nonfinite_loss=nonfinite,
+        skipped=skipped,
+        stop_requested=stop,
+    )
 
 
 def test_stop_policy_orders_its_reasons():
@@ -62,7 +73,9 @@ def test_fp16_overflow_skips_are_expected_and_never_counted():
 @pytest.fixture
 def toys():
     # adding a component: its file (tests/toy_components.py) plus one registration line each
-    registry.register("hidden_energy", "token", "mean square of the student's last hidden state", "tests.toy_components:HiddenEnergy")
+    registry.register(
+        "hidden_energy", "token", "mean square of the student's last hidden state", "tests.toy_components:HiddenEnergy"
+    )
     registry.register("poison", "token", "NaN on demand", "tests.toy_components:Poison")
     yield
     toy_components.POISON["on"] = False
@@ -71,8 +84,12 @@ def toys():
 
 
 def test_trainer_step_skips_a_nonfinite_update_on_its_own(make_config, toys):
-    cfg = validate(make_config(train={"max_steps": 6, "grad_accum": 2, "micro_batch_size": 2},
-                               curriculum={"weights": {"kd": 0.5, "lm": 0.5, "poison": 1.0}}))
+    cfg = validate(
+        make_config(
+            train={"max_steps": 6, "grad_accum": 2, "micro_batch_size": 2},
+            curriculum={"weights": {"kd": 0.5, "lm": 0.5, "poison": 1.0}},
+        )
+    )
     with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
         batches = iter(s.data.stream)
 
@@ -82,7 +99,9 @@ def test_trainer_step_skips_a_nonfinite_update_on_its_own(make_config, toys):
         first = s.trainer.step(window(), stop_requested=False)
         assert first.step == 0 and s.student.global_steps == 1 and s.student.micro_steps == 2
         assert not first.skipped and not first.nonfinite_loss and math.isfinite(first.objective)
-        assert first.tokens == 2 * 2 * 32 and first.lr == pytest.approx(2e-3 * lr_multiplier(0, sched=cfg.scheduler, total_steps=6))
+        assert first.tokens == 2 * 2 * 32 and first.lr == pytest.approx(
+            2e-3 * lr_multiplier(0, sched=cfg.scheduler, total_steps=6)
+        )
         before = [p.detach().clone() for p in s.student.module.parameters()]
         toy_components.POISON["on"] = True
         bad = s.trainer.step(window(), stop_requested=True)
@@ -99,8 +118,13 @@ def test_trainer_step_skips_a_nonfinite_update_on_its_own(make_config, toys):
 def test_a_new_component_trains_and_evaluates_with_its_registration_alone(make_config, assets, toys):
     from transformers import AutoModelForCausalLM
 
-    cfg = validate(make_config(train={"max_steps": 2}, eval={"every": 2, "max_batches": 2, "at_start": True},
-                               curriculum={"weights": {"kd": 0.5, "lm": 0.5, "hidden_energy": 0.01}}))
+    cfg = validate(
+        make_config(
+            train={"max_steps": 2},
+            eval={"every": 2, "max_batches": 2, "at_start": True},
+            curriculum={"weights": {"kd": 0.5, "lm": 0.5, "hidden_energy": 0.01}},
+        )
+    )
     with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
         s.fit()
         batches = list(eval_batches(s.data.splits.eval, micro_batch=4, rank=0, world=1, ignore_index=-100, max_batches=2))

@@ -1,4 +1,5 @@
 """In-process runs of the real DeepSpeed engines (world size 1, gloo on CPU)."""
+
 import contextlib
 import io
 import json
@@ -33,18 +34,20 @@ def records(run_dir):
 @pytest.fixture(scope="module")
 def ramped_run(assets, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ramped") / "run"
-    cfg = validate({
-        "teacher": {"path": str(assets["teacher"])},
-        "student": {"path": str(assets["student"])},
-        "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1},
-        "curriculum": RAMPED,
-        "train": {"max_steps": TOTAL, "micro_batch_size": 4, "grad_accum": 2, "seq_len": 32, "precision": "fp32"},
-        "optimizer": {"lr": 3e-3},
-        "scheduler": {"kind": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1},
-        "eval": {"every": 2, "max_batches": 2, "at_start": True},
-        "output": {"run_dir": str(run_dir), "log_every": 1},
-        "checkpoint": {"save_final": True},
-    })
+    cfg = validate(
+        {
+            "teacher": {"path": str(assets["teacher"])},
+            "student": {"path": str(assets["student"])},
+            "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1},
+            "curriculum": RAMPED,
+            "train": {"max_steps": TOTAL, "micro_batch_size": 4, "grad_accum": 2, "seq_len": 32, "precision": "fp32"},
+            "optimizer": {"lr": 3e-3},
+            "scheduler": {"kind": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1},
+            "eval": {"every": 2, "max_batches": 2, "at_start": True},
+            "output": {"run_dir": str(run_dir), "log_every": 1},
+            "checkpoint": {"save_final": True},
+        }
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out), open_session(cfg) as session:
         session.fit()
@@ -153,10 +156,17 @@ def test_eval_prints_nothing(ramped_run, capsys):
 
 
 def test_zero_first_lr_is_warned_once(make_config, tmp_path):
-    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1},
-          "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto", "warmup_num_steps": "auto"}}}
-    cfg = validate(make_config(train={"max_steps": 4}, scheduler={"warmup_steps": 2}, deepspeed={"student": ds},
-                               eval={"every": 0, "max_batches": 1}))
+    ds = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 1},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+    }
+    cfg = validate(
+        make_config(
+            train={"max_steps": 4}, scheduler={"warmup_steps": 2}, deepspeed={"student": ds}, eval={"every": 0, "max_batches": 1}
+        )
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         train(cfg)
@@ -168,8 +178,14 @@ def test_zero_first_lr_is_warned_once(make_config, tmp_path):
 
 
 def test_early_stopping_on_perplexity(make_config, tmp_path):
-    cfg = validate(make_config(train={"max_steps": 12}, optimizer={"lr": 1e-9}, scheduler={"warmup_steps": 0, "kind": "constant"},
-                               eval={"every": 1, "max_batches": 1, "early_stopping": {"patience": 2, "min_delta": 0.5}}))
+    cfg = validate(
+        make_config(
+            train={"max_steps": 12},
+            optimizer={"lr": 1e-9},
+            scheduler={"warmup_steps": 0, "kind": "constant"},
+            eval={"every": 1, "max_batches": 1, "early_stopping": {"patience": 2, "min_delta": 0.5}},
+        )
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train(cfg)
     assert summary.reason == "early_stopping" and summary.steps == 3
@@ -190,8 +206,12 @@ def test_appends_never_truncates(make_config, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path):
     """Stopped after 3 of 6 steps and relaunched, the run logs the same per-step numbers."""
-    base = dict(train={"max_steps": 6, "grad_accum": 2}, eval={"every": 2, "max_batches": 1},
-                curriculum=RAMPED, checkpoint={"save_final": False, "keep_last": 2})
+    base = dict(
+        train={"max_steps": 6, "grad_accum": 2},
+        eval={"every": 2, "max_batches": 1},
+        curriculum=RAMPED,
+        checkpoint={"save_final": False, "keep_last": 2},
+    )
     whole = make_config(**base)
     whole["output"]["run_dir"] = str(tmp_path / "whole")
     parts = make_config(**base)
@@ -221,8 +241,13 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path):
 
 
 def test_keep_last_prunes_old_checkpoints(make_config, tmp_path):
-    cfg = validate(make_config(train={"max_steps": 5}, eval={"every": 0, "max_batches": 1},
-                               checkpoint={"every": 1, "keep_last": 2, "save_final": True}))
+    cfg = validate(
+        make_config(
+            train={"max_steps": 5},
+            eval={"every": 0, "max_batches": 1},
+            checkpoint={"every": 1, "keep_last": 2, "save_final": True},
+        )
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         train(cfg)
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())

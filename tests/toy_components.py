@@ -1,5 +1,6 @@
 """Toy loss components used by tests/test_trainer_core.py to show what adding a component takes: this
 file, plus one `registry.register(...)` line."""
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ gathers a parameter only inside its module's forward), and its loss (`compute`: 
 registration line in `dsdistill/registry.py`. The registry, the captures, the auxiliary modules and the
 objective are all derived from these declarations; nothing else lists components.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,5 +1,6 @@
 """Contrastive: InfoNCE between pooled, projected student and teacher sequence representations, with
 the other ranks' teachers as extra negatives (`loss.contrastive_gather`)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,14 +29,20 @@ class Contrastive(Component):
 
     def aux_modules(self, build: Build):
         dim = build.loss.contrastive_dim
-        return {"contrastive_student": lambda: nn.Linear(build.student_width, dim, bias=False),
-                "contrastive_teacher": lambda: nn.Linear(build.teacher_width, dim, bias=False)}
+        return {
+            "contrastive_student": lambda: nn.Linear(build.student_width, dim, bias=False),
+            "contrastive_teacher": lambda: nn.Linear(build.teacher_width, dim, bias=False),
+        }
 
     def student_side(self, aux: nn.ModuleDict, side: StudentSide):
         # the teacher's projection is trained with the student, so it too runs inside the student's forward
         pooled = side.teacher_pooled
-        return {"contrastive": (aux["contrastive_student"](mean_pool(side.hidden[-1], side.valid)),
-                                aux["contrastive_teacher"](pooled) if pooled is not None else None)}
+        return {
+            "contrastive": (
+                aux["contrastive_student"](mean_pool(side.hidden[-1], side.valid)),
+                aux["contrastive_teacher"](pooled) if pooled is not None else None,
+            )
+        }
 
     def compute(self, x: Inputs):
         s_emb, t_emb = x.student.side["contrastive"]
@@ -43,5 +50,6 @@ class Contrastive(Component):
         negatives, offset = None, 0
         if x.loss.contrastive_gather and dist.is_initialized() and dist.get_world_size() > 1:
             negatives, offset = _gather_teachers(t_emb)
-        return info_nce(s_emb, t_emb, temperature=x.loss.contrastive_temperature, valid=valid,
-                        teacher_negatives=negatives, offset=offset)
+        return info_nce(
+            s_emb, t_emb, temperature=x.loss.contrastive_temperature, valid=valid, teacher_negatives=negatives, offset=offset
+        )

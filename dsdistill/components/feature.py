@@ -1,4 +1,5 @@
 """Feature: projected student hidden states vs teacher hidden states on mapped layers (`loss.feature_layers`)."""
+
 from __future__ import annotations
 
 from typing import cast
@@ -18,8 +19,11 @@ class Feature(Component):
 
     def aux_modules(self, build: Build):
         # one projection student width -> teacher width per mapped pair
-        return {"feature": lambda: nn.ModuleList(nn.Linear(build.student_width, build.teacher_width, bias=False)
-                                                 for _ in build.layers.feature)}
+        return {
+            "feature": lambda: nn.ModuleList(
+                nn.Linear(build.student_width, build.teacher_width, bias=False) for _ in build.layers.feature
+            )
+        }
 
     def student_side(self, aux: nn.ModuleDict, side: StudentSide):
         projections = cast(nn.ModuleList, aux["feature"])
@@ -29,5 +33,6 @@ class Feature(Component):
         th = x.teacher.hidden_states
         assert th is not None, "the teacher source gave no hidden states"
         pairs = [(p, th[t]) for p, (_, t) in zip(x.student.side["feature"], x.layers.feature)]
-        return feature_loss(pairs, x.labels, ignore_index=x.ignore_index, metric=x.loss.feature_metric,
-                            normalized=x.loss.feature_normalize)
+        return feature_loss(
+            pairs, x.labels, ignore_index=x.ignore_index, metric=x.loss.feature_metric, normalized=x.loss.feature_normalize
+        )

@@ -1,4 +1,5 @@
 """KD: the divergence between the temperature-softened teacher and student distributions, x T^2."""
+
 from __future__ import annotations
 
 from dsdistill.components.base import Component, Inputs, Needs
@@ -18,8 +19,16 @@ class KD(Component):
             return fused.kd, {"count": int(shifted_mask(x.labels, x.ignore_index).sum()), "kd_kl": fused.kl}
         c = x.loss
         assert x.student.logits is not None and x.teacher.logits is not None, "KD needs both distributions"
-        total, m = kd_loss(x.student.logits, x.teacher.logits, x.labels, temperature=x.temperature,
-                           ignore_index=x.ignore_index, top_k=c.kd_top_k, top_k_rest=c.kd_top_k_rest,
-                           divergence_kind=c.kd_divergence, beta=c.kd_beta, alpha=c.kd_alpha)
+        total, m = kd_loss(
+            x.student.logits,
+            x.teacher.logits,
+            x.labels,
+            temperature=x.temperature,
+            ignore_index=x.ignore_index,
+            top_k=c.kd_top_k,
+            top_k_rest=c.kd_top_k_rest,
+            divergence_kind=c.kd_divergence,
+            beta=c.kd_beta,
+            alpha=c.kd_alpha,
+        )
         return total, {"count": m["count"], "kd_kl": m["kl"]}
-

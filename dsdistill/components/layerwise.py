@@ -1,5 +1,6 @@
 """Layerwise: every student layer (projected) vs its mapped teacher layer (`loss.layerwise_layers`,
 uniform by default), both normalised, MSE averaged over layers."""
+
 from __future__ import annotations
 
 from typing import cast
@@ -18,8 +19,11 @@ class Layerwise(Component):
         return Needs(student_hidden=True, teacher_hidden=True)
 
     def aux_modules(self, build: Build):
-        return {"layerwise": lambda: nn.ModuleList(nn.Linear(build.student_width, build.teacher_width, bias=False)
-                                                   for _ in build.layers.layerwise)}
+        return {
+            "layerwise": lambda: nn.ModuleList(
+                nn.Linear(build.student_width, build.teacher_width, bias=False) for _ in build.layers.layerwise
+            )
+        }
 
     def student_side(self, aux: nn.ModuleDict, side: StudentSide):
         projections = cast(nn.ModuleList, aux["layerwise"])

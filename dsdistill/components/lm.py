@@ -1,4 +1,5 @@
 """LM: the student's next-token cross-entropy on the data's labels."""
+
 from __future__ import annotations
 
 from dsdistill.components.base import Component, Inputs
@@ -14,4 +15,3 @@ class LM(Component):
             return fused.lm, {"count": int(shifted_mask(x.labels, x.ignore_index).sum())}
         assert x.student.logits is not None, "LM needs the student's logits"
         return lm_loss(x.student.logits, x.labels, ignore_index=x.ignore_index)
-

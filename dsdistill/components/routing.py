@@ -1,6 +1,7 @@
 """The learned teacher-layer router and its three terms: routed feature, load balance and attention
 alignment. The router (soft gates over teacher layers for every student layer) is one module shared by
 the three; whichever runs first in the student's forward computes the gates for all."""
+
 from __future__ import annotations
 
 from typing import Optional, cast
@@ -64,19 +65,25 @@ class RoutingFeature(Component):
         return Needs(student_hidden=True, teacher_hidden=True)
 
     def aux_modules(self, build: Build):
-        return {"router": _router(build),
-                "routing_proj": lambda: nn.ModuleList(nn.Linear(build.student_width, build.teacher_width, bias=False)
-                                                      for _ in range(build.layers.n_student))}
+        return {
+            "router": _router(build),
+            "routing_proj": lambda: nn.ModuleList(
+                nn.Linear(build.student_width, build.teacher_width, bias=False) for _ in range(build.layers.n_student)
+            ),
+        }
 
     def student_side(self, aux: nn.ModuleDict, side: StudentSide):
-        return {**_gates(aux, side),
-                "routing_feature": [proj(side.hidden[i + 1]) for i, proj in enumerate(cast(nn.ModuleList, aux["routing_proj"]))]}
+        return {
+            **_gates(aux, side),
+            "routing_feature": [proj(side.hidden[i + 1]) for i, proj in enumerate(cast(nn.ModuleList, aux["routing_proj"]))],
+        }
 
     def compute(self, x: Inputs):
         th = x.teacher.hidden_states
         assert th is not None, "the teacher source gave no hidden states"
-        total, m = routing_feature_loss(x.student.side["routing_feature"], list(th[1:]),
-                                        x.student.side["gates"], x.labels, ignore_index=x.ignore_index)
+        total, m = routing_feature_loss(
+            x.student.side["routing_feature"], list(th[1:]), x.student.side["gates"], x.labels, ignore_index=x.ignore_index
+        )
         return total, {**m, "gate_usage": _usage(x)}
 
 
@@ -105,8 +112,11 @@ class AttentionAlignment(Component):
     options = ("router_conditioned", "attention_layers", "attention_chunk")
 
     def needs(self, layers):
-        return Needs(student_hidden=True, student_qk=frozenset(layers.routed_attention_students),
-                     teacher_qk=frozenset(range(1, layers.n_teacher + 1)))
+        return Needs(
+            student_hidden=True,
+            student_qk=frozenset(layers.routed_attention_students),
+            teacher_qk=frozenset(range(1, layers.n_teacher + 1)),
+        )
 
     def aux_modules(self, build: Build):
         return {"router": _router(build)}
@@ -120,6 +130,7 @@ class AttentionAlignment(Component):
         gates = gates[rows] if gates.dim() == 2 else gates[:, rows]
         teacher_qk = [x.teacher.qk[j] for j in range(1, x.layers.n_teacher + 1)]
         student_qk = [x.student.qk[si] for si in x.layers.routed_attention_students]
-        total, m = routing_attention_loss(student_qk, teacher_qk, gates, x.labels, ignore_index=x.ignore_index,
-                                          chunk=x.loss.attention_chunk)
+        total, m = routing_attention_loss(
+            student_qk, teacher_qk, gates, x.labels, ignore_index=x.ignore_index, chunk=x.loss.attention_chunk
+        )
         return total, {**m, "gate_usage": _usage(x)}

@@ -5,6 +5,7 @@ and a dict with at least `"count"` (the number of units). Callers divide by the 
 micro-batch of an accumulation window and every rank, so the result is token-weighted, never a mean of
 per-batch means.
 """
+
 from dsdistill.losses.kd import kd_loss
 from dsdistill.losses.lm import lm_loss, shifted_mask
 

@@ -10,6 +10,7 @@ Memory bound: each chunk materialises B x H x chunk x S scores per model (plus L
 routed term). Chunks run under activation checkpointing, so backward keeps only the chunk inputs and
 recomputes the scores: peak extra memory is O(B * H * chunk * S), not O(B * H * S^2).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def head_avg_log_probs(q: torch.Tensor, k: torch.Tensor, start: int, end: int) -
 def _kl_rows(lp_t: torch.Tensor, lp_s: torch.Tensor, start: int) -> torch.Tensor:
     """KL(teacher || student) per query row [B, r]; future keys (probability 0 on both sides) add 0."""
     seq = lp_t.size(-1)
-    future = torch.arange(seq, device=lp_t.device)[None, :] > torch.arange(start, start + lp_t.size(1), device=lp_t.device)[:, None]
+    future = (
+        torch.arange(seq, device=lp_t.device)[None, :] > torch.arange(start, start + lp_t.size(1), device=lp_t.device)[:, None]
+    )
     lp_t = lp_t.masked_fill(future, 0.0)
     lp_s = lp_s.masked_fill(future, 0.0)
     return (lp_t.exp().masked_fill(future, 0.0) * (lp_t - lp_s)).sum(-1)
@@ -60,19 +63,23 @@ def attention_loss(pairs, labels: torch.Tensor, *, ignore_index: int = -100, chu
     for (qs, ks), (qt, kt) in pairs:
         qt, kt = qt.detach(), kt.detach()
         for start, end in _chunks(qs.size(2), chunk):
+
             def piece(qs_, ks_, start=start, end=end, qt=qt, kt=kt):
                 lp_s = head_avg_log_probs(qs_, ks_, start, end)
                 with torch.no_grad():
                     lp_t = head_avg_log_probs(qt, kt, start, end)
                 return (_kl_rows(lp_t, lp_s, start) * rows[:, start:end]).sum()
 
-            part = checkpoint(piece, qs, ks, use_reentrant=False) if torch.is_grad_enabled() and qs.requires_grad else piece(qs, ks)
+            part = (
+                checkpoint(piece, qs, ks, use_reentrant=False) if torch.is_grad_enabled() and qs.requires_grad else piece(qs, ks)
+            )
             total = total + part
     return total / max(len(pairs), 1), {"count": int(mask.sum())}
 
 
-def routing_attention_loss(student_qk: list, teacher_qk: list, gates: torch.Tensor, labels: torch.Tensor, *,
-                           ignore_index: int = -100, chunk: int = 128):
+def routing_attention_loss(
+    student_qk: list, teacher_qk: list, gates: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, chunk: int = 128
+):
     """Student attention rows against the gate-weighted mixture of all teacher layers' attention rows.
 
     student_qk: for each routed student layer (q, k); teacher_qk: (q, k) for every teacher layer in gate
@@ -86,7 +93,9 @@ def routing_attention_loss(student_qk: list, teacher_qk: list, gates: torch.Tens
         g = gates[i] if gates.dim() == 2 else gates[:, i]  # [Lt] or [B, Lt]
         for start, end in _chunks(seq, chunk):
             with torch.no_grad():
-                t_probs = torch.stack([head_avg_log_probs(qt.detach(), kt.detach(), start, end).exp() for qt, kt in teacher_qk])  # [Lt,B,r,S]
+                t_probs = torch.stack(
+                    [head_avg_log_probs(qt.detach(), kt.detach(), start, end).exp() for qt, kt in teacher_qk]
+                )  # [Lt,B,r,S]
 
             def piece(qs_, ks_, g_, t_probs=t_probs, start=start, end=end):
                 g_ = g_.to(t_probs.dtype)

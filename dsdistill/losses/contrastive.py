@@ -1,4 +1,5 @@
 """Contrastive component: InfoNCE between pooled, projected student and teacher sequence representations."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,15 @@ def mean_pool(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
 
 
-def info_nce(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, valid: torch.Tensor,
-             teacher_negatives: torch.Tensor | None = None, offset: int = 0):
+def info_nce(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float,
+    valid: torch.Tensor,
+    teacher_negatives: torch.Tensor | None = None,
+    offset: int = 0,
+):
     """Summed InfoNCE over valid sequences: each student embedding must pick its own teacher embedding
     among the batch (plus `teacher_negatives`, e.g. other ranks' teachers) at `temperature`.
 

@@ -22,6 +22,7 @@ head and the fp32 gradient buffers of the student's hidden states and head live 
 The gradient is that of `coef_kd * kd_sum + coef_lm * lm_sum` (the caller's curriculum weight divided by
 the window's token count), so one set of buffers serves both terms.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -172,8 +173,18 @@ class _FusedKDLM(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None
 
 
-def fused_kd_lm(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_hidden: Optional[torch.Tensor], t_weight: Optional[torch.Tensor],
-                labels: torch.Tensor, *, coef_kd: float, coef_lm: float, options: KDOptions, ignore_index: int = -100):
+def fused_kd_lm(
+    s_hidden: torch.Tensor,
+    s_weight: torch.Tensor,
+    t_hidden: Optional[torch.Tensor],
+    t_weight: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    coef_kd: float,
+    coef_lm: float,
+    options: KDOptions,
+    ignore_index: int = -100,
+):
     """Chunked KD and LM over the valid next-token positions of a batch.
 
     s_hidden [B, S, Ds], s_weight [V, Ds] (student final hidden states and lm_head weight), t_hidden

@@ -4,6 +4,7 @@ Token-level, on the same positions as KD/LM (position t counts when labels[:, t+
 returning (sum over valid positions, {"count": positions}). Per position the error is averaged over the
 hidden dimension, so values do not grow with the width.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -29,8 +30,9 @@ def _per_position(s: torch.Tensor, t: torch.Tensor, metric: str) -> torch.Tensor
     raise ValueError(f"unknown feature metric {metric!r}; expected mse or cosine")
 
 
-def feature_loss(pairs, labels: torch.Tensor, *, ignore_index: int = -100, metric: Literal["mse", "cosine"] = "mse",
-                 normalized: bool = True):
+def feature_loss(
+    pairs, labels: torch.Tensor, *, ignore_index: int = -100, metric: Literal["mse", "cosine"] = "mse", normalized: bool = True
+):
     """Projected student hidden states vs teacher hidden states, averaged over the mapped layer pairs.
 
     pairs: list of (student_projected [B, S, Dt], teacher_hidden [B, S, Dt]).
@@ -65,8 +67,14 @@ def routed_targets(teacher_hidden: list[torch.Tensor], gates: torch.Tensor) -> l
     return list(mixed.unbind(0))
 
 
-def routing_feature_loss(student_projected: list[torch.Tensor], teacher_hidden: list[torch.Tensor], gates: torch.Tensor,
-                         labels: torch.Tensor, *, ignore_index: int = -100):
+def routing_feature_loss(
+    student_projected: list[torch.Tensor],
+    teacher_hidden: list[torch.Tensor],
+    gates: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+):
     """Each student layer (projected, normalised) against its routed mixture of teacher layers (MSE)."""
     targets = routed_targets(teacher_hidden, gates)
     mask = shifted_mask(labels, ignore_index)

@@ -11,6 +11,7 @@ Divergences (p = teacher, q = student, both at temperature T):
 The value that enters the objective is T^2 x divergence (so gradient scales do not shrink with T); the
 unscaled divergence is returned too, so a reader can tell a large KD number from a large T.
 """
+
 from __future__ import annotations
 
 import math

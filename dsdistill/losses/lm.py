@@ -1,4 +1,5 @@
 """Next-token cross-entropy of the student."""
+
 from __future__ import annotations
 
 import torch
