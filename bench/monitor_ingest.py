@@ -46,7 +46,7 @@ def main() -> int:
         res = tailer.poll()
         with gc_paused():  # as the app does around ingest
             for rec in res.records:
-                state.add(rec, now=0.0)
+                state.add(rec)
         ours = time.perf_counter() - t
         assert len(res.records) == len(base) == n_lines
 

@@ -134,6 +134,8 @@ class RunEnd(_Record):
 
 Record = Annotated[Union[RunStart, TrainRecord, EvalRecord, AlertRecord, RunEnd], Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(Record)
+KINDS: tuple[str, ...] = tuple(m.model_fields["kind"].default for m in (RunStart, TrainRecord, EvalRecord, AlertRecord, RunEnd))
+"""Every record kind this version writes (a reader skips others, from a newer writer, as unknown)."""
 KINDS = ("run_start", "train", "eval", "alert", "run_end")
 
 

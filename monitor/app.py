@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import re
 import sys
 import threading
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rich.console import Console
+from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -28,7 +31,7 @@ from textual.widgets import Footer, Header, Input
 
 from .alerts import AlertRules, evaluate_alerts
 from .state import X_AXES, RunState
-from .tail import PollResult, Tailer, gc_paused, metrics_path
+from .tail import PollResult, Tailer, gc_paused, run_name
 from .widgets import (
     SMOOTHING,
     WINDOWS,
@@ -44,15 +47,13 @@ from .widgets import (
     StatsPanel,
     StatusBar,
     ViewOptions,
+    ViewsBar,
     _duration,
 )
 
 MAX_BYTES_PER_POLL = 16 << 20
-
-
-def run_name(target: str) -> str:
-    p = Path(target)
-    return (p.parent.name if p.suffix else p.name) or str(p)
+COMPACT_SIZE = (100, 30)
+VIEWS = ("stats", "alerts", "curriculum", "eval", "router", "plots")
 
 
 class RecordsArrived(Message):
@@ -89,6 +90,7 @@ class DsMonitor(App):
         Binding("slash", "filter", "filter"),
         Binding("b", "cycle_baseline", "baseline"),
         Binding("e", "export", "SVG"),
+        Binding("v", "next_view", "view"),
         Binding("tab", "focus_next", "next panel", show=False),
         Binding("shift+tab", "focus_previous", "prev panel", show=False),
     ]
@@ -103,7 +105,8 @@ class DsMonitor(App):
         ("n", "window: all or the last N points"),
         ("/", "filter metrics by glob, e.g. kd,routing_*"),
         ("b", "next run as the pinned baseline"),
-        ("e", "export an SVG screenshot"),
+        ("e", "export an SVG screenshot (to --export-dir or the current directory)"),
+        ("v", f"one view alone, next view (below {COMPACT_SIZE[0]}x{COMPACT_SIZE[1]} one view is always alone)"),
         ("tab", "next / previous panel (shift+tab)"),
     ]
 
@@ -135,6 +138,11 @@ class DsMonitor(App):
         """True while the worker is still reading a backlog: intermediate full redraws are skipped."""
         self._stop = threading.Event()
         self._plots: dict[str, PlotPanel] = {}
+        self.last_export: Optional[Path] = None
+        self.view = "all"
+        """What `v` selected: "all" (the whole dashboard) or one view alone (small terminals never show all)."""
+        self.held: list[RecordsArrived] = []
+        """Batches that arrived while paused (applied when follow resumes)."""
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -147,11 +155,14 @@ class DsMonitor(App):
         self.eval_panel = EvalPanel(id="eval")
         self.router = RouterPanel(id="router")
         self.filter_box = FilterInput(placeholder="filter metrics: glob[,glob...] (empty shows all)", id="filter")
+        self.views_bar = ViewsBar(id="views")
+        self.side = Side(id="side")
         yield Header()
         yield self.status_bar
+        yield self.views_bar
         with Horizontal(id="main"):
             yield self.plots
-            with Side(id="side"):
+            with self.side:
                 yield self.stats
                 yield self.alerts
                 yield self.curriculum
@@ -162,11 +173,62 @@ class DsMonitor(App):
 
     def on_mount(self) -> None:
         self.sub_title = ", ".join(r.name for r in self.runs)
+        self._arrange()
         self.set_interval(self.refresh_interval, self.refresh_views)
         self.tail_worker()
 
     def on_unmount(self) -> None:
         self._stop.set()
+
+    # ------------------------------------------------------------------ small terminals
+    def on_resize(self, event) -> None:
+        self._arrange()
+
+    @property
+    def compact(self) -> bool:
+        """Below COMPACT_SIZE one view at a time fills the screen (`v` switches) instead of panels below the fold."""
+        return self.size.width < COMPACT_SIZE[0] or self.size.height < COMPACT_SIZE[1]
+
+    @property
+    def shown(self) -> str:
+        """The view on screen: "all" (every panel, wide terminals only) or one of VIEWS alone."""
+        return "stats" if self.view == "all" and self.compact else self.view
+
+    def _arrange(self) -> None:
+        shown = self.shown
+        alone = shown != "all"
+        views = {
+            "stats": self.stats,
+            "alerts": self.alerts,
+            "curriculum": self.curriculum,
+            "eval": self.eval_panel,
+            "router": self.router,
+        }
+        for name, panel in views.items():
+            panel.display = not alone or shown == name
+            panel.expanded = alone
+            panel.set_class(alone, "-alone")
+        self.plots.display = not alone or shown == "plots"
+        self.side.display = not alone or shown != "plots"
+        self.side.styles.width = "1fr" if alone else "2fr"
+        self.views_bar.display = alone
+        self._draw_views_bar()
+
+    def _draw_views_bar(self) -> None:
+        if self.shown == "all":
+            return
+        n_alerts = sum(a.level != "info" for _, a in self.all_alerts())
+        bar = Text("v ", style="bold")
+        for name in VIEWS if self.compact else ("all", *VIEWS):
+            label = f"{name} ({n_alerts})" if name == "alerts" and n_alerts else name
+            bar.append(f" {label} ", style="reverse bold" if name == self.shown else ("bold red" if label != name else ""))
+        self.views_bar.update(bar)
+
+    def action_next_view(self) -> None:
+        cycle = VIEWS if self.compact else ("all", *VIEWS)
+        self.view = cycle[(cycle.index(self.shown) + 1) % len(cycle)]
+        self._arrange()
+        self._changed()
 
     # ------------------------------------------------------------------ data
     @work(thread=True, exclusive=True, group="tail")
@@ -183,6 +245,13 @@ class DsMonitor(App):
                 self._stop.wait(self.poll_interval)
 
     def on_records_arrived(self, msg: RecordsArrived) -> None:
+        if self.paused:  # a pause is a freeze: what arrives waits until follow resumes
+            self.held.append(msg)
+            self.pending += len(msg.result.records)
+            return
+        self._apply(msg)
+
+    def _apply(self, msg: RecordsArrived) -> None:
         res = msg.result
         i = msg.index
         self.missing[i] = res.missing
@@ -192,13 +261,11 @@ class DsMonitor(App):
             self.runs[i].corrupt = old.corrupt
             self.notify(f"{old.name}: metrics file {res.restarted}, re-reading from the start", severity="warning")
         run = self.runs[i]
-        now = self.clock()
         with gc_paused():  # as in Tailer.poll: a large batch of long-lived objects
             for rec in res.records:
-                run.add(rec, now=now)
+                run.add(rec)
         run.corrupt += res.corrupt
-        if self.paused:
-            self.pending += len(res.records)
+        run.unknown += res.unknown
         self.dirty = True
 
     # ------------------------------------------------------------------ drawing
@@ -214,14 +281,24 @@ class DsMonitor(App):
         runs, opts = self.runs, self.opts
         wanted = [c for c in _union_components(runs) if opts.matches(c)]
         plots = self.plots
-        for name, panel in list(self._plots.items()):
-            if name not in wanted:
-                panel.remove()
-                del self._plots[name]
-        for name in wanted:
-            if name not in self._plots:
-                self._plots[name] = PlotPanel(name)
-                plots.mount(self._plots[name])
+        if list(self._plots) != wanted:
+            for name in [n for n in self._plots if n not in wanted]:
+                self._plots.pop(name).remove()
+            # new plots go right after their predecessor in component order (a cleared filter brings them back
+            # where they were, not at the end)
+            prev: Optional[PlotPanel] = None
+            for name in wanted:
+                panel = self._plots.get(name)
+                if panel is None:
+                    panel = self._plots[name] = PlotPanel(name)
+                    if prev is not None:
+                        plots.mount(panel, after=prev)
+                    elif plots.children:
+                        plots.mount(panel, before=0)
+                    else:
+                        plots.mount(panel)
+                prev = panel
+            self._plots = {name: self._plots[name] for name in wanted}
         for name in wanted:
             self._plots[name].draw(runs, opts)
         self.stats.draw(runs, opts, self.clock())
@@ -231,35 +308,48 @@ class DsMonitor(App):
         self.alerts.draw(self.all_alerts(), len(runs) > 1)
 
     def _draw_status(self) -> None:
+        """One line: follow state, each run's liveness (by its records' own times) and the view settings.
+        Parts that do not fit the width are left out whole, least important first; none is cut."""
         now = self.clock()
-        parts = []
         mode = f"PAUSED (+{self.pending} new)" if self.paused else "FOLLOW"
         if self.catching_up:
             mode += f" loading {sum(r.records for r in self.runs):,} records"
-        parts.append(mode)
+        essential, extra = [mode], []
         for i, run in enumerate(self.runs):
             since = run.since_last(now)
-            bits = [
-                f"{run.name}: {run.records_per_second(now):.1f} rec/s",
+            state = (
                 "no file yet"
                 if self.missing[i]
-                else f"last record {_duration(since)} ago"
-                if since is not None
-                else "no records",
-            ]
+                else "no records"
+                if since is None
+                else f"ended: {run.end.reason}"
+                if run.end is not None
+                else "STALLED"
+                if since > self.rules.stall_seconds
+                else "live"
+            )
+            essential.append(f"{run.name}: {state}" + (f", last record {_duration(since)} ago" if since is not None else ""))
+            bits = [f"{run.name}: {run.records_per_second(now):.1f} rec/s"]
             if run.corrupt:
                 bits.append(f"{run.corrupt} corrupt")
-            if run.end is not None:
-                bits.append(f"ended: {run.end.reason}")
-            elif since is not None and since > self.rules.stall_seconds:
-                bits.append("STALLED")
-            parts.append(" ".join(bits))
+            if run.unknown:
+                bits.append(f"{run.unknown} of unknown kinds skipped")
+            extra.append(" ".join(bits))
         o = self.opts
-        parts.append(
+        extra.insert(
+            0,
             f"x:{o.x_axis} smooth:{o.smoothing:g} log-y:{'on' if o.logy else 'off'} "
-            f"{'weighted' if o.weighted else 'raw'} window:{o.window or 'all'}" + (f" filter:{o.filter}" if o.filter else "")
+            f"{'weighted' if o.weighted else 'raw'} window:{o.window or 'all'}" + (f" filter:{o.filter}" if o.filter else ""),
         )
+        room = max(10, self.size.width - 2)
+        parts = list(essential)
+        for part in extra:
+            if len(" | ".join([*parts, part])) <= room:
+                parts.append(part)
+        while len(" | ".join(parts)) > room and len(parts) > 1:
+            parts.pop()
         self.status_bar.update(" | ".join(parts))
+        self._draw_views_bar()
 
     def screen_text(self) -> str:
         """The screen as plain text (what a snapshot test compares)."""
@@ -271,7 +361,7 @@ class DsMonitor(App):
     # ------------------------------------------------------------------ actions
     def _changed(self) -> None:
         self.dirty = True
-        self.refresh_views(force=True)
+        self.refresh_views(force=True)  # also while paused: a view change redraws the frozen data
 
     def action_toggle_log(self) -> None:
         self.opts.logy = not self.opts.logy
@@ -302,7 +392,9 @@ class DsMonitor(App):
     def action_pause(self) -> None:
         self.paused = not self.paused
         if not self.paused:
-            self.pending = 0
+            held, self.held, self.pending = self.held, [], 0
+            for msg in held:
+                self._apply(msg)
             self._changed()
         else:
             self._draw_status()
@@ -316,12 +408,33 @@ class DsMonitor(App):
         self._changed()
 
     def action_export(self) -> None:
-        target = self.export_dir or str(metrics_path(self.targets[0]).parent)
+        # toasts are not part of the picture: clear them, export after the next refresh
+        self.clear_notifications()
+        self.call_after_refresh(self._export_svg)
+
+    def _export_svg(self) -> None:
+        """The screen as a self-contained SVG (no remote font) in --export-dir or the current directory,
+        never in the run directory (it may be shared or read-only)."""
+        width, height = self.size
+        console = Console(
+            width=width,
+            height=height,
+            file=io.StringIO(),
+            record=True,
+            legacy_windows=False,
+            force_terminal=True,
+            color_system="truecolor",
+        )
+        console.print(self.screen._compositor.render_update(full=True, screen_stack=self._background_screens))
+        svg = re.sub(r',\s*url\("[^"]*"\)\s*format\("[^"]*"\)', "", console.export_svg(title="dsmonitor"))
+        name = f"dsmonitor-{'-'.join(r.name for r in self.runs)[:80]}-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        path = Path(self.export_dir or os.getcwd()) / name
         try:
-            path = self.save_screenshot(path=target)
+            path.write_text(svg, encoding="utf-8")
         except OSError as e:
             self.notify(f"export failed: {e}", severity="error")
             return
+        self.last_export = path
         self.notify(f"saved {path}")
 
     def action_help(self) -> None:
@@ -350,14 +463,9 @@ def load_states(targets: list[str]) -> list[RunState]:
     for t in targets:
         tailer, state = Tailer(t), RunState(run_name(t))
         res = tailer.poll()
-        now = time.time()
         for rec in res.records:
-            state.add(rec, now=now)
-        state.corrupt = res.corrupt
-        if not res.records:
-            state.last_record_time = None
-        else:
-            state.last_record_time = res.records[-1].time  # the file's own clock for the stall check
+            state.add(rec)
+        state.corrupt, state.unknown = res.corrupt, res.unknown
         states.append(state)
     return states
 
@@ -401,7 +509,7 @@ def summary_json(states: list[RunState], rules: AlertRules) -> str:
             {"code": a.code, "level": a.level, "message": a.message, "step": a.step} for a in evaluate_alerts(s, rules, now=now)
         ]
         out.append(d)
-    return json.dumps(out if len(out) > 1 else out[0], indent=2, allow_nan=True)
+    return json.dumps(out, indent=2, allow_nan=True)  # always a list, one entry per run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,11 +518,19 @@ def build_parser() -> argparse.ArgumentParser:
         "runs", nargs="+", metavar="RUN_DIR", help="run directory or metrics.jsonl (several: compare; the first is the baseline)"
     )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--once", action="store_true", help="print a text summary and exit")
-    g.add_argument("--json", action="store_true", help="print the parsed latest state as JSON and exit")
+    g.add_argument("--once", action="store_true", help="print a text summary and exit (status 1 if any run has an ERROR alert)")
+    g.add_argument(
+        "--json", action="store_true", help="print the latest state of every run as a JSON list and exit (status as --once)"
+    )
     p.add_argument("--poll", type=float, default=1.0, help="seconds between file polls (default 1)")
     p.add_argument("--refresh", type=float, default=0.5, help="seconds between redraws (default 0.5)")
-    p.add_argument("--stall", type=float, default=300.0, help="seconds without a record before 'stalled' (default 300)")
+    p.add_argument(
+        "--stall",
+        type=float,
+        default=300.0,
+        help="seconds since the newest record was written (its own time) before a run without run_end is STALLED (default 300)",
+    )
+    p.add_argument("--export-dir", default=None, help="where `e` writes SVG screenshots (default: the current directory)")
     p.add_argument("--gap", type=float, default=0.5, help="relative train/eval objective gap that alerts (default 0.5)")
     p.add_argument(
         "--spike", type=float, default=3.0, help="objective above this multiple of the recent median alerts (default 3)"
@@ -431,9 +547,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     rules = AlertRules(gap=args.gap, spike=args.spike, stall_seconds=args.stall)
     if args.once or args.json:
         states = load_states(args.runs)
-        print(summary_json(states, rules) if args.json else summary_text(states, rules))
-        return 0
-    DsMonitor(args.runs, poll_interval=args.poll, refresh_interval=args.refresh, rules=rules).run()
+        text = summary_json(states, rules) if args.json else summary_text(states, rules)
+        errors = any(a.level == "error" for s in states for a in evaluate_alerts(s, rules, now=time.time()))
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # `dsmonitor --once | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # CI can gate on a run: 1 when any run has an ERROR alert
+        return 1 if errors else 0
+    DsMonitor(args.runs, poll_interval=args.poll, refresh_interval=args.refresh, rules=rules, export_dir=args.export_dir).run()
     return 0
 
 

@@ -41,6 +41,7 @@ def minmax_indices(ys, buckets: int) -> list[int]:
     base = np.arange(buckets) * size
     keep = set((base + lo)[finite.any(axis=1)].tolist()) | set((base + hi)[finite.any(axis=1)].tolist())
     keep |= set(np.flatnonzero(~np.isfinite(arr)).tolist())
+    keep |= {0, n - 1}  # the first and the newest point are always drawn
     return sorted(i for i in keep if i < n)
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import bisect
 import math
-import time
+from collections import deque
 from typing import Any, Optional
 
 from dsdistill import registry
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 
 X_AXES = ("step", "time", "tokens")
+MAX_TIME_JUMP = 10 * 365 * 86400.0
+"""A record time this far from the previous one is a broken clock or a corrupt value, not training time."""
 
 
 class XTable:
@@ -112,12 +114,21 @@ class RunState:
         self.trainer_alerts: list[AlertRecord] = []
         self.records = 0
         self.corrupt = 0
+        self.unknown = 0
+        """Records of kinds this version does not know (skipped; a newer trainer wrote them)."""
         self.restarts = 0
         self.segment = 0
         self.step_seen: Optional[int] = None
         self.last_record_time: Optional[float] = None
-        """Wall time (this machine) when the last record arrived."""
-        self.arrivals: list[float] = []
+        """The newest record's own time (the trainer's clock): how old the run's latest news is."""
+        self.recent_times: deque[float] = deque(maxlen=4096)
+        """Record times of the latest records, for records per second."""
+        self._time_base: Optional[tuple[float, float]] = None
+        """(x time, record time) the time axis counts from: a resumed run continues where it stopped, so the
+        curve goes on instead of starting over at 0 (time between runs is not counted)."""
+        self._last_x_time = 0.0
+        self.session_start_row = 0
+        """First train row since the latest run_start: the pace of the current session gives the ETA."""
         self.gate_usage: Optional[list[float]] = None
         self.first_nonfinite: Optional[tuple[str, float, int]] = None
         """(metric, value, step) of the first non-finite train loss or objective."""
@@ -134,21 +145,28 @@ class RunState:
         return s
 
     def _x(self, rec) -> tuple[int, float, int]:
-        t0 = self.start.time if self.start is not None else rec.time
+        if self._time_base is None:
+            self._time_base = (0.0, rec.time)
+        x0, t0 = self._time_base
+        t = x0 + (rec.time - t0)
+        if not math.isfinite(t) or abs(t - self._last_x_time) > MAX_TIME_JUMP:
+            t = self._last_x_time  # a clock that jumped absurdly (or a corrupt time) does not stretch the axis
+        self._last_x_time = t
         tokens = getattr(rec, "tokens", 0) or 0
-        return rec.step, rec.time - t0, tokens
+        return rec.step, t, tokens
 
-    def add(self, rec, *, now: Optional[float] = None) -> None:
+    def add(self, rec) -> None:
         self.records += 1
-        self.last_record_time = now if now is not None else time.time()
-        self.arrivals.append(self.last_record_time)
-        if len(self.arrivals) > 512:
-            del self.arrivals[:256]
+        if math.isfinite(rec.time):
+            self.last_record_time = rec.time if self.last_record_time is None else max(self.last_record_time, rec.time)
+            self.recent_times.append(rec.time)
         if isinstance(rec, RunStart):
             if self.start is not None:
                 self.restarts += 1
             self.start = rec
             self.end = None
+            self._time_base = (self._last_x_time, rec.time)
+            self.session_start_row = len(self.train_x.step)
             return
         if isinstance(rec, (TrainRecord, EvalRecord)):
             if self.step_seen is not None and rec.step < self.step_seen:
@@ -240,13 +258,14 @@ class RunState:
         return min(1.0, self.current_step / total) if total else None
 
     def eta_seconds(self) -> Optional[float]:
-        """Remaining time from the average pace of the current segment's train records."""
+        """Remaining time from the pace of the train records since the latest (re)start, or of the current
+        segment while this session has fewer than two."""
         x = self.train_x
         total = self.total_steps
         if len(x.step) < 2 or not total:
             return None
         i1 = len(x.step) - 1
-        i0 = bisect.bisect_left(x.segment, x.segment[-1])  # first record of the current segment
+        i0 = self.session_start_row if i1 - self.session_start_row >= 1 else bisect.bisect_left(x.segment, x.segment[-1])
         dstep = x.step[i1] - x.step[i0]
         if dstep <= 0:
             return None
@@ -254,11 +273,14 @@ class RunState:
         return max(0.0, (total - self.current_step) * pace)
 
     def records_per_second(self, now: float, window: float = 30.0) -> float:
-        recent = [t for t in self.arrivals if now - t <= window]
-        return len(recent) / window if recent else 0.0
+        """Records the trainer wrote in the last `window` seconds (by their own times: a backlog read at
+        once does not count as a burst)."""
+        recent = sum(1 for t in self.recent_times if 0 <= now - t <= window)
+        return recent / window
 
     def since_last(self, now: float) -> Optional[float]:
-        return None if self.last_record_time is None else now - self.last_record_time
+        """Seconds since the newest record was written (by its own time)."""
+        return None if self.last_record_time is None else max(0.0, now - self.last_record_time)
 
     def schedule(self):
         """The run's curriculum as a `Curriculum`, rebuilt from the run_start record (None if absent)."""
@@ -280,6 +302,7 @@ class RunState:
             "run": self.name,
             "records": self.records,
             "corrupt_lines": self.corrupt,
+            "unknown_records": self.unknown,
             "restarts": self.restarts,
             "total_steps": self.total_steps,
             "step": self.current_step,

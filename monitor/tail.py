@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dsdistill.schema import KINDS as KNOWN_KINDS
 from dsdistill.schema import METRICS_FILE, parse_line
 
 CHUNK = 1 << 20
@@ -46,9 +48,30 @@ def gc_paused():
 
 
 def metrics_path(target: str | Path) -> Path:
-    """A run directory or a metrics file -> the metrics file."""
+    """A run directory or a metrics file -> the metrics file. Whatever is not a file (a directory, or a
+    run directory that does not exist yet) is taken as a run directory, whatever its name looks like."""
     p = Path(target)
-    return p / METRICS_FILE if p.is_dir() or not p.suffix else p
+    return p if p.is_file() else p / METRICS_FILE
+
+
+def run_name(target: str | Path) -> str:
+    """The name a run is shown under: its directory's name (`runs/qwen2.5-lr3e-4` -> `qwen2.5-lr3e-4`)."""
+    return metrics_path(target).parent.name or str(target)
+
+
+HEAD_BYTES = 256
+"""Bytes at the start of the file remembered to notice it was replaced by a file of the same inode and a
+size at least as large (truncated and refilled, or deleted and recreated within one poll)."""
+
+
+def _kind_of(raw: bytes) -> Optional[str]:
+    """The `kind` of a JSON object line, or None when the line is not one."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 @dataclass
@@ -58,8 +81,11 @@ class PollResult:
     records: list = field(default_factory=list)
     corrupt: int = 0
     """Lines that were not valid records."""
+    unknown: int = 0
+    """Well-formed records of a kind this version does not know (a newer trainer's): skipped, not corrupt."""
     restarted: Optional[str] = None
-    """'truncated' or 'rotated' (a new inode: replaced, or deleted and recreated) when re-read from the start."""
+    """'truncated', 'rotated' (a new inode) or 'replaced' (new contents under the same inode) when re-read
+    from the start."""
     missing: bool = False
     """The file does not exist (yet)."""
 
@@ -73,19 +99,33 @@ class Tailer:
         self.offset = 0
         self.inode: Optional[tuple[int, int]] = None
         self.partial = b""
+        self.head = b""
+        """The first bytes as last read (see HEAD_BYTES)."""
         self.corrupt_total = 0
+        self.unknown_total = 0
         self.lines_total = 0
 
     def _reset(self) -> None:
         self.offset = 0
         self.partial = b""
+        self.head = b""
+
+    def _same_head(self) -> bool:
+        """Whether the file still starts with the bytes read from it before."""
+        if not self.head:
+            return True
+        try:
+            with open(self.path, "rb") as fh:
+                return fh.read(len(self.head)) == self.head
+        except OSError:
+            return False
 
     def poll(self, *, max_bytes: Optional[int] = None) -> PollResult:
         """Read what is new (at most `max_bytes`, whole chunks); never raises for a missing file."""
         out = PollResult()
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             out.missing = True
             if self.inode is not None:
                 self.inode = None
@@ -98,6 +138,9 @@ class Tailer:
         elif st.st_size < self.offset:
             out.restarted = "truncated"
             self._reset()
+        elif not self._same_head():
+            out.restarted = "replaced"
+            self._reset()
         self.inode = ident
         if st.st_size == self.offset:
             return out
@@ -108,6 +151,8 @@ class Tailer:
                 data = fh.read(min(self.chunk, budget))
                 if not data:
                     break
+                if self.offset < HEAD_BYTES:
+                    self.head = (self.head + data)[:HEAD_BYTES]
                 self.offset += len(data)
                 budget -= len(data)
                 self._consume(data, out)
@@ -122,8 +167,11 @@ class Tailer:
                 continue
             self.lines_total += 1
             rec = parse_line(raw)
-            if rec is None:
+            if rec is not None:
+                out.records.append(rec)
+            elif (kind := _kind_of(raw)) is not None and kind not in KNOWN_KINDS:
+                out.unknown += 1
+                self.unknown_total += 1
+            else:
                 out.corrupt += 1
                 self.corrupt_total += 1
-            else:
-                out.records.append(rec)

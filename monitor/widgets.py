@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -77,17 +76,76 @@ def sparkline(values: list[float], n: int = 10) -> str:
     return "".join(SPARK[min(7, int((v - lo) / (hi - lo) * 8))] for v in vals)
 
 
+def _cut_label(text: str, width: int) -> str:
+    """A label shortened with an ellipsis to `width` (labels may be shortened; numbers never are)."""
+    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
+
+
+def fit_table(header: list[str], rows: list[list[str]], width: int) -> Text:
+    """A right-aligned table of formatted values that fits `width` by dropping whole columns (trend, then
+    delta, then min, then other runs from the last) and shortening labels; a value is shown whole or not
+    at all."""
+    cols = list(range(len(header)))
+    optional = [4, 3, 2] + list(range(len(header) - 1, 4, -1))  # trend, delta, min, then other runs from the right
+
+    def widths(cols: list[int], label_w: int) -> list[int]:
+        out = []
+        for c in cols:
+            w = max([len(header[c])] + [len(r[c]) for r in rows]) if c else label_w
+            out.append(w)
+        return out
+
+    label_full = max([len(header[0])] + [len(r[0]) for r in rows])
+    label_w = min(label_full, 14)
+    while sum(widths(cols, label_w)) + len(cols) - 1 > width and optional:
+        drop = optional.pop(0)
+        if drop in cols:
+            cols.remove(drop)
+    while sum(widths(cols, label_w)) + len(cols) - 1 > width and label_w > 4:
+        label_w -= 1
+    ws = widths(cols, label_w)
+    out = Text()
+    out.append(
+        " ".join(_cut_label(header[c], w).ljust(w) if c == 0 else header[c][-w:].rjust(w) for c, w in zip(cols, ws)), style="bold"
+    )
+    for r in rows:
+        out.append("\n")
+        out.append(_cut_label(r[0], ws[0]).ljust(ws[0]), style="bold")
+        for c, w in zip(cols[1:], ws[1:]):
+            out.append(" " + (r[c].ljust(w) if c == 4 else r[c].rjust(w)))
+    return out
+
+
 def ordered_runs(runs: list[RunState], opts: ViewOptions) -> list[tuple[int, RunState]]:
     """Baseline first, then the others, each with its index (which fixes its colour)."""
     idx = [opts.baseline] + [i for i in range(len(runs)) if i != opts.baseline]
     return [(i, runs[i]) for i in idx if i < len(runs)]
 
 
-def series_trace(series: Series, opts: ViewOptions, color: str, width: int, label: str, points_only: bool = False) -> list[Trace]:
-    """Raw (dim) and smoothed traces of one series, windowed and downsampled to the plot width."""
-    start = max(0, len(series) - opts.window) if opts.window else 0
-    rows = series.rows[start:]
+def window_start_x(series: Series, opts: ViewOptions) -> Optional[float]:
+    """The x where the last-N window of a train series begins (None: no window, or all of it fits)."""
+    if not opts.window or len(series) <= opts.window:
+        return None
+    return getattr(series.table, opts.x_axis)[series.rows[len(series) - opts.window]]
+
+
+def series_trace(
+    series: Series,
+    opts: ViewOptions,
+    color: str,
+    width: int,
+    label: str,
+    points_only: bool = False,
+    x_min: Optional[float] = None,
+) -> list[Trace]:
+    """Raw (dim) and smoothed traces of one series, windowed and downsampled to the plot width. `x_min`
+    windows by x instead of by count (eval points follow the train window)."""
     xcol, scol = getattr(series.table, opts.x_axis), series.table.segment
+    if x_min is not None:
+        start = next((i for i, r in enumerate(series.rows) if xcol[r] >= x_min), len(series))
+    else:
+        start = max(0, len(series) - opts.window) if opts.window else 0
+    rows = series.rows[start:]
     ys_full = series.value[start:]
     smooth = series.smoothed(opts.smoothing)[start:] if opts.smoothing > 0 and not points_only else None
 
@@ -119,12 +177,18 @@ class Panel(Widget, can_focus=True):
     Panel:focus {
         border: round $accent;
     }
+    Panel.-alone {
+        height: 1fr;
+        max-height: 100%;
+    }
     """
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self._painter = None
         self._cache: Optional[tuple[tuple[int, int], object]] = None
+        self.expanded = False
+        """Shown alone (a small terminal, or `v`): the panel may use the whole height."""
 
     def paint(self, painter) -> None:
         """Set what to draw: a callable (width, height) -> renderable."""
@@ -170,11 +234,21 @@ class PlotPanel(Panel):
             for i, run in ordered_runs(runs, opts):
                 color = RUN_COLORS[i % len(RUN_COLORS)]
                 s = run.train.get(f"{kind}/{self.component}")
+                x_min = None
                 if s is not None and len(s):
                     traces += series_trace(s, opts, color, width - 9, run.name)
+                    x_min = window_start_x(s, opts)
                 ev = run.eval.get(f"raw/{self.component}")
                 if ev is not None and len(ev) and not opts.weighted:
-                    traces += series_trace(ev, opts, "white", width - 9, f"{run.name} eval", points_only=True)
+                    traces += series_trace(
+                        ev,
+                        opts,
+                        "white",
+                        width - 9,
+                        f"{run.name} eval",
+                        points_only=True,
+                        x_min=x_min if x_min is not None else (float("-inf") if opts.window else None),
+                    )
             return render_plot(traces, width, height, logy=opts.logy, x_axis=opts.x_axis)
 
         self.paint(painter)
@@ -292,13 +366,8 @@ class StatsPanel(Panel):
             return
         run = runs[opts.baseline]
         others = [r for i, r in enumerate(runs) if i != opts.baseline]
-        table = Table(box=None, padding=(0, 0, 0, 1), show_edge=False)
-        table.add_column("metric", style="bold", no_wrap=True, min_width=11)
-        for col in ("last", "min", "Δ"):
-            table.add_column(col, justify="right", no_wrap=True, min_width=9)
-        table.add_column("trend", no_wrap=True, min_width=10)
-        for o in others:
-            table.add_column(o.name[-10:], justify="right", no_wrap=True, min_width=9)
+        header = ["metric", "last", "min", "Δ", "trend", *(o.name for o in others)]
+        rows: list[list[str]] = []
         kind = "weighted" if opts.weighted else "raw"
         keys = [("objective", run.train, "objective")]
         keys += [(c, run.train, f"{kind}/{c}") for c in run.components if opts.matches(c)]
@@ -322,13 +391,13 @@ class StatsPanel(Panel):
                 src = o.train if table_src is run.train else o.eval
                 os_ = src.get(key)
                 row.append(_fmt(os_.last if os_ is not None else None))
-            table.add_row(*row)
+            rows.append(row)
         prog = run.progress()
         self.border_title = (
             f"{run.name}: step {run.current_step}/{run.total_steps or '?'}"
             f" {'' if prog is None else f'{100 * prog:.1f}%'}  ETA {_duration(run.eta_seconds())}"
         )
-        self.paint(lambda w, h: table)
+        self.paint(lambda w, h: fit_table(header, rows, w))
 
 
 class RouterPanel(Panel):
@@ -349,13 +418,18 @@ class RouterPanel(Panel):
             self.paint(lambda w, h: Text("no router in this run", style="grey50"))
             return
         top = max(usage) or 1.0
-        t = Text()
-        for layer, u in enumerate(usage):
-            t.append(f"L{layer:<3}", style="bold")
-            t.append("█" * max(0, round(u / top * 30)), style="cyan")
-            t.append(f" {u:.3f}\n")
-        t.rstrip()
-        self.paint(lambda w, h: t)
+
+        def painter(width: int, height: int):
+            t = Text()
+            bar = max(1, width - 12)
+            for layer, u in enumerate(usage, start=1):  # teacher layers numbered 1.. as in the config and README
+                t.append(f"L{layer:<3}", style="bold")
+                t.append("█" * max(0, round(u / top * bar)), style="cyan")
+                t.append(f" {u:.3f}\n")
+            t.rstrip()
+            return t
+
+        self.paint(painter)
 
 
 class AlertsPanel(Panel):
@@ -369,6 +443,8 @@ class AlertsPanel(Panel):
     """
 
     STYLES = {"error": "bold red", "warning": "yellow", "info": "grey62"}
+    MAX_LINES = 10
+    """Lines shown beside the other panels; shown alone (`v`), the panel takes the whole height."""
 
     def draw(self, alerts: list[tuple[str, Alert]], multi: bool) -> None:
         n = sum(a.level != "info" for _, a in alerts)
@@ -376,12 +452,20 @@ class AlertsPanel(Panel):
         if not alerts:
             self.paint(lambda w, h: Text("no alerts", style="green"))
             return
-        t = Text()
-        for name, a in alerts:
-            prefix = f"[{name}] " if multi else ""
-            t.append(f"{a.level.upper():7} {prefix}{a.code}: {a.message}\n", style=self.STYLES.get(a.level, ""))
-        t.rstrip()
-        self.paint(lambda w, h: t)
+
+        def painter(width: int, height: int):
+            lines: list[Text] = []
+            for name, a in alerts:
+                prefix = f"[{name}] " if multi else ""
+                entry = Text(f"{a.level.upper():7} {prefix}{a.code}: {a.message}", style=self.STYLES.get(a.level, ""))
+                lines += entry.wrap(self.app.console, width)
+            room = max(1, height if self.expanded else min(height, self.MAX_LINES))
+            if len(lines) > room:  # say what is not shown instead of clipping silently
+                hidden = len(lines) - (room - 1)
+                lines = lines[: room - 1] + [Text(f"... {hidden} more line(s): `v` shows the alerts alone", style="bold")]
+            return Text("\n").join(lines)
+
+        self.paint(painter)
 
 
 class StatusBar(Static):
@@ -391,6 +475,17 @@ class StatusBar(Static):
     StatusBar {
         height: 1;
         background: $boost;
+        padding: 0 1;
+    }
+    """
+
+
+class ViewsBar(Static):
+    """Small terminals: the views `v` cycles through, the current one highlighted, alerts counted."""
+
+    DEFAULT_CSS = """
+    ViewsBar {
+        height: 1;
         padding: 0 1;
     }
     """

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -190,9 +191,10 @@ def test_alerts_panel_shows_crafted_problems(tmp_path):
 
     async def scenario(pilot):
         await wait_for(pilot, lambda: app.runs[0].end is not None)
-        text = app.query_one("#alerts").render().plain
-        assert "ERROR   nan: non-finite train raw/kd (nan) at step 33" in text
-        assert "ERROR   eval_identical: eval objective 1.5 at step 20 is identical to step 10" in text
+        await pilot.pause(0.2)
+        text = " ".join(app.query_one("#alerts").render().plain.split())  # wrapped to the panel's width
+        assert "ERROR nan: non-finite train raw/kd (nan) at step 33" in text
+        assert "ERROR eval_identical: eval objective 1.5 at step 20 is identical to step 10" in text
         assert "WARNING train_eval_gap" in text  # a constant eval objective also drifts away from train
         assert "alerts (3)" in str(app.query_one("#alerts").border_title)
 
@@ -216,3 +218,125 @@ def test_main_screen_snapshot(tmp_path):
         expected.write_text(shot["text"])
     assert expected.exists(), f"{expected} is missing; write it with DSMONITOR_UPDATE_SNAPSHOTS=1 and review it"
     assert shot["text"] == expected.read_text()
+
+
+def test_alerts_that_do_not_fit_are_announced_and_shown_alone_with_v(tmp_path):
+    from dsdistill.schema import AlertRecord
+
+    recs = healthy_records(40, end=False)
+    recs[-1:-1] = [
+        AlertRecord(
+            step=30, time=recs[-2].time, level="warning", code=f"trainer_{i}", message=f"the trainer's own alert number {i}"
+        )
+        for i in range(15)
+    ]
+    path = write(tmp_path / "run" / METRICS_FILE, recs)
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05, clock=lambda: recs[-1].time)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].records == len(recs))
+        await pilot.pause(0.3)
+        text = " ".join(app.query_one("#alerts").render().plain.split())
+        assert "trainer_0:" in text and "more line(s): `v` shows the alerts alone" in text  # announced, not clipped
+        while app.shown != "alerts":
+            await pilot.press("v")
+        await pilot.pause(0.3)
+        text = " ".join(app.query_one("#alerts").render().plain.split())
+        assert "more line(s)" not in text and all(f"trainer_{i}:" in text for i in range(15))
+
+    run_app(app, scenario)
+
+
+STAT_ROWS = {
+    "objective": ("train", "objective"),
+    "kd": ("train", "raw/kd"),
+    "lm": ("train", "raw/lm"),
+    "lr": ("train", "lr"),
+    "temperature": ("train", "temperature"),
+    "tokens/s": ("train", "tokens_per_s"),
+    "eval obj": ("eval", "objective"),
+    "eval ppl": ("eval", "ppl"),
+    "teacher ppl": ("eval", "teacher_ppl"),
+}
+
+
+def _stats_lines(text: str) -> list[str]:
+    """The stats table's rows as they are on screen (inside the panel's border)."""
+    lines = text.splitlines()
+    i, head = next((i, line) for i, line in enumerate(lines) if "│ metric" in line)
+    col = head.index("│ metric") + 1
+    out = []
+    for line in lines[i + 1 :]:
+        cell = line[col:]
+        cell = cell[: cell.find("│")] if "│" in cell else cell
+        if not cell.strip() or cell.strip().startswith("─"):
+            break
+        out.append(cell)
+    return out
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 60)], ids=["80x24", "200x60"])
+def test_no_number_on_screen_is_cut(tmp_path, size):
+    """Every value the stats view shows equals the formatting of a value from the records, whole."""
+    from dsmonitor.widgets import _fmt
+
+    recs = healthy_records(40, end=False)
+    for r in recs:
+        if getattr(r, "kind", "") == "train":
+            r.lr, r.tokens_per_s, r.temperature = 0.003, 29_876.5, 2.25
+    path = write(tmp_path / "qwen2.5-lr3e-4" / METRICS_FILE, recs)
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05, clock=lambda: recs[-1].time + 5)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].records == len(recs))
+        await pilot.pause(0.4)
+        text = app.screen_text()
+        assert ("stats" if size[0] < 100 else "all") == app.shown  # a small terminal gets one view at a time
+        run = app.runs[0]
+        assert "qwen2.5-lr3e-4: live, last record 5s ago" in text  # the run directory's own name, liveness by record time
+        rows = _stats_lines(text)
+        seen = set()
+        for line in rows:
+            label = next((k for k in STAT_ROWS if line.strip().startswith(k + " ") or line.strip() == k), None)
+            if label is None:
+                continue
+            where, key = STAT_ROWS[label]
+            s = getattr(run, where)[key]
+            delta = s.value[-1] - s.value[-2] if len(s) > 1 else None
+            allowed = {_fmt(s.last), _fmt(s.finite_min()), _fmt(delta)}
+            numbers = [tok for tok in line.strip()[len(label) :].split() if any(ch.isdigit() for ch in tok)]
+            assert numbers and numbers[0] == _fmt(s.last), (label, line)
+            assert set(numbers) <= allowed, (label, line, allowed)  # nothing cut, nothing made up
+            seen.add(label)
+        assert {"objective", "lr", "tokens/s", "temperature", "eval ppl"} <= seen, rows
+        assert "0.003" in text and "29,876" in text
+
+    run_app(app, scenario, size=size)
+
+
+def test_pause_freezes_the_screen_and_export_writes_a_self_contained_svg_elsewhere(tmp_path):
+    recs = healthy_records(40, end=False)
+    path = write(tmp_path / "run" / METRICS_FILE, recs[:20])
+    out = tmp_path / "exports"
+    out.mkdir()
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05, export_dir=str(out))
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].records == 20)
+        await pilot.press("p")
+        write(path, recs[20:])
+        await pilot.pause(0.5)
+        await pilot.press("l")  # a view change while paused redraws the frozen data, not the new records
+        await pilot.pause(0.2)
+        assert app.runs[0].records == 20 and app.pending == len(recs) - 20 and "PAUSED (+" in app.screen_text()
+        await pilot.press("p")
+        await wait_for(pilot, lambda: app.runs[0].records == len(recs))
+        app.notify("a toast that must not be in the picture")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: app.last_export is not None)
+        svg = app.last_export.read_text()
+        assert app.last_export.parent == out and not list(path.parent.glob("*.svg"))
+        assert not re.search(r"url\(\s*[\"']?https?:", svg)  # no font (or anything) fetched from the network
+        assert "toast" not in svg and "<svg" in svg
+
+    run_app(app, scenario)

@@ -20,10 +20,10 @@ DSMONITOR = os.path.join(os.path.dirname(sys.executable), "dsmonitor")
 """The installed console script, as a user runs it."""
 
 
-def state_of(records, now=None):
+def state_of(records):
     s = RunState("r")
     for r in records:
-        s.add(r, now=now if now is not None else r.time)
+        s.add(r)
     return s
 
 
@@ -115,9 +115,10 @@ def test_alerts_fire_on_crafted_streams_and_stay_silent_when_healthy():
     assert "nan" in codes(healthy_records(40, nan_at=17))
     assert "lr_zero" in codes(healthy_records(40, zero_lr_at=30))
     assert "spike" in codes(healthy_records(40, spike_at=39))
-    stalled = state_of(healthy_records(40, end=False), now=T0)
-    assert "stalled" in {a.code for a in evaluate_alerts(stalled, rules, now=T0 + 61)}
-    assert "stalled" not in {a.code for a in evaluate_alerts(stalled, rules, now=T0 + 59)}
+    recs = healthy_records(40, end=False)
+    stalled, last = state_of(recs), recs[-1].time  # liveness counts from the newest record's own time
+    assert "stalled" in {a.code for a in evaluate_alerts(stalled, rules, now=last + 61)}
+    assert "stalled" not in {a.code for a in evaluate_alerts(stalled, rules, now=last + 59)}
     gap = healthy_records(40)
     for r in gap:
         if r.kind == "eval":
@@ -132,11 +133,11 @@ def test_once_and_json(tmp_path):
     text = summary_text(states, AlertRules())
     assert "run run: step 30/30 (100.0%), 35 records, 1 corrupt, ended: completed" in text
     assert "ERROR nan: non-finite train" in text
-    data = json.loads(summary_json(states, AlertRules()))
+    (data,) = json.loads(summary_json(states, AlertRules()))  # a list, one entry per run, even for one
     assert data["step"] == 30 and data["eval"]["teacher_ppl"] == 2.5 and data["corrupt_lines"] == 1
     assert any(a["code"] == "nan" for a in data["alerts"])
     proc = subprocess.run([DSMONITOR, str(tmp_path / "run"), "--once"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "ERROR nan" in proc.stdout
+    assert proc.returncode == 1 and "ERROR nan" in proc.stdout  # an ERROR alert fails a CI step
     proc = subprocess.run([DSMONITOR, str(tmp_path / "nope")], capture_output=True, text=True)
     assert (
         proc.returncode == 2
@@ -156,3 +157,84 @@ def test_ingest_benchmark_script_runs():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["records"] >= 2000 and out["ratio_vs_baseline"] > 0
+
+
+# ------------------------------------------------------------------ regressions from real use
+
+
+def test_the_newest_point_is_always_drawn():
+    ys = [float(i % 7) for i in range(100_001)]
+    keep = minmax_indices(ys, 50)
+    assert keep[0] == 0 and keep[-1] == 100_000 and len(keep) <= 2 * 50 + 2
+
+
+def test_the_window_clips_eval_points_to_the_train_window():
+    from dsmonitor.widgets import ViewOptions, series_trace, window_start_x
+
+    s = state_of(healthy_records(40))
+    opts = ViewOptions(window=10, smoothing=0.0)
+    x_min = window_start_x(s.train["raw/kd"], opts)
+    assert x_min == 30
+    (trace,) = series_trace(s.eval["raw/kd"], opts, "white", 60, "eval", points_only=True, x_min=x_min)
+    assert trace.xs and min(trace.xs) >= 30  # step 0's eval point no longer stretches the axis
+
+
+def test_run_names_and_paths_whatever_they_look_like(tmp_path):
+    from dsmonitor.tail import metrics_path, run_name
+
+    dotted = tmp_path / "qwen2.5-lr3e-4"
+    write(dotted / "metrics.jsonl", healthy_records(3))
+    assert run_name(dotted) == "qwen2.5-lr3e-4" and run_name(dotted / "metrics.jsonl") == "qwen2.5-lr3e-4"
+    plain = tmp_path / "stream"  # a metrics file without a suffix
+    plain.write_bytes((dotted / "metrics.jsonl").read_bytes())
+    assert metrics_path(plain) == plain and len(Tailer(plain).poll().records) == 5
+    proc = subprocess.run([DSMONITOR, str(plain), "--once"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "run tmp" not in proc.stdout
+
+
+def test_a_resumed_run_continues_its_time_axis_and_eta_uses_the_new_pace():
+    first = healthy_records(20, end=False)
+    trains = [r for r in first if r.kind == "train"]
+    pace = trains[-1].time - trains[-2].time
+    restart_at = first[-1].time + 3600  # resumed an hour later, from step 20
+    resumed = healthy_records(40, end=False, t0=restart_at - 20 * pace)
+    resumed[0].time = restart_at
+    s = state_of(first + [resumed[0]] + [r for r in resumed[1:] if 20 <= getattr(r, "step", 0) < 30])
+    times = s.train_x.time
+    assert all(b >= a for a, b in zip(times, times[1:]))  # no restart at 0 drawn over the earlier curve
+    assert times[-1] - times[0] < 3600  # the hour between the runs is not training time
+    assert s.current_step == 30 and s.eta_seconds() == pytest.approx(10 * pace, rel=1e-6)
+
+
+def test_a_file_replaced_in_place_within_one_poll_is_read_anew(tmp_path):
+    path = write(tmp_path / "metrics.jsonl", healthy_records(5))
+    tailer = Tailer(path)
+    assert len(tailer.poll().records) == 7
+    other = healthy_records(8, t0=T0 + 999)
+    with open(path, "r+", encoding="utf-8") as fh:  # same inode, at least as long, other contents
+        fh.seek(0)
+        fh.truncate()
+        fh.write("".join(dumps(r) + "\n" for r in other))
+    res = tailer.poll()
+    assert res.restarted == "replaced" and len(res.records) == len(other) and res.records[0].time == T0 + 999
+
+
+def test_records_of_unknown_kinds_are_skipped_not_corrupt(tmp_path):
+    path = write(tmp_path / "metrics.jsonl", healthy_records(3))
+    with open(path, "a") as fh:
+        fh.write('{"kind": "system", "step": 3, "time": 1.0, "gpus": []}\n{"kind": "train", "step": "x"}\nnot json\n')
+    res = Tailer(path).poll()
+    assert res.unknown == 1 and res.corrupt == 2 and len(res.records) == 5
+
+
+def test_an_absurd_record_time_does_not_break_the_axes():
+    recs = healthy_records(10)
+    recs[5].time = 1e308
+    s = state_of(recs)
+    assert all(math.isfinite(t) and t < 1e6 for t in s.train_x.time)
+
+
+def test_once_output_into_a_closed_pipe_is_not_a_traceback(tmp_path):
+    write(tmp_path / "run" / "metrics.jsonl", healthy_records(200))
+    proc = subprocess.run(f"'{DSMONITOR}' '{tmp_path / 'run'}' --json | head -c 10", shell=True, capture_output=True, text=True)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
