@@ -65,6 +65,25 @@ class RecordsArrived(Message):
         self.result = result
 
 
+class Preview(Message):
+    """A large file's first record and latest records, read before its history (see Tailer.peek_latest)."""
+
+    def __init__(self, index: int, result: PollResult):
+        super().__init__()
+        self.index = index
+        self.result = result
+
+
+class Loaded(Message):
+    """A run's whole history, ingested by the tail worker (off the UI thread)."""
+
+    def __init__(self, index: int, state: RunState, missing: bool):
+        super().__init__()
+        self.index = index
+        self.state = state
+        self.missing = missing
+
+
 class DsMonitor(App):
     """The dashboard."""
 
@@ -119,6 +138,7 @@ class DsMonitor(App):
         rules: Optional[AlertRules] = None,
         clock: Callable[[], float] = time.time,
         export_dir: Optional[str] = None,
+        preview_bytes: int = 4 << 20,
     ):
         super().__init__()
         self.targets = targets
@@ -136,6 +156,11 @@ class DsMonitor(App):
         self.export_dir = export_dir
         self.catching_up = True
         """True while the worker is still reading a backlog: intermediate full redraws are skipped."""
+        self.preview_bytes = preview_bytes
+        """Files larger than this are drawn from their first and latest records before their history is read."""
+        self.previewed: list[Optional[tuple[int, int]]] = [None] * len(targets)
+        """(step, records) each run's preview showed, for runs drawn tail first."""
+        self.loaded_bytes = [0] * len(targets)
         self._stop = threading.Event()
         self._plots: dict[str, PlotPanel] = {}
         self.last_export: Optional[Path] = None
@@ -233,6 +258,29 @@ class DsMonitor(App):
     # ------------------------------------------------------------------ data
     @work(thread=True, exclusive=True, group="tail")
     def tail_worker(self) -> None:
+        # 1. a large file's latest state first, so the screen shows where the run is within moments
+        for i, tailer in enumerate(self.tailers):
+            if _size(tailer.path) > self.preview_bytes:
+                self.post_message(Preview(i, tailer.peek_latest(tail_bytes=min(2 << 20, self.preview_bytes // 4))))
+        # 2. every history read and ingested here, off the UI thread (keys stay responsive); the UI swaps
+        #    each run in whole
+        for i, tailer in enumerate(self.tailers):
+            state = RunState(self.runs[i].name)
+            while not self._stop.is_set():
+                res = tailer.poll(max_bytes=MAX_BYTES_PER_POLL)
+                if res.restarted:
+                    state = RunState(state.name)
+                with gc_paused():
+                    for rec in res.records:
+                        state.add(rec)
+                state.corrupt += res.corrupt
+                state.unknown += res.unknown
+                self.loaded_bytes[i] = tailer.offset
+                if res.missing or tailer.offset >= _size(tailer.path):
+                    break
+            self.post_message(Loaded(i, state, res.missing))
+        self.catching_up = False
+        # 3. follow: small batches applied by the UI thread
         while not self._stop.is_set():
             more = False
             for i, tailer in enumerate(self.tailers):
@@ -243,6 +291,19 @@ class DsMonitor(App):
             self.catching_up = more
             if not more:
                 self._stop.wait(self.poll_interval)
+
+    def on_preview(self, msg: Preview) -> None:
+        state = RunState(self.runs[msg.index].name)
+        for rec in msg.result.records:
+            state.add(rec)
+        self.runs[msg.index] = state
+        self.previewed[msg.index] = (state.current_step, state.records)
+        self.refresh_views(force=True)
+
+    def on_loaded(self, msg: Loaded) -> None:
+        self.runs[msg.index] = msg.state
+        self.missing[msg.index] = msg.missing
+        self.dirty = True
 
     def on_records_arrived(self, msg: RecordsArrived) -> None:
         if self.paused:  # a pause is a freeze: what arrives waits until follow resumes
@@ -313,7 +374,8 @@ class DsMonitor(App):
         now = self.clock()
         mode = f"PAUSED (+{self.pending} new)" if self.paused else "FOLLOW"
         if self.catching_up:
-            mode += f" loading {sum(r.records for r in self.runs):,} records"
+            total = sum(_size(t.path) for t in self.tailers) or 1
+            mode += f" loading history {100 * sum(self.loaded_bytes) / total:.0f}%"
         essential, extra = [mode], []
         for i, run in enumerate(self.runs):
             since = run.since_last(now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from array import array
 
 import numpy as np
 
@@ -52,12 +53,12 @@ class IncrementalEMA:
 
     def __init__(self, weight: float):
         self.weight = weight
-        self.last, self.count, self.out = 0.0, 0, []
+        self.last, self.count, self.out = 0.0, 0, array("d")
 
-    def update(self, values: list[float]) -> list[float]:
+    def update(self, values) -> array:
         w = self.weight
         if len(values) < len(self.out):  # the series was rebuilt: start over
-            self.last, self.count, self.out = 0.0, 0, []
+            self.last, self.count, self.out = 0.0, 0, array("d")
         for v in values[len(self.out) :]:
             if not math.isfinite(v):
                 self.out.append(v)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from array import array
 from collections import deque
 from typing import Any, Optional
 
@@ -11,6 +12,7 @@ from dsdistill import registry
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 
 X_AXES = ("step", "time", "tokens")
+OBJECTIVE_MEMORY = 4096
 MAX_TIME_JUMP = 10 * 365 * 86400.0
 """A record time this far from the previous one is a broken clock or a corrupt value, not training time."""
 
@@ -19,10 +21,11 @@ class XTable:
     """x coordinates stored once per record: step, seconds since run start, tokens, restart segment."""
 
     def __init__(self):
-        self.step: list[int] = []
-        self.time: list[float] = []
-        self.tokens: list[int] = []
-        self.segment: list[int] = []
+        # compact columns (8 bytes a value, not a Python object each): a million records stay small
+        self.step = array("q")
+        self.time = array("d")
+        self.tokens = array("d")
+        self.segment = array("q")
 
     def add(self, step: int, t: float, tokens: int, segment: int) -> int:
         self.step.append(step)
@@ -42,8 +45,8 @@ class Series:
 
     def __init__(self, table: XTable):
         self.table = table
-        self.rows: list[int] = []
-        self.value: list[float] = []
+        self.rows = array("q")
+        self.value = array("d")
         self.smoothers: dict = {}
         self.vmin: Optional[float] = None
 
@@ -135,7 +138,8 @@ class RunState:
         self.first_nonfinite_eval: Optional[tuple[str, int]] = None
         """(metrics, step) of the first eval with a non-finite value."""
         self.train_objective_at: dict[int, float] = {}
-        """Train objective by step (the latest segment wins), for train/eval comparisons."""
+        """Train objective by step for the latest OBJECTIVE_MEMORY steps (the latest segment wins), for
+        train/eval comparisons."""
 
     # ------------------------------------------------------------------ ingest
     def _series(self, table: dict[str, Series], key: str, x: XTable) -> Series:
@@ -201,6 +205,8 @@ class RunState:
         for name, w in weights.items():
             (table.get("weight/" + name) or self._series(table, "weight/" + name, x)).add(row, w)
         self.train_objective_at[rec.step] = rec.objective
+        if len(self.train_objective_at) > OBJECTIVE_MEMORY:
+            del self.train_objective_at[next(iter(self.train_objective_at))]
         for key, value in (
             ("objective", rec.objective),
             ("lr", rec.lr),

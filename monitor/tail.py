@@ -158,6 +158,32 @@ class Tailer:
                 self._consume(data, out)
         return out
 
+    def peek_latest(self, *, tail_bytes: int = 2 << 20) -> PollResult:
+        """The file's first record (the run_start a curriculum and the axes need) and the records in its last
+        `tail_bytes`, read without moving the offset: what a large file's latest state is drawn from while
+        its history is read (like toolong opening a large log at its end)."""
+        out = PollResult()
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as fh:
+                head = fh.readline(1 << 20)
+                fh.seek(max(0, size - tail_bytes))
+                tail = fh.read(tail_bytes)
+        except OSError:
+            out.missing = True
+            return out
+        lines = tail.split(b"\n")
+        if size > tail_bytes:
+            lines = lines[1:]  # the first line of the window is cut
+        first = parse_line(head) if head.endswith(b"\n") else None
+        if first is not None and size > tail_bytes:
+            out.records.append(first)
+        for raw in lines[:-1] if not tail.endswith(b"\n") else lines:
+            rec = parse_line(raw) if raw.strip() else None
+            if rec is not None:
+                out.records.append(rec)
+        return out
+
     def _consume(self, data: bytes, out: PollResult) -> None:
         buf = self.partial + data
         lines = buf.split(b"\n")

@@ -340,3 +340,19 @@ def test_pause_freezes_the_screen_and_export_writes_a_self_contained_svg_elsewhe
         assert "toast" not in svg and "<svg" in svg
 
     run_app(app, scenario)
+
+
+def test_a_large_file_shows_its_latest_state_first_then_its_whole_history(tmp_path):
+    recs = healthy_records(3000, eval_every=100)
+    path = write(tmp_path / "run" / METRICS_FILE, recs)
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05, preview_bytes=64 << 10)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: not app.catching_up and app.runs[0].records == len(recs))
+        await pilot.pause(0.2)
+
+    run_app(app, scenario)
+    step, records = app.previewed[0]
+    assert step == 3000 and records < len(recs) / 10  # drawn from the file's end before its history was read
+    run = app.runs[0]
+    assert run.start is not None and len(run.train["objective"]) == 3000 and run.end is not None
