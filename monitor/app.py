@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 from rich.console import Console
 from rich.text import Text
 from textual import work
@@ -43,16 +44,20 @@ from .widgets import (
     PlotPanel,
     Plots,
     RouterPanel,
+    SearchScreen,
     Side,
     StatsPanel,
     StatusBar,
     ViewOptions,
     ViewsBar,
     _duration,
+    series_xy,
+    write_csv,
 )
 
 MAX_BYTES_PER_POLL = 16 << 20
 COMPACT_SIZE = (100, 30)
+PLOT_MIN_WIDTH = 60
 VIEWS = ("stats", "alerts", "curriculum", "eval", "router", "plots")
 
 
@@ -110,6 +115,18 @@ class DsMonitor(App):
         Binding("b", "cycle_baseline", "baseline"),
         Binding("e", "export", "SVG"),
         Binding("v", "next_view", "view"),
+        Binding("o", "toggle_robust", "outliers"),
+        Binding("plus,equals_sign", "zoom(0.5)", "zoom+", show=False),
+        Binding("minus", "zoom(2.0)", "zoom-", show=False),
+        Binding("less_than_sign,comma", "pan(-1)", "pan left", show=False),
+        Binding("greater_than_sign,full_stop", "pan(1)", "pan right", show=False),
+        Binding("0", "reset_zoom", "reset zoom", show=False),
+        Binding("left_square_bracket", "cursor(-1)", "cursor left", show=False),
+        Binding("right_square_bracket", "cursor(1)", "cursor right", show=False),
+        Binding("c", "hide_cursor", "hide cursor", show=False),
+        Binding("E", "export_csv", "CSV", show=False),
+        Binding("i", "show_config", "config", show=False),
+        Binding("j", "show_records", "records", show=False),
         Binding("tab", "focus_next", "next panel", show=False),
         Binding("shift+tab", "focus_previous", "prev panel", show=False),
     ]
@@ -126,6 +143,13 @@ class DsMonitor(App):
         ("b", "next run as the pinned baseline"),
         ("e", "export an SVG screenshot (to --export-dir or the current directory)"),
         ("v", f"one view alone, next view (below {COMPACT_SIZE[0]}x{COMPACT_SIZE[1]} one view is always alone)"),
+        ("o", "y range ignores outliers (2nd-98th percentile) on/off"),
+        ("+ / -", "zoom in / out on x (about the crosshair, else the newest end)"),
+        ("< / >", "pan left / right; 0 resets the zoom"),
+        ("[ / ]", "crosshair one record left / right: every plot reads its value there; c hides it"),
+        ("E", "export every series as CSV (to --export-dir or the current directory)"),
+        ("i", "the run's resolved config, searchable"),
+        ("j", "the newest raw records, searchable"),
         ("tab", "next / previous panel (shift+tab)"),
     ]
 
@@ -236,6 +260,13 @@ class DsMonitor(App):
         self.plots.display = not alone or shown == "plots"
         self.side.display = not alone or shown != "plots"
         self.side.styles.width = "1fr" if alone else "2fr"
+        # wide terminals: plots in a grid of columns at least PLOT_MIN_WIDTH cells wide
+        plots_width = self.size.width if shown == "plots" else self.size.width * 3 // 5
+        columns = max(1, plots_width // PLOT_MIN_WIDTH)
+        self.plots.styles.layout = "grid" if columns > 1 else "vertical"
+        if columns > 1:
+            self.plots.styles.grid_size_columns = columns
+            self.plots.styles.grid_rows = "12"
         self.views_bar.display = alone
         self._draw_views_bar()
 
@@ -401,7 +432,11 @@ class DsMonitor(App):
         extra.insert(
             0,
             f"x:{o.x_axis} smooth:{o.smoothing:g} log-y:{'on' if o.logy else 'off'} "
-            f"{'weighted' if o.weighted else 'raw'} window:{o.window or 'all'}" + (f" filter:{o.filter}" if o.filter else ""),
+            f"{'weighted' if o.weighted else 'raw'} window:{o.window or 'all'}"
+            + (f" filter:{o.filter}" if o.filter else "")
+            + (f" zoom:{100 * o.zoom[0]:.0f}-{100 * o.zoom[1]:.0f}%" if o.zoom != (0.0, 1.0) else "")
+            + (" outliers:ignored" if o.robust else "")
+            + (f" crosshair:{o.cursor:g}" if o.cursor is not None else ""),
         )
         room = max(10, self.size.width - 2)
         parts = list(essential)
@@ -424,6 +459,92 @@ class DsMonitor(App):
     def _changed(self) -> None:
         self.dirty = True
         self.refresh_views(force=True)  # also while paused: a view change redraws the frozen data
+
+    def _base_xs(self):
+        """x of the baseline run's train points, in order (what the crosshair steps along)."""
+        s = self.runs[self.opts.baseline].train.get("objective") if self.runs else None
+        if s is None or not len(s):
+            return None
+        xs, _ = series_xy(s, self.opts.x_axis)
+        return xs[np.isfinite(xs)]
+
+    def action_toggle_robust(self) -> None:
+        self.opts.robust = not self.opts.robust
+        self._changed()
+
+    def _fraction(self, x: float) -> Optional[float]:
+        xs = self._base_xs()
+        if xs is None or not len(xs) or xs.max() == xs.min():
+            return None
+        return (x - xs.min()) / (xs.max() - xs.min())
+
+    def action_zoom(self, factor: float) -> None:
+        z0, z1 = self.opts.zoom
+        frac = self._fraction(self.opts.cursor) if self.opts.cursor is not None else None
+        anchor = z1 if frac is None else min(z1, max(z0, frac))
+        n0, n1 = anchor - (anchor - z0) * factor, anchor + (z1 - anchor) * factor
+        if n1 - n0 < 0.01:
+            return
+        if n1 - n0 >= 1:
+            n0, n1 = 0.0, 1.0
+        shift = max(0.0, -n0) - max(0.0, n1 - 1)
+        self.opts.zoom = (n0 + shift, n1 + shift)
+        self._changed()
+
+    def action_pan(self, direction: int) -> None:
+        z0, z1 = self.opts.zoom
+        step = 0.25 * (z1 - z0) * direction
+        step = max(-z0, min(1 - z1, step))
+        self.opts.zoom = (z0 + step, z1 + step)
+        self._changed()
+
+    def action_reset_zoom(self) -> None:
+        self.opts.zoom = (0.0, 1.0)
+        self._changed()
+
+    def action_cursor(self, direction: int) -> None:
+        xs = self._base_xs()
+        if xs is None or not len(xs):
+            return
+        if self.opts.cursor is None:
+            i = len(xs) - 1
+        else:
+            i = int(np.searchsorted(xs, self.opts.cursor, side="right")) - 1 + direction
+        self.opts.cursor = float(xs[max(0, min(len(xs) - 1, i))])
+        self._changed()
+
+    def action_hide_cursor(self) -> None:
+        self.opts.cursor = None
+        self._changed()
+
+    def action_export_csv(self) -> None:
+        path = (
+            Path(self.export_dir or os.getcwd())
+            / f"dsmonitor-{'-'.join(r.name for r in self.runs)[:80]}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        )
+        try:
+            with open(path, "w", newline="", encoding="utf-8") as fh:
+                write_csv(self.runs, fh)
+        except OSError as e:
+            self.notify(f"export failed: {e}", severity="error")
+            return
+        self.last_export = path
+        self.notify(f"saved {path}")
+
+    def action_show_config(self) -> None:
+        run = self.runs[self.opts.baseline]
+        if run.start is None:
+            self.notify("no run_start record yet", severity="warning")
+            return
+        import yaml
+
+        text = yaml.safe_dump(run.start.config, sort_keys=False)
+        self.push_screen(SearchScreen(f"{run.name}: resolved config (run_start)", text.splitlines()))
+
+    def action_show_records(self) -> None:
+        tailer = self.tailers[self.opts.baseline]
+        lines = [line.decode("utf-8", "replace") for line in tailer.tail_lines(500)]
+        self.push_screen(SearchScreen(f"{self.runs[self.opts.baseline].name}: newest {len(lines)} records", lines))
 
     def action_toggle_log(self) -> None:
         self.opts.logy = not self.opts.logy

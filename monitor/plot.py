@@ -103,12 +103,16 @@ def render_plot(
     x_axis: str = "step",
     hlines: Optional[list[HLine]] = None,
     markers: Optional[list[float]] = None,
+    robust: bool = False,
 ) -> Text:
-    """A plot `width` x `height` cells: y labels on the left, x labels below, braille lines in between."""
+    """A plot `width` x `height` cells: y labels on the left, x labels below, braille lines in between.
+    `robust`: the y range covers the 2nd to 98th percentile of the points (an early spike does not flatten
+    the rest; points outside are cut at the edge), as TensorBoard's "ignore outliers"."""
     hlines = hlines or []
     markers = markers or []
     margin = 8
     pw, ph = max(4, width - margin - 1), max(2, height - 1)
+    clip = robust  # points outside a robust y range are drawn at its edge instead of being dropped
 
     def ty(v: float) -> Optional[float]:
         if not math.isfinite(v):
@@ -124,6 +128,9 @@ def render_plot(
         return Text("\n".join([" " * width] * (height // 2) + ["(no data yet)".center(width)]), style="grey50")
     x0, x1 = min(xs_all), max(xs_all)
     y0, y1 = min(ys_all), max(ys_all)
+    if robust and len(ys_all) >= 20:
+        q = sorted(ys_all)
+        y0, y1 = q[int(0.02 * (len(q) - 1))], q[int(0.98 * (len(q) - 1))]
     if x1 == x0:
         x1 = x0 + 1
     if y1 == y0:
@@ -136,6 +143,8 @@ def render_plot(
         return round((x - x0) / (x1 - x0) * W)
 
     def py(y: float) -> int:
+        if clip:
+            y = min(y1, max(y0, y))
         return round((y1 - y) / (y1 - y0) * H)
 
     for h in hlines:
@@ -174,10 +183,24 @@ def render_plot(
             label = _fmt(10**mid if logy else mid)
         else:
             label = ""
-        out.append(label.rjust(margin - 1)[: margin - 1] + "│", style="grey62")
+        out.append(_fit(label, margin - 1).rjust(margin - 1) + "│", style="grey62")
         out.append_text(row)
         out.append("\n")
     left, right = _fmt_x(x0, x_axis), _fmt_x(x1, x_axis)
+    if margin + len(left) + 1 + len(right) > width:
+        right = ""  # an axis label is shown whole or not at all
     axis = " " * margin + left + " " * max(1, pw - len(left) - len(right)) + right
-    out.append(axis[:width], style="grey62")
+    out.append(axis if len(axis) <= width else " " * width, style="grey62")
     return out
+
+
+def _fit(label: str, width: int) -> str:
+    """A tick label in `width` characters: a shorter form of the same number, or nothing (never cut)."""
+    if len(label) <= width:
+        return label
+    try:
+        v = float(label)
+    except ValueError:
+        return ""
+    short = f"{v:.0e}"
+    return short if len(short) <= width else ""

@@ -184,6 +184,20 @@ class Tailer:
                 out.records.append(rec)
         return out
 
+    def tail_lines(self, n: int, *, max_bytes: int = 4 << 20) -> list[bytes]:
+        """The newest `n` complete lines of the file (for the raw-record view), read from its end."""
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as fh:
+                fh.seek(max(0, size - max_bytes))
+                data = fh.read(max_bytes)
+        except OSError:
+            return []
+        lines = data.split(b"\n")
+        if size > max_bytes:
+            lines = lines[1:]
+        return [line for line in lines if line.strip()][-n:]
+
     def _consume(self, data: bytes, out: PollResult) -> None:
         buf = self.partial + data
         lines = buf.split(b"\n")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -37,6 +38,12 @@ class ViewOptions:
     window: Optional[int] = None
     filter: str = ""
     baseline: int = 0
+    robust: bool = False
+    """y range from the 2nd-98th percentile of the points (outliers do not flatten the curve)."""
+    zoom: tuple[float, float] = (0.0, 1.0)
+    """The visible part of the x range (after the window), as fractions."""
+    cursor: Optional[float] = None
+    """x of the crosshair (None: hidden); every plot reads its values there."""
 
     def matches(self, name: str) -> bool:
         if not self.filter:
@@ -122,11 +129,45 @@ def ordered_runs(runs: list[RunState], opts: ViewOptions) -> list[tuple[int, Run
     return [(i, runs[i]) for i in idx if i < len(runs)]
 
 
+def _np(col) -> np.ndarray:
+    """A zero-copy numpy view of an array column."""
+    return np.frombuffer(col, dtype=np.float64 if col.typecode == "d" else np.int64) if len(col) else np.zeros(0)
+
+
+def series_xy(series: Series, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of every point of a series as numpy arrays (no Python object per point)."""
+    rows = _np(series.rows).astype(np.int64, copy=False)
+    return _np(getattr(series.table, axis))[rows].astype(np.float64), _np(series.value)
+
+
 def window_start_x(series: Series, opts: ViewOptions) -> Optional[float]:
     """The x where the last-N window of a train series begins (None: no window, or all of it fits)."""
     if not opts.window or len(series) <= opts.window:
         return None
     return getattr(series.table, opts.x_axis)[series.rows[len(series) - opts.window]]
+
+
+def view_bounds(series: Optional[Series], opts: ViewOptions) -> Optional[tuple[float, float]]:
+    """The x range on screen, from a reference train series: the last-N window, then the zoom within it."""
+    if series is None or not len(series):
+        return None
+    xs, _ = series_xy(series, opts.x_axis)
+    finite = xs[np.isfinite(xs)]
+    if not len(finite):
+        return None
+    start = window_start_x(series, opts)
+    lo, hi = (float(finite.min()) if start is None else float(start)), float(finite.max())
+    z0, z1 = opts.zoom
+    span = hi - lo
+    # open at an edge nothing cuts (the eval after the last train step stays in view)
+    return (lo + z0 * span if start is not None or z0 > 0 else -math.inf), (lo + z1 * span if z1 < 1 else math.inf)
+
+
+def value_at(series: Series, axis: str, x: float) -> Optional[float]:
+    """The series' value at the last point with x <= `x` (what the crosshair reads)."""
+    xs, ys = series_xy(series, axis)
+    idx = np.flatnonzero(xs <= x)
+    return float(ys[idx[-1]]) if len(idx) else None
 
 
 def series_trace(
@@ -136,28 +177,32 @@ def series_trace(
     width: int,
     label: str,
     points_only: bool = False,
-    x_min: Optional[float] = None,
+    bounds: Optional[tuple[float, float]] = None,
 ) -> list[Trace]:
-    """Raw (dim) and smoothed traces of one series, windowed and downsampled to the plot width. `x_min`
-    windows by x instead of by count (eval points follow the train window)."""
-    xcol, scol = getattr(series.table, opts.x_axis), series.table.segment
-    if x_min is not None:
-        start = next((i for i, r in enumerate(series.rows) if xcol[r] >= x_min), len(series))
+    """Raw (dim) and smoothed traces of one series within the x `bounds` (the window and zoom of the
+    panel; without bounds the last-N window by count), downsampled to the plot width. Vectorised: the cost
+    of a redraw grows with the points on screen, not with the Python objects of the whole history."""
+    xs, ys = series_xy(series, opts.x_axis)
+    seg = _np(series.table.segment)[_np(series.rows).astype(np.int64, copy=False)] if len(series) else np.zeros(0)
+    if bounds is not None:
+        sel = np.flatnonzero((xs >= bounds[0]) & (xs <= bounds[1]))
     else:
         start = max(0, len(series) - opts.window) if opts.window else 0
-    rows = series.rows[start:]
-    ys_full = series.value[start:]
-    smooth = series.smoothed(opts.smoothing)[start:] if opts.smoothing > 0 and not points_only else None
+        sel = np.arange(start, len(series))
+    smooth = None
+    if opts.smoothing > 0 and not points_only:
+        smooth = np.frombuffer(series.smoothed(opts.smoothing), dtype=np.float64)
 
-    def pick(values: list[float]) -> Trace:
-        keep = minmax_indices(values, max(8, width))
-        return Trace([xcol[rows[i]] for i in keep], [values[i] for i in keep], "", label, [scol[rows[i]] for i in keep])
+    def pick(values: np.ndarray) -> Trace:
+        v = values[sel]
+        keep = sel[minmax_indices(v, max(8, width))] if len(v) else sel
+        return Trace(xs[keep].tolist(), values[keep].tolist(), "", label, seg[keep].tolist())
 
     if smooth is None:
-        t = pick(ys_full)
+        t = pick(ys)
         t.color, t.points_only = f"bold {color}", points_only
         return [t]
-    raw, sm = pick(ys_full), pick(smooth)
+    raw, sm = pick(ys), pick(smooth)
     raw.color, sm.color = f"dim {color}", f"bold {color}"
     return [raw, sm]
 
@@ -222,24 +267,27 @@ class PlotPanel(Panel):
 
     def draw(self, runs: list[RunState], opts: ViewOptions) -> None:
         kind = "weighted" if opts.weighted else "raw"
-        title = Text(f"{self.component} ({kind})  ")
+        at = "" if opts.cursor is None else f" @ {opts.cursor:g}"
+        title = Text(f"{self.component} ({kind}){at}  ")
         for i, run in ordered_runs(runs, opts):
             s = run.train.get(f"{kind}/{self.component}")
             if s is not None and len(s):
-                title.append(f"{_fmt(s.last)} ", style=RUN_COLORS[i % len(RUN_COLORS)])
+                v = s.last if opts.cursor is None else value_at(s, opts.x_axis, opts.cursor)
+                title.append(f"{_fmt(v)} ", style=RUN_COLORS[i % len(RUN_COLORS)])
         self.border_title = title
+        base = runs[opts.baseline] if runs else None
+        bounds = view_bounds(base.train.get(f"{kind}/{self.component}") if base is not None else None, opts)
 
         def painter(width: int, height: int):
             traces: list[Trace] = []
             for i, run in ordered_runs(runs, opts):
                 color = RUN_COLORS[i % len(RUN_COLORS)]
                 s = run.train.get(f"{kind}/{self.component}")
-                x_min = None
                 if s is not None and len(s):
-                    traces += series_trace(s, opts, color, width - 9, run.name)
-                    x_min = window_start_x(s, opts)
+                    traces += series_trace(s, opts, color, width - 9, run.name, bounds=bounds)
                 ev = run.eval.get(f"raw/{self.component}")
                 if ev is not None and len(ev) and not opts.weighted:
+                    # eval points follow the train window and zoom (step 0 does not stretch a windowed axis)
                     traces += series_trace(
                         ev,
                         opts,
@@ -247,9 +295,10 @@ class PlotPanel(Panel):
                         width - 9,
                         f"{run.name} eval",
                         points_only=True,
-                        x_min=x_min if x_min is not None else (float("-inf") if opts.window else None),
+                        bounds=bounds or (float("-inf"), float("inf")),
                     )
-            return render_plot(traces, width, height, logy=opts.logy, x_axis=opts.x_axis)
+            markers = [] if opts.cursor is None else [opts.cursor]
+            return render_plot(traces, width, height, logy=opts.logy, x_axis=opts.x_axis, markers=markers, robust=opts.robust)
 
         self.paint(painter)
 
@@ -289,10 +338,19 @@ class CurriculumPanel(Panel):
             style = RUN_COLORS[j % len(RUN_COLORS)] if name in cur.active else "grey42"
             legend.append(f"{name}={_fmt(w) if w is not None else 'off'} ", style=style)
 
+        # the temperature has its own scale: a plot of its own under the weights when it changes over the run
+        temps = [cur.config.temperature.at(min(1.0, s / total)) for s in steps]
+        t_trace = [Trace([float(s) for s in steps], temps, "bold white", "T")] if max(temps) != min(temps) else []
+
         def painter(width: int, height: int):
             legend_rows = len(legend.wrap(self.app.console, width))
-            plot = render_plot(traces, width, max(3, height - legend_rows), x_axis="step", markers=[float(step)])
-            return Text("\n").join([legend, plot])
+            room = max(3, height - legend_rows)
+            t_rows = min(5, room // 3) if t_trace else 0
+            parts = [legend, render_plot(traces, width, room - t_rows, x_axis="step", markers=[float(step)])]
+            if t_rows:
+                parts.append(Text("temperature", style="bold"))
+                parts.append(render_plot(t_trace, width, t_rows - 1, x_axis="step", markers=[float(step)]))
+            return Text("\n").join(parts)
 
         self.paint(painter)
 
@@ -312,23 +370,20 @@ class EvalPanel(Panel):
     def _paint(self, runs: list[RunState], opts: ViewOptions, width: int, height: int):
         obj_traces, ppl_traces, hlines = [], [], []
         lines = Text()
+        base = runs[opts.baseline] if runs else None
+        bounds = view_bounds(base.train.get("objective") if base is not None else None, opts) or (-math.inf, math.inf)
         for i, run in ordered_runs(runs, opts):
             color = RUN_COLORS[i % len(RUN_COLORS)]
             if "objective" in run.train:
-                obj_traces += series_trace(run.train["objective"], opts, color, width - 9, run.name)
+                obj_traces += series_trace(run.train["objective"], opts, color, width - 9, run.name, bounds=bounds)
             if "objective" in run.eval:
-                obj_traces.append(
-                    Trace(
-                        run.eval["objective"].xs(opts.x_axis),
-                        run.eval["objective"].value,
-                        "bold white",
-                        "eval",
-                        run.eval["objective"].segment,
-                    )
-                )
+                (ev,) = series_trace(run.eval["objective"], opts, "white", width - 9, "eval", points_only=True, bounds=bounds)
+                ev.points_only = False  # few points: joined
+                obj_traces.append(ev)
             if "ppl" in run.eval:
-                s = run.eval["ppl"]
-                ppl_traces.append(Trace(s.xs(opts.x_axis), s.value, f"bold {color}", run.name, s.segment))
+                (pp,) = series_trace(run.eval["ppl"], opts, color, width - 9, run.name, points_only=True, bounds=bounds)
+                pp.points_only = False
+                ppl_traces.append(pp)
             e = run.last_eval
             if e is not None:
                 if e.teacher_ppl is not None:
@@ -346,7 +401,7 @@ class EvalPanel(Panel):
         lines.rstrip()
         head = lines if lines else Text("no eval yet", style="grey50")
         h = max(6, height - len(head.wrap(self.app.console, width)))
-        top = render_plot(obj_traces, width, h // 2, logy=opts.logy, x_axis=opts.x_axis)
+        top = render_plot(obj_traces, width, h // 2, logy=opts.logy, x_axis=opts.x_axis, robust=opts.robust)
         bottom = render_plot(ppl_traces, width, h - h // 2, logy=opts.logy, x_axis=opts.x_axis, hlines=hlines)
         return Text("\n").join([head, top, bottom])
 
@@ -544,6 +599,77 @@ class FilterInput(Input):
 
     def action_cancel(self) -> None:
         self.close()
+
+
+def write_csv(runs: list[RunState], fh) -> int:
+    """Every train series of every run as CSV rows: run, step, time_s, tokens, then one column per series
+    (blank where a record had no such value). Returns the rows written."""
+    import csv
+
+    keys = sorted({k for run in runs for k in run.train})
+    w = csv.writer(fh)
+    w.writerow(["run", "step", "time_s", "tokens", *keys])
+    n = 0
+    for run in runs:
+        x = run.train_x
+        cols = {k: dict(zip(s.rows, s.value)) for k, s in run.train.items()}
+        for row in range(len(x.step)):
+            w.writerow(
+                [
+                    run.name,
+                    x.step[row],
+                    f"{x.time[row]:.3f}",
+                    int(x.tokens[row]),
+                    *(repr(cols[k][row]) if k in cols and row in cols[k] else "" for k in keys),
+                ]
+            )
+            n += 1
+    return n
+
+
+class SearchScreen(ModalScreen):
+    """Lines of text (the resolved config, raw records) with a search box: only matching lines are shown."""
+
+    DEFAULT_CSS = """
+    SearchScreen {
+        align: center middle;
+    }
+    SearchScreen > VerticalScroll {
+        width: 90%;
+        height: 85%;
+        border: round $accent;
+        background: $surface;
+    }
+    SearchScreen Input {
+        width: 90%;
+    }
+    """
+    BINDINGS = [Binding("escape", "dismiss", "close")]
+
+    def __init__(self, title: str, lines: list[str]):
+        super().__init__()
+        self.title_text = title
+        self.lines = lines
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="search (case-insensitive); Escape closes", id="search")
+        with VerticalScroll() as scroll:
+            scroll.border_title = self.title_text
+            yield Static(self._text(""), id="found")
+
+    def _text(self, query: str) -> Text:
+        q = query.lower()
+        shown = [line for line in self.lines if q in line.lower()] if q else self.lines
+        out = Text("\n".join(shown) if shown else f"nothing matches '{query}'")
+        if q:
+            out.highlight_words([query], style="reverse", case_sensitive=False)
+        return out
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.query_one("#found", Static).update(self._text(event.value))
+
+    def shown_text(self) -> str:
+        return str(self.query_one("#found", Static).render())
 
 
 class HelpScreen(ModalScreen):

@@ -16,7 +16,7 @@ from dsdistill.config import validate
 from dsdistill.schema import METRICS_FILE, dumps
 from dsdistill.train import train
 from dsmonitor.app import DsMonitor
-from dsmonitor.widgets import HelpScreen, Panel, PlotPanel
+from dsmonitor.widgets import HelpScreen, Panel, PlotPanel, _fmt
 from tests.streams import T0, healthy_records, write
 
 SNAPSHOTS = Path(__file__).with_name("snapshots")
@@ -356,3 +356,58 @@ def test_a_large_file_shows_its_latest_state_first_then_its_whole_history(tmp_pa
     assert step == 3000 and records < len(recs) / 10  # drawn from the file's end before its history was read
     run = app.runs[0]
     assert run.start is not None and len(run.train["objective"]) == 3000 and run.end is not None
+
+
+def test_views_users_expect_crosshair_zoom_outliers_csv_config_records_temperature(tmp_path):
+    import csv
+
+    from rich.text import Text
+
+    from dsdistill.curriculum import CurriculumConfig
+    from dsmonitor.widgets import SearchScreen
+
+    recs = healthy_records(40, end=False)
+    recs[0].schedule = {
+        **recs[0].schedule,
+        "temperature": {"kind": "linear", "start": 0.0, "end": 1.0, "start_value": 3.0, "end_value": 1.0},
+    }
+    CurriculumConfig.model_validate({"weights": recs[0].schedule["weights"], "temperature": recs[0].schedule["temperature"]})
+    recs[0].config = {"train": {"max_steps": 40, "seq_len": 512}, "loss": {"kd_divergence": "jsd"}}
+    path = write(tmp_path / "run" / METRICS_FILE, recs)
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05, export_dir=str(tmp_path))
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].records == len(recs) and not app.catching_up)
+        await pilot.pause(0.2)
+        await pilot.press("right_square_bracket")  # the crosshair appears at the newest step
+        assert app.opts.cursor == 39
+        await pilot.press("left_square_bracket", "left_square_bracket")
+        await pilot.pause(0.2)
+        kd = app.runs[0].train["raw/kd"]
+        title = Text.from_markup(str(app.query_one("#plot-kd").border_title)).plain
+        assert app.opts.cursor == 37 and f"@ 37  {_fmt(kd.value[37])}" in title  # every plot reads its value there
+        await pilot.press("plus")
+        assert app.opts.zoom[1] - app.opts.zoom[0] == pytest.approx(0.5)
+        await pilot.press("less_than_sign")
+        await pilot.press("0", "c", "o")
+        assert app.opts.zoom == (0.0, 1.0) and app.opts.cursor is None and app.opts.robust
+        await pilot.press("E")
+        await wait_for(pilot, lambda: app.last_export is not None and app.last_export.suffix == ".csv")
+        await pilot.press("i")
+        await pilot.pause(0.2)
+        screen = app.screen
+        assert isinstance(screen, SearchScreen) and "kd_divergence: jsd" in screen.shown_text()
+        await pilot.press(*"seq")
+        await pilot.pause(0.2)
+        assert "seq_len: 512" in screen.shown_text() and "kd_divergence" not in screen.shown_text()
+        await pilot.press("escape", "j")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, SearchScreen) and '"kind":"train"' in app.screen.shown_text()
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        curriculum = app.query_one("#curriculum").render().plain
+        assert "temperature" in curriculum  # a changing temperature gets its own plot
+
+    run_app(app, scenario, size=(160, 50))
+    rows = list(csv.DictReader(app.last_export.open()))
+    assert len(rows) == 40 and rows[7]["step"] == "7" and float(rows[7]["raw/kd"]) == app.runs[0].train["raw/kd"].value[7]

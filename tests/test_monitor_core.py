@@ -169,14 +169,17 @@ def test_the_newest_point_is_always_drawn():
 
 
 def test_the_window_clips_eval_points_to_the_train_window():
-    from dsmonitor.widgets import ViewOptions, series_trace, window_start_x
+    from dsmonitor.widgets import ViewOptions, series_trace, view_bounds
 
     s = state_of(healthy_records(40))
     opts = ViewOptions(window=10, smoothing=0.0)
-    x_min = window_start_x(s.train["raw/kd"], opts)
-    assert x_min == 30
-    (trace,) = series_trace(s.eval["raw/kd"], opts, "white", 60, "eval", points_only=True, x_min=x_min)
+    bounds = view_bounds(s.train["raw/kd"], opts)
+    assert bounds == (30, math.inf)
+    (trace,) = series_trace(s.eval["raw/kd"], opts, "white", 60, "eval", points_only=True, bounds=bounds)
     assert trace.xs and min(trace.xs) >= 30  # step 0's eval point no longer stretches the axis
+    zoomed = ViewOptions(zoom=(0.5, 1.0), smoothing=0.0)
+    (trace,) = series_trace(s.train["raw/kd"], zoomed, "white", 60, "kd", bounds=view_bounds(s.train["raw/kd"], zoomed))
+    assert min(trace.xs) >= 19.5 and max(trace.xs) == 39  # zoomed into the newer half
 
 
 def test_run_names_and_paths_whatever_they_look_like(tmp_path):
