@@ -122,6 +122,30 @@ class AlertRecord(_Record):
     message: str
 
 
+class RankUsage(BaseModel):
+    """One rank's resources when a system record was written."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+
+    rank: int
+    rss_gib: float
+    """Resident memory of the rank's process."""
+    gpu_mem_gib: Optional[float] = None
+    """GPU memory the rank's allocator holds (reserved), None on CPU."""
+    gpu_mem_total_gib: Optional[float] = None
+    gpu_util: Optional[float] = None
+    """GPU utilisation in percent (None where the driver library is not available)."""
+
+
+class SystemRecord(_Record):
+    """Resources of every rank (gathered by rank 0) and of rank 0's host, written every few log steps."""
+
+    kind: Literal["system"] = "system"
+    ranks: list[RankUsage] = []
+    host_mem_used_gib: Optional[float] = None
+    host_mem_total_gib: Optional[float] = None
+
+
 class RunEnd(_Record):
     """Written once when a run stops, for any reason."""
 
@@ -132,11 +156,12 @@ class RunEnd(_Record):
     best: Optional[float] = None
 
 
-Record = Annotated[Union[RunStart, TrainRecord, EvalRecord, AlertRecord, RunEnd], Field(discriminator="kind")]
+Record = Annotated[Union[RunStart, TrainRecord, EvalRecord, AlertRecord, SystemRecord, RunEnd], Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(Record)
-KINDS: tuple[str, ...] = tuple(m.model_fields["kind"].default for m in (RunStart, TrainRecord, EvalRecord, AlertRecord, RunEnd))
+KINDS: tuple[str, ...] = tuple(
+    m.model_fields["kind"].default for m in (RunStart, TrainRecord, EvalRecord, AlertRecord, SystemRecord, RunEnd)
+)
 """Every record kind this version writes (a reader skips others, from a newer writer, as unknown)."""
-KINDS = ("run_start", "train", "eval", "alert", "run_end")
 
 
 def parse_record(obj: dict[str, Any]) -> Record:

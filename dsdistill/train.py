@@ -42,6 +42,7 @@ from dsdistill.preflight import Plan, RunData, preflight
 from dsdistill.report import eval_line, train_line
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.student import DistillStudent
+from dsdistill.system import system_record
 from dsdistill.teacher import LiveTeacher, TeacherModel
 from dsdistill.trainer import (
     EarlyStopping,
@@ -57,6 +58,9 @@ from dsdistill.trainer import (
 )
 
 # ---------------------------------------------------------------------------------------------- setup
+
+SYSTEM_EVERY_LOGS = 10
+"""A system record (every rank's memory, GPU use) with the first train record and every 10th after it."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -156,6 +160,7 @@ class Session:
         self.last_eval: Optional[EvalResult] = None
         self.pace = Pace()
         self.bar: Any = None
+        self.logs = 0
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -339,6 +344,11 @@ class Session:
         if plan.rank == 0:
             self.bar.write(train_line(rec), file=sys.stdout)
             sys.stdout.flush()
+        self.logs += 1
+        if self.logs % SYSTEM_EVERY_LOGS == 1:  # every rank at the same steps: the record is one collective
+            usage = system_record(step=r.step, rank=plan.rank, world=plan.world)
+            if usage is not None:
+                self.writer.write(usage)
 
     def _eval_batches(self):
         c = self.plan.cfg

@@ -43,18 +43,17 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
         names, step = state.first_nonfinite_eval
         out.append(Alert("nan", "error", f"non-finite eval {names} at step {step}", step))
     evals = state.evals
-    for prev, cur in zip(evals, evals[1:]):
-        if cur.step != prev.step and cur.objective == prev.objective:
-            out.append(
-                Alert(
-                    "eval_identical",
-                    "error",
-                    f"eval objective {cur.objective:.6g} at step {cur.step} is identical to step {prev.step}: "
-                    "is eval using the training step's curriculum weights?",
-                    cur.step,
-                )
+    if state.first_identical_eval is not None:
+        prev, cur = state.first_identical_eval
+        out.append(
+            Alert(
+                "eval_identical",
+                "error",
+                f"eval objective {cur.objective:.6g} at step {cur.step} is identical to step {prev.step}: "
+                "is eval using the training step's curriculum weights?",
+                cur.step,
             )
-            break
+        )
     if obj is not None and evals:
         by_step = state.train_objective_at
         for e in reversed(evals):

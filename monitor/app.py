@@ -48,6 +48,7 @@ from .widgets import (
     Side,
     StatsPanel,
     StatusBar,
+    SystemPanel,
     ViewOptions,
     ViewsBar,
     _duration,
@@ -58,7 +59,7 @@ from .widgets import (
 MAX_BYTES_PER_POLL = 16 << 20
 COMPACT_SIZE = (100, 30)
 PLOT_MIN_WIDTH = 60
-VIEWS = ("stats", "alerts", "curriculum", "eval", "router", "plots")
+VIEWS = ("stats", "alerts", "curriculum", "eval", "router", "system", "plots")
 
 
 class RecordsArrived(Message):
@@ -203,6 +204,7 @@ class DsMonitor(App):
         self.curriculum = CurriculumPanel(id="curriculum")
         self.eval_panel = EvalPanel(id="eval")
         self.router = RouterPanel(id="router")
+        self.system = SystemPanel(id="system")
         self.filter_box = FilterInput(placeholder="filter metrics: glob[,glob...] (empty shows all)", id="filter")
         self.views_bar = ViewsBar(id="views")
         self.side = Side(id="side")
@@ -213,6 +215,7 @@ class DsMonitor(App):
             yield self.plots
             with self.side:
                 yield self.stats
+                yield self.system
                 yield self.alerts
                 yield self.curriculum
                 yield self.eval_panel
@@ -252,9 +255,11 @@ class DsMonitor(App):
             "curriculum": self.curriculum,
             "eval": self.eval_panel,
             "router": self.router,
+            "system": self.system,
         }
+        has_system = any(r.system is not None for r in self.runs)
         for name, panel in views.items():
-            panel.display = not alone or shown == name
+            panel.display = (not alone or shown == name) and (name != "system" or has_system)
             panel.expanded = alone
             panel.set_class(alone, "-alone")
         self.plots.display = not alone or shown == "plots"
@@ -275,13 +280,18 @@ class DsMonitor(App):
             return
         n_alerts = sum(a.level != "info" for _, a in self.all_alerts())
         bar = Text("v ", style="bold")
-        for name in VIEWS if self.compact else ("all", *VIEWS):
+        for name in self._views():
             label = f"{name} ({n_alerts})" if name == "alerts" and n_alerts else name
             bar.append(f" {label} ", style="reverse bold" if name == self.shown else ("bold red" if label != name else ""))
         self.views_bar.update(bar)
 
+    def _views(self) -> tuple[str, ...]:
+        """The views `v` cycles through: the system view only once a run has written system records."""
+        views = tuple(v for v in VIEWS if v != "system" or any(r.system is not None for r in self.runs))
+        return views if self.compact else ("all", *views)
+
     def action_next_view(self) -> None:
-        cycle = VIEWS if self.compact else ("all", *VIEWS)
+        cycle = self._views()
         self.view = cycle[(cycle.index(self.shown) + 1) % len(cycle)]
         self._arrange()
         self._changed()
@@ -397,6 +407,9 @@ class DsMonitor(App):
         self.curriculum.draw(runs, opts)
         self.eval_panel.draw(runs, opts)
         self.router.draw(runs, opts)
+        self.system.draw(runs, opts)
+        if self.system.display != (any(r.system is not None for r in runs) and self.shown in ("all", "system")):
+            self._arrange()  # the system panel appears with the first system record
         self.alerts.draw(self.all_alerts(), len(runs) > 1)
 
     def _draw_status(self) -> None:

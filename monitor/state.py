@@ -9,10 +9,11 @@ from collections import deque
 from typing import Any, Optional
 
 from dsdistill import registry
-from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
+from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, SystemRecord, TrainRecord
 
 X_AXES = ("step", "time", "tokens")
 OBJECTIVE_MEMORY = 4096
+EVAL_MEMORY = 1024
 MAX_TIME_JUMP = 10 * 365 * 86400.0
 """A record time this far from the previous one is a broken clock or a corrupt value, not training time."""
 
@@ -113,7 +114,10 @@ class RunState:
         """raw/<component>, weighted/<component>, objective, lr, temperature, tokens_per_s, grad_norm, weight/<c>."""
         self.eval: dict[str, Series] = {}
         """objective, ppl, lm_ce, teacher_ppl, raw/<component>."""
-        self.evals: list[EvalRecord] = []
+        self.evals: deque[EvalRecord] = deque(maxlen=EVAL_MEMORY)
+        """The newest evaluations (their values are all kept in the eval series)."""
+        self.first_identical_eval: Optional[tuple[EvalRecord, EvalRecord]] = None
+        """The first two consecutive evaluations at different steps with the same objective (the seed's bug)."""
         self.trainer_alerts: list[AlertRecord] = []
         self.records = 0
         self.corrupt = 0
@@ -133,6 +137,8 @@ class RunState:
         self.session_start_row = 0
         """First train row since the latest run_start: the pace of the current session gives the ETA."""
         self.gate_usage: Optional[list[float]] = None
+        self.system: Optional[SystemRecord] = None
+        """The newest resources record (the trainer writes one every few log steps)."""
         self.first_nonfinite: Optional[tuple[str, float, int]] = None
         """(metric, value, step) of the first non-finite train loss or objective."""
         self.first_nonfinite_eval: Optional[tuple[str, int]] = None
@@ -182,6 +188,8 @@ class RunState:
             self._add_eval(rec)
         elif isinstance(rec, AlertRecord):
             self.trainer_alerts.append(rec)
+        elif isinstance(rec, SystemRecord):
+            self.system = rec
         elif isinstance(rec, RunEnd):
             self.end = rec
 
@@ -221,6 +229,9 @@ class RunState:
             self.gate_usage = rec.gate_usage
 
     def _add_eval(self, rec: EvalRecord) -> None:
+        prev = self.last_eval
+        if self.first_identical_eval is None and prev is not None and prev.step != rec.step and prev.objective == rec.objective:
+            self.first_identical_eval = (prev, rec)
         self.last_eval = rec
         self.evals.append(rec)
         if self.first_nonfinite_eval is None:

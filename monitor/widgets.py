@@ -88,12 +88,14 @@ def _cut_label(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(1, width - 1)] + "…"
 
 
-def fit_table(header: list[str], rows: list[list[str]], width: int) -> Text:
+def fit_table(header: list[str], rows: list[list[str]], width: int, optional: Optional[list[int]] = None) -> Text:
     """A right-aligned table of formatted values that fits `width` by dropping whole columns (trend, then
     delta, then min, then other runs from the last) and shortening labels; a value is shown whole or not
     at all."""
     cols = list(range(len(header)))
-    optional = [4, 3, 2] + list(range(len(header) - 1, 4, -1))  # trend, delta, min, then other runs from the right
+    if optional is None:
+        optional = [4, 3, 2] + list(range(len(header) - 1, 4, -1))  # trend, delta, min, then other runs from the right
+    optional = list(optional)
 
     def widths(cols: list[int], label_w: int) -> list[int]:
         out = []
@@ -483,6 +485,39 @@ class RouterPanel(Panel):
                 t.append(f" {u:.3f}\n")
             t.rstrip()
             return t
+
+        self.paint(painter)
+
+
+class SystemPanel(Panel):
+    """Every rank's memory and GPU use, and the host's memory, from the trainer's newest system record."""
+
+    DEFAULT_CSS = """
+    SystemPanel {
+        height: auto;
+        max-height: 14;
+    }
+    """
+
+    def draw(self, runs: list[RunState], opts: ViewOptions) -> None:
+        run = runs[opts.baseline] if runs else None
+        rec = run.system if run is not None else None
+        if rec is None:
+            self.border_title = "system"
+            self.paint(lambda w, h: Text("no system records yet", style="grey50"))
+            return
+        self.border_title = f"system @ step {rec.step}"
+        header = ["rank", "RSS GiB", "GPU GiB", "of GiB", "GPU %"]
+        rows = [
+            [str(u.rank), _fmt(u.rss_gib), _fmt(u.gpu_mem_gib), _fmt(u.gpu_mem_total_gib), _fmt(u.gpu_util)] for u in rec.ranks
+        ]
+        host = (
+            f"host memory {_fmt(rec.host_mem_used_gib)} of {_fmt(rec.host_mem_total_gib)} GiB" if rec.host_mem_total_gib else ""
+        )
+
+        def painter(width: int, height: int):
+            table = fit_table(header, rows, width, optional=[4, 3, 2])
+            return Text("\n").join([Text(host, style="bold"), table]) if host else table
 
         self.paint(painter)
 

@@ -76,7 +76,12 @@ def test_follows_a_real_run(real_run):
         assert alerts == []
         assert "ppl" in app.query_one("#eval").render().plain
         router = app.query_one("#router").render().plain  # the default curriculum routes over 3 teacher layers
-        assert run.gate_usage is not None and len(run.gate_usage) == 3 and "L2" in router
+        assert run.gate_usage is not None and len(run.gate_usage) == 3 and "L3" in router  # numbered 1.. like the config
+        # the trainer's system record (CPU here: every rank's memory, no GPU numbers) in its own panel
+        await pilot.pause(0.2)
+        assert run.system is not None and run.system.ranks[0].rss_gib > 0.1 and run.system.ranks[0].gpu_mem_gib is None
+        panel = app.query_one("#system")
+        assert panel.display and "RSS GiB" in panel.render().plain and "host memory" in panel.render().plain
 
     run_app(app, scenario)
 
