@@ -319,6 +319,9 @@ class DsMonitor(App):
                 self.loaded_bytes[i] = tailer.offset
                 if res.missing or tailer.offset >= _size(tailer.path):
                     break
+            if self.opts.smoothing > 0:  # smooth the history here too: the first draw then has nothing to catch up
+                for series in list(state.train.values()):
+                    series.smoothed(self.opts.smoothing)
             self.post_message(Loaded(i, state, res.missing))
         self.catching_up = False
         # 3. follow: small batches applied by the UI thread

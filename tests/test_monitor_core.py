@@ -155,7 +155,7 @@ def test_ingest_benchmark_script_runs():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["records"] >= 3000 and out["ingest_vs_baseline"] > 0 and out["dashboard_peak_rss_mib"] > 0
-    assert out["latest_step_on_screen_s"] <= out["whole_history_drawn_s"] and out["keys_pressed_during_load"] >= 1
+    assert out["latest_step_on_screen_s"] <= out["whole_history_drawn_s"] and out["ui_longest_stall_during_load_ms"] >= 0
 
 
 # ------------------------------------------------------------------ regressions from real use
@@ -224,7 +224,9 @@ def test_a_file_replaced_in_place_within_one_poll_is_read_anew(tmp_path):
 def test_records_of_unknown_kinds_are_skipped_not_corrupt(tmp_path):
     path = write(tmp_path / "metrics.jsonl", healthy_records(3))
     with open(path, "a") as fh:
-        fh.write('{"kind": "system", "step": 3, "time": 1.0, "gpus": []}\n{"kind": "train", "step": "x"}\nnot json\n')
+        fh.write(
+            '{"kind": "from_a_newer_trainer", "step": 3, "time": 1.0, "gpus": []}\n{"kind": "train", "step": "x"}\nnot json\n'
+        )
     res = Tailer(path).poll()
     assert res.unknown == 1 and res.corrupt == 2 and len(res.records) == 5
 
