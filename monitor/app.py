@@ -32,7 +32,7 @@ from textual.widgets import Footer, Header, Input
 
 from .alerts import AlertRules, evaluate_alerts
 from .state import X_AXES, RunState
-from .tail import PollResult, Tailer, gc_paused, run_name
+from .tail import PollResult, Tailer, run_name
 from .widgets import (
     SMOOTHING,
     WINDOWS,
@@ -56,7 +56,7 @@ from .widgets import (
     write_csv,
 )
 
-MAX_BYTES_PER_POLL = 16 << 20
+MAX_BYTES_PER_POLL = 4 << 20
 COMPACT_SIZE = (100, 30)
 PLOT_MIN_WIDTH = 60
 VIEWS = ("stats", "alerts", "curriculum", "eval", "router", "system", "plots")
@@ -311,17 +311,19 @@ class DsMonitor(App):
                 res = tailer.poll(max_bytes=MAX_BYTES_PER_POLL)
                 if res.restarted:
                     state = RunState(state.name)
-                with gc_paused():
-                    for rec in res.records:
-                        state.add(rec)
+                # no GC pause here: the history is held in arrays, not in objects the GC would rescan, and a
+                # pause as long as the load would let the UI's cyclic garbage pile up (GBs on a 1M-record file)
+                for rec in res.records:
+                    state.add(rec)
                 state.corrupt += res.corrupt
                 state.unknown += res.unknown
                 self.loaded_bytes[i] = tailer.offset
                 if res.missing or tailer.offset >= _size(tailer.path):
                     break
             if self.opts.smoothing > 0:  # smooth the history here too: the first draw then has nothing to catch up
-                for series in list(state.train.values()):
-                    series.smoothed(self.opts.smoothing)
+                for key, series in list(state.train.items()):
+                    if key.startswith(("raw/", "weighted/")) or key == "objective":  # what the plots smooth
+                        series.smoothed(self.opts.smoothing)
             self.post_message(Loaded(i, state, res.missing))
         self.catching_up = False
         # 3. follow: small batches applied by the UI thread
@@ -366,9 +368,8 @@ class DsMonitor(App):
             self.runs[i].corrupt = old.corrupt
             self.notify(f"{old.name}: metrics file {res.restarted}, re-reading from the start", severity="warning")
         run = self.runs[i]
-        with gc_paused():  # as in Tailer.poll: a large batch of long-lived objects
-            for rec in res.records:
-                run.add(rec)
+        for rec in res.records:
+            run.add(rec)
         run.corrupt += res.corrupt
         run.unknown += res.unknown
         self.dirty = True

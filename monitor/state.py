@@ -42,11 +42,14 @@ class Series:
     `segment` numbers increase whenever the step goes backwards (a restart from an earlier checkpoint),
     so plots can break the line there instead of drawing back across the chart."""
 
-    __slots__ = ("table", "rows", "value", "smoothers", "vmin")
+    __slots__ = ("table", "_rows", "start", "value", "smoothers", "vmin")
 
     def __init__(self, table: XTable):
         self.table = table
-        self.rows = array("q")
+        self._rows: Optional[array] = None
+        """Rows of the table, stored only once the series skipped one (most series have a value in every
+        record from their first on: `start` and the length say which rows then)."""
+        self.start = 0
         self.value = array("d")
         self.smoothers: dict = {}
         self.vmin: Optional[float] = None
@@ -60,8 +63,21 @@ class Series:
             ema = self.smoothers[weight] = IncrementalEMA(weight)
         return ema.update(self.value)
 
+    @property
+    def rows(self):
+        """The table rows of the values, in order (an array, or a range while the series has no gaps)."""
+        if self._rows is not None:
+            return self._rows
+        return range(self.start, self.start + len(self.value))
+
     def add(self, row: int, value: float) -> None:
-        self.rows.append(row)
+        n = len(self.value)
+        if n == 0 and self._rows is None:
+            self.start = row
+        elif self._rows is None and row != self.start + n:
+            self._rows = array("q", range(self.start, self.start + n))
+        if self._rows is not None:
+            self._rows.append(row)
         self.value.append(value)
         if (self.vmin is None or value < self.vmin) and math.isfinite(value):
             self.vmin = value
@@ -111,7 +127,8 @@ class RunState:
         self.train_x = XTable()
         self.eval_x = XTable()
         self.train: dict[str, Series] = {}
-        """raw/<component>, weighted/<component>, objective, lr, temperature, tokens_per_s, grad_norm, weight/<c>."""
+        """raw/<component>, weighted/<component>, objective, lr, temperature, tokens_per_s, grad_norm, mem_gib
+        (the weights themselves follow from the curriculum in run_start)."""
         self.eval: dict[str, Series] = {}
         """objective, ppl, lm_ce, teacher_ppl, raw/<component>."""
         self.evals: deque[EvalRecord] = deque(maxlen=EVAL_MEMORY)
@@ -210,8 +227,6 @@ class RunState:
             if w is None:
                 w = weights.get(name, 0.0) * value
             (table.get("weighted/" + name) or self._series(table, "weighted/" + name, x)).add(row, w)
-        for name, w in weights.items():
-            (table.get("weight/" + name) or self._series(table, "weight/" + name, x)).add(row, w)
         self.train_objective_at[rec.step] = rec.objective
         if len(self.train_objective_at) > OBJECTIVE_MEMORY:
             del self.train_objective_at[next(iter(self.train_objective_at))]

@@ -145,7 +145,7 @@ class Tailer:
         if st.st_size == self.offset:
             return out
         budget = max_bytes if max_bytes is not None else st.st_size - self.offset
-        with gc_paused(), open(self.path, "rb") as fh:
+        with open(self.path, "rb") as fh:
             fh.seek(self.offset)
             while budget > 0:
                 data = fh.read(min(self.chunk, budget))

@@ -136,10 +136,17 @@ def _np(col) -> np.ndarray:
     return np.frombuffer(col, dtype=np.float64 if col.typecode == "d" else np.int64) if len(col) else np.zeros(0)
 
 
+def _rows(series: Series):
+    """The series' table rows as an index: a slice while it has no gaps (no copy), else an int array."""
+    rows = series.rows
+    if isinstance(rows, range):
+        return slice(rows.start, rows.stop)
+    return _np(rows).astype(np.int64, copy=False)
+
+
 def series_xy(series: Series, axis: str) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of every point of a series as numpy arrays (no Python object per point)."""
-    rows = _np(series.rows).astype(np.int64, copy=False)
-    return _np(getattr(series.table, axis))[rows].astype(np.float64), _np(series.value)
+    return _np(getattr(series.table, axis))[_rows(series)].astype(np.float64), _np(series.value)
 
 
 def window_start_x(series: Series, opts: ViewOptions) -> Optional[float]:
@@ -185,7 +192,7 @@ def series_trace(
     panel; without bounds the last-N window by count), downsampled to the plot width. Vectorised: the cost
     of a redraw grows with the points on screen, not with the Python objects of the whole history."""
     xs, ys = series_xy(series, opts.x_axis)
-    seg = _np(series.table.segment)[_np(series.rows).astype(np.int64, copy=False)] if len(series) else np.zeros(0)
+    seg = _np(series.table.segment)[_rows(series)] if len(series) else np.zeros(0)
     if bounds is not None:
         sel = np.flatnonzero((xs >= bounds[0]) & (xs <= bounds[1]))
     else:
