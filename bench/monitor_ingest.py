@@ -63,17 +63,20 @@ def write_stream(path: Path, records: int) -> int:
     return steps
 
 
-def ui_child(path: str, steps: int) -> None:
-    """Open the dashboard on `path` and print the timings as JSON (run in its own process)."""
+def ui_child(path: str, steps: int, follow_seconds: int) -> None:
+    """Open the dashboard on `path`, then follow it while a record is appended every second; print the
+    timings as JSON (run in its own process, so its memory and CPU are its own)."""
+    import threading
+
     from dsmonitor.app import DsMonitor
 
     async def run():
-        app = DsMonitor([str(Path(path).parent)], poll_interval=0.01, refresh_interval=0.05)
+        app = DsMonitor([str(Path(path).parent)], poll_interval=0.01, refresh_interval=0.5)
         start = time.perf_counter()
         first, stalls = None, []
         async with app.run_test(size=(160, 50)) as pilot:
             last = time.perf_counter()
-            while app.runs[0].end is None or app.catching_up:
+            while app.catching_up or app.runs[0].current_step < steps:
                 if first is None and app.runs[0].current_step >= steps:
                     first = time.perf_counter() - start
                 # how long the UI's event loop was busy: what a key press would have waited for
@@ -84,11 +87,31 @@ def ui_child(path: str, steps: int) -> None:
             app.refresh_views(force=True)
             await pilot.pause(0)
             whole = time.perf_counter() - start
+            # following: the defaults (poll every second) while the trainer appends a record a second
+            app.poll_interval = 1.0
+            template = json.loads(Path(path).read_text().splitlines()[-2])
+            stop = threading.Event()
+
+            def trainer():
+                for i in range(1, follow_seconds + 1):
+                    with open(path, "a") as fh:
+                        fh.write(json.dumps(dict(template, step=template["step"] + i, time=template["time"] + i)) + "\n")
+                    if stop.wait(1.0):
+                        return
+
+            writer = threading.Thread(target=trainer)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            writer.start()
+            await asyncio.sleep(follow_seconds)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            stop.set()
+            writer.join()
         return {
             "latest": first if first is not None else whole,
             "whole": whole,
             "stall_max_ms": 1000 * max(stalls, default=0.0),
             "stalls_over_100ms": sum(x > 0.1 for x in stalls),
+            "follow_core_share": cpu / wall,
         }
 
     result = asyncio.run(run())
@@ -102,10 +125,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--no-ui", action="store_true", help="skip the dashboard timings")
-    ap.add_argument("--ui-child", nargs=2, metavar=("FILE", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--follow-seconds", type=int, default=10, help="how long to measure following (default 10)")
+    ap.add_argument("--ui-child", nargs=3, metavar=("FILE", "STEPS", "FOLLOW"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ui_child:
-        ui_child(args.ui_child[0], int(args.ui_child[1]))
+        ui_child(args.ui_child[0], int(args.ui_child[1]), int(args.ui_child[2]))
         return 0
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "run" / "metrics.jsonl"
@@ -117,15 +141,6 @@ def main() -> int:
             base = [json.loads(line) for line in fh]
         baseline = time.perf_counter() - t
         del base
-
-        ui = None
-        if not args.no_ui:
-            out_path = Path(d) / "ui.json"
-            with open(out_path, "w") as out:
-                code = subprocess.call([sys.executable, __file__, "--ui-child", str(path), str(steps)], stdout=out)
-            if code != 0:
-                return 1
-            ui = json.loads(out_path.read_text().strip().splitlines()[-1])
 
         t = time.perf_counter()
         tailer, state = Tailer(path), RunState("bench")
@@ -140,6 +155,16 @@ def main() -> int:
         ours = time.perf_counter() - t
         assert total == n_lines, (total, n_lines)
         size_mb = path.stat().st_size / 1e6
+        ui = None  # after the ingest above: the child appends to the file while it follows
+        if not args.no_ui:
+            out_path = Path(d) / "ui.json"
+            with open(out_path, "w") as out:
+                code = subprocess.call(
+                    [sys.executable, __file__, "--ui-child", str(path), str(steps), str(args.follow_seconds)], stdout=out
+                )
+            if code != 0:
+                return 1
+            ui = json.loads(out_path.read_text().strip().splitlines()[-1])
 
     result = {
         "records": n_lines,
@@ -158,6 +183,7 @@ def main() -> int:
                 "ui_longest_stall_during_load_ms": round(ui["stall_max_ms"]),
                 "ui_stalls_over_100ms": ui["stalls_over_100ms"],
                 "dashboard_peak_rss_mib": round(ui["rss_mib"]),
+                "following_share_of_a_core": round(ui["follow_core_share"], 3),
             }
         )
     print(json.dumps(result))

@@ -151,11 +151,14 @@ def test_ingest_benchmark_script_runs():
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / "monitor_ingest.py"
-    proc = subprocess.run([sys.executable, str(script), "--records", "3000"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--records", "3000", "--follow-seconds", "2"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["records"] >= 3000 and out["ingest_vs_baseline"] > 0 and out["dashboard_peak_rss_mib"] > 0
     assert out["latest_step_on_screen_s"] <= out["whole_history_drawn_s"] and out["ui_longest_stall_during_load_ms"] >= 0
+    assert 0 < out["following_share_of_a_core"] < 2
 
 
 # ------------------------------------------------------------------ regressions from real use
