@@ -89,7 +89,10 @@ def ui_child(path: str, steps: int, follow_seconds: int) -> None:
             whole = time.perf_counter() - start
             # following: the defaults (poll every second) while the trainer appends a record a second
             app.poll_interval = 1.0
-            template = json.loads(Path(path).read_text().splitlines()[-2])
+            with open(path, "rb") as fh:  # the newest train record, read from the end (the file may be GBs)
+                fh.seek(max(0, Path(path).stat().st_size - (64 << 10)))
+                tail = [json.loads(line) for line in fh.read().splitlines()[1:] if line.strip()]
+            template = next(r for r in reversed(tail) if r.get("kind") == "train")
             stop = threading.Event()
 
             def trainer():

@@ -81,3 +81,35 @@ class IncrementalEMA:
         out[finite] = ema / (1 - w**n)
         self.last, self.count = float(ema[-1]), self.count + len(x)
         return out
+
+
+class BlockMinMax:
+    """Min and max positions of every complete block of `SIZE` points of a growing series, kept up to date
+    with only the new points: a redraw of a long history downsamples these (two per block) plus the open
+    block, not every point, so its cost does not grow with the history."""
+
+    SIZE = 1024
+    __slots__ = ("lo", "hi", "nonfinite", "done")
+
+    def __init__(self) -> None:
+        self.lo, self.hi, self.nonfinite, self.done = array("q"), array("q"), array("q"), 0
+        """positions of each complete block's min and max, and of non-finite points; points in complete blocks"""
+
+    def candidates(self, values) -> np.ndarray:
+        """Positions that hold the first point, every block's extremes, every non-finite point (a break in
+        the line), and every point of the open block, in order."""
+        n = len(values)
+        if n < self.done:  # the series was rebuilt: start over
+            self.lo, self.hi, self.nonfinite, self.done = array("q"), array("q"), array("q"), 0
+        full = (n // self.SIZE) * self.SIZE
+        if full > self.done:
+            v = np.asarray(values[self.done : full], dtype=np.float64).reshape(-1, self.SIZE)
+            finite = np.isfinite(v)
+            base = self.done + np.arange(v.shape[0]) * self.SIZE
+            self.lo.frombytes((base + np.where(finite, v, np.inf).argmin(axis=1)).astype(np.int64).tobytes())
+            self.hi.frombytes((base + np.where(finite, v, -np.inf).argmax(axis=1)).astype(np.int64).tobytes())
+            self.nonfinite.frombytes((np.flatnonzero(~finite.ravel()) + self.done).astype(np.int64).tobytes())
+            self.done = full
+        parts = [np.frombuffer(a, dtype=np.int64) for a in (self.lo, self.hi, self.nonfinite) if len(a)]
+        closed = np.unique(np.concatenate([np.zeros(1, dtype=np.int64), *parts])) if self.done else np.zeros(0, dtype=np.int64)
+        return np.concatenate([closed, np.arange(self.done, n, dtype=np.int64)])

@@ -42,7 +42,7 @@ class Series:
     `segment` numbers increase whenever the step goes backwards (a restart from an earlier checkpoint),
     so plots can break the line there instead of drawing back across the chart."""
 
-    __slots__ = ("table", "_rows", "start", "value", "smoothers", "vmin")
+    __slots__ = ("table", "_rows", "start", "value", "smoothers", "vmin", "blocks")
 
     def __init__(self, table: XTable):
         self.table = table
@@ -51,6 +51,8 @@ class Series:
         record from their first on: `start` and the length say which rows then)."""
         self.start = 0
         self.value = array("d")
+        self.blocks: dict = {}
+        """BlockMinMax of the raw values (key None) and of each smoothing weight, for downsampling."""
         self.smoothers: dict = {}
         self.vmin: Optional[float] = None
 

@@ -18,7 +18,7 @@ from textual.widgets import Input, Static
 
 from .alerts import Alert
 from .plot import HLine, Trace, render_plot
-from .series_math import minmax_indices
+from .series_math import BlockMinMax, minmax_indices
 from .state import RunState, Series
 
 RUN_COLORS = ("cyan", "magenta", "green", "yellow", "dodger_blue1", "orange1")
@@ -179,6 +179,10 @@ def value_at(series: Series, axis: str, x: float) -> Optional[float]:
     return float(ys[idx[-1]]) if len(idx) else None
 
 
+LONG = 20_000
+"""Series longer than this are downsampled from their block extremes (BlockMinMax) when shown whole."""
+
+
 def series_trace(
     series: Series,
     opts: ViewOptions,
@@ -189,29 +193,43 @@ def series_trace(
     bounds: Optional[tuple[float, float]] = None,
 ) -> list[Trace]:
     """Raw (dim) and smoothed traces of one series within the x `bounds` (the window and zoom of the
-    panel; without bounds the last-N window by count), downsampled to the plot width. Vectorised: the cost
-    of a redraw grows with the points on screen, not with the Python objects of the whole history."""
-    xs, ys = series_xy(series, opts.x_axis)
-    seg = _np(series.table.segment)[_rows(series)] if len(series) else np.zeros(0)
-    if bounds is not None:
+    panel; without bounds the last-N window by count), downsampled to the plot width. Vectorised, and a
+    long series shown whole is downsampled from its block extremes: a redraw's cost does not grow with
+    the history."""
+    xcol, scol = _np(getattr(series.table, opts.x_axis)), _np(series.table.segment)
+    rows = series.rows
+    n = len(series)
+    whole = (bounds is None or (bounds[0] == -math.inf and bounds[1] == math.inf)) and not opts.window
+
+    def row_of(idx: np.ndarray):
+        return rows.start + idx if isinstance(rows, range) else np.frombuffer(rows, dtype=np.int64)[idx]
+
+    if whole:
+        sel = None
+    elif bounds is not None:
+        xs, _ = series_xy(series, opts.x_axis)
         sel = np.flatnonzero((xs >= bounds[0]) & (xs <= bounds[1]))
     else:
-        start = max(0, len(series) - opts.window) if opts.window else 0
-        sel = np.arange(start, len(series))
+        sel = np.arange(max(0, n - opts.window) if opts.window else 0, n)
     smooth = None
     if opts.smoothing > 0 and not points_only:
-        smooth = np.frombuffer(series.smoothed(opts.smoothing), dtype=np.float64)
+        smooth = series.smoothed(opts.smoothing)
 
-    def pick(values: np.ndarray) -> Trace:
-        v = values[sel]
-        keep = sel[minmax_indices(v, max(8, width))] if len(v) else sel
-        return Trace(xs[keep].tolist(), values[keep].tolist(), "", label, seg[keep].tolist())
+    def pick(values, key) -> Trace:
+        arr = np.frombuffer(values, dtype=np.float64) if len(values) else np.zeros(0)
+        if sel is None and n > LONG:
+            cand = series.blocks.setdefault(key, BlockMinMax()).candidates(values)
+        else:
+            cand = np.arange(n) if sel is None else sel
+        keep = cand[minmax_indices(arr[cand], max(8, width))] if len(cand) else cand
+        r = row_of(keep)
+        return Trace(xcol[r].astype(np.float64).tolist(), arr[keep].tolist(), "", label, scol[r].tolist())
 
     if smooth is None:
-        t = pick(ys)
+        t = pick(series.value, None)
         t.color, t.points_only = f"bold {color}", points_only
         return [t]
-    raw, sm = pick(ys), pick(smooth)
+    raw, sm = pick(series.value, None), pick(smooth, opts.smoothing)
     raw.color, sm.color = f"dim {color}", f"bold {color}"
     return [raw, sm]
 

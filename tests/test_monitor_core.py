@@ -245,3 +245,23 @@ def test_once_output_into_a_closed_pipe_is_not_a_traceback(tmp_path):
     write(tmp_path / "run" / "metrics.jsonl", healthy_records(200))
     proc = subprocess.run(f"'{DSMONITOR}' '{tmp_path / 'run'}' --json | head -c 10", shell=True, capture_output=True, text=True)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_block_extremes_keep_what_a_plot_of_the_whole_history_needs():
+    import numpy as np
+
+    from dsmonitor.series_math import BlockMinMax
+
+    v = np.random.default_rng(0).random(200_000)
+    v[5_000], v[123_456], v[-1] = np.nan, 50.0, -3.0
+    blocks = BlockMinMax()
+    blocks.candidates(v[:70_000])  # grown in steps, as a followed run is
+    cand = blocks.candidates(v)
+    assert len(cand) <= 2 * (200_000 // 1024) + 1024 + 2  # two per block, the open block, the first, a break
+    keep = cand[minmax_indices(v[cand], 60)]
+    assert {0, 5_000, 123_456, 199_999} <= set(keep.tolist())  # first, a break, the spike, the newest
+    # each 1,024-point block's extremes are among the candidates
+    for b in range(0, 199_000, 1024 * 37):
+        block = v[b : b + 1024]
+        if np.isfinite(block).all():
+            assert b + int(block.argmax()) in set(cand.tolist()) and b + int(block.argmin()) in set(cand.tolist())
