@@ -70,15 +70,9 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
                         )
                     )
                 break
-    lr = state.train.get("lr")
-    if lr is not None:
-        started = False
-        for s, v in zip(lr.step, lr.value):
-            if v > 0:
-                started = True
-            elif started and v == 0:
-                out.append(Alert("lr_zero", "error", f"LR is 0 at step {s} after warmup began", s))
-                break
+    if state.lr_zero_step is not None:
+        s = state.lr_zero_step
+        out.append(Alert("lr_zero", "error", f"LR is 0 at step {s} after warmup began", s))
     if obj is not None and len(obj) > rules.spike_window:
         recent = [v for v in obj.value[-rules.spike_window - 1 : -1] if math.isfinite(v)]
         last = obj.value[-1]
@@ -89,8 +83,8 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
                     Alert(
                         "spike",
                         "warning",
-                        f"train objective {last:.4g} at step {obj.step[-1]} is {last / med:.1f}x the recent median",
-                        obj.step[-1],
+                        f"train objective {last:.4g} at step {obj.last_step} is {last / med:.1f}x the recent median",
+                        obj.last_step,
                     )
                 )
     since = state.since_last(now)

@@ -31,9 +31,11 @@ from textual.message import Message
 from textual.widgets import Footer, Header, Input
 
 from .alerts import AlertRules, evaluate_alerts
+from .series_math import BlockMinMax
 from .state import X_AXES, RunState
 from .tail import PollResult, Tailer, run_name
 from .widgets import (
+    LONG,
     SMOOTHING,
     WINDOWS,
     AlertsPanel,
@@ -117,6 +119,7 @@ class DsMonitor(App):
         Binding("e", "export", "SVG"),
         Binding("v", "next_view", "view"),
         Binding("o", "toggle_robust", "outliers"),
+        Binding("m", "maximise", "maximise plot", show=False),
         Binding("plus,equals_sign", "zoom(0.5)", "zoom+", show=False),
         Binding("minus", "zoom(2.0)", "zoom-", show=False),
         Binding("less_than_sign,comma", "pan(-1)", "pan left", show=False),
@@ -145,6 +148,7 @@ class DsMonitor(App):
         ("e", "export an SVG screenshot (to --export-dir or the current directory)"),
         ("v", f"one view alone, next view (below {COMPACT_SIZE[0]}x{COMPACT_SIZE[1]} one view is always alone)"),
         ("o", "y range ignores outliers (2nd-98th percentile) on/off"),
+        ("m", "the focused plot (tab to it) fills the screen; m again brings the others back"),
         ("+ / -", "zoom in / out on x (about the crosshair, else the newest end)"),
         ("< / >", "pan left / right; 0 resets the zoom"),
         ("[ / ]", "crosshair one record left / right: every plot reads its value there; c hides it"),
@@ -189,6 +193,8 @@ class DsMonitor(App):
         self._stop = threading.Event()
         self._plots: dict[str, PlotPanel] = {}
         self.last_export: Optional[Path] = None
+        self.maximised: Optional[str] = None
+        """The component whose plot fills the screen (`m`), or None."""
         self.view = "all"
         """What `v` selected: "all" (the whole dashboard) or one view alone (small terminals never show all)."""
         self.held: list[RecordsArrived] = []
@@ -247,6 +253,16 @@ class DsMonitor(App):
         return "stats" if self.view == "all" and self.compact else self.view
 
     def _arrange(self) -> None:
+        if self.maximised is not None:
+            for name, panel in self._plots.items():
+                panel.display = name == self.maximised
+                panel.set_class(name == self.maximised, "-alone")
+            self.plots.display, self.side.display, self.views_bar.display = True, False, False
+            self.plots.styles.layout = "vertical"
+            return
+        for panel in self._plots.values():
+            panel.display = True
+            panel.set_class(False, "-alone")
         shown = self.shown
         alone = shown != "all"
         views = {
@@ -323,7 +339,10 @@ class DsMonitor(App):
             if self.opts.smoothing > 0:  # smooth the history here too: the first draw then has nothing to catch up
                 for key, series in list(state.train.items()):
                     if key.startswith(("raw/", "weighted/")) or key == "objective":  # what the plots smooth
-                        series.smoothed(self.opts.smoothing)
+                        smooth = series.smoothed(self.opts.smoothing)
+                        if len(series) > LONG:  # and the block extremes a whole-history plot starts from
+                            series.blocks.setdefault(None, BlockMinMax()).candidates(series.value)
+                            series.blocks.setdefault(self.opts.smoothing, BlockMinMax()).candidates(smooth)
             self.post_message(Loaded(i, state, res.missing))
         self.catching_up = False
         # 3. follow: small batches applied by the UI thread
@@ -405,6 +424,8 @@ class DsMonitor(App):
                         plots.mount(panel)
                 prev = panel
             self._plots = {name: self._plots[name] for name in wanted}
+            if self.maximised is not None:
+                self._arrange()
         for name in wanted:
             self._plots[name].draw(runs, opts)
         self.stats.draw(runs, opts, self.clock())
@@ -484,6 +505,15 @@ class DsMonitor(App):
             return None
         xs, _ = series_xy(s, self.opts.x_axis)
         return xs[np.isfinite(xs)]
+
+    def action_maximise(self) -> None:
+        if self.maximised is not None:
+            self.maximised = None
+        else:
+            focused = self.focused if isinstance(self.focused, PlotPanel) else None
+            self.maximised = focused.component if focused is not None else next(iter(self._plots), None)
+        self._arrange()
+        self._changed()
 
     def action_toggle_robust(self) -> None:
         self.opts.robust = not self.opts.robust

@@ -93,6 +93,11 @@ class Series:
         return self.xs("step")
 
     @property
+    def last_step(self) -> int:
+        """The step of the newest value (without building the whole step list)."""
+        return int(self.table.step[self.rows[-1]])
+
+    @property
     def time(self) -> list[float]:
         return self.xs("time")
 
@@ -156,6 +161,9 @@ class RunState:
         self.session_start_row = 0
         """First train row since the latest run_start: the pace of the current session gives the ETA."""
         self.gate_usage: Optional[list[float]] = None
+        self._lr_started = False
+        self.lr_zero_step: Optional[int] = None
+        """The first step whose LR was 0 after an earlier step's was not (checked as records arrive)."""
         self.system: Optional[SystemRecord] = None
         """The newest resources record (the trainer writes one every few log steps)."""
         self.first_nonfinite: Optional[tuple[str, float, int]] = None
@@ -229,6 +237,10 @@ class RunState:
             if w is None:
                 w = weights.get(name, 0.0) * value
             (table.get("weighted/" + name) or self._series(table, "weighted/" + name, x)).add(row, w)
+        if rec.lr > 0:
+            self._lr_started = True
+        elif self._lr_started and rec.lr == 0 and self.lr_zero_step is None:
+            self.lr_zero_step = rec.step
         self.train_objective_at[rec.step] = rec.objective
         if len(self.train_objective_at) > OBJECTIVE_MEMORY:
             del self.train_objective_at[next(iter(self.train_objective_at))]

@@ -160,6 +160,8 @@ def view_bounds(series: Optional[Series], opts: ViewOptions) -> Optional[tuple[f
     """The x range on screen, from a reference train series: the last-N window, then the zoom within it."""
     if series is None or not len(series):
         return None
+    if not opts.window and opts.zoom == (0.0, 1.0):
+        return -math.inf, math.inf  # the whole history: nothing to compute
     xs, _ = series_xy(series, opts.x_axis)
     finite = xs[np.isfinite(xs)]
     if not len(finite):

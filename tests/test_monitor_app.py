@@ -412,6 +412,14 @@ def test_views_users_expect_crosshair_zoom_outliers_csv_config_records_temperatu
         await pilot.pause(0.2)
         curriculum = app.query_one("#curriculum").render().plain
         assert "temperature" in curriculum  # a changing temperature gets its own plot
+        app.query_one("#plot-lm").focus()
+        await pilot.press("m")  # the focused plot fills the screen
+        await pilot.pause(0.3)
+        assert app.maximised == "lm" and not app.query_one("#plot-kd").display and not app.side.display
+        assert app.query_one("#plot-lm").size.height > 30
+        await pilot.press("m")
+        await pilot.pause(0.2)
+        assert app.maximised is None and app.query_one("#plot-kd").display and app.side.display
 
     run_app(app, scenario, size=(160, 50))
     rows = list(csv.DictReader(app.last_export.open()))
