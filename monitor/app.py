@@ -58,7 +58,8 @@ from .widgets import (
     write_csv,
 )
 
-MAX_BYTES_PER_POLL = 4 << 20
+MAX_BYTES_PER_POLL = 1 << 20
+FIRST_FRAMES_S = 0.3
 COMPACT_SIZE = (100, 30)
 PLOT_MIN_WIDTH = 60
 VIEWS = ("stats", "alerts", "curriculum", "eval", "router", "system", "plots")
@@ -74,12 +75,12 @@ class RecordsArrived(Message):
 
 
 class Preview(Message):
-    """A large file's first record and latest records, read before its history (see Tailer.peek_latest)."""
+    """A large file's state from its first and latest records, read before its history (Tailer.peek_latest)."""
 
-    def __init__(self, index: int, result: PollResult):
+    def __init__(self, index: int, state: RunState):
         super().__init__()
         self.index = index
-        self.result = result
+        self.state = state
 
 
 class Loaded(Message):
@@ -315,12 +316,23 @@ class DsMonitor(App):
     # ------------------------------------------------------------------ data
     @work(thread=True, exclusive=True, group="tail")
     def tail_worker(self) -> None:
+        # 0. what drawing the curriculum needs is imported here, not on the UI thread at the first draw
+        import dsdistill.curriculum  # noqa: F401
+
         # 1. a large file's latest state first, so the screen shows where the run is within moments
+        previews = 0
         for i, tailer in enumerate(self.tailers):
             if _size(tailer.path) > self.preview_bytes:
-                self.post_message(Preview(i, tailer.peek_latest(tail_bytes=min(2 << 20, self.preview_bytes // 4))))
+                previews += 1
+                preview = RunState(self.runs[i].name)  # built here too: the UI thread only swaps it in
+                for rec in tailer.peek_latest(tail_bytes=min(2 << 20, self.preview_bytes // 4)).records:
+                    preview.add(rec)
+                self.post_message(Preview(i, preview))
         # 2. every history read and ingested here, off the UI thread (keys stay responsive); the UI swaps
-        #    each run in whole
+        #    each run in whole. The first frames are drawn before the parsing starts to compete for the
+        #    interpreter, and the parsing pauses between chunks so a key is never queued for long.
+        if previews:
+            self._stop.wait(FIRST_FRAMES_S)
         for i, tailer in enumerate(self.tailers):
             state = RunState(self.runs[i].name)
             while not self._stop.is_set():
@@ -336,6 +348,7 @@ class DsMonitor(App):
                 self.loaded_bytes[i] = tailer.offset
                 if res.missing or tailer.offset >= _size(tailer.path):
                     break
+                time.sleep(0.002)
             if self.opts.smoothing > 0:  # smooth the history here too: the first draw then has nothing to catch up
                 for key, series in list(state.train.items()):
                     if key.startswith(("raw/", "weighted/")) or key == "objective":  # what the plots smooth
@@ -358,9 +371,7 @@ class DsMonitor(App):
                 self._stop.wait(self.poll_interval)
 
     def on_preview(self, msg: Preview) -> None:
-        state = RunState(self.runs[msg.index].name)
-        for rec in msg.result.records:
-            state.add(rec)
+        state = msg.state
         self.runs[msg.index] = state
         self.previewed[msg.index] = (state.current_step, state.records)
         self.refresh_views(force=True)

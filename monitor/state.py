@@ -161,6 +161,7 @@ class RunState:
         self.session_start_row = 0
         """First train row since the latest run_start: the pace of the current session gives the ETA."""
         self.gate_usage: Optional[list[float]] = None
+        self._schedule: Optional[tuple[RunStart, Any]] = None
         self._lr_started = False
         self.lr_zero_step: Optional[int] = None
         """The first step whose LR was 0 after an earlier step's was not (checked as records arrive)."""
@@ -329,17 +330,22 @@ class RunState:
         return None if self.last_record_time is None else max(0.0, now - self.last_record_time)
 
     def schedule(self):
-        """The run's curriculum as a `Curriculum`, rebuilt from the run_start record (None if absent)."""
+        """The run's curriculum as a `Curriculum`, rebuilt from the run_start record (None if absent); built
+        once per run_start."""
         if self.start is None:
             return None
+        if self._schedule is not None and self._schedule[0] is self.start:
+            return self._schedule[1]
         from dsdistill.curriculum import Curriculum, CurriculumConfig
 
         sched = self.start.schedule
         try:
             cfg = CurriculumConfig.model_validate({"weights": sched["weights"], "temperature": sched["temperature"]})
-            return Curriculum(cfg, active=tuple(sched["active"]) if sched.get("active") else None)
+            cur = Curriculum(cfg, active=tuple(sched["active"]) if sched.get("active") else None)
         except Exception:
-            return None
+            cur = None
+        self._schedule = (self.start, cur)
+        return cur
 
     def summary(self) -> dict[str, Any]:
         """The latest state as plain data (for --json and --once)."""
