@@ -294,6 +294,15 @@ class PlotPanel(Panel):
         self.component = component
         self.border_title = component
 
+    # the mouse wheel zooms the x range, as + and - do (terminals that report the mouse)
+    def on_mouse_scroll_up(self, event) -> None:
+        event.stop()
+        self.app.action_zoom(0.8)
+
+    def on_mouse_scroll_down(self, event) -> None:
+        event.stop()
+        self.app.action_zoom(1.25)
+
     def draw(self, runs: list[RunState], opts: ViewOptions) -> None:
         kind = "weighted" if opts.weighted else "raw"
         at = "" if opts.cursor is None else f" @ {opts.cursor:g}"

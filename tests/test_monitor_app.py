@@ -393,6 +393,12 @@ def test_views_users_expect_crosshair_zoom_outliers_csv_config_records_temperatu
         assert app.opts.cursor == 37 and f"@ 37  {_fmt(kd.value[37])}" in title  # every plot reads its value there
         await pilot.press("plus")
         assert app.opts.zoom[1] - app.opts.zoom[0] == pytest.approx(0.5)
+        from textual import events
+
+        plot = app.query_one("#plot-kd")  # the wheel zooms out again (a terminal reporting the mouse)
+        plot.post_message(events.MouseScrollDown(plot, 5, 5, 0, 1, 0, False, False, False))
+        await pilot.pause(0.2)
+        assert app.opts.zoom[1] - app.opts.zoom[0] == pytest.approx(0.625)
         await pilot.press("less_than_sign")
         await pilot.press("0", "c", "o")
         assert app.opts.zoom == (0.0, 1.0) and app.opts.cursor is None and app.opts.robust
