@@ -2,7 +2,6 @@
 counts equal the objective of the whole batch at once (never a mean of per-micro-batch means)."""
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from dsdistill.components.base import Inputs, StudentOutputs
@@ -12,18 +11,7 @@ from dsdistill.layers import LayerMap
 from dsdistill.losses import lm_loss
 from dsdistill.objective import Objective, count_units
 from dsdistill.teacher import TeacherSignal
-
-IGN = -100
-
-
-def batch(seed=0, b=3, s=7, v=11, masked=((0, 3), (2, 6))):
-    g = torch.Generator().manual_seed(seed)
-    st = torch.randn(b, s, v, generator=g, dtype=torch.float64)
-    te = torch.randn(b, s, v, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, v, (b, s), generator=g)
-    for i, j in masked:
-        labels[i, j] = IGN
-    return st, te, labels
+from tests.test_kd import IGN, batch
 
 
 def test_lm_is_summed_cross_entropy_over_valid_tokens():
