@@ -70,8 +70,8 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
                         )
                     )
                 break
-    if state.lr_zero_step is not None:
-        s = state.lr_zero_step
+    if state.lr_zero_found_at is not None:
+        s = state.lr_zero_found_at
         out.append(Alert("lr_zero", "error", f"LR is 0 at step {s} after warmup began", s))
     if obj is not None and len(obj) > rules.spike_window:
         recent = [v for v in obj.value[-rules.spike_window - 1 : -1] if math.isfinite(v)]

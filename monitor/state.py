@@ -163,7 +163,7 @@ class RunState:
         self.gate_usage: Optional[list[float]] = None
         self._schedule: Optional[tuple[RunStart, Any]] = None
         self._lr_started = False
-        self.lr_zero_step: Optional[int] = None
+        self.lr_zero_found_at: Optional[int] = None
         """The first step whose LR was 0 after an earlier step's was not (checked as records arrive)."""
         self.system: Optional[SystemRecord] = None
         """The newest resources record (the trainer writes one every few log steps)."""
@@ -240,8 +240,8 @@ class RunState:
             (table.get("weighted/" + name) or self._series(table, "weighted/" + name, x)).add(row, w)
         if rec.lr > 0:
             self._lr_started = True
-        elif self._lr_started and rec.lr == 0 and self.lr_zero_step is None:
-            self.lr_zero_step = rec.step
+        elif self._lr_started and rec.lr == 0 and self.lr_zero_found_at is None:
+            self.lr_zero_found_at = rec.step
         self.train_objective_at[rec.step] = rec.objective
         if len(self.train_objective_at) > OBJECTIVE_MEMORY:
             del self.train_objective_at[next(iter(self.train_objective_at))]

@@ -10,24 +10,9 @@ from dsdistill.capture import QKCapture
 from dsdistill.losses.attention import attention_loss, head_avg_log_probs, routing_attention_loss
 from dsdistill.losses.contrastive import info_nce, mean_pool
 from dsdistill.losses.hidden import feature_loss, layerwise_loss, load_balance_loss, routing_feature_loss
-
-IGN = -100
-D64 = torch.float64
-
-
-def labels_for(b=2, s=5, v=7, masked=((0, 2),)):
-    g = torch.Generator().manual_seed(99)
-    lab = torch.randint(0, v, (b, s), generator=g)
-    for i, j in masked:
-        lab[i, j] = IGN
-    return lab
-
+from tests.test_kd import D64, IGN, labels_for
 
 # ------------------------------------------------------------------ references (plain Python math)
-
-
-def ref_kl(p, q):
-    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
 
 
 def ref_layernorm(vec, eps=1e-5):
