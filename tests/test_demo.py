@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from dsdistill.demo import demo_config, ensure_assets, no_teacher_config, run_demo, summarize
 from dsdistill.schema import METRICS_FILE
 
@@ -19,6 +21,7 @@ def test_the_control_run_differs_from_the_demo_only_in_its_curriculum_and_direct
     }
 
 
+@pytest.mark.slow
 def test_demo_student_moves_toward_teacher_and_reports_the_control(tmp_path, capsys):
     cache = tmp_path / "cache"
     ensure_assets(cache, teacher_steps=150, documents=1500)

@@ -5,6 +5,7 @@ import math
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dsdistill.demo import launcher_command, launcher_env
@@ -12,6 +13,7 @@ from dsdistill.dist import free_port
 from dsdistill.schema import METRICS_FILE, EvalRecord, RunStart, TrainRecord, parse_line
 
 PROBE = Path(__file__).with_name("dist_probe.py")
+pytestmark = pytest.mark.slow  # two ranks under the real launcher
 
 
 def launch(config: dict, tmp_path: Path, nprocs: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

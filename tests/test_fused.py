@@ -125,6 +125,7 @@ def test_engine_path_fused_equals_full_logits(make_config, tmp_path, stage):
         assert a.teacher_ppl == pytest.approx(b.teacher_ppl, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_two_rank_zero3_fused_equals_full_logits(make_config, tmp_path):
     out = {}
     for fused in (True, False):

@@ -143,6 +143,7 @@ def test_bad_launch_arguments(config_file, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_real_two_process_launch_and_resume(config_file, tmp_path):
     cfg = config_file(train={"max_steps": 6, "micro_batch_size": 2}, eval={"every": 3, "max_batches": 1})
     port = str(free_port())

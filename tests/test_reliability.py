@@ -48,6 +48,7 @@ def start_script(cfg: dict, tmp_path: Path, preexec=None) -> subprocess.Popen:
 # ------------------------------------------------------------------ preemption
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_resumably(make_config, tmp_path):
     cfg = make_config(train={"max_steps": 400}, eval={"every": 0, "max_batches": 1})
     run_dir = Path(cfg["output"]["run_dir"])
@@ -71,6 +72,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_resumably(make_config, tmp_pa
     assert [r.step for r in recs if isinstance(r, TrainRecord)][-2:] == [end.step, end.step + 1]
 
 
+@pytest.mark.slow
 def test_a_signal_repeated_within_the_grace_period_is_the_same_preemption(make_config, tmp_path):
     cfg = make_config(train={"max_steps": 400}, eval={"every": 0, "max_batches": 1})
     run_dir = Path(cfg["output"]["run_dir"])
@@ -86,6 +88,7 @@ def test_a_signal_repeated_within_the_grace_period_is_the_same_preemption(make_c
     assert checkpoint.latest_tag(run_dir) == f"step{end.step}"
 
 
+@pytest.mark.slow
 def test_second_signal_after_the_grace_period_exits_at_once(make_config, tmp_path):
     cfg = make_config(train={"max_steps": 400, "signal_grace_s": 0.0}, eval={"every": 0, "max_batches": 1})
     proc = start_script(cfg, tmp_path)
