@@ -80,12 +80,20 @@ def test_registry_pins_and_the_project_itself_are_allowed():
 
 def test_the_wheel_installs_dsdistill_and_dsmonitor_and_no_top_level_monitor(tmp_path):
     """Users get `import dsmonitor` and the `dsmonitor` command; nothing called `monitor` lands on their path."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
+    # built from a copy of the sources, so no build/ directory is written into (or reused from) the checkout
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for package in ("dsdistill", "monitor"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
