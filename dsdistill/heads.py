@@ -69,7 +69,7 @@ class FusedKDLMHead(nn.Module):
             options=call.options,
             ignore_index=self.ignore_index,
         )
-        return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined)
+        return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined, tokens=m["count"])
 
 
 def fused_supported(model: nn.Module) -> Optional[str]:

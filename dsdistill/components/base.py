@@ -86,6 +86,8 @@ class FusedSums(NamedTuple):
     lm: torch.Tensor
     combined: torch.Tensor
     """The differentiable coef_kd * kd + coef_lm * lm (its gradient is the objective's for both terms)."""
+    tokens: int
+    """Loss-bearing tokens (counted once by the head, so KD and LM need no second device sync)."""
 
 
 @dataclass
