@@ -20,13 +20,18 @@ def _cmd_train(args) -> int:
 
 def _cmd_check(args) -> int:
     from dsdistill.config import load_config
-    from dsdistill.preflight import describe, preflight
+    from dsdistill.preflight import describe, plan_dict, preflight
 
     cfg = load_config(args.config, args.overrides)
     if args.world_size is not None and args.world_size < 1:
         raise DistillError(f"check: --world-size {args.world_size}: expected a positive number of ranks")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     plan, data = preflight(cfg, world=world)
+    if args.json:
+        import json
+
+        print(json.dumps(plan_dict(plan, data), indent=2))
+        return 0
     print(describe(plan, data))
     print("check: ok")
     return 0
@@ -67,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a config against data, models and world size; print the plan")
     with_config(c)
     c.add_argument("--world-size", type=int, default=None, help="ranks the run will use (default: $WORLD_SIZE or 1)")
+    c.add_argument("--json", action="store_true", help="print the whole plan as JSON (nothing else on stdout)")
     c.set_defaults(func=_cmd_check)
     d = sub.add_parser("demo", help="distil a tiny local teacher into a smaller student (CPU is enough)")
     d.add_argument("--run-dir", default="runs/demo", help="where the demo run writes (default runs/demo)")

@@ -36,13 +36,63 @@ class ModelSpec(_Strict):
     """Attention kernel passed to transformers."""
 
 
-class DataConfig(_Strict):
-    """Training and evaluation text."""
+Format = Literal["text", "chat", "prompt_completion", "pretokenized"]
+Packing = Literal["concat", "documents", "none"]
+
+
+class FormatFields(_Strict):
+    """How one data source's examples become token ids and loss masks."""
+
+    format: Format = "text"
+    """text: raw documents (every token carries loss); chat: message lists rendered with the chat template
+    (loss on assistant turns); prompt_completion: loss on the completion; pretokenized: `input_ids` with
+    optional `labels` or `loss_mask`."""
+    text_field: str = "text"
+    """text: column holding the raw text."""
+    messages_field: str = "messages"
+    """chat: column holding the list of messages ({role, content}; roles system, user, assistant, tool)."""
+    chat_template: Optional[str] = None
+    """chat: a Jinja chat template, a path to a .jinja file, or `chatml`; default: the tokenizer's own."""
+    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """chat: which tokens carry loss: every assistant turn, only the last one, or the whole conversation."""
+    prompt_field: str = "prompt"
+    """prompt_completion: column holding the prompt text."""
+    completion_field: str = "completion"
+    """prompt_completion: column holding the completion text (the tokens that carry loss, EOS appended)."""
+    input_ids_field: str = "input_ids"
+    """pretokenized: column holding the token ids."""
+    labels_field: Optional[str] = None
+    """pretokenized: column of labels (the ignore index marks tokens without loss); default `labels` if present."""
+    loss_mask_field: Optional[str] = None
+    """pretokenized: column of 0/1 loss masks (exclusive with labels); default `loss_mask` if present."""
+
+
+class SourceConfig(FormatFields):
+    """One source of a data mixture (`data.sources`)."""
 
     path: str
     """Local .jsonl/.json/.txt/.csv/.parquet file or dataset directory, or a Hub dataset name."""
-    text_field: str = "text"
-    """Column holding the raw text."""
+    name: Optional[str] = None
+    """Name in plans and records; default: the file or directory name."""
+    weight: float = Field(1.0, gt=0)
+    """Sampling weight: the source's share of training examples is weight / sum of weights."""
+    split: str = "train"
+    """Split of `path` used for training."""
+    eval_path: Optional[str] = None
+    """Separate file or dataset for this source's evaluation; default: `eval_split`, else a held-out part."""
+    eval_split: Optional[str] = None
+    """Split used for this source's evaluation (of `eval_path` if given, else of `path`)."""
+    streaming: Optional[bool] = None
+    """Read this source lazily (default: `data.streaming`)."""
+
+
+class DataConfig(FormatFields):
+    """Training and evaluation data: one source (`path` and the format fields here) or a mixture (`sources`)."""
+
+    path: Optional[str] = None
+    """Local .jsonl/.json/.txt/.csv/.parquet file or dataset directory, or a Hub dataset name."""
+    sources: Optional[list[SourceConfig]] = Field(None, min_length=1)
+    """A mixture sampled by weight (instead of `path`); each source has its own format fields."""
     split: str = "train"
     """Split of `path` used for training."""
     eval_path: Optional[str] = None
@@ -51,8 +101,46 @@ class DataConfig(_Strict):
     """Split used for evaluation (of `eval_path` if given, else of `path`)."""
     eval_fraction: float = Field(0.05, gt=0, lt=1)
     """Fraction of training documents held out for evaluation when no eval split or file is given."""
+    eval_examples: int = Field(1000, ge=1)
+    """Streaming: examples held out from the start of the stream for evaluation when no eval split or file is
+    given (and the most a streamed eval split is read to)."""
     max_documents: Optional[int] = Field(None, ge=1)
     """Use at most this many training documents (for quick runs)."""
+    packing: Optional[Packing] = None
+    """concat: documents joined and cut into seq_len blocks, attention across them (default for text);
+    documents: whole examples packed per sequence, positions restarting and no attention across examples
+    (default for the other formats); none: one example per sequence, padded."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """documents/none packing: examples longer than seq_len are cut to seq_len or left out (both counted)."""
+    streaming: bool = False
+    """Read and tokenise lazily per rank (`datasets` streaming): startup time and memory do not grow with the
+    corpus; needs `train.max_steps`."""
+    shuffle_buffer: int = Field(10000, ge=1)
+    """Streaming: examples in the seeded shuffle buffer."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("set path (one source) or sources (a mixture), exactly one")
+        return self
+
+    def resolved_sources(self) -> list[SourceConfig]:
+        """The run's sources: `sources`, or the one source described by `path` and the fields here."""
+        if self.sources is not None:
+            return list(self.sources)
+        fields = {k: getattr(self, k) for k in FormatFields.model_fields}
+        assert self.path is not None
+        return [
+            SourceConfig(
+                path=self.path, split=self.split, eval_path=self.eval_path, eval_split=self.eval_split, **fields
+            )
+        ]
+
+    def packing_of(self, source: FormatFields) -> Packing:
+        """The packing used (default: concat for text, documents for every other format)."""
+        if self.packing is not None:
+            return self.packing
+        return "concat" if source.format == "text" else "documents"
 
 
 LayerPairs = Optional[list[tuple[int, int]]]

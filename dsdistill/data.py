@@ -1,6 +1,14 @@
-"""Text data: load with HF `datasets`, tokenise, pack to `seq_len`, split, and shard per rank.
+"""Data: load with HF `datasets`, render each source's format (dsdistill/formats.py), pack to `seq_len`
+(dsdistill/packing.py), split, and shard per rank.
 
-Training uses a seeded `DistributedSampler` (each rank its own shard, same number of batches everywhere).
+Two ways to the same rows:
+- one source read whole (the default): rendered and packed up front with `datasets.map` (cached, memory-
+  mapped); training draws rows with a seeded `DistributedSampler`, and the plan's counts are exact;
+- streamed (`data.streaming`, or any mixture of `data.sources`): each rank reads and renders its own part
+  lazily, a block of examples at a time, so startup and memory do not grow with the corpus. A block's
+  source choices are drawn from (seed, rank, block), and a block's rows depend on that block alone, so a
+  position (block, row, where each source stood) resumes exactly.
+
 Evaluation shards by stride and pads the shorter ranks with fully-masked batches, so every rank runs the
 same number of forwards (ZeRO-3 needs every rank in every forward) and nothing is counted twice.
 """
@@ -8,17 +16,27 @@ same number of forwards (ZeRO-3 needs every rank in every forward) and nothing i
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from dsdistill.config import RunConfig
+from dsdistill.config import RunConfig, SourceConfig
 from dsdistill.errors import DataError, one_line
+from dsdistill.formats import Example, Renderer, renderer
+from dsdistill.packing import Packer, PackStats
+
+BLOCK = 1024
+"""Examples per streamed block (rows never span blocks: a block's rows depend on it alone)."""
+SAMPLE = 2000
+"""Examples of a streamed source rendered by the plan (its counts are estimates from them)."""
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".csv": "csv", ".parquet": "parquet"}
 
@@ -50,8 +68,9 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or p.suffix.lower() in BUILDERS or path.count("/") != 1
 
 
-def load_text(path: str, split: str, *, field: str):
-    """A `datasets.Dataset` from a local file, a local dataset directory, or a Hub dataset name."""
+def load_source(path: str, split: str, *, field: str, streaming: bool = False):
+    """A `datasets.Dataset` (or, streaming, an `IterableDataset`) from a local file, a directory of data
+    files, a directory written by `save_to_disk`, or a Hub dataset name."""
     datasets = _quiet_datasets()
     p = Path(path).expanduser()
     try:
@@ -61,14 +80,25 @@ def load_text(path: str, split: str, *, field: str):
                 raise DataError(f"{field}: '{path}' has extension '{p.suffix}'; expected one of {', '.join(BUILDERS)}")
             if split != "train":
                 raise DataError(f"{field}: '{path}' is a single file and has only a 'train' split, not '{split}'")
-            if builder != "parquet":
-                _check_text_file(p, field=field, path=path)
-            return datasets.load_dataset(builder, data_files={"train": str(p)}, split="train")
+            if builder not in ("parquet", "json") or p.stat().st_size < (64 << 20):
+                _check_text_file(p, field=field, path=path)  # a streamed corpus is not scanned whole up front
+            elif p.stat().st_size == 0:
+                raise DataError(f"{field}: '{path}' is empty; expected at least one document")
+            return datasets.load_dataset(builder, data_files={"train": str(p)}, split="train", streaming=streaming)
         if p.is_dir():
-            return datasets.load_dataset(str(p), split=split)
+            if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
+                ds = datasets.load_from_disk(str(p))  # memory-mapped Arrow, whatever its size
+                if isinstance(ds, datasets.DatasetDict):
+                    if split not in ds:
+                        raise DataError(f"{field}: '{path}' has no split '{split}'; splits are: {', '.join(ds)}")
+                    ds = ds[split]
+                elif split != "train":
+                    raise DataError(f"{field}: '{path}' is a single saved dataset with no split '{split}'")
+                return ds.to_iterable_dataset(num_shards=max(1, min(64, ds.num_rows))) if streaming else ds
+            return datasets.load_dataset(str(p), split=split, streaming=streaming)
         if _looks_local(path):
             raise DataError(f"{field}: '{path}' does not exist; expected a data file, a dataset directory or a Hub name")
-        return datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(path, split=split, streaming=streaming)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the file and the reason
@@ -114,15 +144,13 @@ def _check_text_file(p: Path, *, field: str, path: str) -> None:
         raise DataError(f"{field}: '{path}' is empty; expected at least one document")
 
 
-def _check_text_column(ds, text_field: str, where: str) -> int:
-    """Validate the text column; the number of documents with a null or empty text (they are skipped)."""
-    if text_field not in ds.column_names:
-        raise DataError(f"data.text_field: '{text_field}' is not a column of {where}; columns are: {', '.join(ds.column_names)}")
+def _check_text_column(ds, text_field: str, field: str, where: str) -> int:
+    """The text column of a whole dataset; the number of documents with a null or empty text (skipped)."""
     if len(ds) == 0:
         raise DataError(f"{where} is empty; expected at least one document")
     empty = count_empty(ds, text_field)
     if empty == len(ds):
-        raise DataError(f"data.text_field: every one of the {len(ds)} documents in {where} has a null or empty '{text_field}'")
+        raise DataError(f"{field}.text_field: every one of the {len(ds)} documents in {where} has a null or empty '{text_field}'")
     return empty
 
 
@@ -138,96 +166,504 @@ def count_empty(ds, text_field: str) -> int:
     return col.null_count + int(empty)
 
 
-def unknown_share(ds, tokenizer, sample: int = 512) -> float:
-    """Share of the tokenizer's unknown token among the first `sample` packed sequences (0 without one)."""
+def unknown_share(rows, tokenizer, sample: int = 512) -> float:
+    """Share of the tokenizer's unknown token among the first `sample` packed rows (0 without one)."""
     unk = tokenizer.unk_token_id
-    if unk is None or len(ds) == 0:
+    if unk is None or len(rows) == 0:
         return 0.0
-    ids = ds[: min(sample, len(ds))]["input_ids"]
-    ids = torch.as_tensor(ids) if not torch.is_tensor(ids) else ids
-    return float((ids == unk).float().mean())
+    ids = [rows[i]["input_ids"] for i in range(min(sample, len(rows)))]
+    t = torch.cat([torch.as_tensor(x).flatten() for x in ids])
+    return float((t == unk).float().mean())
 
 
-def pack(ds, tokenizer, *, text_field: str, seq_len: int, where: str):
-    """Tokenise every document (EOS appended), concatenate and cut into blocks of `seq_len` tokens."""
-    eos = tokenizer.eos_token_id
+# ---------------------------------------------------------------------------------------------- the plan
 
-    def tokenize_and_pack(batch):
-        texts = batch[text_field]
-        bad = next((t for t in texts if not isinstance(t, str)), None)
-        if bad is not None:
-            raise DataError(f"data.text_field: '{text_field}' in {where} holds {type(bad).__name__} values; expected strings")
-        ids = tokenizer([t for t in texts if t], add_special_tokens=False)["input_ids"]
-        flat: list[int] = []
-        for doc in ids:
-            flat.extend(doc)
-            if eos is not None:
-                flat.append(eos)
-        n = len(flat) // seq_len
-        return {"input_ids": [flat[i * seq_len : (i + 1) * seq_len] for i in range(n)]}
 
-    with main_process_first():
-        out = ds.map(tokenize_and_pack, batched=True, batch_size=2000, remove_columns=ds.column_names)
-    if "input_ids" not in out.column_names:  # no batch produced a full block
-        return out.select([])
-    out.set_format("torch", columns=["input_ids"])
-    return out
+@dataclass
+class SourcePlan:
+    """One source as the plan reports it."""
+
+    name: str
+    path: str
+    format: str
+    weight: float
+    streaming: bool
+    train: PackStats
+    eval: PackStats
+    estimated: bool = False
+    """The train counts come from the first examples of the stream (`sampled` of them), not a full pass."""
+    sampled: int = 0
+    rows: Optional[int] = None
+    """Examples the source holds, when known without reading it (whole datasets, Parquet metadata)."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["train"]["loss_share"] = self.train.loss_share
+        return out
 
 
 @dataclass
 class Splits:
-    """Packed training and evaluation blocks."""
+    """The run's data: packed rows (or the recipe to stream them), eval rows, and what the plan reports."""
 
     train: Any
-    """The packed training blocks (a `datasets.Dataset` of input_ids)."""
+    """Packed training rows (a `datasets.Dataset`), or None when training streams."""
     eval: Any
-    skipped_documents: int = 0
-    """Training and eval documents skipped because their text was null or empty."""
+    """Packed eval rows of every source (indexable; each row a dict of tensors)."""
+    sources: list[SourcePlan]
+    packing: str
+    readers: list[Callable[[int, int], "SourceReader"]] = field(default_factory=list)
+    """Streamed: per source, (rank, world) -> this rank's reader."""
+    weights: list[float] = field(default_factory=list)
+    eval_by_source: dict[str, Any] = field(default_factory=dict)
+    """A mixture's eval rows per source name (empty for one source)."""
     unknown_share: float = 0.0
     """Share of unknown-token ids in (a sample of) the packed training data."""
 
+    @property
+    def streamed(self) -> bool:
+        return self.train is None
+
+    @property
+    def skipped_documents(self) -> int:
+        return sum(s.train.skipped + s.eval.skipped for s in self.sources if not s.estimated)
+
+    def totals(self) -> PackStats:
+        out = PackStats()
+        for s in self.sources:
+            out.add(s.train)
+        return out
+
+
+def source_names(sources: list[SourceConfig]) -> list[str]:
+    """Each source's name: given, else its file or directory name (made unique)."""
+    names: list[str] = []
+    for s in sources:
+        base = s.name or Path(s.path.rstrip("/")).name or s.path
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _packing(cfg: RunConfig, sources: list[SourceConfig]) -> str:
+    if cfg.data.packing is not None:
+        return cfg.data.packing
+    return "concat" if all(s.format == "text" for s in sources) else "documents"
+
+
+def _packer(cfg: RunConfig, tokenizer, kind: str, sources: list[SourceConfig]) -> Packer:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return Packer(
+        kind=kind,
+        seq_len=cfg.train.seq_len,
+        pad_id=pad,
+        ignore_index=cfg.loss.ignore_index,
+        overlong=cfg.data.overlong,
+        labels=not (kind == "concat" and all(s.format == "text" for s in sources)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- whole datasets
+
+
+def _render_dataset(ds, render: Renderer, *, with_loss: bool):
+    """Stage 1, one row per example: its ids (empty when skipped) and, unless every token carries loss, its mask."""
+
+    def fn(batch, idx):
+        examples = render(batch, idx[0] if idx else 0)
+        out: dict[str, list] = {"input_ids": [ex.ids if ex else [] for ex in examples]}
+        if with_loss:
+            out["loss"] = [ex.loss if ex else [] for ex in examples]
+        return out
+
+    with main_process_first():
+        return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names)
+
+
+def _pack_dataset(rendered, packer: Packer):
+    """Stage 2: rows of seq_len tokens (in batches of 2000 examples, so concat packing is what it always was)."""
+    has_loss = "loss" in rendered.column_names
+
+    def fn(batch):
+        ids = batch["input_ids"]
+        losses = batch["loss"] if has_loss else [None] * len(ids)
+        rows = packer(Example(i, m if m is not None else [True] * len(i)) if i else None for i, m in zip(ids, losses))
+        cols = ["input_ids"] + [c for c in ("labels", "position_ids") if rows and c in rows[0]]
+        return {c: [r[c] for r in rows] for c in cols}
+
+    with main_process_first():
+        out = rendered.map(fn, batched=True, batch_size=2000, remove_columns=rendered.column_names)
+    if "input_ids" not in out.column_names:  # no batch produced a full block
+        return out.select([])
+    out.set_format("torch", columns=[c for c in ("input_ids", "labels", "position_ids") if c in out.column_names])
+    return out
+
+
+def _exact_stats(rendered, packed, *, kind: str, seq_len: int, overlong: str, ignore_index: int) -> PackStats:
+    """The counts of a whole dataset, from its Arrow columns (no Python loop over tokens)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(rendered.data.column("input_ids"))
+    st = PackStats()
+    st.skipped = int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
+    st.examples = len(rendered) - st.skipped
+    st.sequences = len(packed)
+    if kind != "concat":
+        over = pc.greater(lengths, seq_len)
+        n_over = int(pc.sum(over).as_py() or 0)
+        st.dropped, st.truncated = (n_over, 0) if overlong == "drop" else (0, n_over)
+        kept = pc.filter(lengths, pc.invert(over)) if overlong == "drop" else pc.min_element_wise(lengths, seq_len)
+        st.tokens = int(pc.sum(kept).as_py() or 0)
+    else:
+        st.tokens = len(packed) * seq_len
+    if len(packed) == 0:
+        return st
+    if "labels" in packed.column_names:
+        labels = packed.data.column("labels")
+        carried = pc.sum(pc.not_equal(pc.list_flatten(labels), ignore_index)).as_py() or 0
+        first = pc.sum(pc.not_equal(pc.list_element(labels, 0), ignore_index)).as_py() or 0
+        st.loss_tokens = int(carried - first)
+    else:
+        st.loss_tokens = len(packed) * (seq_len - 1)
+    return st
+
+
+def _whole(ds, source: SourceConfig, tokenizer, cfg: RunConfig, packer: Packer, *, field: str, where: str):
+    """(rendered, packed, stats) of a dataset read whole."""
+    if len(ds) == 0:
+        raise DataError(f"{where} is empty; expected at least one document")
+    render = renderer(source, tokenizer, field=field, where=where, ignore_index=cfg.loss.ignore_index, columns=ds.column_names)
+    rendered = _render_dataset(ds, render, with_loss=source.format != "text")
+    packed = _pack_dataset(rendered, packer)
+    stats = _exact_stats(
+        rendered, packed, kind=packer.kind, seq_len=cfg.train.seq_len, overlong=cfg.data.overlong, ignore_index=cfg.loss.ignore_index
+    )
+    if stats.examples == 0:
+        if source.format == "text":
+            raise DataError(
+                f"{field}.text_field: every one of the {len(ds)} documents in {where} has a null or empty '{source.text_field}'"
+            )
+        raise DataError(f"{field}: no example of {where} has a token that carries loss (format {source.format})")
+    return rendered, packed, stats
+
+
+def _held_out(ds, cfg: RunConfig, source: SourceConfig, *, field: str, where: str):
+    """(train, eval) documents: the eval split or file if given, else a seeded held-out fraction."""
+    d = cfg.data
+    if source.eval_path is not None or source.eval_split is not None:
+        src = source.eval_path or source.path
+        with main_process_first():
+            eval_docs = load_source(
+                src, source.eval_split or "train", field=f"{field}.eval_path" if source.eval_path else f"{field}.eval_split"
+            )
+        return ds, eval_docs
+    n = len(ds)
+    if n < 2:
+        raise DataError(f"{field}.path: {where} has {n} document; hold-out evaluation needs at least 2 (or set {field}.eval_path)")
+    n_eval = min(n - 1, max(1, round(n * d.eval_fraction)))
+    parts = ds.train_test_split(test_size=n_eval, seed=cfg.train.seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+
+class SourceReader:
+    """One source's examples for one rank, epoch after epoch, rendered on the way; `position` is where it
+    stands (epoch, raw examples consumed in it) and `seek` returns there."""
+
+    def __init__(self, name: str, open_epoch: Callable[[int], Iterator[Any]], render: Optional[Renderer], *, field: str):
+        self.name = name
+        self.open_epoch = open_epoch
+        """epoch -> iterator over this rank's raw rows (dicts), or rendered Examples when `render` is None."""
+        self.render = render
+        self.field = field
+        self.epoch, self.consumed = 0, 0
+        self._it: Optional[Iterator[Any]] = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.consumed
+
+    def seek(self, epoch: int, consumed: int) -> None:
+        self.epoch, self.consumed = int(epoch), int(consumed)
+        self._it = None
+
+    def take(self, n: int) -> list[Optional[Example]]:
+        if n == 0:
+            return []
+        raw: list[Any] = []
+        empty_epochs = 0
+        while len(raw) < n:
+            if self._it is None:
+                self._it = itertools.islice(self.open_epoch(self.epoch), self.consumed, None)
+            got = list(itertools.islice(self._it, n - len(raw)))
+            raw.extend(got)
+            self.consumed += len(got)
+            if len(raw) < n:  # this rank's part of the source is exhausted: its next epoch
+                empty_epochs = empty_epochs + 1 if self.consumed == 0 else 0
+                if empty_epochs > 1:
+                    raise DataError(f"{self.field}: source '{self.name}' has no examples for this rank")
+                self.epoch, self.consumed, self._it = self.epoch + 1, 0, None
+        if self.render is None:
+            return raw
+        columns = {k: [r[k] for r in raw] for k in raw[0]}
+        return self.render(columns, max(0, self.consumed - len(raw)))
+
+
+class MixedStream:
+    """This rank's endless stream of training micro-batches drawn from the sources by weight (one source is
+    the mixture of one). `state()` / `restore()` resume at the exact row."""
+
+    def __init__(self, readers: list[SourceReader], weights: list[float], packer: Packer, *, micro_batch: int, seed: int, rank: int):
+        import numpy as np
+
+        self.readers, self.packer, self.micro_batch = readers, packer, micro_batch
+        self.seed, self.rank = seed, rank
+        w = np.asarray(weights, dtype=np.float64)
+        self.p = w / w.sum()
+        self.block, self.row = 0, 0
+        """The block being read and the rows of it already yielded."""
+        self.starts = [r.position for r in readers]
+        """Where each source stood when the current block began."""
+        self.batches_per_epoch: Optional[int] = None
+
+    def state(self) -> dict[str, Any]:
+        return {"block": self.block, "row": self.row, "sources": [list(s) for s in self.starts]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.block, self.row = int(state["block"]), int(state["row"])
+        self.starts = [tuple(s) for s in state["sources"]]
+        for reader, (epoch, consumed) in zip(self.readers, self.starts):
+            reader.seek(epoch, consumed)
+
+    def _rows(self, block: int) -> list[dict[str, list[int]]]:
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, self.rank, block])
+        choice = rng.choice(len(self.readers), size=BLOCK, p=self.p) if len(self.readers) > 1 else np.zeros(BLOCK, dtype=int)
+        drawn = [iter(r.take(int((choice == i).sum()))) for i, r in enumerate(self.readers)]
+        return self.packer([next(drawn[i]) for i in choice])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        pending: list[dict[str, list[int]]] = []
+        while True:
+            for reader, start in zip(self.readers, self.starts):
+                if reader.position != start:  # after a restore: reopen there (otherwise read on)
+                    reader.seek(*start)
+            block = self.block
+            rows = self._rows(block)
+            for i in range(self.row, len(rows)):
+                pending.append(rows[i])
+                if len(pending) == self.micro_batch:
+                    # the committed position is after this micro-batch: a checkpoint taken now resumes after it
+                    self.row = i + 1
+                    if self.row == len(rows):
+                        self.block, self.row, self.starts = self.block + 1, 0, [r.position for r in self.readers]
+                    yield collate(pending)
+                    pending = []
+            if self.block == block:  # the block ended inside a micro-batch (or gave no row): on to the next
+                self.block, self.row, self.starts = block + 1, 0, [r.position for r in self.readers]
+
+
+def _first_rows(ds, n: int) -> list[dict[str, Any]]:
+    return list(itertools.islice(iter(ds), n))
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
+
+
+def _to_tensors(rows: list[dict[str, list[int]]]) -> list[dict[str, torch.Tensor]]:
+    return [{k: torch.tensor(v) for k, v in row.items()} for row in rows]
+
+
+def _rows_of(packed) -> list[dict[str, torch.Tensor]]:
+    return [packed[i] for i in range(len(packed))]
+
+
+def _known_rows(ds) -> Optional[int]:
+    """Examples in a streamed split when its metadata says so (never by reading it)."""
+    try:
+        splits = ds.info.splits
+        if splits:
+            for info in splits.values():
+                if info.num_examples:
+                    return int(info.num_examples)
+    except Exception:  # noqa: BLE001 - metadata is optional
+        return None
+    return None
+
+
+def _streamed_source(
+    i: int, s: SourceConfig, name: str, cfg: RunConfig, tokenizer, kind: str, sources: list[SourceConfig], field: str
+):
+    """(reader factory, eval rows, plan) of a source read lazily."""
+    d = cfg.data
+    probe = load_source(s.path, s.split, field=f"{field}.path", streaming=True)
+    head = _first_rows(probe, 1)
+    if not head:
+        raise DataError(f"{field}.path: '{s.path}' is empty; expected at least one document")
+    where = f"'{s.path}'"
+    render = renderer(s, tokenizer, field=field, where=where, ignore_index=cfg.loss.ignore_index, columns=list(head[0]))
+    held_out = 0
+    if s.eval_path is not None or s.eval_split is not None:
+        src = s.eval_path or s.path
+        eval_ds = load_source(src, s.eval_split or "train", field=f"{field}.eval_path" if s.eval_path else f"{field}.eval_split", streaming=True)
+    else:  # the first examples of the stream are held out, and training skips them
+        held_out = d.eval_examples
+        eval_ds = probe
+    eval_raw = _first_rows(eval_ds, d.eval_examples)
+    eval_packer = _packer(cfg, tokenizer, kind, sources)
+    eval_rows = eval_packer(render(_columns(eval_raw), 0)) if eval_raw else []
+    sample_packer = _packer(cfg, tokenizer, kind, sources)
+    sample = _first_rows(probe.skip(held_out), SAMPLE)
+    if not sample:
+        raise DataError(f"{field}.path: '{s.path}' has no examples left for training after the {held_out} held out for evaluation")
+    sample_packer(render(_columns(sample), held_out))
+    if sample_packer.stats.examples == 0:
+        raise DataError(f"{field}: none of the first {len(sample)} examples of {where} has a token that carries loss (format {s.format})")
+    seed, buffer = cfg.train.seed, d.shuffle_buffer
+
+    def make(rank: int, world: int) -> SourceReader:
+        from datasets.distributed import split_dataset_by_node
+
+        def open_epoch(epoch: int) -> Iterator[Any]:
+            ds = load_source(s.path, s.split, field=f"{field}.path", streaming=True)
+            if held_out:
+                ds = ds.skip(held_out)
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world).shuffle(seed=seed, buffer_size=buffer)
+            ds.set_epoch(epoch)
+            return iter(ds)
+
+        return SourceReader(name, open_epoch, render, field=field)
+
+    plan = SourcePlan(
+        name=name,
+        path=s.path,
+        format=s.format,
+        weight=s.weight,
+        streaming=True,
+        train=sample_packer.stats,
+        eval=eval_packer.stats,
+        estimated=True,
+        sampled=len(sample),
+        rows=_known_rows(probe),
+    )
+    return make, eval_rows, plan
+
+
+def _whole_source(i: int, s: SourceConfig, name: str, cfg: RunConfig, tokenizer, kind: str, sources, field: str):
+    """(reader factory, eval rows, plan) of a source read whole and rendered up front, inside a mixture."""
+    where = f"'{s.path}'"
+    with main_process_first():
+        ds = load_source(s.path, s.split, field=f"{field}.path")
+    train_docs, eval_docs = _held_out(ds, cfg, s, field=field, where=where)
+    rendered, _, train_stats = _whole(train_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field=field, where=where)
+    _, eval_packed, eval_stats = _whole(eval_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field=field, where=f"the eval split of {where}")
+    seed, has_loss = cfg.train.seed, "loss" in rendered.column_names
+
+    def make(rank: int, world: int) -> SourceReader:
+        def open_epoch(epoch: int) -> Iterator[Optional[Example]]:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(rendered), generator=g)[rank::world].tolist()
+            for start in range(0, len(order), 1000):
+                chunk = rendered[order[start : start + 1000]]
+                losses = chunk["loss"] if has_loss else [None] * len(chunk["input_ids"])
+                for ids, loss in zip(chunk["input_ids"], losses):
+                    yield Example(ids, loss if loss is not None else [True] * len(ids)) if ids else None
+
+        return SourceReader(name, open_epoch, None, field=field)
+
+    plan = SourcePlan(name=name, path=s.path, format=s.format, weight=s.weight, streaming=False, train=train_stats, eval=eval_stats, rows=len(ds))
+    return make, _rows_of(eval_packed), plan
+
 
 def build_splits(cfg: RunConfig, tokenizer) -> Splits:
-    """Load, split and pack the run's data (same result on every rank)."""
+    """Load, split and pack (or prepare to stream) the run's data: the same result on every rank."""
     d = cfg.data
-    with main_process_first():
-        train_docs = load_text(d.path, d.split, field="data.path")
-    skipped = _check_text_column(train_docs, d.text_field, f"'{d.path}'")
-    if d.max_documents is not None and len(train_docs) > d.max_documents:
-        train_docs = train_docs.select(range(d.max_documents))
-    if d.eval_path is not None or d.eval_split is not None:
-        src = d.eval_path or d.path
-        with main_process_first():
-            eval_docs = load_text(src, d.eval_split or "train", field="data.eval_path" if d.eval_path else "data.eval_split")
-        skipped += _check_text_column(eval_docs, d.text_field, f"'{src}'")
-    else:
-        n = len(train_docs)
-        if n < 2:
-            raise DataError(
-                f"data.path: '{d.path}' has {n} document; hold-out evaluation needs at least 2 (or set data.eval_path)"
-            )
-        n_eval = min(n - 1, max(1, round(n * d.eval_fraction)))
-        parts = train_docs.train_test_split(test_size=n_eval, seed=cfg.train.seed, shuffle=True)
-        train_docs, eval_docs = parts["train"], parts["test"]
+    sources = d.resolved_sources()
+    names = source_names(sources)
+    kind = _packing(cfg, sources)
     seq = cfg.train.seq_len
-    train = pack(train_docs, tokenizer, text_field=d.text_field, seq_len=seq, where=f"'{d.path}'")
-    evals = pack(eval_docs, tokenizer, text_field=d.text_field, seq_len=seq, where="the eval split")
-    if len(evals) == 0:
-        raise DataError(
-            f"data: the eval split holds fewer than seq_len={seq} tokens; use a larger eval set or a smaller train.seq_len"
-        )
-    share = unknown_share(train, tokenizer)
+    if d.sources is None and not d.streaming:
+        s = sources[0]
+        where = f"'{s.path}'"
+        with main_process_first():
+            docs = load_source(s.path, s.split, field="data.path")
+        if s.format == "text" and s.text_field in docs.column_names:
+            _check_text_column(docs, s.text_field, "data", where)
+        if d.max_documents is not None and len(docs) > d.max_documents:
+            docs = docs.select(range(d.max_documents))
+        train_docs, eval_docs = _held_out(docs, cfg, s, field="data", where=where)
+        _, train, train_stats = _whole(train_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field="data", where=where)
+        _, evals, eval_stats = _whole(eval_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field="data", where="the eval split")
+        if len(evals) == 0:
+            raise DataError(
+                f"data: the eval split holds fewer than seq_len={seq} tokens; use a larger eval set or a smaller train.seq_len"
+            )
+        plan = SourcePlan(name=names[0], path=s.path, format=s.format, weight=1.0, streaming=False, train=train_stats, eval=eval_stats, rows=len(docs))
+        share = unknown_share(train, tokenizer)
+        _check_unknown(share, s.path, tokenizer, field="data.path")
+        return Splits(train=train, eval=evals, sources=[plan], packing=kind, unknown_share=share)
+
+    readers, plans, eval_by_source = [], [], {}
+    for i, (s, name) in enumerate(zip(sources, names)):
+        field = "data" if d.sources is None else f"data.sources[{i}]"
+        streaming = s.streaming if s.streaming is not None else d.streaming
+        build = _streamed_source if streaming else _whole_source
+        make, rows, plan = build(i, s, name, cfg, tokenizer, kind, sources, field)
+        if not rows:
+            raise DataError(
+                f"{field}: the eval split of '{s.path}' holds fewer than seq_len={seq} tokens; "
+                "use a larger eval set or a smaller train.seq_len"
+            )
+        readers.append(make)
+        plans.append(plan)
+        eval_by_source[name] = rows if isinstance(rows[0].get("input_ids"), torch.Tensor) else _to_tensors(rows)
+    evals = [row for rows in eval_by_source.values() for row in rows]
+    share = unknown_share(evals, tokenizer)
+    _check_unknown(share, sources[0].path if len(sources) == 1 else "the eval data", tokenizer, field="data.path" if d.sources is None else "data.sources")
+    return Splits(
+        train=None,
+        eval=evals,
+        sources=plans,
+        packing=kind,
+        readers=readers,
+        weights=[s.weight for s in sources],
+        eval_by_source=eval_by_source if len(sources) > 1 else {},
+        unknown_share=share,
+    )
+
+
+def _check_unknown(share: float, path: str, tokenizer, *, field: str) -> None:
     if share > 0.5:
         raise DataError(
-            f"data.path: {share:.0%} of the tokens of '{d.path}' are the tokenizer's unknown token "
+            f"{field}: {share:.0%} of the tokens of '{path}' are the tokenizer's unknown token "
             f"({tokenizer.unk_token!r}); the data does not match the student's tokenizer"
         )
-    return Splits(train=train, eval=evals, skipped_documents=skipped, unknown_share=share)
 
 
-def _collate(rows) -> dict[str, torch.Tensor]:
-    ids = torch.stack([r["input_ids"] for r in rows])
-    return {"input_ids": ids, "labels": ids.clone()}
+def make_stream(cfg: RunConfig, splits: Splits, tokenizer, *, rank: int, world: int):
+    """This rank's training stream: rows of the packed dataset, or the mixture of its streamed sources."""
+    if not splits.streamed:
+        return TrainStream(splits.train, micro_batch=cfg.train.micro_batch_size, rank=rank, world=world, seed=cfg.train.seed)
+    sources = cfg.data.resolved_sources()
+    packer = _packer(cfg, tokenizer, splits.packing, sources)
+    readers = [make(rank, world) for make in splits.readers]
+    return MixedStream(readers, splits.weights, packer, micro_batch=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank)
+
+
+def collate(rows) -> dict[str, torch.Tensor]:
+    """Rows (lists or tensors) -> a micro-batch; labels are the ids when a row carries none."""
+    batch = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
+    if "labels" not in batch:
+        batch["labels"] = batch["input_ids"].clone()
+    return batch
 
 
 class TrainStream:
@@ -239,7 +675,7 @@ class TrainStream:
         self.ds = ds
         self.micro_batch = micro_batch
         self.sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.batches_per_epoch = len(self.sampler) // micro_batch
+        self.batches_per_epoch: Optional[int] = len(self.sampler) // micro_batch
         self.epoch = 0
         self.position = 0
         """Micro-batches consumed in the current epoch."""
@@ -251,6 +687,7 @@ class TrainStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        assert self.batches_per_epoch is not None
         while True:
             self.sampler.set_epoch(self.epoch)
             order = list(self.sampler)
@@ -258,8 +695,10 @@ class TrainStream:
                 start = self.position * self.micro_batch
                 idx = order[start : start + self.micro_batch]
                 self.position += 1
-                ids = self.ds[idx]["input_ids"]
-                yield {"input_ids": ids, "labels": ids.clone()}
+                batch = dict(self.ds[idx])
+                if "labels" not in batch:
+                    batch["labels"] = batch["input_ids"].clone()
+                yield batch
             self.epoch += 1
             self.position = 0
 
@@ -274,22 +713,48 @@ def eval_batches(ds, *, micro_batch: int, rank: int, world: int, ignore_index: i
     mine = list(range(rank, n, world))
     for b in range(n_batches):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
-        batch = _collate([ds[i] for i in idx]) if idx else None
+        batch = collate([ds[i] for i in idx]) if idx else None
         missing = micro_batch - len(idx)
         if missing:  # rows that count nothing keep every rank's batch the same shape for the collectives
-            filler = ds[0]["input_ids"].unsqueeze(0).expand(missing, -1).clone()
-            pad = {"input_ids": filler, "labels": torch.full_like(filler, ignore_index)}
-            batch = pad if batch is None else {k: torch.cat([batch[k], pad[k]]) for k in batch}
+            filler = collate([ds[0]] * missing)
+            filler["labels"] = torch.full_like(filler["input_ids"], ignore_index)
+            batch = filler if batch is None else {k: torch.cat([batch[k], filler[k]]) for k in batch}
         yield batch
 
 
-def data_fingerprint(ds) -> str:
-    """Sequence count and a hash of the first, middle and last packed sequences (cheap; any change to the
-    data, tokenizer or packing moves it)."""
-    import hashlib
-
-    n = len(ds)
+def data_fingerprint(splits: Splits, cfg: RunConfig) -> str:
+    """What fixes the meaning of a saved data position: packed rows (first, middle, last), or for streamed
+    data the sources, their weights, the packing and the held-out rows (any change moves it)."""
     h = hashlib.sha256()
-    for i in sorted({0, n // 2, n - 1} if n else set()):
-        h.update(ds[i]["input_ids"].numpy().tobytes())
-    return f"{n} sequences, {h.hexdigest()[:16]}"
+    if not splits.streamed:
+        ds = splits.train
+        n = len(ds)
+        for i in sorted({0, n // 2, n - 1} if n else set()):
+            h.update(ds[i]["input_ids"].numpy().tobytes())
+        return f"{n} sequences, {h.hexdigest()[:16]}"
+    spec = [s.model_dump(mode="json") for s in cfg.data.resolved_sources()]
+    h.update(json.dumps({"sources": spec, "packing": splits.packing, "overlong": cfg.data.overlong}, sort_keys=True).encode())
+    for row in (splits.eval[0], splits.eval[-1]):
+        h.update(row["input_ids"].numpy().tobytes())
+    return f"{len(splits.sources)} streamed sources, {h.hexdigest()[:16]}"
+
+
+def plan_json(splits: Splits) -> dict[str, Any]:
+    """The data part of the plan (what `dsdistill check --json` and run_start carry)."""
+    total = splits.totals()
+    estimated = any(s.estimated for s in splits.sources)
+    return {
+        "packing": splits.packing,
+        "streamed": splits.streamed,
+        "estimated": estimated,
+        "examples": None if estimated else total.examples,
+        "tokens": None if estimated else total.tokens,
+        "loss_tokens": None if estimated else total.loss_tokens,
+        "loss_share": total.loss_share,
+        "sequences": None if estimated else total.sequences,
+        "skipped": total.skipped,
+        "truncated": total.truncated,
+        "dropped": total.dropped,
+        "eval_sequences": len(splits.eval),
+        "sources": [s.to_json() for s in splits.sources],
+    }

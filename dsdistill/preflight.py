@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from dsdistill.config import RunConfig
 from dsdistill.curriculum import Curriculum
-from dsdistill.data import Splits, TrainStream, build_splits
+from dsdistill.data import MixedStream, Splits, TrainStream, build_splits, make_stream, plan_json
 from dsdistill.ds_config import precision_of, resolve_student, resolve_teacher, zero_stage
 from dsdistill.engines import warmup_steps_of
 from dsdistill.errors import ConfigError, DataError, ModelError
@@ -65,18 +65,21 @@ class RunData:
 
     tokenizer: Any
     splits: Splits
-    stream: TrainStream
+    stream: TrainStream | MixedStream
 
 
 def describe(plan: Plan, data: RunData) -> str:
     """A few lines a person reads before launching."""
     c = plan.cfg
     t, s = plan.teacher_config, plan.student_config
+    steps = f"{plan.total_steps} optimizer steps"
+    if data.stream.batches_per_epoch is not None:
+        steps += f" ({data.stream.batches_per_epoch // c.train.grad_accum} per epoch)"
     lines = [
         f"world size {plan.world}; global batch {plan.global_batch} sequences = micro {c.train.micro_batch_size}"
         f" x accumulation {c.train.grad_accum} x world {plan.world}; {plan.global_batch * c.train.seq_len:,} tokens per optimizer step",
-        f"training: {plan.total_steps} optimizer steps ({len(data.splits.train)} packed sequences of {c.train.seq_len} tokens,"
-        f" {data.stream.batches_per_epoch // c.train.grad_accum} steps per epoch); eval: {len(data.splits.eval)} sequences",
+        f"training: {steps}; eval: {len(data.splits.eval)} sequences",
+        *describe_data(data.splits, c.train.seq_len),
         f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_teacher)}, frozen",
         f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_student)}, precision {plan.precision}",
         f"curriculum: computes {', '.join(plan.curriculum.active)}"
@@ -87,11 +90,7 @@ def describe(plan: Plan, data: RunData) -> str:
             if c.loss.fused_logits and plan.fused_off
             else []
         ),
-        *(
-            [f"warning: {data.splits.skipped_documents} documents with a null or empty '{c.data.text_field}' are skipped"]
-            if data.splits.skipped_documents
-            else []
-        ),
+        *skipped_warnings(data.splits, c),
         *(
             [f"warning: {data.splits.unknown_share:.1%} of the training tokens are the tokenizer's unknown token"]
             if data.splits.unknown_share > 0.01
@@ -111,6 +110,64 @@ def describe(plan: Plan, data: RunData) -> str:
         f"({logits_how}), total {_size(m['total'])}"
     )
     return "\n".join(lines)
+
+
+def describe_data(splits: Splits, seq_len: int) -> list[str]:
+    """The data plan: per source, examples, tokens, loss-bearing tokens and their share, what packing did."""
+    lines = [f"data: packing {splits.packing}" + (", streamed (counts estimated from the first examples)" if splits.streamed else "")]
+    for s in splits.sources:
+        t = s.train
+        how = f"first {s.sampled:,} examples" if s.estimated else f"{t.examples:,} examples"
+        if s.rows is not None and s.estimated:
+            how += f" of {s.rows:,}"
+        lines.append(
+            f"  {s.name} ({s.format}{', weight ' + format(s.weight, 'g') if len(splits.sources) > 1 else ''}): {how}, "
+            f"{t.tokens:,} tokens in {t.sequences:,} sequences of {seq_len}, {t.loss_tokens:,} carry loss ({t.loss_share:.1%})"
+            + (f"; {t.truncated:,} overlong truncated" if t.truncated else "")
+            + (f"; {t.dropped:,} overlong dropped" if t.dropped else "")
+            + f"; eval {s.eval.sequences:,} sequences"
+        )
+    return lines
+
+
+def skipped_warnings(splits: Splits, cfg: RunConfig) -> list[str]:
+    out = []
+    for s in splits.sources:
+        n = s.train.skipped + s.eval.skipped
+        if not n:
+            continue
+        what = (
+            f"documents with a null or empty '{cfg.data.text_field}'"
+            if s.format == "text" and len(splits.sources) == 1
+            else f"examples of {s.name} with no token that carries loss (or empty)"
+        )
+        out.append(f"warning: {n} {what} are skipped" + (" (in the sample)" if s.estimated else ""))
+    return out
+
+
+def plan_dict(plan: "Plan", data: RunData) -> dict[str, Any]:
+    """The whole plan as JSON-able data (`dsdistill check --json`)."""
+    c = plan.cfg
+    return {
+        "world_size": plan.world,
+        "global_batch": plan.global_batch,
+        "micro_batch_size": c.train.micro_batch_size,
+        "grad_accum": c.train.grad_accum,
+        "seq_len": c.train.seq_len,
+        "tokens_per_step": plan.global_batch * c.train.seq_len,
+        "total_steps": plan.total_steps,
+        "steps_per_epoch": None if data.stream.batches_per_epoch is None else data.stream.batches_per_epoch // c.train.grad_accum,
+        "precision": plan.precision,
+        "vocab": plan.vocab,
+        "teacher": {"path": c.teacher.path, "zero_stage": zero_stage(plan.ds_teacher)},
+        "student": {"path": c.student.path, "zero_stage": zero_stage(plan.ds_student)},
+        "components": list(plan.components),
+        "left_out": dict(plan.left_out),
+        "fused": plan.fused,
+        "data": plan_json(data.splits),
+        "memory_gib": {k: v for k, v in estimate_memory(plan).items() if k in ("teacher_shard", "student_states", "logits", "total")},
+        "run_dir": str(plan.run_dir),
+    }
 
 
 def count_params(model_config) -> int:
@@ -219,6 +276,12 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
     else:
         teacher_tok = tokenizer
     vocab = len(tokenizer)
+    formats = sorted({s.format for s in cfg.data.resolved_sources()} - {"text"})
+    if formats and not _same_vocab(tokenizer, teacher_tok):
+        raise ModelError(
+            f"teacher.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
+            f"{', '.join(formats)} data is rendered once and both models read the same ids, so they need one tokenizer"
+        )
     if curriculum.ever_nonzero("kd") and not _same_vocab(tokenizer, teacher_tok):
         raise ModelError(
             f"teacher.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
@@ -233,9 +296,15 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
             raise ConfigError(f"train.seq_len: {cfg.train.seq_len} exceeds the {field}'s max_position_embeddings ({limit})")
 
     splits = build_splits(cfg, tokenizer)
-    stream = TrainStream(splits.train, micro_batch=cfg.train.micro_batch_size, rank=rank, world=world, seed=cfg.train.seed)
+    stream = make_stream(cfg, splits, tokenizer, rank=rank, world=world)
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    steps_per_epoch = stream.batches_per_epoch // cfg.train.grad_accum
+    if stream.batches_per_epoch is None:
+        if cfg.train.max_steps is None:
+            why = "data.streaming" if cfg.data.sources is None else "a mixture (data.sources)"
+            raise ConfigError(f"train.max_steps: required with {why}: a stream has no epoch length to count epochs in")
+        steps_per_epoch = cfg.train.max_steps
+    else:
+        steps_per_epoch = stream.batches_per_epoch // cfg.train.grad_accum
     if steps_per_epoch == 0:
         raise DataError(
             f"data.path: '{cfg.data.path}' packs into {len(splits.train)} sequences of {cfg.train.seq_len} tokens; "

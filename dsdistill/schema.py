@@ -52,6 +52,9 @@ class RunStart(_Record):
     teacher_params: int = 0
     resumed: bool = False
     """True when the run continued from a checkpoint at `step`."""
+    data: dict[str, Any] = {}
+    """The data plan: packing, examples, tokens, loss-bearing tokens and their share, per source (see
+    `dsdistill.data.plan_json`; streamed sources' counts are estimates from their first examples)."""
 
 
 class TrainRecord(_Record):
@@ -110,6 +113,8 @@ class EvalRecord(_Record):
     bad_evals: int = 0
     """Evaluations since the last improvement."""
     early_stop_metric: str = "ppl"
+    sources: dict[str, dict[str, float]] = {}
+    """A mixture's eval per source: {name: {lm_ce, ppl, teacher_ppl, tokens, objective}} (empty for one source)."""
 
 
 class AlertRecord(_Record):

@@ -53,21 +53,24 @@ class DistillStudent(nn.Module):
         valid: torch.Tensor,
         teacher_pooled: Optional[torch.Tensor] = None,
         fused: Optional[FusedCall] = None,
+        position_ids: Optional[torch.Tensor] = None,
     ) -> dict[str, Any]:
         """{"logits" | "fused", "hidden", "side"} for one micro-batch (a dict, so ZeRO-3's hooks see every
         tensor in it).
 
         valid: [B, S] loss-bearing positions (for pooling); teacher_pooled: the teacher's pooled final
         hidden state (for the contrastive teacher head); fused: the fused head's inputs (fused path; without
-        them the model's own logits are returned, as for a plain forward)."""
+        them the model's own logits are returned, as for a plain forward); position_ids: restarting per
+        packed example (None: the model's own positions)."""
+        pos = {} if position_ids is None else {"position_ids": position_ids}
         out: dict[str, Any] = {"logits": None, "fused": None, "hidden": None, "side": {}}
         if self.head is not None and fused is not None:
             # the decoder alone, then the fused head on its output: no [tokens, vocab] logits
-            dec = self.model.base_model(input_ids=input_ids, output_hidden_states=self.needs_hidden)
+            dec = self.model.base_model(input_ids=input_ids, output_hidden_states=self.needs_hidden, **pos)
             out["fused"] = self.head(dec.last_hidden_state, fused)
             hidden = dec.hidden_states
         else:
-            lm = self.model(input_ids=input_ids, output_hidden_states=self.needs_hidden)
+            lm = self.model(input_ids=input_ids, output_hidden_states=self.needs_hidden, **pos)
             logits = lm.logits
             out["logits"] = logits[..., : self.vocab] if logits.size(-1) != self.vocab else logits
             hidden = lm.hidden_states

@@ -49,10 +49,15 @@ class TeacherSource(Protocol):
     def end_step(self) -> None:
         """Called once after them: release what `begin_step` prepared."""
 
-    def signal(self, input_ids: torch.Tensor, valid: torch.Tensor, needs: Needs) -> TeacherSignal:
-        """The teacher's signal for one micro-batch (`valid`: [B, S] loss-bearing positions)."""
+    def signal(
+        self, input_ids: torch.Tensor, valid: torch.Tensor, needs: Needs, *, position_ids: Optional[torch.Tensor] = None
+    ) -> TeacherSignal:
+        """The teacher's signal for one micro-batch (`valid`: [B, S] loss-bearing positions; `position_ids`:
+        restarting per packed example, or None)."""
 
-    def lm_sums(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def lm_sums(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, int]:
         """(summed next-token cross-entropy, loss-bearing tokens) of the teacher on one batch."""
 
 
@@ -64,11 +69,12 @@ class TeacherModel(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, *, hidden_states: bool, head: bool):
+    def forward(self, input_ids: torch.Tensor, *, hidden_states: bool, head: bool, position_ids: Optional[torch.Tensor] = None):
+        pos = {} if position_ids is None else {"position_ids": position_ids}
         if head:
-            out = self.lm(input_ids=input_ids, output_hidden_states=hidden_states)
+            out = self.lm(input_ids=input_ids, output_hidden_states=hidden_states, **pos)
             return out.logits, out.hidden_states
-        out = self.lm.base_model(input_ids=input_ids, output_hidden_states=hidden_states)
+        out = self.lm.base_model(input_ids=input_ids, output_hidden_states=hidden_states, **pos)
         return out.last_hidden_state, out.hidden_states
 
 
@@ -116,10 +122,12 @@ class LiveTeacher:
     def end_step(self) -> None:
         self._head = None
 
-    def signal(self, input_ids: torch.Tensor, valid: torch.Tensor, needs: Needs) -> TeacherSignal:
+    def signal(
+        self, input_ids: torch.Tensor, valid: torch.Tensor, needs: Needs, *, position_ids: Optional[torch.Tensor] = None
+    ) -> TeacherSignal:
         want_hidden = needs.teacher_hidden or needs.teacher_pooled
         with torch.no_grad():
-            out, hidden_states = self.engine(input_ids, hidden_states=want_hidden, head=not self.fused)
+            out, hidden_states = self.engine(input_ids, hidden_states=want_hidden, head=not self.fused, position_ids=position_ids)
             sig = TeacherSignal(hidden_states=hidden_states if want_hidden else None)
             if self.fused:
                 if needs.teacher_logits:
@@ -135,9 +143,11 @@ class LiveTeacher:
                 sig.pooled = mean_pool(last.float(), valid).to(last.dtype)
         return sig
 
-    def lm_sums(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def lm_sums(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, int]:
         with torch.no_grad():
-            out, _ = self.engine(input_ids, hidden_states=False, head=not self.fused)
+            out, _ = self.engine(input_ids, hidden_states=False, head=not self.fused, position_ids=position_ids)
             if self.capture is not None:
                 self.capture.collect()  # drop what the capture kept
             if not self.fused:

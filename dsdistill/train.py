@@ -28,7 +28,7 @@ from dsdistill import checkpoint
 from dsdistill.capture import QKCapture
 from dsdistill.components.base import Build
 from dsdistill.config import RunConfig, dump_config, load_config
-from dsdistill.data import data_fingerprint, eval_batches
+from dsdistill.data import data_fingerprint, eval_batches, plan_json
 from dsdistill.dist import agree, free_port, unlink_shm_buffers_at_exit
 from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine
@@ -38,7 +38,7 @@ from dsdistill.metrics import MetricsWriter
 from dsdistill.models import DTYPES, load_causal_lm, param_counts
 from dsdistill.objective import Objective
 from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
-from dsdistill.preflight import Plan, RunData, preflight
+from dsdistill.preflight import Plan, RunData, preflight, skipped_warnings
 from dsdistill.report import eval_line, train_line
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.student import DistillStudent
@@ -157,6 +157,7 @@ class Session:
         # what the loop accumulates (set again by `fit`)
         self.tokens_seen = 0
         self.teacher_ppl = float("nan")
+        self.teacher_ppl_by_source: dict[str, float] = {}
         self.last_eval: Optional[EvalResult] = None
         self.pace = Pace()
         self.bar: Any = None
@@ -176,7 +177,15 @@ class Session:
         self._announce(resumed)
         # once per run: the teacher's own perplexity is what the student's is compared with
         self.teacher_ppl = self.evaluator.teacher_perplexity(self._eval_batches())
-        _say(plan.rank, f"teacher perplexity on the eval split: {self.teacher_ppl:.3f}")
+        self.teacher_ppl_by_source = {
+            name: self.evaluator.teacher_perplexity(self._eval_batches(rows))
+            for name, rows in self.data.splits.eval_by_source.items()
+        }
+        _say(
+            plan.rank,
+            f"teacher perplexity on the eval split: {self.teacher_ppl:.3f}"
+            + "".join(f"; {n} {p:.3f}" for n, p in self.teacher_ppl_by_source.items()),
+        )
         guard = NonFiniteGuard(
             max_bad_steps=cfg.train.max_bad_steps, fp16=plan.precision == "fp16", resume_hint=self._latest_checkpoint
         )
@@ -227,7 +236,7 @@ class Session:
             "train.seq_len": c.train.seq_len,
             "train.seed": c.train.seed,
             "world_size": self.plan.world,
-            "data": data_fingerprint(self.data.splits.train),
+            "data": data_fingerprint(self.data.splits, c),
         }
 
     def _resume(self, early: EarlyStopping) -> Optional[dict[str, Any]]:
@@ -270,6 +279,7 @@ class Session:
                 student_params=s_params,
                 teacher_params=t_params,
                 resumed=resumed is not None,
+                data=plan_json(self.data.splits),
             )
         )
         if plan.rank == 0:
@@ -289,13 +299,8 @@ class Session:
                 f"scheduled components not computed for this run (left out of the objective): "
                 f"{', '.join(cur.inactive)}" + (f" ({why})" if why else ""),
             )
-        if self.data.splits.skipped_documents:
-            self._alert(
-                step,
-                "info",
-                "skipped_documents",
-                f"{self.data.splits.skipped_documents} documents with a null or empty '{cfg.data.text_field}' were skipped",
-            )
+        for warning in skipped_warnings(self.data.splits, cfg):
+            self._alert(step, "info", "skipped_documents", warning.removeprefix("warning: "))
 
     def _alert(self, step: int, level: Literal["info", "warning", "error"], code: str, message: str, *, say: bool = True) -> None:
         if say:
@@ -350,10 +355,10 @@ class Session:
             if usage is not None:
                 self.writer.write(usage)
 
-    def _eval_batches(self):
+    def _eval_batches(self, rows=None):
         c = self.plan.cfg
         return eval_batches(
-            self.data.splits.eval,
+            self.data.splits.eval if rows is None else rows,
             micro_batch=c.eval.micro_batch_size or c.train.micro_batch_size,
             rank=self.plan.rank,
             world=self.plan.world,
@@ -369,6 +374,17 @@ class Session:
         """Evaluate at the engine's step, keep the best checkpoint, write the record; True: stop early."""
         step = self.student.global_steps
         self.last_eval = r = self.evaluate(step=step)
+        # a mixture: each source's held-out data on its own, at the same step's curriculum
+        by_source = {}
+        for name, rows in self.data.splits.eval_by_source.items():
+            part = self.evaluator.evaluate(self._eval_batches(rows), step=step)
+            by_source[name] = {
+                "lm_ce": part.lm_ce,
+                "ppl": part.ppl,
+                "teacher_ppl": self.teacher_ppl_by_source.get(name, float("nan")),
+                "tokens": float(part.tokens),
+                "objective": part.objective,
+            }
         best_before = early.best
         stop = early.update(r)
         if self.plan.cfg.checkpoint.keep_best and step > 0 and early.best != best_before:
@@ -387,6 +403,7 @@ class Session:
             best=early.best,
             bad_evals=early.bad_evals,
             early_stop_metric=early.metric,
+            sources=by_source,
         )
         self.writer.write(rec)
         if self.plan.rank == 0:

@@ -47,9 +47,12 @@ class PairForward:
     ) -> Inputs:
         ids = batch["input_ids"].to(self.engine.device)
         labels = batch["labels"].to(self.engine.device)
+        # packed examples: positions restart per example, which both models turn into per-example attention
+        pos = batch.get("position_ids")
+        pos = pos.to(self.engine.device) if pos is not None else None
         ignore = self.plan.cfg.loss.ignore_index
         valid = shifted_valid(labels, ignore)
-        signal = self.teacher.signal(ids, valid, objective.needs)
+        signal = self.teacher.signal(ids, valid, objective.needs, position_ids=pos)
         call = None
         if self.plan.fused:
             want_kd = "kd" in objective.names
@@ -63,7 +66,7 @@ class PairForward:
                     self.plan, self.engine.device, temperature=ctx.temperature, want_kd=want_kd, want_lm=want_lm
                 ),
             )
-        out = self.engine(ids, valid=valid, teacher_pooled=signal.pooled, fused=call)
+        out = self.engine(ids, valid=valid, teacher_pooled=signal.pooled, fused=call, position_ids=pos)
         qk = self.capture.collect() if self.capture is not None else {}
         return Inputs(
             labels=labels,
@@ -72,6 +75,7 @@ class PairForward:
             temperature=ctx.temperature,
             loss=self.plan.cfg.loss,
             layers=self.plan.layers,
+            position_ids=pos,
         )
 
 
@@ -332,7 +336,10 @@ class Evaluator:
         teacher.begin_step(Needs(teacher_logits=True))
         try:
             for batch in batches:
-                s, n = teacher.lm_sums(batch["input_ids"].to(device), batch["labels"].to(device))
+                pos = batch.get("position_ids")
+                s, n = teacher.lm_sums(
+                    batch["input_ids"].to(device), batch["labels"].to(device), position_ids=None if pos is None else pos.to(device)
+                )
                 total, count = total + s.detach(), count + n
         finally:
             teacher.end_step()

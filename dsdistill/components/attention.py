@@ -4,7 +4,7 @@ rebuilt from captured post-RoPE queries and keys while both models run their own
 from __future__ import annotations
 
 from dsdistill.components.base import Component, Inputs, Needs
-from dsdistill.losses.attention import attention_loss
+from dsdistill.losses.attention import attention_loss, segments_of
 
 
 class Attention(Component):
@@ -16,4 +16,6 @@ class Attention(Component):
 
     def compute(self, x: Inputs):
         pairs = [(x.student.qk[si], x.teacher.qk[ti]) for si, ti in x.layers.attention]
-        return attention_loss(pairs, x.labels, ignore_index=x.ignore_index, chunk=x.loss.attention_chunk)
+        return attention_loss(
+            pairs, x.labels, ignore_index=x.ignore_index, chunk=x.loss.attention_chunk, segments=segments_of(x.position_ids)
+        )

@@ -115,6 +115,8 @@ class Inputs:
     temperature: float
     loss: "LossConfig"
     layers: "LayerMap"
+    position_ids: Optional[torch.Tensor] = None
+    """[B, S] positions restarting per packed example (None for unpacked rows): which tokens see which."""
 
     @property
     def ignore_index(self) -> int:

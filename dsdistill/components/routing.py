@@ -11,7 +11,7 @@ from torch import nn
 
 from dsdistill.components.base import Build, Component, Inputs, Needs, StudentSide
 from dsdistill.losses import shifted_mask
-from dsdistill.losses.attention import routing_attention_loss
+from dsdistill.losses.attention import routing_attention_loss, segments_of
 from dsdistill.losses.contrastive import mean_pool
 from dsdistill.losses.hidden import gate_usage, load_balance_loss, routing_feature_loss
 
@@ -131,6 +131,12 @@ class AttentionAlignment(Component):
         teacher_qk = [x.teacher.qk[j] for j in range(1, x.layers.n_teacher + 1)]
         student_qk = [x.student.qk[si] for si in x.layers.routed_attention_students]
         total, m = routing_attention_loss(
-            student_qk, teacher_qk, gates, x.labels, ignore_index=x.ignore_index, chunk=x.loss.attention_chunk
+            student_qk,
+            teacher_qk,
+            gates,
+            x.labels,
+            ignore_index=x.ignore_index,
+            chunk=x.loss.attention_chunk,
+            segments=segments_of(x.position_ids),
         )
         return total, {**m, "gate_usage": _usage(x)}

@@ -1,0 +1,310 @@
+"""Data formats: how one source's raw examples become token ids and a per-token loss mask.
+
+Every format renders a batch of raw rows (columns as `datasets` gives them) into `Example`s, or None for a
+row that is skipped (empty text, nothing that carries loss). The mask says which tokens the student is
+trained to predict; the packers (dsdistill/packing.py) turn it into labels. Teacher and student see the
+same ids, so one rendering serves both.
+
+Chat conversations are rendered once, whole, with the chat template; each assistant turn's characters are
+found by rendering the conversation up to that turn (with and without it), and a token carries loss when it
+starts inside one of those spans (fast tokenizers give character offsets). This works for any template that
+renders a conversation's prefix as a prefix of the whole, which is what generation relies on too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dsdistill.config import FormatFields
+from dsdistill.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""The ChatML template (`data.chat_template: chatml`), for tokenizers that ship none."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered example: token ids and, per token, whether the model is trained to predict it."""
+
+    ids: list[int]
+    loss: list[bool]
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(self.loss)
+
+
+Renderer = Callable[[dict[str, list], int], list[Optional[Example]]]
+"""(a batch of raw rows by column, index of its first row) -> one Example or None per row."""
+
+
+def resolve_template(source: FormatFields, tokenizer, *, field: str) -> str:
+    """The chat template to render with: `chat_template` (text, a file, or `chatml`) or the tokenizer's."""
+    given = source.chat_template
+    if given is None:
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):  # several named templates: the default one
+            own = own.get("default")
+        if not own:
+            raise DataError(
+                f"{field}.chat_template: the tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has no chat template; "
+                "set it to a Jinja template, a .jinja file or 'chatml'"
+            )
+        return own
+    if given == "chatml":
+        return CHATML
+    if "{" not in given:
+        p = Path(given).expanduser()
+        if not p.is_file():
+            raise DataError(f"{field}.chat_template: '{given}' is neither a Jinja template, an existing file nor 'chatml'")
+        try:
+            return p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{field}.chat_template: cannot read '{given}' ({e})") from None
+    return given
+
+
+def required_columns(source: FormatFields) -> list[tuple[str, str]]:
+    """(config field, column name) every row of the source must have."""
+    if source.format == "text":
+        return [("text_field", source.text_field)]
+    if source.format == "chat":
+        return [("messages_field", source.messages_field)]
+    if source.format == "prompt_completion":
+        return [("prompt_field", source.prompt_field), ("completion_field", source.completion_field)]
+    return [("input_ids_field", source.input_ids_field)]
+
+
+def check_columns(source: FormatFields, columns: list[str], *, field: str, where: str) -> None:
+    """Every column the format reads exists (one line naming the field and the columns there are)."""
+    for name, column in required_columns(source):
+        if column not in columns:
+            raise DataError(
+                f"{field}.{name}: '{column}' is not a column of {where} (format {source.format}); "
+                f"columns are: {', '.join(columns)}"
+            )
+    if source.format == "pretokenized":
+        for name, column in (("labels_field", source.labels_field), ("loss_mask_field", source.loss_mask_field)):
+            if column is not None and column not in columns:
+                raise DataError(f"{field}.{name}: '{column}' is not a column of {where}; columns are: {', '.join(columns)}")
+        if source.labels_field is not None and source.loss_mask_field is not None:
+            raise DataError(f"{field}: set labels_field or loss_mask_field, not both")
+
+
+def renderer(
+    source: FormatFields, tokenizer, *, field: str, where: str, ignore_index: int, columns: Optional[list[str]] = None
+) -> Renderer:
+    """The function that renders this source's raw rows (checked against `columns` when they are known)."""
+    if columns is not None:
+        check_columns(source, columns, field=field, where=where)
+    if source.format == "text":
+        return _TextRenderer(source, tokenizer, field=field, where=where)
+    if source.format in ("chat", "prompt_completion"):
+        return _ChatRenderer(source, tokenizer, field=field, where=where)
+    labels = source.labels_field
+    mask = source.loss_mask_field
+    if columns is not None and labels is None and mask is None:
+        labels = "labels" if "labels" in columns else None
+        mask = "loss_mask" if labels is None and "loss_mask" in columns else None
+    return _PretokenizedRenderer(source, tokenizer, field=field, where=where, labels=labels, mask=mask, ignore_index=ignore_index)
+
+
+class _TextRenderer:
+    """Raw text: every token carries loss; EOS closes each document."""
+
+    def __init__(self, source: FormatFields, tokenizer, *, field: str, where: str):
+        self.column, self.tokenizer, self.field, self.where = source.text_field, tokenizer, field, where
+        self.eos = tokenizer.eos_token_id
+
+    def __call__(self, batch: dict[str, list], first: int) -> list[Optional[Example]]:
+        texts = batch[self.column]
+        for i, t in enumerate(texts):
+            if t is not None and not isinstance(t, str):
+                raise DataError(
+                    f"{self.field}.text_field: '{self.column}' in {self.where} holds {type(t).__name__} values "
+                    f"(example {first + i}); expected strings"
+                )
+        keep = [i for i, t in enumerate(texts) if t]
+        ids = self.tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"] if keep else []
+        out: list[Optional[Example]] = [None] * len(texts)
+        for i, doc in zip(keep, ids):
+            doc = list(doc) + ([self.eos] if self.eos is not None else [])
+            out[i] = Example(doc, [True] * len(doc))
+        return out
+
+
+class _ChatRenderer:
+    """Conversations (chat) and prompt/completion pairs, rendered with offsets so masks follow characters."""
+
+    def __init__(self, source: FormatFields, tokenizer, *, field: str, where: str):
+        self.source, self.tokenizer, self.field, self.where = source, tokenizer, field, where
+        self.chat = source.format == "chat"
+        self.template = resolve_template(source, tokenizer, field=field) if self.chat else None
+        self.eos = tokenizer.eos_token_id
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError(
+                f"{field}.format: {source.format} needs a fast tokenizer (character offsets locate the loss-bearing "
+                f"tokens); '{getattr(tokenizer, 'name_or_path', '?')}' is a slow one"
+            )
+
+    # -- chat
+
+    def _render(self, messages: list[dict[str, Any]], *, generation: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
+        )
+
+    def _check_messages(self, messages: Any, n: int) -> list[dict[str, Any]]:
+        col = self.source.messages_field
+        if not isinstance(messages, list) or not messages:
+            raise DataError(
+                f"{self.field}.messages_field: example {n} of {self.where} has {type(messages).__name__} in "
+                f"'{col}'; expected a non-empty list of messages"
+            )
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise DataError(
+                    f"{self.field}.messages_field: example {n} of {self.where}, message {j}: expected a mapping with "
+                    "'role' and 'content'"
+                )
+            if m["role"] not in ROLES:
+                raise DataError(
+                    f"{self.field}.messages_field: example {n} of {self.where}, message {j} has role {m['role']!r}; "
+                    f"expected one of {', '.join(ROLES)}"
+                )
+            content = m.get("content")
+            if content is not None and not isinstance(content, str):
+                raise DataError(
+                    f"{self.field}.messages_field: example {n} of {self.where}, message {j} has "
+                    f"{type(content).__name__} content; expected text"
+                )
+            if content is None and not m.get("tool_calls"):
+                raise DataError(
+                    f"{self.field}.messages_field: example {n} of {self.where}, message {j} has no content"
+                )
+        # datasets fills missing keys of a struct column with None; a template sees only what was given
+        return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+    def _spans(self, messages: list[dict[str, Any]], full: str, turns: list[int], n: int) -> list[tuple[int, int]]:
+        """Character spans of the given assistant turns in the rendered conversation."""
+        spans = []
+        for i in turns:
+            before = self._render(messages[:i], generation=True) if i > 0 else ""
+            upto = self._render(messages[: i + 1])
+            if not (full.startswith(before) and full.startswith(upto) and len(before) <= len(upto)):
+                raise DataError(
+                    f"{self.field}.chat_template: example {n} of {self.where}: the template does not render the "
+                    f"conversation up to message {i} as a prefix of the whole, so its assistant tokens cannot be "
+                    "located; use a template without history rewriting, or data.loss_on: all"
+                )
+            spans.append((len(before), len(upto)))
+        return spans
+
+    def _chat_example(self, messages: Any, n: int, *, first_loss_turn: int = 0) -> Optional[Example]:
+        messages = self._check_messages(messages, n)
+        full = self._render(messages)
+        loss_on = self.source.loss_on if self.chat else "assistant"
+        if loss_on == "all":
+            spans = [(0, len(full))]
+        else:
+            turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_loss_turn]
+            if loss_on == "last_assistant":
+                turns = turns[-1:]
+            spans = self._spans(messages, full, turns, n)
+        return self._tokenize(full, spans, eos=False)
+
+    # -- prompt / completion
+
+    def _pair_example(self, prompt: Any, completion: Any, n: int) -> Optional[Example]:
+        s = self.source
+        if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt and completion
+            if self.template is None:
+                self.template = resolve_template(s, self.tokenizer, field=self.field)
+            return self._chat_example(prompt + completion, n, first_loss_turn=len(prompt))
+        for name, value in (("prompt_field", prompt), ("completion_field", completion)):
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{self.field}.{name}: example {n} of {self.where} holds {type(value).__name__}; expected text "
+                    "(or message lists in both fields)"
+                )
+        if not completion:
+            return None
+        return self._tokenize(prompt + completion, [(len(prompt), len(prompt) + len(completion))], eos=True)
+
+    def _tokenize(self, text: str, spans: list[tuple[int, int]], *, eos: bool) -> Optional[Example]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        loss = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+        if eos and self.eos is not None:
+            ids.append(self.eos)
+            loss.append(True)  # the student learns where a completion ends
+        if not ids or not any(loss):
+            return None
+        return Example(ids, loss)
+
+    def __call__(self, batch: dict[str, list], first: int) -> list[Optional[Example]]:
+        s = self.source
+        if self.chat:
+            return [self._chat_example(m, first + i) for i, m in enumerate(batch[s.messages_field])]
+        return [
+            self._pair_example(p, c, first + i)
+            for i, (p, c) in enumerate(zip(batch[s.prompt_field], batch[s.completion_field]))
+        ]
+
+
+class _PretokenizedRenderer:
+    """Token ids as given, with loss from a labels or a 0/1 loss-mask column (every token without either)."""
+
+    def __init__(self, source: FormatFields, tokenizer, *, field: str, where: str, labels, mask, ignore_index: int):
+        self.source, self.field, self.where = source, field, where
+        self.labels, self.mask, self.ignore = labels, mask, ignore_index
+        self.vocab = len(tokenizer)
+
+    def __call__(self, batch: dict[str, list], first: int) -> list[Optional[Example]]:
+        s = self.source
+        out: list[Optional[Example]] = []
+        for i, ids in enumerate(batch[s.input_ids_field]):
+            n = first + i
+            if not isinstance(ids, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+                raise DataError(f"{self.field}.input_ids_field: example {n} of {self.where}: expected a list of token ids")
+            if not ids:
+                out.append(None)
+                continue
+            bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+            if bad is not None:
+                raise DataError(
+                    f"{self.field}.input_ids_field: example {n} of {self.where} holds token id {bad}; the tokenizer has "
+                    f"{self.vocab} tokens (ids 0..{self.vocab - 1})"
+                )
+            if self.labels is not None:
+                labels = batch[self.labels][i]
+                if not isinstance(labels, (list, tuple)) or len(labels) != len(ids):
+                    raise DataError(
+                        f"{self.field}.labels_field: example {n} of {self.where}: expected {len(ids)} labels (one per token)"
+                    )
+                if any(lab != self.ignore and lab != t for lab, t in zip(labels, ids)):
+                    raise DataError(
+                        f"{self.field}.labels_field: example {n} of {self.where}: labels must equal input_ids where they "
+                        f"carry loss and be {self.ignore} elsewhere (dsdistill shifts them itself)"
+                    )
+                loss = [lab != self.ignore for lab in labels]
+            elif self.mask is not None:
+                mask = batch[self.mask][i]
+                if not isinstance(mask, (list, tuple)) or len(mask) != len(ids) or any(v not in (0, 1) for v in mask):
+                    raise DataError(
+                        f"{self.field}.loss_mask_field: example {n} of {self.where}: expected {len(ids)} values of 0 or 1"
+                    )
+                loss = [bool(v) for v in mask]
+            else:
+                loss = [True] * len(ids)
+            out.append(Example(list(ids), loss) if any(loss) else None)
+        return out

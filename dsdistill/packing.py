@@ -1,0 +1,141 @@
+"""Packing: rendered examples into fixed-length rows of `seq_len` tokens.
+
+- `concat` joins examples and cuts the stream into blocks (attention runs across example boundaries; the
+  right choice for pretraining-style text, and what dsdistill always did).
+- `documents` puts whole examples side by side: each example's positions restart at 0, which transformers
+  turns into a block-diagonal causal mask (SDPA) or variable-length flash attention, so no example attends
+  to another; the rest of a row is padding.
+- `none` gives each example its own row, padded.
+
+Labels are the ids where a token carries loss and the ignore index elsewhere. A row's first token of each
+packed example never carries loss (the position before it belongs to another example), and padding never
+does. Rows carry `position_ids` unless packing is `concat` (then the model's own positions are exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from dsdistill.formats import Example
+
+Row = dict[str, list[int]]
+
+
+@dataclass
+class PackStats:
+    """What packing did to a run of examples (added up over batches and sources)."""
+
+    examples: int = 0
+    """Examples rendered (skipped ones not included)."""
+    skipped: int = 0
+    """Rows that rendered to nothing: empty text, or no token that carries loss."""
+    truncated: int = 0
+    """Examples longer than seq_len cut to it (documents/none packing)."""
+    dropped: int = 0
+    """Examples longer than seq_len left out (documents/none packing with overlong: drop)."""
+    sequences: int = 0
+    """Packed rows."""
+    tokens: int = 0
+    """Token positions in the rows that are not padding."""
+    loss_tokens: int = 0
+    """Positions whose next token carries loss: what every token-level normaliser counts."""
+
+    def add(self, other: "PackStats") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def loss_share(self) -> float:
+        return self.loss_tokens / self.tokens if self.tokens else 0.0
+
+
+@dataclass
+class Packer:
+    """Packs one batch of examples at a time (rows never span batches, so a batch's rows depend on that
+    batch alone: what makes a streamed position resumable)."""
+
+    kind: str
+    seq_len: int
+    pad_id: int
+    ignore_index: int
+    overlong: str = "truncate"
+    labels: bool = True
+    """Write labels (False only for concat packing of all-loss text, whose labels are its ids)."""
+    stats: PackStats = field(default_factory=PackStats)
+
+    def __call__(self, examples: Iterable[Optional[Example]]) -> list[Row]:
+        batch = PackStats()
+        kept: list[Example] = []
+        for ex in examples:
+            if ex is None:
+                batch.skipped += 1
+                continue
+            batch.examples += 1
+            if self.kind != "concat" and len(ex.ids) > self.seq_len:
+                if self.overlong == "drop":
+                    batch.dropped += 1
+                    continue
+                batch.truncated += 1
+                ex = Example(ex.ids[: self.seq_len], ex.loss[: self.seq_len])
+            kept.append(ex)
+        rows = self._concat(kept) if self.kind == "concat" else self._documents(kept, one_per_row=self.kind == "none")
+        batch.sequences = len(rows)
+        batch.tokens = len(rows) * self.seq_len if self.kind == "concat" else sum(len(ex.ids) for ex in kept)
+        for row in rows:
+            labels = row.get("labels", row["input_ids"])
+            batch.loss_tokens += sum(1 for lab in labels[1:] if lab != self.ignore_index)
+        self.stats.add(batch)
+        return rows
+
+    def _label(self, ex: Example) -> list[int]:
+        return [t if keep else self.ignore_index for t, keep in zip(ex.ids, ex.loss)]
+
+    def _concat(self, examples: list[Example]) -> list[Row]:
+        flat: list[int] = []
+        labels: list[int] = []
+        for ex in examples:
+            flat.extend(ex.ids)
+            if self.labels:
+                labels.extend(self._label(ex))
+        n = len(flat) // self.seq_len
+        rows = []
+        for i in range(n):
+            cut = slice(i * self.seq_len, (i + 1) * self.seq_len)
+            row: Row = {"input_ids": flat[cut]}
+            if self.labels:
+                row["labels"] = labels[cut]
+            rows.append(row)
+        return rows
+
+    def _documents(self, examples: list[Example], *, one_per_row: bool) -> list[Row]:
+        rows: list[Row] = []
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+
+        def flush():
+            if not ids:
+                return
+            pad = self.seq_len - len(ids)
+            # padding is one more "example" of its own (positions from 0), so it attends only to itself
+            rows.append(
+                {
+                    "input_ids": ids + [self.pad_id] * pad,
+                    "labels": labels + [self.ignore_index] * pad,
+                    "position_ids": pos + list(range(pad)),
+                }
+            )
+            ids.clear(), labels.clear(), pos.clear()
+
+        for ex in examples:
+            if one_per_row or len(ids) + len(ex.ids) > self.seq_len:
+                flush()
+            lab = self._label(ex)
+            lab[0] = self.ignore_index  # predicted from the previous example's last position: never a target
+            ids.extend(ex.ids)
+            labels.extend(lab)
+            pos.extend(range(len(ex.ids)))
+        flush()
+        return rows
+
