@@ -273,8 +273,12 @@ def _packer(cfg: RunConfig, tokenizer, kind: str, sources: list[SourceConfig]) -
 def _render_dataset(ds, render: Renderer, *, with_loss: bool):
     """Stage 1, one row per example: its ids (empty when skipped) and, unless every token carries loss, its mask."""
 
+    # row numbers in the file, also after a held-out split reordered the rows (errors name the real row)
+    mapping = ds._indices.column(0) if getattr(ds, "_indices", None) is not None else None
+
     def fn(batch, idx):
-        examples = render(batch, idx[0] if idx else 0)
+        rows = idx if mapping is None or not idx else mapping.slice(idx[0], len(idx)).to_pylist()
+        examples = render(batch, rows)
         out: dict[str, list] = {"input_ids": [ex.ids if ex else [] for ex in examples]}
         if with_loss:
             out["loss"] = [ex.loss if ex else [] for ex in examples]
@@ -412,7 +416,7 @@ class SourceReader:
         if self.render is None:
             return raw
         columns = {k: [r[k] for r in raw] for k in raw[0]}
-        return self.render(columns, max(0, self.consumed - len(raw)))
+        return self.render(columns, range(self.consumed - len(raw), self.consumed))
 
 
 class MixedStream:
@@ -519,12 +523,12 @@ def _streamed_source(
         eval_ds = probe
     eval_raw = _first_rows(eval_ds, d.eval_examples)
     eval_packer = _packer(cfg, tokenizer, kind, sources)
-    eval_rows = eval_packer(render(_columns(eval_raw), 0)) if eval_raw else []
+    eval_rows = eval_packer(render(_columns(eval_raw), range(len(eval_raw)))) if eval_raw else []
     sample_packer = _packer(cfg, tokenizer, kind, sources)
     sample = _first_rows(probe.skip(held_out), SAMPLE)
     if not sample:
         raise DataError(f"{field}.path: '{s.path}' has no examples left for training after the {held_out} held out for evaluation")
-    sample_packer(render(_columns(sample), held_out))
+    sample_packer(render(_columns(sample), range(held_out, held_out + len(sample))))
     if sample_packer.stats.examples == 0:
         raise DataError(f"{field}: none of the first {len(sample)} examples of {where} has a token that carries loss (format {s.format})")
     seed, buffer = cfg.train.seed, d.shuffle_buffer

@@ -77,20 +77,62 @@ def write_corpus(path: Path, *, documents: int, seed: int = 0) -> Path:
     return path
 
 
-def build_tokenizer(out_dir: Path):
-    """A word-level fast tokenizer over the corpus vocabulary, saved with `save_pretrained`."""
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>"]
+ROLE_WORDS = ["system", "user", "assistant", "tool"]
+
+
+def build_tokenizer(out_dir: Path, *, chat: bool = False):
+    """A word-level fast tokenizer over the corpus vocabulary, saved with `save_pretrained`. `chat` adds
+    the ChatML markers (as special tokens), the role names and the ChatML template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = sorted(
         {*NUMBERS, *NAMES, *ADJS, *NOUNS, *STORY, "count", "likes", "the", "copy", "plus", "is", "story", ":", "|", "."}
     )
-    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
+    specials = SPECIALS + (CHAT_MARKERS if chat else [])
+    vocab = {w: i for i, w in enumerate(specials + words + (ROLE_WORDS if chat else []))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if chat:
+        tok.add_special_tokens(CHAT_MARKERS)  # split out of the text before words are
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    if chat:
+        from dsdistill.formats import CHATML
+
+        fast.chat_template = CHATML
     fast.save_pretrained(out_dir)
     return fast
+
+
+def write_chat(path: Path, *, conversations: int, seed: int = 0) -> Path:
+    """A jsonl file of generated conversations in a `messages` field: an optional system prompt, one to
+    three user/assistant exchanges, some with a tool turn between an assistant call and its answer."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(conversations):
+            messages = []
+            if rng.random() < 0.5:
+                messages.append({"role": "system", "content": _sentence(rng)})
+            for _ in range(rng.randrange(1, 4)):
+                messages.append({"role": "user", "content": _sentence(rng)})
+                if rng.random() < 0.3:
+                    messages.append({"role": "assistant", "content": "copy " + _sentence(rng)})
+                    messages.append({"role": "tool", "content": _sentence(rng)})
+                messages.append({"role": "assistant", "content": _sentence(rng)})
+            fh.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def write_prompt_completion(path: Path, *, examples: int, seed: int = 0) -> Path:
+    """A jsonl file of generated `prompt` / `completion` pairs."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(examples):
+            fh.write(json.dumps({"prompt": _sentence(rng) + " ", "completion": _sentence(rng)}) + "\n")
+    return path
 
 
 def tiny_llama(vocab: int, *, hidden: int, layers: int, heads: int, kv_heads: int, max_pos: int = 256, seed: int = 0):

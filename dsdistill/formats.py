@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from dsdistill.config import FormatFields
 from dsdistill.errors import DataError
@@ -43,8 +43,8 @@ class Example:
         return sum(self.loss)
 
 
-Renderer = Callable[[dict[str, list], int], list[Optional[Example]]]
-"""(a batch of raw rows by column, index of its first row) -> one Example or None per row."""
+Renderer = Callable[[dict[str, list], Sequence[int]], list[Optional[Example]]]
+"""(a batch of raw rows by column, their row numbers in the source) -> one Example or None per row."""
 
 
 def resolve_template(source: FormatFields, tokenizer, *, field: str) -> str:
@@ -125,13 +125,13 @@ class _TextRenderer:
         self.column, self.tokenizer, self.field, self.where = source.text_field, tokenizer, field, where
         self.eos = tokenizer.eos_token_id
 
-    def __call__(self, batch: dict[str, list], first: int) -> list[Optional[Example]]:
+    def __call__(self, batch: dict[str, list], rows: Sequence[int]) -> list[Optional[Example]]:
         texts = batch[self.column]
         for i, t in enumerate(texts):
             if t is not None and not isinstance(t, str):
                 raise DataError(
                     f"{self.field}.text_field: '{self.column}' in {self.where} holds {type(t).__name__} values "
-                    f"(example {first + i}); expected strings"
+                    f"(example {rows[i]}); expected strings"
                 )
         keep = [i for i, t in enumerate(texts) if t]
         ids = self.tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"] if keep else []
@@ -251,12 +251,12 @@ class _ChatRenderer:
             return None
         return Example(ids, loss)
 
-    def __call__(self, batch: dict[str, list], first: int) -> list[Optional[Example]]:
+    def __call__(self, batch: dict[str, list], rows: Sequence[int]) -> list[Optional[Example]]:
         s = self.source
         if self.chat:
-            return [self._chat_example(m, first + i) for i, m in enumerate(batch[s.messages_field])]
+            return [self._chat_example(m, rows[i]) for i, m in enumerate(batch[s.messages_field])]
         return [
-            self._pair_example(p, c, first + i)
+            self._pair_example(p, c, rows[i])
             for i, (p, c) in enumerate(zip(batch[s.prompt_field], batch[s.completion_field]))
         ]
 
@@ -269,11 +269,11 @@ class _PretokenizedRenderer:
         self.labels, self.mask, self.ignore = labels, mask, ignore_index
         self.vocab = len(tokenizer)
 
-    def __call__(self, batch: dict[str, list], first: int) -> list[Optional[Example]]:
+    def __call__(self, batch: dict[str, list], rows: Sequence[int]) -> list[Optional[Example]]:
         s = self.source
         out: list[Optional[Example]] = []
         for i, ids in enumerate(batch[s.input_ids_field]):
-            n = first + i
+            n = rows[i]
             if not isinstance(ids, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
                 raise DataError(f"{self.field}.input_ids_field: example {n} of {self.where}: expected a list of token ids")
             if not ids:

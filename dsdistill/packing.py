@@ -15,8 +15,11 @@ does. Rows carry `position_ids` unless packing is `concat` (then the model's own
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
+import torch
+
+from dsdistill.errors import DataError
 from dsdistill.formats import Example
 
 Row = dict[str, list[int]]
@@ -139,3 +142,22 @@ class Packer:
         flush()
         return rows
 
+
+
+def check_separation(role: str, model_type: str, logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, vocab: int, device, half: bool) -> None:
+    """Refuse `documents` packing for a model that lets packed examples see each other: an example's logits
+    must not change when another example is packed before it. transformers separates examples by their
+    restarting positions for most families; some (OPT, Falcon) compute positions or masks their own way."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, vocab, (6,), generator=g), torch.randint(0, vocab, (5,), generator=g)
+    with torch.no_grad():
+        alone = logits_of(a[None].to(device), torch.arange(6)[None].to(device)).float()
+        packed_ids = torch.cat([b, a])[None].to(device)
+        packed_pos = torch.cat([torch.arange(5), torch.arange(6)])[None].to(device)
+        packed = logits_of(packed_ids, packed_pos)[:, 5:].float()
+    scale = max(1.0, float(alone.abs().max()))
+    if float((packed - alone).abs().max()) > (5e-2 if half else 1e-3) * scale:
+        raise DataError(
+            f"data.packing: documents: the {role} ({model_type}) lets packed examples attend to each other (its "
+            "attention does not follow restarting positions); use data.packing: none"
+        )

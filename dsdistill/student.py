@@ -62,7 +62,8 @@ class DistillStudent(nn.Module):
         hidden state (for the contrastive teacher head); fused: the fused head's inputs (fused path; without
         them the model's own logits are returned, as for a plain forward); position_ids: restarting per
         packed example (None: the model's own positions)."""
-        pos = {} if position_ids is None else {"position_ids": position_ids}
+        # no KV cache (nothing is generated here); without one, restarting positions also separate packed examples
+        pos: dict[str, Any] = {"use_cache": False, **({} if position_ids is None else {"position_ids": position_ids})}
         out: dict[str, Any] = {"logits": None, "fused": None, "hidden": None, "side": {}}
         if self.head is not None and fused is not None:
             # the decoder alone, then the fused head on its output: no [tokens, vocab] logits

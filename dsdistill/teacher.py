@@ -70,7 +70,8 @@ class TeacherModel(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, *, hidden_states: bool, head: bool, position_ids: Optional[torch.Tensor] = None):
-        pos = {} if position_ids is None else {"position_ids": position_ids}
+        # no KV cache (nothing is generated here); without one, restarting positions also separate packed examples
+        pos: dict[str, Any] = {"use_cache": False, **({} if position_ids is None else {"position_ids": position_ids})}
         if head:
             out = self.lm(input_ids=input_ids, output_hidden_states=hidden_states, **pos)
             return out.logits, out.hidden_states

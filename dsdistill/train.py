@@ -37,6 +37,7 @@ from dsdistill.heads import head_options
 from dsdistill.metrics import MetricsWriter
 from dsdistill.models import DTYPES, load_causal_lm, param_counts
 from dsdistill.objective import Objective
+from dsdistill.packing import check_separation
 from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
 from dsdistill.preflight import Plan, RunData, preflight, skipped_warnings
 from dsdistill.report import eval_line, train_line
@@ -147,6 +148,8 @@ class Session:
             lm_options=lambda: head_options(plan, self.student.device, temperature=1.0, want_kd=False, want_lm=True),
             ignore_index=cfg.loss.ignore_index,
         )
+        if data.splits.packing == "documents":
+            agree(self._check_packing, what="checking packed attention")
         s_capture = QKCapture(student_lm, sorted(needs.student_qk)) if needs.student_qk else None
         self.forward = PairForward(plan, self.student, self.teacher, s_capture)
         self.trainer = Trainer(plan, self.student, self.objective, self.forward)
@@ -162,6 +165,34 @@ class Session:
         self.pace = Pace()
         self.bar: Any = None
         self.logs = 0
+
+    def _check_packing(self) -> None:
+        """Both models keep packed examples apart (one tiny forward each, on every rank together)."""
+        plan = self.plan
+        half = plan.precision != "fp32"
+        student, teacher = self.student, self.teacher_engine
+        was_training = student.module.training
+        student.eval()
+        try:
+            check_separation(
+                "student",
+                plan.student_config.model_type,
+                lambda ids, pos: student(ids, valid=torch.zeros_like(ids, dtype=torch.bool), position_ids=pos)["logits"],
+                vocab=plan.vocab,
+                device=student.device,
+                half=half,
+            )
+            check_separation(
+                "teacher",
+                plan.teacher_config.model_type,
+                lambda ids, pos: teacher(ids, hidden_states=False, head=True, position_ids=pos)[0],
+                vocab=plan.vocab,
+                device=student.device,
+                half=half,
+            )
+        finally:
+            if was_training:
+                student.train()
 
     # ------------------------------------------------------------------------------------------ the loop
 

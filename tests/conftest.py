@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsdistill.demo import build_tokenizer, pretrain, tiny_llama, write_corpus
+from dsdistill.demo import build_tokenizer, pretrain, tiny_llama, write_chat, write_corpus, write_prompt_completion
 
 torch.set_num_threads(2)
 
@@ -36,6 +36,53 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         tok.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_assets(tmp_path_factory) -> dict[str, Path]:
+    """Chat and prompt/completion data, a ChatML word-level tokenizer, and a tiny teacher and student for it."""
+    root = tmp_path_factory.mktemp("chat_assets")
+    tok = build_tokenizer(root / "tokenizer", chat=True)
+    out = {
+        "chat": write_chat(root / "chat.jsonl", conversations=240, seed=4),
+        "pairs": write_prompt_completion(root / "pairs.jsonl", examples=300, seed=5),
+        "corpus": write_corpus(root / "corpus.jsonl", documents=300, seed=6),
+        "tokenizer": root / "tokenizer",
+    }
+    teacher = tiny_llama(len(tok), hidden=64, layers=3, heads=4, kv_heads=2, max_pos=256, seed=1)
+    student = tiny_llama(len(tok), hidden=32, layers=2, heads=2, kv_heads=1, max_pos=256, seed=2)
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def chat_config(chat_assets, tmp_path):
+    """A plain-dict run config on chat data for the chat assets."""
+
+    def make(**sections) -> dict:
+        cfg = {
+            "teacher": {"path": str(chat_assets["teacher"])},
+            "student": {"path": str(chat_assets["student"])},
+            "data": {"path": str(chat_assets["chat"]), "format": "chat", "eval_fraction": 0.1},
+            "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 1, "seq_len": 96, "precision": "fp32"},
+            "optimizer": {"lr": 2e-3},
+            "eval": {"every": 2, "max_batches": 2, "at_start": False},
+            "output": {"run_dir": str(tmp_path / "run"), "log_every": 1},
+            "checkpoint": {"save_final": False},
+        }
+        for key, value in sections.items():
+            merged = copy.deepcopy(cfg.get(key, {}))
+            if isinstance(value, dict) and isinstance(merged, dict):
+                merged.update(value)
+                cfg[key] = merged
+            else:
+                cfg[key] = value
+        return cfg
+
+    return make
 
 
 @pytest.fixture

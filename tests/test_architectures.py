@@ -236,3 +236,35 @@ def test_a_non_causal_lm_is_refused_at_check_time(kind, expected, assets, make_c
     proc = subprocess.run([sys.executable, "-m", "dsdistill", "check", "--config", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"dsdistill: error: teacher.path: '{folder}' {expected}"
+
+
+@pytest.mark.parametrize("kind", [*FAMILIES, "falcon"])
+def test_packed_documents_do_not_attend_to_each_other(kind):
+    """Through the forward both engines run (positions restarting per example, no KV cache): a packed row's
+    logits equal each example's logits run alone, to 1e-5, for every family that `documents` packing
+    accepts; the others are refused by the same check a run makes at startup."""
+    from dsdistill.errors import DataError
+    from dsdistill.packing import Example, Packer, check_separation
+    from dsdistill.teacher import TeacherModel
+
+    model = TeacherModel(_model(kind, "sdpa"))
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(3, V, (n,), generator=g).tolist() for n in (7, 5, 9)]
+    row = Packer(kind="documents", seq_len=24, pad_id=2, ignore_index=-100)([Example(d, [True] * len(d)) for d in docs])[0]
+    ids, pos = torch.tensor([row["input_ids"]]), torch.tensor([row["position_ids"]])
+
+    def logits_of(i, p):
+        return model(i, hidden_states=False, head=True, position_ids=p)[0]
+
+    if kind in ("opt", "falcon"):
+        with pytest.raises(DataError, match=rf"^data.packing: documents: the student \({kind}\) lets packed examples attend"):
+            check_separation("student", kind, logits_of, vocab=V, device="cpu", half=False)
+        return
+    check_separation("student", kind, logits_of, vocab=V, device="cpu", half=False)
+    with torch.no_grad():
+        packed = logits_of(ids, pos)[0]
+        start = 0
+        for d in docs:
+            alone = model(torch.tensor([d]), hidden_states=False, head=True)[0][0]
+            assert torch.allclose(packed[start : start + len(d)], alone, atol=1e-5, rtol=0), kind
+            start += len(d)
