@@ -28,7 +28,13 @@ from dsdistill.demo import build_tokenizer, tiny_llama, write_corpus  # noqa: E4
 
 def child(argv: list[str], cwd: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of one child process."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     # a fresh datasets cache per measurement: nothing is reused from an earlier one
     env["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hfcache-", dir=cwd)
     t0 = time.perf_counter()
@@ -61,7 +67,10 @@ def main() -> None:
     for n in sorted({args.small, args.large, args.whole_large}):
         t0 = time.perf_counter()
         corpora[n] = write_corpus(work / f"corpus-{n}.jsonl", documents=n, seed=1)
-        print(f"generated {n:,} documents ({corpora[n].stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(
+            f"generated {n:,} documents ({corpora[n].stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
 
     def config(n: int, streaming: bool) -> Path:
         cfg = {
@@ -78,7 +87,8 @@ def main() -> None:
         return p
 
     rows = []
-    for streaming, sizes in ((True, (args.small, args.large)), (False, (args.small, args.whole_large))):
+    # streamed at three sizes: the middle one shows where reading's fixed buffers stop growing
+    for streaming, sizes in ((True, (args.small, args.whole_large, args.large)), (False, (args.small, args.whole_large))):
         base = None
         for n in sizes:
             cfg = config(n, streaming)

@@ -130,11 +130,7 @@ class DataConfig(FormatFields):
             return list(self.sources)
         fields = {k: getattr(self, k) for k in FormatFields.model_fields}
         assert self.path is not None
-        return [
-            SourceConfig(
-                path=self.path, split=self.split, eval_path=self.eval_path, eval_split=self.eval_split, **fields
-            )
-        ]
+        return [SourceConfig(path=self.path, split=self.split, eval_path=self.eval_path, eval_split=self.eval_split, **fields)]
 
     def packing_of(self, source: FormatFields) -> Packing:
         """The packing used (default: concat for text, documents for every other format)."""
@@ -363,14 +359,29 @@ class RunConfig(_Strict):
 _UNION_TAGS = {"constant", "linear", "cosine", "str", "dict[str,any]", "function-after[_one_warmup(), SchedulerConfig]"}
 
 
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as Optional[list[Model]] (or None)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
     """Field names accepted at the mapping that contains `loc[-1]` (for 'unknown key' messages)."""
     model: Any = RunConfig
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (data.sources[0])
+            continue
         fields = getattr(model, "model_fields", None)
         if fields is None or part not in fields:
             return []
-        model = fields[part].annotation
+        model = _model_in(fields[part].annotation)
     fields = getattr(model, "model_fields", None)
     return sorted(fields) if fields else []
 

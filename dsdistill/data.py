@@ -344,7 +344,12 @@ def _whole(ds, source: SourceConfig, tokenizer, cfg: RunConfig, packer: Packer, 
     rendered = _render_dataset(ds, render, with_loss=source.format != "text")
     packed = _pack_dataset(rendered, packer)
     stats = _exact_stats(
-        rendered, packed, kind=packer.kind, seq_len=cfg.train.seq_len, overlong=cfg.data.overlong, ignore_index=cfg.loss.ignore_index
+        rendered,
+        packed,
+        kind=packer.kind,
+        seq_len=cfg.train.seq_len,
+        overlong=cfg.data.overlong,
+        ignore_index=cfg.loss.ignore_index,
     )
     if stats.examples == 0:
         if source.format == "text":
@@ -367,7 +372,9 @@ def _held_out(ds, cfg: RunConfig, source: SourceConfig, *, field: str, where: st
         return ds, eval_docs
     n = len(ds)
     if n < 2:
-        raise DataError(f"{field}.path: {where} has {n} document; hold-out evaluation needs at least 2 (or set {field}.eval_path)")
+        raise DataError(
+            f"{field}.path: {where} has {n} document; hold-out evaluation needs at least 2 (or set {field}.eval_path)"
+        )
     n_eval = min(n - 1, max(1, round(n * d.eval_fraction)))
     parts = ds.train_test_split(test_size=n_eval, seed=cfg.train.seed, shuffle=True)
     return parts["train"], parts["test"]
@@ -423,7 +430,9 @@ class MixedStream:
     """This rank's endless stream of training micro-batches drawn from the sources by weight (one source is
     the mixture of one). `state()` / `restore()` resume at the exact row."""
 
-    def __init__(self, readers: list[SourceReader], weights: list[float], packer: Packer, *, micro_batch: int, seed: int, rank: int):
+    def __init__(
+        self, readers: list[SourceReader], weights: list[float], packer: Packer, *, micro_batch: int, seed: int, rank: int
+    ):
         import numpy as np
 
         self.readers, self.packer, self.micro_batch = readers, packer, micro_batch
@@ -517,7 +526,9 @@ def _streamed_source(
     held_out = 0
     if s.eval_path is not None or s.eval_split is not None:
         src = s.eval_path or s.path
-        eval_ds = load_source(src, s.eval_split or "train", field=f"{field}.eval_path" if s.eval_path else f"{field}.eval_split", streaming=True)
+        eval_ds = load_source(
+            src, s.eval_split or "train", field=f"{field}.eval_path" if s.eval_path else f"{field}.eval_split", streaming=True
+        )
     else:  # the first examples of the stream are held out, and training skips them
         held_out = d.eval_examples
         eval_ds = probe
@@ -525,13 +536,17 @@ def _streamed_source(
     eval_packer = _packer(cfg, tokenizer, kind, sources)
     eval_rows = eval_packer(render(_columns(eval_raw), range(len(eval_raw)))) if eval_raw else []
     sample_packer = _packer(cfg, tokenizer, kind, sources)
-    sample = _first_rows(probe.skip(held_out), SAMPLE)
+    sample = _first_rows(probe.skip(held_out), min(SAMPLE, d.max_documents or SAMPLE))
     if not sample:
-        raise DataError(f"{field}.path: '{s.path}' has no examples left for training after the {held_out} held out for evaluation")
+        raise DataError(
+            f"{field}.path: '{s.path}' has no examples left for training after the {held_out} held out for evaluation"
+        )
     sample_packer(render(_columns(sample), range(held_out, held_out + len(sample))))
     if sample_packer.stats.examples == 0:
-        raise DataError(f"{field}: none of the first {len(sample)} examples of {where} has a token that carries loss (format {s.format})")
-    seed, buffer = cfg.train.seed, d.shuffle_buffer
+        raise DataError(
+            f"{field}: none of the first {len(sample)} examples of {where} has a token that carries loss (format {s.format})"
+        )
+    seed, buffer, limit = cfg.train.seed, d.shuffle_buffer, d.max_documents
 
     def make(rank: int, world: int) -> SourceReader:
         from datasets.distributed import split_dataset_by_node
@@ -540,6 +555,8 @@ def _streamed_source(
             ds = load_source(s.path, s.split, field=f"{field}.path", streaming=True)
             if held_out:
                 ds = ds.skip(held_out)
+            if limit is not None:
+                ds = ds.take(limit)
             ds = split_dataset_by_node(ds, rank=rank, world_size=world).shuffle(seed=seed, buffer_size=buffer)
             ds.set_epoch(epoch)
             return iter(ds)
@@ -567,8 +584,12 @@ def _whole_source(i: int, s: SourceConfig, name: str, cfg: RunConfig, tokenizer,
     with main_process_first():
         ds = load_source(s.path, s.split, field=f"{field}.path")
     train_docs, eval_docs = _held_out(ds, cfg, s, field=field, where=where)
-    rendered, _, train_stats = _whole(train_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field=field, where=where)
-    _, eval_packed, eval_stats = _whole(eval_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field=field, where=f"the eval split of {where}")
+    rendered, _, train_stats = _whole(
+        train_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field=field, where=where
+    )
+    _, eval_packed, eval_stats = _whole(
+        eval_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field=field, where=f"the eval split of {where}"
+    )
     seed, has_loss = cfg.train.seed, "loss" in rendered.column_names
 
     def make(rank: int, world: int) -> SourceReader:
@@ -583,7 +604,16 @@ def _whole_source(i: int, s: SourceConfig, name: str, cfg: RunConfig, tokenizer,
 
         return SourceReader(name, open_epoch, None, field=field)
 
-    plan = SourcePlan(name=name, path=s.path, format=s.format, weight=s.weight, streaming=False, train=train_stats, eval=eval_stats, rows=len(ds))
+    plan = SourcePlan(
+        name=name,
+        path=s.path,
+        format=s.format,
+        weight=s.weight,
+        streaming=False,
+        train=train_stats,
+        eval=eval_stats,
+        rows=len(ds),
+    )
     return make, _rows_of(eval_packed), plan
 
 
@@ -604,13 +634,26 @@ def build_splits(cfg: RunConfig, tokenizer) -> Splits:
         if d.max_documents is not None and len(docs) > d.max_documents:
             docs = docs.select(range(d.max_documents))
         train_docs, eval_docs = _held_out(docs, cfg, s, field="data", where=where)
-        _, train, train_stats = _whole(train_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field="data", where=where)
-        _, evals, eval_stats = _whole(eval_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field="data", where="the eval split")
+        _, train, train_stats = _whole(
+            train_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field="data", where=where
+        )
+        _, evals, eval_stats = _whole(
+            eval_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field="data", where="the eval split"
+        )
         if len(evals) == 0:
             raise DataError(
                 f"data: the eval split holds fewer than seq_len={seq} tokens; use a larger eval set or a smaller train.seq_len"
             )
-        plan = SourcePlan(name=names[0], path=s.path, format=s.format, weight=1.0, streaming=False, train=train_stats, eval=eval_stats, rows=len(docs))
+        plan = SourcePlan(
+            name=names[0],
+            path=s.path,
+            format=s.format,
+            weight=1.0,
+            streaming=False,
+            train=train_stats,
+            eval=eval_stats,
+            rows=len(docs),
+        )
         share = unknown_share(train, tokenizer)
         _check_unknown(share, s.path, tokenizer, field="data.path")
         return Splits(train=train, eval=evals, sources=[plan], packing=kind, unknown_share=share)
@@ -631,7 +674,12 @@ def build_splits(cfg: RunConfig, tokenizer) -> Splits:
         eval_by_source[name] = rows if isinstance(rows[0].get("input_ids"), torch.Tensor) else _to_tensors(rows)
     evals = [row for rows in eval_by_source.values() for row in rows]
     share = unknown_share(evals, tokenizer)
-    _check_unknown(share, sources[0].path if len(sources) == 1 else "the eval data", tokenizer, field="data.path" if d.sources is None else "data.sources")
+    _check_unknown(
+        share,
+        sources[0].path if len(sources) == 1 else "the eval data",
+        tokenizer,
+        field="data.path" if d.sources is None else "data.sources",
+    )
     return Splits(
         train=None,
         eval=evals,

@@ -188,9 +188,7 @@ class _ChatRenderer:
                     f"{type(content).__name__} content; expected text"
                 )
             if content is None and not m.get("tool_calls"):
-                raise DataError(
-                    f"{self.field}.messages_field: example {n} of {self.where}, message {j} has no content"
-                )
+                raise DataError(f"{self.field}.messages_field: example {n} of {self.where}, message {j} has no content")
         # datasets fills missing keys of a struct column with None; a template sees only what was given
         return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
@@ -256,8 +254,7 @@ class _ChatRenderer:
         if self.chat:
             return [self._chat_example(m, rows[i]) for i, m in enumerate(batch[s.messages_field])]
         return [
-            self._pair_example(p, c, rows[i])
-            for i, (p, c) in enumerate(zip(batch[s.prompt_field], batch[s.completion_field]))
+            self._pair_example(p, c, rows[i]) for i, (p, c) in enumerate(zip(batch[s.prompt_field], batch[s.completion_field]))
         ]
 
 

@@ -143,8 +143,9 @@ class Packer:
         return rows
 
 
-
-def check_separation(role: str, model_type: str, logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, vocab: int, device, half: bool) -> None:
+def check_separation(
+    role: str, model_type: str, logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, vocab: int, device, half: bool
+) -> None:
     """Refuse `documents` packing for a model that lets packed examples see each other: an example's logits
     must not change when another example is packed before it. transformers separates examples by their
     restarting positions for most families; some (OPT, Falcon) compute positions or masks their own way."""

@@ -114,7 +114,9 @@ def describe(plan: Plan, data: RunData) -> str:
 
 def describe_data(splits: Splits, seq_len: int) -> list[str]:
     """The data plan: per source, examples, tokens, loss-bearing tokens and their share, what packing did."""
-    lines = [f"data: packing {splits.packing}" + (", streamed (counts estimated from the first examples)" if splits.streamed else "")]
+    lines = [
+        f"data: packing {splits.packing}" + (", streamed (counts estimated from the first examples)" if splits.streamed else "")
+    ]
     for s in splits.sources:
         t = s.train
         how = f"first {s.sampled:,} examples" if s.estimated else f"{t.examples:,} examples"
@@ -165,7 +167,9 @@ def plan_dict(plan: "Plan", data: RunData) -> dict[str, Any]:
         "left_out": dict(plan.left_out),
         "fused": plan.fused,
         "data": plan_json(data.splits),
-        "memory_gib": {k: v for k, v in estimate_memory(plan).items() if k in ("teacher_shard", "student_states", "logits", "total")},
+        "memory_gib": {
+            k: v for k, v in estimate_memory(plan).items() if k in ("teacher_shard", "student_states", "logits", "total")
+        },
         "run_dir": str(plan.run_dir),
     }
 

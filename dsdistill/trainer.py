@@ -338,7 +338,9 @@ class Evaluator:
             for batch in batches:
                 pos = batch.get("position_ids")
                 s, n = teacher.lm_sums(
-                    batch["input_ids"].to(device), batch["labels"].to(device), position_ids=None if pos is None else pos.to(device)
+                    batch["input_ids"].to(device),
+                    batch["labels"].to(device),
+                    position_ids=None if pos is None else pos.to(device),
                 )
                 total, count = total + s.detach(), count + n
         finally:

@@ -75,7 +75,9 @@ def test_chat_masks_follow_the_rendered_template_token_by_token(chat_assets, los
     for conv, ex in zip(conversations, examples):
         assert ex is not None
         tokens = tok.convert_ids_to_tokens(ex.ids)
-        assert tok.decode(ex.ids) == tok.decode(tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"])
+        assert tok.decode(ex.ids) == tok.decode(
+            tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+        )
         assert ex.loss == _expected_mask(tokens, loss_on)
         if loss_on == "assistant":  # the loss-bearing words are exactly the assistant contents
             said = [w for m in conv if m["role"] == "assistant" for w in m["content"].split() + ["<|im_end|>"]]
@@ -86,7 +88,9 @@ def test_prompt_completion_carries_loss_on_the_completion_and_its_end(chat_asset
     tok = _tok(chat_assets)
     rows = [json.loads(line) for line in Path(chat_assets["pairs"]).read_text().splitlines()][:50]
     render = renderer(FormatFields(format="prompt_completion"), tok, field="data", where="pairs", ignore_index=-100)
-    for row, ex in zip(rows, render({"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}, range(50))):
+    for row, ex in zip(
+        rows, render({"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}, range(50))
+    ):
         tokens = tok.convert_ids_to_tokens(ex.ids)
         assert [t for t, keep in zip(tokens, ex.loss) if not keep] == row["prompt"].split()
         assert [t for t, keep in zip(tokens, ex.loss) if keep] == row["completion"].split() + ["<eos>"]
@@ -101,7 +105,12 @@ def test_prompt_completion_carries_loss_on_the_completion_and_its_end(chat_asset
 def test_pretokenized_labels_and_loss_masks(chat_assets):
     tok = _tok(chat_assets)
     make = lambda **kw: renderer(  # noqa: E731
-        FormatFields(format="pretokenized", **kw), tok, field="data", where="tokens.parquet", ignore_index=-100, columns=["input_ids", "labels", "loss_mask"]
+        FormatFields(format="pretokenized", **kw),
+        tok,
+        field="data",
+        where="tokens.parquet",
+        ignore_index=-100,
+        columns=["input_ids", "labels", "loss_mask"],
     )
     ids = [[5, 6, 7, 8], [9, 10]]
     out = make()({"input_ids": ids, "labels": [[-100, 6, 7, -100], [-100, -100]], "loss_mask": [[1, 1, 1, 1], [1, 1]]}, [0, 1])
@@ -198,7 +207,9 @@ def test_kd_and_lm_on_masked_batches_count_assistant_tokens_only(chat_config, ch
         lm += float(ce[keep].sum())
         count += int(keep.sum())
         everything = b["input_ids"][:, 1:] != 2  # every real token, prompts included
-        lm_all += float(torch.nn.functional.cross_entropy(sl.transpose(1, 2), b["input_ids"][:, 1:], reduction="none")[everything].sum())
+        lm_all += float(
+            torch.nn.functional.cross_entropy(sl.transpose(1, 2), b["input_ids"][:, 1:], reduction="none")[everything].sum()
+        )
         count_all += int(everything.sum())
     assert r.tokens == count and count < 0.8 * count_all
     assert r.losses["kd"] == pytest.approx(kd / count, rel=1e-5)
@@ -209,7 +220,14 @@ def test_kd_and_lm_on_masked_batches_count_assistant_tokens_only(chat_config, ch
 def _stream_cfg(chat_config, chat_assets, **data):
     return validate(
         chat_config(
-            data={"path": str(chat_assets["chat"]), "format": "chat", "streaming": True, "eval_examples": 20, "shuffle_buffer": 64, **data},
+            data={
+                "path": str(chat_assets["chat"]),
+                "format": "chat",
+                "streaming": True,
+                "eval_examples": 20,
+                "shuffle_buffer": 64,
+                **data,
+            },
             train={"max_steps": 4, "micro_batch_size": 2, "seq_len": 96},
         )
     )
@@ -250,7 +268,9 @@ def test_streamed_training_resumed_equals_uninterrupted(chat_config, chat_assets
         data["checkpoint"]["save_final"] = True
         with contextlib.redirect_stdout(io.StringIO()):
             train(validate(data))
-        return [r for r in map(parse_line, (tmp_path / name / METRICS_FILE).read_text().splitlines()) if isinstance(r, TrainRecord)]
+        return [
+            r for r in map(parse_line, (tmp_path / name / METRICS_FILE).read_text().splitlines()) if isinstance(r, TrainRecord)
+        ]
 
     whole = run("whole")
     run("parts", stop_at_step=2)
@@ -295,7 +315,9 @@ def test_a_mixture_samples_by_weight_and_evaluates_each_source(chat_config, chat
         train(cfg)
     recs = [parse_line(line) for line in (Path(cfg.output.run_dir) / METRICS_FILE).read_text().splitlines()]
     start = next(r for r in recs if isinstance(r, RunStart))
-    assert [s["name"] for s in start.data["sources"]] == ["corpus", "chat"] and start.data["sources"][0]["train"]["loss_tokens"] > 0
+    assert [s["name"] for s in start.data["sources"]] == ["corpus", "chat"] and start.data["sources"][0]["train"][
+        "loss_tokens"
+    ] > 0
     evals = [r for r in recs if isinstance(r, EvalRecord)]
     assert evals and all(set(e.sources) == {"corpus", "chat"} for e in evals)
     for e in evals:
@@ -311,7 +333,84 @@ def test_streaming_needs_max_steps_and_bad_rows_are_named(chat_config, chat_asse
     rows = [json.loads(line) for line in Path(chat_assets["chat"]).read_text().splitlines()][:40]
     rows[7]["messages"][0]["role"] = "robot"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=r"^data.messages_field: example 7 of '.*bad.jsonl', message 0 has role 'robot'; expected one of system"):
+    with pytest.raises(
+        DataError, match=r"^data.messages_field: example 7 of '.*bad.jsonl', message 0 has role 'robot'; expected one of system"
+    ):
         preflight(validate(chat_config(data={"path": str(bad)})), world=1)
-    with pytest.raises(DataError, match=r"^data.messages_field: 'conversation' is not a column of .* \(format chat\); columns are: messages"):
+    with pytest.raises(
+        DataError, match=r"^data.messages_field: 'conversation' is not a column of .* \(format chat\); columns are: messages"
+    ):
         preflight(validate(chat_config(data={"messages_field": "conversation"})), world=1)
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_a_packed_chat_mixture_under_zero3(chat_config, chat_assets, tmp_path):
+    """The real launcher, two ranks, both engines ZeRO-3: a streamed chat set and a whole text corpus packed
+    as documents, with the attention term (its rows rebuilt per packed example)."""
+    from dsdistill.demo import launcher_command, launcher_env
+    from dsdistill.dist import free_port
+    from dsdistill.schema import RunEnd
+
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "train_micro_batch_size_per_gpu": "auto"}
+    cfg = chat_config(
+        data={
+            "path": None,
+            "sources": [
+                {"path": str(chat_assets["chat"]), "name": "chat", "format": "chat", "streaming": True},
+                {"path": str(chat_assets["corpus"]), "name": "corpus", "weight": 0.5},
+            ],
+            "eval_examples": 20,
+        },
+        curriculum={"weights": {"kd": 1.0, "lm": 0.5, "attention": 0.5}},
+        loss={"attention_chunk": 32},
+        train={"max_steps": 3, "grad_accum": 2},
+        eval={"every": 3, "max_batches": 1, "at_start": True},
+        deepspeed={"student": {**zero3, "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}, "teacher": zero3},
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    script = Path(__file__).resolve().parent.parent / "dsdistill" / "train.py"
+    proc = subprocess.run(
+        launcher_command(script, path, nprocs=2, master_port=free_port()),
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [parse_line(line) for line in (Path(cfg["output"]["run_dir"]) / METRICS_FILE).read_text().splitlines()]
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    assert [t.step for t in trains] == [0, 1, 2] and all(math.isfinite(t.objective) and t.losses["attention"] > 0 for t in trains)
+    evals = [r for r in recs if isinstance(r, EvalRecord)]
+    assert [e.step for e in evals] == [0, 3] and all(set(e.sources) == {"chat", "corpus"} for e in evals)
+    assert isinstance(recs[-1], RunEnd) and recs[-1].reason == "completed"
+
+
+def test_data_config_errors_name_the_field(chat_config):
+    from dsdistill.errors import ConfigError
+
+    base = chat_config()
+    for data, expected in (
+        ({"format": "chatt"}, "data.format: got \"chatt\"; expected 'text', 'chat', 'prompt_completion' or 'pretokenized'"),
+        ({"sources": [{"path": "x"}]}, "data: got {...}; set path (one source) or sources (a mixture), exactly one"),
+        (
+            {"path": None, "sources": [{"path": "x", "formt": "chat"}]},
+            "data.sources.0.formt: unknown key; expected one of: chat_template,",
+        ),
+        ({"path": None, "sources": [{"path": "x", "weight": 0}]}, "data.sources.0.weight: got 0; expected greater than 0"),
+        ({"loss_on": "assistants"}, "data.loss_on: got \"assistants\"; expected 'assistant', 'last_assistant' or 'all'"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            validate({**base, "data": {**base["data"], **data}})
+        assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_chat_data_needs_one_tokenizer_for_both_models(chat_config, assets):
+    from dsdistill.errors import ModelError
+
+    cfg = validate(chat_config(teacher={"path": str(assets["teacher"])}, curriculum={"weights": {"lm": 1.0, "feature": 0.1}}))
+    with pytest.raises(
+        ModelError,
+        match=r"^teacher.tokenizer: teacher and student vocabularies differ \(\d+ vs \d+ tokens\); chat data is rendered once",
+    ):
+        preflight(cfg, world=1)

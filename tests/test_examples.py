@@ -47,15 +47,19 @@ def _tiny(kind: str, vocab: int, out: Path, *, width: int, layers: int, max_pos:
 def recipe_assets(chat_assets, tmp_path_factory):
     """Tiny same-architecture models with the chat tokenizer, and data in each recipe's format, enough for one
     optimizer step of its global batch."""
-    from transformers import AutoTokenizer
-
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("recipes")
     tok = AutoTokenizer.from_pretrained(chat_assets["tokenizer"])
     out = {}
-    for name, kind, width, layers in (("qwen_teacher", "qwen2", 64, 3), ("qwen_student", "qwen2", 32, 2), ("llama_teacher", "llama", 64, 3), ("llama_student", "llama", 32, 2)):
+    for name, kind, width, layers in (
+        ("qwen_teacher", "qwen2", 64, 3),
+        ("qwen_student", "qwen2", 32, 2),
+        ("llama_teacher", "llama", 64, 3),
+        ("llama_student", "llama", 32, 2),
+    ):
         out[name] = _tiny(kind, len(tok), root / name, width=width, layers=layers, max_pos=8192)
         tok.save_pretrained(out[name])
     out["chat"] = write_chat(root / "chat.jsonl", conversations=14000, seed=1)
@@ -69,7 +73,10 @@ def recipe_assets(chat_assets, tmp_path_factory):
 
     rng = random.Random(5)
     for i in range(4):  # pretokenized Parquet shards, as a user's own pipeline writes them
-        ids = [tok(" ".join(_sentence(rng) for _ in range(4)), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _ in range(1000)]
+        ids = [
+            tok(" ".join(_sentence(rng) for _ in range(4)), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            for _ in range(1000)
+        ]
         pq.write_table(pa.table({"input_ids": ids}), shards / f"part-{i:05d}.parquet")
     out["corpus-tokens"] = shards
     return out
@@ -117,8 +124,19 @@ def test_the_70b_recipe_through_its_slurm_script_on_4_nodes(recipe_assets, tmp_p
     fake.mkdir()
     (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu1\\ngpu2\\ngpu3\\ngpu4\\n"\n')
     (fake / "scontrol").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "gpu[1-4]", "PYTHON": sys.executable}
-    overrides = [f"teacher.path={cfg['teacher']['path']}", f"student.path={cfg['student']['path']}", f"data.path={cfg['data']['path']}", f"output.run_dir={cfg['output']['run_dir']}"]
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "9",
+        "SLURM_JOB_NODELIST": "gpu[1-4]",
+        "PYTHON": sys.executable,
+    }
+    overrides = [
+        f"teacher.path={cfg['teacher']['path']}",
+        f"student.path={cfg['student']['path']}",
+        f"data.path={cfg['data']['path']}",
+        f"output.run_dir={cfg['output']['run_dir']}",
+    ]
     proc = subprocess.run(
         ["bash", str(EXAMPLES / "70b-to-8b.slurm"), "--dry-run", "--", *sum((["--set", o] for o in overrides), [])],
         capture_output=True,
