@@ -26,7 +26,7 @@ def _cmd_check(args) -> int:
     if args.world_size is not None and args.world_size < 1:
         raise DistillError(f"check: --world-size {args.world_size}: expected a positive number of ranks")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    plan, data = preflight(cfg, world=world)
+    plan, data = preflight(cfg, world=world, writing_cache=args.teacher_cache is not None)
     if args.json:
         import json
 
@@ -35,6 +35,24 @@ def _cmd_check(args) -> int:
     print(describe(plan, data))
     print("check: ok")
     return 0
+
+
+def _cmd_teacher_cache(args) -> int:
+    from dsdistill import train
+
+    argv = [
+        "--config",
+        args.config,
+        "--teacher-cache",
+        args.out,
+        "--top-k",
+        str(args.top_k),
+        "--shard-rows",
+        str(args.shard_rows),
+    ]
+    if args.level_bits is not None:
+        argv += ["--level-bits", str(args.level_bits)]
+    return train.main(argv + sum((["--set", s] for s in args.overrides), []))
 
 
 def _cmd_demo(args) -> int:
@@ -73,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(c)
     c.add_argument("--world-size", type=int, default=None, help="ranks the run will use (default: $WORLD_SIZE or 1)")
     c.add_argument("--json", action="store_true", help="print the whole plan as JSON (nothing else on stdout)")
+    # what launch.sh passes on to train.py is checked first: these are accepted for a teacher-cache launch
+    c.add_argument("--teacher-cache", default=None, help=argparse.SUPPRESS)
+    c.add_argument("--top-k", type=int, default=None, help=argparse.SUPPRESS)
+    c.add_argument("--level-bits", type=int, default=None, help=argparse.SUPPRESS)
+    c.add_argument("--shard-rows", type=int, default=None, help=argparse.SUPPRESS)
+    tc = sub.add_parser(
+        "teacher-cache",
+        help="run the teacher once over the run's data and store its top-k distributions (train later with teacher.cache)",
+    )
+    with_config(tc)
+    tc.add_argument("--out", required=True, help="cache directory (a stopped write resumes in it)")
+    tc.add_argument("--top-k", type=int, default=128, help="tokens kept per position (default 128)")
+    tc.add_argument("--level-bits", type=int, default=None, help="precision of the kept probabilities (default 5)")
+    tc.add_argument("--shard-rows", type=int, default=64, help="packed rows per shard file (default 64)")
+    tc.set_defaults(func=_cmd_teacher_cache)
     c.set_defaults(func=_cmd_check)
     d = sub.add_parser("demo", help="distil a tiny local teacher into a smaller student (CPU is enough)")
     d.add_argument("--run-dir", default="runs/demo", help="where the demo run writes (default runs/demo)")

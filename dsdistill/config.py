@@ -36,6 +36,21 @@ class ModelSpec(_Strict):
     """Attention kernel passed to transformers."""
 
 
+class TeacherSpec(ModelSpec):
+    """The frozen teacher: a model (`path`), or an offline cache of its top-k distributions (`cache`)."""
+
+    path: Optional[str] = None  # type: ignore[assignment]
+    """Local directory written by `save_pretrained`, or a Hub name."""
+    cache: Optional[str] = None
+    """A directory written by `dsdistill teacher-cache`: KD from the cached top-k, no teacher model loaded."""
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> "TeacherSpec":
+        if (self.path is None) == (self.cache is None):
+            raise ValueError("set path (a model) or cache (a teacher-cache directory), exactly one")
+        return self
+
+
 Format = Literal["text", "chat", "prompt_completion", "pretokenized"]
 Packing = Literal["concat", "documents", "none"]
 
@@ -328,7 +343,7 @@ class CheckpointConfig(_Strict):
 class RunConfig(_Strict):
     """A distillation run."""
 
-    teacher: ModelSpec
+    teacher: TeacherSpec
     """The frozen teacher."""
     student: ModelSpec
     """The trainable student."""

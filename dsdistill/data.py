@@ -750,13 +750,24 @@ class TrainStream:
                 batch = dict(self.ds[idx])
                 if "labels" not in batch:
                     batch["labels"] = batch["input_ids"].clone()
+                batch["row"] = torch.tensor(idx)  # which packed rows: what an offline teacher cache is keyed by
                 yield batch
             self.epoch += 1
             self.position = 0
 
 
-def eval_batches(ds, *, micro_batch: int, rank: int, world: int, ignore_index: int, max_batches: Optional[int]):
-    """This rank's eval micro-batches; every rank yields the same number (padding with masked batches)."""
+def eval_batches(
+    ds,
+    *,
+    micro_batch: int,
+    rank: int,
+    world: int,
+    ignore_index: int,
+    max_batches: Optional[int],
+    row_offset: Optional[int] = None,
+):
+    """This rank's eval micro-batches; every rank yields the same number (padding with masked batches).
+    With `row_offset`, each batch's `row` holds the rows' numbers after the training rows (-1 for padding)."""
     n = len(ds)
     per_rank = math.ceil(n / world)
     n_batches = math.ceil(per_rank / micro_batch)
@@ -766,10 +777,14 @@ def eval_batches(ds, *, micro_batch: int, rank: int, world: int, ignore_index: i
     for b in range(n_batches):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
         batch = collate([ds[i] for i in idx]) if idx else None
+        if batch is not None and row_offset is not None:
+            batch["row"] = torch.tensor(idx) + row_offset
         missing = micro_batch - len(idx)
         if missing:  # rows that count nothing keep every rank's batch the same shape for the collectives
             filler = collate([ds[0]] * missing)
             filler["labels"] = torch.full_like(filler["input_ids"], ignore_index)
+            if row_offset is not None:
+                filler["row"] = torch.full((missing,), -1)
             batch = filler if batch is None else {k: torch.cat([batch[k], filler[k]]) for k in batch}
         yield batch
 

@@ -37,6 +37,8 @@ class FusedCall:
     coef_kd: float
     coef_lm: float
     options: KDOptions
+    teacher_sparse: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    """An offline cache's (ids, log-probs, log rest) for the loss-bearing positions, instead of hidden and head."""
 
 
 class FusedKDLMHead(nn.Module):
@@ -68,6 +70,7 @@ class FusedKDLMHead(nn.Module):
             coef_lm=call.coef_lm,
             options=call.options,
             ignore_index=self.ignore_index,
+            t_sparse=call.teacher_sparse,
         )
         return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined, tokens=m["count"])
 

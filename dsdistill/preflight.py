@@ -66,6 +66,8 @@ class RunData:
     tokenizer: Any
     splits: Splits
     stream: TrainStream | MixedStream
+    cache: Any = None
+    """The offline teacher cache (`teacher.cache`), opened and verified against this run; None for a live teacher."""
 
 
 def describe(plan: Plan, data: RunData) -> str:
@@ -80,7 +82,12 @@ def describe(plan: Plan, data: RunData) -> str:
         f" x accumulation {c.train.grad_accum} x world {plan.world}; {plan.global_batch * c.train.seq_len:,} tokens per optimizer step",
         f"training: {steps}; eval: {len(data.splits.eval)} sequences",
         *describe_data(data.splits, c.train.seq_len),
-        f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_teacher)}, frozen",
+        (
+            f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_teacher)}, frozen"
+            if data.cache is None
+            else f"teacher: offline cache {c.teacher.cache} (top-{data.cache.k} + rest, {data.cache.manifest['bytes_per_token']:.0f} bytes per token, "
+            f"{data.cache.manifest['tokens']:,} positions; of {data.cache.manifest['teacher']['path']}); no teacher model is loaded"
+        ),
         f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_student)}, precision {plan.precision}",
         f"curriculum: computes {', '.join(plan.curriculum.active)}"
         + (f"; scheduled but not computed: {', '.join(plan.curriculum.inactive)}" if plan.curriculum.inactive else ""),
@@ -161,7 +168,9 @@ def plan_dict(plan: "Plan", data: RunData) -> dict[str, Any]:
         "steps_per_epoch": None if data.stream.batches_per_epoch is None else data.stream.batches_per_epoch // c.train.grad_accum,
         "precision": plan.precision,
         "vocab": plan.vocab,
-        "teacher": {"path": c.teacher.path, "zero_stage": zero_stage(plan.ds_teacher)},
+        "teacher": {"path": c.teacher.path, "zero_stage": zero_stage(plan.ds_teacher)}
+        if data.cache is None
+        else {"cache": c.teacher.cache, "k": data.cache.k, "bytes_per_token": data.cache.manifest["bytes_per_token"]},
         "student": {"path": c.student.path, "zero_stage": zero_stage(plan.ds_student)},
         "components": list(plan.components),
         "left_out": dict(plan.left_out),
@@ -222,7 +231,7 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
         chunk_rows = min(tokens, plan.cfg.loss.fused_chunk or auto_chunk(plan.vocab, 0, budget_bytes=budget, fixed=fixed))
         logits = chunk_rows * plan.vocab * BYTES_PER_LOGIT + fixed
     out = {
-        "teacher_shard": teacher * width / world / gib,
+        "teacher_shard": 0.0 if plan.cfg.teacher.cache is not None else teacher * width / world / gib,
         "student_states": (weights + grads + optim) / gib,
         "logits": logits / gib,
         "teacher_params": teacher,
@@ -258,8 +267,9 @@ def _same_vocab(a, b) -> bool:
     return a is b or a.get_vocab() == b.get_vocab()
 
 
-def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunData]:
-    """Validate the run against the data, models (configs and tokenizers only) and world size."""
+def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool = False) -> tuple[Plan, RunData]:
+    """Validate the run against the data, models (configs and tokenizers only) and world size
+    (`writing_cache`: for `dsdistill teacher-cache`, which needs the teacher model itself)."""
     run_dir = Path(cfg.output.run_dir)
     check_run_dir(run_dir)
     try:
@@ -272,13 +282,32 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
             f"eval.early_stopping.metric: '{metric}' is not computed in this run; expected ppl, lm_ce, objective or one of {', '.join(curriculum.active)}"
         )
 
-    teacher_cfg = load_model_config(cfg.teacher, field="teacher")
+    from dsdistill.config import ModelSpec
+
+    if writing_cache and cfg.teacher.cache is not None:
+        raise ConfigError("teacher-cache: the config's teacher is a cache (teacher.cache); give the model in teacher.path")
+    if cfg.teacher.cache is not None:  # the cache keeps the teacher's config: the plan's shapes, no weights
+        spec = ModelSpec(path=str(Path(cfg.teacher.cache) / "teacher"))
+        if not (Path(spec.path) / "config.json").is_file():
+            raise ConfigError(
+                f"teacher.cache: '{cfg.teacher.cache}' has no teacher/config.json; expected a directory written by dsdistill teacher-cache"
+            )
+        teacher_cfg = load_model_config(spec, field="teacher.cache")
+    else:
+        teacher_cfg = load_model_config(cfg.teacher, field="teacher")
     student_cfg = load_model_config(cfg.student, field="student")
     tokenizer = load_tokenizer(cfg.student, field="student")
-    if cfg.teacher.tokenizer is not None or (Path(cfg.teacher.path) / "tokenizer_config.json").exists():
+    if cfg.teacher.cache is None and (
+        cfg.teacher.tokenizer is not None or (Path(str(cfg.teacher.path)) / "tokenizer_config.json").exists()
+    ):
         teacher_tok = load_tokenizer(cfg.teacher, field="teacher")
     else:
-        teacher_tok = tokenizer
+        teacher_tok = tokenizer  # a cache's tokenizer is checked by its hash below
+    cache = None
+    if cfg.teacher.cache is not None:
+        from dsdistill.cache import open_with_tokenizer
+
+        cache = open_with_tokenizer(cfg.teacher.cache, tokenizer)
     vocab = len(tokenizer)
     formats = sorted({s.format for s in cfg.data.resolved_sources()} - {"text"})
     if formats and not _same_vocab(tokenizer, teacher_tok):
@@ -292,9 +321,10 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
             "logit KD needs a shared vocabulary (set the kd weight to 0 to distil without it)"
         )
     for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
+        where = "teacher.cache" if field == "teacher" and cache is not None else f"{field}.path"
         mv = getattr(mc, "vocab_size", None)
         if mv is not None and mv < vocab:
-            raise ModelError(f"{field}.path: model vocab_size {mv} is smaller than the tokenizer's {vocab} tokens")
+            raise ModelError(f"{where}: model vocab_size {mv} is smaller than the tokenizer's {vocab} tokens")
         limit = getattr(mc, "max_position_embeddings", None)
         if limit is not None and cfg.train.seq_len > limit:
             raise ConfigError(f"train.seq_len: {cfg.train.seq_len} exceeds the {field}'s max_position_embeddings ({limit})")
@@ -325,9 +355,20 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
     )
     layers = LayerMap.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
     for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
-        _check_causal_lm(mc, field, getattr(cfg, field).path)
+        _check_causal_lm(mc, field, str(getattr(cfg, field).path or cfg.teacher.cache))
+    if cache is not None:
+        from dsdistill import registry
+        from dsdistill.cache import verify_for_run
+
+        components = {n: registry.implementation(n) for n in curriculum.active}
+        verify_for_run(cache, cfg, splits, seq_len=cfg.train.seq_len, components=components, layers=layers)
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
     fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
+    if cache is not None and (not cfg.loss.fused_logits or fused_off is not None):
+        raise ConfigError(
+            "teacher.cache: KD from a cache runs on the fused path only; "
+            + (f"it is off because {fused_off}" if fused_off else "set loss.fused_logits: true")
+        )
     if left_out:
         try:
             curriculum = Curriculum(cfg.curriculum, active=tuple(n for n in curriculum.active if n not in left_out))
@@ -350,7 +391,7 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0) -> tuple[Plan, RunDa
         left_out,
         fused_off,
     )
-    return plan, RunData(tokenizer, splits, stream)
+    return plan, RunData(tokenizer, splits, stream, cache)
 
 
 def _check_causal_lm(model_config, field: str, path: str) -> None:

@@ -40,6 +40,9 @@ class TeacherSignal:
     """[B, Dt] final hidden state mean-pooled over loss-bearing positions."""
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Captured post-RoPE (q, k) by 1-based layer."""
+    sparse: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    """An offline cache's top-k: (token ids [N, k], log-probs [N, k], log of the rest mass [N]) for the N
+    loss-bearing positions in batch order (then `logits`, `hidden` and `head` are None)."""
 
 
 class TeacherSource(Protocol):
@@ -50,13 +53,24 @@ class TeacherSource(Protocol):
         """Called once after them: release what `begin_step` prepared."""
 
     def signal(
-        self, input_ids: torch.Tensor, valid: torch.Tensor, needs: Needs, *, position_ids: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor,
+        needs: Needs,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        rows: Optional[torch.Tensor] = None,
     ) -> TeacherSignal:
         """The teacher's signal for one micro-batch (`valid`: [B, S] loss-bearing positions; `position_ids`:
-        restarting per packed example, or None)."""
+        restarting per packed example, or None; `rows`: the packed rows' numbers, for a cache)."""
 
     def lm_sums(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        rows: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, int]:
         """(summed next-token cross-entropy, loss-bearing tokens) of the teacher on one batch."""
 
@@ -124,7 +138,13 @@ class LiveTeacher:
         self._head = None
 
     def signal(
-        self, input_ids: torch.Tensor, valid: torch.Tensor, needs: Needs, *, position_ids: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor,
+        needs: Needs,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        rows: Optional[torch.Tensor] = None,
     ) -> TeacherSignal:
         want_hidden = needs.teacher_hidden or needs.teacher_pooled
         with torch.no_grad():
@@ -145,7 +165,12 @@ class LiveTeacher:
         return sig
 
     def lm_sums(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        rows: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, int]:
         with torch.no_grad():
             out, _ = self.engine(input_ids, hidden_states=False, head=not self.fused, position_ids=position_ids)

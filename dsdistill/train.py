@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dsdistill import checkpoint
+from dsdistill.cache import CachedTeacher
 from dsdistill.capture import QKCapture
 from dsdistill.components.base import Build
 from dsdistill.config import RunConfig, dump_config, load_config
@@ -44,7 +45,7 @@ from dsdistill.report import eval_line, train_line
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.student import DistillStudent
 from dsdistill.system import system_record
-from dsdistill.teacher import LiveTeacher, TeacherModel
+from dsdistill.teacher import LiveTeacher, TeacherModel, TeacherSource
 from dsdistill.trainer import (
     EarlyStopping,
     EvalResult,
@@ -59,6 +60,9 @@ from dsdistill.trainer import (
 )
 
 # ---------------------------------------------------------------------------------------------- setup
+
+DEFAULT_LEVEL_BITS = 5
+"""Precision of the cached probabilities (`--level-bits`): sqrt(p / p_top1) in 2^5 - 1 steps."""
 
 SYSTEM_EVERY_LOGS = 10
 """A system record (every rank's memory, GPU use) with the first train record and every 10th after it."""
@@ -114,11 +118,14 @@ class Session:
             _say(rank, f"note: fused KD/LM is off because {plan.fused_off}; using full logits")
         self.objective = Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers)
         needs = self.objective.needs
-        teacher_lm = agree(
-            lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher),
-            what="loading the teacher",
-        )
-        self.teacher_engine = build_teacher_engine(TeacherModel(teacher_lm), plan.ds_teacher)
+        self.teacher_engine = None
+        teacher_lm = None
+        if data.cache is None:
+            teacher_lm = agree(
+                lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher),
+                what="loading the teacher",
+            )
+            self.teacher_engine = build_teacher_engine(TeacherModel(teacher_lm), plan.ds_teacher)
         student_lm = agree(
             lambda: load_causal_lm(
                 cfg.student,
@@ -140,14 +147,20 @@ class Session:
         if plan.precision != "fp32":
             wrapped.aux.to(DTYPES[plan.precision])
         self.student = build_student_engine(wrapped, plan.ds_student, cfg, total_steps=plan.total_steps)
-        self.teacher = LiveTeacher(
-            self.teacher_engine,
-            vocab=plan.vocab,
-            fused=plan.fused,
-            capture=QKCapture(teacher_lm, sorted(needs.teacher_qk)) if needs.teacher_qk else None,
-            lm_options=lambda: head_options(plan, self.student.device, temperature=1.0, want_kd=False, want_lm=True),
-            ignore_index=cfg.loss.ignore_index,
-        )
+        self.teacher: TeacherSource
+        if data.cache is not None:
+            # the offline cache: the teacher's top-k distributions, read per packed row; no model
+            self.teacher = CachedTeacher(data.cache, vocab=plan.vocab, ignore_index=cfg.loss.ignore_index)
+        else:
+            assert self.teacher_engine is not None and teacher_lm is not None
+            self.teacher = LiveTeacher(
+                self.teacher_engine,
+                vocab=plan.vocab,
+                fused=plan.fused,
+                capture=QKCapture(teacher_lm, sorted(needs.teacher_qk)) if needs.teacher_qk else None,
+                lm_options=lambda: head_options(plan, self.student.device, temperature=1.0, want_kd=False, want_lm=True),
+                ignore_index=cfg.loss.ignore_index,
+            )
         if data.splits.packing == "documents":
             agree(self._check_packing, what="checking packed attention")
         s_capture = QKCapture(student_lm, sorted(needs.student_qk)) if needs.student_qk else None
@@ -182,14 +195,15 @@ class Session:
                 device=student.device,
                 half=half,
             )
-            check_separation(
-                "teacher",
-                plan.teacher_config.model_type,
-                lambda ids, pos: teacher(ids, hidden_states=False, head=True, position_ids=pos)[0],
-                vocab=plan.vocab,
-                device=student.device,
-                half=half,
-            )
+            if teacher is not None:
+                check_separation(
+                    "teacher",
+                    plan.teacher_config.model_type,
+                    lambda ids, pos: teacher(ids, hidden_states=False, head=True, position_ids=pos)[0],
+                    vocab=plan.vocab,
+                    device=student.device,
+                    half=half,
+                )
         finally:
             if was_training:
                 student.train()
@@ -217,6 +231,16 @@ class Session:
             f"teacher perplexity on the eval split: {self.teacher_ppl:.3f}"
             + "".join(f"; {n} {p:.3f}" for n, p in self.teacher_ppl_by_source.items()),
         )
+        if isinstance(self.teacher, CachedTeacher):
+            t = self.teacher
+            share = t.covered / max(t.covered + t.estimated, 1)
+            self._alert(
+                engine.global_steps,
+                "info",
+                "teacher_ppl_from_cache",
+                f"teacher perplexity is from the offline cache: exact for the {share:.1%} of eval tokens whose label is in "
+                f"the cached top-{t.cache.k}, estimated from the rest mass for the others",
+            )
         guard = NonFiniteGuard(
             max_bad_steps=cfg.train.max_bad_steps, fp16=plan.precision == "fp16", resume_hint=self._latest_checkpoint
         )
@@ -293,7 +317,12 @@ class Session:
     def _announce(self, resumed: Optional[dict[str, Any]]) -> None:
         """run_start, the resolved config.yaml, the header line and the plan's warnings."""
         plan, cfg, step = self.plan, self.plan.cfg, self.student.global_steps
-        t_params, _ = param_counts(self.teacher_engine.module)
+        if self.teacher_engine is not None:
+            t_params, _ = param_counts(self.teacher_engine.module)
+        else:
+            from dsdistill.preflight import count_params
+
+            t_params = count_params(plan.teacher_config)
         s_params, _ = param_counts(self.student.module.model)
         cur = plan.curriculum
         self.writer.write(
@@ -319,7 +348,7 @@ class Session:
             plan.rank,
             f"dsdistill: {plan.total_steps} optimizer steps, world {plan.world}, global batch "
             f"{plan.global_batch} x {cfg.train.seq_len} tokens, teacher {t_params:,} params "
-            f"(ZeRO-3), student {s_params:,} params (ZeRO-{zero_stage(plan.ds_student)}), run dir {plan.run_dir}",
+            f"({'ZeRO-3' if self.teacher_engine is not None else 'offline cache'}), student {s_params:,} params (ZeRO-{zero_stage(plan.ds_student)}), run dir {plan.run_dir}",
         )
         if cur.inactive:
             why = "; ".join(f"{n}: {plan.left_out[n]}" for n in cur.inactive if n in plan.left_out)
@@ -387,14 +416,16 @@ class Session:
                 self.writer.write(usage)
 
     def _eval_batches(self, rows=None):
-        c = self.plan.cfg
+        c, splits = self.plan.cfg, self.data.splits
         return eval_batches(
-            self.data.splits.eval if rows is None else rows,
+            splits.eval if rows is None else rows,
             micro_batch=c.eval.micro_batch_size or c.train.micro_batch_size,
             rank=self.plan.rank,
             world=self.plan.world,
             ignore_index=c.loss.ignore_index,
             max_batches=c.eval.max_batches,
+            # eval rows are numbered after the training rows (what an offline cache reads by)
+            row_offset=None if splits.streamed or rows is not None else len(splits.train),
         )
 
     def evaluate(self, *, step: int) -> EvalResult:
@@ -570,8 +601,48 @@ def build_parser(prog: str = "dsdistill/train.py") -> argparse.ArgumentParser:
         metavar="KEY.PATH=VALUE",
         help="override a config value (repeatable), e.g. --set train.max_steps=100",
     )
+    p.add_argument(
+        "--teacher-cache",
+        metavar="DIR",
+        default=None,
+        help="instead of training, run the teacher over the run's data and write its top-k distributions to DIR",
+    )
+    p.add_argument("--top-k", type=int, default=128, help="with --teacher-cache: tokens kept per position (default 128)")
+    p.add_argument(
+        "--level-bits", type=int, default=DEFAULT_LEVEL_BITS, help="with --teacher-cache: precision of the kept probabilities"
+    )
+    p.add_argument("--shard-rows", type=int, default=64, help="with --teacher-cache: packed rows per shard file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def write_teacher_cache(cfg: RunConfig, out: Path, *, top_k: int, level_bits: int, shard_rows: int = 64) -> dict[str, Any]:
+    """`--teacher-cache`: the teacher's engine alone, over the run's packed rows, into an offline cache."""
+    from dsdistill import cache
+
+    rank, world = init_distributed()
+    plan, data = agree(lambda: preflight(cfg, world=world, rank=rank, writing_cache=True), what="preflight")
+    teacher_lm = agree(
+        lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher),
+        what="loading the teacher",
+    )
+    engine = build_teacher_engine(TeacherModel(teacher_lm), plan.ds_teacher)
+    manifest = cache.write(
+        (plan, data, engine, data.tokenizer),
+        out,
+        top_k=top_k,
+        level_bits=level_bits,
+        shard_rows=shard_rows,
+        say=lambda t: _say(rank, t),
+    )
+    f = manifest["fidelity"]
+    _say(
+        rank,
+        f"teacher-cache: {manifest['tokens']:,} positions, top-{top_k}, {manifest['bytes_per_token']:.1f} bytes per token "
+        f"(plain: {manifest['plain_bytes_per_token']}); KL to the teacher: exact top-k {f['kl_top_k_exact']:.3g}, "
+        f"cache {f['kl_cache']:.3g} ({f['quantisation_overhead']:+.1%}); written to {out}",
+    )
+    return manifest
 
 
 def _rank() -> int:
@@ -613,6 +684,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.teacher_cache is not None:
+            write_teacher_cache(
+                cfg, Path(args.teacher_cache), top_k=args.top_k, level_bits=args.level_bits, shard_rows=args.shard_rows
+            )
+            return 0
         summary = train(cfg)
     except DistillError as e:
         report_error(e)

@@ -52,7 +52,7 @@ class PairForward:
         pos = pos.to(self.engine.device) if pos is not None else None
         ignore = self.plan.cfg.loss.ignore_index
         valid = shifted_valid(labels, ignore)
-        signal = self.teacher.signal(ids, valid, objective.needs, position_ids=pos)
+        signal = self.teacher.signal(ids, valid, objective.needs, position_ids=pos, rows=batch.get("row"))
         call = None
         if self.plan.fused:
             want_kd = "kd" in objective.names
@@ -60,6 +60,7 @@ class PairForward:
                 labels=labels,
                 teacher_hidden=signal.hidden if want_kd else None,
                 teacher_head=signal.head if want_kd else None,
+                teacher_sparse=signal.sparse if want_kd else None,
                 coef_kd=coefficients.get("kd", 0.0),
                 coef_lm=coefficients.get("lm", 0.0),
                 options=head_options(
@@ -341,6 +342,7 @@ class Evaluator:
                     batch["input_ids"].to(device),
                     batch["labels"].to(device),
                     position_ids=None if pos is None else pos.to(device),
+                    rows=batch.get("row"),
                 )
                 total, count = total + s.detach(), count + n
         finally:

@@ -25,6 +25,7 @@ the window's token count), so one set of buffers serves both terms.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -96,17 +97,39 @@ class KDOptions:
     """torch.compile the per-chunk math (CUDA only; the CPU path always runs eagerly)."""
 
 
-def _chunk_terms(s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], targets: torch.Tensor, o: KDOptions):
-    """(kd sum x T^2, kd raw sum, lm sum) for one chunk of valid rows (fp32 logits [c, V])."""
+def sparse_log_probs(s: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_rest: torch.Tensor, temperature: float):
+    """Student and teacher over the teacher's k cached tokens plus one bucket for the rest of the vocabulary
+    (the same buckets as live top-k KD with `kd_top_k_rest`). `s`: student logits already divided by T;
+    `t_logp` [c, k] and `t_rest` [c]: the teacher's log-probs at T = 1. At another T the teacher's tail is
+    taken as spread evenly over the other tokens (exact at T = 1; the cache keeps no tail values)."""
+    s_full = torch.log_softmax(s, dim=-1)
+    top_s = s_full.gather(-1, ids)
+    rest_s = torch.logsumexp(s_full.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    s_logp = torch.cat([top_s, rest_s], dim=-1)
+    t = torch.cat([t_logp.to(s.dtype), t_rest.to(s.dtype)[:, None]], dim=-1)
+    if temperature != 1.0:
+        others = math.log(max(s.size(-1) - ids.size(-1), 1))
+        tail_each = (t[:, -1:] - others) / temperature
+        t = torch.cat([t[:, :-1] / temperature, tail_each + others], dim=-1)
+    return s_logp, torch.log_softmax(t, dim=-1)
+
+
+def _chunk_terms(
+    s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], targets: torch.Tensor, o: KDOptions, sparse: Optional[tuple] = None
+):
+    """(kd sum x T^2, kd raw sum, lm sum) for one chunk of valid rows (fp32 logits [c, V]); the teacher is
+    dense logits, or `sparse` = (ids, log-probs, log rest) from a teacher cache."""
     zero = s_logits.new_zeros(())
     kd = raw = zero
     if o.want_kd:
         s = s_logits / o.temperature
-        t = t_logits / o.temperature
-        if o.top_k is not None and o.top_k < s.size(-1):
+        if sparse is not None:
+            s_logp, t_logp = sparse_log_probs(s, *sparse, o.temperature)
+        elif o.top_k is not None and o.top_k < s.size(-1):
+            t = t_logits / o.temperature
             s_logp, t_logp = _topk_log_probs(s, t, o.top_k, o.top_k_rest)
         else:
-            s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+            s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t_logits / o.temperature, dim=-1)
         raw = divergence(t_logp, s_logp, o.divergence, beta=o.beta, alpha=o.alpha).sum()
         kd = raw * (o.temperature**2)
     lm = F.cross_entropy(s_logits, targets, reduction="sum") if o.want_lm else zero
@@ -128,7 +151,7 @@ def _terms_fn(o: KDOptions, device: torch.device):
 
 class _FusedKDLM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, targets, coef_kd: float, coef_lm: float, o: KDOptions):
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, targets, coef_kd: float, coef_lm: float, o: KDOptions, sparse=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need = (need_h or need_w) and (coef_kd != 0.0 or coef_lm != 0.0)
         acc_dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
@@ -142,10 +165,19 @@ class _FusedKDLM(torch.autograd.Function):
             h = s_hidden[start:end].detach().to(w.dtype)
             with torch.no_grad():
                 s_logits = _mm_f32(h, w.T).to(acc_dtype)
-                t_logits = _mm_f32(t_hidden[start:end].to(t_weight.dtype), t_weight.T).to(acc_dtype) if o.want_kd else None
+                t_logits = (
+                    _mm_f32(t_hidden[start:end].to(t_weight.dtype), t_weight.T).to(acc_dtype)
+                    if o.want_kd and sparse is None
+                    else None
+                )
+            part = None if sparse is None else tuple(x[start:end] for x in sparse)
             s_logits.requires_grad_(need)
             with torch.enable_grad() if need else torch.no_grad():
-                kd, raw, lm = _terms_fn(o, s_logits.device)(s_logits, t_logits, targets[start:end], o)
+                kd, raw, lm = (
+                    _chunk_terms(s_logits, None, targets[start:end], o, part)
+                    if part is not None
+                    else _terms_fn(o, s_logits.device)(s_logits, t_logits, targets[start:end], o)
+                )
                 g = torch.autograd.grad(coef_kd * kd + coef_lm * lm, s_logits)[0] if need else None
             if g is not None:
                 g_low = g.to(w.dtype)
@@ -170,7 +202,7 @@ class _FusedKDLM(torch.autograd.Function):
         has_h, has_w = ctx.flags
         gh = (next(saved) * g_combined).to(ctx.dtypes[0]) if has_h else None
         gw = (next(saved) * g_combined).to(ctx.dtypes[1]) if has_w else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def fused_kd_lm(
@@ -184,17 +216,24 @@ def fused_kd_lm(
     coef_lm: float,
     options: KDOptions,
     ignore_index: int = -100,
+    t_sparse: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ):
     """Chunked KD and LM over the valid next-token positions of a batch.
 
     s_hidden [B, S, Ds], s_weight [V, Ds] (student final hidden states and lm_head weight), t_hidden
     [B, S, Dt], t_weight [V, Dt] (teacher, no gradient), labels [B, S]. Only the first V rows of the
-    weights are used, so padded embedding matrices line up with the shared tokenizer vocabulary.
+    weights are used, so padded embedding matrices line up with the shared tokenizer vocabulary. Instead of
+    the teacher's hidden state and head, `t_sparse` = (ids [N, k], log-probs [N, k], log rest [N]) gives its
+    cached top-k for the N valid positions in order (an offline teacher cache).
     Returns (differentiable coef_kd * kd_sum + coef_lm * lm_sum, {"kd": kd_sum, "kl": raw_sum,
     "lm": lm_sum, "count": valid positions}) -- the same sums as `kd_loss` and `lm_loss`."""
     mask = labels[:, 1:] != ignore_index
     sh = s_hidden[:, :-1][mask]
     th = t_hidden[:, :-1][mask] if t_hidden is not None else None
     targets = labels[:, 1:][mask]
-    combined, kd, raw, lm = _FusedKDLM.apply(sh, s_weight, th, t_weight, targets, float(coef_kd), float(coef_lm), options)
+    if t_sparse is not None and t_sparse[0].size(0) != targets.size(0):
+        raise ValueError(f"the teacher cache gave {t_sparse[0].size(0)} positions for a batch with {targets.size(0)}")
+    combined, kd, raw, lm = _FusedKDLM.apply(
+        sh, s_weight, th, t_weight, targets, float(coef_kd), float(coef_lm), options, t_sparse
+    )
     return combined, {"kd": kd, "kl": raw, "lm": lm, "count": int(mask.sum())}
