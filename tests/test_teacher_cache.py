@@ -231,3 +231,20 @@ def test_two_ranks_write_the_bytes_one_rank_writes(written, tmp_path):
     two = _digest(tmp_path / "two")
     assert set(one) == set(two) and one == two
     assert math.isfinite(float(json.loads((tmp_path / "two" / "manifest.json").read_text())["bytes_per_token"]))
+
+
+def test_launch_sh_launches_a_cache_write_like_training(written, tmp_path):
+    """The writer's arguments pass through launch.sh: its preflight accepts them, every node's command has them."""
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(written["cfg"]))
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    env = without_world_env(dict(os.environ, PYTHON=sys.executable, DS_ACCELERATOR="cpu"))
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch.sh"), "--config", str(cfg_path), "--hostfile", str(hostfile), "--dry-run", "--",
+         "--teacher-cache", str(tmp_path / "cache"), "--top-k", "32"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
+    assert len(nodes) == 2 and all(line.endswith(f"--teacher-cache {tmp_path / 'cache'} --top-k 32") for line in nodes), nodes
