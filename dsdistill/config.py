@@ -304,6 +304,23 @@ class EvalConfig(_Strict):
     """Early-stopping rule."""
 
 
+class GenerationConfig(_Strict):
+    """How on-policy completions are sampled from the student (`curriculum.on_policy`)."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest completion (also bounded by what is left of train.seq_len after the prompt)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens holding this much probability (1 keeps all)."""
+    top_k: Optional[int] = Field(None, ge=1)
+    """Sample among the k most likely tokens only (None: all)."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """Completions sampled per prompt (each fills one of the step's on-policy sequences)."""
+    stop_on_eos: bool = True
+    """End a completion at the tokenizer's EOS (which then carries loss)."""
+
+
 class DeepSpeedSection(_Strict):
     """DeepSpeed JSON for the two engines: a path, an inline mapping, or None for the built-in default.
     Values set to "auto" are filled from this run config."""
@@ -361,6 +378,8 @@ class RunConfig(_Strict):
     """Training length and batch shape."""
     eval: EvalConfig = EvalConfig()
     """Evaluation."""
+    generation: GenerationConfig = GenerationConfig()
+    """Sampling of on-policy completions (used when curriculum.on_policy is above 0)."""
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     """DeepSpeed engine configs."""
     output: OutputConfig = OutputConfig()

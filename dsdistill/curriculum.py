@@ -107,6 +107,9 @@ class CurriculumConfig(_Strict):
     temperature: Schedule = Constant(value=1.0)
     """KD temperature schedule (must stay > 0); a bare number means constant. The default 1 matches the
     teacher's own distribution; a higher temperature flattened it and hurt on the demo (docs/quality.md)."""
+    on_policy: Schedule = Constant(value=0.0)
+    """Fraction (0..1) of each step's sequences whose completions are sampled from the current student
+    (settings in `generation`); the rest keep the dataset's completions. 0 is plain off-policy distillation."""
 
     @field_validator("weights", mode="before")
     @classmethod
@@ -115,7 +118,7 @@ class CurriculumConfig(_Strict):
             return {k: _coerce_schedule(v) for k, v in value.items()}
         return value
 
-    @field_validator("temperature", mode="before")
+    @field_validator("temperature", "on_policy", mode="before")
     @classmethod
     def _shorthand_temperature(cls, value):
         return _coerce_schedule(value)
@@ -131,8 +134,10 @@ class CurriculumConfig(_Strict):
 
     @model_validator(mode="after")
     def _always_something(self) -> "CurriculumConfig":
-        probes = _probe_points([*self.weights.values(), self.temperature])
+        probes = _probe_points([*self.weights.values(), self.temperature, self.on_policy])
         for p in probes:
+            if not 0.0 <= self.on_policy.at(p) <= 1.0:
+                raise ValueError(f"on_policy must stay within [0, 1]; it is {self.on_policy.at(p)} at progress {p:.3g}")
             if self.temperature.at(p) <= 0:
                 raise ValueError(f"temperature must be > 0 at every step; it is {self.temperature.at(p)} at progress {p:.3g}")
             if sum(s.at(p) for s in self.weights.values()) <= 0:
@@ -186,6 +191,14 @@ class Curriculum:
         """KD temperature at optimizer step `step` of `total_steps`."""
         return self.config.temperature.at(progress_of(step=step, total_steps=total_steps))
 
+    def on_policy_at(self, *, step: int, total_steps: int) -> float:
+        """Fraction of the window's sequences sampled from the student at optimizer step `step`."""
+        return self.config.on_policy.at(progress_of(step=step, total_steps=total_steps))
+
+    @property
+    def ever_on_policy(self) -> bool:
+        return any(self.config.on_policy.at(p) > 0 for p in _probe_points([self.config.on_policy]))
+
     def ever_nonzero(self, name: str) -> bool:
         """Whether component `name` has a non-zero weight at any point of the run."""
         sched = self.config.weights.get(name)
@@ -196,6 +209,7 @@ class Curriculum:
         return {
             "weights": {n: s.model_dump() for n, s in self.config.weights.items()},
             "temperature": self.config.temperature.model_dump(),
+            "on_policy": self.config.on_policy.model_dump(),
             "active": list(self.active),
             "inactive": list(self.inactive),
         }

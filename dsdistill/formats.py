@@ -215,6 +215,9 @@ class _ChatRenderer:
             spans = [(0, len(full))]
         else:
             turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_loss_turn]
+            if not turns and messages[-1]["role"] in ("user", "tool"):
+                # a conversation waiting for its answer: a prompt for on-policy sampling (no loss of its own)
+                return self._tokenize(self._render(messages, generation=True), [], eos=False, prompt_only=True)
             if loss_on == "last_assistant":
                 turns = turns[-1:]
             spans = self._spans(messages, full, turns, n)
@@ -238,14 +241,14 @@ class _ChatRenderer:
             return None
         return self._tokenize(prompt + completion, [(len(prompt), len(prompt) + len(completion))], eos=True)
 
-    def _tokenize(self, text: str, spans: list[tuple[int, int]], *, eos: bool) -> Optional[Example]:
+    def _tokenize(self, text: str, spans: list[tuple[int, int]], *, eos: bool, prompt_only: bool = False) -> Optional[Example]:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         loss = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
         if eos and self.eos is not None:
             ids.append(self.eos)
             loss.append(True)  # the student learns where a completion ends
-        if not ids or not any(loss):
+        if not ids or not (any(loss) or prompt_only):
             return None
         return Example(ids, loss)
 

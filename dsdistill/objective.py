@@ -42,6 +42,8 @@ class StepContext:
     step: int
     weights: dict[str, float]
     temperature: float
+    on_policy: float = 0.0
+    """Fraction of the window's sequences whose completions the student samples."""
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Objective:
             step=step,
             weights=self.curriculum.weights_at(step=step, total_steps=self.total_steps),
             temperature=self.curriculum.temperature_at(step=step, total_steps=self.total_steps),
+            on_policy=self.curriculum.on_policy_at(step=step, total_steps=self.total_steps),
         )
 
     def normalizers(self, units: dict[str, float]) -> dict[str, float]:

@@ -364,6 +364,18 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         verify_for_run(cache, cfg, splits, seq_len=cfg.train.seq_len, components=components, layers=layers)
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
     fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
+    if curriculum.ever_on_policy:
+        if cache is not None:
+            raise ConfigError(
+                "curriculum.on_policy: sampled completions need a live teacher to score them; use teacher.path, not a cache"
+            )
+        if splits.streamed or splits.packing != "none":
+            raise ConfigError(
+                "curriculum.on_policy: a sampled completion replaces one example's; set data.packing: none "
+                "(one example per sequence) and read the data whole"
+            )
+        if any(s.format == "text" for s in cfg.data.resolved_sources()):
+            raise ConfigError("curriculum.on_policy: prompts come from chat or prompt_completion data; data.format is text")
     if cache is not None and (not cfg.loss.fused_logits or fused_off is not None):
         raise ConfigError(
             "teacher.cache: KD from a cache runs on the fused path only; "

@@ -88,6 +88,11 @@ class TrainRecord(_Record):
     """Peak accelerator memory on rank 0, GiB (None on CPU)."""
     gate_usage: Optional[list[float]] = None
     """Router: mean gate per teacher layer (sums to 1), when the run has a router."""
+    on_policy: Optional[float] = None
+    """curriculum.on_policy at `step` (None when the run never samples from the student)."""
+    rollout: Optional[dict[str, float]] = None
+    """This step's on-policy sampling over all ranks: sequences, rollout_tokens, generation_s,
+    tokens_per_s, mean_completion (None at on_policy 0)."""
 
 
 class EvalRecord(_Record):

@@ -42,6 +42,7 @@ from dsdistill.packing import check_separation
 from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
 from dsdistill.preflight import Plan, RunData, preflight, skipped_warnings
 from dsdistill.report import eval_line, train_line
+from dsdistill.rollout import StudentSampler
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.student import DistillStudent
 from dsdistill.system import system_record
@@ -165,7 +166,14 @@ class Session:
             agree(self._check_packing, what="checking packed attention")
         s_capture = QKCapture(student_lm, sorted(needs.student_qk)) if needs.student_qk else None
         self.forward = PairForward(plan, self.student, self.teacher, s_capture)
-        self.trainer = Trainer(plan, self.student, self.objective, self.forward)
+        rollouts = None
+        if plan.curriculum.ever_on_policy:
+            tok = data.tokenizer
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            rollouts = StudentSampler(self.student, cfg.generation, eos=tok.eos_token_id, pad=pad, vocab=plan.vocab)
+        self.trainer = Trainer(plan, self.student, self.objective, self.forward, rollouts)
+        if rollouts is not None:
+            self.trainer.pad = rollouts.pad
         eval_names = self.objective.names if "lm" in self.objective.names else (*self.objective.names, "lm")
         self.evaluator = Evaluator(
             plan, self.forward, Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers, names=eval_names)
@@ -404,6 +412,8 @@ class Session:
             extras={} if r.kd_kl is None else {"kd_kl": r.kd_kl},
             mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             gate_usage=r.gate_usage,
+            on_policy=r.ctx.on_policy if plan.curriculum.ever_on_policy else None,
+            rollout=_rollout_fields(r.rollout),
         )
         self.writer.write(rec)
         if plan.rank == 0:
@@ -558,6 +568,19 @@ def train(cfg: RunConfig) -> Summary:
     """Run a whole distillation; returns how it ended."""
     with open_session(cfg) as session:
         return session.fit()
+
+
+def _rollout_fields(r: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    if r is None:
+        return None
+    seqs, tokens, secs = r["sequences"], r["tokens"], r["seconds"]
+    return {
+        "sequences": seqs,
+        "rollout_tokens": tokens,
+        "generation_s": secs,
+        "tokens_per_s": tokens / secs if secs > 0 else 0.0,
+        "mean_completion": tokens / seqs if seqs else 0.0,
+    }
 
 
 def _progress_bar(plan: Plan, *, done: int):

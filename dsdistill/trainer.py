@@ -23,6 +23,7 @@ from dsdistill.errors import DistillError
 from dsdistill.heads import FusedCall, head_options
 from dsdistill.objective import UNITS, Objective, StepContext, count_units, shifted_valid
 from dsdistill.preflight import Plan
+from dsdistill.rollout import RolloutBackend, apply_rollouts
 from dsdistill.teacher import TeacherSource
 
 
@@ -103,6 +104,8 @@ class StepResult:
     """DeepSpeed did not apply the update (non-finite gradients, or an fp16 loss-scale overflow)."""
     stop_requested: bool
     """Some rank was asked to stop: every rank stops after this same step."""
+    rollout: Optional[dict[str, float]] = None
+    """On-policy sampling of this step over all ranks (sequences, tokens, seconds), or None when off-policy."""
 
     @property
     def step(self) -> int:
@@ -110,17 +113,35 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, plan: Plan, engine, objective: Objective, forward: PairForward):
+    def __init__(self, plan: Plan, engine, objective: Objective, forward: PairForward, rollouts: Optional[RolloutBackend] = None):
         self.plan = plan
         self.engine = engine
         self.objective = objective
         self.forward = forward
+        self.rollouts = rollouts
+        """Where on-policy completions come from (None: the run never goes on-policy)."""
+        self.pad = 0
 
     def step(self, window: list[dict[str, torch.Tensor]], *, stop_requested: bool) -> StepResult:
         engine, objective, cfg = self.engine, self.objective, self.plan.cfg
         scale = cfg.train.grad_accum * self.plan.world
         names = objective.names
         ctx = objective.context(step=engine.global_steps)  # the one schedule position for this whole window
+        rollout = None
+        if self.rollouts is not None and ctx.on_policy > 0:
+            # on-policy: part of the window's completions sampled now, from the weights of this step
+            window, stats = apply_rollouts(
+                window,
+                fraction=ctx.on_policy,
+                backend=self.rollouts,
+                generation=cfg.generation,
+                step=ctx.step,
+                seed=cfg.train.seed,
+                pad=self.pad,
+                ignore_index=cfg.loss.ignore_index,
+            )
+            r = all_reduce_named({"sequences": float(stats.sequences), "tokens": float(stats.tokens), "seconds": stats.seconds})
+            rollout = {**r, "seconds": r["seconds"] / self.plan.world}
         # units in the whole window on all ranks: each component is divided by its own unit count
         counted = [count_units(mb["labels"], cfg.loss.ignore_index) for mb in window]
         units = all_reduce_named({u: float(sum(c[u] for c in counted)) for u in UNITS})
@@ -176,6 +197,7 @@ class Trainer:
             nonfinite_loss=r["nonfinite"] > 0,
             skipped=skipped,
             stop_requested=r["stop"] > 0,
+            rollout=rollout,
         )
 
 

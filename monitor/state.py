@@ -340,7 +340,13 @@ class RunState:
 
         sched = self.start.schedule
         try:
-            cfg = CurriculumConfig.model_validate({"weights": sched["weights"], "temperature": sched["temperature"]})
+            cfg = CurriculumConfig.model_validate(
+                {
+                    "weights": sched["weights"],
+                    "temperature": sched["temperature"],
+                    "on_policy": sched.get("on_policy", {"kind": "constant", "value": 0.0}),
+                }
+            )
             cur = Curriculum(cfg, active=tuple(sched["active"]) if sched.get("active") else None)
         except Exception:
             cur = None

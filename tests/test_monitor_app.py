@@ -431,3 +431,26 @@ def test_views_users_expect_crosshair_zoom_outliers_csv_config_records_temperatu
     run_app(app, scenario, size=(160, 50))
     rows = list(csv.DictReader(app.last_export.open()))
     assert len(rows) == 40 and rows[7]["step"] == "7" and float(rows[7]["raw/kd"]) == app.runs[0].train["raw/kd"].value[7]
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 60)])
+def test_the_curriculum_panel_draws_the_on_policy_fraction(tmp_path, size):
+    recs = healthy_records(40, end=False)
+    ramp = {"kind": "linear", "start": 0.0, "end": 1.0, "start_value": 0.0, "end_value": 1.0}
+    recs[0].schedule = {**recs[0].schedule, "on_policy": ramp}
+    for r in recs[1:]:
+        if getattr(r, "kind", "") == "train":
+            r.on_policy = r.step / 40
+    path = write(tmp_path / "run" / METRICS_FILE, recs)
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].records == len(recs) and not app.catching_up)
+        await pilot.pause(0.3)
+        panel = app.query_one("#curriculum")
+        if panel.display and panel.size.height > 2:
+            assert f"on_policy={_fmt(39 / 40)}" in panel.render().plain
+        schedule = app.runs[0].schedule()
+        assert schedule is not None and schedule.on_policy_at(step=20, total_steps=40) == 0.5
+
+    run_app(app, scenario, size=size)

@@ -1,0 +1,156 @@
+"""On-policy distillation: completions sampled from the current student under a scheduled fraction.
+
+Against real engines: sampled completions carry loss and their prompts do not; samples come from the
+weights of the current step; the fraction follows the schedule at every step, also after a resume; a run
+at on_policy 0 is bit for bit the off-policy run; and ZeRO-3 on two ranks samples what one rank samples."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dsdistill.config import validate
+from dsdistill.errors import DistillError
+from dsdistill.rollout import StudentSampler, apply_rollouts
+from dsdistill.schema import METRICS_FILE, TrainRecord, parse_line
+from dsdistill.train import open_session, train
+
+PROBE = Path(__file__).with_name("rollout_probe.py")
+
+
+def _cfg(chat_config, chat_assets, tmp_path, **over):
+    base = chat_config(
+        data={"path": str(chat_assets["pairs"]), "format": "prompt_completion", "packing": "none"},
+        train={"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "seq_len": 48},
+        curriculum={
+            "weights": {"kd": 1.0, "lm": 0.5},
+            "on_policy": {"kind": "linear", "start": 0.0, "end": 1.0, "start_value": 0.0, "end_value": 1.0},
+        },
+        generation={"max_new_tokens": 12, "temperature": 1.0},
+        eval={"every": 0, "at_start": False, "max_batches": 1},
+    )
+    for key, value in over.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    base["output"] = {**base["output"], "run_dir": str(tmp_path / over.get("_name", "run"))}
+    base.pop("_name", None)
+    return base
+
+
+def _trains(run_dir) -> list[TrainRecord]:
+    return [r for r in map(parse_line, (Path(run_dir) / METRICS_FILE).read_text().splitlines()) if isinstance(r, TrainRecord)]
+
+
+def test_the_schedule_is_validated_and_needs_prompts_one_per_sequence(chat_config, chat_assets, tmp_path):
+    from dsdistill.errors import ConfigError
+    from dsdistill.preflight import preflight
+
+    bad = _cfg(chat_config, chat_assets, tmp_path, curriculum={"on_policy": 1.5})
+    with pytest.raises(ConfigError, match=r"^curriculum: .*on_policy must stay within \[0, 1\]; it is 1.5"):
+        validate(bad)
+    packed = _cfg(chat_config, chat_assets, tmp_path, data={"packing": "documents"})
+    with pytest.raises(
+        DistillError, match=r"^curriculum.on_policy: a sampled completion replaces one example's; set data.packing: none"
+    ):
+        preflight(validate(packed), world=1)
+
+
+def test_sampled_completions_carry_loss_and_prompts_do_not(chat_config, chat_assets, tmp_path):
+    cfg = validate(_cfg(chat_config, chat_assets, tmp_path))
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
+        stream = iter(s.data.stream)
+        window = [next(stream) for _ in range(2)]
+        sampler = s.trainer.rollouts
+        out, stats = apply_rollouts(
+            window, fraction=0.75, backend=sampler, generation=cfg.generation, step=0, seed=0, pad=sampler.pad, ignore_index=-100
+        )
+    assert stats.sequences == 3 and stats.tokens > 0
+    rows = [(b, i) for b in range(2) for i in range(2)]
+    for n, (b, i) in enumerate(rows):
+        before, after = window[b], out[b]
+        if n == 3:  # past the fraction: untouched
+            assert all(torch.equal(before[k][i], after[k][i]) for k in before)
+            continue
+        labels, ids = after["labels"][i], after["input_ids"][i]
+        prompt_len = int(torch.nonzero(before["labels"][i] != -100).flatten()[0])
+        assert torch.equal(ids[:prompt_len], before["input_ids"][i][:prompt_len])  # the dataset's prompt
+        assert (labels[:prompt_len] == -100).all()  # the prompt carries no loss
+        carried = torch.nonzero(labels != -100).flatten()
+        assert carried.min() == prompt_len and torch.equal(labels[carried], ids[carried])  # the completion does
+        assert len(carried) <= cfg.generation.max_new_tokens and (labels[prompt_len + len(carried) :] == -100).all()
+
+
+def test_samples_come_from_the_weights_of_the_current_step(chat_config, chat_assets, tmp_path):
+    cfg = validate(_cfg(chat_config, chat_assets, tmp_path))
+    prompts, seeds = [[5, 6, 7], [8, 9, 10, 11]], [3, 4]
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
+        sampler: StudentSampler = s.trainer.rollouts
+        a = sampler.generate(prompts, seeds=seeds, max_new=[10, 10])
+        assert sampler.generate(prompts, seeds=seeds, max_new=[10, 10]) == a  # the seed fixes the sample
+        head = s.student.module.model.get_output_embeddings().weight
+        with torch.no_grad():
+            head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+        assert sampler.generate(prompts, seeds=seeds, max_new=[10, 10]) != a
+
+
+def test_the_fraction_follows_the_schedule_at_every_step_also_after_resume(chat_config, chat_assets, tmp_path):
+    whole = _cfg(chat_config, chat_assets, tmp_path, _name="whole", checkpoint={"save_final": True})
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(validate(whole))
+    recs = _trains(whole["output"]["run_dir"])
+    assert [r.on_policy for r in recs] == [0.0, 0.25, 0.5, 0.75]
+    assert [r.rollout["sequences"] if r.rollout else 0 for r in recs] == [0, 1, 2, 3]  # of 4 sequences a step
+    assert all(r.rollout["rollout_tokens"] > 0 and r.rollout["tokens_per_s"] > 0 for r in recs[1:])
+    parts = _cfg(chat_config, chat_assets, tmp_path, _name="parts", checkpoint={"save_final": True})
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(validate({**parts, "train": {**parts["train"], "stop_at_step": 2}}))
+        train(validate(parts))
+    resumed = {r.step: r for r in _trains(parts["output"]["run_dir"])}
+    for r in recs[2:]:
+        assert resumed[r.step].on_policy == r.on_policy and resumed[r.step].rollout["sequences"] == r.rollout["sequences"]
+        assert resumed[r.step].losses == r.losses  # the same samples: seeds come from (seed, step, row)
+
+
+def test_on_policy_zero_is_the_off_policy_run_bit_for_bit(chat_config, chat_assets, tmp_path):
+    off = _cfg(chat_config, chat_assets, tmp_path, _name="off")
+    off["curriculum"] = {"weights": off["curriculum"]["weights"]}
+    zero = _cfg(chat_config, chat_assets, tmp_path, _name="zero", curriculum={"on_policy": 0.0})
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(validate(off))
+        train(validate(zero))
+    a, b = _trains(off["output"]["run_dir"]), _trains(zero["output"]["run_dir"])
+    assert [(r.losses, r.objective, r.grad_norm) for r in a] == [(r.losses, r.objective, r.grad_norm) for r in b]
+    assert all(r.rollout is None for r in b)
+
+
+@pytest.mark.slow
+def test_zero3_on_two_ranks_samples_what_one_rank_samples(chat_config, chat_assets, tmp_path):
+    from dsdistill.demo import launcher_command, launcher_env
+    from dsdistill.dist import free_port
+
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "train_micro_batch_size_per_gpu": "auto"}
+    cfg = _cfg(chat_config, chat_assets, tmp_path, _name="two")
+    cfg["deepspeed"] = {"student": {**zero3, "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}, "teacher": zero3}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        launcher_command(PROBE, path, nprocs=2, master_port=free_port()),
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "samples.json").read_text())
+    one_cfg = validate(_cfg(chat_config, chat_assets, tmp_path, _name="one"))
+    with contextlib.redirect_stdout(io.StringIO()), open_session(one_cfg) as s:
+        one = StudentSampler(s.student, one_cfg.generation, eos=1, pad=2, vocab=s.plan.vocab).generate(
+            [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]], seeds=[1, 2, 3], max_new=[12, 12, 12]
+        )
+    assert two == one and any(len(c) > 1 for c in one)
