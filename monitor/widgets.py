@@ -371,14 +371,15 @@ class CurriculumPanel(Panel):
         temp = cur.temperature_at(step=min(step, total), total_steps=total)
         self.border_title = f"curriculum @ step {step}  T={temp:.3g}"
         legend = Text()
+        if cur.ever_on_policy:  # the on-policy fraction is a curriculum quantity too, drawn with the weights (first:
+            # a narrow terminal cuts the legend's end)
+            on = [cur.config.on_policy.at(min(1.0, s / total)) for s in steps]
+            traces.append(Trace([float(s) for s in steps], on, "bold magenta", "on_policy"))
+            legend.append(f"on_policy={_fmt(cur.on_policy_at(step=min(step, total), total_steps=total))} ", style="bold magenta")
         for j, name in enumerate(names):
             w = weights.get(name)
             style = RUN_COLORS[j % len(RUN_COLORS)] if name in cur.active else "grey42"
             legend.append(f"{name}={_fmt(w) if w is not None else 'off'} ", style=style)
-        if cur.ever_on_policy:  # the on-policy fraction is a curriculum quantity too, drawn with the weights
-            on = [cur.config.on_policy.at(min(1.0, s / total)) for s in steps]
-            traces.append(Trace([float(s) for s in steps], on, "bold magenta", "on_policy"))
-            legend.append(f"on_policy={_fmt(cur.on_policy_at(step=min(step, total), total_steps=total))} ", style="bold magenta")
 
         # the temperature has its own scale: a plot of its own under the weights when it changes over the run
         temps = [cur.config.temperature.at(min(1.0, s / total)) for s in steps]
