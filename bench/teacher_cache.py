@@ -122,7 +122,9 @@ def large_vocab(args) -> None:
         logp = torch.log_softmax(model(input_ids=held).logits.float(), -1).reshape(-1, V)[: args.positions]
     p1 = logp.max(-1).values.exp().mean().item()
     print(f"  held-out positions {logp.size(0)}, mean top-1 probability {p1:.3f}")
-    print(f"  {'k':>4} {'bits':>4} {'bytes/token':>11} {'vs plain':>8} {'vs DistillKit k=128':>19} {'KL exact top-k':>14} {'KL cache':>10} {'quantisation':>12}")
+    print(
+        f"  {'k':>4} {'bits':>4} {'bytes/token':>11} {'vs plain':>8} {'vs DistillKit k=128':>19} {'KL exact top-k':>14} {'KL cache':>10} {'quantisation':>12}"
+    )
     for k in (16, 32, 64, 128):
         for bits in (4, 5, 6):
             m = measure(logp, ranks_of, k, bits)
@@ -175,14 +177,18 @@ def demo_and_speed(args) -> None:
         run(["train", "--config", str(path)])
         recs = [json.loads(line) for line in (Path(c["output"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         trains = [r for r in recs if r["kind"] == "train"]
-        return float(np.median([r["tokens_per_s"] for r in trains[1:]])) / (cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum"] * cfg["train"]["seq_len"])
+        return float(np.median([r["tokens_per_s"] for r in trains[1:]])) / (
+            cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum"] * cfg["train"]["seq_len"]
+        )
 
     live = dict(cfg, loss={"kd_top_k": 64, "kd_top_k_rest": True}, curriculum={"weights": {"kd": 1.0, "lm": 0.5}})
     live["output"] = {"run_dir": str(work / "live"), "log_every": 5}
     cached = dict(live, teacher={"cache": str(work / "cache-64")}, loss={})
     cached["output"] = {"run_dir": str(work / "cached"), "log_every": 5}
     a, b = steps_per_s(live, "live"), steps_per_s(cached, "cached")
-    print(f"  optimizer steps/s, kd + lm, single process: live teacher (top-64 + rest) {a:.2f}, from the cache {b:.2f} ({b / a:.2f}x)")
+    print(
+        f"  optimizer steps/s, kd + lm, single process: live teacher (top-64 + rest) {a:.2f}, from the cache {b:.2f} ({b / a:.2f}x)"
+    )
 
 
 def main() -> None:
