@@ -55,7 +55,8 @@ def main() -> None:
             "train": {"max_steps": args.steps, "micro_batch_size": 8, "seq_len": 48, "seed": 0, "precision": "fp32"},
             "optimizer": {"lr": 3e-3},
             "scheduler": {"kind": "cosine", "warmup_steps": 10},
-            "curriculum": {"weights": {"kd": 1.0, "lm": 0.2}, "on_policy": f},
+            # KD alone: cross-entropy on the student's own samples would reinforce them (schedule lm to 0 on-policy)
+            "curriculum": {"weights": {"kd": 1.0}, "on_policy": f},
             "loss": {"kd_divergence": "reverse_kl"},
             "generation": {"max_new_tokens": 32, "temperature": 1.0},
             "eval": {"every": 0, "at_start": False, "max_batches": 20},
