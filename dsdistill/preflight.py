@@ -99,6 +99,14 @@ def describe(plan: Plan, data: RunData) -> str:
         ),
         *skipped_warnings(data.splits, c),
         *(
+            [
+                "note: KD temperature is not 1 everywhere; the teacher cache keeps no tail values, so at T != 1 its "
+                "tail is taken as spread evenly over the other tokens (approximate)"
+            ]
+            if data.cache is not None and any(plan.curriculum.config.temperature.at(p) != 1.0 for p in (0.0, 0.5, 1.0))
+            else []
+        ),
+        *(
             [f"warning: {data.splits.unknown_share:.1%} of the training tokens are the tokenizer's unknown token"]
             if data.splits.unknown_share > 0.01
             else []
