@@ -154,3 +154,21 @@ def test_zero3_on_two_ranks_samples_what_one_rank_samples(chat_config, chat_asse
             [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]], seeds=[1, 2, 3], max_new=[12, 12, 12]
         )
     assert two == one and any(len(c) > 1 for c in one)
+
+
+def test_samples_per_prompt_fill_consecutive_sequences_from_one_prompt(chat_config, chat_assets, tmp_path):
+    cfg = validate(_cfg(chat_config, chat_assets, tmp_path, generation={"samples_per_prompt": 2, "max_new_tokens": 12}))
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
+        stream = iter(s.data.stream)
+        window = [next(stream) for _ in range(2)]
+        sampler = s.trainer.rollouts
+        out, stats = apply_rollouts(
+            window, fraction=1.0, backend=sampler, generation=cfg.generation, step=3, seed=0, pad=sampler.pad, ignore_index=-100
+        )
+    assert stats.sequences == 4
+    rows = [(out[b]["input_ids"][i], out[b]["labels"][i]) for b in range(2) for i in range(2)]
+    for first, second in ((0, 1), (2, 3)):
+        ids_a, lab_a = rows[first]
+        ids_b, lab_b = rows[second]
+        cut = int(torch.nonzero(lab_a != -100).flatten()[0])
+        assert torch.equal(ids_a[:cut], ids_b[:cut]) and int(torch.nonzero(lab_b != -100).flatten()[0]) == cut  # one prompt
