@@ -24,7 +24,7 @@ BAD = [
     (lambda c: c["train"].update(batch_size=4), "train.batch_size: unknown key; expected one of: epochs, grad_accum, grad_clip"),
     (
         lambda c: c.update(trainer={}),
-        "trainer: unknown key; expected one of: checkpoint, curriculum, data, deepspeed, eval, loss",
+        "trainer: unknown key; expected one of: checkpoint, curriculum, data, deepspeed, eval, generation, loss",
     ),
     (lambda c: c.pop("teacher"), "teacher: required field is missing"),
     (lambda c: c["optimizer"].update(lr="fast"), 'optimizer.lr: got "fast"; expected a valid number'),
