@@ -38,6 +38,18 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def _merged(cfg: dict, sections: dict) -> dict:
+    """`cfg` with each given section's keys replaced (a non-mapping value replaces the section)."""
+    for key, value in sections.items():
+        merged = copy.deepcopy(cfg.get(key, {}))
+        if isinstance(value, dict) and isinstance(merged, dict):
+            merged.update(value)
+            cfg[key] = merged
+        else:
+            cfg[key] = value
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def chat_assets(tmp_path_factory) -> dict[str, Path]:
     """Chat and prompt/completion data, a ChatML word-level tokenizer, and a tiny teacher and student for it."""
@@ -73,14 +85,7 @@ def chat_config(chat_assets, tmp_path):
             "output": {"run_dir": str(tmp_path / "run"), "log_every": 1},
             "checkpoint": {"save_final": False},
         }
-        for key, value in sections.items():
-            merged = copy.deepcopy(cfg.get(key, {}))
-            if isinstance(value, dict) and isinstance(merged, dict):
-                merged.update(value)
-                cfg[key] = merged
-            else:
-                cfg[key] = value
-        return cfg
+        return _merged(cfg, sections)
 
     return make
 
@@ -101,13 +106,6 @@ def make_config(assets, tmp_path):
             "output": {"run_dir": str(tmp_path / "run"), "log_every": 1},
             "checkpoint": {"save_final": False},
         }
-        for key, value in sections.items():
-            merged = copy.deepcopy(cfg.get(key, {}))
-            if isinstance(value, dict) and isinstance(merged, dict):
-                merged.update(value)
-                cfg[key] = merged
-            else:
-                cfg[key] = value
-        return cfg
+        return _merged(cfg, sections)
 
     return make
