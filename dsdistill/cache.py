@@ -329,7 +329,29 @@ def fidelity(full_logp: torch.Tensor, ids: torch.Tensor, decoded_logp: np.ndarra
     return {"positions": float(full.size(0)), "kl_exact_sum": float(exact.sum()), "kl_cache_sum": float(quant.sum())}
 
 
-def write(session_parts, out: Path, *, top_k: int, level_bits: int, say, shard_rows: int = SHARD_ROWS) -> dict[str, Any]:
+AUTO_BITS = range(4, 11)
+"""Level precisions `--level-bits auto` chooses among (the smallest that is precise enough)."""
+
+
+def choose_level_bits(full_logp: torch.Tensor, ranks_of: torch.Tensor, top_k: int) -> int:
+    """The fewest level bits whose quantisation adds at most 2% to the exact top-k's truncation error (or
+    1e-5 nats, when truncation loses almost nothing because k is close to the vocabulary) on a sample."""
+    top, ids = full_logp.topk(top_k, dim=-1)
+    rest = torch.logsumexp(full_logp.scatter(-1, ids, float("-inf")), dim=-1)
+    ranks = ranks_of[ids].numpy()
+    order = np.argsort(ranks, axis=1, kind="stable")
+    ids_sorted = torch.from_numpy(np.take_along_axis(ids.numpy(), order, 1))
+    for bits in AUTO_BITS:
+        d = decode(encode(ranks, top.numpy(), rest.numpy(), level_bits=bits), full_logp.size(0), top_k, level_bits=bits)
+        f = fidelity(full_logp, ids_sorted, d.logp, rest)
+        if f["kl_cache_sum"] - f["kl_exact_sum"] <= max(0.02 * f["kl_exact_sum"], 1e-5 * f["positions"]):
+            return bits
+    return AUTO_BITS[-1]
+
+
+def write(
+    session_parts, out: Path, *, top_k: int, level_bits: Optional[int], say, shard_rows: int = SHARD_ROWS
+) -> dict[str, Any]:
     """Write (or finish writing) the cache of a run's data into `out`; returns the manifest."""
     plan, data, engine, tokenizer = session_parts
     import torch.distributed as dist
@@ -347,10 +369,28 @@ def write(session_parts, out: Path, *, top_k: int, level_bits: int, say, shard_r
         raise ConfigError(
             f"teacher-cache: --top-k {top_k}: expected 1..{plan.vocab - 1} (the vocabulary has {plan.vocab} tokens)"
         )
-    if not 2 <= level_bits <= 12:
-        raise ConfigError(f"teacher-cache: --level-bits {level_bits}: expected 2..12")
+    if level_bits is not None and not 2 <= level_bits <= 12:
+        raise ConfigError(f"teacher-cache: --level-bits {level_bits}: expected 2..12 (or auto)")
     if shard_rows < 1:
         raise ConfigError(f"teacher-cache: --shard-rows {shard_rows}: expected a positive number of rows")
+    micro = cfg.train.micro_batch_size
+    device = engine.device
+    ignore = cfg.loss.ignore_index
+    if level_bits is None:
+        # auto: measured on the first training rows, which every rank forwards alike (the same choice everywhere)
+        sample = collate([splits.train[i] for i in range(min(micro, len(splits.train)))])
+        pos = sample.get("position_ids")
+        with torch.no_grad():
+            logits, _ = engine(
+                sample["input_ids"].to(device),
+                hidden_states=False,
+                head=True,
+                position_ids=None if pos is None else pos.to(device),
+            )
+        keep = sample["labels"][:, 1:] != ignore
+        lp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()[keep]
+        level_bits = choose_level_bits(lp, torch.from_numpy(rank_table(splits.train, plan.vocab).astype(np.int64)), top_k)
+        say(f"teacher-cache: --level-bits auto chose {level_bits} bits")
     what = {
         "format_version": FORMAT_VERSION,
         "k": top_k,
@@ -399,10 +439,7 @@ def write(session_parts, out: Path, *, top_k: int, level_bits: int, say, shard_r
     if world > 1:
         dist.barrier()
     ranks_of = torch.from_numpy(np.fromfile(out / "ranks.bin", dtype=np.uint32).astype(np.int64))
-    micro = cfg.train.micro_batch_size
     per_shard = math.ceil(shard_rows / micro)
-    device = engine.device
-    ignore = cfg.loss.ignore_index
     done_shards = 0
     for split, rows in (("train", splits.train), ("eval", splits.eval)):
         n_shards = math.ceil(len(rows) / shard_rows)

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     # what launch.sh passes on to train.py is checked first: these are accepted for a teacher-cache launch
     c.add_argument("--teacher-cache", default=None, help=argparse.SUPPRESS)
     c.add_argument("--top-k", type=int, default=None, help=argparse.SUPPRESS)
-    c.add_argument("--level-bits", type=int, default=None, help=argparse.SUPPRESS)
+    c.add_argument("--level-bits", default=None, help=argparse.SUPPRESS)
     c.add_argument("--shard-rows", type=int, default=None, help=argparse.SUPPRESS)
     tc = sub.add_parser(
         "teacher-cache",
@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(tc)
     tc.add_argument("--out", required=True, help="cache directory (a stopped write resumes in it)")
     tc.add_argument("--top-k", type=int, default=128, help="tokens kept per position (default 128)")
-    tc.add_argument("--level-bits", type=int, default=None, help="precision of the kept probabilities (default 5)")
+    tc.add_argument(
+        "--level-bits", default=None, help="bits per kept probability, 2..12, or auto (the default: measured on the first rows)"
+    )
     tc.add_argument("--shard-rows", type=int, default=64, help="packed rows per shard file (default 64)")
     tc.set_defaults(func=_cmd_teacher_cache)
     c.set_defaults(func=_cmd_check)

@@ -62,9 +62,6 @@ from dsdistill.trainer import (
 
 # ---------------------------------------------------------------------------------------------- setup
 
-DEFAULT_LEVEL_BITS = 5
-"""Precision of the cached probabilities (`--level-bits`): sqrt(p / p_top1) in 2^5 - 1 steps."""
-
 SYSTEM_EVERY_LOGS = 10
 """A system record (every rank's memory, GPU use) with the first train record and every 10th after it."""
 
@@ -632,14 +629,29 @@ def build_parser(prog: str = "dsdistill/train.py") -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=128, help="with --teacher-cache: tokens kept per position (default 128)")
     p.add_argument(
-        "--level-bits", type=int, default=DEFAULT_LEVEL_BITS, help="with --teacher-cache: precision of the kept probabilities"
+        "--level-bits",
+        type=_bits,
+        default=None,
+        help="with --teacher-cache: bits per kept probability (2..12), or auto (default: the fewest that add at most "
+        "2%% to the top-k's truncation error on the first rows)",
     )
     p.add_argument("--shard-rows", type=int, default=64, help="with --teacher-cache: packed rows per shard file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def write_teacher_cache(cfg: RunConfig, out: Path, *, top_k: int, level_bits: int, shard_rows: int = 64) -> dict[str, Any]:
+def _bits(text: str) -> Optional[int]:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits or auto, got {text!r}") from None
+
+
+def write_teacher_cache(
+    cfg: RunConfig, out: Path, *, top_k: int, level_bits: Optional[int] = None, shard_rows: int = 64
+) -> dict[str, Any]:
     """`--teacher-cache`: the teacher's engine alone, over the run's packed rows, into an offline cache."""
     from dsdistill import cache
 

@@ -248,3 +248,11 @@ def test_launch_sh_launches_a_cache_write_like_training(written, tmp_path):
     assert proc.returncode == 0, proc.stderr
     nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
     assert len(nodes) == 2 and all(line.endswith(f"--teacher-cache {tmp_path / 'cache'} --top-k 32") for line in nodes), nodes
+
+
+@pytest.mark.parametrize("k", [16, 48])
+def test_auto_level_bits_keep_the_quantisation_under_five_percent_of_the_truncation(written, tmp_path, k):
+    """`--level-bits auto` (the default) measures the first rows; also where k nears the vocabulary (77 here)
+    and truncation loses almost nothing, which 5 fixed bits cannot match."""
+    m = _write(written["cfg"], tmp_path / "auto", top_k=k, level_bits=None)
+    assert 4 <= m["level_bits"] <= 10 and m["fidelity"]["quantisation_overhead"] < 0.05, m["fidelity"]
