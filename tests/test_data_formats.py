@@ -244,18 +244,22 @@ def test_a_streamed_position_resumes_exactly_on_every_rank(chat_config, chat_ass
     assert splits.streamed and splits.sources[0].estimated and len(splits.eval) > 0
     seen = []
     for rank in (0, 1):
-        # past a block boundary and an epoch boundary of this rank's ~110 conversations
+        # through two blocks of 1,024 examples (each several epochs of this rank's ~110 conversations)
         whole_stream = make_stream(cfg, splits, tok, rank=rank, world=2)
+        assert isinstance(whole_stream, MixedStream)
         it = iter(whole_stream)
-        head = [next(it) for _ in range(30)]
-        state = whole_stream.state()
-        tail = [next(it) for _ in range(60)]
-        again = make_stream(cfg, splits, tok, rank=rank, world=2)
-        again.restore(json.loads(json.dumps(state)))  # what a checkpoint stores
-        it2 = iter(again)
-        assert _same([next(it2) for _ in range(60)], tail)
-        assert isinstance(whole_stream, MixedStream) and whole_stream.readers[0].epoch >= 1
-        seen.append({tuple(r.tolist()) for b in head for r in b["input_ids"]})
+        batches, states = [], []
+        while whole_stream.block < 2:
+            batches.append(next(it))
+            states.append(whole_stream.state())  # what a checkpoint after this micro-batch stores
+        crossing = next(i for i, st in enumerate(states) if st["block"] == 1)
+        for at in (29, crossing - 1, crossing, crossing + 3):
+            again = make_stream(cfg, splits, tok, rank=rank, world=2)
+            again.restore(json.loads(json.dumps(states[at])))
+            it2 = iter(again)
+            assert _same([next(it2) for _ in range(12)], batches[at + 1 : at + 13]), (rank, at)
+        assert whole_stream.readers[0].epoch >= 2
+        seen.append({tuple(r.tolist()) for b in batches[:30] for r in b["input_ids"]})
     assert not seen[0] & seen[1]  # each rank reads its own part
 
 
