@@ -68,10 +68,8 @@ def config_hash(model_config) -> str:
 
 def rank_table(rows, vocab: int, sample: int = 20000) -> np.ndarray:
     """Each token's rank by how often it occurs in (the first `sample` of) the training rows, ties by id."""
-    counts = np.zeros(vocab, dtype=np.int64)
-    for i in range(min(sample, len(rows))):
-        ids = np.asarray(rows[i]["input_ids"]).ravel()
-        counts += np.bincount(ids[ids < vocab], minlength=vocab)
+    ids = np.asarray(rows[: min(sample, len(rows))]["input_ids"]).ravel()  # one read of the packed rows
+    counts = np.bincount(ids[ids < vocab], minlength=vocab)
     order = np.argsort(-counts, kind="stable")
     ranks = np.empty(vocab, dtype=np.uint32)
     ranks[order] = np.arange(vocab, dtype=np.uint32)
@@ -376,6 +374,7 @@ def write(
     micro = cfg.train.micro_batch_size
     device = engine.device
     ignore = cfg.loss.ignore_index
+    ranks_table = rank_table(splits.train, plan.vocab)  # the codec's id map: computed once, from the data alone
     if level_bits is None:
         # auto: measured on the first training rows, which every rank forwards alike (the same choice everywhere)
         sample = collate([splits.train[i] for i in range(min(micro, len(splits.train)))])
@@ -389,7 +388,7 @@ def write(
             )
         keep = sample["labels"][:, 1:] != ignore
         lp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()[keep]
-        level_bits = choose_level_bits(lp, torch.from_numpy(rank_table(splits.train, plan.vocab).astype(np.int64)), top_k)
+        level_bits = choose_level_bits(lp, torch.from_numpy(ranks_table.astype(np.int64)), top_k)
         say(f"teacher-cache: --level-bits auto chose {level_bits} bits")
     what = {
         "format_version": FORMAT_VERSION,
@@ -428,8 +427,7 @@ def write(
                 )
         else:
             _write_atomic(plan_file, json.dumps(what, indent=2, sort_keys=True).encode())
-        ranks = rank_table(splits.train, plan.vocab)
-        _write_atomic(out / "ranks.bin", ranks.tobytes())
+        _write_atomic(out / "ranks.bin", ranks_table.tobytes())
         (out / "teacher").mkdir(exist_ok=True)
         _write_atomic(out / "teacher" / "config.json", plan.teacher_config.to_json_string().encode())
         for stale in list(out.glob("*/.*.tmp*")):  # what an interrupted write left half-done

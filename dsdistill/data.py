@@ -224,10 +224,6 @@ class Splits:
     def streamed(self) -> bool:
         return self.train is None
 
-    @property
-    def skipped_documents(self) -> int:
-        return sum(s.train.skipped + s.eval.skipped for s in self.sources if not s.estimated)
-
     def totals(self) -> PackStats:
         out = PackStats()
         for s in self.sources:
@@ -512,9 +508,7 @@ def _known_rows(ds) -> Optional[int]:
     return None
 
 
-def _streamed_source(
-    i: int, s: SourceConfig, name: str, cfg: RunConfig, tokenizer, kind: str, sources: list[SourceConfig], field: str
-):
+def _streamed_source(s: SourceConfig, name: str, cfg: RunConfig, tokenizer, kind: str, sources: list[SourceConfig], field: str):
     """(reader factory, eval rows, plan) of a source read lazily."""
     d = cfg.data
     probe = load_source(s.path, s.split, field=f"{field}.path", streaming=True)
@@ -578,7 +572,7 @@ def _streamed_source(
     return make, eval_rows, plan
 
 
-def _whole_source(i: int, s: SourceConfig, name: str, cfg: RunConfig, tokenizer, kind: str, sources, field: str):
+def _whole_source(s: SourceConfig, name: str, cfg: RunConfig, tokenizer, kind: str, sources, field: str):
     """(reader factory, eval rows, plan) of a source read whole and rendered up front, inside a mixture."""
     where = f"'{s.path}'"
     with main_process_first():
@@ -663,7 +657,7 @@ def build_splits(cfg: RunConfig, tokenizer) -> Splits:
         field = "data" if d.sources is None else f"data.sources[{i}]"
         streaming = s.streaming if s.streaming is not None else d.streaming
         build = _streamed_source if streaming else _whole_source
-        make, rows, plan = build(i, s, name, cfg, tokenizer, kind, sources, field)
+        make, rows, plan = build(s, name, cfg, tokenizer, kind, sources, field)
         if not rows:
             raise DataError(
                 f"{field}: the eval split of '{s.path}' holds fewer than seq_len={seq} tokens; "

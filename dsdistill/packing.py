@@ -87,7 +87,7 @@ class Packer:
         batch.tokens = len(rows) * self.seq_len if self.kind == "concat" else sum(len(ex.ids) for ex in kept)
         for row in rows:
             labels = row.get("labels", row["input_ids"])
-            batch.loss_tokens += sum(1 for lab in labels[1:] if lab != self.ignore_index)
+            batch.loss_tokens += len(labels) - 1 - labels[1:].count(self.ignore_index)
         self.stats.add(batch)
         return rows
 
