@@ -32,7 +32,7 @@ FAMILIES = {
     "contrastive": ("contrastive",),
     "router terms": ("routing_feature", "routing_load_balance", "routing_attention_alignment"),
 }
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tv")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv")
 SEED_DESIGN = "previous default (kd 0.7 / lm 0.3, temperature 3)"
 
 

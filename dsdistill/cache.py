@@ -11,7 +11,13 @@ On disk (`DIR`):
     train/NNNNN.bin, eval/NNNNN.bin
                          shards of SHARD_ROWS packed rows each, written whole or not at all (temp file +
                          rename): a header (JSON: rows, positions and byte offsets per row, fidelity of the
-                         shard's first micro-batch) and the rows' codec blobs, memory-mapped when read
+                         shard's first micro-batch) and the rows' blobs, memory-mapped when read. A row's
+                         blob is float16 [n, len(tail_temperatures)] tail statistics, then the codec blob.
+
+Temperatures: the loss at T needs the teacher's tail at T, log sum over the tail of p_i^(1/T), which the
+mass at T = 1 does not determine. The writer stores that statistic for every temperature other than 1 that
+the run's curriculum schedules (`tail_temperatures` in the manifest), so KD from the cache equals live
+top-k + rest at each of them; a run that schedules another temperature is refused by `check`.
 
 Rows are the packed dataset's rows (their order is fixed by the data, tokenizer, seq_len and packing, which
 the manifest's fingerprints pin), so training reads row i's positions wherever its sampler puts it. Shards
@@ -36,9 +42,14 @@ import torch
 from dsdistill.codec import decode, encode, exact_bytes
 from dsdistill.components.base import Needs
 from dsdistill.errors import ConfigError, DistillError
+from dsdistill.losses.fused import SparseTeacher
 from dsdistill.teacher import TeacherSignal
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 1 caches (no tail statistics) still serve runs at T = 1."""
+MAX_TEMPERATURES = 16
+"""Tail statistics a cache stores at most (one float16 per position each)."""
 MAGIC = b"DSDTC1\n"
 SHARD_ROWS = 64
 """Packed rows per shard file (default of `--shard-rows`)."""
@@ -139,11 +150,14 @@ class TeacherCache:
             self.manifest: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise CacheError(f"{field}: '{path}' is not readable JSON ({e})") from None
-        if self.manifest.get("format_version") != FORMAT_VERSION:
+        if self.manifest.get("format_version") not in READABLE_VERSIONS:
             raise CacheError(
-                f"{field}: '{self.dir}' has cache format {self.manifest.get('format_version')!r}; this dsdistill reads {FORMAT_VERSION}"
+                f"{field}: '{self.dir}' has cache format {self.manifest.get('format_version')!r}; "
+                f"this dsdistill reads {', '.join(map(str, READABLE_VERSIONS))}"
             )
         m = self.manifest
+        self.temperatures: tuple[float, ...] = tuple(float(t) for t in m.get("tail_temperatures", []))
+        """Temperatures other than 1 whose exact tail statistic every position carries."""
         self.k, self.level_bits, self.vocab = int(m["k"]), int(m["level_bits"]), int(m["vocab"])
         ranks = np.fromfile(self.dir / "ranks.bin", dtype=np.uint32)
         if ranks.shape != (self.vocab,):
@@ -167,16 +181,19 @@ class TeacherCache:
             hit = self._shards[(split, j)] = _Shard(header, payload)
         return hit
 
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(token ids [n, k], log-probs [n, k], log rest [n]) of packed row i's loss-bearing positions."""
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids [n, k], log-probs [n, k], log rest [n], tail statistics [n, len(temperatures)]) of
+        packed row i's loss-bearing positions."""
         split, local = ("train", i) if i < self.train_rows else ("eval", i - self.train_rows)
         if not 0 <= local < (self.train_rows if split == "train" else self.eval_rows):
             raise CacheError(f"{self.field}: row {i} is not in the cache ({self.train_rows} train + {self.eval_rows} eval rows)")
         shard = self._shard(split, local // self.shard_rows)
         h, r = shard.header, local % self.shard_rows
-        n = h["tokens"][r]
-        d = decode(shard.payload[h["offsets"][r] : h["offsets"][r + 1]], n, self.k, level_bits=self.level_bits)
-        return self.id_of[d.ranks], d.logp, d.log_rest
+        n, m = h["tokens"][r], len(self.temperatures)
+        blob = shard.payload[h["offsets"][r] : h["offsets"][r + 1]]
+        tails = np.frombuffer(blob[: 2 * n * m].tobytes(), dtype=np.float16).astype(np.float32).reshape(n, m)
+        d = decode(blob[2 * n * m :], n, self.k, level_bits=self.level_bits)
+        return self.id_of[d.ranks], d.logp, d.log_rest, tails
 
 
 class CachedTeacher:
@@ -196,19 +213,17 @@ class CachedTeacher:
     def end_step(self) -> None:
         pass
 
-    def _sparse(
-        self, valid: torch.Tensor, rows: Optional[torch.Tensor], device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sparse(self, valid: torch.Tensor, rows: Optional[torch.Tensor], device) -> SparseTeacher:
         if rows is None:
             raise CacheError(f"{self.cache.field}: a batch without row numbers cannot be read from a teacher cache")
-        ids, lps, rests = [], [], []
+        ids, lps, rests, tails = [], [], [], []
         for b, r in enumerate(rows.tolist()):
             want = int(valid[b].sum())
             if r < 0:  # an eval filler row carries no loss
                 if want:
                     raise CacheError(f"{self.cache.field}: a padding row carries {want} loss-bearing positions")
                 continue
-            i, lp, rest = self.cache.row(r)
+            i, lp, rest, tail = self.cache.row(r)
             if i.shape[0] != want:
                 raise CacheError(
                     f"{self.cache.field}: row {r} has {i.shape[0]} cached positions but the batch has {want}; "
@@ -217,12 +232,15 @@ class CachedTeacher:
             ids.append(i)
             lps.append(lp)
             rests.append(rest)
-        k = self.cache.k
+            tails.append(tail)
+        k, m = self.cache.k, len(self.cache.temperatures)
         cat = lambda xs, shape, dt: torch.from_numpy(np.concatenate(xs)) if xs else torch.zeros(shape, dtype=dt)  # noqa: E731
-        return (
+        return SparseTeacher(
             cat(ids, (0, k), torch.int64).to(device),
             cat(lps, (0, k), torch.float32).to(device),
             cat(rests, (0,), torch.float32).to(device),
+            cat(tails, (0, m), torch.float32).to(device),
+            self.cache.temperatures,
         )
 
     def signal(self, input_ids, valid, needs: Needs, *, position_ids=None, rows=None) -> TeacherSignal:
@@ -237,7 +255,8 @@ class CachedTeacher:
         from dsdistill.objective import shifted_valid
 
         valid = shifted_valid(labels, self.ignore_index)
-        ids, lp, rest = self._sparse(valid, rows, labels.device)
+        sp = self._sparse(valid, rows, labels.device)
+        ids, lp, rest = sp.ids, sp.logp, sp.log_rest
         targets = labels[:, 1:][labels[:, 1:] != self.ignore_index]
         full = torch.cat([lp, rest[:, None]], dim=-1)
         full = torch.log_softmax(full, dim=-1)
@@ -263,7 +282,9 @@ def open_with_tokenizer(directory: str, tokenizer) -> TeacherCache:
     return cache
 
 
-def verify_for_run(cache: TeacherCache, cfg, splits, *, seq_len: int, components: dict[str, Any], layers) -> TeacherCache:
+def verify_for_run(
+    cache: TeacherCache, cfg, splits, *, seq_len: int, components: dict[str, Any], layers, total_steps: int
+) -> TeacherCache:
     """The cache against the run's data and components: one line naming the first thing that differs."""
     from dsdistill.data import data_fingerprint
 
@@ -294,7 +315,28 @@ def verify_for_run(cache: TeacherCache, cfg, splits, *, seq_len: int, components
         )
     if cfg.loss.kd_top_k is not None:
         raise ConfigError(f"loss.kd_top_k: the teacher cache sets k ({cache.k}, with a rest bucket); leave kd_top_k unset")
+    if "kd" in components:
+        missing = [t for t in run_temperatures(cfg, total_steps) if t != 1.0 and t not in cache.temperatures]
+        if missing:
+            served = ", ".join(f"{t:g}" for t in (1.0, *cache.temperatures))
+            raise ConfigError(
+                f"curriculum.temperature: this run uses T = {missing[0]:g}, but the teacher cache '{cache.dir}' holds exact "
+                f"tails for T in {{{served}}} only; write the cache with this run's config (dsdistill teacher-cache)"
+            )
     return cache
+
+
+def run_temperatures(cfg, total_steps: int) -> tuple[float, ...]:
+    """Every KD temperature the run's curriculum uses, or a one-line error when a cache cannot store them all."""
+    from dsdistill.curriculum import Curriculum
+
+    temps = Curriculum(cfg.curriculum).temperatures(total_steps=total_steps, limit=MAX_TEMPERATURES)
+    if temps is None:
+        raise ConfigError(
+            f"curriculum.temperature: this schedule takes more than {MAX_TEMPERATURES} distinct values over {total_steps} "
+            "steps and a teacher cache stores exact tails for at most that many; use a constant temperature (or steps)"
+        )
+    return temps
 
 
 def eval_fingerprint(splits) -> str:
@@ -390,11 +432,13 @@ def write(
         lp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()[keep]
         level_bits = choose_level_bits(lp, torch.from_numpy(ranks_table.astype(np.int64)), top_k)
         say(f"teacher-cache: --level-bits auto chose {level_bits} bits")
+    temps = [t for t in run_temperatures(cfg, plan.total_steps) if t != 1.0]
     what = {
         "format_version": FORMAT_VERSION,
         "k": top_k,
         "level_bits": level_bits,
         "shard_rows": shard_rows,
+        "tail_temperatures": temps,
         "vocab": plan.vocab,
         "teacher": {"path": cfg.teacher.path, "config_hash": config_hash(plan.teacher_config)},
         "tokenizer_hash": tokenizer_hash(tokenizer),
@@ -472,12 +516,15 @@ def write(
                 for row in range(len(idx)):
                     lp = logp[row][mask[row]]
                     top, ids_k = lp.topk(top_k, dim=-1)
-                    rest = torch.logsumexp(lp.scatter(-1, ids_k, float("-inf")), dim=-1)
+                    tail_lp = lp.scatter(-1, ids_k, float("-inf"))
+                    rest = torch.logsumexp(tail_lp, dim=-1)
                     blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=level_bits)
-                    blobs.append(blob)
+                    stats = [torch.logsumexp(tail_lp / t, dim=-1) for t in temps]
+                    tails = torch.stack(stats, dim=-1) if stats else torch.zeros(lp.size(0), 0)
+                    blobs.append(tails.numpy().astype(np.float16).tobytes() + blob)
                     tokens.append(int(lp.size(0)))
                     if b == 0 and row == 0 and lp.size(0):  # the shard's fidelity sample: its first row
-                        d = decode(blob, lp.size(0), top_k, level_bits=level_bits)
+                        d = decode(blob, lp.size(0), top_k, level_bits=level_bits)  # the codec part alone
                         order = np.argsort(ranks_of[ids_k].numpy(), axis=1, kind="stable")
                         fid = fidelity(lp, torch.from_numpy(np.take_along_axis(ids_k.numpy(), order, 1)), d.logp, rest)
             if j is not None:

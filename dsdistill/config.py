@@ -161,16 +161,23 @@ class LossConfig(_Strict):
     """Options of the loss components (their weights live in `curriculum`). Layers are 1-based decoder
     block numbers; -1 means the last block."""
 
-    kd_divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tv"] = "forward_kl"
-    """Divergence between teacher and student token distributions at temperature T."""
+    kd_divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv"] = "forward_kl"
+    """Divergence between teacher and student token distributions at temperature T (x T^2 in the objective,
+    except tv, which is bounded by 1 and enters unscaled)."""
     kd_beta: float = Field(0.5, ge=0, le=1)
     """jsd: mixture weight; 0 is forward KL, 1 is reverse KL, 0.5 the symmetric JSD."""
     kd_alpha: float = Field(0.1, ge=0, le=1)
-    """skew_kl: the student side is alpha * teacher + (1 - alpha) * student."""
+    """skew_kl: KL(teacher || alpha * teacher + (1 - alpha) * student); skew_rkl: KL(student || alpha *
+    student + (1 - alpha) * teacher)."""
     kd_top_k: Optional[int] = Field(None, ge=1)
-    """If set, KD uses only the teacher's top-k tokens per position, renormalised."""
+    """If set, KD compares only top-k tokens per position, renormalised: the teacher's for forward_kl, the
+    student's for reverse_kl and skew_rkl, the union of both for jsd, skew_kl and tv."""
     kd_top_k_rest: bool = False
     """With `kd_top_k`: add a bucket holding the remaining probability mass on both sides."""
+    kd_top_k_support: Literal["auto", "teacher"] = "auto"
+    """With `kd_top_k`: `auto` compares each divergence on the support it needs (above); `teacher` always on
+    the teacher's top-k, which is what an offline cache holds (then every divergence but forward_kl needs
+    `kd_top_k_rest`, or the student's mass outside the teacher's top-k would be ignored)."""
     ignore_index: int = -100
     """Label value excluded from every token-level loss."""
     feature_layers: LayerPairs = None
@@ -203,6 +210,15 @@ class LossConfig(_Strict):
     gradient buffers), MiB; default: half of the GPU's free memory, or 256 MiB on CPU."""
     fused_compile: bool = False
     """torch.compile the fused chunk math on CUDA (ignored on CPU)."""
+
+    @model_validator(mode="after")
+    def _support_sees_the_student(self) -> "LossConfig":
+        if self.kd_top_k_support == "teacher" and self.kd_divergence != "forward_kl" and not self.kd_top_k_rest:
+            raise ValueError(
+                f"kd_top_k_support 'teacher' with {self.kd_divergence} needs kd_top_k_rest: true (else the student's "
+                "mass outside the teacher's top-k is ignored)"
+            )
+        return self
 
 
 class OptimizerConfig(_Strict):

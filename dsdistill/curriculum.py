@@ -191,6 +191,19 @@ class Curriculum:
         """KD temperature at optimizer step `step` of `total_steps`."""
         return self.config.temperature.at(progress_of(step=step, total_steps=total_steps))
 
+    def temperatures(self, *, total_steps: int, limit: int) -> Optional[tuple[float, ...]]:
+        """Every distinct KD temperature the run uses (at optimizer steps 0..total_steps, train and eval
+        alike), sorted; None when there are more than `limit` (a ramp over many steps)."""
+        sched = self.config.temperature
+        if isinstance(sched, Constant):
+            return (sched.value,)
+        seen: set[float] = set()
+        for step in range(total_steps + 1):
+            seen.add(self.temperature_at(step=step, total_steps=total_steps))
+            if len(seen) > limit:
+                return None
+        return tuple(sorted(seen))
+
     def on_policy_at(self, *, step: int, total_steps: int) -> float:
         """Fraction of the window's sequences sampled from the student at optimizer step `step`."""
         return self.config.on_policy.at(progress_of(step=step, total_steps=total_steps))

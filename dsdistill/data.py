@@ -318,6 +318,10 @@ def _exact_stats(rendered, packed, *, kind: str, seq_len: int, overlong: str, ig
         st.dropped, st.truncated = (n_over, 0) if overlong == "drop" else (0, n_over)
         kept = pc.filter(lengths, pc.invert(over)) if overlong == "drop" else pc.min_element_wise(lengths, seq_len)
         st.tokens = int(pc.sum(kept).as_py() or 0)
+        if n_over and overlong == "truncate" and "loss" in rendered.column_names:
+            st.emptied = _emptied(pc.filter(rendered.data.column("loss"), over), seq_len)
+            st.truncated -= st.emptied
+            st.tokens -= st.emptied * seq_len
     else:
         st.tokens = len(packed) * seq_len
     if len(packed) == 0:
@@ -330,6 +334,17 @@ def _exact_stats(rendered, packed, *, kind: str, seq_len: int, overlong: str, ig
     else:
         st.loss_tokens = len(packed) * (seq_len - 1)
     return st
+
+
+def _emptied(loss, seq_len: int) -> int:
+    """Of these overlong examples' loss masks, how many carry loss but none of it after the cut (the
+    Packer leaves those out; a first token is never a target)."""
+    import pyarrow.compute as pc
+
+    def with_loss(lists) -> int:
+        return len(pc.unique(pc.filter(pc.list_parent_indices(lists), pc.list_flatten(lists))))
+
+    return with_loss(loss) - with_loss(pc.list_slice(loss, 1, seq_len))
 
 
 def _whole(ds, source: SourceConfig, tokenizer, cfg: RunConfig, packer: Packer, *, field: str, where: str):
@@ -816,6 +831,7 @@ def plan_json(splits: Splits) -> dict[str, Any]:
         "skipped": total.skipped,
         "truncated": total.truncated,
         "dropped": total.dropped,
+        "emptied": total.emptied,
         "eval_sequences": len(splits.eval),
         "sources": [s.to_json() for s in splits.sources],
     }

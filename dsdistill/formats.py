@@ -215,8 +215,9 @@ class _ChatRenderer:
             spans = [(0, len(full))]
         else:
             turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_loss_turn]
-            if not turns and messages[-1]["role"] in ("user", "tool"):
-                # a conversation waiting for its answer: a prompt for on-policy sampling (no loss of its own)
+            if messages[-1]["role"] in ("user", "tool"):
+                # a conversation waiting for its answer is all prompt (earlier answers are its context): the
+                # whole history and the generation prompt, for on-policy sampling; no loss of its own
                 return self._tokenize(self._render(messages, generation=True), [], eos=False, prompt_only=True)
             if loss_on == "last_assistant":
                 turns = turns[-1:]

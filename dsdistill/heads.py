@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dsdistill.components.base import FusedSums
-from dsdistill.losses.fused import KDOptions, auto_chunk, default_budget, fixed_bytes, fused_kd_lm
+from dsdistill.losses.fused import KDOptions, SparseTeacher, auto_chunk, default_budget, fixed_bytes, fused_kd_lm
 
 if TYPE_CHECKING:
     from dsdistill.preflight import Plan
@@ -37,8 +37,8 @@ class FusedCall:
     coef_kd: float
     coef_lm: float
     options: KDOptions
-    teacher_sparse: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-    """An offline cache's (ids, log-probs, log rest) for the loss-bearing positions, instead of hidden and head."""
+    teacher_sparse: Optional[SparseTeacher] = None
+    """An offline cache's top-k for the loss-bearing positions, instead of hidden and head."""
 
 
 class FusedKDLMHead(nn.Module):
@@ -113,6 +113,7 @@ def head_options(plan: "Plan", device: torch.device, *, temperature: float, want
         alpha=c.kd_alpha,
         top_k=c.kd_top_k,
         top_k_rest=c.kd_top_k_rest,
+        top_k_support=c.kd_top_k_support,
         chunk=chunk,
         want_kd=want_kd,
         want_lm=want_lm,

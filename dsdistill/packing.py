@@ -37,6 +37,9 @@ class PackStats:
     """Examples longer than seq_len cut to it (documents/none packing)."""
     dropped: int = 0
     """Examples longer than seq_len left out (documents/none packing with overlong: drop)."""
+    emptied: int = 0
+    """Examples that truncation to seq_len left with none of their loss-bearing tokens (say `loss_on:
+    last_assistant` with the last answer past the cut): left out, since they would train on nothing."""
     sequences: int = 0
     """Packed rows."""
     tokens: int = 0
@@ -79,8 +82,12 @@ class Packer:
                 if self.overlong == "drop":
                     batch.dropped += 1
                     continue
+                cut = Example(ex.ids[: self.seq_len], ex.loss[: self.seq_len])
+                if any(ex.loss) and not any(cut.loss[1:]):  # an example's first token is never a target
+                    batch.emptied += 1
+                    continue
                 batch.truncated += 1
-                ex = Example(ex.ids[: self.seq_len], ex.loss[: self.seq_len])
+                ex = cut
             kept.append(ex)
         rows = self._concat(kept) if self.kind == "concat" else self._documents(kept, one_per_row=self.kind == "none")
         batch.sequences = len(rows)

@@ -99,14 +99,6 @@ def describe(plan: Plan, data: RunData) -> str:
         ),
         *skipped_warnings(data.splits, c),
         *(
-            [
-                "note: KD temperature is not 1 everywhere; the teacher cache keeps no tail values, so at T != 1 its "
-                "tail is taken as spread evenly over the other tokens (approximate)"
-            ]
-            if data.cache is not None and any(plan.curriculum.config.temperature.at(p) != 1.0 for p in (0.0, 0.5, 1.0))
-            else []
-        ),
-        *(
             [f"warning: {data.splits.unknown_share:.1%} of the training tokens are the tokenizer's unknown token"]
             if data.splits.unknown_share > 0.01
             else []
@@ -142,6 +134,7 @@ def describe_data(splits: Splits, seq_len: int) -> list[str]:
             f"{t.tokens:,} tokens in {t.sequences:,} sequences of {seq_len}, {t.loss_tokens:,} carry loss ({t.loss_share:.1%})"
             + (f"; {t.truncated:,} overlong truncated" if t.truncated else "")
             + (f"; {t.dropped:,} overlong dropped" if t.dropped else "")
+            + (f"; {t.emptied:,} left out: truncation cut away all their loss-bearing tokens" if t.emptied else "")
             + f"; eval {s.eval.sequences:,} sequences"
         )
     return lines
@@ -369,7 +362,9 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         from dsdistill.cache import verify_for_run
 
         components = {n: registry.implementation(n) for n in curriculum.active}
-        verify_for_run(cache, cfg, splits, seq_len=cfg.train.seq_len, components=components, layers=layers)
+        verify_for_run(
+            cache, cfg, splits, seq_len=cfg.train.seq_len, components=components, layers=layers, total_steps=total_steps
+        )
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
     fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
     if curriculum.ever_on_policy:

@@ -2,10 +2,11 @@
 
 At each optimizer step the curriculum gives `on_policy`, the fraction of the window's sequences (on each
 rank, rounded) whose completions are replaced by the student's own samples; the rest keep the dataset's
-completions. A sequence's prompt is everything before its first loss-bearing token (a chat conversation
-up to the assistant turn it learns, a prompt/completion pair's prompt; a conversation that ends with a user
-turn is all prompt). The sampled tokens carry loss, the prompt does not; the teacher then scores the new
-sequence like any other, with every divergence and the fused path.
+completions. A sequence's prompt is everything before its last run of loss-bearing tokens (a chat
+conversation up to its last assistant turn: every earlier turn and the generation prompt; a
+prompt/completion pair's prompt; a conversation that ends with a user turn is all prompt). The sampled
+tokens carry loss, the prompt does not; the teacher then scores the new sequence like any other, with every
+divergence and the fused path.
 
 `RolloutBackend` is the seam for an external generator (a vLLM server): it gets prompts and per-sequence
 seeds and returns completions. `StudentSampler` is the built-in one: it samples inside the DeepSpeed job
@@ -140,8 +141,17 @@ def row_seed(seed: int, step: int, row: int, sample: int) -> int:
 
 
 def _prompt_end(labels: torch.Tensor, ignore: int, length: int) -> int:
-    carried = torch.nonzero(labels[:length] != ignore).flatten()
-    return int(carried[0]) if len(carried) else length
+    """Where the sampled completion starts: at the last run of loss-bearing tokens (a chat's last assistant
+    turn, so the prompt is the whole history up to the last user turn with the generation prompt), or after
+    the whole example when nothing carries loss (a conversation that ends with a user turn)."""
+    carried = (labels[:length] != ignore).tolist()
+    if not any(carried):
+        return length
+    end = length - carried[::-1].index(True)  # one past the last loss-bearing token
+    start = end
+    while start > 0 and carried[start - 1]:
+        start -= 1
+    return start
 
 
 def _length(row: dict[str, torch.Tensor]) -> int:

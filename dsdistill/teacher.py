@@ -20,7 +20,7 @@ from dsdistill.losses.contrastive import mean_pool
 
 if TYPE_CHECKING:
     from dsdistill.capture import QKCapture
-    from dsdistill.losses.fused import KDOptions
+    from dsdistill.losses.fused import KDOptions, SparseTeacher
 
 
 @dataclass
@@ -40,9 +40,9 @@ class TeacherSignal:
     """[B, Dt] final hidden state mean-pooled over loss-bearing positions."""
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Captured post-RoPE (q, k) by 1-based layer."""
-    sparse: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-    """An offline cache's top-k: (token ids [N, k], log-probs [N, k], log of the rest mass [N]) for the N
-    loss-bearing positions in batch order (then `logits`, `hidden` and `head` are None)."""
+    sparse: Optional["SparseTeacher"] = None
+    """An offline cache's top-k (ids, log-probs, the rest's statistics) for the N loss-bearing positions in
+    batch order (then `logits`, `hidden` and `head` are None)."""
 
 
 class TeacherSource(Protocol):

@@ -35,6 +35,7 @@ from dsdistill.ds_config import zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine
 from dsdistill.errors import DistillError, PeerFailed, one_line
 from dsdistill.heads import head_options
+from dsdistill.losses.kd import T2_SCALED, TOP_K_SUPPORT
 from dsdistill.metrics import MetricsWriter
 from dsdistill.models import DTYPES, load_causal_lm, param_counts
 from dsdistill.objective import Objective
@@ -345,6 +346,7 @@ class Session:
                 teacher_params=t_params,
                 resumed=resumed is not None,
                 data=plan_json(self.data.splits),
+                kd=kd_semantics(cfg, cached=self.teacher_engine is None),
             )
         )
         if plan.rank == 0:
@@ -647,6 +649,17 @@ def _bits(text: str) -> Optional[int]:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of bits or auto, got {text!r}") from None
+
+
+def kd_semantics(cfg: RunConfig, *, cached: bool) -> dict[str, Any]:
+    """What run_start says of KD: the divergence, whether it is T^2-scaled, and its top-k support."""
+    c = cfg.loss
+    support = "teacher" if cached or c.kd_top_k_support == "teacher" else TOP_K_SUPPORT[c.kd_divergence]
+    return {
+        "divergence": c.kd_divergence,
+        "t2_scaled": c.kd_divergence in T2_SCALED,
+        "top_k_support": support if (cached or c.kd_top_k is not None) else "full vocabulary",
+    }
 
 
 def write_teacher_cache(

@@ -418,3 +418,34 @@ def test_chat_data_needs_one_tokenizer_for_both_models(chat_config, assets):
         match=r"^teacher.tokenizer: teacher and student vocabularies differ \(\d+ vs \d+ tokens\); chat data is rendered once",
     ):
         preflight(cfg, world=1)
+
+
+def test_truncation_that_cuts_away_every_loss_token_leaves_the_example_out_and_counts_it(chat_config):
+    """`loss_on: last_assistant` with the last answer past seq_len rendered rows that carried no loss, and
+    packing did not count them; they are now left out and counted as emptied, alike in the Packer and in
+    the whole-dataset counts."""
+    ex = [Example([5] * 10, [False] * 8 + [True] * 2), Example([6] * 10, [True] * 3 + [False] * 7), Example([7] * 3, [False] * 3)]
+    pack = Packer(kind="none", seq_len=6, pad_id=2, ignore_index=-100)
+    rows = pack(ex)
+    assert [r["input_ids"][0] for r in rows] == [6, 7]  # the prompt-only example (no loss of its own) stays
+    assert (pack.stats.emptied, pack.stats.truncated) == (1, 1)
+    cfg = validate(chat_config(data={"loss_on": "last_assistant", "packing": "none"}, train={"seq_len": 40}))
+    _, data = preflight(cfg, world=1)
+    st = data.splits.sources[0].train
+    rows = data.splits.train
+    assert st.emptied > 0 and st.sequences == len(rows)
+    no_loss = [i for i in range(len(rows)) if not (rows[i]["labels"][1:] != -100).any()]
+    prompt_only = [i for i in no_loss if rows[i]["labels"].eq(-100).all()]
+    assert no_loss == prompt_only  # no row that should carry loss is empty
+    # the Packer over the whole file (train and held out) counts what the whole-dataset path counted
+    from transformers import AutoTokenizer
+
+    src = cfg.data.resolved_sources()[0]
+    tok = AutoTokenizer.from_pretrained(cfg.student.path)
+    convs = [json.loads(x)["messages"] for x in Path(cfg.data.path).read_text().splitlines()]
+    render = renderer(src, tok, field="data", where="chat", ignore_index=-100, columns=["messages"])
+    whole = Packer(kind="none", seq_len=40, pad_id=0, ignore_index=-100)
+    whole(render({"messages": convs}, list(range(len(convs)))))
+    held = data.splits.sources[0].eval
+    assert whole.stats.emptied == st.emptied + held.emptied
+    assert whole.stats.tokens == st.tokens + held.tokens and whole.stats.truncated == st.truncated + held.truncated

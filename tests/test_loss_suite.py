@@ -76,18 +76,38 @@ def test_routing_feature_and_load_balance_match_reference():
             for p in range(4):
                 if lab[i, p + 1] == IGN:
                     continue
-                mix = [
-                    sum(float(gates.detach()[li, j]) * ref_layernorm(teacher[j][i, p].tolist())[d] for j in range(3))
-                    for d in range(4)
-                ]
                 a = ref_layernorm(s[i, p].tolist())
-                total += sum((x - y) ** 2 for x, y in zip(a, mix)) / 4
+                for j in range(3):  # the gate-weighted sum of per-layer errors
+                    t = ref_layernorm(teacher[j][i, p].tolist())
+                    total += float(gates.detach()[li, j]) * sum((x - y) ** 2 for x, y in zip(a, t)) / 4
     assert float(got) == pytest.approx(total / 2, rel=1e-9)
     assert torch.autograd.gradcheck(lambda g: routing_feature_loss(student, teacher, g, lab)[0], (gates,))
     uniform = torch.full((4, 3), 1 / 3, dtype=D64)
     assert float(load_balance_loss(uniform)[0]) == pytest.approx(1.0)
     collapsed = torch.tensor([[0.98, 0.01, 0.01]] * 4, dtype=D64)
     assert float(load_balance_loss(collapsed)[0]) == pytest.approx(3 * 0.98)
+
+
+def test_the_router_prefers_the_teacher_layer_the_student_matches():
+    """The audit's case: a student correlated 0.3 with teacher layer 1 only. With a mixture target, uniform
+    gates scored lower (1.141 vs 1.426 per token) than the gate on the matching layer; the gate-weighted
+    per-layer error ranks the matching layer first, and its gradient pushes the gate towards it."""
+    g = torch.Generator().manual_seed(7)
+    teacher = [torch.randn(2, 64, 16, generator=g, dtype=D64) for _ in range(4)]
+    noise = torch.randn(2, 64, 16, generator=g, dtype=D64)
+    student = [0.3 * teacher[1] + (1 - 0.3**2) ** 0.5 * noise]
+    lab = torch.zeros(2, 64, dtype=torch.long)
+    one_hot = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=D64)
+    uniform = torch.full((1, 4), 0.25, dtype=D64)
+    per_token = lambda gates: float(routing_feature_loss(student, teacher, gates, lab)[0]) / (2 * 63)  # noqa: E731
+    assert per_token(one_hot) < per_token(uniform)
+    for j in (0, 2, 3):
+        other = torch.zeros(1, 4, dtype=D64)
+        other[0, j] = 1.0
+        assert per_token(one_hot) < per_token(other)
+    logits = torch.zeros(1, 4, dtype=D64, requires_grad=True)
+    routing_feature_loss(student, teacher, torch.softmax(logits, -1), lab)[0].backward()
+    assert int(logits.grad.argmin()) == 1  # descending the gradient raises the matching layer's gate
     assert torch.autograd.gradcheck(
         lambda g: load_balance_loss(torch.softmax(g, -1))[0], (torch.randn(4, 3, dtype=D64, requires_grad=True),)
     )
@@ -106,9 +126,19 @@ def test_contrastive_matches_reference():
     for i in range(3):
         if not valid[i]:
             continue
-        row = [sum(a * b for a, b in zip(norm(s[i].tolist()), norm(t[j].tolist()))) / 0.2 for j in range(3)]
-        total += -row[i] + math.log(sum(math.exp(x) for x in row))
+        # the empty sequence (1) is no negative either
+        row = {j: sum(a * b for a, b in zip(norm(s[i].tolist()), norm(t[j].tolist()))) / 0.2 for j in range(3) if valid[j]}
+        total += -row[i] + math.log(sum(math.exp(x) for x in row.values()))
     assert m["count"] == 2 and float(got) == pytest.approx(total, rel=1e-9)
+    # an empty sequence's all-zero pooled state does not change the others' value (it did as a negative)
+    zeroed = t.clone()
+    zeroed[1] = 0.0
+    assert float(info_nce(s, zeroed, temperature=0.2, valid=valid)[0]) == pytest.approx(total, rel=1e-12)
+    # gathered negatives: invalid ones from other ranks are left out too
+    negs = torch.cat([t, torch.zeros(2, 5, dtype=D64)])
+    flags = torch.tensor([True, False, True, False, False])
+    got2, _ = info_nce(s, t, temperature=0.2, valid=valid, teacher_negatives=negs, negatives_valid=flags, offset=0)
+    assert float(got2) == pytest.approx(total, rel=1e-12)
     s.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: info_nce(x, t, temperature=0.2, valid=valid)[0], (s,))
     pooled = mean_pool(hidden(1), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))

@@ -172,3 +172,52 @@ def test_samples_per_prompt_fill_consecutive_sequences_from_one_prompt(chat_conf
         ids_b, lab_b = rows[second]
         cut = int(torch.nonzero(lab_a != -100).flatten()[0])
         assert torch.equal(ids_a[:cut], ids_b[:cut]) and int(torch.nonzero(lab_b != -100).flatten()[0]) == cut  # one prompt
+
+
+def test_multi_turn_prompts_end_at_the_last_user_turn(chat_config, chat_assets, tmp_path):
+    """The prompt of a multi-turn conversation is its whole history up to the last user turn with the
+    generation prompt (the audit found it cut at the first assistant turn, dropping the final question); a
+    conversation that ends with a user turn is all prompt, its earlier answers included."""
+    from transformers import AutoTokenizer
+
+    convs = [json.loads(line)["messages"] for line in Path(chat_assets["chat"]).read_text().splitlines()]
+    multi = [m for m in convs if sum(x["role"] == "user" for x in m) >= 2 and m[-1]["role"] == "assistant"][:40]
+    last_asst = lambda m: max(i for i, x in enumerate(m) if x["role"] == "assistant")  # noqa: E731
+    waiting = [m[: last_asst(m)] for m in multi]  # the same conversations, ending with their last user turn
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in multi + waiting))
+    tok = AutoTokenizer.from_pretrained(chat_assets["tokenizer"])
+
+    def ids(messages):
+        return tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+
+    expected = {tuple(ids(m[: last_asst(m)])) for m in multi} | {tuple(ids(m)) for m in waiting}
+    cfg = validate(
+        _cfg(
+            chat_config,
+            chat_assets,
+            tmp_path,
+            data={"path": str(data), "format": "chat", "packing": "none", "eval_fraction": 0.05},
+            train={"seq_len": 160, "micro_batch_size": 4},
+        )
+    )
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
+        stream = iter(s.data.stream)
+        window = [next(stream) for _ in range(4)]
+        sampler = s.trainer.rollouts
+        out, stats = apply_rollouts(
+            window, fraction=1.0, backend=sampler, generation=cfg.generation, step=0, seed=0, pad=sampler.pad, ignore_index=-100
+        )
+    assert stats.sequences == 16
+    gen = ids([{"role": "user", "content": "x"}])[-len(tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]) :]
+    users = 0
+    for mb in out:
+        for i in range(mb["input_ids"].size(0)):
+            start = int(torch.nonzero(mb["labels"][i] != -100).flatten()[0])
+            prompt = tuple(mb["input_ids"][i][:start].tolist())
+            assert prompt in expected, tok.decode(list(prompt))
+            assert list(prompt[-len(gen) :]) == gen  # ends with the generation prompt
+            users = max(users, tok.decode(list(prompt)).count("user"))
+    assert users >= 2  # multi-turn histories were kept whole

@@ -27,7 +27,7 @@ from dsdistill.config import validate
 from dsdistill.dist import without_world_env
 from dsdistill.errors import DistillError
 from dsdistill.preflight import preflight
-from dsdistill.schema import METRICS_FILE, AlertRecord, TrainRecord, parse_line
+from dsdistill.schema import METRICS_FILE, AlertRecord, RunStart, TrainRecord, parse_line
 from dsdistill.train import open_session, write_teacher_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,10 @@ def _eval(cfg: dict, run_dir: Path):
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_cache_fed_kd_equals_live_top_k_kd_within_the_quantisation_error(written, tmp_path, divergence):
     cfg = written["cfg"]
-    live_cfg = {**cfg, "loss": {"kd_top_k": 16, "kd_top_k_rest": True, "kd_divergence": divergence}}
+    live_cfg = {
+        **cfg,
+        "loss": {"kd_top_k": 16, "kd_top_k_rest": True, "kd_top_k_support": "teacher", "kd_divergence": divergence},
+    }
     live, _ = _eval(live_cfg, tmp_path / "live")
     gaps = {}
     for bits in ("b5", "b8"):
@@ -146,6 +149,8 @@ def test_training_from_the_cache(written, tmp_path):
     recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
     trains = [r for r in recs if isinstance(r, TrainRecord)]
     assert [t.step for t in trains] == [0, 1] and all(t.losses["kd"] > 0 for t in trains)
+    start = next(r for r in recs if isinstance(r, RunStart))
+    assert start.kd == {"divergence": "forward_kl", "t2_scaled": True, "top_k_support": "teacher"}
     assert any(isinstance(r, AlertRecord) and r.code == "teacher_ppl_from_cache" for r in recs)
 
 
@@ -160,6 +165,10 @@ def test_a_mismatched_cache_is_refused_in_one_line(written, make_config, chat_co
         ({"data": {**base["data"], "path": str(other)}}, f"teacher.cache: '{cache}' is of other training data (cache: "),
         ({"curriculum": {"weights": {"kd": 1.0, "feature": 0.1}}}, "teacher.cache: feature need the teacher's hidden states"),
         ({"loss": {"kd_top_k": 8}}, "loss.kd_top_k: the teacher cache sets k (16, with a rest bucket)"),
+        (
+            {"curriculum": {"weights": {"kd": 1.0}, "temperature": 2.0}},
+            f"curriculum.temperature: this run uses T = 2, but the teacher cache '{cache}' holds exact tails for T in {{1}} only",
+        ),
     ):
         with pytest.raises(DistillError) as err:
             preflight(validate({**base, **change}), world=1)
@@ -169,6 +178,34 @@ def test_a_mismatched_cache_is_refused_in_one_line(written, make_config, chat_co
         preflight(validate(chat), world=1)
     with pytest.raises(DistillError, match=rf"^teacher.cache: '{tmp_path}' has no teacher/config.json"):
         preflight(validate({**base, "teacher": {"cache": str(tmp_path)}}), world=1)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_rkl"])
+def test_cache_at_temperature_two_equals_live_top_k_and_rest(written, tmp_path, divergence):
+    """The audit found KD from the cache 6.8% low at T = 2 (the tail spread evenly). With the tail statistic
+    stored for each scheduled temperature, it equals live top-k + rest within the codec's error."""
+    cfg = {**written["cfg"], "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "temperature": 2.0}}
+    out = written["b8"].parent / "t2"
+    if not (out / "manifest.json").exists():
+        _write(cfg, out, level_bits=8)
+    assert json.loads((out / "manifest.json").read_text())["tail_temperatures"] == [2.0]
+    loss = {"kd_top_k": 16, "kd_top_k_rest": True, "kd_top_k_support": "teacher", "kd_divergence": divergence}
+    live, _ = _eval({**cfg, "loss": loss}, tmp_path / "live")
+    cached, _ = _eval({**cfg, "teacher": {"cache": str(out)}, "loss": {"kd_divergence": divergence}}, tmp_path / "cached")
+    assert abs(cached.losses["kd"] - live.losses["kd"]) / live.losses["kd"] < 0.005, (cached.losses, live.losses)
+
+
+def test_a_ramped_temperature_with_many_values_is_refused_by_the_writer(written, tmp_path):
+    ramp = {"kind": "linear", "start": 0.0, "end": 1.0, "start_value": 3.0, "end_value": 1.0}
+    cfg = {
+        **written["cfg"],
+        "train": {**written["cfg"]["train"], "max_steps": 40},
+        "curriculum": {"weights": {"kd": 1.0}, "temperature": ramp},
+    }
+    with pytest.raises(
+        DistillError, match=r"^curriculum.temperature: this schedule takes more than 16 distinct values over 40 steps"
+    ):
+        _write(cfg, tmp_path / "ramp")
 
 
 def _digest(directory: Path) -> dict[str, str]:

@@ -64,6 +64,7 @@ def test_stream_shape(ramped_run):
     start = recs[0]
     assert start.total_steps == TOTAL and start.world_size == 1 and start.schedule["active"] == ["kd", "lm"]
     assert start.config["curriculum"]["weights"]["kd"]["kind"] == "linear"
+    assert start.kd == {"divergence": "forward_kl", "t2_scaled": True, "top_k_support": "full vocabulary"}
     assert recs[-1].reason == "completed" and recs[-1].step == TOTAL
     trains = by_kind(recs, TrainRecord)
     assert [t.step for t in trains] == list(range(TOTAL))  # one record per optimizer step, never per micro-step

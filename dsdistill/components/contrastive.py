@@ -12,12 +12,15 @@ from dsdistill.losses import shifted_mask
 from dsdistill.losses.contrastive import info_nce, mean_pool
 
 
-def _gather_teachers(t_emb: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' teacher embeddings (autograd-aware) and this rank's offset among them."""
+def _gather_teachers(t_emb: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All ranks' teacher embeddings (autograd-aware), which of them are valid, and this rank's offset."""
     import torch.distributed.nn.functional as dist_fn
 
     parts = dist_fn.all_gather(t_emb.contiguous())
-    return torch.cat(parts, dim=0), dist.get_rank() * t_emb.size(0)
+    mine = valid.to(torch.uint8).contiguous()  # gloo gathers no bool tensors
+    flags = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, mine)
+    return torch.cat(parts, dim=0), torch.cat(flags, dim=0).bool(), dist.get_rank() * t_emb.size(0)
 
 
 class Contrastive(Component):
@@ -47,9 +50,15 @@ class Contrastive(Component):
     def compute(self, x: Inputs):
         s_emb, t_emb = x.student.side["contrastive"]
         valid = shifted_mask(x.labels, x.ignore_index).any(1)
-        negatives, offset = None, 0
+        negatives, negatives_valid, offset = None, None, 0
         if x.loss.contrastive_gather and dist.is_initialized() and dist.get_world_size() > 1:
-            negatives, offset = _gather_teachers(t_emb)
+            negatives, negatives_valid, offset = _gather_teachers(t_emb, valid)
         return info_nce(
-            s_emb, t_emb, temperature=x.loss.contrastive_temperature, valid=valid, teacher_negatives=negatives, offset=offset
+            s_emb,
+            t_emb,
+            temperature=x.loss.contrastive_temperature,
+            valid=valid,
+            teacher_negatives=negatives,
+            negatives_valid=negatives_valid,
+            offset=offset,
         )

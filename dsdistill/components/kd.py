@@ -1,4 +1,4 @@
-"""KD: the divergence between the temperature-softened teacher and student distributions, x T^2."""
+"""KD: the divergence between the temperature-softened teacher and student distributions, x T^2 (tv: x 1)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dsdistill.losses import kd_loss
 
 class KD(Component):
     name = "kd"
-    options = ("kd_divergence", "kd_beta", "kd_alpha", "kd_top_k", "kd_top_k_rest")
+    options = ("kd_divergence", "kd_beta", "kd_alpha", "kd_top_k", "kd_top_k_rest", "kd_top_k_support")
 
     def needs(self, layers):
         return Needs(teacher_logits=True)
@@ -27,6 +27,7 @@ class KD(Component):
             ignore_index=x.ignore_index,
             top_k=c.kd_top_k,
             top_k_rest=c.kd_top_k_rest,
+            top_k_support=c.kd_top_k_support,
             divergence_kind=c.kd_divergence,
             beta=c.kd_beta,
             alpha=c.kd_alpha,

@@ -25,14 +25,13 @@ the window's token count), so one set of buffers serves both terms.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from dsdistill.losses.kd import _topk_log_probs, divergence
+from dsdistill.losses.kd import _topk_log_probs, divergence, t2_factor
 
 BYTES_PER_LOGIT = 4 * 8
 """Live fp32 buffers per logit of one chunk: student and teacher logits, both log-softmaxes, a probability
@@ -90,6 +89,7 @@ class KDOptions:
     alpha: float = 0.1
     top_k: Optional[int] = None
     top_k_rest: bool = False
+    top_k_support: str = "auto"
     chunk: int = 1024
     want_kd: bool = True
     want_lm: bool = True
@@ -97,41 +97,85 @@ class KDOptions:
     """torch.compile the per-chunk math (CUDA only; the CPU path always runs eagerly)."""
 
 
-def sparse_log_probs(s: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_rest: torch.Tensor, temperature: float):
+@dataclass(frozen=True)
+class SparseTeacher:
+    """A teacher given by its top-k per loss-bearing position (an offline cache or a server), with what the
+    rest bucket needs at each temperature: `log_rest` = log of the tail's mass at T = 1, and for every T in
+    `temperatures` the column of `tails` = log sum over the tail of p_i^(1/T) (the tail's unnormalised mass
+    at T). With those, the buckets at T equal live top-k + rest exactly."""
+
+    ids: torch.Tensor
+    """[N, k] token ids."""
+    logp: torch.Tensor
+    """[N, k] log-probabilities at T = 1."""
+    log_rest: torch.Tensor
+    """[N] log of the mass outside the k tokens, at T = 1."""
+    tails: Optional[torch.Tensor] = None
+    """[N, len(temperatures)] log sum over the tail of p_i^(1/T), one column per temperature."""
+    temperatures: tuple[float, ...] = ()
+    """The temperatures other than 1 that `tails` serves."""
+
+    def rows(self, start: int, end: int) -> "SparseTeacher":
+        tails = None if self.tails is None else self.tails[start:end]
+        return SparseTeacher(self.ids[start:end], self.logp[start:end], self.log_rest[start:end], tails, self.temperatures)
+
+    def log_tail(self, temperature: float) -> torch.Tensor:
+        """log sum over the tail of p_i^(1/T): exact, or a ValueError naming what the source can serve."""
+        if temperature == 1.0:
+            return self.log_rest
+        if self.tails is not None and temperature in self.temperatures:
+            return self.tails[:, self.temperatures.index(temperature)]
+        served = ", ".join(f"{t:g}" for t in (1.0, *self.temperatures))
+        raise ValueError(
+            f"the sparse teacher holds exact tails for T in {{{served}}}, not T = {temperature:g} "
+            "(write the cache with this run's curriculum)"
+        )
+
+
+def as_sparse(t_sparse) -> Optional[SparseTeacher]:
+    """`SparseTeacher`, or today's (ids, log-probs, log rest) tuple (T = 1 only), or None."""
+    if t_sparse is None or isinstance(t_sparse, SparseTeacher):
+        return t_sparse
+    ids, logp, log_rest = t_sparse
+    return SparseTeacher(ids, logp, log_rest)
+
+
+def sparse_log_probs(s: torch.Tensor, sp: SparseTeacher, temperature: float):
     """Student and teacher over the teacher's k cached tokens plus one bucket for the rest of the vocabulary
-    (the same buckets as live top-k KD with `kd_top_k_rest`). `s`: student logits already divided by T;
-    `t_logp` [c, k] and `t_rest` [c]: the teacher's log-probs at T = 1. At another T the teacher's tail is
-    taken as spread evenly over the other tokens (exact at T = 1; the cache keeps no tail values)."""
+    (the same buckets as live top-k KD with `kd_top_k_rest`). `s`: student logits already divided by T. The
+    teacher's buckets at T are log p_i / T for the kept tokens and log sum_tail p_i^(1/T) for the rest,
+    renormalised: exactly live top-k + rest at T (the tail statistic is stored per temperature)."""
     s_full = torch.log_softmax(s, dim=-1)
-    top_s = s_full.gather(-1, ids)
-    rest_s = torch.logsumexp(s_full.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    top_s = s_full.gather(-1, sp.ids)
+    rest_s = torch.logsumexp(s_full.scatter(-1, sp.ids, float("-inf")), dim=-1, keepdim=True)
     s_logp = torch.cat([top_s, rest_s], dim=-1)
-    t = torch.cat([t_logp.to(s.dtype), t_rest.to(s.dtype)[:, None]], dim=-1)
-    if temperature != 1.0:
-        others = math.log(max(s.size(-1) - ids.size(-1), 1))
-        tail_each = (t[:, -1:] - others) / temperature
-        t = torch.cat([t[:, :-1] / temperature, tail_each + others], dim=-1)
+    tail = sp.log_tail(temperature).to(s.dtype)
+    t = torch.cat([sp.logp.to(s.dtype) / temperature, tail[:, None]], dim=-1)
     return s_logp, torch.log_softmax(t, dim=-1)
 
 
 def _chunk_terms(
-    s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], targets: torch.Tensor, o: KDOptions, sparse: Optional[tuple] = None
+    s_logits: torch.Tensor,
+    t_logits: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    o: KDOptions,
+    sparse: Optional[SparseTeacher] = None,
 ):
-    """(kd sum x T^2, kd raw sum, lm sum) for one chunk of valid rows (fp32 logits [c, V]); the teacher is
-    dense logits, or `sparse` = (ids, log-probs, log rest) from a teacher cache."""
+    """(kd sum x T^2 (tv: x 1), kd raw sum, lm sum) for one chunk of valid rows (fp32 logits [c, V]); the
+    teacher is dense logits, or `sparse`: its top-k from a teacher cache."""
     zero = s_logits.new_zeros(())
     kd = raw = zero
     if o.want_kd:
         s = s_logits / o.temperature
         if sparse is not None:
-            s_logp, t_logp = sparse_log_probs(s, *sparse, o.temperature)
+            s_logp, t_logp = sparse_log_probs(s, sparse, o.temperature)
         elif o.top_k is not None and o.top_k < s.size(-1):
             t = t_logits / o.temperature
-            s_logp, t_logp = _topk_log_probs(s, t, o.top_k, o.top_k_rest)
+            s_logp, t_logp = _topk_log_probs(s, t, o.top_k, o.top_k_rest, o.divergence, o.top_k_support)
         else:
             s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t_logits / o.temperature, dim=-1)
         raw = divergence(t_logp, s_logp, o.divergence, beta=o.beta, alpha=o.alpha).sum()
-        kd = raw * (o.temperature**2)
+        kd = raw * t2_factor(o.divergence, o.temperature)
     lm = F.cross_entropy(s_logits, targets, reduction="sum") if o.want_lm else zero
     return kd, raw, lm
 
@@ -170,7 +214,7 @@ class _FusedKDLM(torch.autograd.Function):
                     if o.want_kd and sparse is None
                     else None
                 )
-            part = None if sparse is None else tuple(x[start:end] for x in sparse)
+            part = None if sparse is None else sparse.rows(start, end)
             s_logits.requires_grad_(need)
             with torch.enable_grad() if need else torch.no_grad():
                 kd, raw, lm = (
@@ -216,7 +260,7 @@ def fused_kd_lm(
     coef_lm: float,
     options: KDOptions,
     ignore_index: int = -100,
-    t_sparse: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    t_sparse=None,
 ):
     """Chunked KD and LM over the valid next-token positions of a batch.
 
@@ -231,8 +275,9 @@ def fused_kd_lm(
     sh = s_hidden[:, :-1][mask]
     th = t_hidden[:, :-1][mask] if t_hidden is not None else None
     targets = labels[:, 1:][mask]
-    if t_sparse is not None and t_sparse[0].size(0) != targets.size(0):
-        raise ValueError(f"the teacher cache gave {t_sparse[0].size(0)} positions for a batch with {targets.size(0)}")
+    t_sparse = as_sparse(t_sparse)
+    if t_sparse is not None and t_sparse.ids.size(0) != targets.size(0):
+        raise ValueError(f"the teacher cache gave {t_sparse.ids.size(0)} positions for a batch with {targets.size(0)}")
     combined, kd, raw, lm = _FusedKDLM.apply(
         sh, s_weight, th, t_weight, targets, float(coef_kd), float(coef_lm), options, t_sparse
     )

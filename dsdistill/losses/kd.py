@@ -5,11 +5,24 @@ Divergences (p = teacher, q = student, both at temperature T):
 - reverse_kl:  KL(q || p)
 - jsd (beta):  beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q.
                beta = 0 and beta = 1 are defined as the limits of jsd/beta and jsd/(1 - beta):
-               forward and reverse KL. beta = 0.5 is the symmetric Jensen-Shannon divergence.
-- skew_kl (alpha): KL(p || alpha * p + (1 - alpha) * q); alpha = 0 is forward KL.
+               forward and reverse KL. beta = 0.5 is the symmetric Jensen-Shannon divergence. The value
+               jumps at beta = 0 and 1 (jsd itself goes to 0 there; its rescaled limit does not), as in TRL.
+- skew_kl (alpha):  KL(p || alpha * p + (1 - alpha) * q); alpha = 0 is forward KL (DistiLLM's SKL).
+- skew_rkl (alpha): KL(q || alpha * q + (1 - alpha) * p); alpha = 0 is reverse KL (DistiLLM's SRKL).
 - tv:          total variation, 0.5 * sum |p - q|.
-The value that enters the objective is T^2 x divergence (so gradient scales do not shrink with T); the
-unscaled divergence is returned too, so a reader can tell a large KD number from a large T.
+
+Scaling: the KL family (every divergence above but tv) has gradients that shrink as 1/T^2 when both
+sides are softened, so the value that enters the objective is T^2 x divergence (Hinton et al.). Total
+variation has no such property (and is bounded by 1), so it enters unscaled. `T2_SCALED` lists which are
+scaled; run_start records it. The unscaled divergence is logged too (`kd_kl`).
+
+Top-k supports (`kd_top_k`): each divergence is computed on the tokens where the side it weights puts its
+mass, so a student cannot hide mass outside the compared set:
+- forward_kl: the teacher's top-k (the expectation is under the teacher);
+- reverse_kl, skew_rkl: the student's top-k (the expectation is under the student);
+- jsd, skew_kl, tv: the union of both top-k sets (both sides weigh in).
+Both distributions are renormalised over that support, or, with `kd_top_k_rest`, the rest of the
+vocabulary is one more bucket on both sides (k = vocab with the bucket equals full KD).
 """
 
 from __future__ import annotations
@@ -21,35 +34,72 @@ import torch
 
 from dsdistill.losses.lm import shifted_mask, upcast
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tv"]
-DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tv")
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv")
+T2_SCALED: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"})
+"""Divergences multiplied by T^2 in the objective (their gradients shrink as 1/T^2); tv is not."""
+TOP_K_SUPPORT: dict[str, str] = {
+    "forward_kl": "teacher",
+    "reverse_kl": "student",
+    "skew_rkl": "student",
+    "jsd": "union",
+    "skew_kl": "union",
+    "tv": "union",
+}
+"""Whose top-k tokens a divergence is compared on (see the module docstring)."""
+
+_ABSENT = -1.0e4
+"""Log-value of a support slot that holds no token (a duplicate in a union): exp() of it is exactly 0 in
+fp32 and fp64, and unlike -inf it keeps every gradient finite."""
 
 
-def _topk_log_probs(s: torch.Tensor, t: torch.Tensor, k: int, rest: bool):
-    """Teacher's top-k positions; log-probabilities of both sides over those k tokens (renormalised), or
-    over k + 1 buckets where the last holds all remaining mass (so k = vocab equals full KD).
+def t2_factor(kind: str, temperature: float) -> float:
+    """The factor the divergence is multiplied by in the objective: T^2 for the KL family, 1 for tv."""
+    return temperature**2 if kind in T2_SCALED else 1.0
+
+
+def topk_support(s_logp_full: torch.Tensor, t_logp_full: torch.Tensor, k: int, kind: str, support: str = "auto"):
+    """Token ids [N, k or 2k] of the divergence's top-k support and a mask of slots that repeat a token
+    already in it (union supports only; such slots must hold no mass). `support` "teacher" forces the
+    teacher's top-k (what a cache holds), "auto" takes `TOP_K_SUPPORT[kind]`."""
+    side = "teacher" if support == "teacher" else TOP_K_SUPPORT[kind]
+    t_idx = t_logp_full.topk(k, dim=-1).indices if side != "student" else None
+    s_idx = s_logp_full.topk(k, dim=-1).indices if side != "teacher" else None
+    if t_idx is None:
+        return s_idx, None
+    if s_idx is None:
+        return t_idx, None
+    dup = (s_idx[:, :, None] == t_idx[:, None, :]).any(-1)
+    return torch.cat([t_idx, s_idx], dim=-1), torch.cat([torch.zeros_like(dup), dup], dim=-1)
+
+
+def _topk_log_probs(s: torch.Tensor, t: torch.Tensor, k: int, rest: bool, kind: str = "forward_kl", support: str = "auto"):
+    """Log-probabilities of both sides over the divergence's top-k support (renormalised), or over that
+    support plus one bucket holding all remaining mass.
 
     The rest bucket is the log-sum-exp of the tail itself, not log(1 - kept mass): when the tail holds less
     than ~1e-7 of the mass, 1 - kept cancels to nothing in fp32 (a near one-hot teacher, or k close to V),
     while the tail's own log-sum-exp stays exact."""
     t_logp_full = torch.log_softmax(t, dim=-1)
-    top_t, idx = t_logp_full.topk(k, dim=-1)
     s_logp_full = torch.log_softmax(s, dim=-1)
-    top_s = s_logp_full.gather(-1, idx)
-    if not rest:
-        return torch.log_softmax(top_s, dim=-1), torch.log_softmax(top_t, dim=-1)
+    idx, dup = topk_support(s_logp_full, t_logp_full, k, kind, support)
 
-    def with_rest(full, top):
+    def on_support(full):
+        top = full.gather(-1, idx)
+        if dup is not None:
+            top = top.masked_fill(dup, _ABSENT)
+        if not rest:
+            return torch.log_softmax(top, dim=-1)
         tail = full.scatter(-1, idx, float("-inf"))
         return torch.cat([top, torch.logsumexp(tail, dim=-1, keepdim=True)], dim=-1)
 
-    return with_rest(s_logp_full, top_s), with_rest(t_logp_full, top_t)
+    return on_support(s_logp_full), on_support(t_logp_full)
 
 
 def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """Per-row KL(a || b) from log-probabilities; rows where a has zero mass contribute 0."""
     pa = logp_a.exp()
-    return torch.where(pa > 0, pa * (logp_a - logp_b), torch.zeros_like(pa)).sum(-1)
+    return (pa * torch.where(pa > 0, logp_a - logp_b, 0.0)).sum(-1)
 
 
 def _mix(logp_a: torch.Tensor, logp_b: torch.Tensor, w: float) -> torch.Tensor:
@@ -74,6 +124,10 @@ def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str, *, beta: f
         if alpha <= 0.0:
             return _kl(t_logp, s_logp)
         return _kl(t_logp, _mix(t_logp, s_logp, alpha) if alpha < 1.0 else t_logp)
+    if kind == "skew_rkl":
+        if alpha <= 0.0:
+            return _kl(s_logp, t_logp)
+        return _kl(s_logp, _mix(s_logp, t_logp, alpha) if alpha < 1.0 else s_logp)
     if kind == "tv":
         return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
@@ -88,11 +142,12 @@ def kd_loss(
     ignore_index: int = -100,
     top_k: Optional[int] = None,
     top_k_rest: bool = False,
+    top_k_support: str = "auto",
     divergence_kind: str = "forward_kl",
     beta: float = 0.5,
     alpha: float = 0.1,
 ):
-    """Summed T^2 x divergence over valid positions.
+    """Summed T^2 x divergence (tv: unscaled, see `t2_factor`) over valid positions.
 
     Both logits are [B, S, V] over the same vocabulary; position t is valid when labels[:, t+1] is not
     `ignore_index` (the positions the LM loss uses). Computed in at least fp32.
@@ -104,8 +159,8 @@ def kd_loss(
     s = upcast(student_logits[:, :-1][mask]) / temperature
     t = upcast(teacher_logits[:, :-1][mask]) / temperature
     if top_k is not None and top_k < s.size(-1):
-        s_logp, t_logp = _topk_log_probs(s, t, top_k, top_k_rest)
+        s_logp, t_logp = _topk_log_probs(s, t, top_k, top_k_rest, divergence_kind, top_k_support)
     else:
         s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
     raw = divergence(t_logp, s_logp, divergence_kind, beta=beta, alpha=alpha).sum()
-    return raw * (temperature**2), {"count": int(mask.sum()), "kl": raw.detach()}
+    return raw * t2_factor(divergence_kind, temperature), {"count": int(mask.sum()), "kl": raw.detach()}
