@@ -34,6 +34,7 @@ from .alerts import AlertRules, evaluate_alerts
 from .series_math import BlockMinMax
 from .state import X_AXES, RunState
 from .tail import PollResult, Tailer, run_name
+from .textsafe import clean, label
 from .widgets import (
     LONG,
     SMOOTHING,
@@ -231,7 +232,7 @@ class DsMonitor(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = ", ".join(r.name for r in self.runs)
+        self.sub_title = label(", ".join(r.name for r in self.runs))
         self._arrange()
         self.set_interval(self.refresh_interval, self.refresh_views)
         self.tail_worker()
@@ -396,7 +397,7 @@ class DsMonitor(App):
             old = self.runs[i]
             self.runs[i] = RunState(old.name)
             self.runs[i].corrupt = old.corrupt
-            self.notify(f"{old.name}: metrics file {res.restarted}, re-reading from the start", severity="warning")
+            self.notify(label(f"{old.name}: metrics file {res.restarted}, re-reading from the start"), severity="warning")
         run = self.runs[i]
         for rec in res.records:
             run.add(rec)
@@ -494,7 +495,7 @@ class DsMonitor(App):
                 parts.append(part)
         while len(" | ".join(parts)) > room and len(parts) > 1:
             parts.pop()
-        self.status_bar.update(" | ".join(parts))
+        self.status_bar.update(label(" | ".join(parts)))  # run names and filters come from outside
         self._draw_views_bar()
 
     def screen_text(self) -> str:
@@ -584,10 +585,10 @@ class DsMonitor(App):
             with open(path, "w", newline="", encoding="utf-8") as fh:
                 write_csv(self.runs, fh)
         except OSError as e:
-            self.notify(f"export failed: {e}", severity="error")
+            self.notify(label(f"export failed: {e}"), severity="error")
             return
         self.last_export = path
-        self.notify(f"saved {path}")
+        self.notify(label(f"saved {path}"))
 
     def action_show_config(self) -> None:
         run = self.runs[self.opts.baseline]
@@ -601,7 +602,7 @@ class DsMonitor(App):
 
     def action_show_records(self) -> None:
         tailer = self.tailers[self.opts.baseline]
-        lines = [line.decode("utf-8", "replace") for line in tailer.tail_lines(500)]
+        lines = [clean(line.decode("utf-8", "replace")) for line in tailer.tail_lines(500)]
         self.push_screen(SearchScreen(f"{self.runs[self.opts.baseline].name}: newest {len(lines)} records", lines))
 
     def action_toggle_log(self) -> None:
@@ -627,7 +628,7 @@ class DsMonitor(App):
 
     def action_cycle_baseline(self) -> None:
         self.opts.baseline = (self.opts.baseline + 1) % len(self.runs)
-        self.notify(f"baseline: {self.runs[self.opts.baseline].name}")
+        self.notify(label(f"baseline: {self.runs[self.opts.baseline].name}"))
         self._changed()
 
     def action_pause(self) -> None:
@@ -673,10 +674,10 @@ class DsMonitor(App):
         try:
             path.write_text(svg, encoding="utf-8")
         except OSError as e:
-            self.notify(f"export failed: {e}", severity="error")
+            self.notify(label(f"export failed: {e}"), severity="error")
             return
         self.last_export = path
-        self.notify(f"saved {path}")
+        self.notify(label(f"saved {path}"))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.HELP))
@@ -783,7 +784,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for t in args.runs:
         if not Path(t).exists():
-            print(f"dsmonitor: error: '{t}' does not exist; expected a run directory or a metrics.jsonl file", file=sys.stderr)
+            print(
+                f"dsmonitor: error: '{clean(t)}' does not exist; expected a run directory or a metrics.jsonl file",
+                file=sys.stderr,
+            )
             return 2
     rules = AlertRules(gap=args.gap, spike=args.spike, stall_seconds=args.stall)
     if args.once or args.json:

@@ -20,6 +20,8 @@ from typing import Optional
 from dsdistill.schema import KINDS as KNOWN_KINDS
 from dsdistill.schema import METRICS_FILE, parse_line
 
+from .textsafe import clean, clean_obj, needs_cleaning
+
 CHUNK = 1 << 20
 
 _gc_lock = threading.Lock()
@@ -56,12 +58,20 @@ def metrics_path(target: str | Path) -> Path:
 
 def run_name(target: str | Path) -> str:
     """The name a run is shown under: its directory's name (`runs/qwen2.5-lr3e-4` -> `qwen2.5-lr3e-4`)."""
-    return metrics_path(target).parent.name or str(target)
+    return clean(metrics_path(target).parent.name or str(target))
 
 
 HEAD_BYTES = 256
 """Bytes at the start of the file remembered to notice it was replaced by a file of the same inode and a
 size at least as large (truncated and refilled, or deleted and recreated within one poll)."""
+
+
+def read_record(raw: bytes):
+    """A record from one line, with every string in it cleaned of terminal controls (see textsafe)."""
+    rec = parse_line(raw)
+    if rec is not None and needs_cleaning(raw):
+        rec = type(rec).model_validate(clean_obj(rec.model_dump()))
+    return rec
 
 
 def _kind_of(raw: bytes) -> Optional[str]:
@@ -175,11 +185,11 @@ class Tailer:
         lines = tail.split(b"\n")
         if size > tail_bytes:
             lines = lines[1:]  # the first line of the window is cut
-        first = parse_line(head) if head.endswith(b"\n") else None
+        first = read_record(head) if head.endswith(b"\n") else None
         if first is not None and size > tail_bytes:
             out.records.append(first)
         for raw in lines[:-1] if not tail.endswith(b"\n") else lines:
-            rec = parse_line(raw) if raw.strip() else None
+            rec = read_record(raw) if raw.strip() else None
             if rec is not None:
                 out.records.append(rec)
         return out
@@ -206,7 +216,7 @@ class Tailer:
             if not raw.strip():
                 continue
             self.lines_total += 1
-            rec = parse_line(raw)
+            rec = read_record(raw)
             if rec is not None:
                 out.records.append(rec)
             elif (kind := _kind_of(raw)) is not None and kind not in KNOWN_KINDS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +21,7 @@ from .alerts import Alert
 from .plot import HLine, Trace, render_plot
 from .series_math import BlockMinMax, minmax_indices
 from .state import RunState, Series
+from .textsafe import label
 
 RUN_COLORS = ("cyan", "magenta", "green", "yellow", "dodger_blue1", "orange1")
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
@@ -290,9 +292,10 @@ class PlotPanel(Panel):
     """
 
     def __init__(self, component: str, **kw):
-        super().__init__(id=f"plot-{component}", **kw)
+        # a widget id takes letters, digits, - and _ only; a component's name comes from a file
+        super().__init__(id="plot-" + re.sub(r"[^A-Za-z0-9_-]", lambda m: f"_{ord(m.group()):x}_", component), **kw)
         self.component = component
-        self.border_title = component
+        self.border_title = label(component)
 
     # the mouse wheel zooms the x range, as + and - do (terminals that report the mouse)
     def on_mouse_scroll_up(self, event) -> None:
@@ -479,12 +482,12 @@ class StatsPanel(Panel):
             ("eval ppl", run.eval, "ppl"),
             ("teacher ppl", run.eval, "teacher_ppl"),
         ]
-        for label, table_src, key in keys:
+        for name, table_src, key in keys:
             s = table_src.get(key)
             if s is None or not len(s):
                 continue
             delta = s.value[-1] - s.value[-2] if len(s) > 1 else None
-            row = [label, _fmt(s.last), _fmt(s.finite_min()), _fmt(delta), sparkline(s.value)]
+            row = [name, _fmt(s.last), _fmt(s.finite_min()), _fmt(delta), sparkline(s.value)]
             for o in others:
                 src = o.train if table_src is run.train else o.eval
                 os_ = src.get(key)
@@ -492,7 +495,7 @@ class StatsPanel(Panel):
             rows.append(row)
         prog = run.progress()
         self.border_title = (
-            f"{run.name}: step {run.current_step}/{run.total_steps or '?'}"
+            f"{label(run.name)}: step {run.current_step}/{run.total_steps or '?'}"
             f" {'' if prog is None else f'{100 * prog:.1f}%'}  ETA {_duration(run.eta_seconds())}"
         )
         self.paint(lambda w, h: fit_table(header, rows, w))
@@ -730,7 +733,7 @@ class SearchScreen(ModalScreen):
     def compose(self) -> ComposeResult:
         yield Input(placeholder="search (case-insensitive); Escape closes", id="search")
         with VerticalScroll() as scroll:
-            scroll.border_title = self.title_text
+            scroll.border_title = label(self.title_text)
             yield Static(self._text(""), id="found")
 
     def _text(self, query: str) -> Text:
