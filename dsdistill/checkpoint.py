@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dsdistill.errors import DistillError, first_sentence
+from dsdistill.rundir import damaged_file, ensure_dir, record_checksums, refuse_link, write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 _TAG = re.compile(r"^step(\d+)$")
@@ -48,7 +49,8 @@ def tags(run_dir: Path) -> list[tuple[int, Path]]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
+    # a link named stepN is not one of ours: never listed, so never pruned through
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (m := _TAG.match(p.name))]
     return sorted(found)
 
 
@@ -91,7 +93,9 @@ def resolve_tag(run_dir: Path, tag: Optional[str], *, field: str) -> Optional[st
     `checkpoints/` or a checkpoint that is gone, while checkpoints exist, is refused: restarting from
     step 0 would overwrite them."""
     root = checkpoint_dir(run_dir)
+    refuse_link(root, field=field)
     if tag is not None:
+        refuse_link(root / tag, field=field)
         if not valid_tag(tag):
             raise CheckpointError(f"{field}: '{tag}' is not a checkpoint tag; expected stepN, one of: {_listing(run_dir)}")
         if not (root / tag).is_dir():
@@ -117,7 +121,20 @@ def resolve_tag(run_dir: Path, tag: Optional[str], *, field: str) -> Optional[st
             f"(checkpoints: {_listing(run_dir)}); pick one with --set checkpoint.resume_tag=stepN, "
             "or start fresh with checkpoint.resume: never and another output.run_dir"
         )
+    refuse_link(root / tag, field=field)
     return tag
+
+
+def verify(run_dir: Path, tag: str, *, field: str) -> None:
+    """The checkpoint's files against the checksums recorded at save: a one-line error naming the first
+    damaged file and the newest earlier checkpoint that is intact."""
+    bad = damaged_file(checkpoint_dir(run_dir) / tag)
+    if bad is None:
+        return
+    step = int(tag[4:])
+    earlier = [p.name for s, p in reversed(tags(run_dir)) if s < step and damaged_file(p) is None]
+    offer = f"resume from {earlier[0]} with --set {field}={earlier[0]}" if earlier else "no earlier intact checkpoint exists"
+    raise CheckpointError(f"checkpoint: {bad} (the checkpoint {tag} is damaged); {offer}")
 
 
 SAFE_GLOBALS_NAMES = (
@@ -184,10 +201,7 @@ def describe_load_error(where: Path, err: BaseException) -> str:
 
 
 def _write_pointer(run_dir: Path, name: str, tag: str) -> None:
-    root = checkpoint_dir(run_dir)
-    tmp = root / f".{name}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, root / name)
+    write_atomic(checkpoint_dir(run_dir) / name, tag.encode(), field="checkpoint")
 
 
 def _barrier() -> None:
@@ -201,7 +215,10 @@ def clean_partials(run_dir: Path) -> list[str]:
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.is_dir() and _PARTIAL.match(p.name):
+            if _PARTIAL.match(p.name) and p.is_symlink():
+                p.unlink()  # the link itself, never what it points to
+                removed.append(p.name)
+            elif p.is_dir() and _PARTIAL.match(p.name):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
     return removed
@@ -214,7 +231,8 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
     partial = f".{tag}.partial"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(root, field="checkpoint")
+        refuse_link(root / tag, field="checkpoint")
         clean_partials(run_dir)
     _barrier()
     client = dict(state)
@@ -229,7 +247,9 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
         raise CheckpointError(f"checkpoint: writing {tag} to '{root}' failed ({first_sentence(e)}); {kept}") from None
     _barrier()
     if rank == 0:
+        record_checksums(root / partial)  # before publishing: a published checkpoint always has them
         final = root / tag
+        refuse_link(final, field="checkpoint")
         if final.exists():
             shutil.rmtree(final)
         os.rename(root / partial, final)
@@ -242,6 +262,24 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
                 shutil.rmtree(path, ignore_errors=True)
     _barrier()
     return tag
+
+
+def _verified_by_rank0(run_dir: Path, tag: str) -> None:
+    """`verify` on rank 0 (each file read once, not once per rank); the others learn the verdict."""
+    from dsdistill.dist import all_reduce_sum
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    error: Optional[CheckpointError] = None
+    if rank == 0:
+        try:
+            verify(run_dir, tag, field="checkpoint.resume_tag")
+        except CheckpointError as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if all_reduce_sum([1.0 if error is not None else 0.0])[0] and error is None:
+            raise CheckpointError(f"checkpoint: rank 0 found {tag} damaged")
+    if error is not None:
+        raise error
 
 
 def _has_states(where: Path) -> bool:
@@ -263,6 +301,7 @@ def load(
             f"checkpoint: '{where}' holds no model states (an empty or incomplete checkpoint); "
             f"delete it or pick another with --set checkpoint.resume_tag=stepN (checkpoints: {_listing(run_dir)})"
         )
+    _verified_by_rank0(run_dir, tag)
     try:
         with safe_unpickling():
             path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)

@@ -35,6 +35,8 @@ def export(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     run_dir, out = Path(run_dir), Path(out)
+    if out.is_symlink():
+        raise ExportError(f"export: '{out}' is a symbolic link; give a real directory (or a new path) as --out")
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"export: '{run_dir}' has no config.yaml; expected a dsdistill run directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -46,6 +48,7 @@ def export(
     where = checkpoint.checkpoint_dir(run_dir) / tag
     if not any(where.glob("*model_states.pt")):
         raise ExportError(f"export: '{where}' holds no model states (an empty or incomplete checkpoint); pick another with --tag")
+    checkpoint.verify(run_dir, tag, field="--tag")
     try:
         with checkpoint.safe_unpickling():
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.checkpoint_dir(run_dir)), tag=tag)
@@ -68,6 +71,8 @@ def export(
         )
     model.to(DTYPES[dtype])
     tmp = out.parent / f".{out.name}.partial"
+    if tmp.is_symlink():
+        tmp.unlink()  # the link itself, never its target
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     try:

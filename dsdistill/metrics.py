@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from dsdistill.errors import DistillError
+from dsdistill.rundir import ensure_dir, open_append
 from dsdistill.schema import METRICS_FILE, dumps
 
 
@@ -33,8 +34,8 @@ class MetricsWriter:
             return
         try:
             if self._fh is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "a", encoding="utf-8")
+                ensure_dir(self.path.parent)
+                self._fh = open_append(self.path)
             self._fh.write(dumps(record) + "\n")
             self._fh.flush()
             os.fsync(self._fh.fileno())

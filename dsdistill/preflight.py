@@ -15,6 +15,7 @@ from dsdistill.curriculum import Curriculum
 from dsdistill.data import MixedStream, Splits, TrainStream, build_splits, make_stream, plan_json
 from dsdistill.ds_config import precision_of, resolve_student, resolve_teacher, zero_stage
 from dsdistill.engines import warmup_steps_of
+from dsdistill.rundir import LOCK_FILE, refuse_link
 from dsdistill.errors import ConfigError, DataError, ModelError
 from dsdistill.layers import LayerMap
 from dsdistill.models import load_config as load_model_config
@@ -248,14 +249,20 @@ def _size(gib: float) -> str:
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """The run directory exists (or can be made) and accepts files."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output.run_dir: '{run_dir}' is not writable ({e.strerror or e})") from None
+    """The run directory exists and accepts files, or can be made (checked without making it: `check` leaves
+    no trace), and none of dsdistill's own files in it is a link (see dsdistill/rundir.py)."""
+    if run_dir.exists() or run_dir.is_symlink():
+        if not run_dir.is_dir():
+            raise ConfigError(f"output.run_dir: '{run_dir}' is not a directory")
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"output.run_dir: '{run_dir}' is not writable")
+    else:
+        parent = next((p for p in run_dir.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"output.run_dir: '{run_dir}' cannot be created ('{parent}' is not a writable directory)")
+        return
+    for name in ("metrics.jsonl", "config.yaml", "checkpoints", LOCK_FILE):
+        refuse_link(run_dir / name)
     for name in ("metrics.jsonl", "config.yaml"):
         target = run_dir / name
         if target.exists() and not target.is_file():

@@ -44,6 +44,7 @@ from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
 from dsdistill.preflight import Plan, RunData, preflight, skipped_warnings
 from dsdistill.report import eval_line, train_line
 from dsdistill.rollout import StudentSampler
+from dsdistill.rundir import RunLock, write_atomic
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.student import DistillStudent
 from dsdistill.system import system_record
@@ -103,7 +104,7 @@ class Session:
     """The live side of a run around its frozen `Plan`: the two engines, the teacher source, the
     objective, the trainer and evaluator, and the metrics stream. `fit()` trains it."""
 
-    def __init__(self, cfg: RunConfig, stop: StopRequest):
+    def __init__(self, cfg: RunConfig, stop: StopRequest, held: list[RunLock]):
         rank, world = init_distributed()
         torch.manual_seed(cfg.train.seed)
         self.stop = stop
@@ -112,6 +113,10 @@ class Session:
         plan, data = agree(lambda: preflight(cfg, world=world, rank=rank), what="preflight")
         self.plan: Plan = plan
         self.data: RunData = data
+        # one training per run directory: a second one would interleave its records and checkpoints
+        lock = agree(lambda: RunLock(Path(plan.run_dir)).acquire() if rank == 0 else None, what="locking the run directory")
+        if lock is not None:
+            held.append(lock)
         self.writer = MetricsWriter(plan.run_dir, enabled=rank == 0)
         if cfg.loss.fused_logits and plan.fused_off is not None:
             _say(rank, f"note: fused KD/LM is off because {plan.fused_off}; using full logits")
@@ -537,8 +542,9 @@ def open_session(cfg: RunConfig) -> Iterator[Session]:
     stop.install()
     session: Optional[Session] = None
     watch: Optional[LauncherWatch] = None
+    held: list[RunLock] = []
     try:
-        session = Session(cfg, stop)
+        session = Session(cfg, stop, held)
         watch = LauncherWatch(stop).start()
         yield session
     except BaseException as e:
@@ -561,6 +567,8 @@ def open_session(cfg: RunConfig) -> Iterator[Session]:
         stop.uninstall()
         if session is not None:
             session.writer.close()
+        for lock in held:
+            lock.release()
 
 
 def train(cfg: RunConfig) -> Summary:
@@ -594,12 +602,9 @@ def _progress_bar(plan: Plan, *, done: int):
 
 def _write_config(path: Path, data: dict) -> None:
     """The resolved config, written whole or not at all (a full disk leaves the previous file intact)."""
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(_yaml(data))
-        os.replace(tmp, path)
+        write_atomic(path, _yaml(data).encode())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DistillError(f"output.run_dir: cannot write '{path}' ({e.strerror or e}); files written before are kept") from None
 
 

@@ -64,6 +64,8 @@ def run_name(target: str | Path) -> str:
 HEAD_BYTES = 256
 """Bytes at the start of the file remembered to notice it was replaced by a file of the same inode and a
 size at least as large (truncated and refilled, or deleted and recreated within one poll)."""
+MARK_BYTES, MARK_SAMPLES = 128, 8
+"""Beyond the head, samples of MARK_BYTES at MARK_SAMPLES points of the region read (its end included)."""
 
 
 def read_record(raw: bytes):
@@ -111,6 +113,8 @@ class Tailer:
         self.partial = b""
         self.head = b""
         """The first bytes as last read (see HEAD_BYTES)."""
+        self.marks: list[tuple[int, bytes]] = []
+        """(offset, bytes) samples of the region read so far (see `_same_head`)."""
         self.corrupt_total = 0
         self.unknown_total = 0
         self.lines_total = 0
@@ -119,16 +123,37 @@ class Tailer:
         self.offset = 0
         self.partial = b""
         self.head = b""
+        self.marks = []
 
     def _same_head(self) -> bool:
-        """Whether the file still starts with the bytes read from it before."""
+        """Whether the file still holds the bytes read from it before: its start, the stretch just before
+        where reading stopped, and evenly spaced samples in between (a few small reads, however large the
+        file), so a file rewritten in place under the same inode is noticed even when it starts alike."""
         if not self.head:
             return True
         try:
             with open(self.path, "rb") as fh:
-                return fh.read(len(self.head)) == self.head
+                if fh.read(len(self.head)) != self.head:
+                    return False
+                for at, data in self.marks:
+                    fh.seek(at)
+                    if fh.read(len(data)) != data:
+                        return False
+                return True
         except OSError:
             return False
+
+    def _mark(self, fh) -> None:
+        """Remember the samples `_same_head` compares (after a read; `fh` is open on the file)."""
+        end = self.offset
+        spots = {max(0, end - MARK_BYTES)} | {end * i // MARK_SAMPLES for i in range(1, MARK_SAMPLES)}
+        marks = []
+        for at in sorted(spots):
+            if at < HEAD_BYTES and end > HEAD_BYTES:
+                continue  # the head covers it
+            fh.seek(at)
+            marks.append((at, fh.read(min(MARK_BYTES, end - at))))
+        self.marks = marks
 
     def poll(self, *, max_bytes: Optional[int] = None) -> PollResult:
         """Read what is new (at most `max_bytes`, whole chunks); never raises for a missing file."""
@@ -166,6 +191,7 @@ class Tailer:
                 self.offset += len(data)
                 budget -= len(data)
                 self._consume(data, out)
+            self._mark(fh)
         return out
 
     def peek_latest(self, *, tail_bytes: int = 2 << 20) -> PollResult:

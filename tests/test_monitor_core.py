@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -265,3 +266,21 @@ def test_block_extremes_keep_what_a_plot_of_the_whole_history_needs():
         block = v[b : b + 1024]
         if np.isfinite(block).all():
             assert b + int(block.argmax()) in set(cand.tolist()) and b + int(block.argmin()) in set(cand.tolist())
+
+
+def test_a_file_rewritten_in_place_with_the_same_start_is_read_anew(tmp_path):
+    """The audit's case: the same first 256 bytes (a long run_start) and a larger size lost 3 of 6 new
+    records; samples of the whole region read so far notice the rewrite."""
+    recs = healthy_records(6)
+    path = write(tmp_path / "metrics.jsonl", recs[:4])
+    tailer = Tailer(path)
+    first = tailer.poll().records
+    assert len(first) == 4
+    changed = [recs[0]] + [r.model_copy(update={"time": r.time + 0.5}) for r in recs[1:]]  # same start, new bodies
+    with open(path, "r+", encoding="utf-8") as fh:  # same inode, larger, the first record unchanged
+        fh.seek(0)
+        fh.write("".join(dumps(r) + "\n" for r in changed))
+    assert Path(path).read_bytes()[:256] == "".join(dumps(r) + "\n" for r in recs[:4]).encode()[:256]
+    res = tailer.poll()
+    assert res.restarted == "replaced" and len(res.records) == len(changed)
+    assert [r.time for r in res.records] == [r.time for r in changed]

@@ -22,6 +22,7 @@ from dsdistill import checkpoint
 from dsdistill.config import validate
 from dsdistill.errors import DistillError
 from dsdistill.export import export
+from dsdistill.rundir import RunLock, record_checksums
 from dsdistill.train import train
 
 
@@ -56,7 +57,7 @@ def run_copy(finished, tmp_path):
     return cfg, dst
 
 
-def _snapshot(run_dir: Path, skip=("metrics.jsonl",)) -> dict:
+def _snapshot(run_dir: Path, skip=("metrics.jsonl", ".lock")) -> dict:
     return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name not in skip}
 
 
@@ -75,6 +76,7 @@ def _plant(run_dir: Path, marker: Path) -> Path:
     data = torch.load(states, weights_only=False)  # our own file, written by the fixture above
     data["planted"] = Payload(marker)
     torch.save(data, states)
+    record_checksums(states.parent)  # as an attacker would: the unpickling guard is what must hold
     return states
 
 
@@ -224,3 +226,124 @@ def test_export_ignores_trust_remote_code_from_the_run_directory(run_copy, asset
     with contextlib.suppress(Exception):  # the toy config class is not a full model; its import is what counts
         export(run_dir, tmp_path / "out-trusted", trust_remote_code=True)
     assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- links
+
+
+def _outside(tmp_path: Path) -> Path:
+    target = tmp_path / "elsewhere" / "precious.txt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("precious\n")
+    return target
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.yaml"])
+def test_a_linked_run_file_is_refused_and_its_target_untouched(run_copy, tmp_path, name):
+    cfg, run_dir = run_copy
+    target = _outside(tmp_path)
+    (run_dir / name).unlink()
+    (run_dir / name).symlink_to(target)
+    with pytest.raises(DistillError, match=rf"^output.run_dir: '{run_dir / name}' is a symbolic link; dsdistill writes"):
+        _train(cfg)
+    assert target.read_text() == "precious\n"
+
+
+def test_planted_temp_links_are_replaced_not_written_through(run_copy, tmp_path):
+    """The temp files dsdistill renames into place (`.latest.tmp.PID`, `.config.yaml.tmp.PID`): a link planted
+    under that name is removed, never written through."""
+    cfg, run_dir = run_copy
+    target = _outside(tmp_path)
+    pid = os.getpid()
+    for planted in (checkpoint.checkpoint_dir(run_dir) / f".latest.tmp.{pid}", run_dir / f".config.yaml.tmp.{pid}"):
+        planted.symlink_to(target)
+    _train(cfg)
+    assert target.read_text() == "precious\n"
+    assert checkpoint.latest_tag(run_dir) == "step4" and not (run_dir / "config.yaml").is_symlink()
+
+
+def test_a_linked_checkpoints_directory_is_refused_and_nothing_is_pruned_through_it(run_copy, tmp_path):
+    cfg, run_dir = run_copy
+    other = tmp_path / "other_checkpoints"
+    for i in range(1, 5):
+        (other / f"step{i}").mkdir(parents=True)
+        (other / f"step{i}" / "keep.txt").write_text("x")
+    shutil.rmtree(checkpoint.checkpoint_dir(run_dir))
+    checkpoint.checkpoint_dir(run_dir).symlink_to(other)
+    with pytest.raises(DistillError, match=r"is a symbolic link; dsdistill writes and deletes only its own files"):
+        _train({**cfg, "checkpoint": {"keep_last": 1}})
+    assert sorted(p.name for p in other.iterdir()) == ["step1", "step2", "step3", "step4"]
+
+
+def test_a_linked_step_is_neither_resumed_nor_exported_nor_pruned(run_copy, finished, tmp_path):
+    cfg, run_dir = run_copy
+    root = checkpoint.checkpoint_dir(run_dir)
+    shutil.move(str(root / "step2"), str(tmp_path / "real_step2"))
+    (root / "step2").symlink_to(tmp_path / "real_step2")
+    with pytest.raises(DistillError, match=rf"^checkpoint.resume_tag: '{root / 'step2'}' is a symbolic link"):
+        _train(cfg)
+    with pytest.raises(DistillError, match=rf"^export --tag: '{root / 'step2'}' is a symbolic link"):
+        export(run_dir, tmp_path / "out")
+    assert (tmp_path / "real_step2").is_dir() and any((tmp_path / "real_step2").iterdir())
+    out_link = tmp_path / "out_link"
+    out_link.symlink_to(tmp_path / "real_step2")
+    with pytest.raises(DistillError, match=rf"^export: '{out_link}' is a symbolic link"):
+        export(run_dir, out_link)
+
+
+# ---------------------------------------------------------------------------------------------- lock
+
+
+def test_a_second_training_in_a_run_directory_is_refused_until_the_first_ends(run_copy, tmp_path):
+    """Another process holds the directory (as a running training's rank 0 does): refused in one line
+    naming it; once that process is gone (killed: no chance to clean up), the lock is free by itself."""
+    cfg, run_dir = run_copy
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from dsdistill.rundir import RunLock; RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(run_dir, skip=(".lock",))
+        with pytest.raises(DistillError) as e:
+            _train(cfg)
+        msg = str(e.value)
+        assert (
+            msg.startswith(f"output.run_dir: '{run_dir}' is in use by another training (pid {holder.pid} on ") and "\n" not in msg
+        )
+        assert _snapshot(run_dir, skip=(".lock",)) == before and (run_dir / "metrics.jsonl").read_bytes().count(b"run_start") == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    _train(cfg)  # the killed holder left no stale lock
+    assert checkpoint.latest_tag(run_dir) == "step4"
+    RunLock(run_dir).acquire().release()  # and the finished run released its own
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+
+
+def test_a_corrupted_checkpoint_is_refused_by_resume_and_export_naming_the_file(run_copy, tmp_path):
+    """64 flipped bytes inside the model states resumed with rc 0 (objective 3.838 vs 3.452)."""
+    cfg, run_dir = run_copy
+    states = next((checkpoint.checkpoint_dir(run_dir) / "step2").glob("*model_states.pt"))
+    data = bytearray(states.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    states.write_bytes(bytes(data))
+    before = _snapshot(run_dir)
+    with pytest.raises(DistillError) as e:
+        _train(cfg)
+    assert str(e.value) == (
+        f"checkpoint: '{states}' does not match the checksum recorded at save (the checkpoint step2 is damaged); "
+        "no earlier intact checkpoint exists"
+    )
+    assert _snapshot(run_dir) == before
+    with pytest.raises(DistillError, match=rf"^checkpoint: '{states}' does not match the checksum recorded at save"):
+        export(run_dir, tmp_path / "out")
