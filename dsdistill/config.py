@@ -7,8 +7,9 @@ value and what was expected.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,7 +19,8 @@ from dsdistill.errors import ConfigError, one_line
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # every number finite: an inf learning rate, weight or temperature passed check and skipped every step
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -190,9 +192,9 @@ class LossConfig(_Strict):
     """(student, teacher) pairs for the layerwise loss; default: every student layer, uniformly mapped."""
     attention_layers: LayerPairs = None
     """(student, teacher) pairs for the attention loss (and the router's attention alignment); default [[-1, -1]]."""
-    attention_chunk: int = Field(128, ge=1)
+    attention_chunk: int = Field(128, ge=1, le=1 << 20)
     """Query rows per chunk when rebuilding attention distributions (bounds memory)."""
-    contrastive_dim: int = Field(128, ge=1)
+    contrastive_dim: int = Field(128, ge=1, le=1 << 16)
     """Width of the contrastive projection heads."""
     contrastive_temperature: float = Field(0.1, gt=0)
     """InfoNCE temperature."""
@@ -230,8 +232,8 @@ class OptimizerConfig(_Strict):
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    """Adam betas, each in [0, 1)."""
     eps: float = Field(1e-8, gt=0)
     """Adam epsilon."""
 
@@ -258,9 +260,9 @@ class SchedulerConfig(_Strict):
 class TrainConfig(_Strict):
     """Length, batch shape, precision and seed of training."""
 
-    max_steps: Optional[int] = Field(None, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, le=10**9)
     """Total optimizer steps. Exclusive with `epochs`; if neither is set, one epoch."""
-    epochs: Optional[int] = Field(None, ge=1)
+    epochs: Optional[int] = Field(None, ge=1, le=100_000)
     """Passes over the training data (converted to optimizer steps)."""
     micro_batch_size: int = Field(4, ge=1)
     """Sequences per rank per forward pass."""
@@ -270,8 +272,8 @@ class TrainConfig(_Strict):
     """Tokens per packed training sequence."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision of both engines; auto = bf16 on a GPU that supports it, else fp32."""
-    seed: int = 0
-    """Seed for initialisation, data order and sampling."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed for initialisation, data order and sampling (0 .. 2^32 - 1, what every RNG involved accepts)."""
     grad_clip: Optional[float] = Field(1.0, gt=0)
     """Global gradient-norm clip (None disables)."""
     max_bad_steps: int = Field(5, ge=1)
@@ -350,7 +352,7 @@ class DeepSpeedSection(_Strict):
 class OutputConfig(_Strict):
     """Where the run writes, and how often it logs."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = Field("runs/default", min_length=1, pattern=r"\S")
     """Run directory: resolved config, metrics.jsonl, checkpoints."""
     log_every: int = Field(10, ge=1)
     """Print a log line and write a train record every this many optimizer steps."""
@@ -466,6 +468,65 @@ def format_validation_error(err: ValidationError, *, prefix: str = "") -> str:
     return one_line(msg)
 
 
+MAX_NODES = 1_000_000
+"""Values a config may hold once its YAML aliases are expanded (a 240-byte alias bomb grew past 3 GB)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (lines {seen[key]} and {line}); give each key once", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(obj: Any, memo: dict[int, int]) -> int:
+    """How many values `obj` holds with shared (aliased) parts counted each time they appear."""
+    if not isinstance(obj, (dict, list)):
+        return 1
+    if id(obj) in memo:
+        return memo[id(obj)]
+    memo[id(obj)] = MAX_NODES + 1  # a cycle (a recursive alias) counts as too large
+    items = obj.values() if isinstance(obj, dict) else obj
+    total = 1
+    for v in items:
+        total += _expanded_size(v, memo)
+        if total > MAX_NODES:
+            break
+    memo[id(obj)] = total
+    return total
+
+
+def parse_yaml(text: str, *, where: str) -> Any:
+    """YAML as plain data: no duplicate keys, and no alias expansion beyond MAX_NODES values."""
+    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass: plain data only
+    if _expanded_size(data, {}) > MAX_NODES:
+        raise ConfigError(f"{where}: its aliases expand to more than {MAX_NODES:,} values; refusing to expand them")
+    return data
+
+
+def _json_no_duplicates(text: str, where: str) -> Any:
+    def pairs(items):
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                lines = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(re.escape(json.dumps(k)) + r"\s*:", text)][:2]
+                at = f" (lines {lines[0]} and {lines[1]})" if len(lines) == 2 else ""
+                raise ConfigError(f"{where}: duplicate key {k!r}{at}; give each key once")
+            out[k] = v
+        return out
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
 def read_mapping(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     """Read a YAML or JSON file that must hold a mapping; one-line `ConfigError` otherwise."""
     p = Path(path)
@@ -478,13 +539,15 @@ def read_mapping(path: str | Path, *, what: str = "config file") -> dict[str, An
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(one_line(f"{what} '{p}' cannot be read: {e}")) from None
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = _json_no_duplicates(text, f"{what} '{p}'") if p.suffix == ".json" else parse_yaml(text, where=f"{what} '{p}'")
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} '{p}': invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise ConfigError(one_line(f"{what} '{p}': invalid YAML{where}: {getattr(e, 'problem', e)}")) from None
+    except RecursionError:
+        raise ConfigError(f"{what} '{p}': nested too deeply") from None
     if data is None:
         raise ConfigError(f"{what} '{p}' is empty; expected a mapping")
     if not isinstance(data, dict):
@@ -500,7 +563,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw, where=f"--set {key}") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out

@@ -140,6 +140,60 @@ def _fill_zero_sizes(f: _Filler, hidden_size: int | None) -> None:
                 del zero[key]  # DeepSpeed's own default
 
 
+def _check_shapes(f: _Filler) -> None:
+    """The blocks dsdistill and DeepSpeed read, with the types they need: one line naming the key, before
+    DeepSpeed would fail at train time with a traceback."""
+    for key in ("bf16", "fp16", "zero_optimization", "optimizer", "scheduler"):
+        if key in f.data and not isinstance(f.data[key], dict):
+            raise ConfigError(f"{f.field}: {key} must be a mapping (e.g. {key}: {{...}}), got {f.data[key]!r}")
+    stage = (f.data.get("zero_optimization") or {}).get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
+        raise ConfigError(f"{f.field}: zero_optimization.stage must be an integer 0..3, got {stage!r}")
+    for key, known in (("optimizer", _optimizer_known), ("scheduler", _scheduler_known)):
+        block = f.data.get(key)
+        if block is None:
+            continue
+        kind = block.get("type")
+        if not isinstance(kind, str) or not known(kind):
+            raise ConfigError(f"{f.field}: {key}.type {kind!r} is not a DeepSpeed {key} ({_names(key)})")
+        if "params" in block and not isinstance(block["params"], dict):
+            raise ConfigError(f"{f.field}: {key}.params must be a mapping, got {block['params']!r}")
+
+
+def _optimizer_known(kind: str) -> bool:
+    import torch
+    from deepspeed.runtime import config as ds
+
+    builtin = {v for k, v in vars(ds).items() if k.endswith("_OPTIMIZER") and isinstance(v, str)}
+    return kind.lower() in {*ds.DEEPSPEED_OPTIMIZERS, *builtin} or isinstance(getattr(torch.optim, kind, None), type)
+
+
+def _scheduler_known(kind: str) -> bool:
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    return kind in VALID_LR_SCHEDULES
+
+
+def _names(key: str) -> str:
+    if key == "scheduler":
+        from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+        return "expected one of " + ", ".join(VALID_LR_SCHEDULES)
+    from deepspeed.runtime import config as ds
+
+    return "expected one of " + ", ".join(ds.DEEPSPEED_OPTIMIZERS) + " or a torch.optim class"
+
+
+def lr_schedule(cfg: RunConfig, ds_student: dict[str, Any]) -> str:
+    """Which LR schedule runs, in words (check and run_start say it)."""
+    sched = ds_student.get("scheduler")
+    if isinstance(sched, dict):
+        return f"DeepSpeed {sched.get('type')} from deepspeed.student (run.yaml's scheduler is not used)"
+    s = cfg.scheduler
+    warm = f"warmup {s.warmup_ratio:g} of the steps" if s.warmup_ratio is not None else f"{s.warmup_steps} warmup steps"
+    return f"run.yaml scheduler: {s.kind}, {warm}, peak lr {cfg.optimizer.lr:g}, final ratio {s.min_lr_ratio:g}"
+
+
 def zero_stage(ds: dict[str, Any]) -> int:
     """ZeRO stage of a DeepSpeed mapping (0 when absent)."""
     return int((ds.get("zero_optimization") or {}).get("stage", 0))
@@ -163,6 +217,12 @@ def resolve_student(
         f.fill("gradient_clipping", cfg.train.grad_clip, source="train.grad_clip")
     elif f.data.get("gradient_clipping") == "auto":
         del f.data["gradient_clipping"]
+    _check_shapes(f)
+    if isinstance(f.data.get("scheduler"), dict) and "scheduler" in cfg.model_fields_set:
+        raise ConfigError(
+            f"{field}: has a scheduler block ({f.data['scheduler'].get('type')}) and run.yaml sets scheduler: too; "
+            "two LR schedules: remove one (DeepSpeed's block replaces run.yaml's scheduler when both are kept)"
+        )
     _fill_precision(f, precision_of(cfg))
     stage = zero_stage(f.data)
     if stage not in (1, 2, 3):
@@ -197,6 +257,7 @@ def resolve_teacher(cfg: RunConfig, *, hidden_size: int | None = None) -> dict[s
     """The teacher's DeepSpeed config: ZeRO stage 3, no optimizer or scheduler, "auto" filled."""
     field = "deepspeed.teacher"
     f = _Filler(load_user_config(cfg.deepspeed.teacher, DEFAULT_TEACHER, field=field), field)
+    _check_shapes(f)
     for key in ("optimizer", "scheduler"):
         if key in f.data:
             raise ConfigError(f"{field}: has an '{key}' block; the teacher is frozen and takes none")

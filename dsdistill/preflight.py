@@ -13,13 +13,13 @@ from typing import Any, Optional
 from dsdistill.config import RunConfig
 from dsdistill.curriculum import Curriculum
 from dsdistill.data import MixedStream, Splits, TrainStream, build_splits, make_stream, plan_json
-from dsdistill.ds_config import precision_of, resolve_student, resolve_teacher, zero_stage
+from dsdistill.ds_config import lr_schedule, precision_of, resolve_student, resolve_teacher, zero_stage
 from dsdistill.engines import warmup_steps_of
-from dsdistill.rundir import LOCK_FILE, refuse_link
 from dsdistill.errors import ConfigError, DataError, ModelError
 from dsdistill.layers import LayerMap
 from dsdistill.models import load_config as load_model_config
 from dsdistill.models import load_tokenizer
+from dsdistill.rundir import LOCK_FILE, refuse_link
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ def describe(plan: Plan, data: RunData) -> str:
             f"{data.cache.manifest['tokens']:,} positions; of {data.cache.manifest['teacher']['path']}); no teacher model is loaded"
         ),
         f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_student)}, precision {plan.precision}",
+        f"LR schedule: {lr_schedule(c, plan.ds_student)}",
         f"curriculum: computes {', '.join(plan.curriculum.active)}"
         + (f"; scheduled but not computed: {', '.join(plan.curriculum.inactive)}" if plan.curriculum.inactive else ""),
         *(f"warning: {name} is left out: {why}" for name, why in plan.left_out.items()),
@@ -182,6 +183,7 @@ def plan_dict(plan: "Plan", data: RunData) -> dict[str, Any]:
             k: v for k, v in estimate_memory(plan).items() if k in ("teacher_shard", "student_states", "logits", "total")
         },
         "run_dir": str(plan.run_dir),
+        "lr_schedule": lr_schedule(c, plan.ds_student),
     }
 
 
@@ -317,6 +319,11 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
 
         cache = open_with_tokenizer(cfg.teacher.cache, tokenizer)
     vocab = len(tokenizer)
+    if 0 <= cfg.loss.ignore_index < vocab:
+        raise ConfigError(
+            f"loss.ignore_index: {cfg.loss.ignore_index} is a token id of this vocabulary (0..{vocab - 1}), so that token "
+            "would never be trained on; expected a value outside it, such as -100"
+        )
     formats = sorted({s.format for s in cfg.data.resolved_sources()} - {"text"})
     if formats and not _same_vocab(tokenizer, teacher_tok):
         raise ModelError(
@@ -371,6 +378,17 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         components = {n: registry.implementation(n) for n in curriculum.active}
         verify_for_run(
             cache, cfg, splits, seq_len=cfg.train.seq_len, components=components, layers=layers, total_steps=total_steps
+        )
+    train_stats = splits.totals()
+    if train_stats.loss_tokens == 0 and not curriculum.ever_on_policy:
+        raise DataError(
+            "data: no training token carries loss "
+            + (
+                f"in the first examples read ({train_stats.examples:,})"
+                if splits.streamed
+                else f"({train_stats.examples:,} examples)"
+            )
+            + "; chat data needs assistant turns (or data.loss_on: all), prompt_completion data non-empty completions"
         )
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
     fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None

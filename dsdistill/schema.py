@@ -55,6 +55,8 @@ class RunStart(_Record):
     data: dict[str, Any] = {}
     """The data plan: packing, examples, tokens, loss-bearing tokens and their share, per source (see
     `dsdistill.data.plan_json`; streamed sources' counts are estimates from their first examples)."""
+    lr_schedule: str = ""
+    """Which LR schedule runs: run.yaml's `scheduler`, or the DeepSpeed config's scheduler block."""
     kd: dict[str, Any] = {}
     """How KD enters the objective: `divergence`, `t2_scaled` (whether it is multiplied by T^2; tv is not),
     `top_k_support` (whose top-k tokens it compares, when `kd_top_k` or a cache limits them)."""

@@ -31,7 +31,7 @@ from dsdistill.components.base import Build
 from dsdistill.config import RunConfig, dump_config, load_config
 from dsdistill.data import data_fingerprint, eval_batches, plan_json
 from dsdistill.dist import agree, free_port, unlink_shm_buffers_at_exit
-from dsdistill.ds_config import zero_stage
+from dsdistill.ds_config import lr_schedule, zero_stage
 from dsdistill.engines import build_student_engine, build_teacher_engine
 from dsdistill.errors import DistillError, PeerFailed, one_line
 from dsdistill.heads import head_options
@@ -290,6 +290,7 @@ class Session:
                 self._save(early)
             reason = policy.after_step(done=done, stop_requested=r.stop_requested)
         self.bar.close()
+        guard.check_trained()
         return self._finish(reason, early)
 
     # ------------------------------------------------------------------------------------------ its parts
@@ -352,6 +353,7 @@ class Session:
                 resumed=resumed is not None,
                 data=plan_json(self.data.splits),
                 kd=kd_semantics(cfg, cached=self.teacher_engine is None),
+                lr_schedule=lr_schedule(cfg, plan.ds_student),
             )
         )
         if plan.rank == 0:

@@ -219,10 +219,14 @@ class NonFiniteGuard:
         self.resume_hint = resume_hint
         """Where the run can resume from, for the error that stops it."""
         self.in_a_row = 0
+        self.steps = self.applied = 0
+        """Optimizer steps this launch ran, and how many of them updated the weights."""
 
     def observe(self, r: StepResult) -> Optional[tuple[Literal["info", "error"], str]]:
         """(level, message) of an alert for this step, or None. Raises `DistillError` (every rank alike)
         once `max_bad_steps` bad steps came in a row."""
+        self.steps += 1
+        self.applied += not (r.skipped or r.nonfinite_loss)
         if r.skipped and self.fp16 and not r.nonfinite_loss:
             return "info", f"fp16 loss-scale overflow: DeepSpeed skipped optimizer step {r.step}"
         if not (r.nonfinite_loss or r.skipped):
@@ -241,6 +245,16 @@ class NonFiniteGuard:
             f"non-finite {what} at optimizer step {r.step}: the update was skipped, weights untouched "
             f"({self.in_a_row} in a row; the run stops at {self.max_bad_steps})"
         )
+
+    def check_trained(self) -> None:
+        """A launch whose every step was skipped trained nothing: it must not end as "completed"."""
+        if self.steps and not self.applied:
+            err = DistillError(
+                f"train: all {self.steps} optimizer steps of this run were skipped (non-finite loss or gradients); "
+                "nothing was trained; check optimizer.lr, the curriculum's weights and temperature, and the data"
+            )
+            err.everywhere = True
+            raise err
 
 
 class Pace:
