@@ -27,6 +27,7 @@ and a write that stopped resumes with the shards that are missing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ from dsdistill.codec import decode, encode, exact_bytes
 from dsdistill.components.base import Needs
 from dsdistill.errors import ConfigError, DistillError
 from dsdistill.losses.fused import SparseTeacher
+from dsdistill.rundir import write_atomic, write_failure
 from dsdistill.teacher import TeacherSignal
 
 FORMAT_VERSION = 2
@@ -91,12 +93,19 @@ def rank_table(rows, vocab: int, sample: int = 20000) -> np.ndarray:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """The file whole or not at all; a full disk or any refused write is one line naming the file."""
+    try:
+        write_atomic(path, data, field="teacher-cache --out")
+    except OSError as e:
+        raise CacheError(
+            f"teacher-cache: writing '{path}' failed ({write_failure(e, path.parent)}); the files written before are "
+            "kept, and the same command resumes the write"
+        ) from None
+
+
+def _write_if(path: Optional[Path], header: dict[str, Any], blobs: list[bytes]) -> None:
+    if path is not None:
+        write_shard(path, header, blobs)
 
 
 def write_shard(path: Path, header: dict[str, Any], blobs: list[bytes]) -> None:
@@ -104,6 +113,46 @@ def write_shard(path: Path, header: dict[str, Any], blobs: list[bytes]) -> None:
     header = {**header, "offsets": offsets, "payload_bytes": offsets[-1]}
     head = json.dumps(header, sort_keys=True).encode()
     _write_atomic(path, MAGIC + struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "k": int,
+    "level_bits": int,
+    "vocab": int,
+    "shard_rows": int,
+    "tokens": int,
+    "bytes_per_token": (int, float),
+    "tokenizer_hash": str,
+    "teacher": dict,
+    "data": dict,
+}
+DATA_FIELDS = ("train_rows", "eval_rows", "seq_len", "packing", "train_fingerprint", "eval_fingerprint")
+
+
+def _check_manifest(m: Any, path: Path, field: str) -> None:
+    """Every field the reader and `check` use, with its type: one line naming the first that is not."""
+
+    def bad(what: str) -> CacheError:
+        return CacheError(f"{field}: '{path}' {what} (a damaged manifest); run dsdistill teacher-cache again")
+
+    if not isinstance(m, dict):
+        raise bad("is not a JSON object")
+    for key, kind in MANIFEST_FIELDS.items():
+        if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+            raise bad(f"has no valid '{key}'")
+    for key in DATA_FIELDS:
+        if key not in m["data"]:
+            raise bad(f"has no 'data.{key}'")
+    if not (m["k"] >= 1 and 2 <= m["level_bits"] <= 12 and m["vocab"] > m["k"] and m["shard_rows"] >= 1):
+        raise bad("has values out of range (k, level_bits, vocab or shard_rows)")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_header(path: Path) -> Optional[dict[str, Any]]:
@@ -150,23 +199,55 @@ class TeacherCache:
             self.manifest: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise CacheError(f"{field}: '{path}' is not readable JSON ({e})") from None
+        if not isinstance(self.manifest, dict):
+            raise CacheError(f"{field}: '{path}' is not a JSON object (a damaged manifest); run dsdistill teacher-cache again")
         if self.manifest.get("format_version") not in READABLE_VERSIONS:
             raise CacheError(
                 f"{field}: '{self.dir}' has cache format {self.manifest.get('format_version')!r}; "
                 f"this dsdistill reads {', '.join(map(str, READABLE_VERSIONS))}"
             )
         m = self.manifest
+        _check_manifest(m, path, field)
         self.temperatures: tuple[float, ...] = tuple(float(t) for t in m.get("tail_temperatures", []))
         """Temperatures other than 1 whose exact tail statistic every position carries."""
         self.k, self.level_bits, self.vocab = int(m["k"]), int(m["level_bits"]), int(m["vocab"])
-        ranks = np.fromfile(self.dir / "ranks.bin", dtype=np.uint32)
-        if ranks.shape != (self.vocab,):
-            raise CacheError(f"{field}: '{self.dir / 'ranks.bin'}' holds {ranks.size} ranks; expected {self.vocab}")
+        try:
+            ranks = np.fromfile(self.dir / "ranks.bin", dtype=np.uint32)
+        except OSError as e:
+            raise CacheError(
+                f"{field}: '{self.dir / 'ranks.bin'}' cannot be read ({e.strerror or e}); run dsdistill teacher-cache again"
+            ) from None
+        if ranks.shape != (self.vocab,) or np.unique(ranks).size != self.vocab or int(ranks.max(initial=0)) >= self.vocab:
+            raise CacheError(
+                f"{field}: '{self.dir / 'ranks.bin'}' is not a ranking of {self.vocab} tokens (damaged); "
+                "run dsdistill teacher-cache again"
+            )
         self.id_of = np.argsort(ranks).astype(np.int64)
         self.shard_rows = int(m["shard_rows"])
         self.train_rows = int(m["data"]["train_rows"])
         self.eval_rows = int(m["data"]["eval_rows"])
+        self.shard_sha256: dict[str, list[str]] = m.get("shard_sha256") or {}
+        """Each shard file's SHA-256 by split (caches written since 2026-12-04), checked when it is opened."""
         self._shards: dict[tuple[str, int], _Shard] = {}
+
+    def verify_shards(self) -> None:
+        """Every shard against the manifest's checksums, in parallel (a damaged shard is refused when the
+        cache opens, not when training first draws one of its rows)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [(split, j, want) for split, hashes in self.shard_sha256.items() for j, want in enumerate(hashes)]
+        paths = [self.dir / split / f"{j:05d}.bin" for split, j, _ in jobs]
+        for path in paths:
+            if not path.is_file():
+                raise CacheError(f"{self.field}: shard '{path}' is missing; run dsdistill teacher-cache again to rewrite it")
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            got = list(pool.map(_file_sha256, paths))
+        for path, (_, _, want), have in zip(paths, jobs, got):
+            if have != want:
+                raise CacheError(
+                    f"{self.field}: shard '{path}' does not match the checksum in the manifest (damaged); "
+                    "run dsdistill teacher-cache again to rewrite it"
+                )
 
     def _shard(self, split: str, j: int) -> _Shard:
         hit = self._shards.get((split, j))
@@ -176,6 +257,12 @@ class TeacherCache:
             if header is None:
                 raise CacheError(
                     f"{self.field}: shard '{path}' is missing or damaged; run dsdistill teacher-cache again to rewrite it"
+                )
+            want = self.shard_sha256.get(split)
+            if want is not None and (j >= len(want) or _file_sha256(path) != want[j]):
+                raise CacheError(
+                    f"{self.field}: shard '{path}' does not match the checksum in the manifest (damaged); "
+                    "run dsdistill teacher-cache again to rewrite it"
                 )
             payload = np.memmap(path, dtype=np.uint8, mode="r", offset=header["_data_start"], shape=(header["payload_bytes"],))
             hit = self._shards[(split, j)] = _Shard(header, payload)
@@ -189,11 +276,17 @@ class TeacherCache:
             raise CacheError(f"{self.field}: row {i} is not in the cache ({self.train_rows} train + {self.eval_rows} eval rows)")
         shard = self._shard(split, local // self.shard_rows)
         h, r = shard.header, local % self.shard_rows
-        n, m = h["tokens"][r], len(self.temperatures)
-        blob = shard.payload[h["offsets"][r] : h["offsets"][r + 1]]
-        tails = np.frombuffer(blob[: 2 * n * m].tobytes(), dtype=np.float16).astype(np.float32).reshape(n, m)
-        d = decode(blob[2 * n * m :], n, self.k, level_bits=self.level_bits)
-        return self.id_of[d.ranks], d.logp, d.log_rest, tails
+        try:
+            n, m = h["tokens"][r], len(self.temperatures)
+            blob = shard.payload[h["offsets"][r] : h["offsets"][r + 1]]
+            tails = np.frombuffer(blob[: 2 * n * m].tobytes(), dtype=np.float16).astype(np.float32).reshape(n, m)
+            d = decode(blob[2 * n * m :], n, self.k, level_bits=self.level_bits)
+            return self.id_of[d.ranks], d.logp, d.log_rest, tails
+        except (IndexError, ValueError, KeyError, TypeError) as e:
+            raise CacheError(
+                f"{self.field}: row {i} of shard '{self.dir / split / f'{local // self.shard_rows:05d}.bin'}' cannot be "
+                f"decoded ({type(e).__name__}; damaged); run dsdistill teacher-cache again to rewrite it"
+            ) from None
 
 
 class CachedTeacher:
@@ -527,21 +620,19 @@ def write(
                         d = decode(blob, lp.size(0), top_k, level_bits=level_bits)  # the codec part alone
                         order = np.argsort(ranks_of[ids_k].numpy(), axis=1, kind="stable")
                         fid = fidelity(lp, torch.from_numpy(np.take_along_axis(ids_k.numpy(), order, 1)), d.logp, rest)
-            if j is not None:
-                write_shard(
-                    out / split / f"{j:05d}.bin",
-                    {
-                        "version": FORMAT_VERSION,
-                        "split": split,
-                        "first_row": first,
-                        "rows": count,
-                        "k": top_k,
-                        "level_bits": level_bits,
-                        "tokens": tokens,
-                        "fidelity": fid,
-                    },
-                    blobs,
-                )
+            header = {
+                "version": FORMAT_VERSION,
+                "split": split,
+                "first_row": first,
+                "rows": count,
+                "k": top_k,
+                "level_bits": level_bits,
+                "tokens": tokens,
+                "fidelity": fid,
+            }
+            # every rank learns of a rank's failed write (a full disk), so none waits in the next barrier
+            target = None if j is None else out / split / f"{j:05d}.bin"
+            agree(functools.partial(_write_if, target, header, blobs), what="writing the cache's shards")
             if rank == 0 and r % 10 == 0:
                 say(f"teacher-cache: {split} shard round {r + 1}/{rounds}")
     if world > 1:
@@ -559,9 +650,11 @@ def _manifest(out: Path, what: dict[str, Any], rank: int) -> dict[str, Any]:
     tokens = payload = 0
     fid = {"positions": 0.0, "kl_exact_sum": 0.0, "kl_cache_sum": 0.0}
     shards: dict[str, int] = {}
+    sha: dict[str, list[str]] = {}
     for split, n_rows in (("train", what["data"]["train_rows"]), ("eval", what["data"]["eval_rows"])):
         n = math.ceil(n_rows / what["shard_rows"])
         shards[split] = n
+        sha[split] = [_file_sha256(out / split / f"{j:05d}.bin") for j in range(n)] if rank == 0 else []
         for j in range(n):
             h = read_header(out / split / f"{j:05d}.bin")
             if h is None:
@@ -576,6 +669,7 @@ def _manifest(out: Path, what: dict[str, Any], rank: int) -> dict[str, Any]:
     manifest = {
         **what,
         "shards": shards,
+        "shard_sha256": sha,
         "tokens": tokens,
         "payload_bytes": payload,
         "bytes_per_token": payload / max(tokens, 1),

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dsdistill.errors import DistillError, first_sentence
-from dsdistill.rundir import damaged_file, ensure_dir, record_checksums, refuse_link, write_atomic
+from dsdistill.rundir import damaged_file, ensure_dir, record_checksums, refuse_link, write_atomic, write_failure
 
 CHECKPOINT_DIR = "checkpoints"
 _TAG = re.compile(r"^step(\d+)$")
@@ -194,19 +194,20 @@ def describe_load_error(where: Path, err: BaseException) -> str:
             f"checkpoint: '{where}' holds an object that is not plain data{what}; refusing to unpickle it "
             "(a file in a run directory must not run code); delete it or point checkpoint.resume_tag at another checkpoint"
         )
+    empty = sorted(p.name for p in where.glob("*.pt") if p.is_file() and p.stat().st_size == 0)
+    what = (
+        f"'{where / empty[0]}' is empty (a write that never finished)"
+        if empty
+        else f"'{where}' cannot be read ({first_sentence(err)})"
+    )
     return (
-        f"checkpoint: '{where}' cannot be read ({first_sentence(err)}); delete it "
-        "(or point 'latest' at an older checkpoint), or set checkpoint.resume: never"
+        f"checkpoint: {what}; resume from an earlier checkpoint with --set checkpoint.resume_tag=stepN "
+        f"(checkpoints: {_listing(where.parent.parent)}), or start fresh with checkpoint.resume: never"
     )
 
 
 def _write_pointer(run_dir: Path, name: str, tag: str) -> None:
     write_atomic(checkpoint_dir(run_dir) / name, tag.encode(), field="checkpoint")
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def clean_partials(run_dir: Path) -> list[str]:
@@ -225,29 +226,44 @@ def clean_partials(run_dir: Path) -> list[str]:
 
 
 def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_best: bool = False) -> str:
-    """Save on every rank (a collective); publish atomically and prune on rank 0."""
+    """Save on every rank (a collective); publish atomically and prune on rank 0. Every step agrees on
+    failure, so a rank that failed alone (a full disk, a link where a directory belongs) never leaves the
+    others waiting in a barrier."""
+    from dsdistill.dist import agree
+
     root = checkpoint_dir(run_dir)
     tag = f"step{engine.global_steps}"
     partial = f".{tag}.partial"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        ensure_dir(root, field="checkpoint")
-        refuse_link(root / tag, field="checkpoint")
-        clean_partials(run_dir)
-    _barrier()
-    client = dict(state)
-    client["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        engine.save_checkpoint(str(root), tag=partial, client_state=client, save_latest=False)
-    except (OSError, RuntimeError) as e:
+    previous = latest_tag(run_dir)
+    kept = f"'{root / previous}' and 'latest' are intact" if previous else "no earlier checkpoint exists"
+
+    def failed(e: BaseException) -> CheckpointError:
         if rank == 0:
             shutil.rmtree(root / partial, ignore_errors=True)
-        previous = latest_tag(run_dir)
-        kept = f"'{root / previous}' and 'latest' are intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"checkpoint: writing {tag} to '{root}' failed ({first_sentence(e)}); {kept}") from None
-    _barrier()
-    if rank == 0:
-        record_checksums(root / partial)  # before publishing: a published checkpoint always has them
+        return CheckpointError(f"checkpoint: writing {tag} to '{root}' failed ({write_failure(e, root)}); {kept}")
+
+    def prepare() -> None:
+        if rank == 0:
+            ensure_dir(root, field="checkpoint")
+            refuse_link(root / tag, field="checkpoint")
+            clean_partials(run_dir)
+
+    def write() -> None:
+        client = dict(state)
+        client["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        try:
+            engine.save_checkpoint(str(root), tag=partial, client_state=client, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            raise failed(e) from None
+
+    def publish() -> None:
+        if rank != 0:
+            return
+        try:
+            record_checksums(root / partial)  # before publishing: a published checkpoint always has them
+        except OSError as e:
+            raise failed(e) from None
         final = root / tag
         refuse_link(final, field="checkpoint")
         if final.exists():
@@ -260,7 +276,10 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
         for _, path in tags(run_dir)[:-keep_last]:
             if path.name not in protect:
                 shutil.rmtree(path, ignore_errors=True)
-    _barrier()
+
+    agree(prepare, what=f"preparing checkpoint {tag}")
+    agree(write, what=f"writing checkpoint {tag}")
+    agree(publish, what=f"publishing checkpoint {tag}")
     return tag
 
 

@@ -95,6 +95,7 @@ def load_source(path: str, split: str, *, field: str, streaming: bool = False):
                 elif split != "train":
                     raise DataError(f"{field}: '{path}' is a single saved dataset with no split '{split}'")
                 return ds.to_iterable_dataset(num_shards=max(1, min(64, ds.num_rows))) if streaming else ds
+            _check_data_dir(p, field=field, path=path)
             return datasets.load_dataset(str(p), split=split, streaming=streaming)
         if _looks_local(path):
             raise DataError(f"{field}: '{path}' does not exist; expected a data file, a dataset directory or a Hub name")
@@ -108,9 +109,46 @@ def load_source(path: str, split: str, *, field: str, streaming: bool = False):
                 f"{field}: '{path}' is not UTF-8 text ({cause.reason} at byte {cause.start} of a block); "
                 "expected UTF-8 encoded text"
             ) from None
+        bad = _first_bad_json_line(p) if p.is_file() and p.suffix.lower() in (".jsonl", ".json") else None
+        if bad is not None:
+            raise DataError(
+                f"{field}: '{path}' line {bad[0]} is not a JSON object ({bad[1]}); expected one object per line"
+            ) from None
         raise DataError(
             one_line(f"{field}: cannot load '{path}' (split '{split}'): {type(cause).__name__}: {cause}")[:400]
         ) from None
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json")
+
+
+def _check_data_dir(p: Path, *, field: str, path: str) -> None:
+    """A directory that holds data files `datasets` reads, not a model directory or nothing."""
+    files = [f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+    if {f.name for f in files} & set(MODEL_FILES[1:]) and (p / "config.json").is_file():
+        raise DataError(f"{field}: '{path}' is a model directory (config.json and weights or a tokenizer), not data")
+    if not any(f.suffix.lower() in BUILDERS for f in files):
+        raise DataError(
+            f"{field}: '{path}' holds no data files; expected files ending in {', '.join(BUILDERS)}, or a directory "
+            "written by save_to_disk"
+        )
+
+
+def _first_bad_json_line(p: Path, limit: int = 1 << 30) -> Optional[tuple[int, str]]:
+    """(line number, what is wrong) of the first line of a JSON-lines file that is not a JSON object."""
+    if p.stat().st_size > limit:
+        return None
+    with open(p, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                return n, f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+            if not isinstance(obj, dict):
+                return n, f"a {type(obj).__name__}"
+    return None
 
 
 def _root_cause(e: BaseException) -> BaseException:

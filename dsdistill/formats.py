@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from dsdistill.config import FormatFields
-from dsdistill.errors import DataError
+from dsdistill.errors import DataError, one_line
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -158,10 +158,20 @@ class _ChatRenderer:
 
     # -- chat
 
-    def _render(self, messages: list[dict[str, Any]], *, generation: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
-        )
+    def _render(self, messages: list[dict[str, Any]], *, generation: bool = False, n: int = -1) -> str:
+        import jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
+            )
+        except jinja2.TemplateSyntaxError as e:
+            raise DataError(f"{self.field}.chat_template: the template does not parse (line {e.lineno}: {e.message})") from None
+        except jinja2.TemplateError as e:  # raise_exception(), an undefined name, a sandbox refusal
+            what = "refused by the sandbox" if type(e).__name__ == "SecurityError" else "failed"
+            raise DataError(
+                one_line(f"{self.field}.chat_template: the template {what} on example {n} of {self.where}: {e}")[:400]
+            ) from None
 
     def _check_messages(self, messages: Any, n: int) -> list[dict[str, Any]]:
         col = self.source.messages_field
@@ -196,8 +206,8 @@ class _ChatRenderer:
         """Character spans of the given assistant turns in the rendered conversation."""
         spans = []
         for i in turns:
-            before = self._render(messages[:i], generation=True) if i > 0 else ""
-            upto = self._render(messages[: i + 1])
+            before = self._render(messages[:i], generation=True, n=n) if i > 0 else ""
+            upto = self._render(messages[: i + 1], n=n)
             if not (full.startswith(before) and full.startswith(upto) and len(before) <= len(upto)):
                 raise DataError(
                     f"{self.field}.chat_template: example {n} of {self.where}: the template does not render the "
@@ -209,7 +219,7 @@ class _ChatRenderer:
 
     def _chat_example(self, messages: Any, n: int, *, first_loss_turn: int = 0) -> Optional[Example]:
         messages = self._check_messages(messages, n)
-        full = self._render(messages)
+        full = self._render(messages, n=n)
         loss_on = self.source.loss_on if self.chat else "assistant"
         if loss_on == "all":
             spans = [(0, len(full))]
@@ -218,7 +228,7 @@ class _ChatRenderer:
             if messages[-1]["role"] in ("user", "tool"):
                 # a conversation waiting for its answer is all prompt (earlier answers are its context): the
                 # whole history and the generation prompt, for on-policy sampling; no loss of its own
-                return self._tokenize(self._render(messages, generation=True), [], eos=False, prompt_only=True)
+                return self._tokenize(self._render(messages, generation=True, n=n), [], eos=False, prompt_only=True)
             if loss_on == "last_assistant":
                 turns = turns[-1:]
             spans = self._spans(messages, full, turns, n)

@@ -62,6 +62,29 @@ def load_config(spec: ModelSpec, *, field: str):
         ) from None
 
 
+def _first_shape_mismatch(spec: ModelSpec) -> Optional[str]:
+    """'weight NAME has shape A in the files, B in the config' for the first weight whose stored shape is not
+    the one the model's config.json builds (read from the safetensors headers; no weight is loaded)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for file in sorted(Path(spec.path).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    stored = tuple(f.get_slice(name).get_shape())
+                    if name in expected and expected[name] != stored:
+                        return f"weight {name} has shape {list(stored)} in {file.name}, {list(expected[name])} in the config"
+    except Exception:  # noqa: BLE001 - only a better message was sought
+        return None
+    return None
+
+
 def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_config: Optional[dict[str, Any]]):
     """Load a causal LM; with `zero3_ds_config` it is partitioned at load time (never whole on a rank)."""
     from transformers import AutoModelForCausalLM
@@ -81,6 +104,9 @@ def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_conf
             output_loading_info=True,
         )
     except Exception as e:
+        mismatch = _first_shape_mismatch(spec) if "mismatched" in str(e) or "size mismatch" in str(e) else None
+        if mismatch is not None:
+            raise ModelError(f"{field}.path: '{spec.path}' does not match its config.json: {mismatch}") from None
         raise ModelError(
             one_line(f"{field}.path: cannot load a causal LM from '{spec.path}': {type(e).__name__}: {e}")[:400]
         ) from None

@@ -318,6 +318,8 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         from dsdistill.cache import open_with_tokenizer
 
         cache = open_with_tokenizer(cfg.teacher.cache, tokenizer)
+        if rank == 0:
+            cache.verify_shards()  # each shard once, not once per rank
     vocab = len(tokenizer)
     if 0 <= cfg.loss.ignore_index < vocab:
         raise ConfigError(

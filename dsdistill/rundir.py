@@ -133,6 +133,25 @@ def _holder(fd: int) -> str:
         return "its pid and host unreadable"
 
 
+def write_failure(err: BaseException, where: Path) -> str:
+    """Why a write under `where` failed, in words: a full disk or quota says so with the space left (torch's
+    own "enforce fail at inline_container.cc" is how a full disk looks from inside torch.save)."""
+    import shutil
+
+    from dsdistill.errors import first_sentence
+
+    try:
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    looks_full = "inline_container" in str(err) or "PytorchStreamWriter" in str(err)
+    if full or (looks_full and free is not None and free < (64 << 20)):
+        left = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        return f"no space left on the file system of '{where}' ({left})"
+    return first_sentence(err)
+
+
 # ---------------------------------------------------------------------------------------------- checksums
 
 

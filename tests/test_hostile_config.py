@@ -171,3 +171,27 @@ def test_a_run_whose_every_step_was_skipped_does_not_end_completed(make_config, 
             train(validate(cfg))
     recs = [parse_line(x) for x in (Path(cfg["output"]["run_dir"]) / METRICS_FILE).read_text().splitlines()]
     assert isinstance(recs[-1], RunEnd) and recs[-1].reason == "error"
+
+
+def test_student_weights_of_another_shape_name_the_weight(make_config, assets, tmp_path):
+    import contextlib
+    import io
+    import shutil
+
+    from dsdistill.config import validate
+    from dsdistill.demo import tiny_llama
+    from dsdistill.train import train
+
+    wrong = tmp_path / "student"
+    shutil.copytree(assets["student"], wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    tiny_llama(config["vocab_size"], hidden=48, layers=2, heads=2, kv_heads=1, max_pos=128, seed=2).save_pretrained(
+        tmp_path / "wide"
+    )
+    shutil.copy(tmp_path / "wide" / "model.safetensors", wrong / "model.safetensors")  # weights of a wider model
+    cfg = make_config(student={"path": str(wrong)}, train={"max_steps": 1})
+    with pytest.raises(DistillError) as e, contextlib.redirect_stdout(io.StringIO()):
+        train(validate(cfg))
+    msg = str(e.value)
+    assert msg.startswith(f"student.path: '{wrong}' does not match its config.json: weight ") and "has shape [" in msg
+    assert "in the config" in msg and "\n" not in msg

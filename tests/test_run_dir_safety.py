@@ -347,3 +347,21 @@ def test_a_corrupted_checkpoint_is_refused_by_resume_and_export_naming_the_file(
     assert _snapshot(run_dir) == before
     with pytest.raises(DistillError, match=rf"^checkpoint: '{states}' does not match the checksum recorded at save"):
         export(run_dir, tmp_path / "out")
+
+
+@pytest.mark.parametrize("with_checksums", [True, False])
+def test_an_empty_optimizer_shard_is_named(run_copy, with_checksums):
+    cfg, run_dir = run_copy
+    step = checkpoint.checkpoint_dir(run_dir) / "step2"
+    shard = next(step.glob("*optim_states.pt"))
+    shard.write_bytes(b"")
+    if not with_checksums:
+        (step / "checksums.json").unlink()  # a checkpoint written before checksums existed
+    with pytest.raises(DistillError) as e:
+        _train(cfg)
+    msg = str(e.value)
+    if with_checksums:
+        assert msg.startswith(f"checkpoint: '{shard}' has 0 bytes, ") and "(the checkpoint step2 is damaged)" in msg
+    else:
+        assert msg.startswith(f"checkpoint: '{shard}' is empty (a write that never finished); resume from an earlier checkpoint")
+    assert "\n" not in msg and "EOFError" not in msg

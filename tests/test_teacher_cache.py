@@ -293,3 +293,42 @@ def test_auto_level_bits_keep_the_quantisation_under_five_percent_of_the_truncat
     and truncation loses almost nothing, which 5 fixed bits cannot match."""
     m = _write(written["cfg"], tmp_path / "auto", top_k=k, level_bits=None)
     assert 4 <= m["level_bits"] <= 10 and m["fidelity"]["quantisation_overhead"] < 0.05, m["fidelity"]
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("manifest_no_data", "has no valid 'data' (a damaged manifest)"),
+        ("manifest_no_k", "has no valid 'k' (a damaged manifest)"),
+        ("manifest_not_object", "is not a JSON object (a damaged manifest)"),
+        ("no_ranks", "ranks.bin' cannot be read"),
+        ("short_ranks", "ranks.bin' is not a ranking of"),
+        ("flipped_shard", "does not match the checksum in the manifest (damaged)"),
+    ],
+)
+def test_a_damaged_cache_is_refused_in_one_line_before_training(written, tmp_path, damage, expected):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(written["b5"], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    if damage.startswith("manifest"):
+        if damage == "manifest_no_data":
+            del manifest["data"]
+        elif damage == "manifest_no_k":
+            del manifest["k"]
+        (cache / "manifest.json").write_text(json.dumps(manifest if damage != "manifest_not_object" else [1, 2]))
+    elif damage == "no_ranks":
+        (cache / "ranks.bin").unlink()
+    elif damage == "short_ranks":
+        (cache / "ranks.bin").write_bytes((cache / "ranks.bin").read_bytes()[:-8])
+    else:
+        shard = cache / "train" / "00000.bin"
+        data = bytearray(shard.read_bytes())
+        data[-40:-8] = bytes(b ^ 0x5A for b in data[-40:-8])  # inside the payload: the header still parses
+        shard.write_bytes(bytes(data))
+    cfg = {**written["cfg"], "teacher": {"cache": str(cache)}, "output": {"run_dir": str(tmp_path / "run"), "log_every": 1}}
+    with pytest.raises(DistillError) as e:
+        with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as s:
+            s.fit()
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
