@@ -17,6 +17,7 @@ the plain classes DeepSpeed's states hold, so a planted pickle payload is refuse
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import random
@@ -32,6 +33,14 @@ from dsdistill.errors import DistillError, first_sentence
 from dsdistill.rundir import damaged_file, ensure_dir, record_checksums, refuse_link, write_atomic, write_failure
 
 CHECKPOINT_DIR = "checkpoints"
+LAYOUT = "dsdistill.json"
+"""The run layout a checkpoint was written with (batch shape, world, ZeRO stage, precision, aux modules)."""
+ENGINE_KEYS = {
+    "zero_stage": "deepspeed.student zero_optimization.stage",
+    "precision": "train.precision",
+    "aux_modules": "the curriculum's components",
+}
+"""Layout keys that fix how the optimizer states are laid out, with the setting that changes them."""
 _TAG = re.compile(r"^step(\d+)$")
 _PARTIAL = re.compile(r"^\.step\d+\.partial$")
 
@@ -261,6 +270,10 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
         if rank != 0:
             return
         try:
+            # what the checkpoint was written with, readable before DeepSpeed opens anything
+            write_atomic(
+                root / partial / LAYOUT, json.dumps(state.get("layout", {}), sort_keys=True).encode(), field="checkpoint"
+            )
             record_checksums(root / partial)  # before publishing: a published checkpoint always has them
         except OSError as e:
             raise failed(e) from None
@@ -281,6 +294,41 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
     agree(write, what=f"writing checkpoint {tag}")
     agree(publish, what=f"publishing checkpoint {tag}")
     return tag
+
+
+def _read_layout(where: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((where / LAYOUT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a checkpoint from before this file: the client state is checked after loading
+    return data if isinstance(data, dict) else {}
+
+
+def _check_layout(where: Path, saved: dict[str, Any], expect: dict[str, Any]) -> None:
+    """One line for the first setting that differs from the checkpoint's; the checkpoint stays valid and is
+    never to be deleted for it."""
+    for key, now in expect.items():
+        if key not in saved or saved[key] == now:
+            continue
+        if key == "zero_stage" and (saved[key] == 3) == (now == 3):
+            continue  # ZeRO-1 and ZeRO-2 write the same partitioned states
+        if key == "aux_modules":
+            raise CheckpointError(
+                f"checkpoint: '{where}' was trained with the components' modules {saved[key]}, this run has {now}; "
+                f"resume with the same curriculum components, or carry the student's weights into a new run: "
+                f"dsdistill export {where.parent.parent} --out DIR, then student.path: DIR and another output.run_dir"
+            )
+        if key in ENGINE_KEYS:
+            raise CheckpointError(
+                f"checkpoint: '{where}' was written with {key}={saved[key]!r}, this run has {now!r}; its optimizer "
+                f"states are laid out for that; resume with the same {ENGINE_KEYS[key]} (the checkpoint is valid: keep "
+                f"it), or carry the weights: dsdistill export {where.parent.parent} --out DIR, then student.path: DIR"
+            )
+        raise CheckpointError(
+            f"checkpoint: '{where}' was written with {key}={saved[key]!r}, this run has {now!r}; "
+            f"its data position would mean other sequences; resume with the same {key}, "
+            "or start fresh with checkpoint.resume: never and another output.run_dir"
+        )
 
 
 def _verified_by_rank0(run_dir: Path, tag: str) -> None:
@@ -321,6 +369,7 @@ def load(
             f"delete it or pick another with --set checkpoint.resume_tag=stepN (checkpoints: {_listing(run_dir)})"
         )
     _verified_by_rank0(run_dir, tag)
+    _check_layout(where, _read_layout(where), expect or {})
     try:
         with safe_unpickling():
             path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
@@ -328,14 +377,7 @@ def load(
         raise CheckpointError(describe_load_error(where, e)) from None
     if path is None or client is None or "stream" not in client:
         raise CheckpointError(f"checkpoint: '{where}' is incomplete (no loop state); delete it or set checkpoint.resume: never")
-    saved = client.get("layout") or {}
-    for key, now in (expect or {}).items():
-        if key in saved and saved[key] != now:
-            raise CheckpointError(
-                f"checkpoint: '{where}' was written with {key}={saved[key]!r}, this run has {now!r}; "
-                f"its data position would mean other sequences; resume with the same {key}, "
-                "or start fresh with checkpoint.resume: never and another output.run_dir"
-            )
+    _check_layout(where, client.get("layout") or {}, expect or {})
     rng = client.pop("rng", None)
     if rng:
         torch.set_rng_state(rng["torch"])

@@ -304,6 +304,9 @@ class Session:
             "train.seed": c.train.seed,
             "world_size": self.plan.world,
             "data": data_fingerprint(self.data.splits, c),
+            "zero_stage": zero_stage(self.plan.ds_student),
+            "precision": self.plan.precision,
+            "aux_modules": sorted(self.student.module.aux.keys()),
         }
 
     def _resume(self, early: EarlyStopping) -> Optional[dict[str, Any]]:
