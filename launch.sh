@@ -102,6 +102,7 @@ CHECK_OUT=$("$PYTHON" -m dsdistill check --world-size "$WORLD" "${TRAIN_ARGS[@]}
 printf '%s\n' "$CHECK_OUT"
 RUN_DIR=$(sed -n 's/^run dir: //p' <<<"$CHECK_OUT" | tail -n 1)
 [[ -n "$RUN_DIR" ]] || die "dsdistill check printed no run dir"
+mkdir -p -- "$RUN_DIR" || die "cannot create the run dir '$RUN_DIR'"  # check leaves no trace; the launch makes it
 
 # ---- 3. environment for the nodes of a hostfile launch (SLURM and local ranks inherit this one): written
 # into the run directory with mode 0600, only the variables ranks need; credentials travel only when

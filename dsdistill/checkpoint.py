@@ -234,7 +234,20 @@ def clean_partials(run_dir: Path) -> list[str]:
     return removed
 
 
-def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_best: bool = False) -> str:
+def rng_state() -> dict[str, Any]:
+    """The host RNGs a checkpoint restores (taken at a window's start when that window is abandoned)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def save(
+    engine,
+    run_dir: Path,
+    *,
+    state: dict[str, Any],
+    keep_last: int,
+    mark_best: bool = False,
+    rng: Optional[dict[str, Any]] = None,
+) -> str:
     """Save on every rank (a collective); publish atomically and prune on rank 0. Every step agrees on
     failure, so a rank that failed alone (a full disk, a link where a directory belongs) never leaves the
     others waiting in a barrier."""
@@ -260,7 +273,7 @@ def save(engine, run_dir: Path, *, state: dict[str, Any], keep_last: int, mark_b
 
     def write() -> None:
         client = dict(state)
-        client["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        client["rng"] = rng if rng is not None else rng_state()
         try:
             engine.save_checkpoint(str(root), tag=partial, client_state=client, save_latest=False)
         except (OSError, RuntimeError) as e:

@@ -363,6 +363,9 @@ class CheckpointConfig(_Strict):
 
     every: int = Field(0, ge=0)
     """Save every this many optimizer steps (0: only at the end, if `save_final`)."""
+    every_minutes: float = Field(30.0, ge=0)
+    """Also save once this many minutes passed since the run started or last saved (rank 0's clock, agreed at
+    a step), so a stop without warning (SIGKILL, a lost node) costs at most about this much; 0 disables."""
     save_final: bool = True
     """Save when the run ends (completed or early-stopped)."""
     keep_last: int = Field(3, ge=1)

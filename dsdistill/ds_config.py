@@ -147,8 +147,8 @@ def _check_shapes(f: _Filler) -> None:
         if key in f.data and not isinstance(f.data[key], dict):
             raise ConfigError(f"{f.field}: {key} must be a mapping (e.g. {key}: {{...}}), got {f.data[key]!r}")
     stage = (f.data.get("zero_optimization") or {}).get("stage", 0)
-    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
-        raise ConfigError(f"{f.field}: zero_optimization.stage must be an integer 0..3, got {stage!r}")
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise ConfigError(f"{f.field}: zero_optimization.stage must be an integer (1, 2 or 3), got {stage!r}")
     for key, known in (("optimizer", _optimizer_known), ("scheduler", _scheduler_known)):
         block = f.data.get(key)
         if block is None:
@@ -218,10 +218,12 @@ def resolve_student(
     elif f.data.get("gradient_clipping") == "auto":
         del f.data["gradient_clipping"]
     _check_shapes(f)
-    if isinstance(f.data.get("scheduler"), dict) and "scheduler" in cfg.model_fields_set:
+    ignored = sorted({"kind", "min_lr_ratio"} & cfg.scheduler.model_fields_set) if "scheduler" in cfg.model_fields_set else []
+    if isinstance(f.data.get("scheduler"), dict) and ignored:
         raise ConfigError(
-            f"{field}: has a scheduler block ({f.data['scheduler'].get('type')}) and run.yaml sets scheduler: too; "
-            "two LR schedules: remove one (DeepSpeed's block replaces run.yaml's scheduler when both are kept)"
+            f"{field}: has a scheduler block ({f.data['scheduler'].get('type')}) and run.yaml's scheduler sets "
+            f"{' and '.join(ignored)}, which that block would silently replace: two LR schedules; remove the "
+            'block to use run.yaml\'s, or keep only warmup_steps/warmup_ratio in run.yaml (they fill its "auto" values)'
         )
     _fill_precision(f, precision_of(cfg))
     stage = zero_stage(f.data)

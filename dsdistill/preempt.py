@@ -1,9 +1,11 @@
 """Stopping a run the way terminals, launchers and schedulers do: one preemption, however delivered.
 
 A single preemption reaches a rank several times: the terminal or scheduler signals the whole process
-group (or every process of the job), and the launcher forwards the same stop to its children a moment
-later. `StopRequest` counts every SIGTERM/SIGINT/SIGHUP that arrives within `grace_s` of the first as
-the same request; only a deliberate signal after the grace period exits at once. Once the run has saved
+group (or every process of the job), and the launcher forwards the same stop to its children, sometimes
+much later (DeepSpeed's launcher SIGTERMs its ranks one after another, up to 30 s apart). `StopRequest`
+takes every SIGTERM and SIGHUP after the first stop signal as the same request, however late: that is how
+launchers and schedulers repeat themselves (their next word is SIGKILL). Only a person insists: a second
+Ctrl-C (SIGINT) more than `grace_s` after the first exits at once without saving. Once the run has saved
 and is on its way out, further signals are ignored (a launcher that sees one rank exit signals the rest).
 
 `LauncherWatch` covers the launcher dying without a word (a SIGTERM or SIGKILL to the `deepspeed` runner
@@ -37,8 +39,9 @@ LAUNCHER_MARKS = (
 
 
 class StopRequest:
-    """First stop signal: finish the current optimizer step, save, stop. Repeats within `grace_s` are the
-    same preemption delivered again; a signal after it exits at once (128 + signal)."""
+    """First stop signal: finish the current micro-batch, save, stop. Repeated SIGTERM/SIGHUP, and a
+    SIGINT within `grace_s`, are the same preemption delivered again; a SIGINT after that exits at once
+    (128 + signal)."""
 
     def __init__(self, grace_s: float = 5.0, *, log=None):
         self.grace_s = grace_s
@@ -83,11 +86,11 @@ class StopRequest:
         if self.signal is None:
             self.signal, self.first_at = name, now
             self._log(
-                f"dsdistill: {name} received: finishing this optimizer step, then saving a checkpoint "
-                f"(send it again after {self.grace_s:g}s to exit at once without saving)"
+                f"dsdistill: {name} received: finishing this micro-batch, then saving a checkpoint "
+                f"(press Ctrl-C again after {self.grace_s:g}s to exit at once without saving)"
             )
             return
-        if now - (self.first_at or now) < self.grace_s:
+        if signum != signal.SIGINT or now - (self.first_at or now) < self.grace_s:
             self.duplicates += 1  # the same preemption, delivered by the group and by the launcher
             return
         self._log(f"dsdistill: second {name}: exiting now without saving")

@@ -261,7 +261,7 @@ def check_run_dir(run_dir: Path) -> None:
     else:
         parent = next((p for p in run_dir.absolute().parents if p.exists()), None)
         if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"output.run_dir: '{run_dir}' cannot be created ('{parent}' is not a writable directory)")
+            raise ConfigError(f"output.run_dir: '{run_dir}' is not writable ('{parent}' is not a writable directory)")
         return
     for name in ("metrics.jsonl", "config.yaml", "checkpoints", LOCK_FILE):
         refuse_link(run_dir / name)

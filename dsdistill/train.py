@@ -17,6 +17,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional
@@ -118,6 +119,9 @@ class Session:
         if lock is not None:
             held.append(lock)
         self.writer = MetricsWriter(plan.run_dir, enabled=rank == 0)
+        self._at: Optional[dict[str, Any]] = None
+        """The position before a window a stop abandoned (what the final save records), else None."""
+        self._last_save = time.monotonic()
         if cfg.loss.fused_logits and plan.fused_off is not None:
             _say(rank, f"note: fused KD/LM is off because {plan.fused_off}; using full logits")
         self.objective = Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers)
@@ -263,11 +267,20 @@ class Session:
         engine.train()
         reason: Optional[StopReason] = "completed" if policy.finished(engine.global_steps) else None
         self.pace = Pace()
+        self._last_save = time.monotonic()
         while reason is None:
+            # where the run stands before this window: what a save records if a stop abandons the window
+            mark = {"stream": self.data.stream.state(), "rng": checkpoint.rng_state(), "tokens_seen": self.tokens_seen}
             # one optimizer step over one accumulation window; every rank learns of any stop request
             r = self.trainer.step(
-                [next(batches) for _ in range(cfg.train.grad_accum)], stop_requested=self.stop.signal is not None
+                [next(batches) for _ in range(cfg.train.grad_accum)],
+                stop_requested=lambda: self.stop.signal is not None,
+                save_due=self._save_due,
             )
+            if r.abandoned:
+                self._at = mark
+                reason = "interrupted"
+                break
             self.tokens_seen += r.tokens
             self.pace.add(r.tokens)
             done = engine.global_steps
@@ -286,7 +299,7 @@ class Session:
                     )
                     break
             # periodic checkpoints are what a preemption without warning falls back to
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < plan.total_steps:
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 or r.save_due) and done < plan.total_steps:
                 self._save(early)
             reason = policy.after_step(done=done, stop_requested=r.stop_requested)
         self.bar.close()
@@ -493,16 +506,28 @@ class Session:
         self.pace.pause_ended()  # eval time is not training throughput
         return stop
 
+    def _save_due(self) -> bool:
+        """Rank 0's clock: a time-based checkpoint is due (the step's reduction makes every rank agree)."""
+        every = self.plan.cfg.checkpoint.every_minutes
+        return bool(every) and self.plan.rank == 0 and time.monotonic() - self._last_save >= 60 * every
+
     def _save(self, early: EarlyStopping, mark_best: bool = False) -> None:
+        at = self._at  # an abandoned window: the state before it
         state = {
-            "stream": self.data.stream.state(),
+            "stream": at["stream"] if at else self.data.stream.state(),
             "early_stopping": early.state(),
-            "tokens_seen": self.tokens_seen,
+            "tokens_seen": at["tokens_seen"] if at else self.tokens_seen,
             "layout": self._layout(),
         }
         checkpoint.save(
-            self.student, self.plan.run_dir, state=state, keep_last=self.plan.cfg.checkpoint.keep_last, mark_best=mark_best
+            self.student,
+            self.plan.run_dir,
+            state=state,
+            keep_last=self.plan.cfg.checkpoint.keep_last,
+            mark_best=mark_best,
+            rng=at["rng"] if at else None,
         )
+        self._last_save = time.monotonic()
         self.pace.pause_ended()
 
     def _finish(self, reason: StopReason, early: EarlyStopping) -> Summary:

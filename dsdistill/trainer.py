@@ -104,6 +104,11 @@ class StepResult:
     """DeepSpeed did not apply the update (non-finite gradients, or an fp16 loss-scale overflow)."""
     stop_requested: bool
     """Some rank was asked to stop: every rank stops after this same step."""
+    abandoned: bool = False
+    """A stop came while the window still had micro-batches to run: they were not run and no optimizer step
+    was taken (the weights are those after the previous step; `losses` are meaningless)."""
+    save_due: bool = False
+    """Rank 0's clock says a time-based checkpoint is due (agreed with the step's reduction)."""
     rollout: Optional[dict[str, float]] = None
     """On-policy sampling of this step over all ranks (sequences, tokens, seconds), or None when off-policy."""
 
@@ -122,7 +127,16 @@ class Trainer:
         """Where on-policy completions come from (None: the run never goes on-policy)."""
         self.pad = 0
 
-    def step(self, window: list[dict[str, torch.Tensor]], *, stop_requested: bool) -> StepResult:
+    def step(
+        self,
+        window: list[dict[str, torch.Tensor]],
+        *,
+        stop_requested: Callable[[], bool],
+        save_due: Callable[[], bool] = lambda: False,
+    ) -> StepResult:
+        """One optimizer step over `window`. `stop_requested` is asked when the ranks next agree (between
+        micro-batches, and with the step's reduction), so a stop never waits for a whole extra step; a stop
+        agreed before the window's last micro-batch abandons the window (`StepResult.abandoned`)."""
         engine, objective, cfg = self.engine, self.objective, self.plan.cfg
         scale = cfg.train.grad_accum * self.plan.world
         names = objective.names
@@ -153,7 +167,11 @@ class Trainer:
         usage, nonfinite, skipped, lr = None, False, False, float("nan")
         self.forward.teacher.begin_step(objective.needs)
         try:
-            for mb in window:
+            for i, mb in enumerate(window):
+                # a stop between micro-batches abandons the window: the save then waits for one micro-batch,
+                # not for the rest of a long window (every rank agrees, as backward's collectives need)
+                if i > 0 and all_reduce_named({"stop": float(stop_requested())})["stop"] > 0:
+                    return self._abandoned(ctx)
                 x = self.forward(mb, objective, ctx, coefficients, want_lm="lm" in names)
                 sums = objective.sums(x, grad=with_grad)
                 # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
@@ -183,7 +201,9 @@ class Trainer:
                 del x, sums, loss
         finally:
             self.forward.teacher.end_step()
-        r = all_reduce_named({**acc, "nonfinite": float(nonfinite), "stop": float(stop_requested)})
+        r = all_reduce_named(
+            {**acc, "nonfinite": float(nonfinite), "stop": float(stop_requested()), "save_due": float(save_due())}
+        )
         losses = {n: r[f"loss.{n}"] / normalizers[n] for n in names}
         return StepResult(
             ctx=ctx,
@@ -198,6 +218,23 @@ class Trainer:
             skipped=skipped,
             stop_requested=r["stop"] > 0,
             rollout=rollout,
+            save_due=r["save_due"] > 0,
+        )
+
+    def _abandoned(self, ctx: StepContext) -> StepResult:
+        return StepResult(
+            ctx=ctx,
+            losses={},
+            objective=float("nan"),
+            lr=float("nan"),
+            tokens=0,
+            kd_kl=None,
+            gate_usage=None,
+            grad_norm=None,
+            nonfinite_loss=False,
+            skipped=False,
+            stop_requested=True,
+            abandoned=True,
         )
 
 

@@ -88,10 +88,9 @@ def evaluate_alerts(state: RunState, rules: AlertRules, *, now: float) -> list[A
                     )
                 )
     since = state.since_last(now)
-    if state.end is None and since is not None and since > rules.stall_seconds:
-        out.append(
-            Alert("stalled", "warning", f"no record for {since:.0f}s (threshold {rules.stall_seconds:.0f}s)", state.step_seen)
-        )
+    stall = state.stall_after(rules.stall_seconds)
+    if state.end is None and since is not None and since > stall:
+        out.append(Alert("stalled", "warning", f"no record for {since:.0f}s (threshold {stall:.0f}s)", state.step_seen))
     for a in state.trainer_alerts:
         out.append(Alert(a.code, a.level, a.message, a.step))
     rank = {"error": 0, "warning": 1, "info": 2}

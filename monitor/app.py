@@ -468,11 +468,13 @@ class DsMonitor(App):
                 else f"ended: {run.end.reason}"
                 if run.end is not None
                 else "STALLED"
-                if since > self.rules.stall_seconds
+                if since > run.stall_after(self.rules.stall_seconds)
                 else "live"
             )
             essential.append(f"{run.name}: {state}" + (f", last record {_duration(since)} ago" if since is not None else ""))
             bits = [f"{run.name}: {run.records_per_second(now):.1f} rec/s"]
+            if run.earlier_runs:
+                bits.append(f"a fresh run replaced {run.earlier_runs} earlier run(s) in this file")
             if run.corrupt:
                 bits.append(f"{run.corrupt} corrupt")
             if run.unknown:
@@ -732,7 +734,8 @@ def summary_text(states: list[RunState], rules: AlertRules) -> str:
             e = d["eval"]
             teacher = f" (teacher {e['teacher_ppl']:.4g})" if e["teacher_ppl"] is not None else ""
             lines.append(
-                f"  eval  @ {e['step']}: objective {e['objective']:.4g} | ppl {e['ppl']:.4g}{teacher} | best {e['metric']} {e['best']}"
+                f"  eval  @ {e['step']}: objective {e['objective']:.4g} | ppl {e['ppl']:.4g}{teacher} | best {e['metric']} "
+                f"{e['best']:.4g}"
             )
         alerts = evaluate_alerts(s, rules, now=now)
         for a in alerts:
@@ -770,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stall",
         type=float,
         default=300.0,
-        help="seconds since the newest record was written (its own time) before a run without run_end is STALLED (default 300)",
+        help="seconds since the newest record was written (its own time) before a run without run_end is STALLED "
+        "(default 300; sooner for a run that writes often: ten of its median record intervals, at least 30)",
     )
     p.add_argument("--export-dir", default=None, help="where `e` writes SVG screenshots (default: the current directory)")
     p.add_argument("--gap", type=float, default=0.5, help="relative train/eval objective gap that alerts (default 0.5)")

@@ -148,6 +148,8 @@ class RunState:
         self.unknown = 0
         """Records of kinds this version does not know (skipped; a newer trainer wrote them)."""
         self.restarts = 0
+        self.earlier_runs = 0
+        """Runs that were in the same file before a fresh (not resumed) run_start replaced them in view."""
         self.segment = 0
         self.step_seen: Optional[int] = None
         self.last_record_time: Optional[float] = None
@@ -199,7 +201,16 @@ class RunState:
             self.last_record_time = rec.time if self.last_record_time is None else max(self.last_record_time, rec.time)
             self.recent_times.append(rec.time)
         if isinstance(rec, RunStart):
-            if self.start is not None:
+            if not rec.resumed and self.records > 1:
+                # a fresh run in the same directory is another run, not the continuation of the dead one: its
+                # steps, trends, minima and ETA must not mix with the earlier run's (they zig-zagged)
+                earlier = self.earlier_runs + 1
+                self.__init__(self.name)  # type: ignore[misc]
+                self.earlier_runs, self.records = earlier, 1
+                if math.isfinite(rec.time):
+                    self.last_record_time = rec.time
+                    self.recent_times.append(rec.time)
+            elif self.start is not None:
                 self.restarts += 1
             self.start = rec
             self.end = None
@@ -325,6 +336,18 @@ class RunState:
         recent = sum(1 for t in self.recent_times if 0 <= now - t <= window)
         return recent / window
 
+    def stall_after(self, limit: float) -> float:
+        """Seconds without a record after which the run looks stalled: `limit`, or sooner for a run that
+        writes often (ten of its median intervals between recent records, never under 30 s), so a killed run
+        is not shown "live" for minutes."""
+        times = sorted(self.recent_times)[-64:]
+        if len(times) < 6:
+            return limit
+        gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
+        if not gaps:
+            return limit
+        return min(limit, max(30.0, 10 * gaps[len(gaps) // 2]))
+
     def since_last(self, now: float) -> Optional[float]:
         """Seconds since the newest record was written (by its own time)."""
         return None if self.last_record_time is None else max(0.0, now - self.last_record_time)
@@ -362,6 +385,7 @@ class RunState:
             "corrupt_lines": self.corrupt,
             "unknown_records": self.unknown,
             "restarts": self.restarts,
+            "earlier_runs": self.earlier_runs,
             "total_steps": self.total_steps,
             "step": self.current_step,
             "progress": self.progress(),

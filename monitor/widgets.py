@@ -681,28 +681,21 @@ class FilterInput(Input):
 
 
 def write_csv(runs: list[RunState], fh) -> int:
-    """Every train series of every run as CSV rows: run, step, time_s, tokens, then one column per series
-    (blank where a record had no such value). Returns the rows written."""
+    """Every train and eval series of every run as CSV rows: run, kind (train or eval), step, time_s, tokens,
+    then one column per series (blank where a record had no such value). Returns the rows written."""
     import csv
 
-    keys = sorted({k for run in runs for k in run.train})
+    keys = sorted({k for run in runs for table in (run.train, run.eval) for k in table})
     w = csv.writer(fh)
-    w.writerow(["run", "step", "time_s", "tokens", *keys])
+    w.writerow(["run", "kind", "step", "time_s", "tokens", *keys])
     n = 0
     for run in runs:
-        x = run.train_x
-        cols = {k: dict(zip(s.rows, s.value)) for k, s in run.train.items()}
-        for row in range(len(x.step)):
-            w.writerow(
-                [
-                    run.name,
-                    x.step[row],
-                    f"{x.time[row]:.3f}",
-                    int(x.tokens[row]),
-                    *(repr(cols[k][row]) if k in cols and row in cols[k] else "" for k in keys),
-                ]
-            )
-            n += 1
+        for kind, x, table in (("train", run.train_x, run.train), ("eval", run.eval_x, run.eval)):
+            cols = {k: dict(zip(s.rows, s.value)) for k, s in table.items()}
+            for row in range(len(x.step)):
+                values = (repr(cols[k][row]) if k in cols and row in cols[k] else "" for k in keys)
+                w.writerow([run.name, kind, x.step[row], f"{x.time[row]:.3f}", int(x.tokens[row]), *values])
+                n += 1
     return n
 
 
@@ -758,11 +751,13 @@ class HelpScreen(ModalScreen):
     HelpScreen {
         align: center middle;
     }
-    HelpScreen > Static {
+    HelpScreen > VerticalScroll {
         width: 64;
+        max-width: 100%;
         height: auto;
+        max-height: 100%;
         border: round $accent;
-        padding: 1 2;
+        padding: 0 1;
         background: $surface;
     }
     """
@@ -777,5 +772,7 @@ class HelpScreen(ModalScreen):
         for key, desc in self.rows:
             t.append(f"{key:>12}  ", style="bold cyan")
             t.append(f"{desc}\n")
-        t.append("\nEscape closes this screen.", style="grey62")
-        yield Static(t)
+        t.append("\nEscape closes this screen; arrows and PgUp/PgDn scroll it.", style="grey62")
+        # in a small terminal (80x24) the list is taller than the screen: it scrolls, nothing is cut
+        with VerticalScroll():
+            yield Static(t)

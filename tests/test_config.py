@@ -115,7 +115,9 @@ def test_ds_user_values_kept_and_conflicts_named(make_config, tmp_path):
     }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    cfg = validate(make_config(train={"micro_batch_size": 4, "grad_accum": 2}, deepspeed={"student": str(path)}))
+    raw = make_config(train={"micro_batch_size": 4, "grad_accum": 2}, deepspeed={"student": str(path)})
+    raw["scheduler"] = {"warmup_steps": 5}  # the DeepSpeed block is the schedule; run.yaml fills its "auto"
+    cfg = validate(raw)
     ds = resolve_student(cfg, world_size=8, total_steps=50, warmup_steps=5)
     assert ds["train_batch_size"] == 64 and ds["optimizer"]["params"] == {"lr": 2e-3, "weight_decay": 0.1}
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 5 and ds["zero_optimization"]["stage"] == 1

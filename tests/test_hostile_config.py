@@ -60,11 +60,11 @@ def _yaml(tmp_path: Path, cfg: dict) -> Path:
         ),
         (
             "deepspeed.student={zero_optimization: {stage: two}}",
-            "deepspeed.student: zero_optimization.stage must be an integer 0..3, got 'two'",
+            "deepspeed.student: zero_optimization.stage must be an integer (1, 2 or 3), got 'two'",
         ),
         (
             "deepspeed.student={zero_optimization: {stage: [2]}}",
-            "deepspeed.student: zero_optimization.stage must be an integer 0..3, got [2]",
+            "deepspeed.student: zero_optimization.stage must be an integer (1, 2 or 3), got [2]",
         ),
         ("deepspeed.student={bf16: true}", "deepspeed.student: bf16 must be a mapping"),
         ("deepspeed.student={zero_optimization: 2}", "deepspeed.student: zero_optimization must be a mapping"),
@@ -90,8 +90,8 @@ def test_two_lr_schedules_are_refused_and_the_one_that_runs_is_named(make_config
         },
     }
     cfg = make_config(deepspeed={"student": hf_style}, scheduler={"kind": "cosine", "warmup_steps": 2})
-    _refused(_yaml(tmp_path, cfg), "deepspeed.student: has a scheduler block (WarmupDecayLR) and run.yaml sets scheduler: too")
-    del cfg["scheduler"]
+    _refused(_yaml(tmp_path, cfg), "deepspeed.student: has a scheduler block (WarmupDecayLR) and run.yaml's scheduler sets kind")
+    cfg["scheduler"] = {"warmup_steps": 2}  # only what fills the block's "auto" values: one schedule
     from dsdistill.preflight import plan_dict
 
     plan, data = preflight(load_config(_yaml(tmp_path, cfg)), world=1)

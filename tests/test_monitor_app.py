@@ -454,3 +454,37 @@ def test_the_curriculum_panel_draws_the_on_policy_fraction(tmp_path, size):
         assert schedule is not None and schedule.on_policy_at(step=20, total_steps=40) == 0.5
 
     run_app(app, scenario, size=size)
+
+
+def test_the_help_scrolls_to_its_last_key_at_80x24(tmp_path):
+    """At 80x24 everything after `+ / -` was cut off with no way to scroll."""
+    from textual.containers import VerticalScroll
+
+    path = write(tmp_path / "run" / METRICS_FILE, healthy_records(10))
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].end is not None)
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        scroll = app.screen.query_one(VerticalScroll)
+        assert scroll.max_scroll_y > 0 and "Escape closes this screen" not in app.screen_text()
+        await pilot.press("end")
+        await pilot.pause(0.2)
+        assert "Escape closes this screen" in app.screen_text()
+
+    run_app(app, scenario, size=(80, 24))
+
+
+def test_a_killed_run_that_wrote_often_is_stalled_within_its_own_pace(tmp_path):
+    """A run writing a record every 2 s that stops writing looks stalled after 30 s, not after 300 s."""
+    from dsmonitor.alerts import AlertRules, evaluate_alerts
+    from dsmonitor.app import load_states
+
+    recs = healthy_records(20, end=False)
+    path = write(tmp_path / "run" / METRICS_FILE, recs)
+    (state,) = load_states([str(path.parent)])
+    last = recs[-1].time
+    rules = AlertRules()
+    assert not [a for a in evaluate_alerts(state, rules, now=last + 20) if a.code == "stalled"]
+    assert [a for a in evaluate_alerts(state, rules, now=last + 45) if a.code == "stalled"]

@@ -205,6 +205,7 @@ def test_a_resumed_run_continues_its_time_axis_and_eta_uses_the_new_pace():
     restart_at = first[-1].time + 3600  # resumed an hour later, from step 20
     resumed = healthy_records(40, end=False, t0=restart_at - 20 * pace)
     resumed[0].time = restart_at
+    resumed[0].resumed = True  # what the trainer writes when it continues from a checkpoint
     s = state_of(first + [resumed[0]] + [r for r in resumed[1:] if 20 <= getattr(r, "step", 0) < 30])
     times = s.train_x.time
     assert all(b >= a for a, b in zip(times, times[1:]))  # no restart at 0 drawn over the earlier curve
@@ -284,3 +285,24 @@ def test_a_file_rewritten_in_place_with_the_same_start_is_read_anew(tmp_path):
     res = tailer.poll()
     assert res.restarted == "replaced" and len(res.records) == len(changed)
     assert [r.time for r in res.records] == [r.time for r in changed]
+
+
+def test_a_fresh_run_in_the_same_directory_replaces_the_dead_one_in_view(tmp_path):
+    """The audit's case: a run died at step 9, a fresh run (not a resume) started in the same directory. The
+    CSV went 4, 9, 4, 9, trends and minima came from the dead run, the header showed its step."""
+    import io
+
+    from dsmonitor.widgets import write_csv
+
+    dead = healthy_records(12, end=False)
+    fresh = healthy_records(10, end=False, t0=dead[-1].time + 60)
+    s = state_of(dead + fresh)
+    assert s.earlier_runs == 1 and s.current_step == 10 and s.start is fresh[0]
+    assert list(s.train_x.step) == list(range(10))
+    assert s.train["raw/kd"].finite_min() == min(r.losses["kd"] for r in fresh if r.kind == "train")
+    out = io.StringIO()
+    write_csv([s], out)
+    rows = [line.split(",") for line in out.getvalue().splitlines()[1:]]
+    assert [int(r[2]) for r in rows if r[1] == "train"] == list(range(10))  # not 4, 9, 4, 9
+    assert [int(r[2]) for r in rows if r[1] == "eval"] == [10]  # the eval series is in the CSV too
+    assert s.summary()["earlier_runs"] == 1

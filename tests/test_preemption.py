@@ -204,3 +204,47 @@ def test_deepspeed_launcher_killed_alone_still_saves_and_leaves_no_orphan(long_r
     victim.send_signal(signal.SIGTERM)
     _wait_gone(proc)
     _assert_saved_and_ended(run_dir)
+
+
+# -------------------------------------------------------------- real step times
+
+
+@pytest.fixture
+def slow_run(assets, make_config, tmp_path):
+    """A run whose micro-batches take seconds on CPU (wider models, longer rows): what a real model's steps
+    look like to a stop, where DeepSpeed's launcher SIGKILLs a rank 30 s after it forwards a signal."""
+    from transformers import AutoTokenizer
+
+    from dsdistill.demo import tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    for name, width, seed in (("wide_teacher", 384, 1), ("wide_student", 256, 2)):
+        tiny_llama(len(tok), hidden=width, layers=4, heads=4, kv_heads=2, max_pos=256, seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    cfg = make_config(
+        teacher={"path": str(tmp_path / "wide_teacher")},
+        student={"path": str(tmp_path / "wide_student")},
+        train={"max_steps": 2000, "micro_batch_size": 8, "grad_accum": 4, "seq_len": 128},
+        curriculum={"weights": {"kd": 0.9, "lm": 0.1}},
+        eval={"every": 0, "at_start": False, "max_batches": 1},
+    )
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, Path(cfg["output"]["run_dir"])
+
+
+def test_ctrl_c_under_deepspeed_with_multi_second_steps_stops_within_a_micro_batch(slow_run, tmp_path):
+    """The audit lost a whole run this way: ~30 s steps, Ctrl-C, the runner SIGKILLed rank 0 30 s later.
+    Now the stop is agreed at the next micro-batch boundary: the window in flight is abandoned (or ends, if
+    it was at its last micro-batch), the save follows, and no step starts after the signal."""
+    config, run_dir = slow_run
+    proc = _start(_deepspeed(config), tmp_path)
+    wait_for_train_records(run_dir, 1, proc, timeout=600, output=lambda: (tmp_path / "launch.log").read_text())
+    done_before = sum(isinstance(r, TrainRecord) for r in records(run_dir))
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+    proc.wait(timeout=600)
+    _wait_gone(proc)
+    log = (tmp_path / "launch.log").read_text()
+    assert "exiting now without saving" not in log, log[-3000:]
+    step = _assert_saved_and_ended(run_dir)
+    assert step <= done_before + 1  # at most the window in flight, never one more
