@@ -5,21 +5,28 @@
 #             [--launcher local|deepspeed|pdsh|openmpi|slurm|torchrun] [--master-addr ADDR] [--master-port PORT]
 #             [--export NAME]... [--env-file FILE] [--kill-after SECONDS]
 #             [--no-resume] [--dry-run] [-- extra train.py args, e.g. --set train.max_steps=100]
+#   PYTHON=/path/to/python picks the interpreter (default: this project's .venv, else python3)
 #
 # Order of work: find the nodes -> `dsdistill check` (config, batch arithmetic for the world size, model
 # paths, vocabularies, run dir, memory plan) -> write the environment every node needs -> launch.
 # A failing check stops here with its one-line reason. --dry-run prints the command line of every node.
-# A stop (Ctrl-C, SIGTERM to this script or its process group, SLURM preemption) finishes the step in
+# A stop (Ctrl-C, SIGTERM to this script or its process group, SLURM preemption) finishes the micro-batch in
 # flight, saves a checkpoint and exits 75; launch again to resume.
 set -euo pipefail
 
 die() { echo "launch.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; printf '%s' "${out% }"; }
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TRAIN="$ROOT/dsdistill/train.py"
-PYTHON=${PYTHON:-python3}
+# the interpreter: $PYTHON if set, else the project's own .venv (what `make install` made), else an
+# activated environment's python3; one that cannot import dsdistill and its dependencies is refused in one line
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+"$PYTHON" -c 'import torch, deepspeed, dsdistill' 2>/dev/null \
+  || die "'$PYTHON' cannot import torch, deepspeed and dsdistill; run 'make install' (it makes $ROOT/.venv), activate the environment you installed into, or set PYTHON=/path/to/its/python"
 CONFIG="" NODES="" GPUS="" HOSTFILE="" LAUNCHER="" MASTER_ADDR="" MASTER_PORT=29500 DRY_RUN=0 RESUME=auto
 USER_ENV_FILE="" KILL_AFTER=0
 EXPORTS=() EXTRA=()

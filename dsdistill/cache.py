@@ -402,9 +402,17 @@ def verify_for_run(
         if need.teacher_hidden or need.teacher_pooled or need.teacher_qk
     }
     if internals:
+        import yaml
+
+        keep = {
+            n: (sch.value if sch.kind == "constant" else sch.model_dump())
+            for n, sch in cfg.curriculum.weights.items()
+            if n not in internals
+        }
+        line = yaml.safe_dump(keep, default_flow_style=True, sort_keys=False).strip()
         raise ConfigError(
             f"teacher.cache: {', '.join(internals)} need the teacher's hidden states or attention, which a cache does not "
-            "hold; set their weights to 0 or use teacher.path"
+            f"hold; train from the cache with --set curriculum.weights='{line}' (or use teacher.path)"
         )
     if cfg.loss.kd_top_k is not None:
         raise ConfigError(f"loss.kd_top_k: the teacher cache sets k ({cache.k}, with a rest bucket); leave kd_top_k unset")

@@ -590,9 +590,30 @@ def validate(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(format_validation_error(e)) from None
 
 
+BUNDLED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def _resolve_ds_paths(data: dict[str, Any], config_dir: Path) -> dict[str, Any]:
+    """A relative `deepspeed.student`/`teacher` path, as the config file means it: from the config file's
+    folder, else from the bundled ds_configs/ (`zero3.json`), else from the current directory as given."""
+    ds = data.get("deepspeed")
+    if not isinstance(ds, dict):
+        return data
+    for key in ("student", "teacher"):
+        value = ds.get(key)
+        if not isinstance(value, str) or Path(value).expanduser().is_absolute():
+            continue
+        for base in (config_dir, BUNDLED_DS_CONFIGS):
+            if (base / value).is_file():
+                ds[key] = str((base / value).resolve())
+                break
+    return data
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load, override and validate a run config file."""
-    return validate(apply_overrides(read_mapping(path), overrides or []))
+    data = apply_overrides(read_mapping(path), overrides or [])
+    return validate(_resolve_ds_paths(data, Path(path).resolve().parent))
 
 
 def dump_config(cfg: RunConfig) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def describe(plan: Plan, data: RunData) -> str:
         else f"{c.train.micro_batch_size} x {c.train.seq_len} x {plan.vocab} vocab"
     )
     lines.append(
-        f"memory per GPU (estimate, activations excluded): teacher shard {_size(m['teacher_shard'])}, "
+        f"memory per {_device_word()} (estimate, activations excluded): teacher shard {_size(m['teacher_shard'])}, "
         f"student weights+grads+optimizer {_size(m['student_states'])}, logits {_size(m['logits'])} "
         f"({logits_how}), total {_size(m['total'])}"
     )
@@ -244,6 +244,13 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
     }
     out["total"] = out["teacher_shard"] + out["student_states"] + out["logits"]
     return out
+
+
+def _device_word() -> str:
+    """What one rank runs on: a GPU, or (DS_ACCELERATOR=cpu, no CUDA) a CPU process."""
+    import torch
+
+    return "GPU" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "rank (CPU)"
 
 
 def _size(gib: float) -> str:

@@ -195,3 +195,19 @@ def test_student_weights_of_another_shape_name_the_weight(make_config, assets, t
     msg = str(e.value)
     assert msg.startswith(f"student.path: '{wrong}' does not match its config.json: weight ") and "has shape [" in msg
     assert "in the config" in msg and "\n" not in msg
+
+
+def test_a_relative_deepspeed_config_resolves_from_the_config_folder_then_the_bundled_ones(make_config, tmp_path, monkeypatch):
+    from dsdistill.config import BUNDLED_DS_CONFIGS
+
+    (tmp_path / "cfgs").mkdir()
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 1}}
+    (tmp_path / "cfgs" / "mine.json").write_text(json.dumps(ds))
+    cfg = make_config(deepspeed={"student": "mine.json", "teacher": "teacher_zero3.json"})
+    path = tmp_path / "cfgs" / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)  # not the config's folder: "mine.json" is not here
+    loaded = load_config(path)
+    assert loaded.deepspeed.student == str((tmp_path / "cfgs" / "mine.json").resolve())
+    assert loaded.deepspeed.teacher == str((BUNDLED_DS_CONFIGS / "teacher_zero3.json").resolve())
+    preflight(loaded, world=1)

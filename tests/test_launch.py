@@ -317,3 +317,38 @@ def test_slurm_without_scontrol_says_what_is_missing(config_file, tmp_path):
         "launch.sh: error: inside SLURM job 9 but 'scontrol' is not on PATH; it expands the node list "
         "'gpu-[1-2]' (load your site's slurm module, or pass --hostfile)"
     )
+
+
+def test_without_an_activated_environment_launch_sh_finds_the_project_python_or_says_what_to_set(config_file, tmp_path):
+    """It ended in a ModuleNotFoundError traceback when the venv was not activated."""
+    cfg = config_file()
+    plain = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    plain["PATH"] = "/usr/bin:/bin"  # no venv on PATH: as in a fresh shell
+    env = dict(plain, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    found = subprocess.run(
+        ["bash", str(LAUNCH), "--config", str(cfg), "--dry-run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if Path(ROOT / ".venv" / "bin" / "python").exists():  # `make install` made it: launch.sh uses it
+        assert found.returncode == 0, found.stderr[-2000:]
+        assert str(ROOT / ".venv" / "bin" / "python") in found.stdout
+    bare = tmp_path / "bare-python"
+    bare.write_text('#!/bin/sh\nexec /usr/bin/env -i /bin/false "$@"\n')
+    bare.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(LAUNCH), "--config", str(cfg), "--dry-run"],
+        cwd=tmp_path,
+        env=dict(env, PYTHON=str(bare)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"launch.sh: error: '{bare}' cannot import torch, deepspeed and dsdistill; run 'make install' (it makes "
+        f"{ROOT}/.venv), activate the environment you installed into, or set PYTHON=/path/to/its/python"
+    ]

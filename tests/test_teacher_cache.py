@@ -163,7 +163,11 @@ def test_a_mismatched_cache_is_refused_in_one_line(written, make_config, chat_co
     for change, expected in (
         ({"train": {**base["train"], "seq_len": 16}}, f"teacher.cache: '{cache}' is of other seq_len (cache: 32; this run: 16)"),
         ({"data": {**base["data"], "path": str(other)}}, f"teacher.cache: '{cache}' is of other training data (cache: "),
-        ({"curriculum": {"weights": {"kd": 1.0, "feature": 0.1}}}, "teacher.cache: feature need the teacher's hidden states"),
+        (
+            {"curriculum": {"weights": {"kd": 1.0, "feature": 0.1}}},
+            "teacher.cache: feature need the teacher's hidden states or attention, which a cache does not hold; "
+            "train from the cache with --set curriculum.weights='{kd: 1.0}'",
+        ),
         ({"loss": {"kd_top_k": 8}}, "loss.kd_top_k: the teacher cache sets k (16, with a rest bucket)"),
         (
             {"curriculum": {"weights": {"kd": 1.0}, "temperature": 2.0}},
