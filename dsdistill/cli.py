@@ -69,6 +69,14 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_init_student(args) -> int:
+    from dsdistill.init_student import init_student
+
+    out = init_student(args.teacher, args.layers, args.out, trust_remote_code=args.trust_remote_code)
+    print(f"init-student: wrote a student of the teacher's blocks {args.layers} to {out} (student.path: {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsdistill", description="Distil a frozen teacher LLM into a student with DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow the student's model code to run (never taken from the run directory)",
     )
     x.set_defaults(func=_cmd_export)
+    i = sub.add_parser("init-student", help="make a student from a subset of the teacher's blocks (same width and head)")
+    i.add_argument("--teacher", required=True, help="the teacher's model directory")
+    i.add_argument(
+        "--layers",
+        required=True,
+        help="blocks to keep, 1-based: every-K (every K-th and the last), first-N, last-N, or a list 1,3,5",
+    )
+    i.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    i.add_argument("--trust-remote-code", action="store_true", help="allow the teacher's model code to run")
+    i.set_defaults(func=_cmd_init_student)
     return p
 
 
