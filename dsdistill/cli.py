@@ -33,6 +33,10 @@ def _cmd_check(args) -> int:
         print(json.dumps(plan_dict(plan, data), indent=2))
         return 0
     print(describe(plan, data))
+    if args.show_example:
+        from dsdistill.preflight import show_examples
+
+        print("\n".join(show_examples(cfg, data.tokenizer, count=args.show_example)))
     print("check: ok")
     return 0
 
@@ -99,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(c)
     c.add_argument("--world-size", type=int, default=None, help="ranks the run will use (default: $WORLD_SIZE or 1)")
     c.add_argument("--json", action="store_true", help="print the whole plan as JSON (nothing else on stdout)")
+    c.add_argument(
+        "--show-example",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="print the first N (default 1) examples of each source as rendered, with «» around the tokens that carry loss",
+    )
     # what launch.sh passes on to train.py is checked first: these are accepted for a teacher-cache launch
     c.add_argument("--teacher-cache", default=None, help=argparse.SUPPRESS)
     c.add_argument("--top-k", type=int, default=None, help=argparse.SUPPRESS)

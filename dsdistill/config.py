@@ -66,6 +66,10 @@ class FormatFields(_Strict):
     optional `labels` or `loss_mask`."""
     text_field: str = "text"
     """text: column holding the raw text."""
+    separator: Optional[str] = None
+    """text: the token that closes each document (a token of the vocabulary, e.g. `<|endoftext|>`); default the
+    tokenizer's EOS. For instruct tokenizers the EOS is often the end-of-turn token (`<|im_end|>`), which plain
+    documents should not be taught to end with: name the document separator here."""
     messages_field: str = "messages"
     """chat: column holding the list of messages ({role, content}; roles system, user, assistant, tool)."""
     chat_template: Optional[str] = None

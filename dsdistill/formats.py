@@ -118,12 +118,25 @@ def renderer(
     return _PretokenizedRenderer(source, tokenizer, field=field, where=where, labels=labels, mask=mask, ignore_index=ignore_index)
 
 
+def separator_id(source: FormatFields, tokenizer, *, field: str) -> Optional[int]:
+    """The id that closes each text document: `separator` (a token of the vocabulary), else the EOS."""
+    if source.separator is None:
+        return tokenizer.eos_token_id
+    vocab = tokenizer.get_vocab()
+    if source.separator not in vocab:
+        raise DataError(
+            f"{field}.separator: {source.separator!r} is not a token of the tokenizer's vocabulary; expected one token "
+            f"such as {tokenizer.eos_token!r}"
+        )
+    return vocab[source.separator]
+
+
 class _TextRenderer:
     """Raw text: every token carries loss; EOS closes each document."""
 
     def __init__(self, source: FormatFields, tokenizer, *, field: str, where: str):
         self.column, self.tokenizer, self.field, self.where = source.text_field, tokenizer, field, where
-        self.eos = tokenizer.eos_token_id
+        self.eos = separator_id(source, tokenizer, field=field)
 
     def __call__(self, batch: dict[str, list], rows: Sequence[int]) -> list[Optional[Example]]:
         texts = batch[self.column]

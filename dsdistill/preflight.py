@@ -83,6 +83,8 @@ def describe(plan: Plan, data: RunData) -> str:
         f" x accumulation {c.train.grad_accum} x world {plan.world}; {plan.global_batch * c.train.seq_len:,} tokens per optimizer step",
         f"training: {steps}; eval: {len(data.splits.eval)} sequences",
         *describe_data(data.splits, c.train.seq_len),
+        *separator_lines(c, data.tokenizer),
+        *generation_lines(plan),
         (
             f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_teacher)}, frozen"
             if data.cache is None
@@ -119,6 +121,78 @@ def describe(plan: Plan, data: RunData) -> str:
         f"({logits_how}), total {_size(m['total'])}"
     )
     return "\n".join(lines)
+
+
+def show_examples(cfg: RunConfig, tokenizer, *, count: int = 1) -> list[str]:
+    """The first `count` examples of each source as the run renders them, with «» around the tokens that
+    carry loss (what `check --show-example` prints)."""
+    from dsdistill.data import load_source, source_names
+    from dsdistill.formats import renderer
+
+    sources = cfg.data.resolved_sources()
+    out = []
+    for name, src in zip(source_names(sources), sources):
+        ds = load_source(src.path, "train", field="data.path", streaming=True)
+        rows = [r for _, r in zip(range(count), ds)]
+        if not rows:
+            continue
+        render = renderer(src, tokenizer, field="data", where=name, ignore_index=cfg.loss.ignore_index, columns=list(rows[0]))
+        batch = {k: [r.get(k) for r in rows] for k in rows[0]}
+        for i, ex in enumerate(render(batch, list(range(len(rows))))):
+            out.append(f"example {i} of {name} ({src.format}; «» marks the tokens that carry loss):")
+            if ex is None:
+                out.append("  (renders to nothing: no token carries loss, or empty)")
+                continue
+            out.append(_marked(tokenizer, ex.ids, ex.loss))
+    return out
+
+
+def _marked(tokenizer, ids: list[int], loss: list[bool]) -> str:
+    """Decoded text with «» around each run of loss-bearing tokens; control characters other than newlines
+    and tabs shown escaped (this goes to a terminal)."""
+    parts, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or loss[i] != loss[start]:
+            text = tokenizer.decode(ids[start:i])
+            parts.append(f"«{text}»" if loss[start] else text)
+            start = i
+    text = "".join(parts)
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def separator_lines(cfg: RunConfig, tokenizer) -> list[str]:
+    """Which token closes each text document, per text source (the EOS of an instruct tokenizer is often its
+    end-of-turn token: the user should see which one is used)."""
+    from dsdistill.data import source_names
+    from dsdistill.formats import separator_id
+
+    sources = cfg.data.resolved_sources()
+    out = []
+    for name, src in zip(source_names(sources), sources):
+        if src.format == "text":
+            sid = separator_id(src, tokenizer, field="data")
+            token = tokenizer.convert_ids_to_tokens(sid) if sid is not None else None
+            how = "data.separator" if src.separator is not None else "the tokenizer's EOS; set data.separator to change it"
+            out.append(f"  {name}: documents end with {token!r} (id {sid}, {how})")
+    return out
+
+
+def generation_lines(plan: "Plan") -> list[str]:
+    """On-policy sampling, when the curriculum ever asks for it: the schedule and the generation settings."""
+    cur, g = plan.curriculum, plan.cfg.generation
+    if not cur.ever_on_policy:
+        return []
+    sched = cur.config.on_policy
+    what = (
+        f"{sched.value:g} of each step's sequences"
+        if sched.kind == "constant"
+        else f"{sched.kind} {sched.start_value:g} -> {sched.end_value:g} over progress {sched.start:g}-{sched.end:g}"
+    )
+    return [
+        f"on-policy: {what} sampled from the student and scored by the teacher; generation: max_new_tokens "
+        f"{g.max_new_tokens}, temperature {g.temperature:g}, top_p {g.top_p:g}, top_k {g.top_k or 'off'}, "
+        f"{g.samples_per_prompt} sample(s) per prompt, stop on EOS {'yes' if g.stop_on_eos else 'no'}"
+    ]
 
 
 def describe_data(splits: Splits, seq_len: int) -> list[str]:
@@ -250,7 +324,7 @@ def _device_word() -> str:
     """What one rank runs on: a GPU, or (DS_ACCELERATOR=cpu, no CUDA) a CPU process."""
     import torch
 
-    return "GPU" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "rank (CPU)"
+    return "GPU" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "CPU rank"
 
 
 def _size(gib: float) -> str:
