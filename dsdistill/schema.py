@@ -116,6 +116,10 @@ class EvalRecord(_Record):
     """exp(lm_ce)."""
     teacher_ppl: Optional[float] = None
     """Teacher perplexity on the same eval set (computed once)."""
+    teacher_ppl_exact_share: Optional[float] = None
+    """Share of the eval tokens whose teacher log-prob is exact; below 1 for an offline cache, where a label
+    outside the cached top-k is estimated from the rest mass (the monitor then draws no teacher reference
+    line). None: every token exact (a live teacher)."""
     tokens: int = 0
     """Eval tokens over all ranks."""
     best: Optional[float] = None

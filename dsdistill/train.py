@@ -188,6 +188,8 @@ class Session:
         # what the loop accumulates (set again by `fit`)
         self.tokens_seen = 0
         self.teacher_ppl = float("nan")
+        self.teacher_exact: Optional[float] = None
+        """Share of eval tokens whose teacher log-prob is exact (None: a live teacher, all of them)."""
         self.teacher_ppl_by_source: dict[str, float] = {}
         self.last_eval: Optional[EvalResult] = None
         self.pace = Pace()
@@ -237,6 +239,8 @@ class Session:
         self._announce(resumed)
         # once per run: the teacher's own perplexity is what the student's is compared with
         self.teacher_ppl = self.evaluator.teacher_perplexity(self._eval_batches())
+        if isinstance(self.teacher, CachedTeacher):
+            self.teacher_exact = self.teacher.covered / max(self.teacher.covered + self.teacher.estimated, 1)
         self.teacher_ppl_by_source = {
             name: self.evaluator.teacher_perplexity(self._eval_batches(rows))
             for name, rows in self.data.splits.eval_by_source.items()
@@ -247,8 +251,7 @@ class Session:
             + "".join(f"; {n} {p:.3f}" for n, p in self.teacher_ppl_by_source.items()),
         )
         if isinstance(self.teacher, CachedTeacher):
-            t = self.teacher
-            share = t.covered / max(t.covered + t.estimated, 1)
+            t, share = self.teacher, self.teacher_exact
             self._alert(
                 engine.global_steps,
                 "info",
@@ -493,6 +496,7 @@ class Session:
             lm_ce=r.lm_ce,
             ppl=r.ppl,
             teacher_ppl=self.teacher_ppl,
+            teacher_ppl_exact_share=self.teacher_exact,
             tokens=r.tokens,
             best=early.best,
             bad_evals=early.bad_evals,

@@ -432,7 +432,9 @@ class EvalPanel(Panel):
                 ppl_traces.append(pp)
             e = run.last_eval
             if e is not None:
-                if e.teacher_ppl is not None:
+                # an estimate (a cache's labels outside its top-k) is no reference to measure the student by
+                exact = e.teacher_ppl_exact_share is None or e.teacher_ppl_exact_share >= 0.99
+                if e.teacher_ppl is not None and exact:
                     hlines.append(HLine(e.teacher_ppl, "grey62", "teacher"))
                 stop = (
                     f"best {e.early_stop_metric} {_fmt(e.best)}, {e.bad_evals} eval(s) without improvement"
@@ -440,7 +442,7 @@ class EvalPanel(Panel):
                     else ""
                 )
                 lines.append(
-                    f"{run.name}: eval @ {e.step} obj {_fmt(e.objective)} ppl {_fmt(e.ppl)} (teacher {_fmt(e.teacher_ppl)}) {stop}\n",
+                    f"{run.name}: eval @ {e.step} obj {_fmt(e.objective)} ppl {_fmt(e.ppl)} (teacher {_teacher(e)}) {stop}\n",
                     style=color,
                 )
         self.border_title = "train vs eval objective  |  eval ppl (teacher dotted)"
@@ -678,6 +680,13 @@ class FilterInput(Input):
 
     def action_cancel(self) -> None:
         self.close()
+
+
+def _teacher(e) -> str:
+    share = e.teacher_ppl_exact_share
+    if share is None or share >= 0.99:
+        return _fmt(e.teacher_ppl)
+    return f"~{_fmt(e.teacher_ppl)}, estimated for {1 - share:.0%} of tokens"
 
 
 def write_csv(runs: list[RunState], fh) -> int:

@@ -488,3 +488,23 @@ def test_a_killed_run_that_wrote_often_is_stalled_within_its_own_pace(tmp_path):
     rules = AlertRules()
     assert not [a for a in evaluate_alerts(state, rules, now=last + 20) if a.code == "stalled"]
     assert [a for a in evaluate_alerts(state, rules, now=last + 45) if a.code == "stalled"]
+
+
+def test_an_estimated_teacher_perplexity_is_no_reference_line(tmp_path):
+    """From a cache the teacher's perplexity was +48% off and drawn as the reference the student is judged
+    by; an estimate is now labelled as one and not drawn."""
+    recs = healthy_records(20)
+    recs = [r.model_copy(update={"teacher_ppl_exact_share": 0.6}) if r.kind == "eval" else r for r in recs]
+    path = write(tmp_path / "run" / METRICS_FILE, recs)
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].end is not None)
+        await pilot.pause(0.3)
+        panel = app.eval_panel
+        panel.draw(app.runs, app.opts)  # it may sit in another view than the one on screen
+        await pilot.pause(0.2)
+        text = " ".join(text_of(panel).split())
+        assert "(teacher ~2.5, estimated for 40% of tokens)" in text, text[:400]
+
+    run_app(app, scenario, size=(160, 50))

@@ -151,6 +151,8 @@ def test_training_from_the_cache(written, tmp_path):
     assert [t.step for t in trains] == [0, 1] and all(t.losses["kd"] > 0 for t in trains)
     start = next(r for r in recs if isinstance(r, RunStart))
     assert start.kd == {"divergence": "forward_kl", "t2_scaled": True, "top_k_support": "teacher"}
+    evals = [r for r in recs if r.kind == "eval"]
+    assert evals and all(0 < e.teacher_ppl_exact_share < 1 for e in evals)  # an estimate, and said to be one
     assert any(isinstance(r, AlertRecord) and r.code == "teacher_ppl_from_cache" for r in recs)
 
 
