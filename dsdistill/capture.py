@@ -62,8 +62,12 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
-def unsupported_reason(model: nn.Module, layers: list[int], attn_implementation: Optional[str]) -> Optional[str]:
-    """Why q/k of `layers` (1-based) cannot be captured for `model` (built on any device), or None."""
+def unsupported_reason(
+    model: nn.Module, layers: list[int], attn_implementation: Optional[str], *, seq_len: Optional[int] = None
+) -> Optional[str]:
+    """Why q/k of `layers` (1-based) cannot be captured for `model` (built on any device), or why the
+    attention rebuilt from them would not be the model's own (a sliding window shorter than the rows, logit
+    soft-capping, attention sinks), or None."""
     name = type(model).__name__
     if attn_implementation == "eager":
         return "attn_implementation 'eager' bypasses transformers' attention registry; use sdpa"
@@ -78,6 +82,31 @@ def unsupported_reason(model: nn.Module, layers: list[int], attn_implementation:
     missing = [layer for layer in layers if layer - 1 not in mods]
     if missing:
         return f"{name} has no attention module with layer_idx for layer(s) {', '.join(map(str, missing))}"
+    return _rebuild_differs(model, mods, layers, seq_len)
+
+
+def _rebuild_differs(model: nn.Module, mods: dict, layers: list[int], seq_len: Optional[int]) -> Optional[str]:
+    """Why softmax(q k^T * scale) with the causal mask is not what `layers` of this model attend with."""
+    cfg = model.config
+    cap = getattr(cfg, "attn_logit_softcapping", None)
+    if cap:
+        return f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping {cap:g}), which the rebuilt attention does not"
+    types = getattr(cfg, "layer_types", None)
+    for layer in layers:
+        mod = mods[layer - 1]
+        if any(n.endswith("sinks") for n, _ in mod.named_parameters(recurse=False)):
+            return f"layer {layer} has attention sinks, which the rebuilt attention does not model"
+        if hasattr(mod, "sliding_window"):
+            window = mod.sliding_window
+        elif isinstance(types, list) and len(types) >= layer:
+            window = getattr(cfg, "sliding_window", None) if types[layer - 1] == "sliding_attention" else None
+        else:
+            window = getattr(cfg, "sliding_window", None)
+        if window is not None and (seq_len is None or window < seq_len):
+            return (
+                f"layer {layer} attends within a sliding window of {window} tokens, shorter than the rows "
+                f"({seq_len}), which the rebuilt attention does not model; map attention_layers to full-attention layers"
+            )
     return None
 
 

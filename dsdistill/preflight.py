@@ -454,6 +454,14 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
     layers = LayerMap.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
     for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
         _check_causal_lm(mc, field, str(getattr(cfg, field).path or cfg.teacher.cache))
+        spec = getattr(cfg, field)
+        if spec.attn_implementation == "sdpa" and (field == "student" or cache is None):
+            # what loading would refuse, said by check: a family without SDPA needs eager
+            if getattr(type(meta_model(mc)), "_supports_sdpa", True) is False:
+                raise ConfigError(
+                    f"{field}.attn_implementation: {type(meta_model(mc)).__name__} does not support 'sdpa'; set "
+                    f"{field}.attn_implementation: eager (attention terms on its layers are then left out)"
+                )
     if cache is not None:
         from dsdistill import registry
         from dsdistill.cache import verify_for_run
@@ -574,7 +582,7 @@ def _uncomputable(cfg: RunConfig, curriculum: Curriculum, layers: LayerMap, teac
             ("teacher", cfg.teacher, teacher_cfg, t_layers),
             ("student", cfg.student, student_cfg, s_layers),
         ):
-            why = unsupported_reason(meta_model(mc), needed, spec.attn_implementation)
+            why = unsupported_reason(meta_model(mc), needed, spec.attn_implementation, seq_len=cfg.train.seq_len)
             if why is not None:
                 out[name] = f"the {role}'s attention cannot be captured ({why})"
                 break

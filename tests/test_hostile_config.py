@@ -211,3 +211,44 @@ def test_a_relative_deepspeed_config_resolves_from_the_config_folder_then_the_bu
     assert loaded.deepspeed.student == str((tmp_path / "cfgs" / "mine.json").resolve())
     assert loaded.deepspeed.teacher == str((BUNDLED_DS_CONFIGS / "teacher_zero3.json").resolve())
     preflight(loaded, world=1)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral-window", "qwen2-window"])
+def test_attention_terms_on_layers_the_rebuild_cannot_reproduce_are_left_out_by_check(make_config, assets, tmp_path, family):
+    """Gemma-2: check said ok with sdpa, then loading refused it; with eager the rebuilt attention ignored
+    the sliding window (80-90% of its mass outside it) and the soft-cap. check's verdict now matches what
+    loading and the loss can do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, MistralConfig, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    base = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    config = {
+        "gemma2": lambda: Gemma2Config(**base, head_dim=8, sliding_window=8),
+        "mistral-window": lambda: MistralConfig(**base, sliding_window=8),
+        "qwen2-window": lambda: Qwen2Config(**base, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    }[family]()
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    cfg = make_config(teacher={"path": str(tmp_path / "teacher")}, curriculum={"weights": {"kd": 1.0, "attention": 0.5}})
+    if family == "gemma2":
+        _refused(
+            _yaml(tmp_path, cfg),
+            "teacher.attn_implementation: Gemma2ForCausalLM does not support 'sdpa'; set teacher.attn_implementation: eager",
+        )
+        cfg["teacher"]["attn_implementation"] = "eager"
+    plan, _ = preflight(load_config(_yaml(tmp_path, cfg)), world=1)
+    why = plan.left_out.get("attention", "")
+    assert "attention" not in plan.curriculum.active and why, plan.left_out
+    if family == "mistral-window":
+        assert "sliding window of 8 tokens, shorter than the rows (32)" in why
+    short = {**cfg, "train": {**cfg["train"], "seq_len": 8}}  # rows no longer than the window: exact again
+    if family != "gemma2":
+        plan, _ = preflight(load_config(_yaml(tmp_path, short)), world=1)
+        assert "attention" in plan.curriculum.active, plan.left_out
