@@ -131,13 +131,15 @@ class Trainer:
         self,
         window: list[dict[str, torch.Tensor]],
         *,
-        stop_requested: Callable[[], bool],
+        stop_requested: Callable[[], bool] | bool,
         save_due: Callable[[], bool] = lambda: False,
     ) -> StepResult:
         """One optimizer step over `window`. `stop_requested` is asked when the ranks next agree (between
         micro-batches, and with the step's reduction), so a stop never waits for a whole extra step; a stop
         agreed before the window's last micro-batch abandons the window (`StepResult.abandoned`)."""
         engine, objective, cfg = self.engine, self.objective, self.plan.cfg
+        if not callable(stop_requested):
+            stop_requested = (lambda asked: lambda: asked)(stop_requested)  # a fixed answer for the whole step
         scale = cfg.train.grad_accum * self.plan.world
         names = objective.names
         ctx = objective.context(step=engine.global_steps)  # the one schedule position for this whole window

@@ -429,7 +429,7 @@ def test_views_users_expect_crosshair_zoom_outliers_csv_config_records_temperatu
         assert app.maximised is None and app.query_one("#plot-kd").display and app.side.display
 
     run_app(app, scenario, size=(160, 50))
-    rows = list(csv.DictReader(app.last_export.open()))
+    rows = [r for r in csv.DictReader(app.last_export.open()) if r["kind"] == "train"]
     assert len(rows) == 40 and rows[7]["step"] == "7" and float(rows[7]["raw/kd"]) == app.runs[0].train["raw/kd"].value[7]
 
 

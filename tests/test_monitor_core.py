@@ -119,7 +119,11 @@ def test_alerts_fire_on_crafted_streams_and_stay_silent_when_healthy():
     recs = healthy_records(40, end=False)
     stalled, last = state_of(recs), recs[-1].time  # liveness counts from the newest record's own time
     assert "stalled" in {a.code for a in evaluate_alerts(stalled, rules, now=last + 61)}
-    assert "stalled" not in {a.code for a in evaluate_alerts(stalled, rules, now=last + 59)}
+    # a record every 2 s: ten median intervals (20 s) is under the 30 s floor, so 30 s, sooner than --stall 60
+    assert "stalled" in {a.code for a in evaluate_alerts(stalled, rules, now=last + 31)}
+    assert "stalled" not in {a.code for a in evaluate_alerts(stalled, rules, now=last + 29)}
+    slow = AlertRules(stall_seconds=20)  # a --stall below the run's own pace wins
+    assert "stalled" in {a.code for a in evaluate_alerts(stalled, slow, now=last + 21)}
     gap = healthy_records(40)
     for r in gap:
         if r.kind == "eval":

@@ -104,8 +104,9 @@ def test_trainer_step_skips_a_nonfinite_update_on_its_own(make_config, toys):
         )
         before = [p.detach().clone() for p in s.student.module.parameters()]
         toy_components.POISON["on"] = True
-        bad = s.trainer.step(window(), stop_requested=True)
-        assert bad.step == 1 and bad.nonfinite_loss and bad.skipped and bad.stop_requested
+        asked = iter([False, True])  # a stop that arrives during the window's last micro-batch: the step completes
+        bad = s.trainer.step(window(), stop_requested=lambda: next(asked))
+        assert bad.step == 1 and bad.nonfinite_loss and bad.skipped and bad.stop_requested and not bad.abandoned
         assert all(torch.equal(a, b.detach()) for a, b in zip(before, s.student.module.parameters()))
         toy_components.POISON["on"] = False
         good = s.trainer.step(window(), stop_requested=False)
@@ -113,6 +114,10 @@ def test_trainer_step_skips_a_nonfinite_update_on_its_own(make_config, toys):
         # the LR stays a function of the optimizer step through the skipped one
         assert good.lr == pytest.approx(2e-3 * lr_multiplier(2, sched=cfg.scheduler, total_steps=6), rel=1e-12)
         assert not all(torch.equal(a, b.detach()) for a, b in zip(before, s.student.module.parameters()))
+        after = [p.detach().clone() for p in s.student.module.parameters()]
+        stopped = s.trainer.step(window(), stop_requested=True)  # known before the 2nd micro-batch: abandoned
+        assert stopped.abandoned and s.student.global_steps == 3  # no optimizer step was taken (the run saves, exits)
+        assert all(torch.equal(a, b.detach()) for a, b in zip(after, s.student.module.parameters()))
 
 
 def test_a_new_component_trains_and_evaluates_with_its_registration_alone(make_config, assets, toys):
