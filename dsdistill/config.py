@@ -339,6 +339,13 @@ class GenerationConfig(_Strict):
     """Sample among the k most likely tokens only (None: all)."""
     samples_per_prompt: int = Field(1, ge=1)
     """Completions sampled per prompt (each fills one of the step's on-policy sequences)."""
+    stop_tokens: list[str] = []
+    """Tokens that end a completion besides the EOS (with `stop_on_eos`): chat templates end a turn with a
+    token that is often not the tokenizer's EOS, e.g. `<|im_end|>`. Each must be one token of the vocabulary."""
+    eval_prompts: int = Field(8, ge=0, le=4096)
+    """At each evaluation of an on-policy run, this many held-out prompts per rank are completed by the
+    student and scored by the teacher (completion length, stop rate, reverse KL of the student's own samples);
+    0 skips it."""
     stop_on_eos: bool = True
     """End a completion at the tokenizer's EOS (which then carries loss)."""
 

@@ -192,6 +192,12 @@ def generation_lines(plan: "Plan") -> list[str]:
         f"on-policy: {what} sampled from the student and scored by the teacher; generation: max_new_tokens "
         f"{g.max_new_tokens}, temperature {g.temperature:g}, top_p {g.top_p:g}, top_k {g.top_k or 'off'}, "
         f"{g.samples_per_prompt} sample(s) per prompt, stop on EOS {'yes' if g.stop_on_eos else 'no'}"
+        + (f" and on {', '.join(map(repr, g.stop_tokens))}" if g.stop_tokens and g.stop_on_eos else "")
+        + (
+            f"; each eval completes {g.eval_prompts} held-out prompts per rank (length, stop rate, reverse KL)"
+            if g.eval_prompts
+            else ""
+        )
     ]
 
 
@@ -406,6 +412,12 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         raise ConfigError(
             f"loss.ignore_index: {cfg.loss.ignore_index} is a token id of this vocabulary (0..{vocab - 1}), so that token "
             "would never be trained on; expected a value outside it, such as -100"
+        )
+    unknown = [t for t in cfg.generation.stop_tokens if t not in tokenizer.get_vocab()]
+    if unknown:
+        raise ConfigError(
+            f"generation.stop_tokens: {unknown[0]!r} is not a token of the tokenizer's vocabulary; expected single "
+            f"tokens such as {tokenizer.eos_token!r}"
         )
     formats = sorted({s.format for s in cfg.data.resolved_sources()} - {"text"})
     if formats and not _same_vocab(tokenizer, teacher_tok):

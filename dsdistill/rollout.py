@@ -41,6 +41,8 @@ class RolloutStats:
     """Sampled tokens."""
     seconds: float
     """Wall time of generation."""
+    ended: int = 0
+    """Completions that ended on a stop token (the rest ran to their length limit)."""
 
 
 def _filter(logits: torch.Tensor, g: GenerationConfig) -> torch.Tensor:
@@ -59,10 +61,13 @@ def _filter(logits: torch.Tensor, g: GenerationConfig) -> torch.Tensor:
 class StudentSampler:
     """Samples from the student engine's model (its weights of this step)."""
 
-    def __init__(self, engine, generation: GenerationConfig, *, eos: Optional[int], pad: int, vocab: int):
+    def __init__(
+        self, engine, generation: GenerationConfig, *, eos: Optional[int], pad: int, vocab: int, stops: tuple[int, ...] = ()
+    ):
         self.engine = engine
         self.g = generation
-        self.eos = eos if generation.stop_on_eos else None
+        self.stops = frozenset(((eos,) if eos is not None else ()) + tuple(stops)) if generation.stop_on_eos else frozenset()
+        """Token ids that end a completion (the EOS and `generation.stop_tokens`)."""
         self.pad = pad
         self.vocab = vocab
 
@@ -118,7 +123,7 @@ class StudentSampler:
             for i in range(n):
                 if not done[i]:
                     completions[i].append(int(nxt[i]))
-                    if (self.eos is not None and nxt[i] == self.eos) or len(completions[i]) >= limit[i]:
+                    if int(nxt[i]) in self.stops or len(completions[i]) >= limit[i]:
                         done[i] = True
             if bool(done.all()):
                 break
@@ -201,6 +206,8 @@ def apply_rollouts(
     start = time.perf_counter()
     completions = backend.generate(prompts, seeds=seeds, max_new=max_new)
     seconds = time.perf_counter() - start
+    stops = getattr(backend, "stops", frozenset())
+    ended = sum(1 for c in completions if c and c[-1] in stops)
     out = [{k: v.clone() if torch.is_tensor(v) else v for k, v in mb.items()} for mb in window]
     tokens = 0
     for (b, i), prompt, completion in zip(places, prompts, completions):
@@ -214,4 +221,4 @@ def apply_rollouts(
         if "position_ids" in mb:
             mb["position_ids"][i] = torch.tensor(list(range(n)) + list(range(seq_len - n)))
         tokens += len(completion)
-    return out, RolloutStats(len(places), tokens, seconds)
+    return out, RolloutStats(len(places), tokens, seconds, ended)

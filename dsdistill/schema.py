@@ -104,6 +104,11 @@ class EvalRecord(_Record):
     """An evaluation at optimizer step `step`, with the curriculum at that same step."""
 
     kind: Literal["eval"] = "eval"
+    on_policy: dict[str, Any] = {}
+    """On-policy runs: held-out prompts completed by the student at this step and scored by the teacher:
+    `completions`, `mean_length` (tokens), `stop_rate` (share that ended on a stop token), `reverse_kl` (per
+    sampled token, E_student[log q - log p]: what on-policy distillation lowers) and a few `samples`
+    ({prompt, completion, teacher_logprob}: the teacher's mean log-prob per completion token)."""
     weights: dict[str, float]
     losses: dict[str, float]
     weighted: dict[str, float] = {}

@@ -43,6 +43,7 @@ from dsdistill.objective import Objective
 from dsdistill.packing import check_separation
 from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
 from dsdistill.preflight import Plan, RunData, preflight, skipped_warnings
+from dsdistill.probe import on_policy_probe
 from dsdistill.report import eval_line, train_line
 from dsdistill.rollout import StudentSampler
 from dsdistill.rundir import RunLock, write_atomic
@@ -177,7 +178,9 @@ class Session:
         if plan.curriculum.ever_on_policy:
             tok = data.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-            rollouts = StudentSampler(self.student, cfg.generation, eos=tok.eos_token_id, pad=pad, vocab=plan.vocab)
+            vocab = tok.get_vocab()
+            stops = tuple(vocab[t] for t in cfg.generation.stop_tokens)  # checked by preflight
+            rollouts = StudentSampler(self.student, cfg.generation, eos=tok.eos_token_id, pad=pad, vocab=plan.vocab, stops=stops)
         self.trainer = Trainer(plan, self.student, self.objective, self.forward, rollouts)
         if rollouts is not None:
             self.trainer.pad = rollouts.pad
@@ -450,6 +453,13 @@ class Session:
             if usage is not None:
                 self.writer.write(usage)
 
+    def _on_policy_probe(self, step: int) -> dict[str, Any]:
+        """On-policy runs: held-out prompts completed by the student, scored by the teacher (see probe.py)."""
+        n = self.plan.cfg.generation.eval_prompts
+        if self.trainer.rollouts is None or not n:
+            return {}
+        return on_policy_probe(self, step=step, prompts=n)
+
     def _eval_batches(self, rows=None):
         c, splits = self.plan.cfg, self.data.splits
         return eval_batches(
@@ -502,6 +512,7 @@ class Session:
             bad_evals=early.bad_evals,
             early_stop_metric=early.metric,
             sources=by_source,
+            on_policy=self._on_policy_probe(step),
         )
         self.writer.write(rec)
         if self.plan.rank == 0:
@@ -621,6 +632,7 @@ def _rollout_fields(r: Optional[dict[str, float]]) -> Optional[dict[str, float]]
         "generation_s": secs,
         "tokens_per_s": tokens / secs if secs > 0 else 0.0,
         "mean_completion": tokens / seqs if seqs else 0.0,
+        "stop_rate": r.get("ended", 0.0) / seqs if seqs else 0.0,
     }
 
 

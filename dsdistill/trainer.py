@@ -156,7 +156,14 @@ class Trainer:
                 pad=self.pad,
                 ignore_index=cfg.loss.ignore_index,
             )
-            r = all_reduce_named({"sequences": float(stats.sequences), "tokens": float(stats.tokens), "seconds": stats.seconds})
+            r = all_reduce_named(
+                {
+                    "sequences": float(stats.sequences),
+                    "tokens": float(stats.tokens),
+                    "seconds": stats.seconds,
+                    "ended": float(stats.ended),
+                }
+            )
             rollout = {**r, "seconds": r["seconds"] / self.plan.world}
         # units in the whole window on all ranks: each component is divided by its own unit count
         counted = [count_units(mb["labels"], cfg.loss.ignore_index) for mb in window]

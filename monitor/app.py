@@ -133,6 +133,7 @@ class DsMonitor(App):
         Binding("E", "export_csv", "CSV", show=False),
         Binding("i", "show_config", "config", show=False),
         Binding("j", "show_records", "records", show=False),
+        Binding("g", "show_samples", "samples", show=False),
         Binding("tab", "focus_next", "next panel", show=False),
         Binding("shift+tab", "focus_previous", "prev panel", show=False),
     ]
@@ -157,6 +158,7 @@ class DsMonitor(App):
         ("E", "export every series as CSV (to --export-dir or the current directory)"),
         ("i", "the run's resolved config, searchable"),
         ("j", "the newest raw records, searchable"),
+        ("g", "on-policy runs: the student's completions of held-out prompts at each eval, with the teacher's score"),
         ("tab", "next / previous panel (shift+tab)"),
     ]
 
@@ -606,6 +608,26 @@ class DsMonitor(App):
         tailer = self.tailers[self.opts.baseline]
         lines = [clean(line.decode("utf-8", "replace")) for line in tailer.tail_lines(500)]
         self.push_screen(SearchScreen(f"{self.runs[self.opts.baseline].name}: newest {len(lines)} records", lines))
+
+    def action_show_samples(self) -> None:
+        run = self.runs[self.opts.baseline]
+        lines: list[str] = []
+        for e in run.evals:
+            p = e.on_policy
+            if not p:
+                continue
+            lines.append(
+                f"eval @ step {e.step}: {p.get('completions', 0)} completions, mean length {p.get('mean_length', 0):.1f}, "
+                f"stop rate {100 * p.get('stop_rate', 0):.0f}%, reverse KL {p.get('reverse_kl', float('nan')):.4g}"
+            )
+            for s in p.get("samples", []):  # already cleaned of controls when read; shown as text
+                lines.append(f"  prompt: {s.get('prompt', '')}")
+                lines.append(
+                    f"  student: {s.get('completion', '')}   (teacher log-prob/token {s.get('teacher_logprob', float('nan')):.3f})"
+                )
+        if not lines:
+            lines = ["no on-policy samples yet: they come with each eval of a run with curriculum.on_policy > 0"]
+        self.push_screen(SearchScreen(f"{run.name}: the student's own completions", lines))
 
     def action_toggle_log(self) -> None:
         self.opts.logy = not self.opts.logy

@@ -415,5 +415,6 @@ class RunState:
                 "best": e.best,
                 "bad_evals": e.bad_evals,
                 "metric": e.early_stop_metric,
+                "on_policy": {k: v for k, v in e.on_policy.items() if k != "samples"},
             },
         }

@@ -442,7 +442,9 @@ class EvalPanel(Panel):
                     else ""
                 )
                 lines.append(
-                    f"{run.name}: eval @ {e.step} obj {_fmt(e.objective)} ppl {_fmt(e.ppl)} (teacher {_teacher(e)}) {stop}\n",
+                    f"{run.name}: eval @ {e.step} obj {_fmt(e.objective)} ppl {_fmt(e.ppl)} (teacher {_teacher(e)}) {stop}"
+                    + _probe(e)
+                    + "\n",
                     style=color,
                 )
         self.border_title = "train vs eval objective  |  eval ppl (teacher dotted)"
@@ -680,6 +682,14 @@ class FilterInput(Input):
 
     def action_cancel(self) -> None:
         self.close()
+
+
+def _probe(e) -> str:
+    """An on-policy run's eval: what its own samples look like to the teacher (`g` shows them)."""
+    p = e.on_policy
+    if not p:
+        return ""
+    return f" | own samples: len {_fmt(p.get('mean_length'))} stop {100 * (p.get('stop_rate') or 0):.0f}% rKL {_fmt(p.get('reverse_kl'))}"
 
 
 def _teacher(e) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -221,3 +222,61 @@ def test_multi_turn_prompts_end_at_the_last_user_turn(chat_config, chat_assets, 
             assert list(prompt[-len(gen) :]) == gen  # ends with the generation prompt
             users = max(users, tok.decode(list(prompt)).count("user"))
     assert users >= 2  # multi-turn histories were kept whole
+
+
+def test_each_eval_scores_the_students_own_completions_and_the_monitor_shows_them(chat_config, chat_assets, tmp_path):
+    """On-policy runs were blind: no rollout statistics, no samples anywhere. Each eval now completes held-out
+    prompts with the student and scores them with the teacher; the monitor shows them (`g`)."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from dsdistill.schema import EvalRecord
+    from dsmonitor.app import DsMonitor
+    from dsmonitor.widgets import SearchScreen
+
+    tok = AutoTokenizer.from_pretrained(chat_assets["tokenizer"])
+    stop = next(t for t in ("<|im_end|>", tok.eos_token) if t in tok.get_vocab())
+    cfg = _cfg(
+        chat_config,
+        chat_assets,
+        tmp_path,
+        generation={"max_new_tokens": 12, "temperature": 1.0, "eval_prompts": 4, "stop_tokens": [stop]},
+        eval={"every": 2, "at_start": True, "max_batches": 4},
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(validate(cfg))
+    run_dir = Path(cfg["output"]["run_dir"])
+    recs = [parse_line(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
+    evals = [r for r in recs if isinstance(r, EvalRecord)]
+    assert [e.step for e in evals] == [0, 2, 4]
+    for e in evals:
+        p = e.on_policy
+        assert p["completions"] == 4 and 0 < p["mean_length"] <= 12 and 0.0 <= p["stop_rate"] <= 1.0
+        assert math.isfinite(p["reverse_kl"]) and len(p["samples"]) == 2
+        assert all(s["completion"] and math.isfinite(s["teacher_logprob"]) and s["teacher_logprob"] < 0 for s in p["samples"])
+    assert all("stop_rate" in r.rollout for r in _trains(run_dir)[1:])
+
+    app = DsMonitor([str(run_dir)], poll_interval=0.02, refresh_interval=0.05)
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            while app.runs[0].end is None:
+                await pilot.pause(0.05)
+            await pilot.press("g")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, SearchScreen)
+            shown = app.screen.shown_text()
+            assert "reverse KL" in shown and "student: " in shown and "teacher log-prob/token" in shown
+
+    asyncio.run(scenario())
+
+
+def test_an_unknown_stop_token_is_refused_by_check(chat_config, chat_assets, tmp_path):
+    cfg = validate(_cfg(chat_config, chat_assets, tmp_path, generation={"stop_tokens": ["<never-seen>"]}))
+    with pytest.raises(
+        DistillError, match=r"^generation.stop_tokens: '<never-seen>' is not a token of the tokenizer's vocabulary"
+    ):
+        from dsdistill.preflight import preflight
+
+        preflight(cfg, world=1)
