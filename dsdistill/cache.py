@@ -31,7 +31,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from dsdistill.codec import decode, encode, exact_bytes
 from dsdistill.components.base import Needs
 from dsdistill.errors import ConfigError, DistillError
 from dsdistill.losses.fused import SparseTeacher
-from dsdistill.rundir import write_atomic, write_failure
+from dsdistill.rundir import sha256_file, sha256_files, write_atomic, write_failure
 from dsdistill.teacher import TeacherSignal
 
 FORMAT_VERSION = 2
@@ -147,14 +146,6 @@ def _check_manifest(m: Any, path: Path, field: str) -> None:
         raise bad("has values out of range (k, level_bits, vocab or shard_rows)")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_header(path: Path) -> Optional[dict[str, Any]]:
     """A shard's header if the file is whole (magic, header and payload length agree), else None."""
     try:
@@ -233,15 +224,12 @@ class TeacherCache:
     def verify_shards(self) -> None:
         """Every shard against the manifest's checksums, in parallel (a damaged shard is refused when the
         cache opens, not when training first draws one of its rows)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         jobs = [(split, j, want) for split, hashes in self.shard_sha256.items() for j, want in enumerate(hashes)]
         paths = [self.dir / split / f"{j:05d}.bin" for split, j, _ in jobs]
         for path in paths:
             if not path.is_file():
                 raise CacheError(f"{self.field}: shard '{path}' is missing; run dsdistill teacher-cache again to rewrite it")
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            got = list(pool.map(_file_sha256, paths))
+        got = sha256_files(paths)
         for path, (_, _, want), have in zip(paths, jobs, got):
             if have != want:
                 raise CacheError(
@@ -259,7 +247,7 @@ class TeacherCache:
                     f"{self.field}: shard '{path}' is missing or damaged; run dsdistill teacher-cache again to rewrite it"
                 )
             want = self.shard_sha256.get(split)
-            if want is not None and (j >= len(want) or _file_sha256(path) != want[j]):
+            if want is not None and (j >= len(want) or sha256_file(path) != want[j]):
                 raise CacheError(
                     f"{self.field}: shard '{path}' does not match the checksum in the manifest (damaged); "
                     "run dsdistill teacher-cache again to rewrite it"
@@ -662,7 +650,7 @@ def _manifest(out: Path, what: dict[str, Any], rank: int) -> dict[str, Any]:
     for split, n_rows in (("train", what["data"]["train_rows"]), ("eval", what["data"]["eval_rows"])):
         n = math.ceil(n_rows / what["shard_rows"])
         shards[split] = n
-        sha[split] = [_file_sha256(out / split / f"{j:05d}.bin") for j in range(n)] if rank == 0 else []
+        sha[split] = [sha256_file(out / split / f"{j:05d}.bin") for j in range(n)] if rank == 0 else []
         for j in range(n):
             h = read_header(out / split / f"{j:05d}.bin")
             if h is None:

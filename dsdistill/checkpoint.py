@@ -141,8 +141,9 @@ def verify(run_dir: Path, tag: str, *, field: str) -> None:
     if bad is None:
         return
     step = int(tag[4:])
-    earlier = [p.name for s, p in reversed(tags(run_dir)) if s < step and damaged_file(p) is None]
-    offer = f"resume from {earlier[0]} with --set {field}={earlier[0]}" if earlier else "no earlier intact checkpoint exists"
+    # the newest intact one only: hash earlier checkpoints until one passes, not all of them
+    good = next((p.name for s, p in reversed(tags(run_dir)) if s < step and damaged_file(p) is None), None)
+    offer = f"resume from {good} with --set {field}={good}" if good else "no earlier intact checkpoint exists"
     raise CheckpointError(f"checkpoint: {bad} (the checkpoint {tag} is damaged); {offer}")
 
 

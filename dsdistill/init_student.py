@@ -18,6 +18,7 @@ pruning is not done here: the student is as wide as the teacher.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,6 @@ def init_student(teacher: str | Path, layers: str, out: str | Path, *, trust_rem
     if missing or result.unexpected_keys:
         raise ModelError(f"init-student: the copy does not fit (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     tmp = out.parent / f".{out.name}.partial"
-    import shutil
-
     if tmp.is_symlink():
         tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)

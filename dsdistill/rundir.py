@@ -155,12 +155,18 @@ def write_failure(err: BaseException, where: Path) -> str:
 # ---------------------------------------------------------------------------------------------- checksums
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)  # hashlib releases the GIL: the files hash in parallel threads
     return h.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> list[str]:
+    """Each file's SHA-256, hashed in parallel threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def _files(directory: Path) -> list[Path]:
@@ -170,8 +176,7 @@ def _files(directory: Path) -> list[Path]:
 def record_checksums(directory: Path) -> None:
     """Write `directory/checksums.json`: the SHA-256 and size of every file in it."""
     files = _files(directory)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_sha256, files))
+    digests = sha256_files(files)
     table = {str(p.relative_to(directory)): {"sha256": d, "bytes": p.stat().st_size} for p, d in zip(files, digests)}
     write_atomic(directory / CHECKSUMS, json.dumps(table, indent=1, sort_keys=True).encode(), field="checkpoint")
 
@@ -192,8 +197,7 @@ def damaged_file(directory: Path) -> Optional[str]:
             return f"'{path}' is missing"
         if path.stat().st_size != size:
             return f"'{path}' has {path.stat().st_size} bytes, {size} at save"
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_sha256, [p for p, _, _ in entries]))
+    digests = sha256_files([p for p, _, _ in entries])
     for (path, want, _), got in zip(entries, digests):
         if got != want:
             return f"'{path}' does not match the checksum recorded at save"
