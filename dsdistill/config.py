@@ -345,9 +345,14 @@ class GenerationConfig(_Strict):
     eval_prompts: int = Field(8, ge=0, le=4096)
     """At each evaluation of an on-policy run, this many held-out prompts per rank are completed by the
     student and scored by the teacher (completion length, stop rate, reverse KL of the student's own samples);
-    0 skips it."""
+    0 skips it. Set it explicitly to probe an off-policy run the same way (a baseline for on-policy runs)."""
     stop_on_eos: bool = True
     """End a completion at the tokenizer's EOS (which then carries loss)."""
+
+    def probes(self, on_policy: bool) -> bool:
+        """Whether evals complete held-out prompts with the student: on-policy runs by default, off-policy runs
+        when `eval_prompts` is set explicitly."""
+        return self.eval_prompts > 0 and (on_policy or "eval_prompts" in self.model_fields_set)
 
 
 class DeepSpeedSection(_Strict):

@@ -289,11 +289,13 @@ def summarize(metrics: Path) -> dict:
             evals.append(rec)
     if not evals:
         return {}
+    probe = evals[-1].on_policy
     return {
         "first_ppl": evals[0].ppl,
         "last_ppl": evals[-1].ppl,
         "teacher_ppl": evals[-1].teacher_ppl,
         "evals": [(e.step, e.ppl) for e in evals],
+        **{k: probe[k] for k in ("reverse_kl", "mean_length", "stop_rate") if probe.get(k) is not None},
     }
 
 

@@ -181,6 +181,8 @@ def generation_lines(plan: "Plan") -> list[str]:
     """On-policy sampling, when the curriculum ever asks for it: the schedule and the generation settings."""
     cur, g = plan.curriculum, plan.cfg.generation
     if not cur.ever_on_policy:
+        if g.probes(False):
+            return [f"probe: each eval completes {g.eval_prompts} held-out prompts per rank with the student (length, stop rate, reverse KL)"]
         return []
     sched = cur.config.on_policy
     what = (
@@ -495,18 +497,18 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         )
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
     fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
-    if curriculum.ever_on_policy:
+    if curriculum.ever_on_policy or cfg.generation.probes(False):
+        # an explicit generation.eval_prompts probes an off-policy run with the same sampler and rows
+        field = "curriculum.on_policy" if curriculum.ever_on_policy else "generation.eval_prompts"
         if cache is not None:
-            raise ConfigError(
-                "curriculum.on_policy: sampled completions need a live teacher to score them; use teacher.path, not a cache"
-            )
+            raise ConfigError(f"{field}: sampled completions need a live teacher to score them; use teacher.path, not a cache")
         if splits.streamed or splits.packing != "none":
             raise ConfigError(
-                "curriculum.on_policy: a sampled completion replaces one example's; set data.packing: none "
+                f"{field}: a sampled completion replaces one example's; set data.packing: none "
                 "(one example per sequence) and read the data whole"
             )
         if any(s.format == "text" for s in cfg.data.resolved_sources()):
-            raise ConfigError("curriculum.on_policy: prompts come from chat or prompt_completion data; data.format is text")
+            raise ConfigError(f"{field}: prompts come from chat or prompt_completion data; data.format is text")
     if cache is not None and (not cfg.loss.fused_logits or fused_off is not None):
         raise ConfigError(
             "teacher.cache: KD from a cache runs on the fused path only; "

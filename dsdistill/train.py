@@ -175,7 +175,7 @@ class Session:
         s_capture = QKCapture(student_lm, sorted(needs.student_qk)) if needs.student_qk else None
         self.forward = PairForward(plan, self.student, self.teacher, s_capture)
         rollouts = None
-        if plan.curriculum.ever_on_policy:
+        if plan.curriculum.ever_on_policy or cfg.generation.probes(False):
             tok = data.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
             vocab = tok.get_vocab()
@@ -456,7 +456,7 @@ class Session:
     def _on_policy_probe(self, step: int) -> dict[str, Any]:
         """On-policy runs: held-out prompts completed by the student, scored by the teacher (see probe.py)."""
         n = self.plan.cfg.generation.eval_prompts
-        if self.trainer.rollouts is None or not n:
+        if self.trainer.rollouts is None or not self.plan.cfg.generation.probes(self.plan.curriculum.ever_on_policy):
             return {}
         return on_policy_probe(self, step=step, prompts=n)
 
