@@ -116,6 +116,7 @@ class QKCapture:
     def __init__(self, model: nn.Module, layers: list[int]):
         self.layers = sorted(set(layers))
         self._store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._wanted: frozenset[int] = frozenset(self.layers)
         mods = attention_modules(model)
         missing = [layer for layer in self.layers if layer - 1 not in mods]
         if missing:
@@ -125,7 +126,13 @@ class QKCapture:
         for layer, mod in zip(self.layers, self._modules):
             _OWNERS[mod] = (self, layer)
 
+    def want(self, layers: frozenset[int]) -> None:
+        """Keep only these of its layers from the next forwards on (the layers the step's live components read)."""
+        self._wanted = frozenset(layers)
+
     def _keep(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: Optional[float]) -> None:
+        if layer not in self._wanted:
+            return
         d = q.size(-1)
         if scaling is not None:
             factor = float(scaling) * math.sqrt(d)

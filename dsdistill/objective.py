@@ -55,6 +55,8 @@ class Sums:
     """Everything components reported besides their count (`kd_kl`, `gate_usage`)."""
     fused: Optional[torch.Tensor] = None
     """Fused path: the differentiable KD+LM scalar (its kd/lm `sums` then carry no gradient)."""
+    touch: Optional[torch.Tensor] = None
+    """0 x the outputs of the student's modules no computed component used (see `DistillStudent.forward`)."""
 
 
 class Objective:
@@ -76,6 +78,16 @@ class Objective:
             on_policy=self.curriculum.on_policy_at(step=step, total_steps=self.total_steps),
         )
 
+    def live(self, ctx: StepContext) -> tuple[str, ...]:
+        """The components a training step computes: those weighted above 0 at its step. A component at weight
+        0 adds nothing to the objective or its gradient, so its loss, its captures and the teacher outputs
+        only it reads are skipped (evaluation computes every component, for the record)."""
+        return tuple(n for n in self.names if ctx.weights.get(n, 0.0) != 0.0)
+
+    def needs_of(self, names: tuple[str, ...], layers: LayerMap) -> Needs:
+        """What the two forwards must produce for `names`."""
+        return reduce(lambda a, b: a | b, (self.components[n].needs(layers) for n in names), Needs())
+
     def normalizers(self, units: dict[str, float]) -> dict[str, float]:
         """Each component's unit count (at least 1) from the units of a window or an evaluation."""
         return {n: max(units[registry.COMPONENTS[n].unit], 1.0) for n in self.names}
@@ -84,11 +96,12 @@ class Objective:
         """w_c / N_c: what each component's sum is multiplied by in the objective (and in the fused head)."""
         return {n: ctx.weights.get(n, 0.0) / normalizers[n] for n in self.names}
 
-    def sums(self, x: Inputs, *, grad: Optional[set[str]] = None) -> Sums:
-        """Every active component on one micro-batch. Components outside `grad` (weight 0 at this step, or
-        evaluation) are computed without building a graph."""
-        out = Sums()
-        for name, component in self.components.items():
+    def sums(self, x: Inputs, *, grad: Optional[set[str]] = None, names: Optional[tuple[str, ...]] = None) -> Sums:
+        """The components `names` (default: all of `self.names`) on one micro-batch. Components outside
+        `grad` (evaluation) are computed without building a graph."""
+        out = Sums(touch=x.student.touch)
+        for name in self.names if names is None else names:
+            component = self.components[name]
             with torch.no_grad() if grad is not None and name not in grad else nullcontext():
                 total, metrics = component.compute(x)
             if not torch.is_tensor(total):
@@ -106,6 +119,8 @@ class Objective:
             # fused KD/LM: the value comes from their exact sums above; the gradient from the fused scalar,
             # whose coefficients are the same (its value is added as 0)
             terms.append(sums.fused - sums.fused.detach())
+        if sums.touch is not None:
+            terms.append(sums.touch)  # exactly 0 with exact zero gradients for modules nothing else used
         if not terms:
             return next(iter(sums.sums.values())) * 0.0
         total = terms[0]

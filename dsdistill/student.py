@@ -54,6 +54,7 @@ class DistillStudent(nn.Module):
         teacher_pooled: Optional[torch.Tensor] = None,
         fused: Optional[FusedCall] = None,
         position_ids: Optional[torch.Tensor] = None,
+        live: Optional[frozenset[str]] = None,
     ) -> dict[str, Any]:
         """{"logits" | "fused", "hidden", "side"} for one micro-batch (a dict, so ZeRO-3's hooks see every
         tensor in it).
@@ -61,10 +62,14 @@ class DistillStudent(nn.Module):
         valid: [B, S] loss-bearing positions (for pooling); teacher_pooled: the teacher's pooled final
         hidden state (for the contrastive teacher head); fused: the fused head's inputs (fused path; without
         them the model's own logits are returned, as for a plain forward); position_ids: restarting per
-        packed example (None: the model's own positions)."""
+        packed example (None: the model's own positions); live: the components computed this step (None:
+        all). The others' modules still run, and their outputs enter `touch` at weight 0, so their parameters
+        get a zero gradient rather than none: ZeRO-3 applies a parameter's previous gradient again when it
+        gets none (a component whose weight falls to 0 would keep moving), while ZeRO-1/2 zero-fill it."""
         # no KV cache (nothing is generated here); without one, restarting positions also separate packed examples
         pos: dict[str, Any] = {"use_cache": False, **({} if position_ids is None else {"position_ids": position_ids})}
-        out: dict[str, Any] = {"logits": None, "fused": None, "hidden": None, "side": {}}
+        out: dict[str, Any] = {"logits": None, "fused": None, "hidden": None, "side": {}, "touch": None}
+        unused: list[torch.Tensor] = []
         if self.head is not None and fused is not None:
             # the decoder alone, then the fused head on its output: no [tokens, vocab] logits
             dec = self.model.base_model(input_ids=input_ids, output_hidden_states=self.needs_hidden, **pos)
@@ -75,10 +80,30 @@ class DistillStudent(nn.Module):
             logits = lm.logits
             out["logits"] = logits[..., : self.vocab] if logits.size(-1) != self.vocab else logits
             hidden = lm.hidden_states
-        if not self.needs_hidden:
-            return out
-        out["hidden"] = hidden
-        side = StudentSide(hidden=hidden, valid=valid, teacher_pooled=teacher_pooled, layers=self.layers)
-        for component in self.components.values():
-            out["side"].update(component.student_side(self.aux, side))
+            if live is not None and not any(self.components[n].reads_logits for n in live if n in self.components):
+                unused.append(out["logits"])
+        if self.needs_hidden:
+            out["hidden"] = hidden
+            side = StudentSide(hidden=hidden, valid=valid, teacher_pooled=teacher_pooled, layers=self.layers)
+            for name, component in self.components.items():
+                produced = component.student_side(self.aux, side)
+                if live is None or name in live:
+                    out["side"].update(produced)
+                else:
+                    unused.extend(_tensors(produced))
+        if unused:
+            # nan_to_num: a non-finite unused output must not make the step's loss non-finite
+            zero = torch.zeros((), device=input_ids.device)
+            out["touch"] = sum((torch.nan_to_num(t.float().sum() * 0.0, nan=0.0, posinf=0.0, neginf=0.0) for t in unused), zero)
         return out
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside a component's `student_side` result (tensors, lists and dicts of them)."""
+    if torch.is_tensor(value):
+        return [value] if value.requires_grad else []
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []

@@ -147,15 +147,18 @@ class LiveTeacher:
         rows: Optional[torch.Tensor] = None,
     ) -> TeacherSignal:
         want_hidden = needs.teacher_hidden or needs.teacher_pooled
+        if self.capture is not None:
+            self.capture.want(needs.teacher_qk)  # a step whose attention terms weigh 0 keeps no q/k
         with torch.no_grad():
-            out, hidden_states = self.engine(input_ids, hidden_states=want_hidden, head=not self.fused, position_ids=position_ids)
+            head = not self.fused and needs.teacher_logits
+            out, hidden_states = self.engine(input_ids, hidden_states=want_hidden, head=head, position_ids=position_ids)
             sig = TeacherSignal(hidden_states=hidden_states if want_hidden else None)
             if self.fused:
                 if needs.teacher_logits:
                     if self._head is None:
                         raise RuntimeError("LiveTeacher.signal: begin_step was not called for this step")
                     sig.hidden, sig.head = out, self._head
-            else:
+            elif head:
                 sig.logits = out[..., : self.vocab] if out.size(-1) != self.vocab else out
             if self.capture is not None:
                 sig.qk = self.capture.collect()

@@ -45,7 +45,10 @@ class PairForward:
         coefficients: dict[str, float],
         *,
         want_lm: bool,
+        live: Optional[tuple[str, ...]] = None,
     ) -> Inputs:
+        """`live`: the components computed (a training step's; None: all of the objective's). Only what they
+        read is produced: teacher hidden states, q/k captures and the KD signal."""
         ids = batch["input_ids"].to(self.engine.device)
         labels = batch["labels"].to(self.engine.device)
         # packed examples: positions restart per example, which both models turn into per-example attention
@@ -53,10 +56,15 @@ class PairForward:
         pos = pos.to(self.engine.device) if pos is not None else None
         ignore = self.plan.cfg.loss.ignore_index
         valid = shifted_valid(labels, ignore)
-        signal = self.teacher.signal(ids, valid, objective.needs, position_ids=pos, rows=batch.get("row"))
+        names = objective.names if live is None else live
+        needs = objective.needs if live is None else objective.needs_of(live, self.plan.layers)
+        signal = self.teacher.signal(ids, valid, needs, position_ids=pos, rows=batch.get("row"))
         call = None
         if self.plan.fused:
-            want_kd = "kd" in objective.names
+            want_kd = "kd" in names
+            # with neither KD nor LM live the head still runs (LM at coefficient 0): its weights then get a
+            # zero gradient, not none (see DistillStudent.forward)
+            want_lm = want_lm or not want_kd
             call = FusedCall(
                 labels=labels,
                 teacher_hidden=signal.hidden if want_kd else None,
@@ -68,7 +76,11 @@ class PairForward:
                     self.plan, self.engine.device, temperature=ctx.temperature, want_kd=want_kd, want_lm=want_lm
                 ),
             )
-        out = self.engine(ids, valid=valid, teacher_pooled=signal.pooled, fused=call, position_ids=pos)
+        if self.capture is not None:
+            self.capture.want(needs.student_qk)
+        out = self.engine(
+            ids, valid=valid, teacher_pooled=signal.pooled, fused=call, position_ids=pos, live=None if live is None else frozenset(live)
+        )
         qk = self.capture.collect() if self.capture is not None else {}
         return Inputs(
             labels=labels,
@@ -141,8 +153,8 @@ class Trainer:
         if not callable(stop_requested):
             stop_requested = (lambda asked: lambda: asked)(stop_requested)  # a fixed answer for the whole step
         scale = cfg.train.grad_accum * self.plan.world
-        names = objective.names
         ctx = objective.context(step=engine.global_steps)  # the one schedule position for this whole window
+        names = objective.live(ctx)  # weight 0 at this step: not computed at all
         rollout = None
         if self.rollouts is not None and ctx.on_policy > 0:
             # on-policy: part of the window's completions sampled now, from the weights of this step
@@ -170,19 +182,18 @@ class Trainer:
         units = all_reduce_named({u: float(sum(c[u] for c in counted)) for u in UNITS})
         normalizers = objective.normalizers(units)
         coefficients = objective.coefficients(ctx, normalizers)
-        with_grad = {n for n in names if ctx.weights[n] != 0.0}
         acc: dict[str, Any] = {f"loss.{n}": 0.0 for n in names}
         acc["kd_kl"] = 0.0
         usage, nonfinite, skipped, lr = None, False, False, float("nan")
-        self.forward.teacher.begin_step(objective.needs)
+        self.forward.teacher.begin_step(objective.needs_of(names, self.plan.layers))
         try:
             for i, mb in enumerate(window):
                 # a stop between micro-batches abandons the window: the save then waits for one micro-batch,
                 # not for the rest of a long window (every rank agrees, as backward's collectives need)
                 if i > 0 and all_reduce_named({"stop": float(stop_requested())})["stop"] > 0:
                     return self._abandoned(ctx)
-                x = self.forward(mb, objective, ctx, coefficients, want_lm="lm" in names)
-                sums = objective.sums(x, grad=with_grad)
+                x = self.forward(mb, objective, ctx, coefficients, want_lm="lm" in names, live=names)
+                sums = objective.sums(x, names=names)
                 # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
                 # the unit-weighted objective of the whole window on all ranks
                 loss = objective.loss(sums, coefficients) * scale

@@ -149,3 +149,50 @@ def test_a_new_component_trains_and_evaluates_with_its_registration_alone(make_c
             count += int(mask.sum())
     assert evals[0].step == 0 and evals[0].losses["hidden_energy"] == pytest.approx(total / count, rel=1e-5)
     assert evals[0].objective == pytest.approx(sum(evals[0].weights[n] * evals[0].losses[n] for n in evals[0].weights))
+
+
+def _aux_after(make_config, tmp_path, name: str, stage: int) -> tuple[dict[str, torch.Tensor], list]:
+    """A 6-step in-process run whose `feature` term weighs 1 for the first steps and 0 from progress 0.34 on:
+    its projection's weights at the end, and the run's records."""
+    import deepspeed
+
+    ds = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
+    }
+    feature_off = {"kind": "linear", "start": 0.17, "end": 0.34, "start_value": 1.0, "end_value": 0.0}
+    cfg = validate(
+        make_config(
+            train={"max_steps": 6, "micro_batch_size": 2},
+            eval={"every": 3, "max_batches": 1},
+            curriculum={"weights": {"kd": 0.5, "lm": 0.5, "feature": feature_off, "contrastive": 0.0}},
+            deepspeed={"student": ds},
+            output={"run_dir": str(tmp_path / name), "log_every": 1},
+        )
+    )
+    with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
+        s.fit()
+        aux = s.student.module.aux
+        with deepspeed.zero.GatheredParameters(list(aux.parameters())):
+            weights = {k: v.detach().clone() for k, v in aux.state_dict().items()}
+    recs = [parse_line(line) for line in (tmp_path / name / METRICS_FILE).read_text().splitlines()]
+    return weights, recs
+
+
+def test_a_component_at_weight_zero_is_skipped_and_its_modules_stop_alike_under_zero2_and_zero3(make_config, tmp_path):
+    """A training step computes only the components weighted above 0 (the records say which), while their
+    modules still get a zero gradient: under ZeRO-3 a parameter that gets no gradient has its previous one
+    applied again, so a projection whose term the curriculum switched off kept moving as if still trained."""
+    z2, recs = _aux_after(make_config, tmp_path, "z2", 2)
+    z3, _ = _aux_after(make_config, tmp_path, "z3", 3)
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    evals = [r for r in recs if isinstance(r, EvalRecord)]
+    on = [t.step for t in trains if "feature" in t.losses]
+    assert on and on == [t.step for t in trains if t.weights["feature"] > 0] and len(on) < len(trains)
+    assert all("contrastive" not in t.losses for t in trains)  # weight 0 throughout: never computed in training
+    assert all({"feature", "contrastive"} <= set(e.losses) for e in evals)  # evaluation reports every component
+    assert set(z2) == set(z3) and any(k.startswith("feature") for k in z2)
+    for k in z2:
+        assert torch.allclose(z2[k], z3[k], rtol=1e-4, atol=1e-6), k

@@ -103,6 +103,9 @@ class StudentOutputs:
     """What components computed in the forward (`student_side` results), by their keys."""
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]]
     """Captured (q, k) of the layers the components need, 1-based."""
+    touch: Optional[torch.Tensor] = None
+    """0 x the outputs of modules no computed component reads this step, added to the loss: their parameters
+    then get an exact zero gradient (ZeRO-3 would otherwise apply a parameter's last gradient again)."""
 
 
 @dataclass
@@ -130,6 +133,8 @@ class Component:
     """Its registered name (set by the subclass; the registry line gives unit and description)."""
     options: tuple[str, ...] = ()
     """The `loss.*` config fields it reads."""
+    reads_logits: bool = False
+    """It reads the student's logits (or the fused head's sums)."""
 
     def needs(self, layers: "LayerMap") -> Needs:
         return Needs()

@@ -8,6 +8,7 @@ from dsdistill.losses import kd_loss
 
 class KD(Component):
     name = "kd"
+    reads_logits = True
     options = ("kd_divergence", "kd_beta", "kd_alpha", "kd_top_k", "kd_top_k_rest", "kd_top_k_support")
 
     def needs(self, layers):

@@ -8,6 +8,7 @@ from dsdistill.losses import lm_loss
 
 class LM(Component):
     name = "lm"
+    reads_logits = True
 
     def compute(self, x: Inputs):
         fused = x.student.fused
