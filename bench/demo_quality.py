@@ -50,7 +50,12 @@ def variants(only: str) -> dict[str, dict]:
         # complete; every row probes the student's own completions at each eval (generation.eval_prompts)
         gen = {"max_new_tokens": 32, "eval_prompts": 16}
         return {
-            f"on_policy {v:g}": {"curriculum": {"on_policy": v}, "generation": gen, "data": {"format": "prompt_completion", "packing": "none"}, "_pairs": True}
+            f"on_policy {v:g}": {
+                "curriculum": {"on_policy": v},
+                "generation": gen,
+                "data": {"format": "prompt_completion", "packing": "none"},
+                "_pairs": True,
+            }
             for v in (0.0, 0.5, 1.0)
         }
     if only == "seed-design":
@@ -120,7 +125,10 @@ def on_policy_table(results: dict[str, list[dict]]) -> list[str]:
         "|---|---:|---:|---:|---:|",
     ]
     for name, rs in results.items():
-        cells = [_fmt([r[k] for r in rs]) if all(k in r for r in rs) else "-" for k in ("ppl", "reverse_kl", "mean_length", "stop_rate")]
+        cells = [
+            _fmt([r[k] for r in rs]) if all(k in r for r in rs) else "-"
+            for k in ("ppl", "reverse_kl", "mean_length", "stop_rate")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -182,7 +182,9 @@ def generation_lines(plan: "Plan") -> list[str]:
     cur, g = plan.curriculum, plan.cfg.generation
     if not cur.ever_on_policy:
         if g.probes(False):
-            return [f"probe: each eval completes {g.eval_prompts} held-out prompts per rank with the student (length, stop rate, reverse KL)"]
+            return [
+                f"probe: each eval completes {g.eval_prompts} held-out prompts per rank with the student (length, stop rate, reverse KL)"
+            ]
         return []
     sched = cur.config.on_policy
     what = (

@@ -79,7 +79,12 @@ class PairForward:
         if self.capture is not None:
             self.capture.want(needs.student_qk)
         out = self.engine(
-            ids, valid=valid, teacher_pooled=signal.pooled, fused=call, position_ids=pos, live=None if live is None else frozenset(live)
+            ids,
+            valid=valid,
+            teacher_pooled=signal.pooled,
+            fused=call,
+            position_ids=pos,
+            live=None if live is None else frozenset(live),
         )
         qk = self.capture.collect() if self.capture is not None else {}
         return Inputs(

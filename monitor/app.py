@@ -28,7 +28,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
-from textual.widgets import Footer, Header, Input
+from textual.widgets import Header, Input
 
 from .alerts import AlertRules, evaluate_alerts
 from .series_math import BlockMinMax
@@ -44,6 +44,7 @@ from .widgets import (
     EvalPanel,
     FilterInput,
     HelpScreen,
+    KeyBar,
     PlotPanel,
     Plots,
     RouterPanel,
@@ -109,17 +110,17 @@ class DsMonitor(App):
     BINDINGS = [
         Binding("q", "quit", "quit"),
         Binding("question_mark", "help", "help"),
+        Binding("v", "next_view", "view"),
         Binding("p", "pause", "pause"),
+        Binding("slash", "filter", "filter"),
+        Binding("r", "toggle_weighted", "raw/weighted"),
+        Binding("e", "export", "SVG"),
         Binding("l", "toggle_log", "log-y"),
         Binding("s", "smooth(1)", "smooth+"),
         Binding("S", "smooth(-1)", "smooth-"),
         Binding("x", "cycle_x", "x-axis"),
-        Binding("r", "toggle_weighted", "raw/weighted"),
         Binding("n", "cycle_window", "window"),
-        Binding("slash", "filter", "filter"),
         Binding("b", "cycle_baseline", "baseline"),
-        Binding("e", "export", "SVG"),
-        Binding("v", "next_view", "view"),
         Binding("o", "toggle_robust", "outliers"),
         Binding("m", "maximise", "maximise plot", show=False),
         Binding("plus,equals_sign", "zoom(0.5)", "zoom+", show=False),
@@ -231,7 +232,7 @@ class DsMonitor(App):
                 yield self.eval_panel
                 yield self.router
         yield self.filter_box
-        yield Footer()
+        yield KeyBar([*self.BINDINGS, Binding("ctrl+p", "command_palette", "palette")], id="keys")
 
     def on_mount(self) -> None:
         self.sub_title = label(", ".join(r.name for r in self.runs))
@@ -459,7 +460,7 @@ class DsMonitor(App):
         if self.catching_up:
             total = sum(_size(t.path) for t in self.tailers) or 1
             mode += f" loading history {100 * sum(self.loaded_bytes) / total:.0f}%"
-        essential, extra = [mode], []
+        states, extra = [], []
         for i, run in enumerate(self.runs):
             since = run.since_last(now)
             state = (
@@ -473,15 +474,17 @@ class DsMonitor(App):
                 if since > run.stall_after(self.rules.stall_seconds)
                 else "live"
             )
-            essential.append(f"{run.name}: {state}" + (f", last record {_duration(since)} ago" if since is not None else ""))
-            bits = [f"{run.name}: {run.records_per_second(now):.1f} rec/s"]
+            states.append((run.name, state, since))
+            gap = run.record_interval()
+            bits = [f"{run.name}: a record every {_duration(gap)}" if gap is not None else f"{run.name}:"]
             if run.earlier_runs:
                 bits.append(f"a fresh run replaced {run.earlier_runs} earlier run(s) in this file")
             if run.corrupt:
                 bits.append(f"{run.corrupt} corrupt")
             if run.unknown:
                 bits.append(f"{run.unknown} of unknown kinds skipped")
-            extra.append(" ".join(bits))
+            if len(bits) > 1 or gap is not None:
+                extra.append(" ".join(bits))
         o = self.opts
         extra.insert(
             0,
@@ -493,7 +496,7 @@ class DsMonitor(App):
             + (f" crosshair:{o.cursor:g}" if o.cursor is not None else ""),
         )
         room = max(10, self.size.width - 2)
-        parts = list(essential)
+        parts = [mode, *_run_states(states, room - len(mode) - 3)]
         for part in extra:
             if len(" | ".join([*parts, part])) <= room:
                 parts.append(part)
@@ -832,3 +835,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _run_states(states: list[tuple[str, str, Optional[float]]], room: int) -> list[str]:
+    """Each run's state for the status line, every run shown: in full ("live, last record 3s ago"), else
+    short ("live 3s"), else with names shortened to share the room."""
+
+    def render(name: str, state: str, since: Optional[float], short: bool) -> str:
+        if since is None:
+            return f"{name}: {state}"
+        return f"{name}: {state} {_duration(since)}" if short else f"{name}: {state}, last record {_duration(since)} ago"
+
+    for short in (False, True):
+        parts = [render(n, st, since, short) for n, st, since in states]
+        if len(" | ".join(parts)) <= room:
+            return parts
+    fixed = len(" | ".join(render("", st, since, True) for _, st, since in states))
+    per = max(4, (room - fixed) // max(1, len(states)))
+    return [render(n if len(n) <= per else n[: per - 1] + "…", st, since, True) for n, st, since in states]

@@ -162,6 +162,8 @@ class RunState:
         self._last_x_time = 0.0
         self.session_start_row = 0
         """First train row since the latest run_start: the pace of the current session gives the ETA."""
+        self.first_train: Optional[tuple[int, float]] = None
+        """(step, record time) of the first train record since the latest run_start."""
         self.gate_usage: Optional[list[float]] = None
         self._schedule: Optional[tuple[RunStart, Any]] = None
         self._lr_started = False
@@ -216,6 +218,7 @@ class RunState:
             self.end = None
             self._time_base = (self._last_x_time, rec.time)
             self.session_start_row = len(self.train_x.step)
+            self.first_train = None
             return
         if isinstance(rec, (TrainRecord, EvalRecord)):
             if self.step_seen is not None and rec.step < self.step_seen:
@@ -234,6 +237,8 @@ class RunState:
 
     def _add_train(self, rec: TrainRecord) -> None:
         self.last_train = rec
+        if self.first_train is None and math.isfinite(rec.time):
+            self.first_train = (rec.step, rec.time)
         step, t, tok = self._x(rec)
         row = self.train_x.add(step, t, tok, self.segment)
         table, x = self.train, self.train_x
@@ -330,23 +335,37 @@ class RunState:
         pace = (x.time[i1] - x.time[i0]) / dstep
         return max(0.0, (total - self.current_step) * pace)
 
-    def records_per_second(self, now: float, window: float = 30.0) -> float:
-        """Records the trainer wrote in the last `window` seconds (by their own times: a backlog read at
-        once does not count as a burst)."""
-        recent = sum(1 for t in self.recent_times if 0 <= now - t <= window)
-        return recent / window
+    def eta_estimate(self) -> tuple[Optional[float], str]:
+        """(seconds, how): "pace" from this session's train records; "first" from the run_start to the first
+        train record while there is only one (start-up counts, so it is an upper bound); "waiting" before
+        any; "none" once the run ended or without a known length."""
+        eta = self.eta_seconds()
+        if eta is not None:
+            return eta, "pace"
+        if self.end is not None or not self.total_steps:
+            return None, "none"
+        if self.start is not None and self.first_train is not None:
+            step, t = self.first_train
+            done = step + 1 - self.start.step
+            if done > 0 and t > self.start.time:
+                return max(0.0, (self.total_steps - step - 1) * (t - self.start.time) / done), "first"
+        return None, "waiting"
+
+    def record_interval(self, *, at_least: int = 2) -> Optional[float]:
+        """Median seconds between the run's recent records (by their own times: a backlog read at once does
+        not look like a burst); None with fewer than `at_least` records."""
+        times = sorted(self.recent_times)[-64:]
+        if len(times) < at_least:
+            return None
+        gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
+        return gaps[len(gaps) // 2] if gaps else None
 
     def stall_after(self, limit: float) -> float:
         """Seconds without a record after which the run looks stalled: `limit`, or sooner for a run that
         writes often (ten of its median intervals between recent records, never under 30 s), so a killed run
         is not shown "live" for minutes."""
-        times = sorted(self.recent_times)[-64:]
-        if len(times) < 6:
-            return limit
-        gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
-        if not gaps:
-            return limit
-        return min(limit, max(30.0, 10 * gaps[len(gaps) // 2]))
+        gap = self.record_interval(at_least=6)
+        return limit if gap is None else min(limit, max(30.0, 10 * gap))
 
     def since_last(self, now: float) -> Optional[float]:
         """Seconds since the newest record was written (by its own time)."""

@@ -75,6 +75,17 @@ def _duration(s: Optional[float]) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def eta_text(run: RunState) -> str:
+    """The ETA as a user reads it: from the run's pace, an upper bound from its first record, or what it
+    waits for."""
+    eta, how = run.eta_estimate()
+    if how == "pace":
+        return _duration(eta)
+    if how == "first":
+        return f"<{_duration(eta)} (from the first record, start-up counted)"
+    return "after the first step" if how == "waiting" else "-"
+
+
 def sparkline(values: list[float], n: int = 10) -> str:
     vals = [v for v in values[-n:] if math.isfinite(v)]
     if not vals:
@@ -500,7 +511,7 @@ class StatsPanel(Panel):
         prog = run.progress()
         self.border_title = (
             f"{label(run.name)}: step {run.current_step}/{run.total_steps or '?'}"
-            f" {'' if prog is None else f'{100 * prog:.1f}%'}  ETA {_duration(run.eta_seconds())}"
+            f" {'' if prog is None else f'{100 * prog:.1f}%'}  ETA {eta_text(run)}"
         )
         self.paint(lambda w, h: fit_table(header, rows, w))
 
@@ -523,14 +534,31 @@ class RouterPanel(Panel):
             self.paint(lambda w, h: Text("no router in this run", style="grey50"))
             return
         top = max(usage) or 1.0
+        n = len(usage)
 
         def painter(width: int, height: int):
-            t = Text()
-            bar = max(1, width - 12)
-            for layer, u in enumerate(usage, start=1):  # teacher layers numbered 1.. as in the config and README
-                t.append(f"L{layer:<3}", style="bold")
-                t.append("█" * max(0, round(u / top * bar)), style="cyan")
-                t.append(f" {u:.3f}\n")
+            # a deep teacher folds into columns; what still does not fit says how to see it whole. The side
+            # panel's height is its content's (at most 12 rows); shown alone it is the screen's
+            cap = max(2, height) if self.expanded else 12
+            cols = max(1, min(math.ceil(n / cap), width // 16))
+            per_col = math.ceil(n / cols)
+            rows = per_col if per_col <= cap else cap - 1
+            colw = width // cols
+            t, shown = Text(), 0
+            for r in range(rows):
+                for c in range(cols):
+                    layer = c * per_col + r + 1  # teacher layers numbered 1.. as in the config and README
+                    if layer > n:
+                        continue
+                    u, shown = usage[layer - 1], shown + 1
+                    bar = max(1, colw - 12)
+                    filled = max(0, round(u / top * bar))
+                    t.append(f"L{layer:<3}", style="bold")
+                    t.append("█" * filled, style="cyan")
+                    t.append(f" {u:.3f}".ljust(colw - 4 - filled) if c < cols - 1 else f" {u:.3f}")
+                t.append("\n")
+            if rows < per_col:
+                t.append(f"… {n - shown} more layers: v shows the router alone", style="grey50")
             t.rstrip()
             return t
 
@@ -616,6 +644,55 @@ class StatusBar(Static):
         padding: 0 1;
     }
     """
+
+
+class KeyBar(Widget):
+    """The key bar: the shown bindings in their order, as many as the width holds (every key is in `?`
+    help), so a narrow terminal never cuts one in half. A click runs the key's action."""
+
+    DEFAULT_CSS = """
+    KeyBar {
+        dock: bottom;
+        height: 1;
+        background: $panel;
+    }
+    """
+
+    def __init__(self, bindings: list[Binding], **kw):
+        super().__init__(**kw)
+        self.items = [(b.key_display or _key_name(b.key), b.description, b.action) for b in bindings if b.show]
+        self._spans: list[tuple[int, int, str]] = []
+
+    def fitted(self, width: int) -> list[tuple[str, str, str]]:
+        """The items that fit in `width` columns, in order (the first, quit and help, always)."""
+        out, used = [], 0
+        for key, desc, action in self.items:
+            w = len(key) + len(desc) + 3
+            if used + w > width and out:
+                break
+            out.append((key, desc, action))
+            used += w
+        return out
+
+    def render(self) -> Text:
+        text, self._spans = Text(no_wrap=True, overflow="crop"), []
+        for key, desc, action in self.fitted(self.size.width):
+            start = len(text)
+            text.append(f" {key}", style="bold reverse")
+            text.append(f" {desc} ")
+            self._spans.append((start, len(text), action))
+        return text
+
+    async def on_click(self, event) -> None:
+        for start, end, action in self._spans:
+            if start <= event.x < end:
+                await self.app.run_action(action)
+                return
+
+
+def _key_name(key: str) -> str:
+    first = key.split(",")[0]
+    return {"question_mark": "?", "slash": "/", "ctrl+p": "^p"}.get(first, first)
 
 
 class ViewsBar(Static):

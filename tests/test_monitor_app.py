@@ -508,3 +508,53 @@ def test_an_estimated_teacher_perplexity_is_no_reference_line(tmp_path):
         assert "(teacher ~2.5, estimated for 40% of tokens)" in text, text[:400]
 
     run_app(app, scenario, size=(160, 50))
+
+
+def test_at_80x24_the_key_bar_is_whole_both_runs_are_in_the_status_line_and_a_deep_router_is_all_there(tmp_path):
+    """The key bar was cut mid-key (`r▏^p palette`), a second run was missing from the status line, and the
+    router list showed 18 of 30 teacher layers with no way to see the rest."""
+    recs = healthy_records(40, end=False)
+    usage = [(i + 1) / 465 for i in range(30)]
+    for r in recs:
+        if getattr(r, "kind", "") == "train":
+            r.gate_usage = usage
+    a = write(tmp_path / "first-run-with-a-long-name" / METRICS_FILE, recs)
+    b = write(tmp_path / "second-run-with-a-long-name" / METRICS_FILE, healthy_records(40, end=False))
+    now = recs[-1].time + 5
+    app = DsMonitor([str(a.parent), str(b.parent)], poll_interval=0.02, refresh_interval=0.05, clock=lambda: now)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: all(r.records for r in app.runs) and not app.catching_up)
+        lines = app.screen_text().splitlines()
+        keys = lines[-1]
+        shown = re.findall(r" (\S+) (\S+) ", keys)
+        assert keys.startswith(" q quit  ? help") and "▏" not in keys and len(keys) <= 80
+        described = {desc for _, desc, _ in app.query_one("#keys").items}
+        assert shown and all(desc in described for _, desc in shown)  # only whole keys
+        status = app.status_bar.render().plain
+        assert "first-run" in status and "second-run" in status and "live" in status and "rec/s" not in status
+        while app.shown != "router":
+            await pilot.press("v")
+            await pilot.pause(0.1)
+        await pilot.pause(0.2)
+        text = app.screen_text()
+        assert all(re.search(rf"\bL{i}\b", text) for i in range(1, 31)), text
+
+    run_app(app, scenario, size=(80, 24))
+
+
+def test_the_eta_is_estimated_from_the_first_record_instead_of_a_dash(tmp_path):
+    """Before a run's second train record the ETA was "-" (minutes on a real model): it is now an upper
+    bound from the run's start to its first record, and before that it says what it waits for."""
+    from dsmonitor.state import RunState
+    from dsmonitor.widgets import eta_text
+
+    recs = healthy_records(40, end=False)
+    run = RunState("run")
+    run.add(recs[0])
+    assert eta_text(run) == "after the first step"
+    run.add(recs[1])  # step 0 written 2 s after the run_start: 39 steps left at <= 2 s each
+    eta, how = run.eta_estimate()
+    assert how == "first" and eta == pytest.approx(39 * 2.0) and eta_text(run).startswith("<1m18s")
+    run.add(recs[2])
+    assert run.eta_estimate() == (pytest.approx(38 * 2.0), "pace")
