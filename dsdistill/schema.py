@@ -90,7 +90,7 @@ class TrainRecord(_Record):
     extras: dict[str, float] = {}
     """Diagnostics that are not objective terms (e.g. kd_kl: KD's KL before T^2 scaling)."""
     mem_gib: Optional[float] = None
-    """Peak accelerator memory on rank 0, GiB (None on CPU)."""
+    """Peak accelerator memory on rank 0 since the run started, GiB (None on CPU)."""
     gate_usage: Optional[list[float]] = None
     """Router: mean gate per teacher layer (sums to 1), when the run has a router."""
     on_policy: Optional[float] = None
@@ -154,8 +154,13 @@ class RankUsage(BaseModel):
     rank: int
     rss_gib: float
     """Resident memory of the rank's process."""
+    peak_rss_gib: Optional[float] = None
+    """The process's largest resident memory since the rank's previous system record (Linux; elsewhere
+    since the process started)."""
     gpu_mem_gib: Optional[float] = None
     """GPU memory the rank's allocator holds (reserved), None on CPU."""
+    gpu_peak_gib: Optional[float] = None
+    """The allocator's largest allocation total since the rank's previous system record, None on CPU."""
     gpu_mem_total_gib: Optional[float] = None
     gpu_util: Optional[float] = None
     """GPU utilisation in percent (None where the driver library is not available)."""
@@ -168,6 +173,9 @@ class SystemRecord(_Record):
     ranks: list[RankUsage] = []
     host_mem_used_gib: Optional[float] = None
     host_mem_total_gib: Optional[float] = None
+    estimate_gib: Optional[float] = None
+    """`dsdistill check`'s memory estimate per rank (teacher shard, student states, logits; activations
+    excluded), to read beside the measured peaks."""
 
 
 class RunEnd(_Record):

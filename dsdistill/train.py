@@ -42,14 +42,14 @@ from dsdistill.models import DTYPES, load_causal_lm, param_counts
 from dsdistill.objective import Objective
 from dsdistill.packing import check_separation
 from dsdistill.preempt import EXIT_PREEMPTED, LauncherWatch, StopRequest
-from dsdistill.preflight import Plan, RunData, preflight, skipped_warnings
+from dsdistill.preflight import Plan, RunData, estimate_memory, preflight, skipped_warnings
 from dsdistill.probe import on_policy_probe
 from dsdistill.report import eval_line, train_line
 from dsdistill.rollout import StudentSampler
 from dsdistill.rundir import RunLock, write_atomic
 from dsdistill.schema import AlertRecord, EvalRecord, RunEnd, RunStart, TrainRecord
 from dsdistill.student import DistillStudent
-from dsdistill.system import system_record
+from dsdistill.system import gpu_peak_gib, system_record
 from dsdistill.teacher import LiveTeacher, TeacherModel, TeacherSource
 from dsdistill.trainer import (
     EarlyStopping,
@@ -438,7 +438,7 @@ class Session:
             total_steps=plan.total_steps,
             grad_norm=r.grad_norm,
             extras={} if r.kd_kl is None else {"kd_kl": r.kd_kl},
-            mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            mem_gib=gpu_peak_gib(),
             gate_usage=r.gate_usage,
             on_policy=r.ctx.on_policy if plan.curriculum.ever_on_policy else None,
             rollout=_rollout_fields(r.rollout),
@@ -449,9 +449,13 @@ class Session:
             sys.stdout.flush()
         self.logs += 1
         if self.logs % SYSTEM_EVERY_LOGS == 1:  # every rank at the same steps: the record is one collective
-            usage = system_record(step=r.step, rank=plan.rank, world=plan.world)
+            usage = system_record(step=r.step, rank=plan.rank, world=plan.world, estimate_gib=self._memory_estimate())
             if usage is not None:
                 self.writer.write(usage)
+
+    def _memory_estimate(self) -> Optional[float]:
+        """check's per-rank estimate in GiB (rank 0 writes the record)."""
+        return estimate_memory(self.plan)["total"] if self.plan.rank == 0 else None
 
     def _on_policy_probe(self, step: int) -> dict[str, Any]:
         """On-policy runs: held-out prompts completed by the student, scored by the teacher (see probe.py)."""

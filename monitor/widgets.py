@@ -583,17 +583,29 @@ class SystemPanel(Panel):
             self.paint(lambda w, h: Text("no system records yet", style="grey50"))
             return
         self.border_title = f"system @ step {rec.step}"
-        header = ["rank", "RSS GiB", "GPU GiB", "of GiB", "GPU %"]
-        rows = [
-            [str(u.rank), _fmt(u.rss_gib), _fmt(u.gpu_mem_gib), _fmt(u.gpu_mem_total_gib), _fmt(u.gpu_util)] for u in rec.ranks
-        ]
-        host = (
-            f"host memory {_fmt(rec.host_mem_used_gib)} of {_fmt(rec.host_mem_total_gib)} GiB" if rec.host_mem_total_gib else ""
-        )
+        gpu = any(u.gpu_mem_gib is not None for u in rec.ranks)
+        # the peaks are of the window since the rank's previous record: what a step really needed
+        if gpu:
+            header = ["rank", "GPU peak", "GPU held", "of GiB", "GPU %", "RSS peak", "RSS"]
+            rows = [
+                [str(u.rank), _fmt(u.gpu_peak_gib), _fmt(u.gpu_mem_gib), _fmt(u.gpu_mem_total_gib), _fmt(u.gpu_util)]
+                + [_fmt(u.peak_rss_gib), _fmt(u.rss_gib)]
+                for u in rec.ranks
+            ]
+            optional = [6, 5, 4, 3, 2]
+        else:
+            header = ["rank", "RSS peak GiB", "RSS GiB"]
+            rows = [[str(u.rank), _fmt(u.peak_rss_gib), _fmt(u.rss_gib)] for u in rec.ranks]
+            optional = [2]
+        lines = []
+        if rec.host_mem_total_gib:
+            lines.append(f"host memory {_fmt(rec.host_mem_used_gib)} of {_fmt(rec.host_mem_total_gib)} GiB")
+        if rec.estimate_gib is not None:
+            lines.append(f"check's estimate {_fmt(rec.estimate_gib)} GiB per rank (activations excluded)")
 
         def painter(width: int, height: int):
-            table = fit_table(header, rows, width, optional=[4, 3, 2])
-            return Text("\n").join([Text(host, style="bold"), table]) if host else table
+            table = fit_table(header, rows, width, optional=optional)
+            return Text("\n").join([*(Text(line, style="bold") for line in lines), table])
 
         self.paint(painter)
 

@@ -79,9 +79,11 @@ def test_follows_a_real_run(real_run):
         assert run.gate_usage is not None and len(run.gate_usage) == 3 and "L3" in router  # numbered 1.. like the config
         # the trainer's system record (CPU here: every rank's memory, no GPU numbers) in its own panel
         await pilot.pause(0.2)
-        assert run.system is not None and run.system.ranks[0].rss_gib > 0.1 and run.system.ranks[0].gpu_mem_gib is None
-        panel = app.query_one("#system")
-        assert panel.display and "RSS GiB" in panel.render().plain and "host memory" in panel.render().plain
+        usage = run.system.ranks[0] if run.system is not None else None
+        assert usage is not None and usage.rss_gib > 0.1 and usage.gpu_mem_gib is None and usage.peak_rss_gib >= usage.rss_gib
+        assert run.system.estimate_gib is not None and run.system.estimate_gib > 0  # check's estimate beside it
+        panel = app.query_one("#system").render().plain
+        assert "RSS peak GiB" in panel and "host memory" in panel and "check's estimate" in panel
 
     run_app(app, scenario)
 

@@ -196,3 +196,18 @@ def test_a_component_at_weight_zero_is_skipped_and_its_modules_stop_alike_under_
     assert set(z2) == set(z3) and any(k.startswith("feature") for k in z2)
     for k in z2:
         assert torch.allclose(z2[k], z3[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_each_system_record_carries_the_peak_of_its_own_window():
+    """The system record was one RSS sample: a rank that peaked between two records never showed it."""
+    import numpy as np
+
+    from dsdistill.system import system_record
+
+    system_record(step=0, rank=0, world=1)  # starts a window
+    big = np.ones(300 * 2**20 // 8)  # 300 MiB, touched, then freed before the record
+    del big
+    rec = system_record(step=1, rank=0, world=1)
+    assert rec is not None and rec.ranks[0].peak_rss_gib - rec.ranks[0].rss_gib > 0.25
+    rec = system_record(step=2, rank=0, world=1)  # the next window did not hold it
+    assert rec is not None and rec.ranks[0].peak_rss_gib - rec.ranks[0].rss_gib < 0.1
