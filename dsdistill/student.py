@@ -21,9 +21,21 @@ from dsdistill.layers import LayerMap
 
 class DistillStudent(nn.Module):
     def __init__(
-        self, model: Any, *, components: dict[str, Component], build: Build, vocab: int, seed: int = 0, fused: bool = False
+        self,
+        model: Any,
+        *,
+        components: dict[str, Component],
+        build: Build,
+        vocab: int,
+        seed: int = 0,
+        fused: bool = False,
+        touch_unused: bool = True,
     ):
+        """`touch_unused`: give the modules of components a step skips a zero gradient (ZeRO-3 and no ZeRO;
+        ZeRO-1/2 zero-fill a missing gradient themselves, so there the modules are skipped too)."""
         super().__init__()
+        self.touch_unused = touch_unused
+        self.teacher_width = build.teacher_width
         self.model = model
         self.components = components
         self.layers: LayerMap = build.layers
@@ -63,9 +75,10 @@ class DistillStudent(nn.Module):
         hidden state (for the contrastive teacher head); fused: the fused head's inputs (fused path; without
         them the model's own logits are returned, as for a plain forward); position_ids: restarting per
         packed example (None: the model's own positions); live: the components computed this step (None:
-        all). The others' modules still run, and their outputs enter `touch` at weight 0, so their parameters
-        get a zero gradient rather than none: ZeRO-3 applies a parameter's previous gradient again when it
-        gets none (a component whose weight falls to 0 would keep moving), while ZeRO-1/2 zero-fill it."""
+        all). With `touch_unused` the others' modules still run, and their outputs enter `touch` at weight 0,
+        so their parameters get a zero gradient rather than none: ZeRO-3 applies a parameter's previous
+        gradient again when it gets none (a component whose weight fell to 0 kept moving), and a plain
+        optimizer would freeze it, while ZeRO-1/2 zero-fill it."""
         # no KV cache (nothing is generated here); without one, restarting positions also separate packed examples
         pos: dict[str, Any] = {"use_cache": False, **({} if position_ids is None else {"position_ids": position_ids})}
         out: dict[str, Any] = {"logits": None, "fused": None, "hidden": None, "side": {}, "touch": None}
@@ -80,17 +93,30 @@ class DistillStudent(nn.Module):
             logits = lm.logits
             out["logits"] = logits[..., : self.vocab] if logits.size(-1) != self.vocab else logits
             hidden = lm.hidden_states
-            if live is not None and not any(self.components[n].reads_logits for n in live if n in self.components):
+            if (
+                self.touch_unused
+                and live is not None
+                and not any(self.components[n].reads_logits for n in live if n in self.components)
+            ):
                 unused.append(out["logits"])
         if self.needs_hidden:
             out["hidden"] = hidden
             side = StudentSide(hidden=hidden, valid=valid, teacher_pooled=teacher_pooled, layers=self.layers)
+            # a skipped component's modules run on one position only: enough for a zero gradient, at no cost
+            one = StudentSide(
+                hidden=tuple(h[:1, :1] for h in hidden),
+                valid=torch.ones_like(valid[:1, :1]),
+                # a step that skips every reader of the teacher's pooled state did not compute it
+                teacher_pooled=(
+                    teacher_pooled[:1] if teacher_pooled is not None else hidden[-1].new_zeros((1, self.teacher_width))
+                ),
+                layers=self.layers,
+            )
             for name, component in self.components.items():
-                produced = component.student_side(self.aux, side)
                 if live is None or name in live:
-                    out["side"].update(produced)
-                else:
-                    unused.extend(_tensors(produced))
+                    out["side"].update(component.student_side(self.aux, side))
+                elif self.touch_unused:
+                    unused.extend(_tensors(component.student_side(self.aux, one)))
         if unused:
             # nan_to_num: a non-finite unused output must not make the step's loss non-finite
             zero = torch.zeros((), device=input_ids.device)

@@ -151,7 +151,13 @@ class Session:
             teacher_width=plan.teacher_config.hidden_size,
         )
         wrapped = DistillStudent(
-            student_lm, components=self.objective.components, build=build, vocab=plan.vocab, seed=cfg.train.seed, fused=plan.fused
+            student_lm,
+            components=self.objective.components,
+            build=build,
+            vocab=plan.vocab,
+            seed=cfg.train.seed,
+            fused=plan.fused,
+            touch_unused=zero_stage(plan.ds_student) not in (1, 2),
         )
         if plan.precision != "fp32":
             wrapped.aux.to(DTYPES[plan.precision])
