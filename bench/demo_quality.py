@@ -49,15 +49,21 @@ def variants(only: str) -> dict[str, dict]:
         # the demo's documents as prompt (first sentence) / completion (the rest), so there are prompts to
         # complete; every row probes the student's own completions at each eval (generation.eval_prompts)
         gen = {"max_new_tokens": 32, "eval_prompts": 16}
-        return {
-            f"on_policy {v:g}": {
-                "curriculum": {"on_policy": v},
-                "generation": gen,
-                "data": {"format": "prompt_completion", "packing": "none"},
-                "_pairs": True,
-            }
+        data = {"format": "prompt_completion", "packing": "none"}
+        out = {
+            f"on_policy {v:g}": {"curriculum": {"on_policy": v}, "generation": gen, "data": data, "_pairs": True}
             for v in (0.0, 0.5, 1.0)
         }
+        # what the README advises for on-policy: a mode-seeking divergence, and no LM term on own samples
+        for v in (0.0, 1.0):
+            out[f"on_policy {v:g}, kd jsd, kd only"] = {
+                "curriculum": {"on_policy": v, "weights": {"kd": 1.0}},
+                "loss": {"kd_divergence": "jsd"},
+                "generation": gen,
+                "data": data,
+                "_pairs": True,
+            }
+        return out
     if only == "seed-design":
         return {SEED_DESIGN: {"curriculum": {"weights": {**default_weights(), "kd": 0.7, "lm": 0.3}, "temperature": 3.0}}}
     out: dict[str, dict] = {
@@ -151,6 +157,8 @@ def main(argv=None) -> int:
     paths = ensure_assets(default_cache())
     results: dict[str, list[dict]] = json.loads(Path(args.merge).read_text()) if args.merge else {}
     for name, change in variants(args.only).items():
+        if len(results.get(name, [])) >= len(args.seeds):
+            continue  # measured in the --merge file
         for seed in args.seeds:
             r = run_variant(paths, Path(args.root), name, change, seed, args.steps)
             results.setdefault(name, []).append(r)

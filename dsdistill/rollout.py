@@ -58,6 +58,18 @@ def _filter(logits: torch.Tensor, g: GenerationConfig) -> torch.Tensor:
     return logits
 
 
+def draw(logits: torch.Tensor, uniforms: torch.Tensor, g: GenerationConfig) -> torch.Tensor:
+    """One token per row from `logits` [n, V] after temperature, top-k and top-p, by inverse CDF at the
+    row's own uniform draw [n] (on the logits' device: nothing of size V leaves it). A row's token depends
+    on its draw alone, so a sample does not depend on the batch or rank it lands in."""
+    probs = _filter(logits.float(), g).softmax(-1)
+    cdf = probs.cumsum(-1)
+    # the first token whose cumulative mass exceeds u x total: always one with mass (right=True skips the
+    # zero-mass tokens a filter left)
+    target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(logits.size(-1) - 1)
+
+
 class StudentSampler:
     """Samples from the student engine's model (its weights of this step)."""
 
@@ -109,17 +121,20 @@ class StudentSampler:
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        # the prefill keeps the logits of the last position only (not [n, prompt, V])
+        keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
         past, logits = out.past_key_values, out.logits[:, -1, : self.vocab]
         done = torch.zeros(n, dtype=torch.bool)
         limit = torch.tensor(max_new)
         completions: list[list[int]] = [[] for _ in range(n)]
         last_pos = pos[:, -1]
         for _ in range(int(limit.max())):
-            probs = _filter(logits.float(), self.g).softmax(-1).cpu()
-            nxt = torch.empty(n, dtype=torch.long)
-            for i in range(n):
-                nxt[i] = torch.multinomial(probs[i], 1, generator=gens[i]) if not done[i] else self.pad
+            # one uniform per row from the row's own generator; the draw runs on the device, and only the n
+            # chosen ids come back
+            u = torch.cat([torch.rand(1, generator=gen) for gen in gens])
+            nxt = draw(logits, u, self.g).cpu()
+            nxt[done] = self.pad
             for i in range(n):
                 if not done[i]:
                     completions[i].append(int(nxt[i]))
@@ -138,6 +153,15 @@ class StudentSampler:
             )
             past, logits = out.past_key_values, out.logits[:, -1, : self.vocab]
         return completions
+
+
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def row_seed(seed: int, step: int, row: int, sample: int) -> int:

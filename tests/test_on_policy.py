@@ -280,3 +280,52 @@ def test_an_unknown_stop_token_is_refused_by_check(chat_config, chat_assets, tmp
         from dsdistill.preflight import preflight
 
         preflight(cfg, world=1)
+
+
+def test_the_device_draw_follows_the_filtered_distribution_and_never_picks_a_filtered_token():
+    """Sampling moved from a host copy of [n, V] probabilities + multinomial to an inverse-CDF draw on the
+    logits' device at one uniform per row: the same distribution, nothing of size V crossing to the host."""
+    from dsdistill.config import GenerationConfig
+    from dsdistill.rollout import draw
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 2
+    logits[:, 7] = float("-inf")  # a token the model rules out
+    n = 20_000
+    for g in (GenerationConfig(), GenerationConfig(temperature=0.7, top_k=10), GenerationConfig(top_p=0.8)):
+        rows = logits.repeat_interleave(n, 0)
+        picks = draw(rows, torch.rand(rows.size(0), generator=torch.Generator().manual_seed(1)), g).view(4, n)
+        expected = torch.softmax(_filtered(logits, g), -1)
+        for r in range(4):
+            freq = torch.bincount(picks[r], minlength=50).double() / n
+            assert bool((freq[expected[r] == 0] == 0).all())  # filtered and ruled-out tokens never come
+            assert float((freq - expected[r].double()).abs().max()) < 0.015
+    # a row's token depends on its own draw only: the same uniform gives the same token in any batch
+    u = torch.rand(4)
+    assert draw(logits, u, GenerationConfig()).tolist() == [
+        int(draw(logits[i : i + 1], u[i : i + 1], GenerationConfig())) for i in range(4)
+    ]
+
+
+def _filtered(logits, g):
+    """An independent reading of temperature, top-k and top-p (the smallest set holding top_p of the mass)."""
+    out = logits / g.temperature
+    if g.top_k is not None:
+        kth = out.sort(-1, descending=True).values[:, g.top_k - 1 : g.top_k]
+        out = torch.where(out < kth, torch.tensor(float("-inf")), out)
+    if g.top_p < 1:
+        rows = []
+        for row in out:
+            p = torch.softmax(row, -1)
+            order = p.argsort(descending=True)
+            keep, total = [], 0.0
+            for i in order.tolist():
+                if total >= g.top_p:
+                    break
+                keep.append(i)
+                total += float(p[i])
+            masked = torch.full_like(row, float("-inf"))
+            masked[keep] = row[keep]
+            rows.append(masked)
+        out = torch.stack(rows)
+    return out
