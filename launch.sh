@@ -105,10 +105,11 @@ MASTER_ADDR=${MASTER_ADDR:-${HOSTS[0]}}
 WORLD=$((NODES * GPUS))
 
 # ---- 2. preflight: nothing starts unless the plan is sound for this world size
-CHECK_OUT=$("$PYTHON" -m dsdistill check --world-size "$WORLD" "${TRAIN_ARGS[@]}") || exit $?
-printf '%s\n' "$CHECK_OUT"
-RUN_DIR=$(sed -n 's/^run dir: //p' <<<"$CHECK_OUT" | tail -n 1)
-[[ -n "$RUN_DIR" ]] || die "dsdistill check printed no run dir"
+PLAN_JSON=$(mktemp "${TMPDIR:-/tmp}/dsdistill-plan.XXXXXX") || die "cannot create a temporary file for the plan"
+"$PYTHON" -m dsdistill check --world-size "$WORLD" --json-to "$PLAN_JSON" "${TRAIN_ARGS[@]}" || { rc=$?; rm -f "$PLAN_JSON"; exit "$rc"; }
+RUN_DIR=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["run_dir"])' "$PLAN_JSON")
+rm -f "$PLAN_JSON"
+[[ -n "$RUN_DIR" ]] || die "dsdistill check wrote no run dir to its plan"
 mkdir -p -- "$RUN_DIR" || die "cannot create the run dir '$RUN_DIR'"  # check leaves no trace; the launch makes it
 
 # ---- 3. environment for the nodes of a hostfile launch (SLURM and local ranks inherit this one): written

@@ -27,11 +27,14 @@ def _cmd_check(args) -> int:
         raise DistillError(f"check: --world-size {args.world_size}: expected a positive number of ranks")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     plan, data = preflight(cfg, world=world, writing_cache=args.teacher_cache is not None)
-    if args.json:
+    if args.json or args.json_to:
         import json
 
-        print(json.dumps(plan_dict(plan, data), indent=2))
-        return 0
+        text = json.dumps(plan_dict(plan, data), indent=2)
+        if args.json:
+            print(text)
+            return 0
+        Path(args.json_to).write_text(text + "\n", encoding="utf-8")  # launch.sh reads the run dir from it
     print(describe(plan, data))
     if args.show_example:
         from dsdistill.preflight import show_examples
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(c)
     c.add_argument("--world-size", type=int, default=None, help="ranks the run will use (default: $WORLD_SIZE or 1)")
     c.add_argument("--json", action="store_true", help="print the whole plan as JSON (nothing else on stdout)")
+    c.add_argument("--json-to", default=None, metavar="FILE", help="also write the plan as JSON to FILE (after the text)")
     c.add_argument(
         "--show-example",
         type=int,

@@ -153,12 +153,6 @@ class DataConfig(FormatFields):
         assert self.path is not None
         return [SourceConfig(path=self.path, split=self.split, eval_path=self.eval_path, eval_split=self.eval_split, **fields)]
 
-    def packing_of(self, source: FormatFields) -> Packing:
-        """The packing used (default: concat for text, documents for every other format)."""
-        if self.packing is not None:
-            return self.packing
-        return "concat" if source.format == "text" else "documents"
-
 
 LayerPairs = Optional[list[tuple[int, int]]]
 

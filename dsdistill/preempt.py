@@ -53,10 +53,6 @@ class StopRequest:
         self._previous: dict = {}
         self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
 
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return

@@ -9,7 +9,6 @@ Non-finite floats are written as the JSON extensions NaN / Infinity, which Pytho
 from __future__ import annotations
 
 import json
-import math
 import time as _time
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -196,11 +195,6 @@ KINDS: tuple[str, ...] = tuple(
 """Every record kind this version writes (a reader skips others, from a newer writer, as unknown)."""
 
 
-def parse_record(obj: dict[str, Any]) -> Record:
-    """Validate a decoded JSON object as a record (raises pydantic.ValidationError)."""
-    return _ADAPTER.validate_python(obj)
-
-
 def parse_line(line: str | bytes) -> Optional[Record]:
     """A record from one line of metrics.jsonl, or None if the line is not a valid record.
     (JSON decoding and validation both run in pydantic-core: about 4 us a line.)"""
@@ -213,7 +207,3 @@ def parse_line(line: str | bytes) -> Optional[Record]:
 def dumps(record: BaseModel) -> str:
     """One line of JSON for a record."""
     return json.dumps(record.model_dump(), separators=(",", ":"), allow_nan=True)
-
-
-def is_finite(x: Optional[float]) -> bool:
-    return x is not None and math.isfinite(x)

@@ -406,7 +406,7 @@ class Session:
 
     def _alert(self, step: int, level: Literal["info", "warning", "error"], code: str, message: str, *, say: bool = True) -> None:
         if say:
-            _say(self.plan.rank, f"warning: {message}")
+            _say(self.plan.rank, f"{level}: {message}")  # an error alert says error, an info says info
         self.writer.write(AlertRecord(step=step, level=level, code=code, message=message))
 
     def _latest_checkpoint(self) -> str:

@@ -100,7 +100,8 @@ class PairForward:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One optimizer step, reduced over its window's micro-batches and every rank."""
+    """One optimizer step: losses, counts and flags reduced over its window's micro-batches and every rank
+    (`gate_usage` is this rank's last micro-batch's, `grad_norm` DeepSpeed's global norm)."""
 
     ctx: StepContext
     """The step it ran at (the engine's optimizer step before it) and the curriculum there."""

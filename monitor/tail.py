@@ -8,11 +8,8 @@ replaced (rotation: a new inode) or deleted and recreated.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,30 +20,6 @@ from dsdistill.schema import METRICS_FILE, parse_line
 from .textsafe import clean, clean_obj, needs_cleaning
 
 CHUNK = 1 << 20
-
-_gc_lock = threading.Lock()
-_gc_depth = 0
-_gc_was_enabled = True
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """Pause the cyclic GC while a batch of long-lived, cycle-free records is built (the GC would rescan
-    the growing heap many times over: 2-3x slower). Re-entrant across threads: the GC comes back only
-    when the last pause ends, as it was before the first."""
-    global _gc_depth, _gc_was_enabled
-    with _gc_lock:
-        if _gc_depth == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_depth += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_depth -= 1
-            if _gc_depth == 0 and _gc_was_enabled:
-                gc.enable()
 
 
 def metrics_path(target: str | Path) -> Path:

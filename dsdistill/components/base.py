@@ -6,7 +6,8 @@ what it computes inside the student's forward (`student_side`: projections must 
 gathers a parameter only inside its module's forward), and its loss (`compute`: a pure function of the
 `Inputs`, returning `(sum over its units, metrics)`). Its name, unit and description are its
 registration line in `dsdistill/registry.py`. The registry, the captures, the auxiliary modules and the
-objective are all derived from these declarations; nothing else lists components.
+objective are all derived from these declarations. Two names are known elsewhere: `kd` and `lm` share the
+fused KD+LM head (`dsdistill/heads.py`) and the cache path, and the trainer reports KD's `kd_kl`.
 """
 
 from __future__ import annotations

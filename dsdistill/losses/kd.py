@@ -28,13 +28,12 @@ vocabulary is one more bucket on both sides (k = vocab with the bucket equals fu
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
 from dsdistill.losses.lm import shifted_mask, upcast
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv"]
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv")
 T2_SCALED: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"})
 """Divergences multiplied by T^2 in the objective (their gradients shrink as 1/T^2); tv is not."""
