@@ -329,3 +329,30 @@ def _filtered(logits, g):
             rows.append(masked)
         out = torch.stack(rows)
     return out
+
+
+def test_an_off_policy_run_probes_its_own_completions_when_eval_prompts_is_set(chat_config, chat_assets, tmp_path):
+    """The baseline an on-policy run is compared with: an off-policy run that sets generation.eval_prompts
+    explicitly completes and scores held-out prompts at each eval too; left at its default it does not."""
+    from dsdistill.schema import EvalRecord
+
+    def evals(name: str, generation: dict) -> list:
+        cfg = _cfg(
+            chat_config,
+            chat_assets,
+            tmp_path,
+            _name=name,
+            curriculum={"on_policy": 0.0},
+            generation=generation,
+            train={"max_steps": 1},
+            eval={"every": 1, "at_start": True, "max_batches": 2},  # 4 held-out rows: the probe takes 3
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(validate(cfg))
+        lines = (tmp_path / name / METRICS_FILE).read_text().splitlines()
+        return [r for r in map(parse_line, lines) if isinstance(r, EvalRecord)]
+
+    probed = evals("probed", {"max_new_tokens": 8, "eval_prompts": 3})
+    assert [e.step for e in probed] == [0, 1]
+    assert all(e.on_policy["completions"] == 3 and math.isfinite(e.on_policy["reverse_kl"]) for e in probed)
+    assert all(e.on_policy == {} for e in evals("plain", {"max_new_tokens": 8}))
