@@ -38,6 +38,27 @@ def all_reduce_sum(values) -> list[float]:
     return t.tolist()
 
 
+_CONTROL: Optional[Any] = None
+
+
+def control_group():
+    """A gloo group over the same ranks for host-side decisions (None: the default group is gloo already).
+    Every rank must make the first call at the same point (creating a group is collective)."""
+    global _CONTROL
+    if _CONTROL is None and _initialized() and dist.get_backend() != "gloo":
+        _CONTROL = dist.new_group(backend="gloo")
+    return _CONTROL
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether any rank's `flag` is set: a collective of host tensors over gloo, so it never waits for the
+    device (a stop agreed between micro-batches costs no device sync)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if _initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=control_group())
+    return bool(t.numpy()[0] > 0)  # a host tensor: reading it waits for nothing
+
+
 def all_reduce_named(values: dict[str, Any]) -> dict[str, float]:
     """`all_reduce_sum` over a dict: every rank passes the same keys and gets each one's sum by name."""
     keys = sorted(values)

@@ -39,6 +39,9 @@ class FusedCall:
     options: KDOptions
     teacher_sparse: Optional[SparseTeacher] = None
     """An offline cache's top-k for the loss-bearing positions, instead of hidden and head."""
+    positions: Optional[torch.Tensor] = None
+    """Flat indices of the loss-bearing positions from the host batch (`objective.host_positions`): the
+    head gathers by them without a device sync (None: it finds them with a boolean mask)."""
 
 
 class FusedKDLMHead(nn.Module):
@@ -71,6 +74,7 @@ class FusedKDLMHead(nn.Module):
             options=call.options,
             ignore_index=self.ignore_index,
             t_sparse=call.teacher_sparse,
+            positions=call.positions,
         )
         return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined, tokens=m["count"])
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from dsdistill import registry
@@ -25,9 +26,22 @@ UNITS = ("token", "sequence", "micro_batch")
 
 def count_units(labels: torch.Tensor, ignore_index: int) -> dict[str, int]:
     """Units in a micro-batch: loss-bearing tokens, sequences with any, and the micro-batch itself if it
-    has any (the unit of per-batch terms such as the router's load balance)."""
-    mask = shifted_mask(labels, ignore_index)
-    return {"token": int(mask.sum()), "sequence": int(mask.any(1).sum()), "micro_batch": int(bool(mask.any()))}
+    has any (the unit of per-batch terms such as the router's load balance). Counted on the host from the
+    loader's batch (no device sync); labels already on a device are read back once."""
+    lab = labels.detach().cpu().numpy()  # a no-op view for the loader's host tensors
+    mask = lab[:, 1:] != ignore_index
+    return {"token": int(mask.sum()), "sequence": int(mask.any(1).sum()), "micro_batch": int(mask.any())}
+
+
+def host_positions(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """Flat indices b * S + t of the positions t whose next token carries loss, read from the loader's host
+    batch: what the fused head gathers by (a boolean mask on the device would make the host wait for its
+    count). None for labels already on an accelerator."""
+    if labels.device.type != "cpu":
+        return None
+    lab = labels.numpy()
+    b, t = np.nonzero(lab[:, 1:] != ignore_index)
+    return torch.from_numpy(b * lab.shape[1] + t)
 
 
 def shifted_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

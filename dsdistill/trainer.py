@@ -14,14 +14,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Optional
 
+import numpy as np
 import torch
 
 from dsdistill.components.base import Inputs, StudentOutputs
-from dsdistill.dist import all_reduce_named
+from dsdistill.dist import all_reduce_named, any_rank, control_group
 from dsdistill.engines import current_lr
 from dsdistill.errors import DistillError
 from dsdistill.heads import FusedCall, head_options
-from dsdistill.objective import UNITS, Objective, StepContext, count_units, shifted_valid
+from dsdistill.objective import UNITS, Objective, StepContext, count_units, host_positions, shifted_valid
 from dsdistill.preflight import Plan
 from dsdistill.rollout import RolloutBackend, apply_rollouts
 from dsdistill.teacher import TeacherSource
@@ -49,12 +50,15 @@ class PairForward:
     ) -> Inputs:
         """`live`: the components computed (a training step's; None: all of the objective's). Only what they
         read is produced: teacher hidden states, q/k captures and the KD signal."""
-        ids = batch["input_ids"].to(self.engine.device)
-        labels = batch["labels"].to(self.engine.device)
-        # packed examples: positions restart per example, which both models turn into per-example attention
-        pos = batch.get("position_ids")
-        pos = pos.to(self.engine.device) if pos is not None else None
         ignore = self.plan.cfg.loss.ignore_index
+        # what the host batch already tells (read here, on the host, so the device never has to be asked)
+        positions = host_positions(batch["labels"], ignore) if self.plan.fused else None
+        ids = batch["input_ids"].to(self.engine.device, non_blocking=True)
+        labels = batch["labels"].to(self.engine.device, non_blocking=True)
+        # packed examples: positions restart per example, which both models turn into per-example attention;
+        # rows that are plain 0..S-1 are passed as None (the models' default), sparing their packing check
+        pos = batch.get("position_ids")
+        pos = pos.to(self.engine.device, non_blocking=True) if pos is not None and not _plain_positions(pos) else None
         valid = shifted_valid(labels, ignore)
         names = objective.names if live is None else live
         needs = objective.needs if live is None else objective.needs_of(live, self.plan.layers)
@@ -75,6 +79,7 @@ class PairForward:
                 options=head_options(
                     self.plan, self.engine.device, temperature=ctx.temperature, want_kd=want_kd, want_lm=want_lm
                 ),
+                positions=positions,
             )
         if self.capture is not None:
             self.capture.want(needs.student_qk)
@@ -96,6 +101,14 @@ class PairForward:
             layers=self.plan.layers,
             position_ids=pos,
         )
+
+
+def _plain_positions(pos: torch.Tensor) -> bool:
+    """Whether every row's positions are 0..S-1 (read on the host: the loader's batch lives there)."""
+    if pos.device.type != "cpu":
+        return False
+    p = pos.numpy()
+    return bool((p == np.arange(p.shape[-1])).all())
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,7 @@ class Trainer:
         self.forward = forward
         self.rollouts = rollouts
         """Where on-policy completions come from (None: the run never goes on-policy)."""
+        control_group()  # created by every rank here, before the first stop agreement uses it
         self.pad = 0
 
     def step(
@@ -190,23 +204,25 @@ class Trainer:
         coefficients = objective.coefficients(ctx, normalizers)
         acc: dict[str, Any] = {f"loss.{n}": 0.0 for n in names}
         acc["kd_kl"] = 0.0
-        usage, nonfinite, skipped, lr = None, False, False, float("nan")
+        acc["nonfinite"] = 0.0  # micro-batches whose loss was not finite, counted on the device
+        usage, skipped, lr = None, False, float("nan")
         self.forward.teacher.begin_step(objective.needs_of(names, self.plan.layers))
         try:
             for i, mb in enumerate(window):
                 # a stop between micro-batches abandons the window: the save then waits for one micro-batch,
                 # not for the rest of a long window (every rank agrees, as backward's collectives need)
-                if i > 0 and all_reduce_named({"stop": float(stop_requested())})["stop"] > 0:
+                if i > 0 and any_rank(stop_requested()):
                     return self._abandoned(ctx)
                 x = self.forward(mb, objective, ctx, coefficients, want_lm="lm" in names, live=names)
                 sums = objective.sums(x, names=names)
                 # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
                 # the unit-weighted objective of the whole window on all ranks
                 loss = objective.loss(sums, coefficients) * scale
-                if not torch.isfinite(loss):
-                    # non-finite gradients too, so ZeRO's global check skips this update on every rank
-                    nonfinite = True
-                    loss = loss * float("nan")
+                # a non-finite loss makes the gradients non-finite too, so ZeRO's global check skips this update
+                # on every rank; decided on the device (no host sync), counted in the step's one reduction
+                bad = ~torch.isfinite(loss.detach())
+                loss = loss * torch.where(bad, float("nan"), 1.0).to(loss.dtype)
+                acc["nonfinite"] = acc["nonfinite"] + bad.to(torch.float32)
                 engine.backward(loss)
                 boundary = engine.is_gradient_accumulation_boundary()
                 if boundary:
@@ -227,9 +243,7 @@ class Trainer:
                 del x, sums, loss
         finally:
             self.forward.teacher.end_step()
-        r = all_reduce_named(
-            {**acc, "nonfinite": float(nonfinite), "stop": float(stop_requested()), "save_due": float(save_due())}
-        )
+        r = all_reduce_named({**acc, "stop": float(stop_requested()), "save_due": float(save_due())})
         losses = {n: r[f"loss.{n}"] / normalizers[n] for n in names}
         return StepResult(
             ctx=ctx,

@@ -211,3 +211,32 @@ def test_each_system_record_carries_the_peak_of_its_own_window():
     assert rec is not None and rec.ranks[0].peak_rss_gib - rec.ranks[0].rss_gib > 0.25
     rec = system_record(step=2, rank=0, world=1)  # the next window did not hold it
     assert rec is not None and rec.ranks[0].peak_rss_gib - rec.ranks[0].rss_gib < 0.1
+
+
+def test_a_fused_kd_lm_micro_batch_asks_the_device_for_nothing(make_config, tmp_path):
+    """Each micro-batch used to read ~9 values back (unit counts, the fused head's boolean gathers and count,
+    the finiteness check, the stop agreement): on a GPU each one stalls the host. Counted at the dispatcher
+    around a real step, a window of 4 micro-batches costs dsdistill no more reads than a window of 2 (the
+    reads left are per step: the one reduction, DeepSpeed's overflow check and grad norm)."""
+    from dsdistill.syncs import SyncCounter
+
+    def counted(accum: int) -> SyncCounter:
+        cfg = validate(
+            make_config(
+                train={"max_steps": 3, "grad_accum": accum, "micro_batch_size": 2},
+                curriculum={"weights": {"kd": 0.9, "lm": 0.1}},
+                loss={"fused_logits": True},
+                output={"run_dir": str(tmp_path / f"run{accum}"), "log_every": 1},
+            )
+        )
+        with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
+            batches = iter(s.data.stream)
+            s.trainer.step([next(batches) for _ in range(accum)], stop_requested=False)
+            window = [next(batches) for _ in range(accum)]
+            with SyncCounter() as c:
+                r = s.trainer.step(window, stop_requested=False)
+            assert math.isfinite(r.objective) and not r.nonfinite_loss
+        return c
+
+    two, four = counted(2), counted(4)
+    assert four.ours == two.ours and two.ours <= 4, (two.by_site, four.by_site)

@@ -261,6 +261,7 @@ def fused_kd_lm(
     options: KDOptions,
     ignore_index: int = -100,
     t_sparse=None,
+    positions: Optional[torch.Tensor] = None,
 ):
     """Chunked KD and LM over the valid next-token positions of a batch.
 
@@ -271,14 +272,24 @@ def fused_kd_lm(
     cached top-k for the N valid positions in order (an offline teacher cache).
     Returns (differentiable coef_kd * kd_sum + coef_lm * lm_sum, {"kd": kd_sum, "kl": raw_sum,
     "lm": lm_sum, "count": valid positions}) -- the same sums as `kd_loss` and `lm_loss`."""
-    mask = labels[:, 1:] != ignore_index
-    sh = s_hidden[:, :-1][mask]
-    th = t_hidden[:, :-1][mask] if t_hidden is not None else None
-    targets = labels[:, 1:][mask]
+    if positions is None:
+        mask = labels[:, 1:] != ignore_index
+        sh = s_hidden[:, :-1][mask]
+        th = t_hidden[:, :-1][mask] if t_hidden is not None else None
+        targets = labels[:, 1:][mask]
+        count = int(mask.sum())
+    else:
+        # `positions`: flat indices b * S + t of the same positions in the same order, computed on the host,
+        # so the gathers need no device sync
+        positions = positions.to(labels.device, non_blocking=True)
+        sh = s_hidden.reshape(-1, s_hidden.size(-1)).index_select(0, positions)
+        th = t_hidden.reshape(-1, t_hidden.size(-1)).index_select(0, positions) if t_hidden is not None else None
+        targets = labels.reshape(-1).index_select(0, positions + 1)
+        count = int(positions.numel())
     t_sparse = as_sparse(t_sparse)
     if t_sparse is not None and t_sparse.ids.size(0) != targets.size(0):
         raise ValueError(f"the teacher cache gave {t_sparse.ids.size(0)} positions for a batch with {targets.size(0)}")
     combined, kd, raw, lm = _FusedKDLM.apply(
         sh, s_weight, th, t_weight, targets, float(coef_kd), float(coef_lm), options, t_sparse
     )
-    return combined, {"kd": kd, "kl": raw, "lm": lm, "count": int(mask.sum())}
+    return combined, {"kd": kd, "kl": raw, "lm": lm, "count": count}
