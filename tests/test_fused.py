@@ -73,14 +73,16 @@ def test_no_gradient_work_without_coefficients():
 
 
 def test_chunk_rows_come_from_a_memory_model_of_every_live_buffer():
-    from dsdistill.losses.fused import BYTES_PER_LOGIT, MAX_ROWS, fixed_bytes
+    from dsdistill.losses.fused import BYTES_PER_LOGIT, CHUNK_CAP_BYTES, EFFICIENT_ROWS, MAX_ROWS, fixed_bytes
 
-    # the GPU preset (vocab 151,936, teacher 1,536, student 896, 8,192 tokens) on an 80 GB card with
-    # half of ~70 GiB free: thousands of rows, not the 55 of a 256 MiB budget
+    # the GPU preset (vocab 151,936, teacher 1,536, student 896, 8,192 tokens) on an 80 GB card with half of
+    # ~70 GiB free: the free memory would allow ~7,000 rows (33 GiB of chunk buffers); the cap keeps a
+    # chunk's buffers within 4 GiB, still hundreds of rows (GEMMs compute-bound), not the 55 of a 256 MiB budget
     fixed = fixed_bytes(tokens=8192, vocab=151_936, s_width=896, t_width=1536, t_dtype_bytes=2, grads=True)
     assert fixed == 151_936 * 1536 * 2 + 4 * (8192 * 896 + 2 * 151_936 * 896)
     rows = auto_chunk(151_936, 896, budget_bytes=35 << 30, fixed=fixed)
-    assert 1000 <= rows <= MAX_ROWS and rows * 151_936 * BYTES_PER_LOGIT + fixed <= 35 << 30
+    assert EFFICIENT_ROWS <= rows <= 2048 and rows * 151_936 * BYTES_PER_LOGIT <= CHUNK_CAP_BYTES
+    assert 2048 <= auto_chunk(32_000, 896, budget_bytes=35 << 30) <= MAX_ROWS  # a smaller vocabulary, more rows
     small = auto_chunk(151_936, 896, budget_bytes=256 << 20)
     assert small * 151_936 * BYTES_PER_LOGIT <= 256 << 20
     assert auto_chunk(151_936, 896, budget_bytes=256 << 20, fixed=300 << 20) == 16  # never below the floor

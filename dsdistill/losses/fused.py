@@ -39,6 +39,11 @@ BYTES_PER_LOGIT = 4 * 8
 MIN_ROWS, MAX_ROWS = 16, 16384
 CPU_BUDGET_BYTES = 256 << 20
 GPU_FREE_FRACTION = 0.5
+CHUNK_CAP_BYTES = 4 << 30
+"""A chunk's buffers never need more: its GEMMs are compute-bound from a few hundred rows, so more rows buy
+no speed, only memory (at V = 151,936 half the free memory of an 80 GB GPU gave ~7,000 rows, 33 GiB)."""
+EFFICIENT_ROWS = 512
+"""The cap never goes below this many rows (where the chunk's GEMMs stop being efficient)."""
 
 
 def fixed_bytes(*, tokens: int, vocab: int, s_width: int, t_width: int, t_dtype_bytes: int, grads: bool) -> int:
@@ -51,10 +56,16 @@ def fixed_bytes(*, tokens: int, vocab: int, s_width: int, t_width: int, t_dtype_
     return out
 
 
+def row_cap(vocab: int) -> int:
+    """The most rows a chunk gets at this vocabulary, whatever memory is free (`CHUNK_CAP_BYTES`)."""
+    return max(EFFICIENT_ROWS, min(MAX_ROWS, CHUNK_CAP_BYTES // max(1, vocab * BYTES_PER_LOGIT)))
+
+
 def auto_chunk(vocab: int, hidden: int, *, budget_bytes: int, fixed: int = 0) -> int:
-    """Rows per chunk so one chunk's logits and intermediates fit in `budget_bytes` less the `fixed` buffers."""
+    """Rows per chunk so one chunk's logits and intermediates fit in `budget_bytes` less the `fixed` buffers,
+    and no more than `row_cap(vocab)`."""
     room = max(0, budget_bytes - fixed)
-    return max(MIN_ROWS, min(MAX_ROWS, room // max(1, vocab * BYTES_PER_LOGIT)))
+    return max(MIN_ROWS, min(row_cap(vocab), room // max(1, vocab * BYTES_PER_LOGIT)))
 
 
 def default_budget(device: torch.device) -> int:
