@@ -181,7 +181,7 @@ class LiveTeacher:
                 self.capture.collect()  # drop what the capture kept
             if not self.fused:
                 s, m = lm_loss(out[..., : self.vocab], labels, ignore_index=self.ignore_index)
-                return s, m["count"]
+                return s, int(m["count"])  # evaluation: one read per batch
             from dsdistill.losses.fused import fused_kd_lm
 
             head = self._head if self._head is not None else gather_full(self.head_weight)

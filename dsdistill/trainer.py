@@ -252,7 +252,7 @@ class Trainer:
             lr=lr,
             tokens=sum(mb["input_ids"].numel() for mb in window) * self.plan.world,
             kd_kl=r["kd_kl"] / max(units["token"], 1.0) if "kd" in names else None,
-            gate_usage=usage,
+            gate_usage=usage.tolist() if torch.is_tensor(usage) else usage,  # read once per step
             grad_norm=_grad_norm(engine),
             nonfinite_loss=r["nonfinite"] > 0,
             skipped=skipped,

@@ -213,19 +213,34 @@ def test_each_system_record_carries_the_peak_of_its_own_window():
     assert rec is not None and rec.ranks[0].peak_rss_gib - rec.ranks[0].rss_gib < 0.1
 
 
-def test_a_fused_kd_lm_micro_batch_asks_the_device_for_nothing(make_config, tmp_path):
-    """Each micro-batch used to read ~9 values back (unit counts, the fused head's boolean gathers and count,
-    the finiteness check, the stop agreement): on a GPU each one stalls the host. Counted at the dispatcher
-    around a real step, a window of 4 micro-batches costs dsdistill no more reads than a window of 2 (the
-    reads left are per step: the one reduction, DeepSpeed's overflow check and grad norm)."""
+EVERY = {
+    "kd": 0.9,
+    "lm": 0.1,
+    "feature": 0.1,
+    "attention": 0.1,
+    "layerwise": 0.1,
+    "contrastive": 0.1,
+    "routing_feature": 0.1,
+    "routing_load_balance": 0.1,
+    "routing_attention_alignment": 0.1,
+}
+
+
+@pytest.mark.parametrize("fused,weights", [(True, {"kd": 0.9, "lm": 0.1}), (False, EVERY)], ids=["fused-kd-lm", "unfused-every"])
+def test_a_micro_batch_asks_the_device_for_nothing(make_config, tmp_path, fused, weights):
+    """Each micro-batch used to read values back (unit counts, boolean gathers and counts in the losses, the
+    finiteness check, the stop agreement: 9 on the fused KD+LM path, 16 more with every component): on a
+    GPU each one stalls the host. Counted at the dispatcher around a real step, a window of 4 micro-batches
+    costs dsdistill no more reads than a window of 2 (the reads left are per step: the one reduction,
+    DeepSpeed's overflow check and the grad norm)."""
     from dsdistill.syncs import SyncCounter
 
     def counted(accum: int) -> SyncCounter:
         cfg = validate(
             make_config(
                 train={"max_steps": 3, "grad_accum": accum, "micro_batch_size": 2},
-                curriculum={"weights": {"kd": 0.9, "lm": 0.1}},
-                loss={"fused_logits": True},
+                curriculum={"weights": weights},
+                loss={"fused_logits": fused},
                 output={"run_dir": str(tmp_path / f"run{accum}"), "log_every": 1},
             )
         )

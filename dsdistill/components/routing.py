@@ -50,7 +50,7 @@ def _gates(aux: nn.ModuleDict, side: StudentSide) -> dict:
     return {"gates": side.shared["gates"]}
 
 
-def _usage(x: Inputs) -> list[float]:
+def _usage(x: Inputs) -> torch.Tensor:
     """Mean gate per teacher layer, once per micro-batch whichever router term asks."""
     if "gate_usage" not in x.student.side:
         x.student.side["gate_usage"] = gate_usage(x.student.side["gates"])
@@ -102,9 +102,9 @@ class LoadBalance(Component):
 
     def compute(self, x: Inputs):
         value, m = load_balance_loss(x.student.side["gates"])
-        if not shifted_mask(x.labels, x.ignore_index).any():
-            value, m = value * 0.0, {"count": 0}  # a micro-batch without loss-bearing tokens is no unit
-        return value, {**m, "gate_usage": _usage(x)}
+        # a micro-batch without loss-bearing tokens is no unit (decided on the device: no sync)
+        carries = shifted_mask(x.labels, x.ignore_index).any()
+        return value * carries, {"count": carries.to(torch.long), "gate_usage": _usage(x)}
 
 
 class AttentionAlignment(Component):

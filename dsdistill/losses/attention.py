@@ -95,7 +95,7 @@ def attention_loss(
                 checkpoint(piece, qs, ks, use_reentrant=False) if torch.is_grad_enabled() and qs.requires_grad else piece(qs, ks)
             )
             total = total + part
-    return total / max(len(pairs), 1), {"count": int(mask.sum())}
+    return total / max(len(pairs), 1), {"count": mask.sum()}
 
 
 def routing_attention_loss(
@@ -137,4 +137,4 @@ def routing_attention_loss(
 
             needs = torch.is_grad_enabled() and (qs.requires_grad or g.requires_grad)
             total = total + (checkpoint(piece, qs, ks, g, use_reentrant=False) if needs else piece(qs, ks, g))
-    return total / max(len(student_qk), 1), {"count": int(mask.sum())}
+    return total / max(len(student_qk), 1), {"count": mask.sum()}

@@ -47,4 +47,4 @@ def info_nce(
         logits = logits.masked_fill(~keep[None, :], -1e9)
     target = torch.arange(s.size(0), device=s.device) + offset
     per = F.cross_entropy(logits, target, reduction="none")
-    return per[valid].sum(), {"count": int(valid.sum())}
+    return torch.where(valid, per, 0.0).sum(), {"count": valid.sum()}

@@ -43,8 +43,8 @@ def feature_loss(
         s, t = upcast(s[:, :-1]), upcast(t[:, :-1]).detach()
         if normalized:
             s, t = normalize(s), normalize(t)
-        total = total + _per_position(s, t, metric)[mask].sum()
-    return total / max(len(pairs), 1), {"count": int(mask.sum())}
+        total = total + torch.where(mask, _per_position(s, t, metric), 0.0).sum()  # static shapes: no device sync
+    return total / max(len(pairs), 1), {"count": mask.sum()}
 
 
 def layerwise_loss(pairs, labels: torch.Tensor, *, ignore_index: int = -100):
@@ -83,8 +83,8 @@ def routing_feature_loss(
         weighted = (
             torch.einsum("j,jbs->bs", g.to(err.dtype), err) if g.dim() == 1 else torch.einsum("bj,jbs->bs", g.to(err.dtype), err)
         )
-        total = total + weighted[mask].sum()
-    return total / max(len(student_projected), 1), {"count": int(mask.sum())}
+        total = total + torch.where(mask, weighted, 0.0).sum()
+    return total / max(len(student_projected), 1), {"count": mask.sum()}
 
 
 def load_balance_loss(gates: torch.Tensor):
@@ -95,10 +95,12 @@ def load_balance_loss(gates: torch.Tensor):
     g = gates.reshape(-1, gates.size(-1))
     n_experts = g.size(-1)
     mean_prob = g.mean(0)
-    frac = F.one_hot(g.argmax(-1), n_experts).to(g.dtype).mean(0)
+    # one-hot of the argmax by a scatter (F.one_hot checks its input's range on the host: a device sync)
+    frac = torch.zeros_like(g).scatter_(-1, g.argmax(-1, keepdim=True), 1.0).mean(0)
     return n_experts * (frac.detach() * mean_prob).sum(), {"count": 1}
 
 
-def gate_usage(gates: torch.Tensor) -> list[float]:
-    """Mean gate per teacher layer (sums to 1), for the metrics stream and the dashboard."""
-    return gates.detach().reshape(-1, gates.size(-1)).float().mean(0).tolist()
+def gate_usage(gates: torch.Tensor) -> torch.Tensor:
+    """Mean gate per teacher layer (sums to 1), for the metrics stream and the dashboard (a device tensor:
+    the trainer reads it once per step)."""
+    return gates.detach().reshape(-1, gates.size(-1)).float().mean(0)

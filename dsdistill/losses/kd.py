@@ -155,11 +155,13 @@ def kd_loss(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ")
     mask = shifted_mask(labels, ignore_index)
-    s = upcast(student_logits[:, :-1][mask]) / temperature
-    t = upcast(teacher_logits[:, :-1][mask]) / temperature
+    # every position, then the valid ones kept by a where: static shapes, so the host never waits for a count
+    s = upcast(student_logits[:, :-1]).reshape(-1, student_logits.size(-1)) / temperature
+    t = upcast(teacher_logits[:, :-1]).reshape(-1, teacher_logits.size(-1)) / temperature
     if top_k is not None and top_k < s.size(-1):
         s_logp, t_logp = _topk_log_probs(s, t, top_k, top_k_rest, divergence_kind, top_k_support)
     else:
         s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
-    raw = divergence(t_logp, s_logp, divergence_kind, beta=beta, alpha=alpha).sum()
-    return raw * t2_factor(divergence_kind, temperature), {"count": int(mask.sum()), "kl": raw.detach()}
+    per = divergence(t_logp, s_logp, divergence_kind, beta=beta, alpha=alpha)
+    raw = torch.where(mask.reshape(-1), per, 0.0).sum()
+    return raw * t2_factor(divergence_kind, temperature), {"count": mask.sum(), "kl": raw.detach()}

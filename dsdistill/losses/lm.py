@@ -25,4 +25,4 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -
     target = labels[:, 1:].reshape(-1)
     pred = upcast(logits[:, :-1].reshape(-1, logits.size(-1)))
     total = F.cross_entropy(pred, target, ignore_index=ignore_index, reduction="sum")
-    return total, {"count": int((target != ignore_index).sum())}
+    return total, {"count": (target != ignore_index).sum()}  # a tensor: reading it would wait for the device
