@@ -336,17 +336,22 @@ class GenerationConfig(_Strict):
     stop_tokens: list[str] = []
     """Tokens that end a completion besides the EOS (with `stop_on_eos`): chat templates end a turn with a
     token that is often not the tokenizer's EOS, e.g. `<|im_end|>`. Each must be one token of the vocabulary."""
-    eval_prompts: int = Field(8, ge=0, le=4096)
-    """At each evaluation of an on-policy run, this many held-out prompts per rank are completed by the
-    student and scored by the teacher (completion length, stop rate, reverse KL of the student's own samples);
-    0 skips it. Set it explicitly to probe an off-policy run the same way (a baseline for on-policy runs)."""
+    eval_prompts: Optional[int] = Field(None, ge=0, le=4096)
+    """Held-out prompts per rank the student completes at each evaluation, scored by the teacher (completion
+    length, stop rate, reverse KL of the student's own samples). None: 8 in an on-policy run and none in an
+    off-policy run; a number applies to either (an off-policy baseline for on-policy runs); 0 turns it off."""
     stop_on_eos: bool = True
     """End a completion at the tokenizer's EOS (which then carries loss)."""
 
+    def prompts(self, on_policy: bool) -> int:
+        """Held-out prompts per rank each evaluation completes (`eval_prompts`, resolved for the run)."""
+        if self.eval_prompts is not None:
+            return self.eval_prompts
+        return 8 if on_policy else 0
+
     def probes(self, on_policy: bool) -> bool:
-        """Whether evals complete held-out prompts with the student: on-policy runs by default, off-policy runs
-        when `eval_prompts` is set explicitly."""
-        return self.eval_prompts > 0 and (on_policy or "eval_prompts" in self.model_fields_set)
+        """Whether evals complete held-out prompts with the student."""
+        return self.prompts(on_policy) > 0
 
 
 class DeepSpeedSection(_Strict):

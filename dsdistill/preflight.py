@@ -183,7 +183,7 @@ def generation_lines(plan: "Plan") -> list[str]:
     if not cur.ever_on_policy:
         if g.probes(False):
             return [
-                f"probe: each eval completes {g.eval_prompts} held-out prompts per rank with the student (length, stop rate, reverse KL)"
+                f"probe: each eval completes {g.prompts(False)} held-out prompts per rank with the student (length, stop rate, reverse KL)"
             ]
         return []
     sched = cur.config.on_policy
@@ -198,8 +198,8 @@ def generation_lines(plan: "Plan") -> list[str]:
         f"{g.samples_per_prompt} sample(s) per prompt, stop on EOS {'yes' if g.stop_on_eos else 'no'}"
         + (f" and on {', '.join(map(repr, g.stop_tokens))}" if g.stop_tokens and g.stop_on_eos else "")
         + (
-            f"; each eval completes {g.eval_prompts} held-out prompts per rank (length, stop rate, reverse KL)"
-            if g.eval_prompts
+            f"; each eval completes {g.prompts(True)} held-out prompts per rank (length, stop rate, reverse KL)"
+            if g.probes(True)
             else ""
         )
     ]
@@ -500,7 +500,7 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
     fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
     if curriculum.ever_on_policy or cfg.generation.probes(False):
-        # an explicit generation.eval_prompts probes an off-policy run with the same sampler and rows
+        # generation.eval_prompts set in an off-policy run probes it with the same sampler and rows
         field = "curriculum.on_policy" if curriculum.ever_on_policy else "generation.eval_prompts"
         if cache is not None:
             raise ConfigError(f"{field}: sampled completions need a live teacher to score them; use teacher.path, not a cache")

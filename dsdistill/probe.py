@@ -2,7 +2,8 @@
 held-out prompts, scored by the teacher.
 
 Held-out perplexity scores the student on the data's completions; on-policy distillation trains it on its
-own. So an on-policy run also evaluates this: `generation.eval_prompts` held-out prompts per rank are
+own. So an on-policy run also evaluates this (an off-policy run too when it sets the number):
+`generation.eval_prompts` held-out prompts per rank are
 completed by the student (the same sampler and settings as training, seeded by the eval step and row),
 then both models score the sampled tokens. The figures:
 - `reverse_kl`: teacher cross-entropy minus student cross-entropy on the sampled tokens, per token: a Monte

@@ -465,8 +465,8 @@ class Session:
 
     def _on_policy_probe(self, step: int) -> dict[str, Any]:
         """On-policy runs: held-out prompts completed by the student, scored by the teacher (see probe.py)."""
-        n = self.plan.cfg.generation.eval_prompts
-        if self.trainer.rollouts is None or not self.plan.cfg.generation.probes(self.plan.curriculum.ever_on_policy):
+        n = self.plan.cfg.generation.prompts(self.plan.curriculum.ever_on_policy)
+        if self.trainer.rollouts is None or n == 0:
             return {}
         return on_policy_probe(self, step=step, prompts=n)
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from textual.markup import escape
-
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufff9-\ufffb]")
 """C0 and C1 controls (newline and tab included: one record field is one line), DEL, zero-width and bidi
 formatting characters, line and paragraph separators."""
@@ -31,8 +29,10 @@ def clean(text: str) -> str:
 
 
 def label(text: str) -> str:
-    """`clean(text)` with markup escaped: for places that parse markup."""
-    return escape(clean(text))
+    """`clean(text)` with markup escaped: for places that parse markup. Every `[` is escaped, not only those
+    that open a complete tag: a name cut short to fit ("x[link=https:evil.examp…") is still markup to
+    Textual's parser, which raised on it."""
+    return clean(text).replace("[", "\\[")  # Textual reads backslashes before it literally
 
 
 def needs_cleaning(raw: bytes) -> bool:
