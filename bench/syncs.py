@@ -15,8 +15,10 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from tiny_pair import write_tiny_pair  # noqa: E402 - bench/ is the script's own folder
+
+from dsdistill import registry  # noqa: E402
 from dsdistill.config import validate  # noqa: E402
-from dsdistill.demo import build_tokenizer, tiny_llama, write_corpus  # noqa: E402
 from dsdistill.syncs import SyncCounter  # noqa: E402
 from dsdistill.train import open_session  # noqa: E402
 
@@ -51,24 +53,10 @@ def main() -> None:
     ap.add_argument("--sites", action="store_true", help="list every sync site")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="syncs_"))
-    write_corpus(root / "corpus.jsonl", documents=300, seed=3)
-    tok = build_tokenizer(root / "tokenizer")
-    for name, (width, layers, seed) in {"teacher": (64, 3, 1), "student": (32, 2, 2)}.items():
-        m = tiny_llama(len(tok), hidden=width, layers=layers, heads=4, kv_heads=2, max_pos=128, seed=seed)
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    write_tiny_pair(root, teacher=(64, 3), student=(32, 2), documents=300, max_pos=128)
     weights = {"kd": 0.9, "lm": 0.1}
     if args.curriculum == "every":
-        weights = {
-            **weights,
-            "feature": 0.1,
-            "attention": 0.1,
-            "layerwise": 0.1,
-            "contrastive": 0.1,
-            "routing_feature": 0.1,
-            "routing_load_balance": 0.1,
-            "routing_attention_alignment": 0.1,
-        }
+        weights = {**{name: 0.1 for name in registry.NAMES}, **weights}
     two = count(root, 2, weights, bool(args.fused))
     four = count(root, 4, weights, bool(args.fused))
     print(

@@ -22,9 +22,9 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
+from tiny_pair import write_tiny_pair  # noqa: E402 - bench/ is the script's own folder
 
 from dsdistill.config import validate  # noqa: E402
-from dsdistill.demo import build_tokenizer, tiny_llama, write_corpus  # noqa: E402
 from dsdistill.train import open_session  # noqa: E402
 
 LATE = {"kind": "linear", "start": 0.95, "end": 1.0, "start_value": 0.0, "end_value": 0.1}
@@ -83,12 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="zero_weight_"))
-    write_corpus(root / "corpus.jsonl", documents=800, seed=3)
-    tok = build_tokenizer(root / "tokenizer")
-    for name, (width, layers, seed) in {"teacher": (256, 4, 1), "student": (128, 4, 2)}.items():
-        model = tiny_llama(len(tok), hidden=width, layers=layers, heads=4, kv_heads=2, max_pos=256, seed=seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    write_tiny_pair(root, teacher=(256, 4), student=(128, 4), documents=800, max_pos=256)
     plain = {"kd": 0.9, "lm": 0.1}
     late = {**plain, **{c: LATE for c in OTHERS}}
     best = {"kd+lm": float("inf"), "kd+lm, 7 more at weight 0": float("inf")}
