@@ -7,7 +7,6 @@ head and the other components alike.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Optional
@@ -82,6 +81,7 @@ class Objective:
         self.names: tuple[str, ...] = curriculum.active if names is None else names
         self.components: dict[str, Component] = {n: registry.implementation(n) for n in self.names}
         self.needs: Needs = reduce(lambda a, b: a | b, (c.needs(layers) for c in self.components.values()), Needs())
+        self._needs_of: dict[tuple[str, ...], Needs] = {}
 
     def context(self, *, step: int) -> StepContext:
         """Weights and temperature at optimizer step `step` (required: there is no default position)."""
@@ -99,8 +99,10 @@ class Objective:
         return tuple(n for n in self.names if ctx.weights.get(n, 0.0) != 0.0)
 
     def needs_of(self, names: tuple[str, ...], layers: LayerMap) -> Needs:
-        """What the two forwards must produce for `names`."""
-        return reduce(lambda a, b: a | b, (self.components[n].needs(layers) for n in names), Needs())
+        """What the two forwards must produce for `names` (worked out once per set of names)."""
+        if names not in self._needs_of:
+            self._needs_of[names] = reduce(lambda a, b: a | b, (self.components[n].needs(layers) for n in names), Needs())
+        return self._needs_of[names]
 
     def normalizers(self, units: dict[str, float]) -> dict[str, float]:
         """Each component's unit count (at least 1) from the units of a window or an evaluation."""
@@ -110,14 +112,11 @@ class Objective:
         """w_c / N_c: what each component's sum is multiplied by in the objective (and in the fused head)."""
         return {n: ctx.weights.get(n, 0.0) / normalizers[n] for n in self.names}
 
-    def sums(self, x: Inputs, *, grad: Optional[set[str]] = None, names: Optional[tuple[str, ...]] = None) -> Sums:
-        """The components `names` (default: all of `self.names`) on one micro-batch. Components outside
-        `grad` (evaluation) are computed without building a graph."""
+    def sums(self, x: Inputs, *, names: Optional[tuple[str, ...]] = None) -> Sums:
+        """The components `names` (default: all of `self.names`) on one micro-batch."""
         out = Sums(touch=x.student.touch)
         for name in self.names if names is None else names:
-            component = self.components[name]
-            with torch.no_grad() if grad is not None and name not in grad else nullcontext():
-                total, metrics = component.compute(x)
+            total, metrics = self.components[name].compute(x)
             if not torch.is_tensor(total):
                 total = torch.tensor(float(total), device=x.labels.device)
             out.sums[name] = total

@@ -102,20 +102,21 @@ class DistillStudent(nn.Module):
         if self.needs_hidden:
             out["hidden"] = hidden
             side = StudentSide(hidden=hidden, valid=valid, teacher_pooled=teacher_pooled, layers=self.layers)
-            # a skipped component's modules run on one position only: enough for a zero gradient, at no cost
-            one = StudentSide(
-                hidden=tuple(h[:1, :1] for h in hidden),
-                valid=torch.ones_like(valid[:1, :1]),
-                # a step that skips every reader of the teacher's pooled state did not compute it
-                teacher_pooled=(
-                    teacher_pooled[:1] if teacher_pooled is not None else hidden[-1].new_zeros((1, self.teacher_width))
-                ),
-                layers=self.layers,
-            )
+            one: Optional[StudentSide] = None
             for name, component in self.components.items():
                 if live is None or name in live:
                     out["side"].update(component.student_side(self.aux, side))
                 elif self.touch_unused:
+                    # a skipped component's modules run on one position only: enough for a zero gradient
+                    one = one or StudentSide(
+                        hidden=tuple(h[:1, :1] for h in hidden),
+                        valid=torch.ones_like(valid[:1, :1]),
+                        # a step that skips every reader of the teacher's pooled state did not compute it
+                        teacher_pooled=(
+                            teacher_pooled[:1] if teacher_pooled is not None else hidden[-1].new_zeros((1, self.teacher_width))
+                        ),
+                        layers=self.layers,
+                    )
                     unused.extend(_tensors(component.student_side(self.aux, one)))
         if unused:
             # nan_to_num: a non-finite unused output must not make the step's loss non-finite

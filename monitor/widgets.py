@@ -672,8 +672,13 @@ class KeyBar(Widget):
 
     def __init__(self, bindings: list[Binding], **kw):
         super().__init__(**kw)
-        self.items = [(b.key_display or _key_name(b.key), b.description, b.action) for b in bindings if b.show]
+        self.bindings = [b for b in bindings if b.show]
         self._spans: list[tuple[int, int, str]] = []
+
+    @property
+    def items(self) -> list[tuple[str, str, str]]:
+        """(key as Textual displays it, description, action) of each shown binding."""
+        return [(self.app.get_key_display(b), b.description, b.action) for b in self.bindings]
 
     def fitted(self, width: int) -> list[tuple[str, str, str]]:
         """The items that fit in `width` columns, in order (the first, quit and help, always)."""
@@ -700,11 +705,6 @@ class KeyBar(Widget):
             if start <= event.x < end:
                 await self.app.run_action(action)
                 return
-
-
-def _key_name(key: str) -> str:
-    first = key.split(",")[0]
-    return {"question_mark": "?", "slash": "/", "ctrl+p": "^p"}.get(first, first)
 
 
 class ViewsBar(Static):
