@@ -126,3 +126,29 @@ def unlink_shm_buffers_at_exit() -> None:
                 pass
 
     atexit.register(unlink)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU); a plain `python` start is world 1."""
+    import os
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not dist.is_initialized():
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        unlink_shm_buffers_at_exit()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def this_rank() -> int:
+    """This process's rank: from the process group once it exists, else from the launcher's RANK."""
+    import os
+
+    if _initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))

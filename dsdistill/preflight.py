@@ -20,6 +20,8 @@ from dsdistill.layers import LayerMap
 from dsdistill.models import load_config as load_model_config
 from dsdistill.models import load_tokenizer
 from dsdistill.rundir import LOCK_FILE, refuse_link
+from dsdistill.teachers.base import Capabilities, RunContext, TeacherPlan
+from dsdistill.teachers.build import check_serves, open_teacher
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Plan:
     layers: LayerMap
     left_out: dict
     """Scheduled components this run cannot compute for these models, with the reason (warned, not run)."""
+    teacher: Capabilities
+    """What the run's teacher can supply (its kind is never asked)."""
     fused_off: Optional[str] = None
     """Why fused KD/LM cannot run for these models (then full logits are used), or None."""
 
@@ -67,14 +71,14 @@ class RunData:
     tokenizer: Any
     splits: Splits
     stream: TrainStream | MixedStream
-    cache: Any = None
-    """The offline teacher cache (`teacher.cache`), opened and verified against this run; None for a live teacher."""
+    teacher: TeacherPlan
+    """The teacher, opened and checked against this run (no weights loaded)."""
 
 
 def describe(plan: Plan, data: RunData) -> str:
     """A few lines a person reads before launching."""
     c = plan.cfg
-    t, s = plan.teacher_config, plan.student_config
+    s = plan.student_config
     steps = f"{plan.total_steps} optimizer steps"
     if data.stream.batches_per_epoch is not None:
         steps += f" ({data.stream.batches_per_epoch // c.train.grad_accum} per epoch)"
@@ -85,12 +89,8 @@ def describe(plan: Plan, data: RunData) -> str:
         *describe_data(data.splits, c.train.seq_len),
         *separator_lines(c, data.tokenizer),
         *generation_lines(plan),
-        (
-            f"teacher: {c.teacher.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_teacher)}, frozen"
-            if data.cache is None
-            else f"teacher: offline cache {c.teacher.cache} (top-{data.cache.k} + rest, {data.cache.manifest['bytes_per_token']:.0f} bytes per token, "
-            f"{data.cache.manifest['tokens']:,} positions; of {data.cache.manifest['teacher']['path']}); no teacher model is loaded"
-        ),
+        f"teacher: {data.teacher.describe()}"
+        + (f", ZeRO-{zero_stage(plan.ds_teacher)}, frozen" if data.teacher.capabilities().model_in_job else ""),
         f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_student)}, precision {plan.precision}",
         f"LR schedule: {lr_schedule(c, plan.ds_student)}",
         f"curriculum: computes {', '.join(plan.curriculum.active)}"
@@ -255,9 +255,10 @@ def plan_dict(plan: "Plan", data: RunData) -> dict[str, Any]:
         "steps_per_epoch": None if data.stream.batches_per_epoch is None else data.stream.batches_per_epoch // c.train.grad_accum,
         "precision": plan.precision,
         "vocab": plan.vocab,
-        "teacher": {"path": c.teacher.path, "zero_stage": zero_stage(plan.ds_teacher)}
-        if data.cache is None
-        else {"cache": c.teacher.cache, "k": data.cache.k, "bytes_per_token": data.cache.manifest["bytes_per_token"]},
+        "teacher": {
+            **data.teacher.plan_json(),
+            **({"zero_stage": zero_stage(plan.ds_teacher)} if data.teacher.capabilities().model_in_job else {}),
+        },
         "student": {"path": c.student.path, "zero_stage": zero_stage(plan.ds_student)},
         "components": list(plan.components),
         "left_out": dict(plan.left_out),
@@ -319,7 +320,7 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
         chunk_rows = min(tokens, plan.cfg.loss.fused_chunk or auto_chunk(plan.vocab, 0, budget_bytes=budget, fixed=fixed))
         logits = chunk_rows * plan.vocab * BYTES_PER_LOGIT + fixed
     out = {
-        "teacher_shard": 0.0 if plan.cfg.teacher.cache is not None else teacher * width / world / gib,
+        "teacher_shard": teacher * width / world / gib if plan.teacher.model_in_job else 0.0,
         "student_states": (weights + grads + optim) / gib,
         "logits": logits / gib,
         "teacher_params": teacher,
@@ -383,34 +384,14 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
             f"eval.early_stopping.metric: '{metric}' is not computed in this run; expected ppl, lm_ce, objective or one of {', '.join(curriculum.active)}"
         )
 
-    from dsdistill.config import ModelSpec
-
-    if writing_cache and cfg.teacher.cache is not None:
-        raise ConfigError("teacher-cache: the config's teacher is a cache (teacher.cache); give the model in teacher.path")
-    if cfg.teacher.cache is not None:  # the cache keeps the teacher's config: the plan's shapes, no weights
-        spec = ModelSpec(path=str(Path(cfg.teacher.cache) / "teacher"))
-        if not (Path(spec.path) / "config.json").is_file():
-            raise ConfigError(
-                f"teacher.cache: '{cfg.teacher.cache}' has no teacher/config.json; expected a directory written by dsdistill teacher-cache"
-            )
-        teacher_cfg = load_model_config(spec, field="teacher.cache")
-    else:
-        teacher_cfg = load_model_config(cfg.teacher, field="teacher")
     student_cfg = load_model_config(cfg.student, field="student")
     tokenizer = load_tokenizer(cfg.student, field="student")
-    if cfg.teacher.cache is None and (
-        cfg.teacher.tokenizer is not None or (Path(str(cfg.teacher.path)) / "tokenizer_config.json").exists()
-    ):
-        teacher_tok = load_tokenizer(cfg.teacher, field="teacher")
-    else:
-        teacher_tok = tokenizer  # a cache's tokenizer is checked by its hash below
-    cache = None
-    if cfg.teacher.cache is not None:
-        from dsdistill.cache import open_with_tokenizer
-
-        cache = open_with_tokenizer(cfg.teacher.cache, tokenizer)
-        if rank == 0:
-            cache.verify_shards()  # each shard once, not once per rank
+    teacher = open_teacher(cfg, tokenizer, rank=rank)
+    if writing_cache and not teacher.capabilities().model_in_job:
+        raise ConfigError(
+            f"teacher-cache: the config's teacher is {teacher.noun} ({teacher.field}); give the model in teacher.path"
+        )
+    teacher_cfg, teacher_tok = teacher.model_config, teacher.tokenizer
     vocab = len(tokenizer)
     if 0 <= cfg.loss.ignore_index < vocab:
         raise ConfigError(
@@ -435,7 +416,7 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
             "logit KD needs a shared vocabulary (set the kd weight to 0 to distil without it)"
         )
     for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
-        where = "teacher.cache" if field == "teacher" and cache is not None else f"{field}.path"
+        where = teacher.field if field == "teacher" else "student.path"
         mv = getattr(mc, "vocab_size", None)
         if mv is not None and mv < vocab:
             raise ModelError(f"{where}: model vocab_size {mv} is smaller than the tokenizer's {vocab} tokens")
@@ -469,23 +450,15 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
     )
     layers = LayerMap.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
     for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
-        _check_causal_lm(mc, field, str(getattr(cfg, field).path or cfg.teacher.cache))
+        _check_causal_lm(mc, field, teacher.source if field == "teacher" else str(cfg.student.path))
         spec = getattr(cfg, field)
-        if spec.attn_implementation == "sdpa" and (field == "student" or cache is None):
+        if spec.attn_implementation == "sdpa" and (field == "student" or teacher.capabilities().model_in_job):
             # what loading would refuse, said by check: a family without SDPA needs eager
             if getattr(type(meta_model(mc)), "_supports_sdpa", True) is False:
                 raise ConfigError(
                     f"{field}.attn_implementation: {type(meta_model(mc)).__name__} does not support 'sdpa'; set "
                     f"{field}.attn_implementation: eager (attention terms on its layers are then left out)"
                 )
-    if cache is not None:
-        from dsdistill import registry
-        from dsdistill.cache import verify_for_run
-
-        components = {n: registry.implementation(n) for n in curriculum.active}
-        verify_for_run(
-            cache, cfg, splits, seq_len=cfg.train.seq_len, components=components, layers=layers, total_steps=total_steps
-        )
     train_stats = splits.totals()
     if train_stats.loss_tokens == 0 and not curriculum.ever_on_policy:
         raise DataError(
@@ -499,11 +472,10 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         )
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
     fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
+    samples = None
     if curriculum.ever_on_policy or cfg.generation.probes(False):
         # generation.eval_prompts set in an off-policy run probes it with the same sampler and rows
-        field = "curriculum.on_policy" if curriculum.ever_on_policy else "generation.eval_prompts"
-        if cache is not None:
-            raise ConfigError(f"{field}: sampled completions need a live teacher to score them; use teacher.path, not a cache")
+        samples = field = "curriculum.on_policy" if curriculum.ever_on_policy else "generation.eval_prompts"
         if splits.streamed or splits.packing != "none":
             raise ConfigError(
                 f"{field}: a sampled completion replaces one example's; set data.packing: none "
@@ -511,34 +483,35 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
             )
         if any(s.format == "text" for s in cfg.data.resolved_sources()):
             raise ConfigError(f"{field}: prompts come from chat or prompt_completion data; data.format is text")
-    if cache is not None and (not cfg.loss.fused_logits or fused_off is not None):
-        raise ConfigError(
-            "teacher.cache: KD from a cache runs on the fused path only; "
-            + (f"it is off because {fused_off}" if fused_off else "set loss.fused_logits: true")
-        )
+    from dsdistill import registry
+
+    components = {n: registry.implementation(n) for n in curriculum.active}
+    ctx = RunContext(cfg, splits, components, layers, total_steps, rank)
+    check_serves(teacher, ctx, fused_off=fused_off, samples=samples)
     if left_out:
         try:
             curriculum = Curriculum(cfg.curriculum, active=tuple(n for n in curriculum.active if n not in left_out))
         except ValueError as e:
             raise ConfigError(f"curriculum.weights: {e}") from None
     plan = Plan(
-        cfg,
-        rank,
-        world,
-        run_dir,
-        curriculum,
-        vocab,
-        teacher_cfg,
-        student_cfg,
-        total_steps,
-        precision_of(cfg),
-        ds_student,
-        ds_teacher,
-        layers,
-        left_out,
-        fused_off,
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        run_dir=run_dir,
+        curriculum=curriculum,
+        vocab=vocab,
+        teacher_config=teacher_cfg,
+        student_config=student_cfg,
+        total_steps=total_steps,
+        precision=precision_of(cfg),
+        ds_student=ds_student,
+        ds_teacher=ds_teacher,
+        layers=layers,
+        left_out=left_out,
+        teacher=teacher.capabilities(),
+        fused_off=fused_off,
     )
-    return plan, RunData(tokenizer, splits, stream, cache)
+    return plan, RunData(tokenizer, splits, stream, teacher)
 
 
 def _check_causal_lm(model_config, field: str, path: str) -> None:

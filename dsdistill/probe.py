@@ -24,9 +24,10 @@ import torch.distributed as dist
 
 from dsdistill.components.base import Needs
 from dsdistill.rollout import apply_rollouts
+from dsdistill.trainer import teacher_input
 
 if TYPE_CHECKING:
-    from dsdistill.train import Session
+    from dsdistill.run.loop import Session
 
 SAMPLES = 2
 """Completions recorded as text per evaluation (rank 0's first)."""
@@ -36,7 +37,7 @@ def _rows(session: "Session", limit: int) -> list[dict[str, torch.Tensor]]:
     """Up to `limit` held-out rows that have a prompt (real rows with loss-bearing tokens), one dict each."""
     ignore = session.plan.cfg.loss.ignore_index
     out = []
-    for batch in session._eval_batches():
+    for batch in session.eval_batches():
         for i in range(batch["input_ids"].size(0)):
             if "row" in batch and int(batch["row"][i]) < 0:
                 continue  # a filler row of an uneven split
@@ -101,14 +102,9 @@ def _samples(session: "Session", mb: dict[str, torch.Tensor], n: int) -> list[di
     teacher.begin_step(Needs(teacher_logits=True))
     try:
         for i in range(n):  # every rank forwards its own row i together (a ZeRO-3 teacher gathers)
-            ids, labels = mb["input_ids"][i : i + 1], mb["labels"][i : i + 1]
-            pos = mb.get("position_ids")
-            s, count = teacher.lm_sums(
-                ids.to(device),
-                labels.to(device),
-                position_ids=None if pos is None else pos[i : i + 1].to(device),
-                rows=mb["row"][i : i + 1] if "row" in mb else None,
-            )
+            one = {k: v[i : i + 1] for k, v in mb.items()}
+            ids, labels = one["input_ids"], one["labels"]
+            s, count = teacher.lm_sums(teacher_input(one, labels.to(device), ignore), labels.to(device))
             carried = (labels[0] != ignore).nonzero().flatten().tolist()
             if not carried:
                 continue

@@ -25,7 +25,18 @@ from dsdistill.heads import FusedCall, head_options
 from dsdistill.objective import UNITS, Objective, StepContext, count_units, host_positions, shifted_valid
 from dsdistill.preflight import Plan
 from dsdistill.rollout import RolloutBackend, apply_rollouts
-from dsdistill.teacher import TeacherSource
+from dsdistill.teachers.base import TeacherInput, TeacherSource
+
+
+def teacher_input(batch: dict[str, torch.Tensor], labels: torch.Tensor, ignore_index: int) -> TeacherInput:
+    """A host batch as a teacher reads it, on the labels' device (for the teacher's LM sums)."""
+    pos = batch.get("position_ids")
+    return TeacherInput(
+        batch["input_ids"].to(labels.device),
+        shifted_valid(labels, ignore_index),
+        None if pos is None else pos.to(labels.device),
+        batch.get("row"),
+    )
 
 
 class PairForward:
@@ -62,7 +73,7 @@ class PairForward:
         valid = shifted_valid(labels, ignore)
         names = objective.names if live is None else live
         needs = objective.needs if live is None else objective.needs_of(live, self.plan.layers)
-        signal = self.teacher.signal(ids, valid, needs, position_ids=pos, rows=batch.get("row"))
+        signal = self.teacher.signal(TeacherInput(ids, valid, pos, batch.get("row")), needs)
         call = None
         if self.plan.fused:
             want_kd = "kd" in names
@@ -450,13 +461,8 @@ class Evaluator:
         teacher.begin_step(Needs(teacher_logits=True))
         try:
             for batch in batches:
-                pos = batch.get("position_ids")
-                s, n = teacher.lm_sums(
-                    batch["input_ids"].to(device),
-                    batch["labels"].to(device),
-                    position_ids=None if pos is None else pos.to(device),
-                    rows=batch.get("row"),
-                )
+                labels = batch["labels"].to(device)
+                s, n = teacher.lm_sums(teacher_input(batch, labels, self.plan.cfg.loss.ignore_index), labels)
                 total, count = total + s.detach(), count + n
         finally:
             teacher.end_step()

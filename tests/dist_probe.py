@@ -14,7 +14,7 @@ from dsdistill.train import build_parser, open_session
 args = build_parser().parse_args(sys.argv[1:])
 with open_session(load_config(args.config, args.overrides)) as run:
     run.fit()
-plan, student, teacher = run.plan, run.student, run.teacher_engine
+plan, student, teacher = run.plan, run.student, run.teacher.engine
 t_total, t_local = param_counts(teacher.module)
 s_total, s_local = param_counts(student.module)
 info = {

@@ -245,7 +245,7 @@ def test_packed_documents_do_not_attend_to_each_other(kind):
     accepts; the others are refused by the same check a run makes at startup."""
     from dsdistill.errors import DataError
     from dsdistill.packing import Example, Packer, check_separation
-    from dsdistill.teacher import TeacherModel
+    from dsdistill.teachers.live import TeacherModel
 
     model = TeacherModel(_model(kind, "sdpa"))
     g = torch.Generator().manual_seed(2)

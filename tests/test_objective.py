@@ -10,7 +10,7 @@ from dsdistill.curriculum import Curriculum, CurriculumConfig
 from dsdistill.layers import LayerMap
 from dsdistill.losses import lm_loss
 from dsdistill.objective import Objective, count_units
-from dsdistill.teacher import TeacherSignal
+from dsdistill.teachers.base import DenseLogits, TeacherSignal
 from tests.test_kd import IGN, batch
 
 
@@ -36,7 +36,7 @@ def test_token_weighted_reduction_over_uneven_micro_batches_equals_one_batch():
     def sums(sl):
         student = StudentOutputs(logits=st[sl], fused=None, hidden=None, side={}, qk={})
         x = Inputs(
-            labels=labels[sl], student=student, teacher=TeacherSignal(logits=te[sl]), temperature=2.0, loss=cfg, layers=layers
+            labels=labels[sl], student=student, teacher=TeacherSignal(DenseLogits(te[sl])), temperature=2.0, loss=cfg, layers=layers
         )
         return objective.sums(x)
 

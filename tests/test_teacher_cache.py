@@ -118,7 +118,7 @@ def test_cache_fed_kd_equals_live_top_k_kd_within_the_quantisation_error(written
     for bits in ("b5", "b8"):
         cached_cfg = {**cfg, "teacher": {"cache": str(written[bits])}, "loss": {"kd_divergence": divergence}}
         cached, session = _eval(cached_cfg, tmp_path / bits)
-        assert session.teacher_engine is None  # no teacher model was loaded
+        assert not session.teacher.capabilities().model_in_job  # no teacher model was loaded
         assert cached.losses["lm"] == live.losses["lm"]  # the student's side is the same computation
         gaps[bits] = abs(cached.losses["kd"] - live.losses["kd"]) / live.losses["kd"]
     # the manifest's measured quantisation overhead (KL to the full teacher) bounds the KD difference
@@ -145,7 +145,7 @@ def test_training_from_the_cache(written, tmp_path):
     cfg["eval"] = {"every": 2, "max_batches": 2, "at_start": True}
     with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as s:
         s.fit()
-        assert s.teacher_engine is None
+        assert not s.teacher.capabilities().model_in_job
     recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
     trains = [r for r in recs if isinstance(r, TrainRecord)]
     assert [t.step for t in trains] == [0, 1] and all(t.losses["kd"] > 0 for t in trains)
@@ -168,9 +168,9 @@ def test_a_mismatched_cache_is_refused_in_one_line(written, make_config, chat_co
         (
             {"curriculum": {"weights": {"kd": 1.0, "feature": 0.1}}},
             "teacher.cache: feature need the teacher's hidden states or attention, which a cache does not hold; "
-            "train from the cache with --set curriculum.weights='{kd: 1.0}'",
+            "train with --set curriculum.weights='{kd: 1.0}'",
         ),
-        ({"loss": {"kd_top_k": 8}}, "loss.kd_top_k: the teacher cache sets k (16, with a rest bucket)"),
+        ({"loss": {"kd_top_k": 8}}, "loss.kd_top_k: a cache sets k (16, with a rest bucket)"),
         (
             {"curriculum": {"weights": {"kd": 1.0}, "temperature": 2.0}},
             f"curriculum.temperature: this run uses T = 2, but the teacher cache '{cache}' holds exact tails for T in {{1}} only",

@@ -18,38 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from dsdistill.needs import Needs
+
 if TYPE_CHECKING:
     from dsdistill.config import LossConfig
     from dsdistill.layers import LayerMap
-    from dsdistill.teacher import TeacherSignal
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a component reads besides the labels (the union over the active components is what runs)."""
-
-    teacher_logits: bool = False
-    """The teacher's distribution over the vocabulary (dense logits, or its final hidden state and head)."""
-    student_hidden: bool = False
-    """Every hidden state of the student (embeddings first, then one per block)."""
-    teacher_hidden: bool = False
-    """Every hidden state of the teacher."""
-    teacher_pooled: bool = False
-    """The teacher's final hidden state mean-pooled over each sequence's loss-bearing positions."""
-    student_qk: frozenset[int] = frozenset()
-    """1-based student layers whose post-RoPE queries and keys are captured."""
-    teacher_qk: frozenset[int] = frozenset()
-    """1-based teacher layers whose post-RoPE queries and keys are captured."""
-
-    def __or__(self, other: "Needs") -> "Needs":
-        return Needs(
-            teacher_logits=self.teacher_logits or other.teacher_logits,
-            student_hidden=self.student_hidden or other.student_hidden,
-            teacher_hidden=self.teacher_hidden or other.teacher_hidden,
-            teacher_pooled=self.teacher_pooled or other.teacher_pooled,
-            student_qk=self.student_qk | other.student_qk,
-            teacher_qk=self.teacher_qk | other.teacher_qk,
-        )
+    from dsdistill.teachers.base import TeacherSignal
 
 
 @dataclass(frozen=True)

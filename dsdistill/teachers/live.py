@@ -1,78 +1,25 @@
-"""Teacher sources: whatever turns a batch into the teacher's side of the objective.
-
-The loop sees only `TeacherSource`: `begin_step` / `end_step` around an optimizer step (a source may
-prepare something once per step, as the live teacher gathers its lm_head), `signal` per micro-batch and
-`lm_sums` for the teacher's perplexity. `LiveTeacher` runs the frozen teacher in its optimizer-less
-ZeRO-3 engine; an offline cache or a rollout scorer is another implementation of the same protocol.
+"""The live teacher: the frozen model in an optimizer-less ZeRO-3 engine inside the training job (no rank
+holds it whole). `LivePlan` opens it from `teacher.path` (config and tokenizer only); `build` loads the
+weights straight into their shards.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from dsdistill.components.base import Needs
 from dsdistill.losses import lm_loss
 from dsdistill.losses.contrastive import mean_pool
+from dsdistill.teachers.base import Capabilities, DenseLogits, HiddenHead, RunContext, TeacherInput, TeacherSignal
 
 if TYPE_CHECKING:
     from dsdistill.capture import QKCapture
-    from dsdistill.losses.fused import KDOptions, SparseTeacher
-
-
-@dataclass
-class TeacherSignal:
-    """The teacher's side of one micro-batch. Its distribution comes in one of two forms: dense `logits`,
-    or `hidden` with `head` (the fused path forms the logits chunk by chunk, never whole)."""
-
-    logits: Optional[torch.Tensor] = None
-    """[B, S, V] logits cut to the shared vocabulary."""
-    hidden: Optional[torch.Tensor] = None
-    """[B, S, Dt] final hidden state (the input of the lm_head)."""
-    head: Optional[torch.Tensor] = None
-    """[V', Dt] lm_head weight, whole (V' >= V: padded embedding rows are cut by the consumer)."""
-    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
-    """Embeddings, then one hidden state per block."""
-    pooled: Optional[torch.Tensor] = None
-    """[B, Dt] final hidden state mean-pooled over loss-bearing positions."""
-    qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """Captured post-RoPE (q, k) by 1-based layer."""
-    sparse: Optional["SparseTeacher"] = None
-    """An offline cache's top-k (ids, log-probs, the rest's statistics) for the N loss-bearing positions in
-    batch order (then `logits`, `hidden` and `head` are None)."""
-
-
-class TeacherSource(Protocol):
-    def begin_step(self, needs: Needs) -> None:
-        """Called once before an optimizer step's (or an evaluation's) micro-batches."""
-
-    def end_step(self) -> None:
-        """Called once after them: release what `begin_step` prepared."""
-
-    def signal(
-        self,
-        input_ids: torch.Tensor,
-        valid: torch.Tensor,
-        needs: Needs,
-        *,
-        position_ids: Optional[torch.Tensor] = None,
-        rows: Optional[torch.Tensor] = None,
-    ) -> TeacherSignal:
-        """The teacher's signal for one micro-batch (`valid`: [B, S] loss-bearing positions; `position_ids`:
-        restarting per packed example, or None; `rows`: the packed rows' numbers, for a cache)."""
-
-    def lm_sums(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        position_ids: Optional[torch.Tensor] = None,
-        rows: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, int]:
-        """(summed next-token cross-entropy, loss-bearing tokens) of the teacher on one batch."""
+    from dsdistill.config import TeacherSpec
+    from dsdistill.losses.fused import KDOptions
+    from dsdistill.needs import Needs
 
 
 class TeacherModel(nn.Module):
@@ -125,11 +72,14 @@ class LiveTeacher:
         self.ignore_index = ignore_index
         self._head: Optional[torch.Tensor] = None
 
+    def capabilities(self) -> Capabilities:
+        return LIVE
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.engine.module.lm.get_output_embeddings().weight
 
-    def begin_step(self, needs: Needs) -> None:
+    def begin_step(self, needs: "Needs") -> None:
         # fused: the teacher's head is gathered once for all micro-batches of the step
         if self.fused and needs.teacher_logits:
             self._head = gather_full(self.head_weight)
@@ -137,46 +87,33 @@ class LiveTeacher:
     def end_step(self) -> None:
         self._head = None
 
-    def signal(
-        self,
-        input_ids: torch.Tensor,
-        valid: torch.Tensor,
-        needs: Needs,
-        *,
-        position_ids: Optional[torch.Tensor] = None,
-        rows: Optional[torch.Tensor] = None,
-    ) -> TeacherSignal:
+    def signal(self, batch: TeacherInput, needs: "Needs") -> TeacherSignal:
         want_hidden = needs.teacher_hidden or needs.teacher_pooled
         if self.capture is not None:
             self.capture.want(needs.teacher_qk)  # a step whose attention terms weigh 0 keeps no q/k
         with torch.no_grad():
             head = not self.fused and needs.teacher_logits
-            out, hidden_states = self.engine(input_ids, hidden_states=want_hidden, head=head, position_ids=position_ids)
+            out, hidden_states = self.engine(
+                batch.input_ids, hidden_states=want_hidden, head=head, position_ids=batch.position_ids
+            )
             sig = TeacherSignal(hidden_states=hidden_states if want_hidden else None)
             if self.fused:
                 if needs.teacher_logits:
                     if self._head is None:
                         raise RuntimeError("LiveTeacher.signal: begin_step was not called for this step")
-                    sig.hidden, sig.head = out, self._head
+                    sig.distribution = HiddenHead(out, self._head)
             elif head:
-                sig.logits = out[..., : self.vocab] if out.size(-1) != self.vocab else out
+                sig.distribution = DenseLogits(out[..., : self.vocab] if out.size(-1) != self.vocab else out)
             if self.capture is not None:
                 sig.qk = self.capture.collect()
             if needs.teacher_pooled:
                 last = hidden_states[-1]
-                sig.pooled = mean_pool(last.float(), valid).to(last.dtype)
+                sig.pooled = mean_pool(last.float(), batch.valid).to(last.dtype)
         return sig
 
-    def lm_sums(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        position_ids: Optional[torch.Tensor] = None,
-        rows: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, int]:
+    def lm_sums(self, batch: TeacherInput, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         with torch.no_grad():
-            out, _ = self.engine(input_ids, hidden_states=False, head=not self.fused, position_ids=position_ids)
+            out, _ = self.engine(batch.input_ids, hidden_states=False, head=not self.fused, position_ids=batch.position_ids)
             if self.capture is not None:
                 self.capture.collect()  # drop what the capture kept
             if not self.fused:
@@ -197,3 +134,75 @@ class LiveTeacher:
                 ignore_index=self.ignore_index,
             )
             return m["lm"], m["count"]
+
+    def params(self) -> int:
+        from dsdistill.models import param_counts
+
+        return param_counts(self.engine.module)[0]
+
+    def where(self) -> str:
+        return "ZeRO-3"
+
+    def exact_share(self) -> Optional[float]:
+        return None
+
+    def separation_forward(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return lambda ids, pos: self.engine(ids, hidden_states=False, head=True, position_ids=pos)[0]
+
+
+LIVE = Capabilities(
+    distribution="dense", hidden_states=True, attention=True, scores_new_text=True, unfused=True, model_in_job=True
+)
+
+
+class LivePlan:
+    """`teacher.path`: a model this job loads, sharded by ZeRO-3."""
+
+    field = "teacher.path"
+    noun = "a live model"
+
+    def __init__(self, spec: "TeacherSpec", student_tokenizer: Any):
+        from dsdistill.models import load_config, load_tokenizer
+
+        self.spec = spec
+        self.source = str(spec.path)
+        self.model_config = load_config(spec, field="teacher")
+        has_own = spec.tokenizer is not None or (Path(str(spec.path)) / "tokenizer_config.json").exists()
+        self.tokenizer = load_tokenizer(spec, field="teacher") if has_own else student_tokenizer
+
+    def capabilities(self) -> Capabilities:
+        return LIVE
+
+    def verify(self, ctx: RunContext) -> None:
+        pass  # a live model computes whatever a component asks of it
+
+    def describe(self) -> str:
+        t = self.model_config
+        return f"{self.spec.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')})"
+
+    def plan_json(self) -> dict[str, Any]:
+        return {"path": self.spec.path}
+
+    def kd_semantics(self) -> dict[str, Any]:
+        return {}
+
+    def build(self, plan: Any, *, needs: "Needs") -> LiveTeacher:
+        from dsdistill.capture import QKCapture
+        from dsdistill.dist import agree
+        from dsdistill.engines import build_teacher_engine
+        from dsdistill.heads import head_options
+        from dsdistill.models import load_causal_lm
+
+        lm = agree(
+            lambda: load_causal_lm(self.spec, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher),
+            what="loading the teacher",
+        )
+        engine = build_teacher_engine(TeacherModel(lm), plan.ds_teacher)
+        return LiveTeacher(
+            engine,
+            vocab=plan.vocab,
+            fused=plan.fused,
+            capture=QKCapture(lm, sorted(needs.teacher_qk)) if needs.teacher_qk else None,
+            lm_options=lambda: head_options(plan, engine.device, temperature=1.0, want_kd=False, want_lm=True),
+            ignore_index=plan.cfg.loss.ignore_index,
+        )

@@ -1,0 +1,84 @@
+"""Where a run stands, and how it is saved and restored: the data position, the tokens seen, early
+stopping's patience and the layout that fixes what a saved position means."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from dsdistill import checkpoint
+from dsdistill.data import data_fingerprint
+from dsdistill.dist import agree
+from dsdistill.ds_config import zero_stage
+from dsdistill.trainer import EarlyStopping
+
+
+class RunState:
+    def __init__(self, plan, data, student):
+        self.plan, self.data, self.student = plan, data, student
+        self.tokens_seen = 0
+        self.abandoned: Optional[dict[str, Any]] = None
+        """The position before a window a stop abandoned (what the final save records), else None."""
+        self.last_save = time.monotonic()
+
+    def layout(self) -> dict[str, Any]:
+        """What fixes the meaning of a saved data position: resuming with any of it changed is refused."""
+        c = self.plan.cfg
+        return {
+            "train.micro_batch_size": c.train.micro_batch_size,
+            "train.seq_len": c.train.seq_len,
+            "train.seed": c.train.seed,
+            "world_size": self.plan.world,
+            "data": data_fingerprint(self.data.splits, c),
+            "zero_stage": zero_stage(self.plan.ds_student),
+            "precision": self.plan.precision,
+            "aux_modules": sorted(self.student.module.aux.keys()),
+        }
+
+    def mark(self) -> dict[str, Any]:
+        """Where the run stands before a window: what a save records if a stop abandons the window."""
+        return {"stream": self.data.stream.state(), "rng": checkpoint.rng_state(), "tokens_seen": self.tokens_seen}
+
+    def resume(self, early: EarlyStopping) -> Optional[dict[str, Any]]:
+        """Load the latest (or the named) checkpoint if `checkpoint.resume` is auto; None: a fresh start."""
+        plan, engine = self.plan, self.student
+        self.tokens_seen = 0
+        if plan.cfg.checkpoint.resume != "auto":
+            return None
+        resumed = agree(
+            lambda: checkpoint.load(engine, plan.run_dir, tag=plan.cfg.checkpoint.resume_tag, expect=self.layout()),
+            what="resuming",
+        )
+        if resumed is not None:
+            self.data.stream.restore(resumed["stream"])
+            early.restore(resumed["early_stopping"])
+            self.tokens_seen = int(resumed["tokens_seen"])
+        return resumed
+
+    def save_due(self) -> bool:
+        """Rank 0's clock: a time-based checkpoint is due (the step's reduction makes every rank agree)."""
+        every = self.plan.cfg.checkpoint.every_minutes
+        return bool(every) and self.plan.rank == 0 and time.monotonic() - self.last_save >= 60 * every
+
+    def save(self, early: EarlyStopping, mark_best: bool = False) -> None:
+        at = self.abandoned  # an abandoned window: the state before it
+        state = {
+            "stream": at["stream"] if at else self.data.stream.state(),
+            "early_stopping": early.state(),
+            "tokens_seen": at["tokens_seen"] if at else self.tokens_seen,
+            "layout": self.layout(),
+        }
+        checkpoint.save(
+            self.student,
+            self.plan.run_dir,
+            state=state,
+            keep_last=self.plan.cfg.checkpoint.keep_last,
+            mark_best=mark_best,
+            rng=at["rng"] if at else None,
+        )
+        self.last_save = time.monotonic()
+
+    def latest(self) -> str:
+        """The latest checkpoint, in words (what a non-finite stop tells the user to resume from)."""
+        last = checkpoint.latest_tag(self.plan.run_dir)
+        return f"Latest checkpoint: {checkpoint.checkpoint_dir(self.plan.run_dir) / last if last else 'none'}"

@@ -1,0 +1,322 @@
+"""`dsdistill teacher-cache`: run the teacher's engine over the run's packed rows and write its top-k
+distributions in the format of cache_format.py (shards go to ranks round-robin; a stopped write resumes).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import torch
+
+from dsdistill.codec import decode, encode, exact_bytes
+from dsdistill.errors import ConfigError
+from dsdistill.rundir import sha256_file
+from dsdistill.teachers.cache_format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_ROWS,
+    CacheError,
+    config_hash,
+    eval_fingerprint,
+    rank_table,
+    read_header,
+    run_temperatures,
+    tokenizer_hash,
+    write_atomic_or_fail,
+    write_shard,
+)
+
+if TYPE_CHECKING:
+    from dsdistill.config import RunConfig
+
+
+def fidelity(full_logp: torch.Tensor, ids: torch.Tensor, decoded_logp: np.ndarray, log_rest: torch.Tensor) -> dict[str, float]:
+    """Sums over positions of KL(teacher || reconstruction) for the exact top-k and for the decoded cache
+    (both with the rest spread evenly over the other tokens): what truncation and quantisation cost."""
+    full = full_logp.double()
+    V, k = full.size(-1), ids.size(-1)
+    p = full.exp()
+    tail = (log_rest.double() - math.log(V - k))[:, None]
+
+    def kl(top_logp: torch.Tensor) -> torch.Tensor:
+        recon = tail.expand_as(full).clone()
+        recon.scatter_(-1, ids, top_logp)
+        recon = torch.log_softmax(recon, dim=-1)
+        return (p * (full - recon)).sum(-1)
+
+    exact = kl(full.gather(-1, ids))
+    quant = kl(torch.from_numpy(decoded_logp).double())
+    return {"positions": float(full.size(0)), "kl_exact_sum": float(exact.sum()), "kl_cache_sum": float(quant.sum())}
+
+
+def _write_if(path: Optional[Path], header: dict[str, Any], blobs: list[bytes]) -> None:
+    if path is not None:
+        write_shard(path, header, blobs)
+
+
+AUTO_BITS = range(4, 11)
+"""Level precisions `--level-bits auto` chooses among (the smallest that is precise enough)."""
+
+
+def choose_level_bits(full_logp: torch.Tensor, ranks_of: torch.Tensor, top_k: int) -> int:
+    """The fewest level bits whose quantisation adds at most 2% to the exact top-k's truncation error (or
+    1e-5 nats, when truncation loses almost nothing because k is close to the vocabulary) on a sample."""
+    top, ids = full_logp.topk(top_k, dim=-1)
+    rest = torch.logsumexp(full_logp.scatter(-1, ids, float("-inf")), dim=-1)
+    ranks = ranks_of[ids].numpy()
+    order = np.argsort(ranks, axis=1, kind="stable")
+    ids_sorted = torch.from_numpy(np.take_along_axis(ids.numpy(), order, 1))
+    for bits in AUTO_BITS:
+        d = decode(encode(ranks, top.numpy(), rest.numpy(), level_bits=bits), full_logp.size(0), top_k, level_bits=bits)
+        f = fidelity(full_logp, ids_sorted, d.logp, rest)
+        if f["kl_cache_sum"] - f["kl_exact_sum"] <= max(0.02 * f["kl_exact_sum"], 1e-5 * f["positions"]):
+            return bits
+    return AUTO_BITS[-1]
+
+
+def write(
+    session_parts, out: Path, *, top_k: int, level_bits: Optional[int], say, shard_rows: int = SHARD_ROWS
+) -> dict[str, Any]:
+    """Write (or finish writing) the cache of a run's data into `out`; returns the manifest."""
+    plan, data, engine, tokenizer = session_parts
+    import torch.distributed as dist
+
+    from dsdistill.data import collate, data_fingerprint
+    from dsdistill.dist import agree
+
+    cfg, rank, world = plan.cfg, plan.rank, plan.world
+    splits = data.splits
+    if splits.streamed:
+        raise ConfigError(
+            "teacher-cache: needs data read whole (a streamed source has no fixed row numbers); set data.streaming: false"
+        )
+    if not 1 <= top_k <= plan.vocab - 1:
+        raise ConfigError(
+            f"teacher-cache: --top-k {top_k}: expected 1..{plan.vocab - 1} (the vocabulary has {plan.vocab} tokens)"
+        )
+    if level_bits is not None and not 2 <= level_bits <= 12:
+        raise ConfigError(f"teacher-cache: --level-bits {level_bits}: expected 2..12 (or auto)")
+    if shard_rows < 1:
+        raise ConfigError(f"teacher-cache: --shard-rows {shard_rows}: expected a positive number of rows")
+    micro = cfg.train.micro_batch_size
+    device = engine.device
+    ignore = cfg.loss.ignore_index
+    ranks_table = rank_table(splits.train, plan.vocab)  # the codec's id map: computed once, from the data alone
+    if level_bits is None:
+        # auto: measured on the first training rows, which every rank forwards alike (the same choice everywhere)
+        sample = collate([splits.train[i] for i in range(min(micro, len(splits.train)))])
+        pos = sample.get("position_ids")
+        with torch.no_grad():
+            logits, _ = engine(
+                sample["input_ids"].to(device),
+                hidden_states=False,
+                head=True,
+                position_ids=None if pos is None else pos.to(device),
+            )
+        keep = sample["labels"][:, 1:] != ignore
+        lp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()[keep]
+        level_bits = choose_level_bits(lp, torch.from_numpy(ranks_table.astype(np.int64)), top_k)
+        say(f"teacher-cache: --level-bits auto chose {level_bits} bits")
+    temps = [t for t in run_temperatures(cfg, plan.total_steps) if t != 1.0]
+    what = {
+        "format_version": FORMAT_VERSION,
+        "k": top_k,
+        "level_bits": level_bits,
+        "shard_rows": shard_rows,
+        "tail_temperatures": temps,
+        "vocab": plan.vocab,
+        "teacher": {"path": cfg.teacher.path, "config_hash": config_hash(plan.teacher_config)},
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "data": {
+            "train_fingerprint": data_fingerprint(splits, cfg),
+            "eval_fingerprint": eval_fingerprint(splits),
+            "seq_len": cfg.train.seq_len,
+            "packing": splits.packing,
+            "train_rows": len(splits.train),
+            "eval_rows": len(splits.eval),
+        },
+    }
+
+    def prepare() -> None:
+        if rank != 0:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "eval"):
+            (out / split).mkdir(exist_ok=True)
+        plan_file = out / "plan.json"
+        if plan_file.exists():
+            try:
+                before = json.loads(plan_file.read_text())
+            except ValueError:
+                before = None
+            if before != what:
+                raise CacheError(
+                    f"teacher-cache: '{out}' holds (part of) a cache of another run (other data, teacher, k or level bits); "
+                    "write to a new directory"
+                )
+        else:
+            write_atomic_or_fail(plan_file, json.dumps(what, indent=2, sort_keys=True).encode())
+        write_atomic_or_fail(out / "ranks.bin", ranks_table.tobytes())
+        (out / "teacher").mkdir(exist_ok=True)
+        write_atomic_or_fail(out / "teacher" / "config.json", plan.teacher_config.to_json_string().encode())
+        for stale in list(out.glob("*/.*.tmp*")):  # what an interrupted write left half-done
+            stale.unlink(missing_ok=True)
+
+    agree(prepare, what="preparing the cache directory")
+    if world > 1:
+        dist.barrier()
+    ranks_of = torch.from_numpy(np.fromfile(out / "ranks.bin", dtype=np.uint32).astype(np.int64))
+    per_shard = math.ceil(shard_rows / micro)
+    done_shards = 0
+    for split, rows in (("train", splits.train), ("eval", splits.eval)):
+        n_shards = math.ceil(len(rows) / shard_rows)
+        todo = []
+        for j in range(n_shards):
+            h = read_header(out / split / f"{j:05d}.bin")
+            if h is None or h.get("first_row") != j * shard_rows or h.get("k") != top_k:
+                todo.append(j)
+        done_shards += n_shards - len(todo)
+        rounds = math.ceil(len(todo) / world)
+        for r in range(rounds):
+            mine = r * world + rank
+            j = todo[mine] if mine < len(todo) else None
+            first = 0 if j is None else j * shard_rows
+            count = 0 if j is None else min(shard_rows, len(rows) - first)
+            blobs: list[bytes] = []
+            tokens: list[int] = []
+            fid: dict[str, float] = {}
+            for b in range(per_shard):  # every rank runs the same number of forwards (ZeRO-3 gathers together)
+                idx = list(range(first + b * micro, min(first + count, first + (b + 1) * micro)))
+                real = bool(idx)
+                batch = collate([rows[i] for i in (idx or [0])])
+                ids = batch["input_ids"].to(device)
+                pos = batch.get("position_ids")
+                with torch.no_grad():
+                    logits, _ = engine(ids, hidden_states=False, head=True, position_ids=None if pos is None else pos.to(device))
+                if not real:
+                    continue
+                labels = batch["labels"]
+                logp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()
+                mask = labels[:, 1:] != ignore
+                for row in range(len(idx)):
+                    lp = logp[row][mask[row]]
+                    top, ids_k = lp.topk(top_k, dim=-1)
+                    tail_lp = lp.scatter(-1, ids_k, float("-inf"))
+                    rest = torch.logsumexp(tail_lp, dim=-1)
+                    blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=level_bits)
+                    stats = [torch.logsumexp(tail_lp / t, dim=-1) for t in temps]
+                    tails = torch.stack(stats, dim=-1) if stats else torch.zeros(lp.size(0), 0)
+                    blobs.append(tails.numpy().astype(np.float16).tobytes() + blob)
+                    tokens.append(int(lp.size(0)))
+                    if b == 0 and row == 0 and lp.size(0):  # the shard's fidelity sample: its first row
+                        d = decode(blob, lp.size(0), top_k, level_bits=level_bits)  # the codec part alone
+                        order = np.argsort(ranks_of[ids_k].numpy(), axis=1, kind="stable")
+                        fid = fidelity(lp, torch.from_numpy(np.take_along_axis(ids_k.numpy(), order, 1)), d.logp, rest)
+            header = {
+                "version": FORMAT_VERSION,
+                "split": split,
+                "first_row": first,
+                "rows": count,
+                "k": top_k,
+                "level_bits": level_bits,
+                "tokens": tokens,
+                "fidelity": fid,
+            }
+            # every rank learns of a rank's failed write (a full disk), so none waits in the next barrier
+            target = None if j is None else out / split / f"{j:05d}.bin"
+            agree(functools.partial(_write_if, target, header, blobs), what="writing the cache's shards")
+            if rank == 0 and r % 10 == 0:
+                say(f"teacher-cache: {split} shard round {r + 1}/{rounds}")
+    if world > 1:
+        dist.barrier()
+    manifest = agree(lambda: _manifest(out, what, rank), what="writing the manifest")
+    if world > 1:
+        dist.barrier()
+    if done_shards:
+        say(f"teacher-cache: {done_shards} shards were already written and kept")
+    return manifest
+
+
+def _manifest(out: Path, what: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Totals from the shard headers (in shard order, so any world size gives the same manifest)."""
+    tokens = payload = 0
+    fid = {"positions": 0.0, "kl_exact_sum": 0.0, "kl_cache_sum": 0.0}
+    shards: dict[str, int] = {}
+    sha: dict[str, list[str]] = {}
+    for split, n_rows in (("train", what["data"]["train_rows"]), ("eval", what["data"]["eval_rows"])):
+        n = math.ceil(n_rows / what["shard_rows"])
+        shards[split] = n
+        sha[split] = [sha256_file(out / split / f"{j:05d}.bin") for j in range(n)] if rank == 0 else []
+        for j in range(n):
+            h = read_header(out / split / f"{j:05d}.bin")
+            if h is None:
+                raise CacheError(f"teacher-cache: shard '{out / split / f'{j:05d}.bin'}' is missing after writing")
+            tokens += sum(h["tokens"])
+            payload += h["payload_bytes"]
+            for key in fid:
+                fid[key] += h["fidelity"].get(key, 0.0)
+    k = what["k"]
+    exact = fid["kl_exact_sum"] / max(fid["positions"], 1)
+    cached = fid["kl_cache_sum"] / max(fid["positions"], 1)
+    manifest = {
+        **what,
+        "shards": shards,
+        "shard_sha256": sha,
+        "tokens": tokens,
+        "payload_bytes": payload,
+        "bytes_per_token": payload / max(tokens, 1),
+        "plain_bytes_per_token": exact_bytes(1, k),
+        "fidelity": {
+            "positions": int(fid["positions"]),
+            "kl_top_k_exact": exact,
+            "kl_cache": cached,
+            "quantisation_overhead": (cached - exact) / exact if exact > 0 else 0.0,
+        },
+    }
+    if rank == 0:
+        write_atomic_or_fail(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return manifest
+
+
+def write_teacher_cache(
+    cfg: RunConfig, out: Path, *, top_k: int, level_bits: Optional[int] = None, shard_rows: int = 64
+) -> dict[str, Any]:
+    """`--teacher-cache`: the teacher's engine alone, over the run's packed rows, into an offline cache."""
+    from dsdistill.dist import agree, init_distributed
+    from dsdistill.engines import build_teacher_engine
+    from dsdistill.models import load_causal_lm
+    from dsdistill.preflight import preflight
+    from dsdistill.teachers.live import TeacherModel
+
+    rank, world = init_distributed()
+
+    def say(text: str) -> None:
+        if rank == 0:
+            print(text, flush=True)
+
+    plan, data = agree(lambda: preflight(cfg, world=world, rank=rank, writing_cache=True), what="preflight")
+    teacher_lm = agree(
+        lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher),
+        what="loading the teacher",
+    )
+    engine = build_teacher_engine(TeacherModel(teacher_lm), plan.ds_teacher)
+    manifest = write(
+        (plan, data, engine, data.tokenizer),
+        out,
+        top_k=top_k,
+        level_bits=level_bits,
+        shard_rows=shard_rows,
+        say=say,
+    )
+    f = manifest["fidelity"]
+    say(
+        f"teacher-cache: {manifest['tokens']:,} positions, top-{top_k}, {manifest['bytes_per_token']:.1f} bytes per token "
+        f"(plain: {manifest['plain_bytes_per_token']}); KL to the teacher: exact top-k {f['kl_top_k_exact']:.3g}, "
+        f"cache {f['kl_cache']:.3g} ({f['quantisation_overhead']:+.1%}); written to {out}",
+    )
+    return manifest
