@@ -279,7 +279,7 @@ def worker_dsdistill(root: Path, preset: dict) -> dict:
             step()
         tps, last = _timed(step, preset["steps"], device, preset["tokens_per_step"])
         plan = session.plan
-    from dsdistill.preflight import count_params
+    from dsdistill.models import count_params
 
     return {
         "tokens_per_s": tps,
@@ -350,23 +350,7 @@ def main(argv=None) -> int:
         prepare(root, preset)
         for m in methods:
             results[m] = run_worker(m, root, args.preset, args.timeout)
-    base = results.get("naive", {})
-    rows = []
-    for m, r in results.items():
-        if "error" in r:
-            rows.append({"method": m, "error": r["error"]})
-            continue
-        flops = (2 * r["teacher_matmul_params"] + 6 * r["student_matmul_params"]) * r["tokens_per_s"]
-        row = {
-            "method": m,
-            "tokens_per_s": round(r["tokens_per_s"], 1),
-            "peak_gib": round(r["peak_bytes"] / 2**30, 3),
-            "mfu": round(flops / (args.peak_tflops * 1e12), 4) if args.peak_tflops else None,
-        }
-        if "tokens_per_s" in base:
-            row["speed_vs_naive"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
-            row["memory_vs_naive"] = round(r["peak_bytes"] / base["peak_bytes"], 3)
-        rows.append(row)
+    rows = _rows(results, args.peak_tflops)
     report = {
         "preset": args.preset,
         "tokens_per_step": preset["tokens_per_step"],
@@ -392,6 +376,28 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _rows(results: dict[str, dict], peak_tflops) -> list[dict]:
+    """One row per method, with its speed and memory as ratios to the naive baseline of the same run."""
+    base = results.get("naive", {})
+    rows = []
+    for m, r in results.items():
+        if "error" in r:
+            rows.append({"method": m, "error": r["error"]})
+            continue
+        flops = (2 * r["teacher_matmul_params"] + 6 * r["student_matmul_params"]) * r["tokens_per_s"]
+        row = {
+            "method": m,
+            "tokens_per_s": round(r["tokens_per_s"], 1),
+            "peak_gib": round(r["peak_bytes"] / 2**30, 3),
+            "mfu": round(flops / (peak_tflops * 1e12), 4) if peak_tflops else None,
+        }
+        if "tokens_per_s" in base:
+            row["speed_vs_naive"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+            row["memory_vs_naive"] = round(r["peak_bytes"] / base["peak_bytes"], 3)
+        rows.append(row)
+    return rows
 
 
 def _device_name() -> str:

@@ -22,7 +22,7 @@ from dsdistill.components.base import FusedSums
 from dsdistill.losses.fused import KDOptions, SparseTeacher, auto_chunk, default_budget, fixed_bytes, fused_kd_lm
 
 if TYPE_CHECKING:
-    from dsdistill.preflight import Plan
+    from dsdistill.config import LossConfig
 
 
 @dataclass
@@ -94,34 +94,46 @@ def fused_supported(model: nn.Module) -> Optional[str]:
     return None
 
 
-def head_options(plan: "Plan", device: torch.device, *, temperature: float, want_kd: bool, want_lm: bool) -> KDOptions:
-    """The fused head's options for this run: KD settings from `loss.*`, rows per chunk from
-    `loss.fused_chunk` or the fused loss's memory model (sized once per process: on a GPU from the free
-    memory at the first call)."""
-    from dsdistill.models import DTYPES
+@dataclass(frozen=True)
+class HeadShape:
+    """What sizes the fused head's chunks: the run's shapes, fixed by its plan."""
 
-    c = plan.cfg.loss
-    chunk = c.fused_chunk or _chunk_rows(
-        plan.vocab,
-        plan.student_config.hidden_size,
-        getattr(plan.teacher_config, "hidden_size", 0),
-        DTYPES[plan.precision].itemsize,
-        plan.cfg.train.micro_batch_size * plan.cfg.train.seq_len,
-        c.fused_chunk_mib,
+    vocab: int
+    s_width: int
+    t_width: int
+    """The teacher's hidden width (0: no teacher hidden state, e.g. a cache)."""
+    t_bytes: int
+    """Bytes per element of the teacher's hidden state."""
+    tokens: int
+    """Positions per micro-batch."""
+
+
+def head_options(
+    loss: "LossConfig", shape: HeadShape, device: torch.device, *, temperature: float, want_kd: bool, want_lm: bool
+) -> KDOptions:
+    """The fused head's options: KD settings from `loss.*`, rows per chunk from `loss.fused_chunk` or the
+    fused loss's memory model (sized once per process: on a GPU from the free memory at the first call)."""
+    chunk = loss.fused_chunk or _chunk_rows(
+        shape.vocab,
+        shape.s_width,
+        shape.t_width,
+        shape.t_bytes,
+        shape.tokens,
+        loss.fused_chunk_mib,
         torch.device(device).type,
     )
     return KDOptions(
         temperature=temperature,
-        divergence=c.kd_divergence,
-        beta=c.kd_beta,
-        alpha=c.kd_alpha,
-        top_k=c.kd_top_k,
-        top_k_rest=c.kd_top_k_rest,
-        top_k_support=c.kd_top_k_support,
+        divergence=loss.kd_divergence,
+        beta=loss.kd_beta,
+        alpha=loss.kd_alpha,
+        top_k=loss.kd_top_k,
+        top_k_rest=loss.kd_top_k_rest,
+        top_k_support=loss.kd_top_k_support,
         chunk=chunk,
         want_kd=want_kd,
         want_lm=want_lm,
-        compile=c.fused_compile,
+        compile=loss.fused_compile,
     )
 
 

@@ -144,3 +144,26 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
             total += p.numel()
             local += p.numel()
     return total, local
+
+
+_META: dict[int, tuple[Any, Any]] = {}
+
+
+def meta_model(model_config):
+    """The causal LM of a config, built on the meta device (no memory, no weights read); built once per
+    config object, since the memory plan, the capture check and the fused check all inspect it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hit = _META.get(id(model_config))
+    if hit is not None and hit[0] is model_config:
+        return hit[1]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    _META[id(model_config)] = (model_config, model)  # the config is kept alive, so its id is not reused
+    return model
+
+
+def count_params(model_config) -> int:
+    """Parameters of a model built from its config on the meta device (no memory, no weights read)."""
+    return sum(p.numel() for p in meta_model(model_config).parameters())

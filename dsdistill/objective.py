@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dsdistill import registry
-from dsdistill.components.base import Component, Inputs, Needs
+from dsdistill.components.base import Component, Inputs, Needs, implementation
 from dsdistill.curriculum import Curriculum
 from dsdistill.layers import LayerMap
 from dsdistill.losses import shifted_mask
@@ -79,7 +79,7 @@ class Objective:
         self.curriculum = curriculum
         self.total_steps = total_steps
         self.names: tuple[str, ...] = curriculum.active if names is None else names
-        self.components: dict[str, Component] = {n: registry.implementation(n) for n in self.names}
+        self.components: dict[str, Component] = {n: implementation(n) for n in self.names}
         self.needs: Needs = reduce(lambda a, b: a | b, (c.needs(layers) for c in self.components.values()), Needs())
         self._needs_of: dict[tuple[str, ...], Needs] = {}
 
@@ -140,6 +140,34 @@ class Objective:
         for t in terms[1:]:
             total = total + t
         return total
+
+    def metric_specs(self, names: Optional[tuple[str, ...]] = None) -> dict[str, tuple[str, str]]:
+        """{metric: (component, reduction)} declared by the components `names` (default: all)."""
+        return {m: (n, how) for n in (self.names if names is None else names) for m, how in self.components[n].metrics.items()}
+
+    def metric_zeros(self, names: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+        """The accumulators of the declared metrics: the same keys on every rank, whatever its batches held
+        (the reduction over ranks matches them by name)."""
+        return {"metric_batches": 0.0, **{f"metric.{m}": 0.0 for m in self.metric_specs(names)}}
+
+    def add_metrics(self, acc: dict[str, Any], sums: Sums, names: Optional[tuple[str, ...]] = None) -> None:
+        """Add one micro-batch's declared metrics into `acc` (kept on the device until the reduction)."""
+        acc["metric_batches"] += 1.0
+        for m in self.metric_specs(names):
+            v = sums.extras.get(m)
+            if v is not None:
+                acc[f"metric.{m}"] = acc[f"metric.{m}"] + (v.detach() if torch.is_tensor(v) else float(v))
+
+    def reduce_metrics(
+        self, reduced: dict[str, float], normalizers: dict[str, float], names: Optional[tuple[str, ...]] = None
+    ) -> dict[str, float]:
+        """The declared metrics from the sums over every rank (`reduced`), by each one's reduction."""
+        out = {}
+        for m, (component, how) in self.metric_specs(names).items():
+            if f"metric.{m}" in reduced:
+                total = reduced[f"metric.{m}"]
+                out[m] = total / normalizers[component] if how == "unit" else total / max(reduced["metric_batches"], 1.0)
+        return out
 
     @staticmethod
     def value(means: dict[str, float], weights: dict[str, float]) -> float:

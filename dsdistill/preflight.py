@@ -10,15 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from dsdistill.components.base import implementation
 from dsdistill.config import RunConfig
 from dsdistill.curriculum import Curriculum
 from dsdistill.data import MixedStream, Splits, TrainStream, build_splits, make_stream, plan_json
 from dsdistill.ds_config import lr_schedule, precision_of, resolve_student, resolve_teacher, zero_stage
 from dsdistill.engines import warmup_steps_of
 from dsdistill.errors import ConfigError, DataError, ModelError
+from dsdistill.heads import HeadShape
 from dsdistill.layers import LayerMap
+from dsdistill.models import count_params, load_tokenizer, meta_model
 from dsdistill.models import load_config as load_model_config
-from dsdistill.models import load_tokenizer
 from dsdistill.rundir import LOCK_FILE, refuse_link
 from dsdistill.teachers.base import Capabilities, RunContext, TeacherPlan
 from dsdistill.teachers.build import check_serves, open_teacher
@@ -58,6 +60,19 @@ class Plan:
     def fused(self) -> bool:
         """KD and LM run chunked from final hidden states (no [tokens, vocab] logits)."""
         return self.cfg.loss.fused_logits and self.fused_off is None
+
+    @property
+    def head_shape(self) -> HeadShape:
+        """The shapes the fused head sizes its chunks by."""
+        from dsdistill.models import DTYPES
+
+        return HeadShape(
+            vocab=self.vocab,
+            s_width=self.student_config.hidden_size,
+            t_width=getattr(self.teacher_config, "hidden_size", 0),
+            t_bytes=DTYPES[self.precision].itemsize,
+            tokens=self.cfg.train.micro_batch_size * self.cfg.train.seq_len,
+        )
 
     @property
     def global_batch(self) -> int:
@@ -272,11 +287,6 @@ def plan_dict(plan: "Plan", data: RunData) -> dict[str, Any]:
     }
 
 
-def count_params(model_config) -> int:
-    """Parameters of a model built from its config on the meta device (no memory, no weights read)."""
-    return sum(p.numel() for p in meta_model(model_config).parameters())
-
-
 def estimate_memory(plan: "Plan") -> dict[str, float]:
     """Per-GPU GiB for the teacher shard, the student's ZeRO-partitioned states and the logits of one
     micro-batch (both models' logits, their fp32 log-softmax and the student's logit gradient)."""
@@ -371,19 +381,16 @@ def _same_vocab(a, b) -> bool:
 
 def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool = False) -> tuple[Plan, RunData]:
     """Validate the run against the data, models (configs and tokenizers only) and world size
-    (`writing_cache`: for `dsdistill teacher-cache`, which needs the teacher model itself)."""
+    (`writing_cache`: for `dsdistill teacher-cache`, which needs the teacher model itself). The checks run
+    in the order a person fixes things: config, models, data, then what the run asks of its teacher."""
     run_dir = Path(cfg.output.run_dir)
     check_run_dir(run_dir)
-    try:
-        curriculum = Curriculum(cfg.curriculum)
-    except ValueError as e:
-        raise ConfigError(f"curriculum.weights: {e}") from None
+    curriculum = _curriculum(cfg)
     metric = cfg.eval.early_stopping.metric
     if metric not in ("ppl", "lm_ce", "objective") and metric not in curriculum.active:
         raise ConfigError(
             f"eval.early_stopping.metric: '{metric}' is not computed in this run; expected ppl, lm_ce, objective or one of {', '.join(curriculum.active)}"
         )
-
     student_cfg = load_model_config(cfg.student, field="student")
     tokenizer = load_tokenizer(cfg.student, field="student")
     teacher = open_teacher(cfg, tokenizer, rank=rank)
@@ -391,8 +398,60 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         raise ConfigError(
             f"teacher-cache: the config's teacher is {teacher.noun} ({teacher.field}); give the model in teacher.path"
         )
-    teacher_cfg, teacher_tok = teacher.model_config, teacher.tokenizer
-    vocab = len(tokenizer)
+    _check_vocabularies(cfg, curriculum, tokenizer, teacher, student_cfg)
+    splits = build_splits(cfg, tokenizer)
+    stream = make_stream(cfg, splits, tokenizer, rank=rank, world=world)
+    total_steps = _total_steps(cfg, splits, stream, world)
+    teacher_cfg = teacher.model_config
+    ds_teacher = resolve_teacher(cfg, hidden_size=getattr(teacher_cfg, "hidden_size", None))
+    ds_student = resolve_student(
+        cfg,
+        world_size=world,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps_of(cfg.scheduler, total_steps),
+        hidden_size=getattr(student_cfg, "hidden_size", None),
+    )
+    layers = LayerMap.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
+    _check_architectures(cfg, teacher, student_cfg)
+    _check_trainable(cfg, curriculum, splits)
+    left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
+    fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
+    components = {n: implementation(n) for n in curriculum.active}
+    ctx = RunContext(cfg, splits, components, layers, total_steps, rank)
+    check_serves(teacher, ctx, fused_off=fused_off, samples=_check_sampling(cfg, curriculum, splits))
+    if left_out:
+        curriculum = _curriculum(cfg, active=tuple(n for n in curriculum.active if n not in left_out))
+    plan = Plan(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        run_dir=run_dir,
+        curriculum=curriculum,
+        vocab=len(tokenizer),
+        teacher_config=teacher_cfg,
+        student_config=student_cfg,
+        total_steps=total_steps,
+        precision=precision_of(cfg),
+        ds_student=ds_student,
+        ds_teacher=ds_teacher,
+        layers=layers,
+        left_out=left_out,
+        teacher=teacher.capabilities(),
+        fused_off=fused_off,
+    )
+    return plan, RunData(tokenizer, splits, stream, teacher)
+
+
+def _curriculum(cfg: RunConfig, active: Optional[tuple[str, ...]] = None) -> Curriculum:
+    try:
+        return Curriculum(cfg.curriculum) if active is None else Curriculum(cfg.curriculum, active=active)
+    except ValueError as e:
+        raise ConfigError(f"curriculum.weights: {e}") from None
+
+
+def _check_vocabularies(cfg: RunConfig, curriculum: Curriculum, tokenizer, teacher: TeacherPlan, student_cfg) -> None:
+    """ignore_index, stop tokens, one shared vocabulary where the run needs it, and models that cover it."""
+    vocab, teacher_tok = len(tokenizer), teacher.tokenizer
     if 0 <= cfg.loss.ignore_index < vocab:
         raise ConfigError(
             f"loss.ignore_index: {cfg.loss.ignore_index} is a token id of this vocabulary (0..{vocab - 1}), so that token "
@@ -415,7 +474,7 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
             f"teacher.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
             "logit KD needs a shared vocabulary (set the kd weight to 0 to distil without it)"
         )
-    for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
+    for field, mc in (("teacher", teacher.model_config), ("student", student_cfg)):
         where = teacher.field if field == "teacher" else "student.path"
         mv = getattr(mc, "vocab_size", None)
         if mv is not None and mv < vocab:
@@ -424,8 +483,9 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         if limit is not None and cfg.train.seq_len > limit:
             raise ConfigError(f"train.seq_len: {cfg.train.seq_len} exceeds the {field}'s max_position_embeddings ({limit})")
 
-    splits = build_splits(cfg, tokenizer)
-    stream = make_stream(cfg, splits, tokenizer, rank=rank, world=world)
+
+def _total_steps(cfg: RunConfig, splits: Splits, stream, world: int) -> int:
+    """The run's optimizer steps: train.max_steps, or epochs of the packed data."""
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     if stream.batches_per_epoch is None:
         if cfg.train.max_steps is None:
@@ -439,17 +499,12 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
             f"data.path: '{cfg.data.path}' packs into {len(splits.train)} sequences of {cfg.train.seq_len} tokens; "
             f"one optimizer step needs {per_step} (micro_batch_size*grad_accum*world_size)"
         )
-    total_steps = cfg.train.max_steps or (cfg.train.epochs or 1) * steps_per_epoch
-    ds_teacher = resolve_teacher(cfg, hidden_size=getattr(teacher_cfg, "hidden_size", None))
-    ds_student = resolve_student(
-        cfg,
-        world_size=world,
-        total_steps=total_steps,
-        warmup_steps=warmup_steps_of(cfg.scheduler, total_steps),
-        hidden_size=getattr(student_cfg, "hidden_size", None),
-    )
-    layers = LayerMap.build(cfg.loss, _n_layers(student_cfg, "student"), _n_layers(teacher_cfg, "teacher"))
-    for field, mc in (("teacher", teacher_cfg), ("student", student_cfg)):
+    return cfg.train.max_steps or (cfg.train.epochs or 1) * steps_per_epoch
+
+
+def _check_architectures(cfg: RunConfig, teacher: TeacherPlan, student_cfg) -> None:
+    """Both are causal LMs; an attention implementation a family lacks is refused here, not at load."""
+    for field, mc in (("teacher", teacher.model_config), ("student", student_cfg)):
         _check_causal_lm(mc, field, teacher.source if field == "teacher" else str(cfg.student.path))
         spec = getattr(cfg, field)
         if spec.attn_implementation == "sdpa" and (field == "student" or teacher.capabilities().model_in_job):
@@ -459,6 +514,10 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
                     f"{field}.attn_implementation: {type(meta_model(mc)).__name__} does not support 'sdpa'; set "
                     f"{field}.attn_implementation: eager (attention terms on its layers are then left out)"
                 )
+
+
+def _check_trainable(cfg: RunConfig, curriculum: Curriculum, splits: Splits) -> None:
+    """Some training token carries loss (unless the student writes its own completions)."""
     train_stats = splits.totals()
     if train_stats.loss_tokens == 0 and not curriculum.ever_on_policy:
         raise DataError(
@@ -470,48 +529,23 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
             )
             + "; chat data needs assistant turns (or data.loss_on: all), prompt_completion data non-empty completions"
         )
-    left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
-    fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
-    samples = None
-    if curriculum.ever_on_policy or cfg.generation.probes(False):
-        # generation.eval_prompts set in an off-policy run probes it with the same sampler and rows
-        samples = field = "curriculum.on_policy" if curriculum.ever_on_policy else "generation.eval_prompts"
-        if splits.streamed or splits.packing != "none":
-            raise ConfigError(
-                f"{field}: a sampled completion replaces one example's; set data.packing: none "
-                "(one example per sequence) and read the data whole"
-            )
-        if any(s.format == "text" for s in cfg.data.resolved_sources()):
-            raise ConfigError(f"{field}: prompts come from chat or prompt_completion data; data.format is text")
-    from dsdistill import registry
 
-    components = {n: registry.implementation(n) for n in curriculum.active}
-    ctx = RunContext(cfg, splits, components, layers, total_steps, rank)
-    check_serves(teacher, ctx, fused_off=fused_off, samples=samples)
-    if left_out:
-        try:
-            curriculum = Curriculum(cfg.curriculum, active=tuple(n for n in curriculum.active if n not in left_out))
-        except ValueError as e:
-            raise ConfigError(f"curriculum.weights: {e}") from None
-    plan = Plan(
-        cfg=cfg,
-        rank=rank,
-        world=world,
-        run_dir=run_dir,
-        curriculum=curriculum,
-        vocab=vocab,
-        teacher_config=teacher_cfg,
-        student_config=student_cfg,
-        total_steps=total_steps,
-        precision=precision_of(cfg),
-        ds_student=ds_student,
-        ds_teacher=ds_teacher,
-        layers=layers,
-        left_out=left_out,
-        teacher=teacher.capabilities(),
-        fused_off=fused_off,
-    )
-    return plan, RunData(tokenizer, splits, stream, teacher)
+
+def _check_sampling(cfg: RunConfig, curriculum: Curriculum, splits: Splits) -> Optional[str]:
+    """The field that makes the run sample completions (None: it samples none), after checking the data
+    allows it."""
+    if not (curriculum.ever_on_policy or cfg.generation.probes(False)):
+        return None
+    # generation.eval_prompts set in an off-policy run probes it with the same sampler and rows
+    field = "curriculum.on_policy" if curriculum.ever_on_policy else "generation.eval_prompts"
+    if splits.streamed or splits.packing != "none":
+        raise ConfigError(
+            f"{field}: a sampled completion replaces one example's; set data.packing: none "
+            "(one example per sequence) and read the data whole"
+        )
+    if any(s.format == "text" for s in cfg.data.resolved_sources()):
+        raise ConfigError(f"{field}: prompts come from chat or prompt_completion data; data.format is text")
+    return field
 
 
 def _check_causal_lm(model_config, field: str, path: str) -> None:
@@ -537,33 +571,14 @@ def _fused_off(teacher_cfg, student_cfg) -> Optional[str]:
     return None
 
 
-_META: dict[int, tuple[Any, Any]] = {}
-
-
-def meta_model(model_config):
-    """The causal LM of a config, built on the meta device (no memory, no weights read); built once per
-    config object, since the memory plan, the capture check and the fused check all inspect it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hit = _META.get(id(model_config))
-    if hit is not None and hit[0] is model_config:
-        return hit[1]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    _META[id(model_config)] = (model_config, model)  # the config is kept alive, so its id is not reused
-    return model
-
-
 def _uncomputable(cfg: RunConfig, curriculum: Curriculum, layers: LayerMap, teacher_cfg, student_cfg) -> dict[str, str]:
     """{component: why} for scheduled components these architectures cannot provide inputs for (today:
     queries and keys that cannot be captured), from what each component declares it needs."""
-    from dsdistill import registry
     from dsdistill.capture import unsupported_reason
 
     out: dict[str, str] = {}
     for name in curriculum.active:
-        needs = registry.implementation(name).needs(layers)
+        needs = implementation(name).needs(layers)
         s_layers, t_layers = sorted(needs.student_qk), sorted(needs.teacher_qk)
         if not (s_layers or t_layers):
             continue

@@ -17,7 +17,7 @@ then both models score the sampled tokens. The figures:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,22 @@ from dsdistill.rollout import apply_rollouts
 from dsdistill.trainer import teacher_input
 
 if TYPE_CHECKING:
-    from dsdistill.run.loop import Session
+    from dsdistill.preflight import Plan, RunData
+    from dsdistill.trainer import Evaluator, PairForward, Trainer
+
+
+class Session(Protocol):
+    """What the probe reads of a run (`run.loop.Session` has it)."""
+
+    plan: "Plan"
+    data: "RunData"
+    student: Any
+    trainer: "Trainer"
+    evaluator: "Evaluator"
+    forward: "PairForward"
+
+    def eval_batches(self, rows: Any = None) -> Iterable[dict[str, torch.Tensor]]: ...
+
 
 SAMPLES = 2
 """Completions recorded as text per evaluation (rank 0's first)."""

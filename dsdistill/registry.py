@@ -1,7 +1,7 @@
 """The one registry of loss components: one `register(...)` line per component.
 
 Each line gives the name, the unit it is averaged over, a description, and where its implementation
-lives (`module:attribute`, imported only when a run builds its objective). This module imports nothing
+lives (`module:attribute`, imported by `components.base.implementation` only when a run builds its objective). This module imports nothing
 heavy, so the config, the curriculum and the monitor read names from here without loading torch.
 Everything else about a component (what it needs from the two forwards, the modules it owns, how it is
 computed) is in its own file under `dsdistill/components/`; see docs/architecture.md.
@@ -9,19 +9,15 @@ computed) is in its own file under `dsdistill/components/`; see docs/architectur
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from dsdistill.components.base import Component as ComponentImpl
+from typing import Literal
 
 Unit = Literal["token", "sequence", "micro_batch"]
 
 
 @dataclass(frozen=True)
-class Component:
-    """A named term of the distillation objective."""
+class Registration:
+    """A named term of the distillation objective, as registered (its code: `implementation`)."""
 
     name: str
     unit: Unit
@@ -32,17 +28,17 @@ class Component:
     """`package.module:Class` of its `dsdistill.components.base.Component` subclass."""
 
 
-COMPONENTS: dict[str, Component] = {}
+COMPONENTS: dict[str, Registration] = {}
 NAMES: tuple[str, ...] = ()
 """Registered names in registration order (the order of records, plots and the objective)."""
 
 
-def register(name: str, unit: Unit, description: str, implementation: str) -> Component:
+def register(name: str, unit: Unit, description: str, implementation: str) -> Registration:
     """Add a component (a test may register a toy one and remove it with `unregister`)."""
     global NAMES
     if name in COMPONENTS:
         raise ValueError(f"loss component {name!r} is registered already")
-    COMPONENTS[name] = spec = Component(name, unit, description, implementation)
+    COMPONENTS[name] = spec = Registration(name, unit, description, implementation)
     NAMES = tuple(COMPONENTS)
     return spec
 
@@ -58,13 +54,6 @@ def check_name(name: str) -> str:
     if name not in COMPONENTS:
         raise ValueError(f"unknown loss component {name!r}; expected one of: {', '.join(NAMES)}")
     return name
-
-
-def implementation(name: str) -> "ComponentImpl":
-    """A new instance of the component registered under `name` (its module is imported on first use)."""
-    module, _, attr = COMPONENTS[check_name(name)].implementation.partition(":")
-    cls: Any = getattr(importlib.import_module(module), attr)
-    return cls()
 
 
 register(

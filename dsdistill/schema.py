@@ -12,7 +12,7 @@ import json
 import time as _time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SCHEMA_VERSION = 1
 METRICS_FILE = "metrics.jsonl"
@@ -86,8 +86,9 @@ class TrainRecord(_Record):
     total_steps: int = 0
     grad_norm: Optional[float] = None
     """Global gradient norm before clipping, if the engine reports it."""
-    extras: dict[str, float] = {}
-    """Diagnostics that are not objective terms (e.g. kd_kl: KD's KL before T^2 scaling)."""
+    metrics: dict[str, float] = Field(default={}, validation_alias=AliasChoices("metrics", "extras"))
+    """The computed components' diagnostics, by the names they declare (e.g. kd_kl: KD's divergence before
+    T^2 scaling). Files written before 2026-12-05 call this `extras`."""
     mem_gib: Optional[float] = None
     """Peak accelerator memory on rank 0 since the run started, GiB (None on CPU)."""
     gate_usage: Optional[list[float]] = None
@@ -126,6 +127,8 @@ class EvalRecord(_Record):
     line). None: every token exact (a live teacher)."""
     tokens: int = 0
     """Eval tokens over all ranks."""
+    metrics: dict[str, float] = {}
+    """Every component's diagnostics on the eval set, by the names they declare."""
     best: Optional[float] = None
     """Best value so far of the early-stopping metric."""
     bad_evals: int = 0

@@ -88,7 +88,12 @@ class PairForward:
                 coef_kd=coefficients.get("kd", 0.0),
                 coef_lm=coefficients.get("lm", 0.0),
                 options=head_options(
-                    self.plan, self.engine.device, temperature=ctx.temperature, want_kd=want_kd, want_lm=want_lm
+                    self.plan.cfg.loss,
+                    self.plan.head_shape,
+                    self.engine.device,
+                    temperature=ctx.temperature,
+                    want_kd=want_kd,
+                    want_lm=want_lm,
                 ),
                 positions=positions,
             )
@@ -136,8 +141,8 @@ class StepResult:
     """The learning rate the optimizer applied."""
     tokens: int
     """Token positions the step consumed on all ranks."""
-    kd_kl: Optional[float]
-    """KD's divergence without the T^2 factor, per loss-bearing token (None without KD)."""
+    metrics: dict[str, float]
+    """The computed components' diagnostics, each reduced as it declares (`Component.metrics`)."""
     gate_usage: Optional[list[float]]
     grad_norm: Optional[float]
     nonfinite_loss: bool
@@ -186,35 +191,14 @@ class Trainer:
         scale = cfg.train.grad_accum * self.plan.world
         ctx = objective.context(step=engine.global_steps)  # the one schedule position for this whole window
         names = objective.live(ctx)  # weight 0 at this step: not computed at all
-        rollout = None
-        if self.rollouts is not None and ctx.on_policy > 0:
-            # on-policy: part of the window's completions sampled now, from the weights of this step
-            window, stats = apply_rollouts(
-                window,
-                fraction=ctx.on_policy,
-                backend=self.rollouts,
-                generation=cfg.generation,
-                step=ctx.step,
-                seed=cfg.train.seed,
-                pad=self.pad,
-                ignore_index=cfg.loss.ignore_index,
-            )
-            r = all_reduce_named(
-                {
-                    "sequences": float(stats.sequences),
-                    "tokens": float(stats.tokens),
-                    "seconds": stats.seconds,
-                    "ended": float(stats.ended),
-                }
-            )
-            rollout = {**r, "seconds": r["seconds"] / self.plan.world}
+        window, rollout = self._rollouts(window, ctx)
         # units in the whole window on all ranks: each component is divided by its own unit count
         counted = [count_units(mb["labels"], cfg.loss.ignore_index) for mb in window]
         units = all_reduce_named({u: float(sum(c[u] for c in counted)) for u in UNITS})
         normalizers = objective.normalizers(units)
         coefficients = objective.coefficients(ctx, normalizers)
         acc: dict[str, Any] = {f"loss.{n}": 0.0 for n in names}
-        acc["kd_kl"] = 0.0
+        acc.update(objective.metric_zeros(names))
         acc["nonfinite"] = 0.0  # micro-batches whose loss was not finite, counted on the device
         usage, skipped, lr = None, False, float("nan")
         self.forward.teacher.begin_step(objective.needs_of(names, self.plan.layers))
@@ -226,32 +210,14 @@ class Trainer:
                     return self._abandoned(ctx)
                 x = self.forward(mb, objective, ctx, coefficients, want_lm="lm" in names, live=names)
                 sums = objective.sums(x, names=names)
-                # DeepSpeed divides by gas and averages gradients over ranks; undo both so the step minimises
-                # the unit-weighted objective of the whole window on all ranks
-                loss = objective.loss(sums, coefficients) * scale
-                # a non-finite loss makes the gradients non-finite too, so ZeRO's global check skips this update
-                # on every rank; decided on the device (no host sync), counted in the step's one reduction
-                bad = ~torch.isfinite(loss.detach())
-                loss = loss * torch.where(bad, float("nan"), 1.0).to(loss.dtype)
-                acc["nonfinite"] = acc["nonfinite"] + bad.to(torch.float32)
-                engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                if boundary:
-                    lr = current_lr(engine)  # what optimizer.step() below applies
-                skipped_before = int(getattr(engine, "skipped_steps", 0))
-                engine.step()
-                if boundary and int(getattr(engine, "skipped_steps", 0)) > skipped_before:
-                    skipped = True
-                    if engine.lr_scheduler is not None:
-                        # DeepSpeed does not advance the LR schedule on a skipped step, but the step counter (and
-                        # the curriculum) moves on: advance it so the LR stays a function of the optimizer step
-                        engine.lr_scheduler.step()
+                applied = self._backward(objective.loss(sums, coefficients) * scale, acc)
+                if applied is not None:
+                    lr, skipped = applied
                 for n in names:  # summed on the device; transferred once per window by the reduction below
                     acc[f"loss.{n}"] = acc[f"loss.{n}"] + sums.sums[n].detach()
-                if "kd_kl" in sums.extras:
-                    acc["kd_kl"] = acc["kd_kl"] + sums.extras["kd_kl"]
+                objective.add_metrics(acc, sums, names)
                 usage = sums.extras.get("gate_usage", usage)
-                del x, sums, loss
+                del x, sums
         finally:
             self.forward.teacher.end_step()
         r = all_reduce_named({**acc, "stop": float(stop_requested()), "save_due": float(save_due())})
@@ -262,7 +228,7 @@ class Trainer:
             objective=objective.value(losses, ctx.weights),
             lr=lr,
             tokens=sum(mb["input_ids"].numel() for mb in window) * self.plan.world,
-            kd_kl=r["kd_kl"] / max(units["token"], 1.0) if "kd" in names else None,
+            metrics=objective.reduce_metrics(r, normalizers, names),
             gate_usage=usage.tolist() if torch.is_tensor(usage) else usage,  # read once per step
             grad_norm=_grad_norm(engine),
             nonfinite_loss=r["nonfinite"] > 0,
@@ -272,6 +238,48 @@ class Trainer:
             save_due=r["save_due"] > 0,
         )
 
+    def _rollouts(self, window: list[dict[str, torch.Tensor]], ctx: StepContext):
+        """On-policy: part of the window's completions sampled now, from the weights of this step; the window
+        and the sampling's numbers over all ranks (None when this step is off-policy)."""
+        cfg = self.plan.cfg
+        if self.rollouts is None or ctx.on_policy <= 0:
+            return window, None
+        window, stats = apply_rollouts(
+            window,
+            fraction=ctx.on_policy,
+            backend=self.rollouts,
+            generation=cfg.generation,
+            step=ctx.step,
+            seed=cfg.train.seed,
+            pad=self.pad,
+            ignore_index=cfg.loss.ignore_index,
+        )
+        keys = {"sequences": stats.sequences, "tokens": stats.tokens, "seconds": stats.seconds, "ended": stats.ended}
+        r = all_reduce_named({k: float(v) for k, v in keys.items()})
+        return window, {**r, "seconds": r["seconds"] / self.plan.world}
+
+    def _backward(self, loss: torch.Tensor, acc: dict[str, Any]) -> Optional[tuple[float, bool]]:
+        """Backward and engine.step for one micro-batch; at the window's boundary (LR applied, skipped)."""
+        engine = self.engine
+        # a non-finite loss makes the gradients non-finite too, so ZeRO's global check skips this update
+        # on every rank; decided on the device (no host sync), counted in the step's one reduction
+        bad = ~torch.isfinite(loss.detach())
+        loss = loss * torch.where(bad, float("nan"), 1.0).to(loss.dtype)
+        acc["nonfinite"] = acc["nonfinite"] + bad.to(torch.float32)
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        lr = current_lr(engine) if boundary else float("nan")  # what optimizer.step() below applies
+        skipped_before = int(getattr(engine, "skipped_steps", 0))
+        engine.step()
+        if not boundary:
+            return None
+        skipped = int(getattr(engine, "skipped_steps", 0)) > skipped_before
+        if skipped and engine.lr_scheduler is not None:
+            # DeepSpeed does not advance the LR schedule on a skipped step, but the step counter (and the
+            # curriculum) moves on: advance it so the LR stays a function of the optimizer step
+            engine.lr_scheduler.step()
+        return lr, skipped
+
     def _abandoned(self, ctx: StepContext) -> StepResult:
         return StepResult(
             ctx=ctx,
@@ -279,7 +287,7 @@ class Trainer:
             objective=float("nan"),
             lr=float("nan"),
             tokens=0,
-            kd_kl=None,
+            metrics={},
             gate_usage=None,
             grad_norm=None,
             nonfinite_loss=False,
@@ -401,6 +409,8 @@ class EvalResult:
     lm_ce: float
     ppl: float
     tokens: int
+    metrics: dict[str, float]
+    """Every component's diagnostics, reduced as it declares."""
 
 
 class Evaluator:
@@ -418,6 +428,7 @@ class Evaluator:
         ctx = obj.context(step=step)
         acc: dict[str, Any] = {f"loss.{n}": 0.0 for n in obj.names}
         acc.update({f"units.{u}": 0.0 for u in UNITS})
+        acc.update(obj.metric_zeros())
         was_training = engine.module.training
         engine.eval()
         obj_needs = obj.needs
@@ -428,6 +439,7 @@ class Evaluator:
                 part = obj.sums(x)
                 for n in obj.names:  # summed on the device; transferred once by the reduction below
                     acc[f"loss.{n}"] = acc[f"loss.{n}"] + part.sums[n].detach()
+                obj.add_metrics(acc, part)
                 for u, c in count_units(x.labels, self.plan.cfg.loss.ignore_index).items():
                     acc[f"units.{u}"] += c
         finally:
@@ -448,6 +460,7 @@ class Evaluator:
             lm_ce=lm_ce,
             ppl=math.exp(lm_ce) if lm_ce < 700 else float("inf"),
             tokens=int(r["units.token"]),
+            metrics=obj.reduce_metrics(r, normalizers),
         )
 
     @torch.no_grad()

@@ -171,7 +171,16 @@ def render_plot(
                 canvas.line(prev[0], prev[1], cur[0], cur[1], tr.color)
             prev = cur
 
+    return _frame(canvas, (x0, x1, y0, y1), width, margin=margin, logy=logy, x_axis=x_axis)
+
+
+def _frame(
+    canvas: Canvas, bounds: tuple[float, float, float, float], width: int, *, margin: int, logy: bool, x_axis: str
+) -> Text:
+    """The drawn canvas with its y labels (top, middle, bottom) on the left and the x range below."""
+    x0, x1, y0, y1 = bounds
     rows = canvas.rows()
+    ph, pw = len(rows), canvas.w
     out = Text()
     for r, row in enumerate(rows):
         if r == 0:

@@ -134,10 +134,10 @@ class RunState:
         self.train_x = XTable()
         self.eval_x = XTable()
         self.train: dict[str, Series] = {}
-        """raw/<component>, weighted/<component>, objective, lr, temperature, tokens_per_s, grad_norm, mem_gib
+        """raw/<component>, weighted/<component>, metric/<name>, objective, lr, temperature, tokens_per_s, grad_norm, mem_gib
         (the weights themselves follow from the curriculum in run_start)."""
         self.eval: dict[str, Series] = {}
-        """objective, ppl, lm_ce, teacher_ppl, raw/<component>."""
+        """objective, ppl, lm_ce, teacher_ppl, raw/<component>, metric/<name>."""
         self.evals: deque[EvalRecord] = deque(maxlen=EVAL_MEMORY)
         """The newest evaluations (their values are all kept in the eval series)."""
         self.first_identical_eval: Optional[tuple[EvalRecord, EvalRecord]] = None
@@ -271,6 +271,8 @@ class RunState:
         ):
             if value is not None:
                 (table.get(key) or self._series(table, key, x)).add(row, value)
+        for name, value in rec.metrics.items():
+            (table.get("metric/" + name) or self._series(table, "metric/" + name, x)).add(row, value)
         if rec.gate_usage:
             self.gate_usage = rec.gate_usage
 
@@ -298,8 +300,15 @@ class RunState:
                 self._series(self.eval, key, self.eval_x).add(row, float(value))
         for name, value in rec.losses.items():
             self._series(self.eval, f"raw/{name}", self.eval_x).add(row, float(value))
+        for name, value in rec.metrics.items():
+            self._series(self.eval, f"metric/{name}", self.eval_x).add(row, float(value))
 
     # ------------------------------------------------------------------ views
+    @property
+    def metrics(self) -> list[str]:
+        """The components' diagnostics this run reported (`metrics` of its records), by name."""
+        return sorted({k.split("/", 1)[1] for k in (*self.train, *self.eval) if k.startswith("metric/")})
+
     @property
     def components(self) -> list[str]:
         names = {k.split("/", 1)[1] for k in self.train if k.startswith("raw/")}
@@ -395,45 +404,46 @@ class RunState:
         self._schedule = (self.start, cur)
         return cur
 
-    def summary(self) -> dict[str, Any]:
-        """The latest state as plain data (for --json and --once)."""
-        t, e = self.last_train, self.last_eval
-        return {
-            "run": self.name,
-            "records": self.records,
-            "corrupt_lines": self.corrupt,
-            "unknown_records": self.unknown,
-            "restarts": self.restarts,
-            "earlier_runs": self.earlier_runs,
-            "total_steps": self.total_steps,
-            "step": self.current_step,
-            "progress": self.progress(),
-            "eta_s": self.eta_seconds(),
-            "ended": self.end.reason if self.end is not None else None,
-            "train": None
-            if t is None
-            else {
-                "step": t.step,
-                "objective": t.objective,
-                "losses": t.losses,
-                "weights": t.weights,
-                "lr": t.lr,
-                "temperature": t.temperature,
-                "tokens_per_s": t.tokens_per_s,
-                "tokens": t.tokens,
-            },
-            "eval": None
-            if e is None
-            else {
-                "step": e.step,
-                "objective": e.objective,
-                "losses": e.losses,
-                "lm_ce": e.lm_ce,
-                "ppl": e.ppl,
-                "teacher_ppl": e.teacher_ppl,
-                "best": e.best,
-                "bad_evals": e.bad_evals,
-                "metric": e.early_stop_metric,
-                "on_policy": {k: v for k, v in e.on_policy.items() if k != "samples"},
-            },
-        }
+
+def summary(run: "RunState") -> dict[str, Any]:
+    """The latest state as plain data (for --json and --once)."""
+    t, e = run.last_train, run.last_eval
+    return {
+        "run": run.name,
+        "records": run.records,
+        "corrupt_lines": run.corrupt,
+        "unknown_records": run.unknown,
+        "restarts": run.restarts,
+        "earlier_runs": run.earlier_runs,
+        "total_steps": run.total_steps,
+        "step": run.current_step,
+        "progress": run.progress(),
+        "eta_s": run.eta_seconds(),
+        "ended": run.end.reason if run.end is not None else None,
+        "train": None
+        if t is None
+        else {
+            "step": t.step,
+            "objective": t.objective,
+            "losses": t.losses,
+            "weights": t.weights,
+            "lr": t.lr,
+            "temperature": t.temperature,
+            "tokens_per_s": t.tokens_per_s,
+            "tokens": t.tokens,
+        },
+        "eval": None
+        if e is None
+        else {
+            "step": e.step,
+            "objective": e.objective,
+            "losses": e.losses,
+            "lm_ce": e.lm_ce,
+            "ppl": e.ppl,
+            "teacher_ppl": e.teacher_ppl,
+            "best": e.best,
+            "bad_evals": e.bad_evals,
+            "metric": e.early_stop_metric,
+            "on_policy": {k: v for k, v in e.on_policy.items() if k != "samples"},
+        },
+    }

@@ -121,7 +121,7 @@ def test_engine_path_fused_equals_full_logits(make_config, tmp_path, stage):
     for a, b in zip(t_f, t_u):
         for name in ("kd", "lm"):
             assert a.losses[name] == pytest.approx(b.losses[name], rel=1e-5), (a.step, name)
-        assert a.extras["kd_kl"] == pytest.approx(b.extras["kd_kl"], rel=1e-5)
+        assert a.metrics["kd_kl"] == pytest.approx(b.metrics["kd_kl"], rel=1e-5)
     for a, b in zip(e_f, e_u):
         assert a.objective == pytest.approx(b.objective, rel=1e-5) and a.ppl == pytest.approx(b.ppl, rel=1e-5)
         assert a.teacher_ppl == pytest.approx(b.teacher_ppl, rel=1e-6)

@@ -80,7 +80,7 @@ def _trace(run_dir: Path) -> dict:
             "grad_norm": r.grad_norm,
             "lr": r.lr,
             "temperature": r.temperature,
-            "kd_kl": r.extras.get("kd_kl"),
+            "kd_kl": r.metrics.get("kd_kl"),
         }
         for r in recs
         if isinstance(r, TrainRecord)

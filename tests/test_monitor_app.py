@@ -16,7 +16,10 @@ from dsdistill.config import validate
 from dsdistill.schema import METRICS_FILE, dumps
 from dsdistill.train import train
 from dsmonitor.app import DsMonitor
-from dsmonitor.widgets import HelpScreen, Panel, PlotPanel, _fmt
+from dsmonitor.fmt import fmt as _fmt
+from dsmonitor.panels import DrawContext, Panel
+from dsmonitor.panels.plot import PlotPanel
+from dsmonitor.widgets import HelpScreen
 from tests.streams import T0, healthy_records, write
 
 SNAPSHOTS = Path(__file__).with_name("snapshots")
@@ -70,7 +73,9 @@ def test_follows_a_real_run(real_run):
         await wait_for(pilot, lambda: app.runs[0].end is not None)
         run = app.runs[0]
         assert len(run.train["objective"]) == 8 and len(run.evals) == 3
-        assert set(app._plots) == set(registry.NAMES)  # every component of the default curriculum
+        # every component of the default curriculum, then the diagnostics components declare (KD's kd_kl)
+        assert set(app._plots) == set(registry.NAMES) | {"metric/kd_kl"}
+        assert len(run.train["metric/kd_kl"]) == 8 and len(run.eval["metric/kd_kl"]) == 3
         assert "ended: completed" in str(app.query_one("#status").render())
         alerts = [a for _, a in app.all_alerts() if a.level in ("error", "warning")]
         assert alerts == []
@@ -176,7 +181,7 @@ def test_every_key(tmp_path):
         await pilot.press("slash", "backspace", "backspace", "enter")
         await pilot.pause(0.2)
         # kd comes back before lm, where it was (not appended at the end)
-        assert [p.component for p in app.query(PlotPanel)] == ["kd", "lm"]
+        assert [p.plotted for p in app.query(PlotPanel)] == ["kd", "lm"]
         await pilot.press("e")
         await pilot.pause(0.2)
         assert len(list(export.glob("*.svg"))) == 1
@@ -286,7 +291,6 @@ def _stats_lines(text: str) -> list[str]:
 @pytest.mark.parametrize("size", [(80, 24), (200, 60)], ids=["80x24", "200x60"])
 def test_no_number_on_screen_is_cut(tmp_path, size):
     """Every value the stats view shows equals the formatting of a value from the records, whole."""
-    from dsmonitor.widgets import _fmt
 
     recs = healthy_records(40, end=False)
     for r in recs:
@@ -503,8 +507,8 @@ def test_an_estimated_teacher_perplexity_is_no_reference_line(tmp_path):
     async def scenario(pilot):
         await wait_for(pilot, lambda: app.runs[0].end is not None)
         await pilot.pause(0.3)
-        panel = app.eval_panel
-        panel.draw(app.runs, app.opts)  # it may sit in another view than the one on screen
+        panel = app.panels["eval"]
+        panel.draw(DrawContext(app.runs, app.opts, app.clock(), []))  # it may sit in another view than the one on screen
         await pilot.pause(0.2)
         text = " ".join(text_of(panel).split())
         assert "(teacher ~2.5, estimated for 40% of tokens)" in text, text[:400]
@@ -548,8 +552,8 @@ def test_at_80x24_the_key_bar_is_whole_both_runs_are_in_the_status_line_and_a_de
 def test_the_eta_is_estimated_from_the_first_record_instead_of_a_dash(tmp_path):
     """Before a run's second train record the ETA was "-" (minutes on a real model): it is now an upper
     bound from the run's start to its first record, and before that it says what it waits for."""
+    from dsmonitor.fmt import eta_text
     from dsmonitor.state import RunState
-    from dsmonitor.widgets import eta_text
 
     recs = healthy_records(40, end=False)
     run = RunState("run")
@@ -560,3 +564,30 @@ def test_the_eta_is_estimated_from_the_first_record_instead_of_a_dash(tmp_path):
     assert how == "first" and eta == pytest.approx(39 * 2.0) and eta_text(run).startswith("<1m18s")
     run.add(recs[2])
     assert run.eta_estimate() == (pytest.approx(38 * 2.0), "pace")
+
+
+@pytest.fixture
+def toy_panel():
+    from dsmonitor import panels
+    from tests.toy_panel import RecordsPanel
+
+    panels.PANELS.append(RecordsPanel)  # adding a panel: its file (tests/toy_panel.py) and this one line
+    yield
+    panels.PANELS.remove(RecordsPanel)
+
+
+def test_a_new_panel_is_one_file_and_one_line(tmp_path, toy_panel):
+    recs = healthy_records(12)
+    path = write(tmp_path / "run" / METRICS_FILE, recs)
+    app = DsMonitor([str(path.parent)], poll_interval=0.02, refresh_interval=0.05)
+
+    async def scenario(pilot):
+        await wait_for(pilot, lambda: app.runs[0].end is not None)
+        n_train = sum(r.kind == "train" for r in recs)
+        assert f"run: {len(recs)} records, {n_train} train" in text_of(app.query_one("#records"))  # beside the others
+        while app.shown != "records":  # and a view of its own in a small terminal
+            await pilot.press("v")
+            await pilot.pause(0.1)
+        assert f"{len(recs)} records" in app.screen_text()
+
+    run_app(app, scenario, size=(80, 24))

@@ -13,7 +13,7 @@ from dsdistill.schema import dumps
 from dsmonitor.alerts import AlertRules, evaluate_alerts
 from dsmonitor.app import load_states, summary_json, summary_text
 from dsmonitor.series_math import debiased_ema, minmax_indices
-from dsmonitor.state import RunState
+from dsmonitor.state import RunState, summary
 from dsmonitor.tail import Tailer
 from tests.streams import STREAM_CURRICULUM, T0, healthy_records, write
 
@@ -176,7 +176,7 @@ def test_the_newest_point_is_always_drawn():
 
 
 def test_the_window_clips_eval_points_to_the_train_window():
-    from dsmonitor.widgets import ViewOptions, series_trace, view_bounds
+    from dsmonitor.view import ViewOptions, series_trace, view_bounds
 
     s = state_of(healthy_records(40))
     opts = ViewOptions(window=10, smoothing=0.0)
@@ -296,7 +296,7 @@ def test_a_fresh_run_in_the_same_directory_replaces_the_dead_one_in_view(tmp_pat
     CSV went 4, 9, 4, 9, trends and minima came from the dead run, the header showed its step."""
     import io
 
-    from dsmonitor.widgets import write_csv
+    from dsmonitor.export import write_csv
 
     dead = healthy_records(12, end=False)
     fresh = healthy_records(10, end=False, t0=dead[-1].time + 60)
@@ -309,4 +309,4 @@ def test_a_fresh_run_in_the_same_directory_replaces_the_dead_one_in_view(tmp_pat
     rows = [line.split(",") for line in out.getvalue().splitlines()[1:]]
     assert [int(r[2]) for r in rows if r[1] == "train"] == list(range(10))  # not 4, 9, 4, 9
     assert [int(r[2]) for r in rows if r[1] == "eval"] == [10]  # the eval series is in the CSV too
-    assert s.summary()["earlier_runs"] == 1
+    assert summary(s)["earlier_runs"] == 1

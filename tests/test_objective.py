@@ -36,7 +36,12 @@ def test_token_weighted_reduction_over_uneven_micro_batches_equals_one_batch():
     def sums(sl):
         student = StudentOutputs(logits=st[sl], fused=None, hidden=None, side={}, qk={})
         x = Inputs(
-            labels=labels[sl], student=student, teacher=TeacherSignal(DenseLogits(te[sl])), temperature=2.0, loss=cfg, layers=layers
+            labels=labels[sl],
+            student=student,
+            teacher=TeacherSignal(DenseLogits(te[sl])),
+            temperature=2.0,
+            loss=cfg,
+            layers=layers,
         )
         return objective.sums(x)
 

@@ -79,14 +79,17 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
 def test_no_import_cycle_counting_type_checking_and_local_imports():
     known = _modules()
     # a package's __init__ that imports nothing is a namespace, not a dependency of its submodules
-    graph = {n: {m for m in _imports(n, p, known) if not (n.startswith(m + ".") and not _imports(m, known[m], known))} for n, p in known.items()}
+    graph = {
+        n: {m for m in _imports(n, p, known) if not (n.startswith(m + ".") and not _imports(m, known[m], known))}
+        for n, p in known.items()
+    }
     cycle = _cycle(graph)
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 
 def _too_long() -> list[str]:
     out = []
-    for name, path in _modules().items():
+    for path in _modules().values():
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):

@@ -30,7 +30,7 @@ def _result(step: int, *, nonfinite=False, skipped=False, stop=False) -> StepRes
         objective=1.0,
         lr=1e-3,
         tokens=64,
-        kd_kl=None,
+        metrics={},
         gate_usage=None,
         grad_norm=1.0,
         nonfinite_loss=nonfinite,

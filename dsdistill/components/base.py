@@ -6,14 +6,14 @@ what it computes inside the student's forward (`student_side`: projections must 
 gathers a parameter only inside its module's forward), and its loss (`compute`: a pure function of the
 `Inputs`, returning `(sum over its units, metrics)`). Its name, unit and description are its
 registration line in `dsdistill/registry.py`. The registry, the captures, the auxiliary modules and the
-objective are all derived from these declarations. Two names are known elsewhere: `kd` and `lm` share the
-fused KD+LM head (`dsdistill/heads.py`) and the cache path, and the trainer reports KD's `kd_kl`.
+objective are all derived from these declarations, and so are the diagnostics it reports (`metrics`). Two
+names are known elsewhere: `kd` and `lm` share the fused KD+LM head (`dsdistill/heads.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from dsdistill.config import LossConfig
     from dsdistill.layers import LayerMap
     from dsdistill.teachers.base import TeacherSignal
+
+
+MetricReduction = Literal["unit", "micro_batch"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,11 @@ class Component:
     """The `loss.*` config fields it reads."""
     reads_logits: bool = False
     """It reads the student's logits (or the fused head's sums)."""
+    metrics: dict[str, MetricReduction] = {}
+    """Diagnostics its `compute` returns besides "count", by name (unique across components), with how each
+    is reduced over a window's micro-batches and the ranks: "unit" (a sum over the component's units, divided
+    by the window's count of them, as its loss is) or "micro_batch" (a value per micro-batch, averaged).
+    Train and eval records carry them in `metrics`; the monitor plots each one."""
 
     def needs(self, layers: "LayerMap") -> Needs:
         return Needs()
@@ -126,3 +134,14 @@ class Component:
     def compute(self, x: Inputs) -> tuple[torch.Tensor, dict[str, Any]]:
         """(sum over the component's units in this micro-batch, metrics with at least "count")."""
         raise NotImplementedError
+
+
+def implementation(name: str) -> Component:
+    """A new instance of the component registered under `name` (its module is imported on first use)."""
+    import importlib
+
+    from dsdistill import registry
+
+    module, _, attr = registry.COMPONENTS[registry.check_name(name)].implementation.partition(":")
+    cls: Any = getattr(importlib.import_module(module), attr)
+    return cls()

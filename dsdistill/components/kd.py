@@ -9,6 +9,7 @@ from dsdistill.losses import kd_loss
 class KD(Component):
     name = "kd"
     reads_logits = True
+    metrics = {"kd_kl": "unit"}  # the divergence without the T^2 factor, per loss-bearing token
     options = ("kd_divergence", "kd_beta", "kd_alpha", "kd_top_k", "kd_top_k_rest", "kd_top_k_support")
 
     def needs(self, layers):

@@ -126,7 +126,7 @@ class Records:
             progress=done / plan.total_steps,
             total_steps=plan.total_steps,
             grad_norm=r.grad_norm,
-            extras={} if r.kd_kl is None else {"kd_kl": r.kd_kl},
+            metrics=r.metrics,
             mem_gib=gpu_peak_gib(),
             gate_usage=r.gate_usage,
             on_policy=r.ctx.on_policy if plan.curriculum.ever_on_policy else None,
@@ -154,6 +154,7 @@ class Records:
             lm_ce=r.lm_ce,
             ppl=r.ppl,
             tokens=r.tokens,
+            metrics=r.metrics,
             **fields,
         )
         self.writer.write(rec)

@@ -86,11 +86,32 @@ def write(
     plan, data, engine, tokenizer = session_parts
     import torch.distributed as dist
 
-    from dsdistill.data import collate, data_fingerprint
     from dsdistill.dist import agree
 
-    cfg, rank, world = plan.cfg, plan.rank, plan.world
-    splits = data.splits
+    _check_args(plan, data.splits, top_k=top_k, level_bits=level_bits, shard_rows=shard_rows)
+    ranks_table = rank_table(data.splits.train, plan.vocab)  # the codec's id map: computed once, from the data alone
+    if level_bits is None:
+        level_bits = _auto_level_bits(plan, data.splits, engine, ranks_table, top_k)
+        say(f"teacher-cache: --level-bits auto chose {level_bits} bits")
+    what = _header(plan, data.splits, tokenizer, top_k=top_k, level_bits=level_bits, shard_rows=shard_rows)
+    agree(lambda: _prepare(out, what, ranks_table, plan) if plan.rank == 0 else None, what="preparing the cache directory")
+    if plan.world > 1:
+        dist.barrier()
+    ranks_of = torch.from_numpy(np.fromfile(out / "ranks.bin", dtype=np.uint32).astype(np.int64))
+    done_shards = 0
+    for split, rows in (("train", data.splits.train), ("eval", data.splits.eval)):
+        done_shards += _write_split(plan, engine, out, split, rows, what, ranks_of, say)
+    if plan.world > 1:
+        dist.barrier()
+    manifest = agree(lambda: _manifest(out, what, plan.rank), what="writing the manifest")
+    if plan.world > 1:
+        dist.barrier()
+    if done_shards:
+        say(f"teacher-cache: {done_shards} shards were already written and kept")
+    return manifest
+
+
+def _check_args(plan, splits, *, top_k: int, level_bits: Optional[int], shard_rows: int) -> None:
     if splits.streamed:
         raise ConfigError(
             "teacher-cache: needs data read whole (a streamed source has no fixed row numbers); set data.streaming: false"
@@ -103,32 +124,39 @@ def write(
         raise ConfigError(f"teacher-cache: --level-bits {level_bits}: expected 2..12 (or auto)")
     if shard_rows < 1:
         raise ConfigError(f"teacher-cache: --shard-rows {shard_rows}: expected a positive number of rows")
-    micro = cfg.train.micro_batch_size
-    device = engine.device
-    ignore = cfg.loss.ignore_index
-    ranks_table = rank_table(splits.train, plan.vocab)  # the codec's id map: computed once, from the data alone
-    if level_bits is None:
-        # auto: measured on the first training rows, which every rank forwards alike (the same choice everywhere)
-        sample = collate([splits.train[i] for i in range(min(micro, len(splits.train)))])
-        pos = sample.get("position_ids")
-        with torch.no_grad():
-            logits, _ = engine(
-                sample["input_ids"].to(device),
-                hidden_states=False,
-                head=True,
-                position_ids=None if pos is None else pos.to(device),
-            )
-        keep = sample["labels"][:, 1:] != ignore
-        lp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()[keep]
-        level_bits = choose_level_bits(lp, torch.from_numpy(ranks_table.astype(np.int64)), top_k)
-        say(f"teacher-cache: --level-bits auto chose {level_bits} bits")
-    temps = [t for t in run_temperatures(cfg, plan.total_steps) if t != 1.0]
-    what = {
+
+
+def _auto_level_bits(plan, splits, engine, ranks_table: np.ndarray, top_k: int) -> int:
+    """`--level-bits auto`: measured on the first training rows, which every rank forwards alike (the same
+    choice everywhere)."""
+    from dsdistill.data import collate
+
+    micro = plan.cfg.train.micro_batch_size
+    sample = collate([splits.train[i] for i in range(min(micro, len(splits.train)))])
+    pos = sample.get("position_ids")
+    with torch.no_grad():
+        logits, _ = engine(
+            sample["input_ids"].to(engine.device),
+            hidden_states=False,
+            head=True,
+            position_ids=None if pos is None else pos.to(engine.device),
+        )
+    keep = sample["labels"][:, 1:] != plan.cfg.loss.ignore_index
+    lp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()[keep]
+    return choose_level_bits(lp, torch.from_numpy(ranks_table.astype(np.int64)), top_k)
+
+
+def _header(plan, splits, tokenizer, *, top_k: int, level_bits: int, shard_rows: int) -> dict[str, Any]:
+    """What the cache is of (plan.json; the manifest adds the totals): a resumed write must match it."""
+    from dsdistill.data import data_fingerprint
+
+    cfg = plan.cfg
+    return {
         "format_version": FORMAT_VERSION,
         "k": top_k,
         "level_bits": level_bits,
         "shard_rows": shard_rows,
-        "tail_temperatures": temps,
+        "tail_temperatures": [t for t in run_temperatures(cfg, plan.total_steps) if t != 1.0],
         "vocab": plan.vocab,
         "teacher": {"path": cfg.teacher.path, "config_hash": config_hash(plan.teacher_config)},
         "tokenizer_hash": tokenizer_hash(tokenizer),
@@ -142,104 +170,109 @@ def write(
         },
     }
 
-    def prepare() -> None:
-        if rank != 0:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "eval"):
-            (out / split).mkdir(exist_ok=True)
-        plan_file = out / "plan.json"
-        if plan_file.exists():
-            try:
-                before = json.loads(plan_file.read_text())
-            except ValueError:
-                before = None
-            if before != what:
-                raise CacheError(
-                    f"teacher-cache: '{out}' holds (part of) a cache of another run (other data, teacher, k or level bits); "
-                    "write to a new directory"
-                )
-        else:
-            write_atomic_or_fail(plan_file, json.dumps(what, indent=2, sort_keys=True).encode())
-        write_atomic_or_fail(out / "ranks.bin", ranks_table.tobytes())
-        (out / "teacher").mkdir(exist_ok=True)
-        write_atomic_or_fail(out / "teacher" / "config.json", plan.teacher_config.to_json_string().encode())
-        for stale in list(out.glob("*/.*.tmp*")):  # what an interrupted write left half-done
-            stale.unlink(missing_ok=True)
 
-    agree(prepare, what="preparing the cache directory")
-    if world > 1:
-        dist.barrier()
-    ranks_of = torch.from_numpy(np.fromfile(out / "ranks.bin", dtype=np.uint32).astype(np.int64))
-    per_shard = math.ceil(shard_rows / micro)
-    done_shards = 0
-    for split, rows in (("train", splits.train), ("eval", splits.eval)):
-        n_shards = math.ceil(len(rows) / shard_rows)
-        todo = []
-        for j in range(n_shards):
-            h = read_header(out / split / f"{j:05d}.bin")
-            if h is None or h.get("first_row") != j * shard_rows or h.get("k") != top_k:
-                todo.append(j)
-        done_shards += n_shards - len(todo)
-        rounds = math.ceil(len(todo) / world)
-        for r in range(rounds):
-            mine = r * world + rank
-            j = todo[mine] if mine < len(todo) else None
-            first = 0 if j is None else j * shard_rows
-            count = 0 if j is None else min(shard_rows, len(rows) - first)
-            blobs: list[bytes] = []
-            tokens: list[int] = []
-            fid: dict[str, float] = {}
-            for b in range(per_shard):  # every rank runs the same number of forwards (ZeRO-3 gathers together)
-                idx = list(range(first + b * micro, min(first + count, first + (b + 1) * micro)))
-                real = bool(idx)
-                batch = collate([rows[i] for i in (idx or [0])])
-                ids = batch["input_ids"].to(device)
-                pos = batch.get("position_ids")
-                with torch.no_grad():
-                    logits, _ = engine(ids, hidden_states=False, head=True, position_ids=None if pos is None else pos.to(device))
-                if not real:
-                    continue
-                labels = batch["labels"]
-                logp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()
-                mask = labels[:, 1:] != ignore
-                for row in range(len(idx)):
-                    lp = logp[row][mask[row]]
-                    top, ids_k = lp.topk(top_k, dim=-1)
-                    tail_lp = lp.scatter(-1, ids_k, float("-inf"))
-                    rest = torch.logsumexp(tail_lp, dim=-1)
-                    blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=level_bits)
-                    stats = [torch.logsumexp(tail_lp / t, dim=-1) for t in temps]
-                    tails = torch.stack(stats, dim=-1) if stats else torch.zeros(lp.size(0), 0)
-                    blobs.append(tails.numpy().astype(np.float16).tobytes() + blob)
-                    tokens.append(int(lp.size(0)))
-                    if b == 0 and row == 0 and lp.size(0):  # the shard's fidelity sample: its first row
-                        d = decode(blob, lp.size(0), top_k, level_bits=level_bits)  # the codec part alone
-                        order = np.argsort(ranks_of[ids_k].numpy(), axis=1, kind="stable")
-                        fid = fidelity(lp, torch.from_numpy(np.take_along_axis(ids_k.numpy(), order, 1)), d.logp, rest)
-            header = {
-                "version": FORMAT_VERSION,
-                "split": split,
-                "first_row": first,
-                "rows": count,
-                "k": top_k,
-                "level_bits": level_bits,
-                "tokens": tokens,
-                "fidelity": fid,
-            }
-            # every rank learns of a rank's failed write (a full disk), so none waits in the next barrier
-            target = None if j is None else out / split / f"{j:05d}.bin"
-            agree(functools.partial(_write_if, target, header, blobs), what="writing the cache's shards")
-            if rank == 0 and r % 10 == 0:
-                say(f"teacher-cache: {split} shard round {r + 1}/{rounds}")
-    if world > 1:
-        dist.barrier()
-    manifest = agree(lambda: _manifest(out, what, rank), what="writing the manifest")
-    if world > 1:
-        dist.barrier()
-    if done_shards:
-        say(f"teacher-cache: {done_shards} shards were already written and kept")
-    return manifest
+def _prepare(out: Path, what: dict[str, Any], ranks_table: np.ndarray, plan) -> None:
+    """Rank 0: the directory, plan.json (or the check that it is this cache's), ranks.bin and the teacher's config."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        (out / split).mkdir(exist_ok=True)
+    plan_file = out / "plan.json"
+    if plan_file.exists():
+        try:
+            before = json.loads(plan_file.read_text())
+        except ValueError:
+            before = None
+        if before != what:
+            raise CacheError(
+                f"teacher-cache: '{out}' holds (part of) a cache of another run (other data, teacher, k or level bits); "
+                "write to a new directory"
+            )
+    else:
+        write_atomic_or_fail(plan_file, json.dumps(what, indent=2, sort_keys=True).encode())
+    write_atomic_or_fail(out / "ranks.bin", ranks_table.tobytes())
+    (out / "teacher").mkdir(exist_ok=True)
+    write_atomic_or_fail(out / "teacher" / "config.json", plan.teacher_config.to_json_string().encode())
+    for stale in list(out.glob("*/.*.tmp*")):  # what an interrupted write left half-done
+        stale.unlink(missing_ok=True)
+
+
+def _write_split(plan, engine, out: Path, split: str, rows, what: dict[str, Any], ranks_of: torch.Tensor, say) -> int:
+    """The split's missing shards, dealt to ranks round-robin; returns how many were already written."""
+    from dsdistill.dist import agree
+
+    shard_rows, top_k, rank, world = what["shard_rows"], what["k"], plan.rank, plan.world
+    n_shards = math.ceil(len(rows) / shard_rows)
+    todo = []
+    for j in range(n_shards):
+        h = read_header(out / split / f"{j:05d}.bin")
+        if h is None or h.get("first_row") != j * shard_rows or h.get("k") != top_k:
+            todo.append(j)
+    rounds = math.ceil(len(todo) / world)
+    for r in range(rounds):
+        mine = r * world + rank
+        j = todo[mine] if mine < len(todo) else None
+        first = 0 if j is None else j * shard_rows
+        count = 0 if j is None else min(shard_rows, len(rows) - first)
+        blobs, tokens, fid = _encode_shard(plan, engine, rows, first, count, what, ranks_of)
+        header = {
+            "version": FORMAT_VERSION,
+            "split": split,
+            "first_row": first,
+            "rows": count,
+            "k": top_k,
+            "level_bits": what["level_bits"],
+            "tokens": tokens,
+            "fidelity": fid,
+        }
+        # every rank learns of a rank's failed write (a full disk), so none waits in the next barrier
+        target = None if j is None else out / split / f"{j:05d}.bin"
+        agree(functools.partial(_write_if, target, header, blobs), what="writing the cache's shards")
+        if rank == 0 and r % 10 == 0:
+            say(f"teacher-cache: {split} shard round {r + 1}/{rounds}")
+    return n_shards - len(todo)
+
+
+def _encode_shard(plan, engine, rows, first: int, count: int, what: dict[str, Any], ranks_of: torch.Tensor):
+    """(row blobs, positions per row, the fidelity of the shard's first row) of rows first..first+count.
+    Every rank runs the same number of forwards (ZeRO-3 gathers together), a rank without a shard on dummies."""
+    from dsdistill.data import collate
+
+    micro, ignore = plan.cfg.train.micro_batch_size, plan.cfg.loss.ignore_index
+    top_k, level_bits = what["k"], what["level_bits"]
+    temps = what["tail_temperatures"]
+    blobs: list[bytes] = []
+    tokens: list[int] = []
+    fid: dict[str, float] = {}
+    for b in range(math.ceil(what["shard_rows"] / micro)):
+        idx = list(range(first + b * micro, min(first + count, first + (b + 1) * micro)))
+        batch = collate([rows[i] for i in (idx or [0])])
+        pos = batch.get("position_ids")
+        with torch.no_grad():
+            logits, _ = engine(
+                batch["input_ids"].to(engine.device),
+                hidden_states=False,
+                head=True,
+                position_ids=None if pos is None else pos.to(engine.device),
+            )
+        if not idx:
+            continue
+        logp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()
+        mask = batch["labels"][:, 1:] != ignore
+        for row in range(len(idx)):
+            lp = logp[row][mask[row]]
+            top, ids_k = lp.topk(top_k, dim=-1)
+            tail_lp = lp.scatter(-1, ids_k, float("-inf"))
+            rest = torch.logsumexp(tail_lp, dim=-1)
+            blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=level_bits)
+            stats = [torch.logsumexp(tail_lp / t, dim=-1) for t in temps]
+            tails = torch.stack(stats, dim=-1) if stats else torch.zeros(lp.size(0), 0)
+            blobs.append(tails.numpy().astype(np.float16).tobytes() + blob)
+            tokens.append(int(lp.size(0)))
+            if b == 0 and row == 0 and lp.size(0):  # the shard's fidelity sample: its first row
+                d = decode(blob, lp.size(0), top_k, level_bits=level_bits)  # the codec part alone
+                order = np.argsort(ranks_of[ids_k].numpy(), axis=1, kind="stable")
+                fid = fidelity(lp, torch.from_numpy(np.take_along_axis(ids_k.numpy(), order, 1)), d.logp, rest)
+    return blobs, tokens, fid
 
 
 def _manifest(out: Path, what: dict[str, Any], rank: int) -> dict[str, Any]:

@@ -214,7 +214,7 @@ class CachedTeacher:
         return -logp.sum(), int(targets.numel())
 
     def params(self) -> int:
-        from dsdistill.preflight import count_params
+        from dsdistill.models import count_params
 
         return count_params(self.model_config)
 

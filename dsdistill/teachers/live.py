@@ -203,6 +203,8 @@ class LivePlan:
             vocab=plan.vocab,
             fused=plan.fused,
             capture=QKCapture(lm, sorted(needs.teacher_qk)) if needs.teacher_qk else None,
-            lm_options=lambda: head_options(plan, engine.device, temperature=1.0, want_kd=False, want_lm=True),
+            lm_options=lambda: head_options(
+                plan.cfg.loss, plan.head_shape, engine.device, temperature=1.0, want_kd=False, want_lm=True
+            ),
             ignore_index=plan.cfg.loss.ignore_index,
         )
