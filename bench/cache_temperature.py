@@ -58,9 +58,9 @@ def main() -> None:
             for name, over in (
                 (
                     "live",
-                    {"loss": {"kd_top_k": args.k, "kd_top_k_rest": True, "kd_top_k_support": "teacher", "kd_divergence": div}},
+                    {"loss": {"kd": {"top_k": args.k, "top_k_rest": True, "top_k_support": "teacher", "divergence": div}}},
                 ),
-                ("cache", {"teacher": {"cache": str(out)}, "loss": {"kd_divergence": div}}),
+                ("cache", {"teacher": {"cache": str(out)}, "loss": {"kd": {"divergence": div}}}),
             ):
                 cfg = {**base, **over, "output": {"run_dir": str(root / f"run_{name}_{T:g}_{div}"), "log_every": 1}}
                 with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as s:

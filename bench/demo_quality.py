@@ -44,7 +44,7 @@ def default_weights() -> dict:
 def variants(only: str) -> dict[str, dict]:
     """Name -> changes to the demo config (a curriculum and/or loss options)."""
     if only == "divergences":
-        return {f"default with kd_divergence {d}": {"loss": {"kd_divergence": d}} for d in DIVERGENCES[1:]}
+        return {f"default with kd divergence {d}": {"loss": {"kd": {"divergence": d}}} for d in DIVERGENCES[1:]}
     if only == "on-policy":
         # the demo's documents as prompt (first sentence) / completion (the rest), so there are prompts to
         # complete; every row probes the student's own completions at each eval (generation.eval_prompts)
@@ -58,7 +58,7 @@ def variants(only: str) -> dict[str, dict]:
         for v in (0.0, 1.0):
             out[f"on_policy {v:g}, kd jsd, kd only"] = {
                 "curriculum": {"on_policy": v, "weights": {"kd": 1.0}},
-                "loss": {"kd_divergence": "jsd"},
+                "loss": {"kd": {"divergence": "jsd"}},
                 "generation": gen,
                 "data": data,
                 "_pairs": True,
@@ -79,7 +79,7 @@ def variants(only: str) -> dict[str, dict]:
             "curriculum": {"weights": {k: v for k, v in default_weights().items() if k not in names}}
         }
     for d in DIVERGENCES[1:]:
-        out[f"default with kd_divergence {d}"] = {"loss": {"kd_divergence": d}}
+        out[f"default with kd divergence {d}"] = {"loss": {"kd": {"divergence": d}}}
     return out
 
 

@@ -57,7 +57,7 @@ def main() -> None:
             "scheduler": {"kind": "cosine", "warmup_steps": 10},
             # KD alone: cross-entropy on the student's own samples would reinforce them (schedule lm to 0 on-policy)
             "curriculum": {"weights": {"kd": 1.0}, "on_policy": f},
-            "loss": {"kd_divergence": "reverse_kl"},
+            "loss": {"kd": {"divergence": "reverse_kl"}},
             "generation": {"max_new_tokens": 32, "temperature": 1.0},
             "eval": {"every": 0, "at_start": False, "max_batches": 20},
             "output": {"run_dir": str(run_dir), "log_every": 1},

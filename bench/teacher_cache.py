@@ -181,7 +181,7 @@ def demo_and_speed(args) -> None:
             cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum"] * cfg["train"]["seq_len"]
         )
 
-    live = dict(cfg, loss={"kd_top_k": 64, "kd_top_k_rest": True}, curriculum={"weights": {"kd": 1.0, "lm": 0.5}})
+    live = dict(cfg, loss={"kd": {"top_k": 64, "top_k_rest": True}}, curriculum={"weights": {"kd": 1.0, "lm": 0.5}})
     live["output"] = {"run_dir": str(work / "live"), "log_every": 5}
     cached = dict(live, teacher={"cache": str(work / "cache-64")}, loss={})
     cached["output"] = {"run_dir": str(work / "cached"), "log_every": 5}

@@ -7,12 +7,14 @@ value and what was expected.
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from dsdistill.curriculum import CurriculumConfig
 from dsdistill.errors import ConfigError, one_line
@@ -39,18 +41,48 @@ class ModelSpec(_Strict):
 
 
 class TeacherSpec(ModelSpec):
-    """The frozen teacher: a model (`path`), or an offline cache of its top-k distributions (`cache`)."""
+    """The frozen teacher: a model (`path`), an offline cache of its top-k distributions (`cache`), or a
+    registered kind of teacher (`kind`, with its `options`)."""
 
     path: Optional[str] = None  # type: ignore[assignment]
     """Local directory written by `save_pretrained`, or a Hub name."""
     cache: Optional[str] = None
     """A directory written by `dsdistill teacher-cache`: KD from the cached top-k, no teacher model loaded."""
+    kind: Optional[str] = None
+    """Another registered kind of teacher (dsdistill/teachers/kinds.py), configured by `options`."""
+    options: dict[str, Any] = {}
+    """The options of `kind`, checked by that kind's own options model."""
 
     @model_validator(mode="after")
     def _one_teacher(self) -> "TeacherSpec":
-        if (self.path is None) == (self.cache is None):
-            raise ValueError("set path (a model) or cache (a teacher-cache directory), exactly one")
+        if sum(v is not None for v in (self.path, self.cache, self.kind)) != 1:
+            raise ValueError("set path (a model), cache (a teacher-cache directory) or kind, exactly one")
+        if self.kind is None:
+            if self.options:
+                raise ValueError("options: only a teacher `kind` takes options")
+            return self
+        from dsdistill.teachers.kinds import plan_class
+
+        if self.kind in ("path", "cache"):
+            raise ConfigError(f"teacher.kind: {self.kind} is chosen by teacher.{self.kind} itself; leave kind unset")
+        try:
+            options_model = getattr(plan_class(self.kind), "Options", None)
+        except ValueError as e:
+            raise ConfigError(f"teacher.kind: {e}") from None
+        if options_model is None:
+            if self.options:
+                raise ValueError(f"options: teacher kind {self.kind!r} takes none")
+            return self
+        try:
+            self.options = options_model.model_validate(self.options).model_dump()
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, prefix="teacher.options")) from None
         return self
+
+    @property
+    def chosen(self) -> str:
+        """The kind of teacher this config chooses."""
+        return self.kind or ("cache" if self.cache is not None else "path")
 
 
 Format = Literal["text", "chat", "prompt_completion", "pretokenized"]
@@ -154,52 +186,26 @@ class DataConfig(FormatFields):
         return [SourceConfig(path=self.path, split=self.split, eval_path=self.eval_path, eval_split=self.eval_split, **fields)]
 
 
-LayerPairs = Optional[list[tuple[int, int]]]
+RENAMED_LOSS_KEYS: dict[str, tuple[str, str]] = {
+    **{f"kd_{k}": ("kd", k) for k in ("divergence", "beta", "alpha", "top_k", "top_k_rest", "top_k_support")},
+    **{f"feature_{k}": ("feature", k) for k in ("layers", "metric", "normalize")},
+    "layerwise_layers": ("layerwise", "layers"),
+    **{f"attention_{k}": ("attention", k) for k in ("layers", "chunk")},
+    **{f"contrastive_{k}": ("contrastive", k) for k in ("dim", "temperature", "gather")},
+    "router_conditioned": ("router", "conditioned"),
+}
+"""Flat `loss.*` keys of configs written before 2026-12-05 -> (section, key): still accepted, with a note."""
 
 
 class LossConfig(_Strict):
-    """Options of the loss components (their weights live in `curriculum`). Layers are 1-based decoder
-    block numbers; -1 means the last block."""
+    """Options of the loss: what every component shares here, and one section per component that has
+    options (`loss.kd`, `loss.feature`, ...: each component's own options model, composed from the
+    registry). Weights live in `curriculum`. Layers are 1-based decoder block numbers; -1 means the last."""
 
-    kd_divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv"] = "forward_kl"
-    """Divergence between teacher and student token distributions at temperature T (x T^2 in the objective,
-    except tv, which is bounded by 1 and enters unscaled)."""
-    kd_beta: float = Field(0.5, ge=0, le=1)
-    """jsd: mixture weight; 0 is forward KL, 1 is reverse KL, 0.5 the symmetric JSD."""
-    kd_alpha: float = Field(0.1, ge=0, le=1)
-    """skew_kl: KL(teacher || alpha * teacher + (1 - alpha) * student); skew_rkl: KL(student || alpha *
-    student + (1 - alpha) * teacher)."""
-    kd_top_k: Optional[int] = Field(None, ge=1)
-    """If set, KD compares only top-k tokens per position, renormalised: the teacher's for forward_kl, the
-    student's for reverse_kl and skew_rkl, the union of both for jsd, skew_kl and tv."""
-    kd_top_k_rest: bool = False
-    """With `kd_top_k`: add a bucket holding the remaining probability mass on both sides."""
-    kd_top_k_support: Literal["auto", "teacher"] = "auto"
-    """With `kd_top_k`: `auto` compares each divergence on the support it needs (above); `teacher` always on
-    the teacher's top-k, which is what an offline cache holds (then every divergence but forward_kl needs
-    `kd_top_k_rest`, or the student's mass outside the teacher's top-k would be ignored)."""
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, allow_inf_nan=False)
+
     ignore_index: int = -100
     """Label value excluded from every token-level loss."""
-    feature_layers: LayerPairs = None
-    """(student, teacher) layer pairs for the feature loss; default [[-1, -1]] (last to last)."""
-    feature_metric: Literal["mse", "cosine"] = "mse"
-    """Distance between projected student and teacher hidden states."""
-    feature_normalize: bool = True
-    """Layer-normalise both sides (no learned scale) before the feature distance."""
-    layerwise_layers: LayerPairs = None
-    """(student, teacher) pairs for the layerwise loss; default: every student layer, uniformly mapped."""
-    attention_layers: LayerPairs = None
-    """(student, teacher) pairs for the attention loss (and the router's attention alignment); default [[-1, -1]]."""
-    attention_chunk: int = Field(128, ge=1, le=1 << 20)
-    """Query rows per chunk when rebuilding attention distributions (bounds memory)."""
-    contrastive_dim: int = Field(128, ge=1, le=1 << 16)
-    """Width of the contrastive projection heads."""
-    contrastive_temperature: float = Field(0.1, gt=0)
-    """InfoNCE temperature."""
-    contrastive_gather: bool = True
-    """Use the other ranks' teacher embeddings as extra negatives."""
-    router_conditioned: bool = False
-    """Condition each student layer's router gates on its mean-pooled hidden state."""
     fused_logits: bool = True
     """KD and LM from final hidden states and lm_head weights in chunks, never materialising full
     [tokens, vocab] logits (falls back to plain logits for models that transform their logits)."""
@@ -210,15 +216,54 @@ class LossConfig(_Strict):
     gradient buffers), MiB; default: half of the GPU's free memory, or 256 MiB on CPU."""
     fused_compile: bool = False
     """torch.compile the fused chunk math on CUDA (ignored on CPU)."""
+    _renamed: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, renamed = dict(data), []
+        for old, (section, key) in RENAMED_LOSS_KEYS.items():
+            if old in data:
+                part = data.get(section) or {}
+                if not isinstance(part, dict) or key in part:
+                    raise ConfigError(f"loss.{old}: given twice (also as loss.{section}.{key}); keep loss.{section}.{key}")
+                data[section] = {**part, key: data.pop(old)}
+                renamed.append(f"loss.{old} is now loss.{section}.{key}")
+        if renamed:
+            data["__renamed__"] = renamed
+        return data
 
     @model_validator(mode="after")
-    def _support_sees_the_student(self) -> "LossConfig":
-        if self.kd_top_k_support == "teacher" and self.kd_divergence != "forward_kl" and not self.kd_top_k_rest:
-            raise ValueError(
-                f"kd_top_k_support 'teacher' with {self.kd_divergence} needs kd_top_k_rest: true (else the student's "
-                "mass outside the teacher's top-k is ignored)"
-            )
+    def _sections(self) -> "LossConfig":
+        from dsdistill.registry import option_sections
+
+        extra = dict(self.model_extra or {})
+        self._renamed = list(extra.pop("__renamed__", []))
+        sections = option_sections()
+        for key in extra:
+            if key not in sections:
+                allowed = sorted([*type(self).model_fields, *sections])
+                raise ConfigError(f"loss.{key}: unknown key; expected one of: {', '.join(allowed)}")
+        self.__pydantic_extra__ = {}  # the sections in registry order, each its own model
+        for name, model in sections.items():
+            value = extra.get(name)
+            try:
+                section = value if isinstance(value, model) else model.model_validate({} if value is None else value)
+            except ValidationError as e:
+                raise ConfigError(format_validation_error(e, prefix=f"loss.{name}")) from None
+            setattr(self, name, section)
         return self
+
+    def section(self, name: str) -> Any:
+        """The options of `loss.<name>` (a component's options model, filled with its defaults if not given)."""
+        return getattr(self, name)
+
+    @property
+    def renamed(self) -> list[str]:
+        """Old flat keys this config used (each said once as a note when it is loaded)."""
+        return self._renamed
 
 
 class OptimizerConfig(_Strict):
@@ -597,12 +642,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+_SAID: set[str] = set()
+
+
 def validate(data: dict[str, Any]) -> RunConfig:
-    """Validate a plain mapping into a `RunConfig`."""
+    """Validate a plain mapping into a `RunConfig` (an old key gets a one-line note, from rank 0, once)."""
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+    for note in cfg.loss.renamed:
+        if note not in _SAID and os.environ.get("RANK", "0") == "0":
+            _SAID.add(note)
+            print(f"dsdistill: note: {note} (the old key still works)", file=sys.stderr, flush=True)
+    return cfg
 
 
 BUNDLED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"

@@ -153,9 +153,10 @@ def _first_bad_json_line(p: Path, limit: int = 1 << 30) -> Optional[tuple[int, s
 
 def _root_cause(e: BaseException) -> BaseException:
     seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    nxt = e.__cause__ or e.__context__
+    while nxt is not None and id(e) not in seen:
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e, nxt = nxt, nxt.__cause__ or nxt.__context__
     return e
 
 
@@ -773,7 +774,9 @@ class TrainStream:
     def __init__(self, ds, *, micro_batch: int, rank: int, world: int, seed: int):
         self.ds = ds
         self.micro_batch = micro_batch
-        self.sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.sampler: DistributedSampler = DistributedSampler(
+            ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.batches_per_epoch: Optional[int] = len(self.sampler) // micro_batch
         self.epoch = 0
         self.position = 0

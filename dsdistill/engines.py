@@ -36,7 +36,8 @@ def lr_multiplier(index: int, *, sched: SchedulerConfig, total_steps: int) -> fl
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue

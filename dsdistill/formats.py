@@ -93,9 +93,9 @@ def check_columns(source: FormatFields, columns: list[str], *, field: str, where
                 f"columns are: {', '.join(columns)}"
             )
     if source.format == "pretokenized":
-        for name, column in (("labels_field", source.labels_field), ("loss_mask_field", source.loss_mask_field)):
-            if column is not None and column not in columns:
-                raise DataError(f"{field}.{name}: '{column}' is not a column of {where}; columns are: {', '.join(columns)}")
+        for name, optional in (("labels_field", source.labels_field), ("loss_mask_field", source.loss_mask_field)):
+            if optional is not None and optional not in columns:
+                raise DataError(f"{field}.{name}: '{optional}' is not a column of {where}; columns are: {', '.join(columns)}")
         if source.labels_field is not None and source.loss_mask_field is not None:
             raise DataError(f"{field}: set labels_field or loss_mask_field, not both")
 

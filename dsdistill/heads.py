@@ -111,8 +111,9 @@ class HeadShape:
 def head_options(
     loss: "LossConfig", shape: HeadShape, device: torch.device, *, temperature: float, want_kd: bool, want_lm: bool
 ) -> KDOptions:
-    """The fused head's options: KD settings from `loss.*`, rows per chunk from `loss.fused_chunk` or the
+    """The fused head's options: KD settings from `loss.kd`, rows per chunk from `loss.fused_chunk` or the
     fused loss's memory model (sized once per process: on a GPU from the free memory at the first call)."""
+    kd = loss.section("kd")
     chunk = loss.fused_chunk or _chunk_rows(
         shape.vocab,
         shape.s_width,
@@ -124,12 +125,12 @@ def head_options(
     )
     return KDOptions(
         temperature=temperature,
-        divergence=loss.kd_divergence,
-        beta=loss.kd_beta,
-        alpha=loss.kd_alpha,
-        top_k=loss.kd_top_k,
-        top_k_rest=loss.kd_top_k_rest,
-        top_k_support=loss.kd_top_k_support,
+        divergence=kd.divergence,
+        beta=kd.beta,
+        alpha=kd.alpha,
+        top_k=kd.top_k,
+        top_k_rest=kd.top_k_rest,
+        top_k_support=kd.top_k_support,
         chunk=chunk,
         want_kd=want_kd,
         want_lm=want_lm,

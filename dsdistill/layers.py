@@ -42,9 +42,9 @@ class LayerMap:
         return cls(
             n_student=n_student,
             n_teacher=n_teacher,
-            feature=pairs(loss.feature_layers, [(-1, -1)], "loss.feature_layers"),
-            layerwise=pairs(loss.layerwise_layers, uniform_map(n_student, n_teacher), "loss.layerwise_layers"),
-            attention=pairs(loss.attention_layers, [(-1, -1)], "loss.attention_layers"),
+            feature=pairs(loss.section("feature").layers, [(-1, -1)], "loss.feature.layers"),
+            layerwise=pairs(loss.section("layerwise").layers, uniform_map(n_student, n_teacher), "loss.layerwise.layers"),
+            attention=pairs(loss.section("attention").layers, [(-1, -1)], "loss.attention.layers"),
         )
 
     @property

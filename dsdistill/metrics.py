@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -27,7 +28,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.opened = False
         """Whether this run has written a record (so a failure owes the stream a run_end)."""
-        self._fh = None
+        self._fh: Any = None
 
     def write(self, record: BaseModel) -> None:
         if not self.enabled:

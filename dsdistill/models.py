@@ -94,7 +94,7 @@ def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_conf
     _check_location(spec.path, f"{field}.path")
     keep_alive = HfDeepSpeedConfig(zero3_ds_config) if zero3_ds_config is not None else None
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             spec.path,
             revision=spec.revision,
             dtype=DTYPES[precision],
@@ -103,6 +103,7 @@ def load_causal_lm(spec: ModelSpec, *, field: str, precision: str, zero3_ds_conf
             use_safetensors=True,
             output_loading_info=True,
         )
+        model, info = loaded  # (model, loading info) with output_loading_info
     except Exception as e:
         mismatch = _first_shape_mismatch(spec) if "mismatched" in str(e) or "size mismatch" in str(e) else None
         if mismatch is not None:
@@ -139,7 +140,8 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
         n = getattr(p, "ds_numel", None)
         if n is not None:
             total += n
-            local += p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else 0
+            shard = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's part
+            local += shard.numel() if shard is not None else 0
         else:
             total += p.numel()
             local += p.numel()

@@ -1,7 +1,7 @@
 """The one registry of loss components: one `register(...)` line per component.
 
 Each line gives the name, the unit it is averaged over, a description, and where its implementation
-lives (`module:attribute`, imported by `components.base.implementation` only when a run builds its objective). This module imports nothing
+lives (`module:attribute`, imported by `component_class` only when a config or a run needs it). This module imports nothing
 heavy, so the config, the curriculum and the monitor read names from here without loading torch.
 Everything else about a component (what it needs from the two forwards, the modules it owns, how it is
 computed) is in its own file under `dsdistill/components/`; see docs/architecture.md.
@@ -9,8 +9,9 @@ computed) is in its own file under `dsdistill/components/`; see docs/architectur
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Unit = Literal["token", "sequence", "micro_batch"]
 
@@ -47,6 +48,26 @@ def unregister(name: str) -> None:
     global NAMES
     COMPONENTS.pop(name, None)
     NAMES = tuple(COMPONENTS)
+
+
+def component_class(name: str) -> Any:
+    """The class registered under `name` (its module imported on first use; a plugin's code runs only when a
+    run names it)."""
+    module, _, attr = COMPONENTS[check_name(name)].implementation.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def option_sections() -> dict[str, Any]:
+    """{section: options model} of every registered component that has options (`loss.<section>`)."""
+    out: dict[str, Any] = {}
+    for name in NAMES:
+        cls = component_class(name)
+        if cls.Options is None:
+            continue
+        section = cls.section or name
+        if out.setdefault(section, cls.Options) is not cls.Options:
+            raise ValueError(f"loss.{section}: two components declare different options models for it")
+    return out
 
 
 def check_name(name: str) -> str:

@@ -28,6 +28,9 @@ from dsdistill.config import GenerationConfig
 
 
 class RolloutBackend(Protocol):
+    pad: int
+    """The token that fills a sequence after its completion."""
+
     def generate(self, prompts: list[list[int]], *, seeds: list[int], max_new: list[int]) -> list[list[int]]:
         """One completion per prompt (token ids, EOS included when it ended there), at most max_new[i] tokens."""
 
@@ -230,7 +233,7 @@ def apply_rollouts(
     start = time.perf_counter()
     completions = backend.generate(prompts, seeds=seeds, max_new=max_new)
     seconds = time.perf_counter() - start
-    stops = getattr(backend, "stops", frozenset())
+    stops: frozenset[int] = getattr(backend, "stops", frozenset())
     ended = sum(1 for c in completions if c and c[-1] in stops)
     out = [{k: v.clone() if torch.is_tensor(v) else v for k, v in mb.items()} for mb in window]
     tokens = 0

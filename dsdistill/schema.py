@@ -58,7 +58,7 @@ class RunStart(_Record):
     """Which LR schedule runs: run.yaml's `scheduler`, or the DeepSpeed config's scheduler block."""
     kd: dict[str, Any] = {}
     """How KD enters the objective: `divergence`, `t2_scaled` (whether it is multiplied by T^2; tv is not),
-    `top_k_support` (whose top-k tokens it compares, when `kd_top_k` or a cache limits them)."""
+    `top_k_support` (whose top-k tokens it compares, when `loss.kd.top_k` or a cache limits them)."""
 
 
 class TrainRecord(_Record):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import traceback
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -85,7 +86,7 @@ class SyncCounter:
         self.ours += own
 
     def __enter__(self) -> "SyncCounter":
-        self._modes = [_Function(self), _Dispatch(self)]
+        self._modes: list[Any] = [_Function(self), _Dispatch(self)]
         for m in self._modes:
             m.__enter__()
         return self

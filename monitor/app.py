@@ -27,7 +27,7 @@ from . import export
 from .alerts import AlertRules, evaluate_alerts
 from .fmt import sample_lines
 from .follow import Follower
-from .keys import BINDINGS, COMPACT_SIZE, HELP
+from .keys import BINDINGS, COMPACT_SIZE, KEY_HELP
 from .messages import Loaded, Preview, RecordsArrived, ZoomRequest
 from .oneshot import load_states, summary_json, summary_text
 from .panels import PANELS, DrawContext, Panel
@@ -52,8 +52,8 @@ class DsMonitor(ViewKeys, App):
         height: 1fr;
     }
     """
-    BINDINGS = BINDINGS
-    HELP = HELP
+    BINDINGS = BINDINGS  # type: ignore[assignment]  # a list of Binding is what Textual reads
+    KEY_HELP = KEY_HELP
 
     def __init__(
         self,
@@ -330,7 +330,7 @@ class DsMonitor(ViewKeys, App):
         self.notify(label(f"saved {path}"))
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self.HELP))
+        self.push_screen(HelpScreen(self.KEY_HELP))
 
 
 def build_parser() -> argparse.ArgumentParser:

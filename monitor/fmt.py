@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 from rich.text import Text
 
@@ -45,7 +45,7 @@ def eta_text(run: RunState) -> str:
     return "after the first step" if how == "waiting" else "-"
 
 
-def sparkline(values: list[float], n: int = 10) -> str:
+def sparkline(values: Sequence[float], n: int = 10) -> str:
     vals = [v for v in values[-n:] if math.isfinite(v)]
     if not vals:
         return ""

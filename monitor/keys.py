@@ -38,7 +38,7 @@ BINDINGS = [
     Binding("tab", "focus_next", "next panel", show=False),
     Binding("shift+tab", "focus_previous", "prev panel", show=False),
 ]
-HELP = [
+KEY_HELP = [
     ("q", "quit"),
     ("?", "this help"),
     ("p", "pause / follow (records keep being read while paused)"),

@@ -150,8 +150,8 @@ def render_plot(
     for h in hlines:
         y = ty(h.y)
         if y is not None:
-            for x in range(0, W + 1, 2):
-                canvas.dot(x, py(y), h.color)
+            for xi in range(0, W + 1, 2):
+                canvas.dot(xi, py(y), h.color)
     for m in markers:
         if math.isfinite(m):
             for y in range(0, H + 1, 2):

@@ -56,7 +56,7 @@ class Series:
         self.smoothers: dict = {}
         self.vmin: Optional[float] = None
 
-    def smoothed(self, weight: float) -> list[float]:
+    def smoothed(self, weight: float) -> Any:
         """Debiased EMA of the values, kept up to date incrementally per weight."""
         from .series_math import IncrementalEMA
 
@@ -84,7 +84,7 @@ class Series:
         if (self.vmin is None or value < self.vmin) and math.isfinite(value):
             self.vmin = value
 
-    def xs(self, axis: str) -> list[float]:
+    def xs(self, axis: str) -> list[Any]:
         col = getattr(self.table, axis)
         return [col[i] for i in self.rows]
 
@@ -261,18 +261,18 @@ class RunState:
         self.train_objective_at[rec.step] = rec.objective
         if len(self.train_objective_at) > OBJECTIVE_MEMORY:
             del self.train_objective_at[next(iter(self.train_objective_at))]
-        for key, value in (
+        scalars: tuple[tuple[str, Optional[float]], ...] = (
             ("objective", rec.objective),
             ("lr", rec.lr),
             ("temperature", rec.temperature),
             ("tokens_per_s", rec.tokens_per_s),
             ("grad_norm", rec.grad_norm),
             ("mem_gib", rec.mem_gib),
-        ):
-            if value is not None:
-                (table.get(key) or self._series(table, key, x)).add(row, value)
-        for name, value in rec.metrics.items():
-            (table.get("metric/" + name) or self._series(table, "metric/" + name, x)).add(row, value)
+            *((f"metric/{name}", v) for name, v in rec.metrics.items()),
+        )
+        for key, scalar in scalars:
+            if scalar is not None:
+                (table.get(key) or self._series(table, key, x)).add(row, scalar)
         if rec.gate_usage:
             self.gate_usage = rec.gate_usage
 

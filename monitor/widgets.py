@@ -108,7 +108,8 @@ class KeyBar(Widget):
 
     def fitted(self, width: int) -> list[tuple[str, str, str]]:
         """The items that fit in `width` columns, in order (the first, quit and help, always)."""
-        out, used = [], 0
+        out: list[tuple[str, str, str]] = []
+        used = 0
         for key, desc, action in self.items:
             w = len(key) + len(desc) + 3
             if used + w > width and out:

@@ -39,7 +39,7 @@ BAD = [
         "eval.early_stopping.metric: got \"accuracy\"; expected 'ppl', 'lm_ce', 'kd' or 'objective'",
     ),
     (lambda c: c["deepspeed"].update(student=5), "deepspeed.student: got 5; expected a valid string"),
-    (lambda c: c["loss"].update(kd_top_k=0), "loss.kd_top_k: got 0; expected greater than or equal to 1"),
+    (lambda c: c["loss"].update(kd={"top_k": 0}), "loss.kd.top_k: got 0; expected greater than or equal to 1"),
 ]
 
 
@@ -168,3 +168,24 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path, make_config):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "dsdistill: error: train.seq_len: got 1; expected greater than or equal to 2"
     assert "Traceback" not in proc.stderr
+
+
+def test_flat_loss_keys_of_earlier_configs_still_work_with_a_one_line_note(tmp_path, make_config):
+    """Each component's options are its own section now (`loss.kd.top_k`); a config written with the flat
+    keys (`loss.kd_top_k`) means the same run, and `check` says once, in one line per key, what they are now."""
+    old = make_config(loss={"kd_top_k": 8, "kd_top_k_rest": True, "router_conditioned": True, "attention_chunk": 16})
+    new = make_config(loss={"kd": {"top_k": 8, "top_k_rest": True}, "router": {"conditioned": True}, "attention": {"chunk": 16}})
+    assert validate(old).model_dump() == validate(new).model_dump()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsdistill", "check", "--config", str(write(tmp_path, old))], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("dsdistill: note: loss.")]
+    assert notes == [
+        "dsdistill: note: loss.kd_top_k is now loss.kd.top_k (the old key still works)",
+        "dsdistill: note: loss.kd_top_k_rest is now loss.kd.top_k_rest (the old key still works)",
+        "dsdistill: note: loss.attention_chunk is now loss.attention.chunk (the old key still works)",
+        "dsdistill: note: loss.router_conditioned is now loss.router.conditioned (the old key still works)",
+    ]
+    with pytest.raises(ConfigError, match=r"^loss.kd_top_k: given twice \(also as loss.kd.top_k\); keep loss.kd.top_k$"):
+        validate(make_config(loss={"kd_top_k": 8, "kd": {"top_k": 4}}))

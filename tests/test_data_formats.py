@@ -366,7 +366,7 @@ def test_two_ranks_stream_a_packed_chat_mixture_under_zero3(chat_config, chat_as
             "eval_examples": 20,
         },
         curriculum={"weights": {"kd": 1.0, "lm": 0.5, "attention": 0.5}},
-        loss={"attention_chunk": 32},
+        loss={"attention": {"chunk": 32}},
         train={"max_steps": 3, "grad_accum": 2},
         eval={"every": 3, "max_batches": 1, "at_start": True},
         deepspeed={"student": {**zero3, "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}, "teacher": zero3},

@@ -43,7 +43,7 @@ def test_two_rank_zero3_teacher_and_student_with_every_component(make_config, tm
         train={"max_steps": steps, "grad_accum": 2, "micro_batch_size": 2},
         optimizer={"lr": 5e-3},
         curriculum={"weights": EVERY_COMPONENT},
-        loss={"router_conditioned": True, "attention_chunk": 8},
+        loss={"router": {"conditioned": True}, "attention": {"chunk": 8}},
         checkpoint={"save_final": True},
         deepspeed={
             "student": {
@@ -120,7 +120,7 @@ def test_two_rank_zero1_with_every_component(make_config, tmp_path):
                 "zero_optimization": {"stage": 1},
             }
         },
-        loss={"kd_divergence": "jsd", "kd_beta": 0.3, "kd_top_k": 8, "kd_top_k_rest": True, "feature_metric": "cosine"},
+        loss={"kd": {"divergence": "jsd", "beta": 0.3, "top_k": 8, "top_k_rest": True}, "feature": {"metric": "cosine"}},
         eval={"every": 0, "max_batches": 1},
     )
     proc = launch(cfg, tmp_path)

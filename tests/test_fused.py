@@ -105,7 +105,7 @@ def test_engine_path_fused_equals_full_logits(make_config, tmp_path, stage):
             train={"max_steps": 4, "grad_accum": 2},
             eval={"every": 2, "max_batches": 2},
             curriculum={"weights": {"kd": 0.7, "lm": 0.3}},
-            loss={"fused_logits": fused, "fused_chunk": 37, "kd_divergence": "jsd", "kd_top_k": 9, "kd_top_k_rest": True},
+            loss={"fused_logits": fused, "fused_chunk": 37, "kd": {"divergence": "jsd", "top_k": 9, "top_k_rest": True}},
             deepspeed={
                 "student": {
                     "train_micro_batch_size_per_gpu": "auto",

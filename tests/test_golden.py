@@ -63,7 +63,7 @@ def _config(make_config, loss: dict, student_ds: dict) -> dict:
         train={"max_steps": 4, "grad_accum": 2, "micro_batch_size": 2},
         optimizer={"lr": 5e-3},
         curriculum={"weights": EVERY_COMPONENT, "temperature": 2.0},
-        loss={"router_conditioned": True, "attention_chunk": 8, **loss},
+        loss={"router": {"conditioned": True}, "attention": {"chunk": 8}, **loss},
         checkpoint={"save_final": True},
         deepspeed={"student": student_ds},
         eval={"every": 2, "max_batches": 2},

@@ -111,12 +111,12 @@ def test_cache_fed_kd_equals_live_top_k_kd_within_the_quantisation_error(written
     cfg = written["cfg"]
     live_cfg = {
         **cfg,
-        "loss": {"kd_top_k": 16, "kd_top_k_rest": True, "kd_top_k_support": "teacher", "kd_divergence": divergence},
+        "loss": {"kd": {"top_k": 16, "top_k_rest": True, "top_k_support": "teacher", "divergence": divergence}},
     }
     live, _ = _eval(live_cfg, tmp_path / "live")
     gaps = {}
     for bits in ("b5", "b8"):
-        cached_cfg = {**cfg, "teacher": {"cache": str(written[bits])}, "loss": {"kd_divergence": divergence}}
+        cached_cfg = {**cfg, "teacher": {"cache": str(written[bits])}, "loss": {"kd": {"divergence": divergence}}}
         cached, session = _eval(cached_cfg, tmp_path / bits)
         assert not session.teacher.capabilities().model_in_job  # no teacher model was loaded
         assert cached.losses["lm"] == live.losses["lm"]  # the student's side is the same computation
@@ -170,7 +170,7 @@ def test_a_mismatched_cache_is_refused_in_one_line(written, make_config, chat_co
             "teacher.cache: feature need the teacher's hidden states or attention, which a cache does not hold; "
             "train with --set curriculum.weights='{kd: 1.0}'",
         ),
-        ({"loss": {"kd_top_k": 8}}, "loss.kd_top_k: a cache sets k (16, with a rest bucket)"),
+        ({"loss": {"kd": {"top_k": 8}}}, "loss.kd.top_k: a cache sets k (16, with a rest bucket)"),
         (
             {"curriculum": {"weights": {"kd": 1.0}, "temperature": 2.0}},
             f"curriculum.temperature: this run uses T = 2, but the teacher cache '{cache}' holds exact tails for T in {{1}} only",
@@ -195,9 +195,9 @@ def test_cache_at_temperature_two_equals_live_top_k_and_rest(written, tmp_path, 
     if not (out / "manifest.json").exists():
         _write(cfg, out, level_bits=8)
     assert json.loads((out / "manifest.json").read_text())["tail_temperatures"] == [2.0]
-    loss = {"kd_top_k": 16, "kd_top_k_rest": True, "kd_top_k_support": "teacher", "kd_divergence": divergence}
+    loss = {"kd": {"top_k": 16, "top_k_rest": True, "top_k_support": "teacher", "divergence": divergence}}
     live, _ = _eval({**cfg, "loss": loss}, tmp_path / "live")
-    cached, _ = _eval({**cfg, "teacher": {"cache": str(out)}, "loss": {"kd_divergence": divergence}}, tmp_path / "cached")
+    cached, _ = _eval({**cfg, "teacher": {"cache": str(out)}, "loss": {"kd": {"divergence": divergence}}}, tmp_path / "cached")
     assert abs(cached.losses["kd"] - live.losses["kd"]) / live.losses["kd"] < 0.005, (cached.losses, live.losses)
 
 

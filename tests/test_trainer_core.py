@@ -121,13 +121,18 @@ def test_trainer_step_skips_a_nonfinite_update_on_its_own(make_config, toys):
 
 
 def test_a_new_component_trains_and_evaluates_with_its_registration_alone(make_config, assets, toys):
+    """The toy's file and its registration line are all it takes: its options validate as `loss.hidden_energy`,
+    its loss trains and evaluates, and its diagnostic reaches the records and a monitor plot."""
     from transformers import AutoModelForCausalLM
 
+    with pytest.raises(DistillError, match=r"^loss.hidden_energy.power: got -1; expected greater than 0$"):
+        validate(make_config(loss={"hidden_energy": {"power": -1}}))
     cfg = validate(
         make_config(
             train={"max_steps": 2},
             eval={"every": 2, "max_batches": 2, "at_start": True},
             curriculum={"weights": {"kd": 0.5, "lm": 0.5, "hidden_energy": 0.01}},
+            loss={"hidden_energy": {"power": 3.0}},
         )
     )
     with contextlib.redirect_stdout(io.StringIO()), open_session(cfg) as s:
@@ -137,18 +142,43 @@ def test_a_new_component_trains_and_evaluates_with_its_registration_alone(make_c
     trains = [r for r in recs if isinstance(r, TrainRecord)]
     evals = [r for r in recs if isinstance(r, EvalRecord)]
     assert [t.step for t in trains] == [0, 1] and all("hidden_energy" in t.losses for t in trains)
+    assert all(t.metrics["hidden_peak"] > 0 for t in trains)
     assert recs[0].schedule["active"] == ["kd", "lm", "hidden_energy"]
-    # the value at step 0 (the initial student, before any update) recomputed from the model on disk
+    assert recs[0].config["loss"]["hidden_energy"] == {"power": 3.0}
+    # the values at step 0 (the initial student, before any update) recomputed from the model on disk
     model = AutoModelForCausalLM.from_pretrained(assets["student"]).eval()
-    total, count = 0.0, 0
+    total, count, peaks = 0.0, 0, []
     with torch.no_grad():
         for b in batches:
             h = model(input_ids=b["input_ids"], output_hidden_states=True).hidden_states[-1]
             mask = b["labels"][:, 1:] != -100
-            total += float(h[:, :-1].pow(2).mean(-1)[mask].sum())
-            count += int(mask.sum())
+            per_position = h[:, :-1].abs().pow(3).mean(-1)[mask]
+            total, count = total + float(per_position.sum()), count + int(mask.sum())
+            peaks.append(float(per_position.max()))
     assert evals[0].step == 0 and evals[0].losses["hidden_energy"] == pytest.approx(total / count, rel=1e-5)
+    assert evals[0].metrics["hidden_peak"] == pytest.approx(sum(peaks) / len(peaks), rel=1e-5)  # "micro_batch": their mean
     assert evals[0].objective == pytest.approx(sum(evals[0].weights[n] * evals[0].losses[n] for n in evals[0].weights))
+    assert _monitor_plots(s.plan.run_dir) >= {"hidden_energy", "metric/hidden_peak"}
+
+
+def _monitor_plots(run_dir) -> set[str]:
+    """The plots the real dashboard shows for a finished run."""
+    import asyncio
+
+    from dsmonitor.app import DsMonitor
+
+    app = DsMonitor([str(run_dir)], poll_interval=0.02, refresh_interval=0.05)
+
+    async def main():
+        async with app.run_test(size=(160, 50)) as pilot:
+            for _ in range(6000):  # a generous outer limit (5 minutes): the file is complete before it opens
+                if app.runs[0].end is not None and not app.catching_up:
+                    break
+                await pilot.pause(0.05)
+            await pilot.pause(0.3)
+            return set(app._plots)
+
+    return asyncio.run(main())
 
 
 def _aux_after(make_config, tmp_path, name: str, stage: int) -> tuple[dict[str, torch.Tensor], list]:

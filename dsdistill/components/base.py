@@ -13,9 +13,10 @@ names are known elsewhere: `kd` and `lm` share the fused KD+LM head (`dsdistill/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, NamedTuple, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from dsdistill.needs import Needs
@@ -27,6 +28,13 @@ if TYPE_CHECKING:
 
 
 MetricReduction = Literal["unit", "micro_batch"]
+
+
+class ComponentOptions(BaseModel):
+    """Base of a component's options model: strict (an unknown key is refused), finite numbers, and one
+    docstring per field (what `check` and the README show)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -109,8 +117,11 @@ class Component:
 
     name: str = ""
     """Its registered name (set by the subclass; the registry line gives unit and description)."""
-    options: tuple[str, ...] = ()
-    """The `loss.*` config fields it reads."""
+    Options: ClassVar[Optional[type["ComponentOptions"]]] = None
+    """Its options model: the config section `loss.<section>`, validated with the rest of the config (None:
+    it has no options)."""
+    section: ClassVar[str] = ""
+    """The `loss.*` section its options live in (default: its name; the router's three terms share one)."""
     reads_logits: bool = False
     """It reads the student's logits (or the fused head's sums)."""
     metrics: dict[str, MetricReduction] = {}
@@ -118,6 +129,10 @@ class Component:
     is reduced over a window's micro-batches and the ranks: "unit" (a sum over the component's units, divided
     by the window's count of them, as its loss is) or "micro_batch" (a value per micro-batch, averaged).
     Train and eval records carry them in `metrics`; the monitor plots each one."""
+
+    def options_of(self, loss: "LossConfig") -> Any:
+        """Its options in this run's config (an instance of `Options`)."""
+        return loss.section(self.section or self.name)
 
     def needs(self, layers: "LayerMap") -> Needs:
         return Needs()
@@ -138,10 +153,7 @@ class Component:
 
 def implementation(name: str) -> Component:
     """A new instance of the component registered under `name` (its module is imported on first use)."""
-    import importlib
-
     from dsdistill import registry
 
-    module, _, attr = registry.COMPONENTS[registry.check_name(name)].implementation.partition(":")
-    cls: Any = getattr(importlib.import_module(module), attr)
+    cls: Any = registry.component_class(name)
     return cls()

@@ -1,17 +1,31 @@
-"""Feature: projected student hidden states vs teacher hidden states on mapped layers (`loss.feature_layers`).
+"""Feature: projected student hidden states vs teacher hidden states on mapped layers (`loss.feature.layers`).
 
 `ProjectedPairs` is what feature and layerwise share: a learned projection student width -> teacher width
 per mapped (student, teacher) layer pair, applied inside the student's forward."""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Literal, Optional, cast
 
 import torch
 from torch import nn
 
-from dsdistill.components.base import Build, Component, Inputs, Needs, StudentSide
+from dsdistill.components.base import Build, Component, ComponentOptions, Inputs, Needs, StudentSide
 from dsdistill.losses.hidden import feature_loss
+
+LayerPairs = Optional[list[tuple[int, int]]]
+"""(student layer, teacher layer) pairs, 1-based decoder block numbers; -1 means the last block."""
+
+
+class FeatureOptions(ComponentOptions):
+    """`loss.feature`: which hidden states are compared, and how."""
+
+    layers: LayerPairs = None
+    """(student, teacher) layer pairs; default [[-1, -1]] (last to last)."""
+    metric: Literal["mse", "cosine"] = "mse"
+    """Distance between projected student and teacher hidden states."""
+    normalize: bool = True
+    """Layer-normalise both sides (no learned scale) before the distance."""
 
 
 class ProjectedPairs(Component):
@@ -37,13 +51,8 @@ class ProjectedPairs(Component):
 
 class Feature(ProjectedPairs):
     name = "feature"
-    options = ("feature_layers", "feature_metric", "feature_normalize")
+    Options = FeatureOptions
 
     def compute(self, x: Inputs):
-        return feature_loss(
-            self.pairs(x),
-            x.labels,
-            ignore_index=x.ignore_index,
-            metric=x.loss.feature_metric,
-            normalized=x.loss.feature_normalize,
-        )
+        o: FeatureOptions = self.options_of(x.loss)
+        return feature_loss(self.pairs(x), x.labels, ignore_index=x.ignore_index, metric=o.metric, normalized=o.normalize)

@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
-from dsdistill.components.base import Component, Inputs, Needs
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from dsdistill.components.base import Component, ComponentOptions, Inputs, Needs
 from dsdistill.losses import kd_loss
+from dsdistill.losses.kd import DIVERGENCES
+
+
+class KDOptions(ComponentOptions):
+    """`loss.kd`: how the teacher's and the student's token distributions are compared."""
+
+    divergence: str = "forward_kl"
+    """Divergence between teacher and student token distributions at temperature T (x T^2 in the objective,
+    except tv, which is bounded by 1 and enters unscaled): forward_kl, reverse_kl, jsd, skew_kl, skew_rkl, tv."""
+    beta: float = Field(0.5, ge=0, le=1)
+    """jsd: mixture weight; 0 is forward KL, 1 is reverse KL, 0.5 the symmetric JSD."""
+    alpha: float = Field(0.1, ge=0, le=1)
+    """skew_kl: KL(teacher || alpha * teacher + (1 - alpha) * student); skew_rkl: KL(student || alpha *
+    student + (1 - alpha) * teacher)."""
+    top_k: Optional[int] = Field(None, ge=1)
+    """If set, KD compares only top-k tokens per position, renormalised: the teacher's for forward_kl, the
+    student's for reverse_kl and skew_rkl, the union of both for jsd, skew_kl and tv."""
+    top_k_rest: bool = False
+    """With `top_k`: add a bucket holding the remaining probability mass on both sides."""
+    top_k_support: Literal["auto", "teacher"] = "auto"
+    """With `top_k`: `auto` compares each divergence on the support it needs (above); `teacher` always on the
+    teacher's top-k, which is what an offline cache holds (then every divergence but forward_kl needs
+    `top_k_rest`, or the student's mass outside the teacher's top-k would be ignored)."""
+
+    @field_validator("divergence")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in DIVERGENCES:
+            raise ValueError(f"expected one of {', '.join(DIVERGENCES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _support_sees_the_student(self) -> "KDOptions":
+        if self.top_k_support == "teacher" and self.divergence != "forward_kl" and not self.top_k_rest:
+            raise ValueError(
+                f"top_k_support 'teacher' with {self.divergence} needs top_k_rest: true (else the student's "
+                "mass outside the teacher's top-k is ignored)"
+            )
+        return self
 
 
 class KD(Component):
     name = "kd"
     reads_logits = True
     metrics = {"kd_kl": "unit"}  # the divergence without the T^2 factor, per loss-bearing token
-    options = ("kd_divergence", "kd_beta", "kd_alpha", "kd_top_k", "kd_top_k_rest", "kd_top_k_support")
+    Options = KDOptions
 
     def needs(self, layers):
         return Needs(teacher_logits=True)
@@ -19,7 +62,7 @@ class KD(Component):
         fused = x.student.fused
         if fused is not None:  # the fused head computed it chunk by chunk
             return fused.kd, {"count": fused.tokens, "kd_kl": fused.kl}
-        c = x.loss
+        c: KDOptions = self.options_of(x.loss)
         assert x.student.logits is not None and x.teacher.logits is not None, "KD needs both distributions"
         total, m = kd_loss(
             x.student.logits,
@@ -27,11 +70,11 @@ class KD(Component):
             x.labels,
             temperature=x.temperature,
             ignore_index=x.ignore_index,
-            top_k=c.kd_top_k,
-            top_k_rest=c.kd_top_k_rest,
-            top_k_support=c.kd_top_k_support,
-            divergence_kind=c.kd_divergence,
-            beta=c.kd_beta,
-            alpha=c.kd_alpha,
+            top_k=c.top_k,
+            top_k_rest=c.top_k_rest,
+            top_k_support=c.top_k_support,
+            divergence_kind=c.divergence,
+            beta=c.beta,
+            alpha=c.alpha,
         )
         return total, {"count": m["count"], "kd_kl": m["kl"]}

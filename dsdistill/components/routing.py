@@ -9,7 +9,7 @@ from typing import Optional, cast
 import torch
 from torch import nn
 
-from dsdistill.components.base import Build, Component, Inputs, Needs, StudentSide
+from dsdistill.components.base import Build, Component, ComponentOptions, Inputs, Needs, StudentSide
 from dsdistill.losses import shifted_mask
 from dsdistill.losses.attention import routing_attention_loss, segments_of
 from dsdistill.losses.contrastive import mean_pool
@@ -36,8 +36,23 @@ class Router(nn.Module):
         return torch.softmax((self.logits.unsqueeze(0) + shift).float(), dim=-1)
 
 
+class RouterOptions(ComponentOptions):
+    """`loss.router`: the router the three routing terms share."""
+
+    conditioned: bool = False
+    """Condition each student layer's router gates on its mean-pooled hidden state."""
+
+
+class RouterTerm(Component):
+    """A term of the router: its options are the shared `loss.router` section."""
+
+    Options = RouterOptions
+    section = "router"
+
+
 def _router(build: Build):
-    return lambda: Router(build.layers.n_student, build.layers.n_teacher, build.student_width, build.loss.router_conditioned)
+    conditioned = build.loss.section("router").conditioned
+    return lambda: Router(build.layers.n_student, build.layers.n_teacher, build.student_width, conditioned)
 
 
 def _gates(aux: nn.ModuleDict, side: StudentSide) -> dict:
@@ -57,9 +72,8 @@ def _usage(x: Inputs) -> torch.Tensor:
     return x.student.side["gate_usage"]
 
 
-class RoutingFeature(Component):
+class RoutingFeature(RouterTerm):
     name = "routing_feature"
-    options = ("router_conditioned",)
 
     def needs(self, layers):
         return Needs(student_hidden=True, teacher_hidden=True)
@@ -87,9 +101,8 @@ class RoutingFeature(Component):
         return total, {**m, "gate_usage": _usage(x)}
 
 
-class LoadBalance(Component):
+class LoadBalance(RouterTerm):
     name = "routing_load_balance"
-    options = ("router_conditioned",)
 
     def needs(self, layers):
         return Needs(student_hidden=True)
@@ -107,9 +120,10 @@ class LoadBalance(Component):
         return value * carries, {"count": carries.to(torch.long), "gate_usage": _usage(x)}
 
 
-class AttentionAlignment(Component):
+class AttentionAlignment(RouterTerm):
+    """Uses `loss.attention`'s layers (through the layer map) and chunk besides the router's options."""
+
     name = "routing_attention_alignment"
-    options = ("router_conditioned", "attention_layers", "attention_chunk")
 
     def needs(self, layers):
         return Needs(
@@ -136,7 +150,7 @@ class AttentionAlignment(Component):
             gates,
             x.labels,
             ignore_index=x.ignore_index,
-            chunk=x.loss.attention_chunk,
+            chunk=x.loss.section("attention").chunk,
             segments=segments_of(x.position_ids),
         )
         return total, {**m, "gate_usage": _usage(x)}

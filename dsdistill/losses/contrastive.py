@@ -1,7 +1,7 @@
 """Contrastive component: InfoNCE between pooled, projected student and teacher sequence representations.
 
 Its value depends on how many candidates each student embedding is compared with: the micro-batch size,
-times the world size with `contrastive_gather` (the other ranks' teachers as negatives). More negatives
+times the world size with `loss.contrastive.gather` (the other ranks' teachers as negatives). More negatives
 give a larger loss (about log of their number at the start), so values are comparable only between runs with
 the same micro-batch x world size. Sequences without a loss-bearing token are neither anchors nor
 negatives: their pooled state would be an all-zero vector, a constant negative the value would depend on."""

@@ -153,7 +153,7 @@ def as_sparse(t_sparse) -> Optional[SparseTeacher]:
 
 def sparse_log_probs(s: torch.Tensor, sp: SparseTeacher, temperature: float):
     """Student and teacher over the teacher's k cached tokens plus one bucket for the rest of the vocabulary
-    (the same buckets as live top-k KD with `kd_top_k_rest`). `s`: student logits already divided by T. The
+    (the same buckets as live top-k KD with `loss.kd.top_k_rest`). `s`: student logits already divided by T. The
     teacher's buckets at T are log p_i / T for the kept tokens and log sum_tail p_i^(1/T) for the rest,
     renormalised: exactly live top-k + rest at T (the tail statistic is stored per temperature)."""
     s_full = torch.log_softmax(s, dim=-1)
@@ -181,9 +181,11 @@ def _chunk_terms(
         if sparse is not None:
             s_logp, t_logp = sparse_log_probs(s, sparse, o.temperature)
         elif o.top_k is not None and o.top_k < s.size(-1):
+            assert t_logits is not None, "dense KD needs the teacher's logits"
             t = t_logits / o.temperature
             s_logp, t_logp = _topk_log_probs(s, t, o.top_k, o.top_k_rest, o.divergence, o.top_k_support)
         else:
+            assert t_logits is not None, "dense KD needs the teacher's logits"
             s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t_logits / o.temperature, dim=-1)
         raw = divergence(t_logp, s_logp, o.divergence, beta=o.beta, alpha=o.alpha).sum()
         kd = raw * t2_factor(o.divergence, o.temperature)
@@ -236,9 +238,9 @@ class _FusedKDLM(torch.autograd.Function):
                 g = torch.autograd.grad(coef_kd * kd + coef_lm * lm, s_logits)[0] if need else None
             if g is not None:
                 g_low = g.to(w.dtype)
-                if need_h:
+                if grad_h is not None:
                     grad_h[start:end] = _mm_f32(g_low, w).to(acc_dtype)
-                if need_w:
+                if grad_w is not None:
                     grad_w += _mm_f32(g_low.T, h).to(acc_dtype)
                 del g, g_low
             kd_sum = kd_sum + kd.detach()

@@ -38,7 +38,7 @@ def feature_loss(
     pairs: list of (student_projected [B, S, Dt], teacher_hidden [B, S, Dt]).
     """
     mask = shifted_mask(labels, ignore_index)
-    total = 0.0
+    total: torch.Tensor | float = 0.0
     for s, t in pairs:
         s, t = upcast(s[:, :-1]), upcast(t[:, :-1]).detach()
         if normalized:
@@ -74,7 +74,7 @@ def routing_feature_loss(
     mask = shifted_mask(labels, ignore_index)
     targets = torch.stack([normalize(h[:, :-1]).detach() for h in teacher_hidden], dim=0)  # [Lt, B, S-1, D]
     t_sq = targets.pow(2).mean(-1)  # [Lt, B, S-1]
-    total = 0.0
+    total: torch.Tensor | float = 0.0
     for li, s in enumerate(student_projected):
         a = normalize(s[:, :-1])
         # MSE(a, t_j) per position for every teacher layer j at once: |a|^2 + |t_j|^2 - 2 a.t_j, over D

@@ -16,12 +16,12 @@ sides are softened, so the value that enters the objective is T^2 x divergence (
 variation has no such property (and is bounded by 1), so it enters unscaled. `T2_SCALED` lists which are
 scaled; run_start records it. The unscaled divergence is logged too (`kd_kl`).
 
-Top-k supports (`kd_top_k`): each divergence is computed on the tokens where the side it weights puts its
+Top-k supports (`loss.kd.top_k`): each divergence is computed on the tokens where the side it weights puts its
 mass, so a student cannot hide mass outside the compared set:
 - forward_kl: the teacher's top-k (the expectation is under the teacher);
 - reverse_kl, skew_rkl: the student's top-k (the expectation is under the student);
 - jsd, skew_kl, tv: the union of both top-k sets (both sides weigh in).
-Both distributions are renormalised over that support, or, with `kd_top_k_rest`, the rest of the
+Both distributions are renormalised over that support, or, with `loss.kd.top_k_rest`, the rest of the
 vocabulary is one more bucket on both sides (k = vocab with the bucket equals full KD).
 """
 

@@ -4,7 +4,7 @@ objective, the trainer and the evaluator. Every rank builds them together (model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ from dsdistill.trainer import Evaluator, PairForward, Trainer
 class Parts:
     plan: Plan
     data: RunData
-    student: object
+    student: Any
     """The student's DeepSpeed engine (its module: `DistillStudent`)."""
     teacher: TeacherSource
     objective: Objective

@@ -164,12 +164,12 @@ class Records:
 def kd_semantics(cfg: RunConfig) -> dict[str, Any]:
     """What run_start says of KD: the divergence, whether it is T^2-scaled, and its top-k support (a teacher
     that holds only its top-k overrides the support)."""
-    c = cfg.loss
-    support = "teacher" if c.kd_top_k_support == "teacher" else TOP_K_SUPPORT[c.kd_divergence]
+    c = cfg.loss.section("kd")
+    support = "teacher" if c.top_k_support == "teacher" else TOP_K_SUPPORT[c.divergence]
     return {
-        "divergence": c.kd_divergence,
-        "t2_scaled": c.kd_divergence in T2_SCALED,
-        "top_k_support": support if c.kd_top_k is not None else "full vocabulary",
+        "divergence": c.divergence,
+        "t2_scaled": c.divergence in T2_SCALED,
+        "top_k_support": support if c.top_k is not None else "full vocabulary",
     }
 
 

@@ -2,7 +2,7 @@
 `TeacherSource` (what the loop asks for the teacher's side of each micro-batch).
 
 The run and preflight never ask which kind a teacher is; they ask its `Capabilities`. A new kind of teacher
-is one module here with its config class, a plan and a source, plus its entry in `build.py`.
+is one module (its plan with its `Options` model, and its source) plus its `register(...)` line in kinds.py.
 """
 
 from __future__ import annotations
@@ -151,6 +151,10 @@ class TeacherPlan(Protocol):
     """The teacher's transformers config (shapes for the plan; no weights)."""
     tokenizer: Any
     """Its tokenizer, or None where it is checked against the student's another way (a cache's hash)."""
+
+    @classmethod
+    def open(cls, cfg: Any, student_tokenizer: Any, *, rank: int) -> "TeacherPlan":
+        """Open the teacher `cfg.teacher` names (every rank; `rank` 0 alone does one-off checks)."""
 
     def capabilities(self) -> Capabilities: ...
 

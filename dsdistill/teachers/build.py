@@ -7,18 +7,13 @@ from typing import Any, Optional
 
 from dsdistill.errors import ConfigError
 from dsdistill.teachers.base import RunContext, TeacherPlan
+from dsdistill.teachers.kinds import plan_class
 
 
 def open_teacher(cfg: Any, student_tokenizer: Any, *, rank: int) -> TeacherPlan:
-    """The teacher the config names, opened (config, tokenizer, index; no weights)."""
-    t = cfg.teacher
-    if t.cache is not None:
-        from dsdistill.teachers.cached import CachePlan
-
-        return CachePlan(t.cache, student_tokenizer, rank=rank)
-    from dsdistill.teachers.live import LivePlan
-
-    return LivePlan(t, student_tokenizer)
+    """The teacher the config names, opened (config, tokenizer, index; no weights): the plan class of its
+    kind (teachers/kinds.py)."""
+    return plan_class(cfg.teacher.chosen).open(cfg, student_tokenizer, rank=rank)
 
 
 def check_serves(teacher: TeacherPlan, ctx: RunContext, *, fused_off: Optional[str], samples: Optional[str]) -> None:
@@ -49,8 +44,8 @@ def check_serves(teacher: TeacherPlan, ctx: RunContext, *, fused_off: Optional[s
             f"{samples}: sampled completions need a teacher that scores new text; use teacher.path, not {teacher.noun}"
         )
     if caps.distribution == "sparse":
-        if cfg.loss.kd_top_k is not None:
-            raise ConfigError(f"loss.kd_top_k: {teacher.noun} sets k ({caps.top_k}, with a rest bucket); leave kd_top_k unset")
+        if cfg.loss.section("kd").top_k is not None:
+            raise ConfigError(f"loss.kd.top_k: {teacher.noun} sets k ({caps.top_k}, with a rest bucket); leave it unset")
         if not cfg.loss.fused_logits or fused_off is not None:
             raise ConfigError(
                 f"{teacher.field}: KD from {teacher.noun} runs on the fused path only; "

@@ -203,10 +203,10 @@ def _write_split(plan, engine, out: Path, split: str, rows, what: dict[str, Any]
     shard_rows, top_k, rank, world = what["shard_rows"], what["k"], plan.rank, plan.world
     n_shards = math.ceil(len(rows) / shard_rows)
     todo = []
-    for j in range(n_shards):
-        h = read_header(out / split / f"{j:05d}.bin")
-        if h is None or h.get("first_row") != j * shard_rows or h.get("k") != top_k:
-            todo.append(j)
+    for shard in range(n_shards):
+        h = read_header(out / split / f"{shard:05d}.bin")
+        if h is None or h.get("first_row") != shard * shard_rows or h.get("k") != top_k:
+            todo.append(shard)
     rounds = math.ceil(len(todo) / world)
     for r in range(rounds):
         mine = r * world + rank

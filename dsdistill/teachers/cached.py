@@ -242,6 +242,10 @@ class CachePlan:
     field = "teacher.cache"
     noun = "a cache"
 
+    @classmethod
+    def open(cls, cfg: Any, student_tokenizer: Any, *, rank: int) -> "CachePlan":
+        return cls(cfg.teacher.cache, student_tokenizer, rank=rank)
+
     def __init__(self, directory: str, student_tokenizer: Any, *, rank: int):
         from dsdistill.config import ModelSpec
         from dsdistill.models import load_config

@@ -161,6 +161,10 @@ class LivePlan:
     field = "teacher.path"
     noun = "a live model"
 
+    @classmethod
+    def open(cls, cfg: Any, student_tokenizer: Any, *, rank: int) -> "LivePlan":
+        return cls(cfg.teacher, student_tokenizer)
+
     def __init__(self, spec: "TeacherSpec", student_tokenizer: Any):
         from dsdistill.models import load_config, load_tokenizer
 
