@@ -62,6 +62,17 @@ def _cmd_teacher_cache(args) -> int:
     return train.main(argv + sum((["--set", s] for s in args.overrides), []))
 
 
+def _cmd_teacher_serve(args) -> int:
+    from dsdistill.config import load_config
+    from dsdistill.teachers.server import serve
+
+    try:
+        serve(load_config(args.config, args.overrides), host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: the server's way to stop
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from dsdistill.demo import run_demo
 
@@ -82,6 +93,27 @@ def _cmd_init_student(args) -> int:
     out = init_student(args.teacher, args.layers, args.out, trust_remote_code=args.trust_remote_code)
     print(f"init-student: wrote a student of the teacher's blocks {args.layers} to {out} (student.path: {out})")
     return 0
+
+
+def _teacher_commands(sub, with_config) -> None:
+    """`teacher-cache` and `teacher-serve`: the teacher run apart from training."""
+    tc = sub.add_parser(
+        "teacher-cache",
+        help="run the teacher once over the run's data and store its top-k distributions (train later with teacher.cache)",
+    )
+    with_config(tc)
+    tc.add_argument("--out", required=True, help="cache directory (a stopped write resumes in it)")
+    tc.add_argument("--top-k", type=int, default=128, help="tokens kept per position (default 128)")
+    tc.add_argument(
+        "--level-bits", default=None, help="bits per kept probability, 2..12, or auto (the default: measured on the first rows)"
+    )
+    tc.add_argument("--shard-rows", type=int, default=64, help="packed rows per shard file (default 64)")
+    tc.set_defaults(func=_cmd_teacher_cache)
+    ts = sub.add_parser("teacher-serve", help="serve the config's teacher to runs elsewhere (train with teacher.url)")
+    with_config(ts)
+    ts.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    ts.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    ts.set_defaults(func=_cmd_teacher_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,19 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--level-bits", default=None, help=argparse.SUPPRESS)
     c.add_argument("--shard-rows", type=int, default=None, help=argparse.SUPPRESS)
-    tc = sub.add_parser(
-        "teacher-cache",
-        help="run the teacher once over the run's data and store its top-k distributions (train later with teacher.cache)",
-    )
-    with_config(tc)
-    tc.add_argument("--out", required=True, help="cache directory (a stopped write resumes in it)")
-    tc.add_argument("--top-k", type=int, default=128, help="tokens kept per position (default 128)")
-    tc.add_argument(
-        "--level-bits", default=None, help="bits per kept probability, 2..12, or auto (the default: measured on the first rows)"
-    )
-    tc.add_argument("--shard-rows", type=int, default=64, help="packed rows per shard file (default 64)")
-    tc.set_defaults(func=_cmd_teacher_cache)
     c.set_defaults(func=_cmd_check)
+    _teacher_commands(sub, with_config)
     d = sub.add_parser("demo", help="distil a tiny local teacher into a smaller student (CPU is enough)")
     d.add_argument("--run-dir", default="runs/demo", help="where the demo run writes (default runs/demo)")
     d.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")

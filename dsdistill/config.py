@@ -41,37 +41,35 @@ class ModelSpec(_Strict):
 
 
 class TeacherSpec(ModelSpec):
-    """The frozen teacher: a model (`path`), an offline cache of its top-k distributions (`cache`), or a
-    registered kind of teacher (`kind`, with its `options`)."""
+    """The frozen teacher: a model (`path`), an offline cache of its top-k distributions (`cache`), a teacher
+    server (`url`), or another registered kind of teacher (`kind`); `options` configure the chosen one."""
 
     path: Optional[str] = None  # type: ignore[assignment]
     """Local directory written by `save_pretrained`, or a Hub name."""
     cache: Optional[str] = None
     """A directory written by `dsdistill teacher-cache`: KD from the cached top-k, no teacher model loaded."""
+    url: Optional[str] = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    """A teacher server: `dsdistill teacher-serve`'s address, http://HOST:PORT."""
     kind: Optional[str] = None
-    """Another registered kind of teacher (dsdistill/teachers/kinds.py), configured by `options`."""
+    """Another registered kind of teacher (dsdistill/teachers/kinds.py)."""
     options: dict[str, Any] = {}
-    """The options of `kind`, checked by that kind's own options model."""
+    """Options of the chosen teacher, checked by its own options model (a server: top_k, timeout_s, retries)."""
 
     @model_validator(mode="after")
     def _one_teacher(self) -> "TeacherSpec":
-        if sum(v is not None for v in (self.path, self.cache, self.kind)) != 1:
-            raise ValueError("set path (a model), cache (a teacher-cache directory) or kind, exactly one")
-        if self.kind is None:
-            if self.options:
-                raise ValueError("options: only a teacher `kind` takes options")
-            return self
+        if sum(v is not None for v in (self.path, self.cache, self.url, self.kind)) != 1:
+            raise ValueError("set path (a model), cache (a teacher-cache directory), url (a teacher server) or kind, exactly one")
         from dsdistill.teachers.kinds import plan_class
 
-        if self.kind in ("path", "cache"):
+        if self.kind in ("path", "cache", "url"):
             raise ConfigError(f"teacher.kind: {self.kind} is chosen by teacher.{self.kind} itself; leave kind unset")
         try:
-            options_model = getattr(plan_class(self.kind), "Options", None)
+            options_model = getattr(plan_class(self.chosen), "Options", None)
         except ValueError as e:
             raise ConfigError(f"teacher.kind: {e}") from None
         if options_model is None:
             if self.options:
-                raise ValueError(f"options: teacher kind {self.kind!r} takes none")
+                raise ValueError(f"options: a teacher given by {self.chosen} takes none")
             return self
         try:
             self.options = options_model.model_validate(self.options).model_dump()
@@ -82,7 +80,7 @@ class TeacherSpec(ModelSpec):
     @property
     def chosen(self) -> str:
         """The kind of teacher this config chooses."""
-        return self.kind or ("cache" if self.cache is not None else "path")
+        return self.kind or ("cache" if self.cache is not None else "url" if self.url is not None else "path")
 
 
 Format = Literal["text", "chat", "prompt_completion", "pretokenized"]

@@ -79,22 +79,16 @@ def _coerce_schedule(value):
 
 
 def default_weights() -> dict[str, Constant | Ramp]:
-    """kd 0.9 and lm 0.1 throughout; feature/attention (and the router's feature, attention-alignment and
-    load-balance terms) ramp 0 -> 0.1 over 10%-40%; layerwise 0 -> 0.05 over 40%-70%; contrastive
-    0 -> 0.05 over 70%-100%. (The seed design had kd 0.7 / lm 0.3 at temperature 3; on the demo that
-    student ended barely ahead of the same student trained without the teacher, and kd 0.9 / lm 0.1 at
-    temperature 1 is what made distillation pay: docs/quality.md.)"""
-    early = Ramp(kind="linear", start=0.1, end=0.4, start_value=0.0, end_value=0.1)
+    """The default schedule of every registered component that has one (its `default` in the registry:
+    kd 0.9 and lm 0.1 throughout, the feature-level terms ramping in; see dsdistill/registry.py). The seed
+    design had kd 0.7 / lm 0.3 at temperature 3; on the demo that student ended barely ahead of the same
+    student trained without the teacher, and kd 0.9 / lm 0.1 at temperature 1 is what made distillation
+    pay (docs/quality.md)."""
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter = TypeAdapter(Schedule)
     return {
-        "kd": Constant(value=0.9),
-        "lm": Constant(value=0.1),
-        "feature": early,
-        "attention": early,
-        "layerwise": Ramp(kind="linear", start=0.4, end=0.7, start_value=0.0, end_value=0.05),
-        "contrastive": Ramp(kind="linear", start=0.7, end=1.0, start_value=0.0, end_value=0.05),
-        "routing_feature": early,
-        "routing_attention_alignment": early,
-        "routing_load_balance": early,
+        n: adapter.validate_python(_coerce_schedule(r.default)) for n, r in registry.COMPONENTS.items() if r.default is not None
     }
 
 

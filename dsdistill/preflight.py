@@ -52,11 +52,6 @@ class Plan:
     """Why fused KD/LM cannot run for these models (then full logits are used), or None."""
 
     @property
-    def components(self) -> tuple[str, ...]:
-        """Components this run computes (in every train and eval record)."""
-        return self.curriculum.active
-
-    @property
     def fused(self) -> bool:
         """KD and LM run chunked from final hidden states (no [tokens, vocab] logits)."""
         return self.cfg.loss.fused_logits and self.fused_off is None
@@ -275,7 +270,7 @@ def plan_dict(plan: "Plan", data: RunData) -> dict[str, Any]:
             **({"zero_stage": zero_stage(plan.ds_teacher)} if data.teacher.capabilities().model_in_job else {}),
         },
         "student": {"path": c.student.path, "zero_stage": zero_stage(plan.ds_student)},
-        "components": list(plan.components),
+        "components": list(plan.curriculum.active),
         "left_out": dict(plan.left_out),
         "fused": plan.fused,
         "data": plan_json(data.splits),

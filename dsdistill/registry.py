@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 Unit = Literal["token", "sequence", "micro_batch"]
 
@@ -27,6 +27,8 @@ class Registration:
     description: str
     implementation: str
     """`package.module:Class` of its `dsdistill.components.base.Component` subclass."""
+    default: Optional[Any] = None
+    """Its weight in the default curriculum: a number (constant) or a schedule mapping; None leaves it out."""
 
 
 COMPONENTS: dict[str, Registration] = {}
@@ -34,12 +36,13 @@ NAMES: tuple[str, ...] = ()
 """Registered names in registration order (the order of records, plots and the objective)."""
 
 
-def register(name: str, unit: Unit, description: str, implementation: str) -> Registration:
-    """Add a component (a test may register a toy one and remove it with `unregister`)."""
+def register(name: str, unit: Unit, description: str, implementation: str, *, default: Optional[Any] = None) -> Registration:
+    """Add a component (a test may register a toy one and remove it with `unregister`); `default` is its
+    weight in the default curriculum (None: not in it)."""
     global NAMES
     if name in COMPONENTS:
         raise ValueError(f"loss component {name!r} is registered already")
-    COMPONENTS[name] = spec = Registration(name, unit, description, implementation)
+    COMPONENTS[name] = spec = Registration(name, unit, description, implementation, default)
     NAMES = tuple(COMPONENTS)
     return spec
 
@@ -77,42 +80,64 @@ def check_name(name: str) -> str:
     return name
 
 
+# the default curriculum: kd 0.9 and lm 0.1 throughout; the feature-level terms ramp in from 0 over 10%-40%
+# of the run, layerwise over 40%-70%, contrastive over 70%-100% (docs/quality.md says why kd 0.9 / lm 0.1)
+EARLY = {"kind": "linear", "start": 0.1, "end": 0.4, "start_value": 0.0, "end_value": 0.1}
+
 register(
     "kd",
     "token",
     "divergence between temperature-softened teacher and student distributions, x T^2",
     "dsdistill.components.kd:KD",
+    default=0.9,
 )
-register("lm", "token", "cross-entropy of the student on the next token", "dsdistill.components.lm:LM")
-register("feature", "token", "projected student hidden state vs teacher hidden state", "dsdistill.components.feature:Feature")
+register("lm", "token", "cross-entropy of the student on the next token", "dsdistill.components.lm:LM", default=0.1)
+register(
+    "feature",
+    "token",
+    "projected student hidden state vs teacher hidden state",
+    "dsdistill.components.feature:Feature",
+    default=EARLY,
+)
 register(
     "attention",
     "token",
     "student vs teacher attention distributions on mapped layers",
     "dsdistill.components.attention:Attention",
+    default=EARLY,
 )
-register("layerwise", "token", "every student layer vs its mapped teacher layer", "dsdistill.components.layerwise:Layerwise")
+register(
+    "layerwise",
+    "token",
+    "every student layer vs its mapped teacher layer",
+    "dsdistill.components.layerwise:Layerwise",
+    default={"kind": "linear", "start": 0.4, "end": 0.7, "start_value": 0.0, "end_value": 0.05},
+)
 register(
     "contrastive",
     "sequence",
     "InfoNCE between pooled student and teacher representations",
     "dsdistill.components.contrastive:Contrastive",
+    default={"kind": "linear", "start": 0.7, "end": 1.0, "start_value": 0.0, "end_value": 0.05},
 )
 register(
     "routing_feature",
     "token",
     "student hidden vs router-gated mixture of teacher layers",
     "dsdistill.components.routing:RoutingFeature",
+    default=EARLY,
 )
 register(
     "routing_load_balance",
     "micro_batch",
     "keeps every teacher layer in use by the router",
     "dsdistill.components.routing:LoadBalance",
+    default=EARLY,
 )
 register(
     "routing_attention_alignment",
     "token",
     "student attention vs gated teacher attention",
     "dsdistill.components.routing:AttentionAlignment",
+    default=EARLY,
 )

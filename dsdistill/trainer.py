@@ -39,6 +39,12 @@ def teacher_input(batch: dict[str, torch.Tensor], labels: torch.Tensor, ignore_i
     )
 
 
+def _host_input(batch: dict[str, torch.Tensor], ignore_index: int) -> TeacherInput:
+    """A host batch as a teacher reads it, without moving anything to the device."""
+    labels = batch["labels"]
+    return TeacherInput(batch["input_ids"], shifted_valid(labels, ignore_index), batch.get("position_ids"), batch.get("row"))
+
+
 class PairForward:
     """Teacher signal, then student forward, for one micro-batch: the `Inputs` every component reads."""
 
@@ -158,6 +164,8 @@ class StepResult:
     """Rank 0's clock says a time-based checkpoint is due (agreed with the step's reduction)."""
     rollout: Optional[dict[str, float]] = None
     """On-policy sampling of this step over all ranks (sequences, tokens, seconds), or None when off-policy."""
+    teacher_unavailable: Optional[str] = None
+    """Why the teacher could not serve this window (then it is abandoned and the run saves and stops)."""
 
     @property
     def step(self) -> int:
@@ -201,7 +209,13 @@ class Trainer:
         acc.update(objective.metric_zeros(names))
         acc["nonfinite"] = 0.0  # micro-batches whose loss was not finite, counted on the device
         usage, skipped, lr = None, False, float("nan")
-        self.forward.teacher.begin_step(objective.needs_of(names, self.plan.layers))
+        needs = objective.needs_of(names, self.plan.layers)
+        if self.forward.teacher.capabilities().remote:
+            # a teacher elsewhere is asked for the whole window now; every rank agrees to go on or to stop
+            problem = self.forward.teacher.prepare([_host_input(mb, cfg.loss.ignore_index) for mb in window], needs)
+            if any_rank(problem is not None):
+                return self._abandoned(ctx, teacher_unavailable=problem or "the teacher stopped answering another rank")
+        self.forward.teacher.begin_step(needs)
         try:
             for i, mb in enumerate(window):
                 # a stop between micro-batches abandons the window: the save then waits for one micro-batch,
@@ -280,7 +294,7 @@ class Trainer:
             engine.lr_scheduler.step()
         return lr, skipped
 
-    def _abandoned(self, ctx: StepContext) -> StepResult:
+    def _abandoned(self, ctx: StepContext, teacher_unavailable: Optional[str] = None) -> StepResult:
         return StepResult(
             ctx=ctx,
             losses={},
@@ -294,6 +308,7 @@ class Trainer:
             skipped=False,
             stop_requested=True,
             abandoned=True,
+            teacher_unavailable=teacher_unavailable,
         )
 
 

@@ -31,6 +31,9 @@ class UniformTeacher:
     def capabilities(self) -> Capabilities:
         return UNIFORM
 
+    def prepare(self, window: list[TeacherInput], needs) -> Optional[str]:
+        return None  # it computes (or reads) each micro-batch's signal when asked
+
     def begin_step(self, needs) -> None:
         pass
 

@@ -4,6 +4,7 @@ build.py, what it says from records.py, where it stands from state.py."""
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class Session:
         """Share of eval tokens whose teacher log-prob is exact (None: all of them)."""
         self.last_eval: Optional[EvalResult] = None
         self.pace = Pace()
+        self.stopped_by: Optional[str] = None
+        """Why the teacher could not go on, when that stopped the run (it saved first)."""
 
     def fit(self) -> Summary:
         """Train to the end (or to a stop); the run's records go to its metrics stream."""
@@ -99,8 +102,8 @@ class Session:
                 stop_requested=lambda: self.stop.signal is not None,
                 save_due=state.save_due,
             )
-            if r.abandoned:  # a stop mid-window: the save records the position before it
-                state.abandoned, reason = mark, "interrupted"
+            if r.abandoned:  # a stop mid-window, or a teacher that cannot serve it: the save records the position before it
+                state.abandoned, reason, self.stopped_by = mark, "interrupted", r.teacher_unavailable
                 break
             state.tokens_seen += r.tokens
             self.pace.add(r.tokens)
@@ -235,24 +238,22 @@ class Session:
         plan, step = self.plan, self.student.global_steps
         if reason == "paused":
             say(plan.rank, f"stopping at optimizer step {step} (train.stop_at_step); relaunch to resume")
+        why = self.stopped_by or self.stop.signal or "a stop request on another rank"
         if reason == "interrupted":
-            say(
-                plan.rank,
-                f"stopping at optimizer step {step} ({self.stop.signal or 'a stop request on another rank'}); saving a checkpoint",
-            )
+            say(plan.rank, f"stopping at optimizer step {step} ({why}); saving a checkpoint")
         if (plan.cfg.checkpoint.save_final or reason in ("paused", "interrupted")) and checkpoint.latest_tag(
             plan.run_dir
         ) != f"step{step}":
             self._save(early)
         self.stop.leaving()  # saved: a launcher's follow-up signals have nothing left to interrupt
-        message = (
-            f"{self.stop.signal or 'signal'}; checkpoint at step {step}; relaunch to resume" if reason == "interrupted" else ""
-        )
+        message = f"{why}; checkpoint at step {step}; relaunch to resume" if reason == "interrupted" else ""
         self.writer.write(RunEnd(step=step, reason=reason, best=early.best, message=message))
         # leave together: a launcher that sees one rank exit stops the others, which must not be before rank 0
         # has written run_end
         if dist.is_initialized() and plan.world > 1:
             dist.barrier()
+        if self.stopped_by and plan.rank == 0:
+            print(f"dsdistill: {self.stopped_by}", file=sys.stderr, flush=True)  # the line a launcher's log ends with
         return Summary(step, plan.total_steps, reason, self.teacher_ppl, self.last_eval, str(plan.run_dir))
 
 

@@ -38,6 +38,9 @@ class Capabilities:
     """Temperatures at which its KD is exact (None: any)."""
     model_in_job: bool = False
     """Its weights are sharded over this job's ranks (what the memory estimate counts)."""
+    remote: bool = False
+    """It asks another process for its signals: a window's are fetched before it runs (`prepare`), and a
+    failure stops the run cleanly, every rank agreeing."""
 
 
 @dataclass
@@ -112,6 +115,11 @@ class TeacherSource(Protocol):
     """The teacher as the loop sees it."""
 
     def capabilities(self) -> Capabilities: ...
+
+    def prepare(self, window: list[TeacherInput], needs: "Needs") -> Optional[str]:
+        """Called with a training window's micro-batches before the first of them runs (a source that fetches
+        its signals from elsewhere asks for all of them here). Returns why it cannot serve the window (the
+        run then saves and stops, every rank agreeing), or None."""
 
     def begin_step(self, needs: "Needs") -> None:
         """Called once before an optimizer step's (or an evaluation's) micro-batches."""

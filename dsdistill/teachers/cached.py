@@ -152,6 +152,9 @@ class CachedTeacher:
     def capabilities(self) -> Capabilities:
         return cache_capabilities(self.cache)
 
+    def prepare(self, window: list[TeacherInput], needs) -> Optional[str]:
+        return None  # it computes (or reads) each micro-batch's signal when asked
+
     def begin_step(self, needs: "Needs") -> None:
         pass
 

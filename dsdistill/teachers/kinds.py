@@ -1,5 +1,5 @@
 """The kinds of teacher, by name: one `register(...)` line each, naming the `TeacherPlan` class that opens
-it (`module:Class`, imported only when a config names the kind). `path` and `cache` are chosen by those
+it (`module:Class`, imported only when a config names the kind). `path`, `cache` and `url` are chosen by those
 keys of `teacher:`; any other kind by `teacher.kind`, with its own options in `teacher.options`. Light: the
 config reads names from here without loading torch."""
 
@@ -32,3 +32,4 @@ def plan_class(name: str) -> Any:
 
 register("path", "dsdistill.teachers.live:LivePlan")
 register("cache", "dsdistill.teachers.cached:CachePlan")
+register("url", "dsdistill.teachers.server:ServerPlan")

@@ -79,6 +79,9 @@ class LiveTeacher:
     def head_weight(self) -> torch.Tensor:
         return self.engine.module.lm.get_output_embeddings().weight
 
+    def prepare(self, window: list[TeacherInput], needs) -> Optional[str]:
+        return None  # it computes (or reads) each micro-batch's signal when asked
+
     def begin_step(self, needs: "Needs") -> None:
         # fused: the teacher's head is gathered once for all micro-batches of the step
         if self.fused and needs.teacher_logits:

@@ -1,0 +1,389 @@
+"""A teacher on its own machine: `dsdistill teacher-serve` runs the teacher model and answers, for each
+sequence it is sent, the teacher's top-k log-probs at the asked positions with what the rest bucket needs
+(its mass at T = 1 and its statistic at each asked temperature), and the label's own log-prob. `ServerPlan`
+and `ServerTeacher` are the client (`teacher: {url: http://HOST:PORT}`): a sparse teacher, exact where the
+offline cache is exact, that also scores text it has not seen (the student's rollouts).
+
+The endpoints (JSON): `GET /dsdistill/v1/info` -> the model's and tokenizer's hashes, the vocabulary and
+the teacher's config; `POST /dsdistill/v1/score` with {"sequences", "positions", "k", "temperatures",
+"labels", "tokenizer"} -> {"results": [{"ids", "logp", "log_rest", "tails", "label_logp"}]}. A request for
+another tokenizer is refused, as is one the server cannot answer, in one line (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+import torch
+from pydantic import Field
+
+from dsdistill.components.base import ComponentOptions
+from dsdistill.errors import ConfigError, DistillError
+from dsdistill.losses.fused import SparseTeacher
+from dsdistill.teachers.base import Capabilities, RunContext, TeacherInput, TeacherSignal
+from dsdistill.teachers.cache_format import MAX_TEMPERATURES, config_hash, run_temperatures, tokenizer_hash
+
+API = "/dsdistill/v1"
+MAX_REQUEST_BYTES = 64 << 20
+"""A request larger than this is refused before it is read."""
+
+
+class TeacherUnavailable(DistillError):
+    """The teacher server stopped answering (after the retries): the run saves and stops."""
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+class Scorer:
+    """The teacher model and the scoring it answers with; one forward at a time (the lock), each request's
+    sequences together."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, device: torch.device):
+        self.model = model.eval()
+        self.device = device
+        self.vocab = len(tokenizer)
+        self.info = {
+            "model": config_hash(model.config),
+            "tokenizer": tokenizer_hash(tokenizer),
+            "vocab": self.vocab,
+            "config": model.config.to_dict(),
+            "max_positions": getattr(model.config, "max_position_embeddings", None),
+        }
+        self.lock = threading.Lock()
+        self.positions_scored = 0
+
+    def score(self, req: dict[str, Any]) -> dict[str, Any]:
+        seqs, positions = _checked(req, self)
+        k, temps, labels = int(req["k"]), [float(t) for t in req.get("temperatures", [])], bool(req.get("labels"))
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):  # right-padded: a causal model's positions before the pad are unaffected
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        with self.lock, torch.no_grad():
+            logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits
+            results = [_positions(logits[i], seqs[i], positions[i], k, temps, labels, self.vocab) for i in range(len(seqs))]
+            self.positions_scored += sum(len(p) for p in positions)
+        return {"model": self.info["model"], "tokenizer": self.info["tokenizer"], "results": results}
+
+
+def _checked(req: Any, scorer: Scorer) -> tuple[list[list[int]], list[list[int]]]:
+    """The request's sequences and positions, or a ValueError saying in one line what is wrong."""
+    if not isinstance(req, dict):
+        raise ValueError("expected a JSON object")
+    if req.get("tokenizer") != scorer.info["tokenizer"]:
+        raise ValueError(f"request for tokenizer {req.get('tokenizer')!r}; this server's is {scorer.info['tokenizer']}")
+    seqs, positions, k = req.get("sequences"), req.get("positions"), req.get("k")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < scorer.vocab:
+        raise ValueError(f"k: expected 1..{scorer.vocab - 1}")
+    if not isinstance(seqs, list) or not isinstance(positions, list) or len(seqs) != len(positions) or not seqs:
+        raise ValueError("sequences and positions: expected two lists of the same non-zero length")
+    limit = scorer.info["max_positions"] or 1 << 20
+    for s, p in zip(seqs, positions):
+        if not isinstance(s, list) or not 0 < len(s) <= limit or not all(isinstance(t, int) and 0 <= t < scorer.vocab for t in s):
+            raise ValueError(f"sequences: expected lists of 1..{limit} token ids in 0..{scorer.vocab - 1}")
+        if not isinstance(p, list) or not all(isinstance(j, int) and 0 <= j < len(s) - 1 for j in p):
+            raise ValueError("positions: expected indices of tokens that have a next token")
+    temps = req.get("temperatures", [])
+    if (
+        not isinstance(temps, list)
+        or len(temps) > MAX_TEMPERATURES
+        or not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in temps)
+    ):
+        raise ValueError(f"temperatures: expected at most {MAX_TEMPERATURES} finite numbers above 0")
+    return seqs, positions
+
+
+def _positions(logits: torch.Tensor, seq: list[int], positions: list[int], k: int, temps, labels: bool, vocab: int):
+    lp = torch.log_softmax(logits[positions, :vocab].float(), dim=-1)
+    top, ids = lp.topk(k, dim=-1)
+    tail = lp.scatter(-1, ids, float("-inf"))
+    out = {
+        "ids": ids.tolist(),
+        "logp": top.tolist(),
+        "log_rest": torch.logsumexp(tail, dim=-1).tolist(),
+        "tails": torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temps], dim=-1).tolist() if temps else [],
+    }
+    if labels:
+        nxt = torch.tensor([seq[j + 1] for j in positions], dtype=torch.long, device=lp.device)
+        out["label_logp"] = lp.gather(-1, nxt[:, None])[:, 0].tolist()
+    return out
+
+
+def make_server(scorer: Scorer, host: str, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # one line per request is noise at training rates
+            pass
+
+        def _reply(self, code: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path == f"{API}/info":
+                self._reply(200, {**scorer.info, "positions_scored": scorer.positions_scored})
+            else:
+                self._reply(404, {"error": f"no such endpoint {self.path!r}; expected {API}/info or {API}/score"})
+
+        def do_POST(self) -> None:
+            if self.path != f"{API}/score":
+                self._reply(404, {"error": f"no such endpoint {self.path!r}; expected {API}/score"})
+                return
+            n = int(self.headers.get("Content-Length") or 0)
+            if not 0 < n <= MAX_REQUEST_BYTES:
+                self._reply(400, {"error": f"request body: expected 1..{MAX_REQUEST_BYTES} bytes"})
+                return
+            try:
+                self._reply(200, scorer.score(json.loads(self.rfile.read(n))))
+            except ValueError as e:  # the request's fault (JSON included): said in one line
+                self._reply(400, {"error": str(e).splitlines()[0][:300]})
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(cfg: Any, *, host: str, port: int, ready: Optional[threading.Event] = None) -> None:
+    """`dsdistill teacher-serve`: load `cfg.teacher` on this machine's device and answer until stopped."""
+    from dsdistill.ds_config import precision_of
+    from dsdistill.models import load_causal_lm, load_tokenizer
+
+    if cfg.teacher.path is None:
+        raise ConfigError("teacher-serve: the config's teacher has no path; give the model in teacher.path")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tokenizer = load_tokenizer(cfg.teacher if cfg.teacher.tokenizer or cfg.teacher.path else cfg.student, field="teacher")
+    model = load_causal_lm(cfg.teacher, field="teacher", precision=precision_of(cfg), zero3_ds_config=None).to(device)
+    scorer = Scorer(model, tokenizer, device=device)
+    try:
+        server = make_server(scorer, host, port)
+    except OSError as e:
+        raise ConfigError(f"teacher-serve: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    print(
+        f"teacher-serve: {cfg.teacher.path} on http://{host}:{server.server_address[1]} (model {scorer.info['model']})",
+        flush=True,
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+class ServerOptions(ComponentOptions):
+    """`teacher.options` of a teacher server."""
+
+    top_k: int = Field(64, ge=1)
+    """Tokens per position the server sends (with a bucket for the rest of the vocabulary)."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds one request may take before it is retried."""
+    retries: int = Field(5, ge=0, le=100)
+    """Retries of a failed request (with doubling waits from 1 s) before the run saves and stops."""
+
+
+def _request(url: str, body: Optional[dict[str, Any]], timeout: float) -> dict[str, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="GET" if data is None else "POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            why = json.loads(e.read()).get("error", "")
+        except ValueError:
+            why = ""
+        raise ConfigError(f"teacher.url: {url} answered {e.code}: {why or e.reason}") from None
+
+
+class ServerTeacher:
+    def __init__(self, url: str, options: ServerOptions, *, tokenizer: str, vocab: int, temperatures, ignore_index: int):
+        self.url, self.options = url.rstrip("/"), options
+        self.tokenizer, self.vocab, self.temperatures = tokenizer, vocab, tuple(temperatures)
+        self.ignore_index = ignore_index
+        self.model: Optional[str] = None
+        """The model hash of the first reply: a server that comes back with another model is refused."""
+        self._ready: deque[TeacherSignal] = deque()
+
+    def capabilities(self) -> Capabilities:
+        return server_capabilities(self.options)
+
+    def prepare(self, window: list[TeacherInput], needs) -> Optional[str]:
+        """The whole window's signals, asked for before its first micro-batch runs (every rank then agrees
+        whether to go on)."""
+        self._ready.clear()
+        if not needs.teacher_logits:
+            return None
+        try:
+            self._ready.extend(self.signal(batch, needs) for batch in window)
+        except TeacherUnavailable as e:
+            self._ready.clear()
+            return str(e)
+        return None
+
+    def begin_step(self, needs) -> None:
+        pass
+
+    def end_step(self) -> None:
+        self._ready.clear()
+
+    def _score(self, batch: TeacherInput, valid: torch.Tensor, *, labels: bool) -> list[dict[str, Any]]:
+        ids = batch.input_ids.cpu()
+        rows = [b for b in range(ids.size(0)) if bool(valid[b].any())]
+        if not rows:
+            return []
+        body = {
+            "sequences": [ids[b].tolist() for b in rows],
+            "positions": [valid[b].nonzero().flatten().tolist() for b in rows],
+            "k": self.options.top_k,
+            "temperatures": list(self.temperatures),
+            "labels": labels,
+            "tokenizer": self.tokenizer,
+        }
+        return self._with_retries(body)["results"]
+
+    def _with_retries(self, body: dict[str, Any]) -> dict[str, Any]:
+        last = ""
+        for attempt in range(self.options.retries + 1):
+            try:
+                reply = _request(f"{self.url}{API}/score", body, self.options.timeout_s)
+                self._same_teacher(reply)
+                return reply
+            except (urllib.error.URLError, OSError, ValueError) as e:  # down, reset, timed out, cut short
+                last = str(getattr(e, "reason", e))
+                if attempt < self.options.retries:
+                    time.sleep(min(60.0, 2.0**attempt))
+        raise TeacherUnavailable(
+            f"teacher.url: {self.url} stopped answering ({last}; {self.options.retries + 1} tries); "
+            "the run saved a checkpoint and stopped; relaunch to resume once the server is back"
+        )
+
+    def _same_teacher(self, reply: dict[str, Any]) -> None:
+        self.model = self.model or reply.get("model")
+        if reply.get("model") != self.model or reply.get("tokenizer") != self.tokenizer:
+            raise ConfigError(
+                f"teacher.url: {self.url} now serves model {reply.get('model')} (tokenizer {reply.get('tokenizer')}); "
+                f"this run distils {self.model} (tokenizer {self.tokenizer})"
+            )
+
+    def signal(self, batch: TeacherInput, needs) -> TeacherSignal:
+        if not needs.teacher_logits:
+            return TeacherSignal()
+        if self._ready:  # asked for by `prepare`, in window order
+            return self._ready.popleft()
+        results = self._score(batch, batch.valid.cpu(), labels=False)
+        dev = batch.input_ids.device
+        k, m = self.options.top_k, len(self.temperatures)
+        cat = lambda key, shape, dt: torch.tensor([v for r in results for v in r[key]], dtype=dt).reshape(shape).to(dev)  # noqa: E731
+        n = sum(len(r["log_rest"]) for r in results)
+        return TeacherSignal(
+            SparseTeacher(
+                cat("ids", (n, k), torch.int64),
+                cat("logp", (n, k), torch.float32),
+                cat("log_rest", (n,), torch.float32),
+                cat("tails", (n, m), torch.float32),
+                self.temperatures,
+            )
+        )
+
+    def lm_sums(self, batch: TeacherInput, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        from dsdistill.objective import shifted_valid
+
+        results = self._score(batch, shifted_valid(labels, self.ignore_index).cpu(), labels=True)
+        logps = [v for r in results for v in r["label_logp"]]
+        return -torch.tensor(logps, dtype=torch.float64).sum(), len(logps)
+
+    def params(self) -> int:
+        return 0  # on the server, not in this job
+
+    def where(self) -> str:
+        return f"server {self.url}"
+
+    def exact_share(self) -> Optional[float]:
+        return None  # the server sends the label's own log-prob
+
+    def separation_forward(self) -> None:
+        return None
+
+
+def server_capabilities(options: ServerOptions) -> Capabilities:
+    return Capabilities(distribution="sparse", top_k=options.top_k, scores_new_text=True, remote=True)
+
+
+class ServerPlan:
+    """`teacher.url`: a teacher server, asked for its model, tokenizer and shapes before anything loads."""
+
+    field = "teacher.url"
+    noun = "a teacher server"
+    Options = ServerOptions
+
+    @classmethod
+    def open(cls, cfg: Any, student_tokenizer: Any, *, rank: int) -> "ServerPlan":
+        return cls(cfg.teacher.url, ServerOptions.model_validate(cfg.teacher.options), student_tokenizer)
+
+    def __init__(self, url: str, options: ServerOptions, student_tokenizer: Any):
+        from transformers import AutoConfig
+
+        self.source, self.options = url.rstrip("/"), options
+        try:
+            info = _request(f"{self.source}{API}/info", None, min(options.timeout_s, 30.0))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ConfigError(
+                f"teacher.url: cannot reach {self.source} ({getattr(e, 'reason', e)}); start it with dsdistill teacher-serve"
+            ) from None
+        ours = tokenizer_hash(student_tokenizer)
+        if info.get("tokenizer") != ours:
+            raise ConfigError(f"teacher.url: {self.source} serves tokenizer {info.get('tokenizer')}; this run's is {ours}")
+        if not isinstance(info.get("vocab"), int) or info["vocab"] <= options.top_k:
+            raise ConfigError(f"teacher.url: {self.source} has a vocabulary of {info.get('vocab')}; top_k must be below it")
+        config = dict(info.get("config") or {})
+        kind = config.pop("model_type", None)
+        try:
+            self.model_config = AutoConfig.for_model(kind, **config)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"teacher.url: {self.source} reports a model config transformers cannot read ({e})") from None
+        self.tokenizer = student_tokenizer
+        self.info = info
+
+    def capabilities(self) -> Capabilities:
+        return server_capabilities(self.options)
+
+    def verify(self, ctx: RunContext) -> None:
+        self.temperatures = [t for t in run_temperatures(ctx.cfg, ctx.total_steps) if t != 1.0]
+
+    def describe(self) -> str:
+        return f"server {self.source} (model {self.info['model']}, top-{self.options.top_k} + rest per position)"
+
+    def plan_json(self) -> dict[str, Any]:
+        return {"url": self.source, "model": self.info["model"], "k": self.options.top_k}
+
+    def kd_semantics(self) -> dict[str, Any]:
+        return {"top_k_support": "teacher"}
+
+    def build(self, plan: Any, *, needs) -> ServerTeacher:
+        teacher = ServerTeacher(
+            self.source,
+            self.options,
+            tokenizer=self.info["tokenizer"],
+            vocab=plan.vocab,
+            temperatures=getattr(self, "temperatures", ()),
+            ignore_index=plan.cfg.loss.ignore_index,
+        )
+        teacher.model = self.info["model"]
+        return teacher

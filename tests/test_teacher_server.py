@@ -1,0 +1,152 @@
+"""The teacher on its own machine: `dsdistill teacher-serve` in a real process on 127.0.0.1, and the run's
+client of it (`teacher: {url: ...}`): server-fed KD equals live top-k + rest KD, the teacher's perplexity
+is exact, a server that is down, gone or for another tokenizer ends the run in one line, and a server that
+dies mid-run leaves a checkpoint the relaunch resumes from."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsdistill.config import validate
+from dsdistill.dist import free_port, without_world_env
+from dsdistill.errors import DistillError
+from dsdistill.preflight import preflight
+from dsdistill.schema import METRICS_FILE, RunEnd, parse_line
+from dsdistill.train import EXIT_PREEMPTED, open_session
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _base(assets, root: Path) -> dict:
+    return {
+        "teacher": {"path": str(assets["teacher"])},
+        "student": {"path": str(assets["student"])},
+        "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1, "max_documents": 200},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "seq_len": 32, "precision": "fp32"},
+        "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}},
+        "eval": {"every": 2, "max_batches": 4, "at_start": False},
+        "output": {"run_dir": str(root / "run"), "log_every": 1},
+        "checkpoint": {"save_final": False},
+    }
+
+
+class Server:
+    """`dsdistill teacher-serve` as a user starts it, in its own process group."""
+
+    def __init__(self, config: Path, port: int):
+        self.config, self.port, self.url = config, port, f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        cmd = [sys.executable, "-m", "dsdistill", "teacher-serve", "--config", str(self.config), "--port", str(self.port)]
+        env = {**without_world_env(dict(os.environ)), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        seen = []
+        for line in self.proc.stdout:  # the server says when it listens (or the process ends, and so does this loop)
+            seen.append(line)
+            if line.startswith("teacher-serve:") and f":{self.port}" in line:
+                return self
+        raise AssertionError("teacher-serve ended before it listened:\n" + "".join(seen))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    cfg = _base(assets, root)
+    path = root / "teacher.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    server = Server(path, free_port()).start()
+    yield {"cfg": cfg, "server": server, "root": root}
+    server.kill()
+
+
+def _session_eval(cfg: dict, run_dir: Path):
+    cfg = {**cfg, "output": {**cfg["output"], "run_dir": str(run_dir)}}
+    with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as s:
+        return s.evaluate(step=0), s.evaluator.teacher_perplexity(s.eval_batches()), s
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_server_fed_kd_equals_live_top_k_and_rest(served, tmp_path, temperature):
+    cfg = {**served["cfg"], "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "temperature": temperature}}
+    live_loss = {"kd": {"top_k": 16, "top_k_rest": True, "top_k_support": "teacher"}}
+    live, live_ppl, _ = _session_eval({**cfg, "loss": live_loss}, tmp_path / "live")
+    url = {"path": None, "url": served["server"].url, "options": {"top_k": 16}}
+    remote, remote_ppl, session = _session_eval({**cfg, "teacher": url}, tmp_path / "remote")
+    assert not session.teacher.capabilities().model_in_job and session.teacher.capabilities().scores_new_text
+    assert remote.losses["lm"] == live.losses["lm"]
+    assert remote.losses["kd"] == pytest.approx(live.losses["kd"], rel=1e-5)  # float32 sent as JSON: exact up to fp32
+    assert remote_ppl == pytest.approx(live_ppl, rel=1e-5)  # the label's own log-prob: exact, never estimated
+
+
+def test_a_server_that_is_down_or_for_another_tokenizer_is_refused_in_one_line(served, assets, chat_config, tmp_path):
+    cfg = served["cfg"]
+    closed = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(DistillError) as err:
+        preflight(validate({**cfg, "teacher": {"path": None, "url": closed}}), world=1)
+    assert str(err.value).startswith(f"teacher.url: cannot reach {closed} (") and "teacher-serve" in str(err.value)
+    other = {**chat_config(), "teacher": {"path": None, "url": served["server"].url}}  # another tokenizer
+    with pytest.raises(DistillError, match=rf"^teacher.url: {served['server'].url} serves tokenizer \w+; this run's is \w+$"):
+        preflight(validate(other), world=1)
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_leaves_a_checkpoint_and_one_line(assets, tmp_path):
+    """The server is SIGKILLed while the run trains: its requests fail, are retried, then every rank agrees
+    to stop; the window is abandoned, a checkpoint of the state before it saved, run_end says why, exit 75.
+    A relaunch with the server back resumes from it and completes."""
+    cfg = _base(assets, tmp_path)
+    teacher_yaml = tmp_path / "teacher.yaml"
+    teacher_yaml.write_text(yaml.safe_dump(cfg))
+    server = Server(teacher_yaml, free_port()).start()
+    run = {
+        **cfg,
+        "teacher": {"path": None, "url": server.url, "options": {"top_k": 16, "retries": 1, "timeout_s": 5}},
+        "train": {**cfg["train"], "max_steps": 40},
+        "eval": {"every": 0, "max_batches": 1},
+        "checkpoint": {"every": 1000, "save_final": True},
+    }
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(run))
+    cmd = [sys.executable, "-m", "dsdistill", "train", "--config", str(run_yaml)]
+    env = without_world_env(dict(os.environ))
+    trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / METRICS_FILE
+    for line in trainer.stdout:  # the console's step lines: the server dies once training is under way
+        if line.startswith("step 3/"):
+            break
+    server.kill()
+    out, err = trainer.communicate()
+    assert trainer.returncode == EXIT_PREEMPTED, err[-2000:]
+    said = [line for line in err.splitlines() if line.startswith("dsdistill: ")]
+    assert said and said[-1].startswith(f"dsdistill: teacher.url: {server.url} stopped answering"), err[-2000:]
+    records = [parse_line(line) for line in metrics.read_text().splitlines()]
+    end = records[-1]
+    assert isinstance(end, RunEnd) and end.reason == "interrupted" and "stopped answering" in end.message
+    assert 3 <= end.step < 40 and (tmp_path / "run" / "checkpoints" / f"step{end.step}").is_dir()
+    server = Server(teacher_yaml, server.port).start()
+    try:
+        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    finally:
+        server.kill()
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = [parse_line(line) for line in metrics.read_text().splitlines()]
+    starts = [r for r in records if r.kind == "run_start"]
+    assert starts[-1].resumed and starts[-1].step == end.step
+    assert isinstance(records[-1], RunEnd) and records[-1].reason == "completed" and records[-1].step == 40
