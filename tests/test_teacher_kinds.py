@@ -64,6 +64,6 @@ def test_what_a_kind_cannot_supply_is_refused_in_one_line(make_config, assets, u
     with pytest.raises(DistillError, match=r"^teacher.options.like: required field is missing$"):
         validate(make_config(teacher={"path": None, "kind": "uniform"}))
     with pytest.raises(
-        DistillError, match=r"^teacher.kind: unknown teacher kind 'server'; expected one of: path, cache, uniform$"
+        DistillError, match=r"^teacher.kind: unknown teacher kind 'server'; expected one of: path, cache, url, uniform$"
     ):
         validate(make_config(teacher={"path": None, "kind": "server"}))

@@ -32,4 +32,4 @@ def plan_class(name: str) -> Any:
 
 register("path", "dsdistill.teachers.live:LivePlan")
 register("cache", "dsdistill.teachers.cached:CachePlan")
-register("url", "dsdistill.teachers.server:ServerPlan")
+register("url", "dsdistill.teachers.remote:UrlPlan")

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -188,6 +188,10 @@ def serve(cfg: Any, *, host: str, port: int, ready: Optional[threading.Event] = 
 class ServerOptions(ComponentOptions):
     """`teacher.options` of a teacher server."""
 
+    api: Literal["dsdistill", "vllm"] = "dsdistill"
+    """What the server speaks: `dsdistill teacher-serve`'s API, or vLLM's OpenAI-compatible one."""
+    model: Optional[str] = None
+    """vLLM: the served model's name (default: the first of its `/v1/models`)."""
     top_k: int = Field(64, ge=1)
     """Tokens per position the server sends (with a bucket for the rest of the vocabulary)."""
     timeout_s: float = Field(120.0, gt=0)
@@ -196,7 +200,12 @@ class ServerOptions(ComponentOptions):
     """Retries of a failed request (with doubling waits from 1 s) before the run saves and stops."""
 
 
-def _request(url: str, body: Optional[dict[str, Any]], timeout: float) -> dict[str, Any]:
+UNREACHABLE = (urllib.error.URLError, OSError, ValueError)
+"""What a server that is down, resets the connection, times out or cuts a reply short raises."""
+
+
+def request_json(url: str, body: Optional[dict[str, Any]], timeout: float) -> dict[str, Any]:
+    """GET (no body) or POST JSON; an HTTP error status is a one-line ConfigError with the server's reason."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
         url, data=data, headers={"Content-Type": "application/json"}, method="GET" if data is None else "POST"
@@ -209,7 +218,9 @@ def _request(url: str, body: Optional[dict[str, Any]], timeout: float) -> dict[s
             why = json.loads(e.read()).get("error", "")
         except ValueError:
             why = ""
-        raise ConfigError(f"teacher.url: {url} answered {e.code}: {why or e.reason}") from None
+        if isinstance(why, dict):  # OpenAI-style {"error": {"message": ...}}
+            why = why.get("message", "")
+        raise ConfigError(f"teacher.url: {url} answered {e.code}: {str(why or e.reason).splitlines()[0][:300]}") from None
 
 
 class ServerTeacher:
@@ -248,24 +259,28 @@ class ServerTeacher:
         rows = [b for b in range(ids.size(0)) if bool(valid[b].any())]
         if not rows:
             return []
+        return self._fetch([ids[b].tolist() for b in rows], [valid[b].nonzero().flatten().tolist() for b in rows], labels)
+
+    def _fetch(self, sequences: list[list[int]], positions: list[list[int]], labels: bool) -> list[dict[str, Any]]:
+        """Each sequence's top-k, rest and (with `labels`) label log-probs at its positions."""
         body = {
-            "sequences": [ids[b].tolist() for b in rows],
-            "positions": [valid[b].nonzero().flatten().tolist() for b in rows],
+            "sequences": sequences,
+            "positions": positions,
             "k": self.options.top_k,
             "temperatures": list(self.temperatures),
             "labels": labels,
             "tokenizer": self.tokenizer,
         }
-        return self._with_retries(body)["results"]
+        reply = self._retrying(lambda: request_json(f"{self.url}{API}/score", body, self.options.timeout_s))
+        self._same_teacher(reply)
+        return reply["results"]
 
-    def _with_retries(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _retrying(self, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         last = ""
         for attempt in range(self.options.retries + 1):
             try:
-                reply = _request(f"{self.url}{API}/score", body, self.options.timeout_s)
-                self._same_teacher(reply)
-                return reply
-            except (urllib.error.URLError, OSError, ValueError) as e:  # down, reset, timed out, cut short
+                return call()
+            except UNREACHABLE as e:
                 last = str(getattr(e, "reason", e))
                 if attempt < self.options.retries:
                     time.sleep(min(60.0, 2.0**attempt))
@@ -333,17 +348,13 @@ class ServerPlan:
     noun = "a teacher server"
     Options = ServerOptions
 
-    @classmethod
-    def open(cls, cfg: Any, student_tokenizer: Any, *, rank: int) -> "ServerPlan":
-        return cls(cfg.teacher.url, ServerOptions.model_validate(cfg.teacher.options), student_tokenizer)
-
     def __init__(self, url: str, options: ServerOptions, student_tokenizer: Any):
         from transformers import AutoConfig
 
         self.source, self.options = url.rstrip("/"), options
         try:
-            info = _request(f"{self.source}{API}/info", None, min(options.timeout_s, 30.0))
-        except (urllib.error.URLError, OSError, ValueError) as e:
+            info = request_json(f"{self.source}{API}/info", None, min(options.timeout_s, 30.0))
+        except UNREACHABLE as e:
             raise ConfigError(
                 f"teacher.url: cannot reach {self.source} ({getattr(e, 'reason', e)}); start it with dsdistill teacher-serve"
             ) from None

@@ -1,0 +1,165 @@
+"""A teacher on its own process: what the student's step costs with the teacher behind `dsdistill
+teacher-serve` against the same teacher live in the job, and what the server answers with 1, 2 and 4
+clients. Everything on this machine's CPU (the server and the student share it, so the server's time is
+the student's: on separate machines the waiting share is the number to read).
+
+Prints, in the same run:
+- student tokens/s (wall clock) for live top-k + rest KD and for server-fed KD, their ratio, and the share
+  of the server-fed step spent waiting for the teacher (`prepare`);
+- server throughput in scored positions/s with 1, 2 and 4 concurrent clients.
+
+    python bench/teacher_server.py [--steps 20] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import yaml  # noqa: E402
+from tiny_pair import write_tiny_pair  # noqa: E402 - bench/ is the script's own folder
+
+from dsdistill.config import validate  # noqa: E402
+from dsdistill.dist import free_port, without_world_env  # noqa: E402
+from dsdistill.train import open_session  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+K = 32
+
+
+def _config(root: Path, steps: int, teacher: dict, loss: dict) -> dict:
+    return {
+        "teacher": teacher,
+        "student": {"path": str(root / "student")},
+        "data": {"path": str(root / "corpus.jsonl"), "eval_fraction": 0.05},
+        "train": {"max_steps": steps, "micro_batch_size": 8, "seq_len": 128, "precision": "fp32"},
+        "curriculum": {"weights": {"kd": 0.9, "lm": 0.1}},
+        "loss": loss,
+        "eval": {"every": 10_000},
+        "output": {"run_dir": str(root / f"run-{time.monotonic_ns()}"), "log_every": 10_000},
+        "checkpoint": {"save_final": False, "every_minutes": 0},
+    }
+
+
+def _steps(cfg: dict, steps: int) -> tuple[float, float, int]:
+    """(wall seconds of the steps after the first, seconds of them in the teacher's prepare, tokens)."""
+    with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as s:
+        teacher, waited = s.forward.teacher, [0.0]
+        prepare = teacher.prepare
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return prepare(*a, **kw)
+            finally:
+                waited[0] += time.perf_counter() - t0
+
+        teacher.prepare = timed
+        batches = iter(s.data.stream)
+        s.trainer.step([next(batches)], stop_requested=False)  # warm-up
+        waited[0] = 0.0
+        t0, tokens = time.perf_counter(), 0
+        for _ in range(steps):
+            tokens += s.trainer.step([next(batches)], stop_requested=False).tokens
+        return time.perf_counter() - t0, waited[0], tokens
+
+
+def _server(root: Path, port: int) -> subprocess.Popen:
+    cfg = root / "teacher.yaml"
+    cfg.write_text(yaml.safe_dump(_config(root, 1, {"path": str(root / "teacher")}, {})))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dsdistill", "teacher-serve", "--config", str(cfg), "--port", str(port)],
+        cwd=ROOT,
+        env=without_world_env(dict(os.environ)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("teacher-serve:"):
+            return proc
+    raise SystemExit("teacher-serve did not start")
+
+
+def _throughput(url: str, clients: int, seconds: float, body: bytes) -> float:
+    """Scored positions per second with `clients` threads sending the same request back to back."""
+    positions = sum(len(p) for p in json.loads(body)["positions"])
+    done = [0] * clients
+    stop = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        while time.monotonic() < stop:
+            req = urllib.request.Request(f"{url}/dsdistill/v1/score", data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                r.read()
+            done[i] += positions
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.monotonic() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per client count, for the throughput")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        write_tiny_pair(root, teacher=(256, 4), student=(128, 2), documents=3000, max_pos=256)
+        port = free_port()
+        server = _server(root, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            live = _steps(
+                _config(
+                    root,
+                    args.steps + 1,
+                    {"path": str(root / "teacher")},
+                    {"kd": {"top_k": K, "top_k_rest": True, "top_k_support": "teacher"}},
+                ),
+                args.steps,
+            )
+            remote = _steps(_config(root, args.steps + 1, {"url": url, "options": {"top_k": K}}, {}), args.steps)
+            info = json.loads(urllib.request.urlopen(f"{url}/dsdistill/v1/info", timeout=60).read())
+            seqs = [[(7 * i + j) % info["vocab"] for j in range(128)] for i in range(8)]
+            body = json.dumps(
+                {
+                    "sequences": seqs,
+                    "positions": [list(range(127))] * 8,
+                    "k": K,
+                    "temperatures": [],
+                    "tokenizer": info["tokenizer"],
+                }
+            ).encode()
+            rates = {n: _throughput(url, n, args.seconds, body) for n in (1, 2, 4)}
+        finally:
+            server.terminate()
+            server.wait()
+    (lt, _, ltok), (rt, rwait, rtok) = live, remote
+    print(f"student tokens/s, live teacher (top-{K} + rest):   {ltok / lt:,.0f}")
+    print(f"student tokens/s, teacher server (top-{K} + rest): {rtok / rt:,.0f}  ({(rtok / rt) / (ltok / lt):.2f}x live)")
+    print(f"share of the server-fed step waiting for the teacher: {rwait / rt:.0%}")
+    for n, rate in rates.items():
+        print(f"server throughput, {n} client(s): {rate:,.0f} positions/s")
+    print(f"(one block of {args.steps} steps each, wall clock; the CPU is shared by the server and the student)")
+
+
+if __name__ == "__main__":
+    main()
