@@ -313,6 +313,27 @@ def _launch(config: dict, path: Path, *, nprocs: int) -> int:
     return subprocess.call(cmd, env=launcher_env())
 
 
+def _completed(config: dict, path: Path) -> bool:
+    """Whether the run at `path` (its run.yaml) is this very config and ended completed: a second `make demo`
+    then prints the same numbers without launching anything."""
+    import yaml
+
+    from dsdistill.errors import DistillError
+    from dsdistill.schema import METRICS_FILE, RunEnd, parse_line
+
+    metrics = path.parent / METRICS_FILE
+    try:
+        if yaml.safe_load(path.read_text()) != config:
+            return False
+        with open(metrics, "rb") as fh:
+            fh.seek(max(0, metrics.stat().st_size - (64 << 10)))
+            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+        last = parse_line(lines[-1].decode()) if lines else None
+    except (OSError, ValueError, yaml.YAMLError, DistillError):
+        return False
+    return isinstance(last, RunEnd) and last.reason == "completed" and last.step == config["train"]["max_steps"]
+
+
 def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = None, seed: int = 0, control: bool = True) -> int:
     """Build assets, distil, then train the same student without the teacher; print all three perplexities."""
     from dsdistill.schema import METRICS_FILE
@@ -324,6 +345,9 @@ def run_demo(*, run_dir: Path, steps: int, nprocs: int, cache: Optional[Path] = 
         plain = no_teacher_config(config)
         runs.append((plain, Path(plain["output"]["run_dir"]) / "run.yaml"))
     for cfg, path in runs:
+        if _completed(cfg, path):
+            print(f"demo: {path.parent} already completed this config's {steps} steps; not launched again", flush=True)
+            continue
         rc = _launch(cfg, path, nprocs=nprocs)
         if rc != 0:
             print(f"demo: the launch for {path.parent} failed with exit code {rc}", file=sys.stderr)

@@ -34,8 +34,10 @@ def test_demo_student_moves_toward_teacher_and_reports_the_control(tmp_path, cap
     first = [ln for ln in out.splitlines() if ln.startswith("demo: eval perplexity: teacher ")]
     assert len(first) == 1
     assert f"distilled student {s['last_ppl']:.2f}, same student without the teacher {alone['last_ppl']:.2f}" in first[0]
-    # running the finished demo again resumes both runs at their last step, trains nothing, says the same
+    # running the finished demo again launches nothing and says the same
     assert run_demo(run_dir=tmp_path / "demo", steps=40, nprocs=2, cache=cache) == 0
-    again = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("demo: eval perplexity: teacher ")]
-    assert again == first
+    out = capsys.readouterr().out
+    again = [ln for ln in out.splitlines() if ln.startswith("demo: eval perplexity: teacher ")]
+    assert again == first and out.count("already completed this config's 40 steps; not launched again") == 2
+    assert "deepspeed" not in out  # no launch line
     assert Path(tmp_path / "demo-no-teacher" / "run.yaml").exists()
