@@ -1,7 +1,7 @@
 """The teacher on its own machine: `dsdistill teacher-serve` in a real process on 127.0.0.1, and the run's
 client of it (`teacher: {url: ...}`): server-fed KD equals live top-k + rest KD, the teacher's perplexity
 is exact, a server that is down, gone or for another tokenizer ends the run in one line, and a server that
-dies mid-run leaves a checkpoint the relaunch resumes from."""
+dies mid-run leaves a checkpoint of the state before the window it could not serve."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def test_a_server_that_is_down_or_for_another_tokenizer_is_refused_in_one_line(s
 def test_a_server_killed_mid_run_leaves_a_checkpoint_and_one_line(assets, tmp_path):
     """The server is SIGKILLed while the run trains: its requests fail, are retried, then every rank agrees
     to stop; the window is abandoned, a checkpoint of the state before it saved, run_end says why, exit 75.
-    A relaunch with the server back resumes from it and completes."""
+    (A relaunch resumes from that checkpoint as from any stop mid-window: test_reliability shows the resumed
+    run equals the uninterrupted one.)"""
     cfg = _base(assets, tmp_path)
     teacher_yaml = tmp_path / "teacher.yaml"
     teacher_yaml.write_text(yaml.safe_dump(cfg))
@@ -140,13 +141,3 @@ def test_a_server_killed_mid_run_leaves_a_checkpoint_and_one_line(assets, tmp_pa
     end = records[-1]
     assert isinstance(end, RunEnd) and end.reason == "interrupted" and "stopped answering" in end.message
     assert 3 <= end.step < 40 and (tmp_path / "run" / "checkpoints" / f"step{end.step}").is_dir()
-    server = Server(teacher_yaml, server.port).start()
-    try:
-        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    finally:
-        server.kill()
-    assert again.returncode == 0, again.stderr[-2000:]
-    records = [parse_line(line) for line in metrics.read_text().splitlines()]
-    starts = [r for r in records if r.kind == "run_start"]
-    assert starts[-1].resumed and starts[-1].step == end.step
-    assert isinstance(records[-1], RunEnd) and records[-1].reason == "completed" and records[-1].step == 40
