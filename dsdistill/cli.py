@@ -120,16 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsdistill", description="Distil a frozen teacher LLM into a student with DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_config(sp):
-        sp.add_argument("--config", required=True, help="run config (YAML or JSON)")
-        sp.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY.PATH=VALUE",
-            help="override a config value (repeatable)",
-        )
+    from dsdistill.entry import add_config_arguments as with_config
 
     t = sub.add_parser("train", help="train in this process (use `deepspeed dsdistill/train.py` for several ranks)")
     with_config(t)

@@ -15,8 +15,8 @@ from dsdistill.errors import DistillError, PeerFailed, one_line
 from dsdistill.preempt import EXIT_PREEMPTED
 
 
-def build_parser(prog: str = "dsdistill/train.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Distil a frozen teacher into a student with DeepSpeed.")
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--config and its --set overrides: what every command that reads a run config takes."""
     p.add_argument("--config", required=True, help="run config (YAML or JSON)")
     p.add_argument(
         "--set",
@@ -26,6 +26,11 @@ def build_parser(prog: str = "dsdistill/train.py") -> argparse.ArgumentParser:
         metavar="KEY.PATH=VALUE",
         help="override a config value (repeatable), e.g. --set train.max_steps=100",
     )
+
+
+def build_parser(prog: str = "dsdistill/train.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Distil a frozen teacher into a student with DeepSpeed.")
+    add_config_arguments(p)
     p.add_argument(
         "--teacher-cache",
         metavar="DIR",

@@ -22,21 +22,9 @@ from dsdistill.errors import DistillError
 from dsdistill.preflight import preflight
 from dsdistill.schema import METRICS_FILE, RunEnd, parse_line
 from dsdistill.train import EXIT_PREEMPTED, open_session
+from tests.test_teacher_cache import _base
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _base(assets, root: Path) -> dict:
-    return {
-        "teacher": {"path": str(assets["teacher"])},
-        "student": {"path": str(assets["student"])},
-        "data": {"path": str(assets["corpus"]), "eval_fraction": 0.1, "max_documents": 200},
-        "train": {"max_steps": 2, "micro_batch_size": 4, "seq_len": 32, "precision": "fp32"},
-        "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}},
-        "eval": {"every": 2, "max_batches": 4, "at_start": False},
-        "output": {"run_dir": str(root / "run"), "log_every": 1},
-        "checkpoint": {"save_final": False},
-    }
 
 
 class Server:
@@ -141,3 +129,34 @@ def test_a_server_killed_mid_run_leaves_a_checkpoint_and_one_line(assets, tmp_pa
     end = records[-1]
     assert isinstance(end, RunEnd) and end.reason == "interrupted" and "stopped answering" in end.message
     assert 3 <= end.step < 40 and (tmp_path / "run" / "checkpoints" / f"step{end.step}").is_dir()
+
+
+def test_on_policy_samples_are_scored_by_the_server(chat_config, chat_assets, tmp_path):
+    """The student's own completions, sampled at the step's weights, scored by the server teacher: the
+    first on-policy step's KD equals the live teacher's top-k + rest on the same samples."""
+    on_policy = {
+        "data": {"path": str(chat_assets["pairs"]), "format": "prompt_completion", "packing": "none"},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "seq_len": 48},
+        "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "on_policy": 1.0},
+        "generation": {"max_new_tokens": 8, "temperature": 1.0},
+        "eval": {"every": 0, "at_start": False, "max_batches": 1},
+    }
+    cfg = chat_config(**on_policy)
+    teacher_yaml = tmp_path / "teacher.yaml"
+    teacher_yaml.write_text(yaml.safe_dump(cfg))
+    server = Server(teacher_yaml, free_port()).start()
+    try:
+        firsts = {}
+        for name, over in (
+            ("live", {"loss": {"kd": {"top_k": 8, "top_k_rest": True, "top_k_support": "teacher"}}}),
+            ("served", {"teacher": {"path": None, "url": server.url, "options": {"top_k": 8}}}),
+        ):
+            run = validate({**cfg, **over, "output": {**cfg["output"], "run_dir": str(tmp_path / name)}})
+            with contextlib.redirect_stdout(io.StringIO()), open_session(run) as s:
+                firsts[name] = s.trainer.step([next(iter(s.data.stream))], stop_requested=False)
+    finally:
+        server.kill()
+    live, served = firsts["live"], firsts["served"]
+    assert served.rollout is not None and served.rollout["sequences"] == 2 and served.rollout["tokens"] > 0
+    assert served.rollout["tokens"] == live.rollout["tokens"]  # the same weights and seed: the same samples
+    assert served.losses["kd"] == pytest.approx(live.losses["kd"], rel=1e-5)

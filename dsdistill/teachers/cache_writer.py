@@ -133,17 +133,23 @@ def _auto_level_bits(plan, splits, engine, ranks_table: np.ndarray, top_k: int) 
 
     micro = plan.cfg.train.micro_batch_size
     sample = collate([splits.train[i] for i in range(min(micro, len(splits.train)))])
-    pos = sample.get("position_ids")
+    logits = _logits(engine, sample)
+    keep = sample["labels"][:, 1:] != plan.cfg.loss.ignore_index
+    lp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()[keep]
+    return choose_level_bits(lp, torch.from_numpy(ranks_table.astype(np.int64)), top_k)
+
+
+def _logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The teacher's logits for one collated batch (every rank calls it alike: ZeRO-3 gathers together)."""
+    pos = batch.get("position_ids")
     with torch.no_grad():
         logits, _ = engine(
-            sample["input_ids"].to(engine.device),
+            batch["input_ids"].to(engine.device),
             hidden_states=False,
             head=True,
             position_ids=None if pos is None else pos.to(engine.device),
         )
-    keep = sample["labels"][:, 1:] != plan.cfg.loss.ignore_index
-    lp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()[keep]
-    return choose_level_bits(lp, torch.from_numpy(ranks_table.astype(np.int64)), top_k)
+    return logits
 
 
 def _header(plan, splits, tokenizer, *, top_k: int, level_bits: int, shard_rows: int) -> dict[str, Any]:
@@ -246,14 +252,7 @@ def _encode_shard(plan, engine, rows, first: int, count: int, what: dict[str, An
     for b in range(math.ceil(what["shard_rows"] / micro)):
         idx = list(range(first + b * micro, min(first + count, first + (b + 1) * micro)))
         batch = collate([rows[i] for i in (idx or [0])])
-        pos = batch.get("position_ids")
-        with torch.no_grad():
-            logits, _ = engine(
-                batch["input_ids"].to(engine.device),
-                hidden_states=False,
-                head=True,
-                position_ids=None if pos is None else pos.to(engine.device),
-            )
+        logits = _logits(engine, batch)
         if not idx:
             continue
         logp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()
