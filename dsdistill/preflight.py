@@ -19,7 +19,7 @@ from dsdistill.engines import warmup_steps_of
 from dsdistill.errors import ConfigError, DataError, ModelError
 from dsdistill.heads import HeadShape
 from dsdistill.layers import LayerMap
-from dsdistill.models import count_params, load_tokenizer, meta_model
+from dsdistill.models import DTYPES, count_params, load_tokenizer, meta_model
 from dsdistill.models import load_config as load_model_config
 from dsdistill.rundir import LOCK_FILE, refuse_link
 from dsdistill.teachers.base import Capabilities, RunContext, TeacherPlan
@@ -59,8 +59,6 @@ class Plan:
     @property
     def head_shape(self) -> HeadShape:
         """The shapes the fused head sizes its chunks by."""
-        from dsdistill.models import DTYPES
-
         return HeadShape(
             vocab=self.vocab,
             s_width=self.student_config.hidden_size,

@@ -26,7 +26,12 @@ def _records():
     end = recs.pop()
     t = next(r for r in reversed(recs) if isinstance(r, TrainRecord))
     bad = t.model_copy(
-        update={"step": 20, "losses": {**t.losses, f"c{HOSTILE}": 1.0}, "weighted": {**t.weighted, f"c{HOSTILE}": 0.5}}
+        update={
+            "step": 20,
+            "losses": {**t.losses, f"c{HOSTILE}": 1.0},
+            "weighted": {**t.weighted, f"c{HOSTILE}": 0.5},
+            "metrics": {f"m{HOSTILE}": 2.0},  # a diagnostic's name gets a plot of its own
+        }
     )
     recs.append(bad)
     recs.append(AlertRecord(step=20, time=T0 + 50, level="error", code=f"code{HOSTILE}", message=f"message {HOSTILE}"))
