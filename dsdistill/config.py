@@ -83,6 +83,16 @@ class TeacherSpec(ModelSpec):
         return self.kind or ("cache" if self.cache is not None else "url" if self.url is not None else "path")
 
 
+class NamedTeacher(TeacherSpec):
+    """One of several teachers (`teachers:`): a teacher as under `teacher:`, with a name and a weight."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+    """Its name in records, console lines and the monitor (`kd.NAME`, `teacher_ppls.NAME`)."""
+    weight: float = Field(1.0, gt=0)
+    """Its share of the KD term is weight / the sum of the teachers' weights: KD = sum_i share_i KD_i, so the
+    objective is the share-weighted sum of the objectives of single-teacher runs on the same batches."""
+
+
 Format = Literal["text", "chat", "prompt_completion", "pretokenized"]
 Packing = Literal["concat", "documents", "none"]
 
@@ -439,8 +449,11 @@ class CheckpointConfig(_Strict):
 class RunConfig(_Strict):
     """A distillation run."""
 
-    teacher: TeacherSpec
-    """The frozen teacher."""
+    teacher: Optional[TeacherSpec] = None
+    """The frozen teacher (or give several in `teachers`)."""
+    teachers: Optional[list[NamedTeacher]] = Field(None, min_length=2, max_length=8)
+    """Several frozen teachers (instead of `teacher`), KD against each by its weight. They distil logits:
+    components that read one teacher's hidden states or attention need `teacher`."""
     student: ModelSpec
     """The trainable student."""
     data: DataConfig
@@ -465,6 +478,21 @@ class RunConfig(_Strict):
     """Run directory and logging."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Saving and resuming."""
+
+    @model_validator(mode="after")
+    def _one_kind_of_teacher(self) -> "RunConfig":
+        if (self.teacher is None) == (self.teachers is None):
+            raise ConfigError("teacher: set teacher (one teacher) or teachers (a list of named teachers), exactly one")
+        names = [t.name for t in self.teachers or []]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"teachers: names must differ; got {', '.join(names)}")
+        return self
+
+    def one_teacher(self, command: str) -> TeacherSpec:
+        """`teacher:` for a command that runs one teacher (a one-line error naming `command` with `teachers:`)."""
+        if self.teacher is None:
+            raise ConfigError(f"{command}: runs one teacher; give it as teacher: (the config lists teachers:)")
+        return self.teacher
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -11,6 +11,7 @@ curriculum weight over the window's unit count), the one place they are set.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, cast
@@ -42,6 +43,9 @@ class FusedCall:
     positions: Optional[torch.Tensor] = None
     """Flat indices of the loss-bearing positions from the host batch (`objective.host_positions`): the
     head gathers by them without a device sync (None: it finds them with a boolean mask)."""
+    mixture: tuple[tuple[str, float, Optional[torch.Tensor], Optional[torch.Tensor], Optional[SparseTeacher]], ...] = ()
+    """Several teachers (`teachers:`): (name, share, hidden, head, sparse) each, instead of the teacher_*
+    fields; the head runs once per teacher (LM with the first) and KD is the share-weighted sum."""
 
 
 class FusedKDLMHead(nn.Module):
@@ -62,21 +66,41 @@ class FusedKDLMHead(nn.Module):
         return cast(torch.Tensor, self._lm_head[0].weight)
 
     def forward(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
-        t_head = None if call.teacher_head is None else call.teacher_head[: self.vocab]
-        combined, m = fused_kd_lm(
+        if call.mixture:
+            return self._mixture(hidden, call)
+        combined, m = self._one(hidden, call, call.teacher_hidden, call.teacher_head, call.teacher_sparse)
+        return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined, tokens=m["count"])
+
+    def _one(self, hidden, call: FusedCall, t_hidden, t_head, t_sparse, *, share: float = 1.0, lm: bool = True):
+        return fused_kd_lm(
             hidden,
             self.weight[: self.vocab],
-            call.teacher_hidden,
-            t_head,
+            t_hidden,
+            None if t_head is None else t_head[: self.vocab],
             call.labels,
-            coef_kd=call.coef_kd,
-            coef_lm=call.coef_lm,
-            options=call.options,
+            coef_kd=share * call.coef_kd,
+            coef_lm=call.coef_lm if lm else 0.0,
+            options=call.options if lm else dataclasses.replace(call.options, want_lm=False),
             ignore_index=self.ignore_index,
-            t_sparse=call.teacher_sparse,
+            t_sparse=t_sparse,
             positions=call.positions,
         )
-        return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined, tokens=m["count"])
+
+    def _mixture(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
+        # one chunked pass per teacher (the student's chunk logits are formed again for each), LM in the first
+        parts = [
+            (name, share, self._one(hidden, call, th, head, sparse, share=share, lm=i == 0))
+            for i, (name, share, th, head, sparse) in enumerate(call.mixture)
+        ]
+        first = parts[0][2][1]
+        return FusedSums(
+            kd=sum((share * m["kd"] for _, share, (_, m) in parts), torch.zeros_like(first["kd"])),
+            kl=sum((share * m["kl"] for _, share, (_, m) in parts), torch.zeros_like(first["kl"])),
+            lm=first["lm"],
+            combined=sum((c for _, _, (c, _) in parts), torch.zeros_like(parts[0][2][0])),
+            tokens=first["count"],
+            per_teacher={name: m["kd"] for name, _, (_, m) in parts},
+        )
 
 
 def fused_supported(model: nn.Module) -> Optional[str]:

@@ -73,10 +73,20 @@ class Sums:
 
 
 class Objective:
-    def __init__(self, curriculum: Curriculum, *, total_steps: int, layers: LayerMap, names: Optional[tuple[str, ...]] = None):
+    def __init__(
+        self,
+        curriculum: Curriculum,
+        *,
+        total_steps: int,
+        layers: LayerMap,
+        names: Optional[tuple[str, ...]] = None,
+        teachers: tuple[str, ...] = (),
+    ):
         """`names`: the components computed (default: the curriculum's active ones; evaluation adds lm,
-        which perplexity needs, at weight 0 when it is not scheduled)."""
+        which perplexity needs, at weight 0 when it is not scheduled). `teachers`: the names of several
+        teachers (whose own KD the records carry), or empty for one."""
         self.curriculum = curriculum
+        self.teachers = teachers
         self.total_steps = total_steps
         self.names: tuple[str, ...] = curriculum.active if names is None else names
         self.components: dict[str, Component] = {n: implementation(n) for n in self.names}
@@ -143,7 +153,11 @@ class Objective:
 
     def metric_specs(self, names: Optional[tuple[str, ...]] = None) -> dict[str, tuple[str, str]]:
         """{metric: (component, reduction)} declared by the components `names` (default: all)."""
-        return {m: (n, how) for n in (self.names if names is None else names) for m, how in self.components[n].metrics.items()}
+        return {
+            m: (n, how)
+            for n in (self.names if names is None else names)
+            for m, how in self.components[n].declared_metrics(self.teachers).items()
+        }
 
     def metric_zeros(self, names: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
         """The accumulators of the declared metrics: the same keys on every rank, whatever its batches held

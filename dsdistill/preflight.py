@@ -24,6 +24,7 @@ from dsdistill.models import load_config as load_model_config
 from dsdistill.rundir import LOCK_FILE, refuse_link
 from dsdistill.teachers.base import Capabilities, RunContext, TeacherPlan
 from dsdistill.teachers.build import check_serves, open_teacher
+from dsdistill.teachers.mixture import plans_of
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class Plan:
     """Scheduled components this run cannot compute for these models, with the reason (warned, not run)."""
     teacher: Capabilities
     """What the run's teacher can supply (its kind is never asked)."""
+    teacher_names: tuple[str, ...] = ()
+    """`teachers:`: their names, in config order (empty: one teacher)."""
+    teacher_shards: tuple[Any, ...] = ()
+    """The configs of the teacher models whose weights this job holds (sharded by ZeRO-3): what the memory
+    estimate counts."""
     fused_off: Optional[str] = None
     """Why fused KD/LM cannot run for these models (then full logits are used), or None."""
 
@@ -97,7 +103,7 @@ def describe(plan: Plan, data: RunData) -> str:
         *describe_data(data.splits, c.train.seq_len),
         *separator_lines(c, data.tokenizer),
         *generation_lines(plan),
-        f"teacher: {data.teacher.describe()}"
+        f"{'teachers' if plan.teacher_names else 'teacher'}: {data.teacher.describe()}"
         + (f", ZeRO-{zero_stage(plan.ds_teacher)}, frozen" if data.teacher.capabilities().model_in_job else ""),
         f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_student)}, precision {plan.precision}",
         f"LR schedule: {lr_schedule(c, plan.ds_student)}",
@@ -286,7 +292,7 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
     gib = 2.0**30
     width = 2 if plan.precision in ("bf16", "fp16") else 4
     world = plan.world
-    teacher = count_params(plan.teacher_config)
+    teacher = sum(count_params(c) for c in plan.teacher_shards)
     student = count_params(plan.student_config)
     zero = plan.ds_student.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
@@ -323,7 +329,7 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
         chunk_rows = min(tokens, plan.cfg.loss.fused_chunk or auto_chunk(plan.vocab, 0, budget_bytes=budget, fixed=fixed))
         logits = chunk_rows * plan.vocab * BYTES_PER_LOGIT + fixed
     out = {
-        "teacher_shard": teacher * width / world / gib if plan.teacher.model_in_job else 0.0,
+        "teacher_shard": teacher * width / world / gib,
         "student_states": (weights + grads + optim) / gib,
         "logits": logits / gib,
         "teacher_params": teacher,
@@ -386,6 +392,8 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         )
     student_cfg = load_model_config(cfg.student, field="student")
     tokenizer = load_tokenizer(cfg.student, field="student")
+    if writing_cache:
+        cfg.one_teacher("teacher-cache")
     teacher = open_teacher(cfg, tokenizer, rank=rank)
     if writing_cache and not teacher.capabilities().model_in_job:
         raise ConfigError(
@@ -408,7 +416,12 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
     _check_architectures(cfg, teacher, student_cfg)
     _check_trainable(cfg, curriculum, splits)
     left_out = _uncomputable(cfg, curriculum, layers, teacher_cfg, student_cfg)
-    fused_off = _fused_off(teacher_cfg, student_cfg) if cfg.loss.fused_logits else None
+    members = plans_of(teacher, cfg)
+    fused_off = (
+        next((why for _, p, _ in members if (why := _fused_off(p.model_config, student_cfg))), None)
+        if cfg.loss.fused_logits
+        else None
+    )
     components = {n: implementation(n) for n in curriculum.active}
     ctx = RunContext(cfg, splits, components, layers, total_steps, rank)
     check_serves(teacher, ctx, fused_off=fused_off, samples=_check_sampling(cfg, curriculum, splits))
@@ -430,6 +443,8 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         layers=layers,
         left_out=left_out,
         teacher=teacher.capabilities(),
+        teacher_names=tuple(t.name for t in cfg.teachers or ()),
+        teacher_shards=tuple(p.model_config for _, p, _ in members if p.capabilities().model_in_job),
         fused_off=fused_off,
     )
     return plan, RunData(tokenizer, splits, stream, teacher)
@@ -444,7 +459,7 @@ def _curriculum(cfg: RunConfig, active: Optional[tuple[str, ...]] = None) -> Cur
 
 def _check_vocabularies(cfg: RunConfig, curriculum: Curriculum, tokenizer, teacher: TeacherPlan, student_cfg) -> None:
     """ignore_index, stop tokens, one shared vocabulary where the run needs it, and models that cover it."""
-    vocab, teacher_tok = len(tokenizer), teacher.tokenizer
+    vocab = len(tokenizer)
     if 0 <= cfg.loss.ignore_index < vocab:
         raise ConfigError(
             f"loss.ignore_index: {cfg.loss.ignore_index} is a token id of this vocabulary (0..{vocab - 1}), so that token "
@@ -457,24 +472,30 @@ def _check_vocabularies(cfg: RunConfig, curriculum: Curriculum, tokenizer, teach
             f"tokens such as {tokenizer.eos_token!r}"
         )
     formats = sorted({s.format for s in cfg.data.resolved_sources()} - {"text"})
-    if formats and not _same_vocab(tokenizer, teacher_tok):
-        raise ModelError(
-            f"teacher.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
-            f"{', '.join(formats)} data is rendered once and both models read the same ids, so they need one tokenizer"
-        )
-    if curriculum.ever_nonzero("kd") and not _same_vocab(tokenizer, teacher_tok):
-        raise ModelError(
-            f"teacher.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
-            "logit KD needs a shared vocabulary (set the kd weight to 0 to distil without it)"
-        )
-    for field, mc in (("teacher", teacher.model_config), ("student", student_cfg)):
-        where = teacher.field if field == "teacher" else "student.path"
-        mv = getattr(mc, "vocab_size", None)
-        if mv is not None and mv < vocab:
-            raise ModelError(f"{where}: model vocab_size {mv} is smaller than the tokenizer's {vocab} tokens")
-        limit = getattr(mc, "max_position_embeddings", None)
-        if limit is not None and cfg.train.seq_len > limit:
-            raise ConfigError(f"train.seq_len: {cfg.train.seq_len} exceeds the {field}'s max_position_embeddings ({limit})")
+    for at, member, _ in plans_of(teacher, cfg):
+        teacher_tok = member.tokenizer
+        if formats and not _same_vocab(tokenizer, teacher_tok):
+            raise ModelError(
+                f"{at}.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
+                f"{', '.join(formats)} data is rendered once and both models read the same ids, so they need one tokenizer"
+            )
+        if curriculum.ever_nonzero("kd") and not _same_vocab(tokenizer, teacher_tok):
+            raise ModelError(
+                f"{at}.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
+                "logit KD needs a shared vocabulary (set the kd weight to 0 to distil without it)"
+            )
+        _check_covers(cfg, vocab, at, member.field, member.model_config)
+    _check_covers(cfg, vocab, "student", "student.path", student_cfg)
+
+
+def _check_covers(cfg: RunConfig, vocab: int, role: str, where: str, mc) -> None:
+    """The model's embedding covers the shared vocabulary and its positions the rows."""
+    mv = getattr(mc, "vocab_size", None)
+    if mv is not None and mv < vocab:
+        raise ModelError(f"{where}: model vocab_size {mv} is smaller than the tokenizer's {vocab} tokens")
+    limit = getattr(mc, "max_position_embeddings", None)
+    if limit is not None and cfg.train.seq_len > limit:
+        raise ConfigError(f"train.seq_len: {cfg.train.seq_len} exceeds the {role}'s max_position_embeddings ({limit})")
 
 
 def _total_steps(cfg: RunConfig, splits: Splits, stream, world: int) -> int:
@@ -497,10 +518,12 @@ def _total_steps(cfg: RunConfig, splits: Splits, stream, world: int) -> int:
 
 def _check_architectures(cfg: RunConfig, teacher: TeacherPlan, student_cfg) -> None:
     """Both are causal LMs; an attention implementation a family lacks is refused here, not at load."""
-    for field, mc in (("teacher", teacher.model_config), ("student", student_cfg)):
-        _check_causal_lm(mc, field, teacher.source if field == "teacher" else str(cfg.student.path))
-        spec = getattr(cfg, field)
-        if spec.attn_implementation == "sdpa" and (field == "student" or teacher.capabilities().model_in_job):
+    models = [
+        (at, p.model_config, p.source, alone.teacher, p.capabilities().model_in_job) for at, p, alone in plans_of(teacher, cfg)
+    ]
+    for field, mc, path, spec, loads in [*models, ("student", student_cfg, str(cfg.student.path), cfg.student, True)]:
+        _check_causal_lm(mc, field, path)
+        if spec.attn_implementation == "sdpa" and loads:
             # what loading would refuse, said by check: a family without SDPA needs eager
             if getattr(type(meta_model(mc)), "_supports_sdpa", True) is False:
                 raise ConfigError(
@@ -579,6 +602,8 @@ def _uncomputable(cfg: RunConfig, curriculum: Curriculum, layers: LayerMap, teac
             ("teacher", cfg.teacher, teacher_cfg, t_layers),
             ("student", cfg.student, student_cfg, s_layers),
         ):
+            if spec is None:
+                continue  # several teachers: refused with their reason by check_serves
             why = unsupported_reason(meta_model(mc), needed, spec.attn_implementation, seq_len=cfg.train.seq_len)
             if why is not None:
                 out[name] = f"the {role}'s attention cannot be captured ({why})"

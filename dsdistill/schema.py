@@ -120,7 +120,10 @@ class EvalRecord(_Record):
     ppl: float
     """exp(lm_ce)."""
     teacher_ppl: Optional[float] = None
-    """Teacher perplexity on the same eval set (computed once)."""
+    """Teacher perplexity on the same eval set (computed once). Several teachers: exp of their share-weighted
+    cross-entropy (each one's own is in `teacher_ppls`)."""
+    teacher_ppls: dict[str, float] = {}
+    """`teachers:`: each teacher's perplexity on the same eval set, by name (empty with one teacher)."""
     teacher_ppl_exact_share: Optional[float] = None
     """Share of the eval tokens whose teacher log-prob is exact; below 1 for an offline cache, where a label
     outside the cached top-k is estimated from the rest mass (the monitor then draws no teacher reference

@@ -25,7 +25,7 @@ from dsdistill.heads import FusedCall, head_options
 from dsdistill.objective import UNITS, Objective, StepContext, count_units, host_positions, shifted_valid
 from dsdistill.preflight import Plan
 from dsdistill.rollout import RolloutBackend, apply_rollouts
-from dsdistill.teachers.base import TeacherInput, TeacherSource
+from dsdistill.teachers.base import TeacherInput, TeacherSignal, TeacherSource
 
 
 def teacher_input(batch: dict[str, torch.Tensor], labels: torch.Tensor, ignore_index: int) -> TeacherInput:
@@ -102,6 +102,7 @@ class PairForward:
                     want_lm=want_lm,
                 ),
                 positions=positions,
+                mixture=_fused_mixture(signal) if want_kd else (),
             )
         if self.capture is not None:
             self.capture.want(needs.student_qk)
@@ -123,6 +124,18 @@ class PairForward:
             layers=self.plan.layers,
             position_ids=pos,
         )
+
+
+def _fused_mixture(signal: TeacherSignal) -> tuple:
+    """Several teachers' distributions as the fused head takes them: (name, share, hidden, head, sparse)."""
+    mixture = signal.mixture
+    if mixture is None:
+        return ()
+    out = []
+    for name, share, dist in mixture.members:
+        one = TeacherSignal(distribution=dist)
+        out.append((name, share, one.hidden, one.head, one.sparse))
+    return tuple(out)
 
 
 def _plain_positions(pos: torch.Tensor) -> bool:
@@ -479,9 +492,9 @@ class Evaluator:
         )
 
     @torch.no_grad()
-    def teacher_perplexity(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-        """exp of the teacher's token-weighted LM cross-entropy (computed once per run)."""
-        teacher, device = self.forward.teacher, self.forward.engine.device
+    def teacher_perplexity(self, batches: Iterable[dict[str, torch.Tensor]], teacher: Optional[TeacherSource] = None) -> float:
+        """exp of the teacher's (default: the run's) token-weighted LM cross-entropy (computed once per run)."""
+        teacher, device = teacher or self.forward.teacher, self.forward.engine.device
         total: Any = 0.0
         count = 0
         from dsdistill.components.base import Needs

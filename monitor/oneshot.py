@@ -43,6 +43,8 @@ def summary_text(states: list[RunState], rules: AlertRules) -> str:
         if d["eval"]:
             e = d["eval"]
             teacher = f" (teacher {e['teacher_ppl']:.4g})" if e["teacher_ppl"] is not None else ""
+            if e.get("teacher_ppls"):
+                teacher = " (teachers " + ", ".join(f"{n} {p:.4g}" for n, p in e["teacher_ppls"].items()) + ")"
             lines.append(
                 f"  eval  @ {e['step']}: objective {e['objective']:.4g} | ppl {e['ppl']:.4g}{teacher} | best {e['metric']} "
                 f"{e['best']:.4g}"

@@ -137,7 +137,7 @@ class RunState:
         """raw/<component>, weighted/<component>, metric/<name>, objective, lr, temperature, tokens_per_s, grad_norm, mem_gib
         (the weights themselves follow from the curriculum in run_start)."""
         self.eval: dict[str, Series] = {}
-        """objective, ppl, lm_ce, teacher_ppl, raw/<component>, metric/<name>."""
+        """objective, ppl, lm_ce, teacher_ppl, teacher_ppl/<teacher>, raw/<component>, metric/<name>."""
         self.evals: deque[EvalRecord] = deque(maxlen=EVAL_MEMORY)
         """The newest evaluations (their values are all kept in the eval series)."""
         self.first_identical_eval: Optional[tuple[EvalRecord, EvalRecord]] = None
@@ -302,6 +302,8 @@ class RunState:
             self._series(self.eval, f"raw/{name}", self.eval_x).add(row, float(value))
         for name, value in rec.metrics.items():
             self._series(self.eval, f"metric/{name}", self.eval_x).add(row, float(value))
+        for name, value in rec.teacher_ppls.items():  # several teachers: each one's own
+            self._series(self.eval, f"teacher_ppl/{name}", self.eval_x).add(row, float(value))
 
     # ------------------------------------------------------------------ views
     @property
@@ -441,6 +443,7 @@ def summary(run: "RunState") -> dict[str, Any]:
             "lm_ce": e.lm_ce,
             "ppl": e.ppl,
             "teacher_ppl": e.teacher_ppl,
+            "teacher_ppls": dict(e.teacher_ppls),
             "best": e.best,
             "bad_evals": e.bad_evals,
             "metric": e.early_stop_metric,

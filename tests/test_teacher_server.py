@@ -83,6 +83,22 @@ def test_server_fed_kd_equals_live_top_k_and_rest(served, tmp_path, temperature)
     assert remote_ppl == pytest.approx(live_ppl, rel=1e-5)  # the label's own log-prob: exact, never estimated
 
 
+def test_a_live_teacher_and_a_served_one_mix_by_their_shares(served, tmp_path):
+    """`teachers:` of two kinds: the live model (full vocabulary) and the server (top-16 + rest), at T = 2.
+    The eval KD is the share-weighted sum of each one's KD alone, and each one's own KD is recorded."""
+    cfg = {**served["cfg"], "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "temperature": 2.0}}
+    url = {"url": served["server"].url, "options": {"top_k": 16}}
+    live, _, _ = _session_eval(cfg, tmp_path / "live")
+    remote, _, _ = _session_eval({**cfg, "teacher": url}, tmp_path / "remote")
+    both = [{"name": "live", "path": cfg["teacher"]["path"], "weight": 1.0}, {"name": "served", **url, "weight": 3.0}]
+    mixed, mixed_ppl, session = _session_eval({**cfg, "teacher": None, "teachers": both}, tmp_path / "mixed")
+    assert session.teacher.capabilities().remote and session.teacher.capabilities().model_in_job
+    assert mixed.metrics["kd.live"] == pytest.approx(live.losses["kd"], rel=1e-5)
+    assert mixed.metrics["kd.served"] == pytest.approx(remote.losses["kd"], rel=1e-5)
+    assert mixed.losses["kd"] == pytest.approx(0.25 * live.losses["kd"] + 0.75 * remote.losses["kd"], rel=1e-5)
+    assert mixed.losses["lm"] == live.losses["lm"]
+
+
 def test_a_server_that_is_down_or_for_another_tokenizer_is_refused_in_one_line(served, assets, chat_config, tmp_path):
     cfg = served["cfg"]
     closed = f"http://127.0.0.1:{free_port()}"

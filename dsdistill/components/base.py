@@ -74,6 +74,8 @@ class FusedSums(NamedTuple):
     """The differentiable coef_kd * kd + coef_lm * lm (its gradient is the objective's for both terms)."""
     tokens: int
     """Loss-bearing tokens (counted once by the head, so KD and LM need no second device sync)."""
+    per_teacher: Optional[dict[str, torch.Tensor]] = None
+    """Several teachers: each one's KD sum x T^2 (`kd` is their share-weighted sum)."""
 
 
 @dataclass
@@ -129,6 +131,10 @@ class Component:
     is reduced over a window's micro-batches and the ranks: "unit" (a sum over the component's units, divided
     by the window's count of them, as its loss is) or "micro_batch" (a value per micro-batch, averaged).
     Train and eval records carry them in `metrics`; the monitor plots each one."""
+
+    def declared_metrics(self, teachers: tuple[str, ...]) -> dict[str, MetricReduction]:
+        """`metrics`, for a run whose teachers are named `teachers` (empty: one teacher)."""
+        return dict(self.metrics)
 
     def options_of(self, loss: "LossConfig") -> Any:
         """Its options in this run's config (an instance of `Options`)."""

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from dsdistill.components.base import Component, ComponentOptions, Inputs, Needs
 from dsdistill.losses import kd_loss
 from dsdistill.losses.kd import DIVERGENCES
+from dsdistill.teachers.base import DenseLogits
 
 
 class KDOptions(ComponentOptions):
@@ -58,15 +59,34 @@ class KD(Component):
     def needs(self, layers):
         return Needs(teacher_logits=True)
 
+    def declared_metrics(self, teachers: tuple[str, ...]) -> dict:
+        # several teachers: each one's KD (x T^2) per loss-bearing token, `kd` being their share-weighted sum
+        return {**self.metrics, **{f"kd.{name}": "unit" for name in teachers}}
+
     def compute(self, x: Inputs):
         fused = x.student.fused
         if fused is not None:  # the fused head computed it chunk by chunk
-            return fused.kd, {"count": fused.tokens, "kd_kl": fused.kl}
+            per = {f"kd.{n}": v for n, v in (fused.per_teacher or {}).items()}
+            return fused.kd, {"count": fused.tokens, "kd_kl": fused.kl, **per}
+        mixture = x.teacher.mixture
+        if mixture is None:
+            assert x.teacher.logits is not None, "KD needs the teacher's logits"
+            return self._one(x, x.teacher.logits)
+        total, kl, metrics = None, None, {}
+        for name, share, dist in mixture.members:
+            assert isinstance(dist, DenseLogits), f"teacher {name}: KD on full logits needs its logits"
+            t, m = self._one(x, dist.logits)
+            total = t * share if total is None else total + t * share
+            kl = m["kd_kl"] * share if kl is None else kl + m["kd_kl"] * share
+            metrics[f"kd.{name}"] = t.detach()
+        return total, {"count": m["count"], "kd_kl": kl, **metrics}
+
+    def _one(self, x: Inputs, teacher_logits):
         c: KDOptions = self.options_of(x.loss)
-        assert x.student.logits is not None and x.teacher.logits is not None, "KD needs both distributions"
+        assert x.student.logits is not None, "KD needs the student's logits"
         total, m = kd_loss(
             x.student.logits,
-            x.teacher.logits,
+            teacher_logits,
             x.labels,
             temperature=x.temperature,
             ignore_index=x.ignore_index,

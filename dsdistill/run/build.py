@@ -20,6 +20,7 @@ from dsdistill.preflight import Plan, RunData
 from dsdistill.rollout import StudentSampler
 from dsdistill.student import DistillStudent
 from dsdistill.teachers.base import TeacherSource
+from dsdistill.teachers.mixture import separation_forwards
 from dsdistill.trainer import Evaluator, PairForward, Trainer
 
 
@@ -38,7 +39,7 @@ class Parts:
 
 def build_parts(plan: Plan, data: RunData) -> Parts:
     cfg = plan.cfg
-    objective = Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers)
+    objective = Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers, teachers=plan.teacher_names)
     needs = objective.needs
     # the teacher first: a live one loads its weights straight into their shards, a cache opens its reader
     teacher = data.teacher.build(plan, needs=needs)
@@ -81,7 +82,9 @@ def build_parts(plan: Plan, data: RunData) -> Parts:
     # evaluation always computes LM: perplexity is exp of its token-weighted mean
     names = objective.names if "lm" in objective.names else (*objective.names, "lm")
     evaluator = Evaluator(
-        plan, forward, Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers, names=names)
+        plan,
+        forward,
+        Objective(plan.curriculum, total_steps=plan.total_steps, layers=plan.layers, names=names, teachers=plan.teacher_names),
     )
     return Parts(plan, data, student, teacher, objective, forward, trainer, evaluator)
 
@@ -112,11 +115,8 @@ def check_packing(plan: Plan, student, teacher: TeacherSource) -> None:
             device=student.device,
             half=half,
         )
-        forward = teacher.separation_forward()
-        if forward is not None:
-            check_separation(
-                "teacher", plan.teacher_config.model_type, forward, vocab=plan.vocab, device=student.device, half=half
-            )
+        for role, kind, forward in separation_forwards(teacher, plan.teacher_config.model_type):
+            check_separation(role, kind, forward, vocab=plan.vocab, device=student.device, half=half)
     finally:
         if was_training:
             student.train()

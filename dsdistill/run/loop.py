@@ -4,6 +4,7 @@ build.py, what it says from records.py, where it stands from state.py."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from dsdistill.run.records import Records, say
 from dsdistill.run.state import RunState
 from dsdistill.rundir import RunLock
 from dsdistill.schema import RunEnd
+from dsdistill.teachers.mixture import members_of
 from dsdistill.trainer import EarlyStopping, EvalResult, NonFiniteGuard, Pace, StepResult, StopPolicy, StopReason
 
 
@@ -68,6 +70,8 @@ class Session:
         self.state = RunState(plan, data, self.student)
         self.teacher_ppl = float("nan")
         self.teacher_ppl_by_source: dict[str, float] = {}
+        self.teacher_ppls: dict[str, float] = {}
+        """`teachers:`: each teacher's own perplexity on the eval split (empty with one teacher)."""
         self.teacher_exact: Optional[float] = None
         """Share of eval tokens whose teacher log-prob is exact (None: all of them)."""
         self.last_eval: Optional[EvalResult] = None
@@ -141,7 +145,12 @@ class Session:
 
         s_params, _ = param_counts(self.student.module.model)
         self.records.start(step=step, resumed=resumed is not None, data=self.data, teacher=self.teacher, student_params=s_params)
-        self.teacher_ppl = self.evaluator.teacher_perplexity(self.eval_batches())
+        members = members_of(self.teacher)
+        if len(members) > 1:  # each teacher's own; the run's is exp of their share-weighted cross-entropy
+            self.teacher_ppls = {n: self.evaluator.teacher_perplexity(self.eval_batches(), t) for n, _, t in members}
+            self.teacher_ppl = math.exp(sum(share * math.log(self.teacher_ppls[n]) for n, share, _ in members))
+        else:
+            self.teacher_ppl = self.evaluator.teacher_perplexity(self.eval_batches())
         exact = self.teacher.exact_share()
         self.teacher_ppl_by_source = {
             name: self.evaluator.teacher_perplexity(self.eval_batches(rows))
@@ -150,6 +159,7 @@ class Session:
         say(
             plan.rank,
             f"teacher perplexity on the eval split: {self.teacher_ppl:.3f}"
+            + (" (" + ", ".join(f"teacher {n} {p:.3f}" for n, p in self.teacher_ppls.items()) + ")" if self.teacher_ppls else "")
             + "".join(f"; {n} {p:.3f}" for n, p in self.teacher_ppl_by_source.items()),
         )
         self.teacher_exact = exact
@@ -220,6 +230,7 @@ class Session:
         self.records.eval(
             r,
             teacher_ppl=self.teacher_ppl,
+            teacher_ppls=self.teacher_ppls,
             teacher_ppl_exact_share=self.teacher_exact,
             best=early.best,
             bad_evals=early.bad_evals,

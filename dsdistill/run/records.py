@@ -195,16 +195,25 @@ def train_line(r: TrainRecord) -> str:
     """`step 40/200 (20.0%) | T 3.00 | w kd=0.700 lm=0.300 | obj 2.3456 | kd 2.1000 (w 1.4700) ... | lr 3e-04 | 1,234 tok/s`"""
     weights = " ".join(f"{k}={v:.3f}" for k, v in r.weights.items())
     comps = " ".join(f"{k} {_num(v)} (w {_num(r.weighted.get(k, 0.0))})" for k, v in r.losses.items())
+    comps += _per_teacher(r.metrics)
     return (
         f"step {r.step + 1}/{r.total_steps} ({100 * r.progress:.1f}%) | T {r.temperature:.2f} | w {weights} | "
         f"obj {_num(r.objective)} | {comps} | lr {r.lr:.3g} | {r.tokens_per_s:,.0f} tok/s"
     )
 
 
+def _per_teacher(metrics: dict[str, float]) -> str:
+    """` [kd llama 1.2 qwen 2.3]` with several teachers: each one's own KD."""
+    own = [(k[3:], v) for k, v in metrics.items() if k.startswith("kd.")]
+    return " [kd " + " ".join(f"{n} {_num(v)}" for n, v in own) + "]" if own else ""
+
+
 def eval_line(r: EvalRecord) -> str:
     """`eval @ step 40 | obj 2.1 | kd 1.9 lm 3.0 | ppl 20.1 (teacher 6.3)`"""
-    comps = " ".join(f"{k} {_num(v)}" for k, v in r.losses.items())
+    comps = " ".join(f"{k} {_num(v)}" for k, v in r.losses.items()) + _per_teacher(r.metrics)
     teacher = f" (teacher {r.teacher_ppl:.2f})" if r.teacher_ppl is not None else ""
+    if r.teacher_ppls:
+        teacher = " (teachers " + ", ".join(f"{n} {p:.2f}" for n, p in r.teacher_ppls.items()) + ")"
     stop = f" | best {r.early_stop_metric} {r.best:.4g}, {r.bad_evals} without improvement" if r.best is not None else ""
     return f"eval @ step {r.step} | obj {_num(r.objective)} | {comps} | ppl {r.ppl:.3f}{teacher}{stop}"
 

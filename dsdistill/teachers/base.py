@@ -74,9 +74,17 @@ class HiddenHead:
     """[V', Dt] (V' >= V: padded embedding rows are cut by the consumer)."""
 
 
-Distribution = Union[DenseLogits, HiddenHead, "SparseTeacher"]
-"""The teacher's token distribution in one of its three forms (`SparseTeacher`: top-k for the loss-bearing
-positions in batch order, with the rest's statistics)."""
+@dataclass
+class Mixture:
+    """Several teachers' distributions for one micro-batch (`teachers:`), with their shares of KD."""
+
+    members: "tuple[tuple[str, float, Distribution], ...]"
+    """(name, share, distribution) per teacher, in config order; the shares sum to 1."""
+
+
+Distribution = Union[DenseLogits, HiddenHead, "SparseTeacher", Mixture]
+"""The teacher's token distribution in one of its forms (`SparseTeacher`: top-k for the loss-bearing
+positions in batch order, with the rest's statistics; `Mixture`: several teachers' own)."""
 
 
 @dataclass
@@ -108,7 +116,11 @@ class TeacherSignal:
     @property
     def sparse(self) -> "Optional[SparseTeacher]":
         d = self.distribution
-        return None if d is None or isinstance(d, (DenseLogits, HiddenHead)) else d
+        return None if d is None or isinstance(d, (DenseLogits, HiddenHead, Mixture)) else d
+
+    @property
+    def mixture(self) -> Optional[Mixture]:
+        return self.distribution if isinstance(self.distribution, Mixture) else None
 
 
 class TeacherSource(Protocol):

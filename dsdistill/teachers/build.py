@@ -3,6 +3,7 @@ the run's components and curriculum ask of it, against its `Capabilities`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from dsdistill.errors import ConfigError
@@ -12,13 +13,23 @@ from dsdistill.teachers.kinds import plan_class
 
 def open_teacher(cfg: Any, student_tokenizer: Any, *, rank: int) -> TeacherPlan:
     """The teacher the config names, opened (config, tokenizer, index; no weights): the plan class of its
-    kind (teachers/kinds.py)."""
+    kind (teachers/kinds.py), or every one of `teachers:`."""
+    if cfg.teachers is not None:
+        from dsdistill.teachers.mixture import MixturePlan
+
+        return MixturePlan.open(cfg, student_tokenizer, rank=rank)
     return plan_class(cfg.teacher.chosen).open(cfg, student_tokenizer, rank=rank)
 
 
 def check_serves(teacher: TeacherPlan, ctx: RunContext, *, fused_off: Optional[str], samples: Optional[str]) -> None:
     """Refuse, in one line naming the field, a run that asks this teacher for what it cannot supply
     (`samples`: the field that makes the run sample completions, or None)."""
+    from dsdistill.teachers.mixture import MixturePlan, errors_named
+
+    if isinstance(teacher, MixturePlan):  # each teacher first, as the only one of its run
+        for i, (_, _, member, alone) in enumerate(teacher.members):
+            with errors_named(f"teachers.{i}"):
+                check_serves(member, dataclasses.replace(ctx, cfg=alone), fused_off=fused_off, samples=samples)
     caps, cfg = teacher.capabilities(), ctx.cfg
     internals = [
         name
@@ -34,7 +45,7 @@ def check_serves(teacher: TeacherPlan, ctx: RunContext, *, fused_off: Optional[s
             for n, sch in cfg.curriculum.weights.items()
             if n not in internals
         }
-        line = yaml.safe_dump(keep, default_flow_style=True, sort_keys=False).strip()
+        line = yaml.safe_dump(keep, default_flow_style=True, sort_keys=False, width=10**9).strip()
         raise ConfigError(
             f"{teacher.field}: {', '.join(internals)} need the teacher's hidden states or attention, which {teacher.noun} "
             f"does not hold; train with --set curriculum.weights='{line}' (or use teacher.path)"

@@ -164,7 +164,7 @@ def _header(plan, splits, tokenizer, *, top_k: int, level_bits: int, shard_rows:
         "shard_rows": shard_rows,
         "tail_temperatures": [t for t in run_temperatures(cfg, plan.total_steps) if t != 1.0],
         "vocab": plan.vocab,
-        "teacher": {"path": cfg.teacher.path, "config_hash": config_hash(plan.teacher_config)},
+        "teacher": {"path": cfg.one_teacher("teacher-cache").path, "config_hash": config_hash(plan.teacher_config)},
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "data": {
             "train_fingerprint": data_fingerprint(splits, cfg),
@@ -333,7 +333,9 @@ def write_teacher_cache(
 
     plan, data = agree(lambda: preflight(cfg, world=world, rank=rank, writing_cache=True), what="preflight")
     teacher_lm = agree(
-        lambda: load_causal_lm(cfg.teacher, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher),
+        lambda: load_causal_lm(
+            cfg.one_teacher("teacher-cache"), field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher
+        ),
         what="loading the teacher",
     )
     engine = build_teacher_engine(TeacherModel(teacher_lm), plan.ds_teacher)

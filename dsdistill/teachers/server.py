@@ -160,18 +160,19 @@ def serve(cfg: Any, *, host: str, port: int, ready: Optional[threading.Event] = 
     from dsdistill.ds_config import precision_of
     from dsdistill.models import load_causal_lm, load_tokenizer
 
-    if cfg.teacher.path is None:
+    spec = cfg.one_teacher("teacher-serve")
+    if spec.path is None:
         raise ConfigError("teacher-serve: the config's teacher has no path; give the model in teacher.path")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    tokenizer = load_tokenizer(cfg.teacher if cfg.teacher.tokenizer or cfg.teacher.path else cfg.student, field="teacher")
-    model = load_causal_lm(cfg.teacher, field="teacher", precision=precision_of(cfg), zero3_ds_config=None).to(device)
+    tokenizer = load_tokenizer(spec, field="teacher")
+    model = load_causal_lm(spec, field="teacher", precision=precision_of(cfg), zero3_ds_config=None).to(device)
     scorer = Scorer(model, tokenizer, device=device)
     try:
         server = make_server(scorer, host, port)
     except OSError as e:
         raise ConfigError(f"teacher-serve: cannot listen on {host}:{port} ({e.strerror or e})") from None
     print(
-        f"teacher-serve: {cfg.teacher.path} on http://{host}:{server.server_address[1]} (model {scorer.info['model']})",
+        f"teacher-serve: {spec.path} on http://{host}:{server.server_address[1]} (model {scorer.info['model']})",
         flush=True,
     )
     if ready is not None:

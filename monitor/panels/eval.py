@@ -49,7 +49,9 @@ class EvalPanel(Panel):
             if e is not None:
                 # an estimate (a cache's labels outside its top-k) is no reference to measure the student by
                 exact = e.teacher_ppl_exact_share is None or e.teacher_ppl_exact_share >= 0.99
-                if e.teacher_ppl is not None and exact:
+                if e.teacher_ppls and exact:  # several teachers: a reference line each
+                    hlines += [HLine(p, "grey62", f"teacher {name}") for name, p in e.teacher_ppls.items()]
+                elif e.teacher_ppl is not None and exact:
                     hlines.append(HLine(e.teacher_ppl, "grey62", "teacher"))
                 stop = (
                     f"best {e.early_stop_metric} {fmt(e.best)}, {e.bad_evals} eval(s) without improvement"
@@ -57,7 +59,7 @@ class EvalPanel(Panel):
                     else ""
                 )
                 lines.append(
-                    f"{run.name}: eval @ {e.step} obj {fmt(e.objective)} ppl {fmt(e.ppl)} (teacher {_teacher(e)}) {stop}"
+                    f"{run.name}: eval @ {e.step} obj {fmt(e.objective)} ppl {fmt(e.ppl)} ({_teacher(e)}) {stop}"
                     + _probe(e)
                     + "\n",
                     style=color,
@@ -80,7 +82,10 @@ def _probe(e) -> str:
 
 
 def _teacher(e) -> str:
+    """`teacher 6.3`, `teachers llama 6.1, qwen 7.0`, or an estimate said as one."""
+    if e.teacher_ppls:
+        return "teachers " + ", ".join(f"{name} {fmt(p)}" for name, p in e.teacher_ppls.items())
     share = e.teacher_ppl_exact_share
     if share is None or share >= 0.99:
-        return fmt(e.teacher_ppl)
-    return f"~{fmt(e.teacher_ppl)}, estimated for {1 - share:.0%} of tokens"
+        return f"teacher {fmt(e.teacher_ppl)}"
+    return f"teacher ~{fmt(e.teacher_ppl)}, estimated for {1 - share:.0%} of tokens"

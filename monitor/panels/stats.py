@@ -39,6 +39,7 @@ class StatsPanel(Panel):
             ("eval obj", run.eval, "objective"),
             ("eval ppl", run.eval, "ppl"),
             ("teacher ppl", run.eval, "teacher_ppl"),
+            *((f"teacher {k[12:]}", run.eval, k) for k in run.eval if k.startswith("teacher_ppl/")),  # its ppl
         ]
         for name, table_src, key in keys:
             s = table_src.get(key)
