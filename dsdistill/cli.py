@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dsdistill.errors import DistillError
+from dsdistill.errors import ConfigError, DistillError
 
 
 def _cmd_train(args) -> int:
@@ -66,8 +66,11 @@ def _cmd_teacher_serve(args) -> int:
     from dsdistill.config import load_config
     from dsdistill.teachers.server import serve
 
+    if args.config is None and args.model is None:
+        raise ConfigError("teacher-serve: give --model DIR, or --config with the teacher in teacher.path")
+    cfg = load_config(args.config, args.overrides) if args.config is not None else None
     try:
-        serve(load_config(args.config, args.overrides), host=args.host, port=args.port)
+        serve(cfg, host=args.host, port=args.port, model_dir=args.model, precision=args.precision)
     except KeyboardInterrupt:
         pass  # Ctrl-C: the server's way to stop
     return 0
@@ -110,7 +113,19 @@ def _teacher_commands(sub, with_config) -> None:
     tc.add_argument("--shard-rows", type=int, default=64, help="packed rows per shard file (default 64)")
     tc.set_defaults(func=_cmd_teacher_cache)
     ts = sub.add_parser("teacher-serve", help="serve the config's teacher to runs elsewhere (train with teacher.url)")
-    with_config(ts)
+    with_config(ts, required=False)
+    ts.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="serve this model directory (with its tokenizer) instead of the config's teacher",
+    )
+    ts.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default=None,
+        help="default: the config's train.precision, else auto",
+    )
     ts.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     ts.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     ts.set_defaults(func=_cmd_teacher_serve)

@@ -15,9 +15,9 @@ from dsdistill.errors import DistillError, PeerFailed, one_line
 from dsdistill.preempt import EXIT_PREEMPTED
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
+def add_config_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     """--config and its --set overrides: what every command that reads a run config takes."""
-    p.add_argument("--config", required=True, help="run config (YAML or JSON)")
+    p.add_argument("--config", required=required, default=None, help="run config (YAML or JSON)")
     p.add_argument(
         "--set",
         dest="overrides",

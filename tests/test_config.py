@@ -27,7 +27,7 @@ BAD = [
         "trainer: unknown key; expected one of: checkpoint, curriculum, data, deepspeed, eval, generation, loss",
     ),
     (lambda c: c.pop("teacher"), "teacher: set teacher (one teacher) or teachers (a list of named teachers), exactly one"),
-    (lambda c: c.update(teachers=[{"name": "a b", "path": "x"}, {"name": "c", "path": "y"}]), "teachers.0.name: got \"a b\""),
+    (lambda c: c.update(teachers=[{"name": "a b", "path": "x"}, {"name": "c", "path": "y"}]), 'teachers.0.name: got "a b"'),
     (lambda c: c["optimizer"].update(lr="fast"), 'optimizer.lr: got "fast"; expected a valid number'),
     (lambda c: c["optimizer"].update(lr=-1), "optimizer.lr: got -1; expected greater than 0"),
     (lambda c: c["data"].update(eval_fraction=1.5), "data.eval_fraction: got 1.5; expected less than 1"),

@@ -167,3 +167,24 @@ def test_the_mixture_recipe(recipe_assets, tmp_path):
     sources = {s["name"]: s for s in plan["data"]["sources"]}
     assert set(sources) == {"chat", "web"} and sources["web"]["streaming"] and not sources["chat"]["streaming"]
     assert sources["chat"]["weight"] == 0.7 and sources["chat"]["train"]["loss_share"] < sources["web"]["train"]["loss_share"]
+
+
+def test_the_served_teacher_recipe_against_a_real_server(recipe_assets, tmp_path):
+    """The teacher node's command as the recipe gives it (`teacher-serve --model DIR`), then the students'
+    check for their 16-rank world, asking that server."""
+    from dsdistill.dist import free_port
+    from tests.test_teacher_server import Server
+
+    server = Server(None, free_port(), model=recipe_assets["qwen_teacher"]).start()
+    try:
+        cfg = yaml.safe_load((EXAMPLES / "served-teacher.yaml").read_text())
+        cfg["teacher"]["url"] = server.url
+        cfg["student"]["path"] = str(recipe_assets["qwen_student"])
+        cfg["data"]["path"] = str(recipe_assets["chat"])
+        cfg["output"]["run_dir"] = str(tmp_path / "run")
+        plan = _check(cfg, tmp_path, 16)
+    finally:
+        server.kill()
+    assert plan["world_size"] == 16 and plan["global_batch"] == 64
+    assert plan["teacher"]["url"] == server.url and plan["teacher"]["k"] == 64
+    assert plan["memory_gib"]["teacher_shard"] == 0.0

@@ -30,12 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class Server:
     """`dsdistill teacher-serve` as a user starts it, in its own process group."""
 
-    def __init__(self, config: Path, port: int):
+    def __init__(self, config: Path | None, port: int, *, model: Path | None = None):
         self.config, self.port, self.url = config, port, f"http://127.0.0.1:{port}"
+        self.model = model
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Server":
-        cmd = [sys.executable, "-m", "dsdistill", "teacher-serve", "--config", str(self.config), "--port", str(self.port)]
+        given = ["--config", str(self.config)] if self.config is not None else ["--model", str(self.model), "--precision", "fp32"]
+        cmd = [sys.executable, "-m", "dsdistill", "teacher-serve", *given, "--port", str(self.port)]
         env = {**without_world_env(dict(os.environ)), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -158,9 +160,7 @@ def test_on_policy_samples_are_scored_by_the_server(chat_config, chat_assets, tm
         "eval": {"every": 0, "at_start": False, "max_batches": 1},
     }
     cfg = chat_config(**on_policy)
-    teacher_yaml = tmp_path / "teacher.yaml"
-    teacher_yaml.write_text(yaml.safe_dump(cfg))
-    server = Server(teacher_yaml, free_port()).start()
+    server = Server(None, free_port(), model=chat_assets["teacher"]).start()  # `--model DIR`: no config on that node
     try:
         firsts = {}
         for name, over in (

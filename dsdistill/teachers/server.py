@@ -155,17 +155,33 @@ def make_server(scorer: Scorer, host: str, port: int) -> ThreadingHTTPServer:
     return server
 
 
-def serve(cfg: Any, *, host: str, port: int, ready: Optional[threading.Event] = None) -> None:
-    """`dsdistill teacher-serve`: load `cfg.teacher` on this machine's device and answer until stopped."""
+def serve(
+    cfg: Any,
+    *,
+    host: str,
+    port: int,
+    model_dir: Optional[str] = None,
+    precision: Optional[str] = None,
+    ready: Optional[threading.Event] = None,
+) -> None:
+    """`dsdistill teacher-serve`: load the teacher (`model_dir`, else `cfg.teacher.path`) on this machine's device
+    and answer until stopped. The precision: `precision`, else the config's `train.precision`, else bf16 on a
+    GPU that has it and fp32 elsewhere."""
+    from dsdistill.config import TeacherSpec
     from dsdistill.ds_config import precision_of
     from dsdistill.models import load_causal_lm, load_tokenizer
 
-    spec = cfg.one_teacher("teacher-serve")
+    spec = TeacherSpec(path=model_dir) if model_dir is not None else cfg.one_teacher("teacher-serve")
     if spec.path is None:
-        raise ConfigError("teacher-serve: the config's teacher has no path; give the model in teacher.path")
+        raise ConfigError("teacher-serve: the config's teacher has no path; give the model in teacher.path or --model DIR")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    tokenizer = load_tokenizer(spec, field="teacher")
-    model = load_causal_lm(spec, field="teacher", precision=precision_of(cfg), zero3_ds_config=None).to(device)
+    if precision in (None, "auto"):
+        auto = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        precision = precision_of(cfg) if cfg is not None and precision is None else auto
+    tokenizer = load_tokenizer(spec, field="teacher-serve --model" if model_dir is not None else "teacher")
+    model = load_causal_lm(
+        spec, field="teacher-serve --model" if model_dir is not None else "teacher", precision=precision, zero3_ds_config=None
+    ).to(device)
     scorer = Scorer(model, tokenizer, device=device)
     try:
         server = make_server(scorer, host, port)
