@@ -26,9 +26,12 @@ demo: install
 	$(BIN)/dsdistill demo
 
 # lint, format and types first (seconds), then the whole suite; `make quick` skips the slow multi-process tests
+# The tests run on $(WORKERS) pytest-xdist workers, each test whole on one (work stealing evens out the long
+# multi-process ones); WORKERS=0 runs them in this process.
+WORKERS ?= 2
 test: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
-	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -n $(WORKERS) --dist worksteal
 
 quick: install
-	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m "not slow"
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -n $(WORKERS) --dist worksteal -m "not slow"

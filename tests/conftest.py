@@ -18,7 +18,9 @@ import torch
 
 from dsdistill.demo import build_tokenizer, pretrain, tiny_llama, write_chat, write_corpus, write_prompt_completion
 
-torch.set_num_threads(2)
+# the suite runs on two pytest-xdist workers (`make test`): one thread each keeps the two cores busy without
+# oversubscribing them; a single process (`pytest` alone) uses both
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
