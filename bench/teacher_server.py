@@ -53,8 +53,9 @@ def _config(root: Path, steps: int, teacher: dict, loss: dict) -> dict:
     }
 
 
-def _steps(cfg: dict, steps: int) -> tuple[float, float, int]:
-    """(wall seconds of the steps after the first, seconds of them in the teacher's prepare, tokens)."""
+def _steps(cfg: dict, steps: int, *, ahead: bool = False) -> tuple[float, float, int]:
+    """(wall seconds of the steps after the first, seconds of them in the teacher's prepare, tokens);
+    `ahead`: each step is given the next window, as the training loop does for a remote teacher."""
     with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as s:
         teacher, waited = s.forward.teacher, [0.0]
         prepare = teacher.prepare
@@ -68,11 +69,14 @@ def _steps(cfg: dict, steps: int) -> tuple[float, float, int]:
 
         teacher.prepare = timed
         batches = iter(s.data.stream)
-        s.trainer.step([next(batches)], stop_requested=False)  # warm-up
-        waited[0] = 0.0
-        t0, tokens = time.perf_counter(), 0
-        for _ in range(steps):
-            tokens += s.trainer.step([next(batches)], stop_requested=False).tokens
+        window = [next(batches)]
+        for i in range(steps + 1):  # the first is a warm-up
+            if i == 1:
+                waited[0], t0, tokens = 0.0, time.perf_counter(), 0
+            upcoming = [next(batches)]
+            r = s.trainer.step(window, stop_requested=False, upcoming=upcoming if ahead else None)
+            tokens += r.tokens if i else 0
+            window = upcoming
         return time.perf_counter() - t0, waited[0], tokens
 
 
@@ -136,7 +140,9 @@ def main() -> None:
                 ),
                 args.steps,
             )
-            remote = _steps(_config(root, args.steps + 1, {"url": url, "options": {"top_k": K}}, {}), args.steps)
+            served = _config(root, args.steps + 2, {"url": url, "options": {"top_k": K}}, {})
+            remote = _steps(served, args.steps)
+            ahead = _steps({**served, "output": {**served["output"], "run_dir": str(root / "run-ahead")}}, args.steps, ahead=True)
             info = json.loads(urllib.request.urlopen(f"{url}/dsdistill/v1/info", timeout=60).read())
             seqs = [[(7 * i + j) % info["vocab"] for j in range(128)] for i in range(8)]
             body = json.dumps(
@@ -152,10 +158,11 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
-    (lt, _, ltok), (rt, rwait, rtok) = live, remote
+    (lt, _, ltok), (rt, rwait, rtok), (at, await_, atok) = live, remote, ahead
     print(f"student tokens/s, live teacher (top-{K} + rest):   {ltok / lt:,.0f}")
-    print(f"student tokens/s, teacher server (top-{K} + rest): {rtok / rt:,.0f}  ({(rtok / rt) / (ltok / lt):.2f}x live)")
-    print(f"share of the server-fed step waiting for the teacher: {rwait / rt:.0%}")
+    print(f"student tokens/s, teacher server, asked per window: {rtok / rt:,.0f}  ({(rtok / rt) / (ltok / lt):.2f}x live)")
+    print(f"student tokens/s, teacher server, next window ahead: {atok / at:,.0f}  ({(atok / at) / (ltok / lt):.2f}x live)")
+    print(f"share of the server-fed step waiting for the teacher: {rwait / rt:.0%} asked per window, {await_ / at:.0%} ahead")
     for n, rate in rates.items():
         print(f"server throughput, {n} client(s): {rate:,.0f} positions/s")
     print(f"(one block of {args.steps} steps each, wall clock; the CPU is shared by the server and the student)")

@@ -202,10 +202,12 @@ class Trainer:
         *,
         stop_requested: Callable[[], bool] | bool,
         save_due: Callable[[], bool] = lambda: False,
+        upcoming: Optional[list[dict[str, torch.Tensor]]] = None,
     ) -> StepResult:
         """One optimizer step over `window`. `stop_requested` is asked when the ranks next agree (between
         micro-batches, and with the step's reduction), so a stop never waits for a whole extra step; a stop
-        agreed before the window's last micro-batch abandons the window (`StepResult.abandoned`)."""
+        agreed before the window's last micro-batch abandons the window (`StepResult.abandoned`). `upcoming`:
+        the next window, whose teacher signals a remote teacher fetches while this one computes."""
         engine, objective, cfg = self.engine, self.objective, self.plan.cfg
         if not callable(stop_requested):
             stop_requested = (lambda asked: lambda: asked)(stop_requested)  # a fixed answer for the whole step
@@ -228,6 +230,7 @@ class Trainer:
             problem = self.forward.teacher.prepare([_host_input(mb, cfg.loss.ignore_index) for mb in window], needs)
             if any_rank(problem is not None):
                 return self._abandoned(ctx, teacher_unavailable=problem or "the teacher stopped answering another rank")
+            self._prefetch(upcoming)
         self.forward.teacher.begin_step(needs)
         try:
             for i, mb in enumerate(window):
@@ -306,6 +309,16 @@ class Trainer:
             # curriculum) moves on: advance it so the LR stays a function of the optimizer step
             engine.lr_scheduler.step()
         return lr, skipped
+
+    def _prefetch(self, upcoming: Optional[list[dict[str, torch.Tensor]]]) -> None:
+        """Start fetching the next window's teacher signals, unless its rows will change (on-policy rollouts)."""
+        if upcoming is None:
+            return
+        ctx = self.objective.context(step=self.engine.global_steps + 1)
+        if ctx.on_policy > 0:
+            return
+        needs = self.objective.needs_of(self.objective.live(ctx), self.plan.layers)
+        self.forward.teacher.prefetch([_host_input(mb, self.plan.cfg.loss.ignore_index) for mb in upcoming], needs)
 
     def _abandoned(self, ctx: StepContext, teacher_unavailable: Optional[str] = None) -> StepResult:
         return StepResult(

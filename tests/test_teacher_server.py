@@ -176,3 +176,77 @@ def test_on_policy_samples_are_scored_by_the_server(chat_config, chat_assets, tm
     assert served.rollout is not None and served.rollout["sequences"] == 2 and served.rollout["tokens"] > 0
     assert served.rollout["tokens"] == live.rollout["tokens"]  # the same weights and seed: the same samples
     assert served.losses["kd"] == pytest.approx(live.losses["kd"], rel=1e-5)
+
+
+def _scored(url: str) -> int:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/dsdistill/v1/info", timeout=60) as reply:
+        return int(json.loads(reply.read())["positions_scored"])
+
+
+def test_the_next_window_is_fetched_while_this_one_computes(served, tmp_path):
+    """A step given the next window (`upcoming`) leaves its request with the server; the next step takes those
+    signals and asks for nothing more, with the numbers of a step that asked then."""
+    import time
+
+    from dsdistill.objective import shifted_valid
+
+    cfg = {
+        **served["cfg"],
+        "teacher": {"url": served["server"].url, "options": {"top_k": 16}},
+        "train": {**served["cfg"]["train"], "grad_accum": 2, "max_steps": 4},
+    }
+    url = served["server"].url
+
+    def positions(window) -> int:
+        return sum(int(shifted_valid(mb["labels"], -100).sum()) for mb in window)
+
+    results = {}
+    for ahead in (True, False):
+        run = validate({**cfg, "output": {**cfg["output"], "run_dir": str(tmp_path / f"ahead-{ahead}")}})
+        with contextlib.redirect_stdout(io.StringIO()), open_session(run) as s:
+            batches = iter(s.data.stream)
+            w0, w1 = [next(batches) for _ in range(2)], [next(batches) for _ in range(2)]
+            start = _scored(url)
+            s.trainer.step(w0, stop_requested=False, upcoming=w1 if ahead else None)
+            if ahead:  # the server is asked for w1 in the background: wait for it (a generous outer limit)
+                expected = start + positions(w0) + positions(w1)
+                for _ in range(6000):
+                    if _scored(url) >= expected:
+                        break
+                    time.sleep(0.05)
+                assert _scored(url) == expected
+            results[ahead] = s.trainer.step(w1, stop_requested=False)
+            assert _scored(url) == start + positions(w0) + positions(w1)  # w1 was asked for once either way
+    assert results[True].losses == results[False].losses and results[True].objective == results[False].objective
+
+
+def test_a_run_fed_ahead_saves_the_position_of_the_window_it_trained_on(served, tmp_path):
+    """Windows are drawn one ahead for a server teacher; a stop saves the position after the last trained
+    window, not after the one drawn ahead: stopped at step 2 and resumed equals uninterrupted."""
+    cfg = {
+        **served["cfg"],
+        "teacher": {"url": served["server"].url, "options": {"top_k": 16}},
+        "train": {**served["cfg"]["train"], "max_steps": 4},
+        "eval": {"every": 0, "max_batches": 1, "at_start": False},
+        "checkpoint": {"save_final": True},
+    }
+
+    def kd_by_step(run_dir, **train) -> dict[int, float]:
+        run = validate({**cfg, "train": {**cfg["train"], **train}, "output": {**cfg["output"], "run_dir": str(run_dir)}})
+        with contextlib.redirect_stdout(io.StringIO()), open_session(run) as s:
+            s.fit()
+        return {r.step: r.losses["kd"] for r in _records(run_dir) if getattr(r, "kind", None) == "train"}
+
+    whole = kd_by_step(tmp_path / "whole")
+    kd_by_step(tmp_path / "parts", stop_at_step=2)
+    parts = kd_by_step(tmp_path / "parts")
+    starts = [(r.resumed, r.step) for r in _records(tmp_path / "parts") if getattr(r, "kind", None) == "run_start"]
+    assert starts == [(False, 0), (True, 2)]  # the second run resumed at step 2
+    assert sorted(parts) == [0, 1, 2, 3] and parts == pytest.approx(whole, rel=1e-6)
+
+
+def _records(run_dir: Path) -> list:
+    return [parse_line(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]

@@ -34,6 +34,9 @@ class UniformTeacher:
     def prepare(self, window: list[TeacherInput], needs) -> Optional[str]:
         return None  # it computes (or reads) each micro-batch's signal when asked
 
+    def prefetch(self, window, needs) -> None:
+        pass  # nothing to fetch ahead: each signal is computed (or read) when asked
+
     def begin_step(self, needs) -> None:
         pass
 

@@ -26,7 +26,7 @@ from dsdistill.preflight import preflight
 from dsdistill.probe import on_policy_probe
 from dsdistill.run.build import build_parts
 from dsdistill.run.records import Records, say
-from dsdistill.run.state import RunState
+from dsdistill.run.state import RunState, Windows
 from dsdistill.rundir import RunLock
 from dsdistill.schema import RunEnd
 from dsdistill.teachers.mixture import members_of
@@ -98,13 +98,20 @@ class Session:
         reason: Optional[StopReason] = "completed" if policy.finished(engine.global_steps) else None
         self.pace = Pace()
         state.last_save = time.monotonic()
+        # a remote teacher is asked for the next window while this one computes: windows are drawn one ahead
+        ahead = self.teacher.capabilities().remote
+        drawn = Windows(self.data.stream, batches, cfg.train.grad_accum)
         while reason is None:
-            mark = state.mark()
+            window, before, after = drawn.next()
+            upcoming = drawn.peek() if ahead else None
+            mark = state.mark(stream=before)
+            state.position = after  # what a save after this step records, whatever was drawn ahead
             # one optimizer step over one accumulation window; every rank learns of any stop request
             r = self.trainer.step(
-                [next(batches) for _ in range(cfg.train.grad_accum)],
+                window,
                 stop_requested=lambda: self.stop.signal is not None,
                 save_due=state.save_due,
+                upcoming=upcoming,
             )
             if r.abandoned:  # a stop mid-window, or a teacher that cannot serve it: the save records the position before it
                 state.abandoned, reason, self.stopped_by = mark, "interrupted", r.teacher_unavailable

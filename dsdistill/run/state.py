@@ -4,7 +4,7 @@ stopping's patience and the layout that fixes what a saved position means."""
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from dsdistill import checkpoint
 from dsdistill.data import data_fingerprint
@@ -20,6 +20,8 @@ class RunState:
         self.abandoned: Optional[dict[str, Any]] = None
         """The position before a window a stop abandoned (what the final save records), else None."""
         self.last_save = time.monotonic()
+        self.position: Optional[dict[str, Any]] = None
+        """The data position after the last window handed to a step (the stream itself may be drawn ahead)."""
 
     def layout(self) -> dict[str, Any]:
         """What fixes the meaning of a saved data position: resuming with any of it changed is refused."""
@@ -35,9 +37,11 @@ class RunState:
             "aux_modules": sorted(self.student.module.aux.keys()),
         }
 
-    def mark(self) -> dict[str, Any]:
-        """Where the run stands before a window: what a save records if a stop abandons the window."""
-        return {"stream": self.data.stream.state(), "rng": checkpoint.rng_state(), "tokens_seen": self.tokens_seen}
+    def mark(self, stream: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Where the run stands before a window (`stream`: the data position before it, default the stream's
+        own): what a save records if a stop abandons the window."""
+        at = self.data.stream.state() if stream is None else stream
+        return {"stream": at, "rng": checkpoint.rng_state(), "tokens_seen": self.tokens_seen}
 
     def resume(self, early: EarlyStopping) -> Optional[dict[str, Any]]:
         """Load the latest (or the named) checkpoint if `checkpoint.resume` is auto; None: a fresh start."""
@@ -63,7 +67,7 @@ class RunState:
     def save(self, early: EarlyStopping, mark_best: bool = False) -> None:
         at = self.abandoned  # an abandoned window: the state before it
         state = {
-            "stream": at["stream"] if at else self.data.stream.state(),
+            "stream": at["stream"] if at else (self.position if self.position is not None else self.data.stream.state()),
             "early_stopping": early.state(),
             "tokens_seen": at["tokens_seen"] if at else self.tokens_seen,
             "layout": self.layout(),
@@ -82,3 +86,27 @@ class RunState:
         """The latest checkpoint, in words (what a non-finite stop tells the user to resume from)."""
         last = checkpoint.latest_tag(self.plan.run_dir)
         return f"Latest checkpoint: {checkpoint.checkpoint_dir(self.plan.run_dir) / last if last else 'none'}"
+
+
+class Windows:
+    """Accumulation windows from the training stream, each with the stream's position before and after it;
+    `peek` draws the next one early (a remote teacher fetches it meanwhile) without moving what a save records."""
+
+    def __init__(self, stream, batches: Iterator[dict[str, Any]], size: int):
+        self.stream, self.batches, self.size = stream, batches, size
+        self._next: Optional[tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]] = None
+
+    def _draw(self) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+        before = self.stream.state()
+        window = [next(self.batches) for _ in range(self.size)]
+        return window, before, self.stream.state()
+
+    def next(self) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+        """(window, position before it, position after it)."""
+        drawn, self._next = self._next or self._draw(), None
+        return drawn
+
+    def peek(self) -> list[dict[str, Any]]:
+        if self._next is None:
+            self._next = self._draw()
+        return self._next[0]

@@ -133,6 +133,10 @@ class TeacherSource(Protocol):
         its signals from elsewhere asks for all of them here). Returns why it cannot serve the window (the
         run then saves and stops, every rank agreeing), or None."""
 
+    def prefetch(self, window: list[TeacherInput], needs: "Needs") -> None:
+        """Called (for a remote teacher only) with the next training window while this one computes: a source
+        that fetches from elsewhere starts asking now, and `prepare` takes what it got if given that window."""
+
     def begin_step(self, needs: "Needs") -> None:
         """Called once before an optimizer step's (or an evaluation's) micro-batches."""
 

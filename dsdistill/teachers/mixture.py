@@ -142,6 +142,11 @@ class TeacherMix:
                 return f"teacher {name}: {problem}"
         return None
 
+    def prefetch(self, window: list[TeacherInput], needs: "Needs") -> None:
+        for _, _, source in self.members:
+            if source.capabilities().remote:
+                source.prefetch(window, needs)
+
     def begin_step(self, needs: "Needs") -> None:
         for _, _, source in self.members:
             source.begin_step(needs)

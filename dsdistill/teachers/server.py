@@ -240,6 +240,11 @@ def request_json(url: str, body: Optional[dict[str, Any]], timeout: float) -> di
         raise ConfigError(f"teacher.url: {url} answered {e.code}: {str(why or e.reason).splitlines()[0][:300]}") from None
 
 
+def _window_key(window: list[TeacherInput]) -> int:
+    """Which window this is (its token ids and loss-bearing positions), to match a prefetch to its window."""
+    return hash(tuple((b.input_ids.cpu().numpy().tobytes(), b.valid.cpu().numpy().tobytes()) for b in window))
+
+
 class ServerTeacher:
     def __init__(self, url: str, options: ServerOptions, *, tokenizer: str, vocab: int, temperatures, ignore_index: int):
         self.url, self.options = url.rstrip("/"), options
@@ -248,18 +253,55 @@ class ServerTeacher:
         self.model: Optional[str] = None
         """The model hash of the first reply: a server that comes back with another model is refused."""
         self._ready: deque[TeacherSignal] = deque()
+        self._ahead: Optional[tuple[int, threading.Thread, dict[str, Any]]] = None
+        """A window's signals being fetched ahead: (its key, the thread, {"signals" | "error"})."""
 
     def capabilities(self) -> Capabilities:
         return server_capabilities(self.options)
 
+    def prefetch(self, window: list[TeacherInput], needs) -> None:
+        """Ask for `window`'s signals now, on a thread, while the step before it computes; `prepare` takes them
+        when it is given the same window (else they are dropped)."""
+        self._drop_ahead()
+        if not needs.teacher_logits:
+            return
+        box: dict[str, Any] = {}
+
+        def fetch() -> None:
+            try:
+                box["signals"] = [self._asked(batch) for batch in window]
+            except (TeacherUnavailable, DistillError) as e:
+                box["error"] = e
+
+        thread = threading.Thread(target=fetch, name="dsdistill-teacher-prefetch", daemon=True)
+        thread.start()
+        self._ahead = (_window_key(window), thread, box)
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].join()  # a request in flight is let finish (its connection closes cleanly)
+            self._ahead = None
+
     def prepare(self, window: list[TeacherInput], needs) -> Optional[str]:
-        """The whole window's signals, asked for before its first micro-batch runs (every rank then agrees
-        whether to go on)."""
+        """The whole window's signals before its first micro-batch runs (fetched ahead by `prefetch`, or asked
+        for now); every rank then agrees whether to go on."""
         self._ready.clear()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and needs.teacher_logits and ahead[0] == _window_key(window):
+            ahead[1].join()
+            error = ahead[2].get("error")
+            if isinstance(error, TeacherUnavailable):
+                return str(error)
+            if error is not None:
+                raise error
+            self._ready.extend(ahead[2]["signals"])
+            return None
+        if ahead is not None:
+            ahead[1].join()
         if not needs.teacher_logits:
             return None
         try:
-            self._ready.extend(self.signal(batch, needs) for batch in window)
+            self._ready.extend(self._asked(batch) for batch in window)
         except TeacherUnavailable as e:
             self._ready.clear()
             return str(e)
@@ -319,6 +361,10 @@ class ServerTeacher:
             return TeacherSignal()
         if self._ready:  # asked for by `prepare`, in window order
             return self._ready.popleft()
+        return self._asked(batch)
+
+    def _asked(self, batch: TeacherInput) -> TeacherSignal:
+        """One micro-batch's signal, asked of the server now."""
         results = self._score(batch, batch.valid.cpu(), labels=False)
         dev = batch.input_ids.device
         k, m = self.options.top_k, len(self.temperatures)
