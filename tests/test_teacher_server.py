@@ -250,3 +250,43 @@ def test_a_run_fed_ahead_saves_the_position_of_the_window_it_trained_on(served, 
 
 def _records(run_dir: Path) -> list:
     return [parse_line(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_server_fed_kd_on_two_ranks_through_the_launcher_equals_live_top_k_and_rest(served, tmp_path):
+    """`deepspeed --num_gpus 2` with the teacher behind the server, at T = 2: the step-0 eval KD over both
+    ranks' shards (and the teacher's perplexity) equals live top-16 + rest on the same eval split."""
+    from dsdistill.demo import launcher_command, launcher_env
+
+    cfg = {
+        **served["cfg"],
+        "teacher": {"url": served["server"].url, "options": {"top_k": 16}},
+        "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "temperature": 2.0},
+        "train": {**served["cfg"]["train"], "max_steps": 2, "micro_batch_size": 2},
+        "eval": {"every": 2, "max_batches": 4, "at_start": True, "micro_batch_size": 2},
+        "output": {**served["cfg"]["output"], "run_dir": str(tmp_path / "two")},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        launcher_command(ROOT / "dsdistill" / "train.py", path, nprocs=2, master_port=free_port()),
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = next(r for r in _records(tmp_path / "two") if getattr(r, "kind", None) == "eval")
+    assert first.step == 0 and first.tokens > 0
+    live = {
+        **cfg,
+        "teacher": {"path": served["cfg"]["teacher"]["path"]},
+        "loss": {"kd": {"top_k": 16, "top_k_rest": True, "top_k_support": "teacher"}},
+        # one rank reads the eval split whole: the same tokens the two ranks' shards hold together
+        "eval": {**cfg["eval"], "max_batches": 8},
+    }
+    ev, ppl, _ = _session_eval(live, tmp_path / "live")
+    assert ev.tokens == first.tokens
+    assert first.losses["kd"] == pytest.approx(ev.losses["kd"], rel=1e-5)
+    assert first.losses["lm"] == pytest.approx(ev.losses["lm"], rel=1e-5)
+    assert first.teacher_ppl == pytest.approx(ppl, rel=1e-5)
