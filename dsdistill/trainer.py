@@ -25,7 +25,7 @@ from dsdistill.heads import FusedCall, head_options
 from dsdistill.objective import UNITS, Objective, StepContext, count_units, host_positions, shifted_valid
 from dsdistill.preflight import Plan
 from dsdistill.rollout import RolloutBackend, apply_rollouts
-from dsdistill.teachers.base import TeacherInput, TeacherSignal, TeacherSource
+from dsdistill.teachers.base import TeacherInput, TeacherSignal, TeacherSource, TeacherUnavailable
 
 
 def teacher_input(batch: dict[str, torch.Tensor], labels: torch.Tensor, ignore_index: int) -> TeacherInput:
@@ -473,9 +473,12 @@ class Evaluator:
         was_training = engine.module.training
         engine.eval()
         obj_needs = obj.needs
+        remote = self.forward.teacher.capabilities().remote
         self.forward.teacher.begin_step(obj_needs)
         try:
             for batch in batches:
+                if remote:  # asked first, every rank agreeing, so a teacher gone on one rank stops them all here
+                    self._agreed(self.forward.teacher.prepare([_host_input(batch, self.plan.cfg.loss.ignore_index)], obj_needs))
                 x = self.forward(batch, obj, ctx, {}, want_lm=True)
                 part = obj.sums(x)
                 for n in obj.names:  # summed on the device; transferred once by the reduction below
@@ -504,6 +507,12 @@ class Evaluator:
             metrics=obj.reduce_metrics(r, normalizers),
         )
 
+    @staticmethod
+    def _agreed(problem: Optional[str]) -> None:
+        """Every rank learns whether some rank's remote teacher stopped answering (then all raise)."""
+        if any_rank(problem is not None):
+            raise TeacherUnavailable(problem or "the teacher stopped answering another rank")
+
     @torch.no_grad()
     def teacher_perplexity(self, batches: Iterable[dict[str, torch.Tensor]], teacher: Optional[TeacherSource] = None) -> float:
         """exp of the teacher's (default: the run's) token-weighted LM cross-entropy (computed once per run)."""
@@ -512,11 +521,19 @@ class Evaluator:
         count = 0
         from dsdistill.components.base import Needs
 
+        remote = teacher.capabilities().remote
         teacher.begin_step(Needs(teacher_logits=True))
         try:
             for batch in batches:
                 labels = batch["labels"].to(device)
-                s, n = teacher.lm_sums(teacher_input(batch, labels, self.plan.cfg.loss.ignore_index), labels)
+                try:
+                    s, n = teacher.lm_sums(teacher_input(batch, labels, self.plan.cfg.loss.ignore_index), labels)
+                except TeacherUnavailable as e:
+                    if not remote:
+                        raise
+                    self._agreed(str(e))
+                if remote:
+                    self._agreed(None)
                 total, count = total + s.detach(), count + n
         finally:
             teacher.end_step()

@@ -290,3 +290,32 @@ def test_server_fed_kd_on_two_ranks_through_the_launcher_equals_live_top_k_and_r
     assert first.losses["kd"] == pytest.approx(ev.losses["kd"], rel=1e-5)
     assert first.losses["lm"] == pytest.approx(ev.losses["lm"], rel=1e-5)
     assert first.teacher_ppl == pytest.approx(ppl, rel=1e-5)
+
+
+def test_a_server_gone_before_an_evaluation_stops_the_run_with_its_state_saved(assets, tmp_path):
+    """The teacher's perplexity and the evaluations ask the server too: a server that stops answering there
+    ends the run as a failed training window does (checkpoint, run_end interrupted, one line), not with an error."""
+    cfg = _base(assets, tmp_path)
+    teacher_yaml = tmp_path / "teacher.yaml"
+    teacher_yaml.write_text(yaml.safe_dump(cfg))
+    server = Server(teacher_yaml, free_port()).start()
+    run = validate(
+        {
+            **cfg,
+            "teacher": {"url": server.url, "options": {"top_k": 16, "retries": 0, "timeout_s": 5}},
+            "eval": {"every": 2, "max_batches": 2, "at_start": True},
+        }
+    )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), open_session(run) as s:
+            server.kill()  # after the run checked and opened it, before the run's first request
+            with pytest.raises(DistillError) as err:
+                s.evaluate(step=0)
+            summary = s.fit()
+    finally:
+        server.kill()
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"teacher.url: {server.url} stopped answering")
+    assert summary.reason == "interrupted" and summary.steps == 0
+    end = _records(tmp_path / "run")[-1]
+    assert isinstance(end, RunEnd) and end.reason == "interrupted" and "stopped answering" in end.message
+    assert (tmp_path / "run" / "checkpoints" / "step0").is_dir()  # relaunching resumes from it

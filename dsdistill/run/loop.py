@@ -29,6 +29,7 @@ from dsdistill.run.records import Records, say
 from dsdistill.run.state import RunState, Windows
 from dsdistill.rundir import RunLock
 from dsdistill.schema import RunEnd
+from dsdistill.teachers.base import TeacherUnavailable
 from dsdistill.teachers.mixture import members_of
 from dsdistill.trainer import EarlyStopping, EvalResult, NonFiniteGuard, Pace, StepResult, StopPolicy, StopReason
 
@@ -87,15 +88,18 @@ class Session:
             patience=cfg.eval.early_stopping.patience,
             min_delta=cfg.eval.early_stopping.min_delta,
         )
-        resumed = self._start(early)
+        try:
+            resumed = self._start(early)
+        except TeacherUnavailable as e:  # a remote teacher gone before the first step: nothing to lose
+            self.stopped_by = str(e)
+            return self._finish("interrupted", early)
         guard = NonFiniteGuard(max_bad_steps=cfg.train.max_bad_steps, fp16=plan.precision == "fp16", resume_hint=state.latest)
         policy = StopPolicy(total_steps=plan.total_steps, stop_at_step=cfg.train.stop_at_step)
         batches = iter(self.data.stream)
         self.records.progress(done=engine.global_steps)
-        if cfg.eval.at_start and resumed is None:
-            self._evaluate(early)
+        reason: Optional[StopReason] = self._evaluate(early) if cfg.eval.at_start and resumed is None else None
         engine.train()
-        reason: Optional[StopReason] = "completed" if policy.finished(engine.global_steps) else None
+        reason = reason or ("completed" if policy.finished(engine.global_steps) else None)
         self.pace = Pace()
         state.last_save = time.monotonic()
         # a remote teacher is asked for the next window while this one computes: windows are drawn one ahead
@@ -123,15 +127,11 @@ class Session:
             # a non-finite step is skipped on every rank; too many in a row end the run
             self._guard(guard, r)
             self.records.train(r, done=done, tokens_seen=state.tokens_seen, tokens_per_s=self.pace.rate())
-            # evaluation at the same step's curriculum; patience may end the run here
-            if ((cfg.eval.every and done % cfg.eval.every == 0) or done == plan.total_steps) and self._evaluate(early):
-                reason = "early_stopping"
-                say(
-                    plan.rank,
-                    f"early stopping: eval {early.metric} has not improved by more than "
-                    f"{early.min_delta} for {early.patience} evaluations (best {early.best:.4g})",
-                )
-                break
+            # evaluation at the same step's curriculum; patience (or a teacher gone) may end the run here
+            if (cfg.eval.every and done % cfg.eval.every == 0) or done == plan.total_steps:
+                reason = self._evaluate(early)
+                if reason is not None:
+                    break
             # periodic checkpoints are what a preemption without warning falls back to
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 or r.save_due) and done < plan.total_steps:
                 self._save(early)
@@ -214,7 +214,24 @@ class Session:
         """The objective on the held-out split at the curriculum of optimizer step `step`."""
         return self.evaluator.evaluate(self.eval_batches(), step=step)
 
-    def _evaluate(self, early: EarlyStopping) -> bool:
+    def _evaluate(self, early: EarlyStopping) -> Optional[StopReason]:
+        """Evaluate at the engine's step, keep the best checkpoint, write the record; why the run stops now
+        (early stopping, or a remote teacher that stopped answering: then the save follows), else None."""
+        try:
+            stop = self._evaluate_now(early)
+        except TeacherUnavailable as e:
+            self.stopped_by = str(e)
+            return "interrupted"
+        if stop:
+            say(
+                self.plan.rank,
+                f"early stopping: eval {early.metric} has not improved by more than "
+                f"{early.min_delta} for {early.patience} evaluations (best {early.best:.4g})",
+            )
+            return "early_stopping"
+        return None
+
+    def _evaluate_now(self, early: EarlyStopping) -> bool:
         """Evaluate at the engine's step, keep the best checkpoint, write the record; True: stop early."""
         step = self.student.global_steps
         self.last_eval = r = self.evaluate(step=step)

@@ -12,9 +12,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Union
 
 import torch
 
+from dsdistill.errors import DistillError
+
 if TYPE_CHECKING:
     from dsdistill.losses.fused import SparseTeacher
     from dsdistill.needs import Needs
+
+
+class TeacherUnavailable(DistillError):
+    """A remote teacher stopped answering (after its retries): the run saves its state and stops, exit 75."""
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,12 @@ from pydantic import Field
 from dsdistill.components.base import ComponentOptions
 from dsdistill.errors import ConfigError, DistillError
 from dsdistill.losses.fused import SparseTeacher
-from dsdistill.teachers.base import Capabilities, RunContext, TeacherInput, TeacherSignal
+from dsdistill.teachers.base import Capabilities, RunContext, TeacherInput, TeacherSignal, TeacherUnavailable
 from dsdistill.teachers.cache_format import MAX_TEMPERATURES, config_hash, run_temperatures, tokenizer_hash
 
 API = "/dsdistill/v1"
 MAX_REQUEST_BYTES = 64 << 20
 """A request larger than this is refused before it is read."""
-
-
-class TeacherUnavailable(DistillError):
-    """The teacher server stopped answering (after the retries): the run saves and stops."""
 
 
 # ---------------------------------------------------------------------------------------------- server
