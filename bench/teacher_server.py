@@ -4,8 +4,9 @@ clients. Everything on this machine's CPU (the server and the student share it, 
 the student's: on separate machines the waiting share is the number to read).
 
 Prints, in the same run:
-- student tokens/s (wall clock) for live top-k + rest KD and for server-fed KD, their ratio, and the share
-  of the server-fed step spent waiting for the teacher (`prepare`);
+- student tokens/s (wall clock) for live top-k + rest KD and for server-fed KD (JSON and binary replies, each
+  window asked for when it runs, and binary with the next window asked for while this one computes, as the
+  training loop does), their ratio to live, and the share of the step spent waiting for the teacher;
 - server throughput in scored positions/s with 1, 2 and 4 concurrent clients.
 
     python bench/teacher_server.py [--steps 20] [--seconds 10]
@@ -140,6 +141,8 @@ def main() -> None:
                 ),
                 args.steps,
             )
+            as_json = _config(root, args.steps + 2, {"url": url, "options": {"top_k": K, "reply": "json"}}, {})
+            texted = _steps(as_json, args.steps)
             served = _config(root, args.steps + 2, {"url": url, "options": {"top_k": K}}, {})
             remote = _steps(served, args.steps)
             ahead = _steps({**served, "output": {**served["output"], "run_dir": str(root / "run-ahead")}}, args.steps, ahead=True)
@@ -158,11 +161,17 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
-    (lt, _, ltok), (rt, rwait, rtok), (at, await_, atok) = live, remote, ahead
-    print(f"student tokens/s, live teacher (top-{K} + rest):   {ltok / lt:,.0f}")
-    print(f"student tokens/s, teacher server, asked per window: {rtok / rt:,.0f}  ({(rtok / rt) / (ltok / lt):.2f}x live)")
-    print(f"student tokens/s, teacher server, next window ahead: {atok / at:,.0f}  ({(atok / at) / (ltok / lt):.2f}x live)")
-    print(f"share of the server-fed step waiting for the teacher: {rwait / rt:.0%} asked per window, {await_ / at:.0%} ahead")
+    (lt, _, ltok) = live
+    print(f"student tokens/s, live teacher (top-{K} + rest): {ltok / lt:,.0f}")
+    for name, (t, wait, tok) in (
+        ("JSON replies, asked per window", texted),
+        ("binary replies, asked per window", remote),
+        ("binary replies, next window ahead", ahead),
+    ):
+        print(
+            f"student tokens/s, teacher server, {name}: {tok / t:,.0f} ({(tok / t) / (ltok / lt):.2f}x live); "
+            f"waiting for the teacher {wait / t:.0%} of the step"
+        )
     for n, rate in rates.items():
         print(f"server throughput, {n} client(s): {rate:,.0f} positions/s")
     print(f"(one block of {args.steps} steps each, wall clock; the CPU is shared by the server and the student)")

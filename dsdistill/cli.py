@@ -70,7 +70,14 @@ def _cmd_teacher_serve(args) -> int:
         raise ConfigError("teacher-serve: give --model DIR, or --config with the teacher in teacher.path")
     cfg = load_config(args.config, args.overrides) if args.config is not None else None
     try:
-        serve(cfg, host=args.host, port=args.port, model_dir=args.model, precision=args.precision)
+        serve(
+            cfg,
+            host=args.host,
+            port=args.port,
+            model_dir=args.model,
+            precision=args.precision,
+            max_batch_tokens=args.max_batch_tokens,
+        )
     except KeyboardInterrupt:
         pass  # Ctrl-C: the server's way to stop
     return 0
@@ -125,6 +132,12 @@ def _teacher_commands(sub, with_config) -> None:
         choices=["auto", "fp32", "bf16", "fp16"],
         default=None,
         help="default: the config's train.precision, else auto",
+    )
+    ts.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=65536,
+        help="requests waiting together are scored in one forward of at most this many padded tokens (default 65536)",
     )
     ts.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     ts.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dsdistill.config import validate
@@ -72,12 +73,12 @@ def _session_eval(cfg: dict, run_dir: Path):
         return s.evaluate(step=0), s.evaluator.teacher_perplexity(s.eval_batches()), s
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_server_fed_kd_equals_live_top_k_and_rest(served, tmp_path, temperature):
+@pytest.mark.parametrize("temperature, reply", [(1.0, "binary"), (2.0, "binary"), (2.0, "json")])
+def test_server_fed_kd_equals_live_top_k_and_rest(served, tmp_path, temperature, reply):
     cfg = {**served["cfg"], "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "temperature": temperature}}
     live_loss = {"kd": {"top_k": 16, "top_k_rest": True, "top_k_support": "teacher"}}
     live, live_ppl, _ = _session_eval({**cfg, "loss": live_loss}, tmp_path / "live")
-    url = {"path": None, "url": served["server"].url, "options": {"top_k": 16}}
+    url = {"path": None, "url": served["server"].url, "options": {"top_k": 16, "reply": reply}}
     remote, remote_ppl, session = _session_eval({**cfg, "teacher": url}, tmp_path / "remote")
     assert not session.teacher.capabilities().model_in_job and session.teacher.capabilities().scores_new_text
     assert remote.losses["lm"] == live.losses["lm"]
@@ -319,3 +320,35 @@ def test_a_server_gone_before_an_evaluation_stops_the_run_with_its_state_saved(a
     end = _records(tmp_path / "run")[-1]
     assert isinstance(end, RunEnd) and end.reason == "interrupted" and "stopped answering" in end.message
     assert (tmp_path / "run" / "checkpoints" / "step0").is_dir()  # relaunching resumes from it
+
+
+def test_requests_that_wait_together_are_scored_in_one_forward_with_the_same_numbers(served):
+    """Clients (ranks, runs) asking at once are merged into one forward; each gets what it gets alone."""
+    import json
+    import urllib.request
+
+    url = served["server"].url
+    info = json.loads(urllib.request.urlopen(f"{url}/dsdistill/v1/info", timeout=60).read())
+
+    def ask(i: int) -> dict:
+        seq = [(5 * i + 3 * j) % info["vocab"] for j in range(24 + 4 * i)]  # lengths differ: padding is exercised
+        body = {"sequences": [seq], "positions": [list(range(len(seq) - 1))], "k": 8, "temperatures": [2.0],
+                "labels": True, "tokenizer": info["tokenizer"], "reply": "json"}  # fmt: skip
+        req = urllib.request.Request(f"{url}/dsdistill/v1/score", data=json.dumps(body).encode())
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return json.loads(r.read())["results"][0]
+
+    alone = [ask(i) for i in range(4)]
+    for _ in range(200):  # bursts until the forward thread has found several waiting (a generous outer limit)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(ask, range(4)))
+        for a, b in zip(alone, together):
+            assert a["ids"] == b["ids"]
+            for key in ("logp", "log_rest", "tails", "label_logp"):
+                torch.testing.assert_close(torch.tensor(b[key]), torch.tensor(a[key]), rtol=1e-5, atol=1e-6)
+        stats = json.loads(urllib.request.urlopen(f"{url}/dsdistill/v1/info", timeout=60).read())
+        if stats["most_merged"] > 1:
+            break
+    assert stats["most_merged"] > 1 and stats["forwards"] < stats["requests"]

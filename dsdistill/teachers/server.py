@@ -6,32 +6,38 @@ offline cache is exact, that also scores text it has not seen (the student's rol
 
 The endpoints (JSON): `GET /dsdistill/v1/info` -> the model's and tokenizer's hashes, the vocabulary and
 the teacher's config; `POST /dsdistill/v1/score` with {"sequences", "positions", "k", "temperatures",
-"labels", "tokenizer"} -> {"results": [{"ids", "logp", "log_rest", "tails", "label_logp"}]}. A request for
-another tokenizer is refused, as is one the server cannot answer, in one line (HTTP 400).
+"labels", "tokenizer"} -> {"results": [{"ids", "logp", "log_rest", "tails", "label_logp"}]}, or with
+"reply": "binary" the same numbers as exact float32 arrays (wire.py; what the client asks for by default).
+A request for another tokenizer is refused, as is one the server cannot answer, in one line (HTTP 400).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import queue
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import deque
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, TypeVar
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from dsdistill.components.base import ComponentOptions
 from dsdistill.errors import ConfigError, DistillError
 from dsdistill.losses.fused import SparseTeacher
+from dsdistill.teachers import wire
 from dsdistill.teachers.base import Capabilities, RunContext, TeacherInput, TeacherSignal, TeacherUnavailable
 from dsdistill.teachers.cache_format import MAX_TEMPERATURES, config_hash, run_temperatures, tokenizer_hash
 
 API = "/dsdistill/v1"
+R = TypeVar("R")
 MAX_REQUEST_BYTES = 64 << 20
 """A request larger than this is refused before it is read."""
 
@@ -39,11 +45,26 @@ MAX_REQUEST_BYTES = 64 << 20
 # ---------------------------------------------------------------------------------------------- server
 
 
-class Scorer:
-    """The teacher model and the scoring it answers with; one forward at a time (the lock), each request's
-    sequences together."""
+@dataclass
+class _Job:
+    """One request's sequences, waiting for the forward that scores them."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, device: torch.device):
+    seqs: list[list[int]]
+    positions: list[list[int]]
+    k: int
+    temps: list[float]
+    labels: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    parts: Optional[list[dict[str, torch.Tensor]]] = None
+    error: Optional[BaseException] = None
+
+
+class Scorer:
+    """The teacher model and the scoring it answers with. One thread runs the forwards: requests that arrive
+    while one runs (from other ranks or runs) are scored together in the next, up to `max_batch_tokens`
+    padded tokens, so a busy server runs fewer, larger forwards."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, device: torch.device, max_batch_tokens: int = 65536):
         self.model = model.eval()
         self.device = device
         self.vocab = len(tokenizer)
@@ -54,21 +75,105 @@ class Scorer:
             "config": model.config.to_dict(),
             "max_positions": getattr(model.config, "max_position_embeddings", None),
         }
-        self.lock = threading.Lock()
+        self.max_batch_tokens = max_batch_tokens
         self.positions_scored = 0
+        self.requests = 0
+        self.forwards = 0
+        self.most_merged = 0
+        """The most requests one forward has scored."""
+        self._jobs: queue.Queue[_Job] = queue.Queue()
+        threading.Thread(target=self._work, name="dsdistill-scorer", daemon=True).start()
 
-    def score(self, req: dict[str, Any]) -> dict[str, Any]:
+    def stats(self) -> dict[str, int]:
+        return {
+            "positions_scored": self.positions_scored,
+            "requests": self.requests,
+            "forwards": self.forwards,
+            "most_merged": self.most_merged,
+        }
+
+    def score(self, req: dict[str, Any]) -> tuple[bytes, str]:
+        """The reply's body and content type: JSON, or the binary form when the request asks for it."""
+        scored = self._scored(req)
+        if req.get("reply") == "binary":
+            return wire.encode(scored, model=self.info["model"], tokenizer=self.info["tokenizer"]), wire.CONTENT_TYPE
+        results = []
+        at = 0
+        for n in scored.counts:
+            one = {
+                "ids": scored.ids[at : at + n].tolist(),
+                "logp": scored.logp[at : at + n].tolist(),
+                "log_rest": scored.log_rest[at : at + n].tolist(),
+                "tails": scored.tails[at : at + n].tolist(),
+            }
+            if scored.label_logp is not None:
+                one["label_logp"] = scored.label_logp[at : at + n].tolist()
+            results.append(one)
+            at += n
+        body = {"model": self.info["model"], "tokenizer": self.info["tokenizer"], "results": results}
+        return json.dumps(body).encode(), "application/json"
+
+    def _scored(self, req: dict[str, Any]) -> wire.Scored:
         seqs, positions = _checked(req, self)
-        k, temps, labels = int(req["k"]), [float(t) for t in req.get("temperatures", [])], bool(req.get("labels"))
+        temps = [float(t) for t in req.get("temperatures", [])]
+        job = _Job(seqs, positions, int(req["k"]), temps, bool(req.get("labels")))
+        self._jobs.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        parts, labels = job.parts or [], job.labels
+        cat = lambda key: torch.cat([p[key] for p in parts]).cpu().numpy()  # noqa: E731
+        return wire.Scored(
+            [len(p) for p in positions],
+            cat("ids"),
+            cat("logp"),
+            cat("log_rest"),
+            cat("tails"),
+            cat("label_logp") if labels else None,
+        )
+
+    def _work(self) -> None:
+        """The forward thread: the oldest waiting request with every other one waiting, within the budget."""
+        while True:
+            jobs = [self._jobs.get()]
+            tokens = len(jobs[0].seqs) * max(len(s) for s in jobs[0].seqs)
+            while True:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                jobs.append(nxt)
+                tokens += len(nxt.seqs) * max(len(s) for s in nxt.seqs)
+                if tokens >= self.max_batch_tokens:
+                    break
+            try:
+                self._forward(jobs)
+            except BaseException as e:  # noqa: BLE001 - each waiting request answers with it
+                for job in jobs:
+                    job.error = e
+            finally:
+                for job in jobs:
+                    job.done.set()
+
+    @torch.no_grad()
+    def _forward(self, jobs: list[_Job]) -> None:
+        seqs = [s for job in jobs for s in job.seqs]
         width = max(len(s) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):  # right-padded: a causal model's positions before the pad are unaffected
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        with self.lock, torch.no_grad():
-            logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits
-            results = [_positions(logits[i], seqs[i], positions[i], k, temps, labels, self.vocab) for i in range(len(seqs))]
-            self.positions_scored += sum(len(p) for p in positions)
-        return {"model": self.info["model"], "tokenizer": self.info["tokenizer"], "results": results}
+        logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits
+        row = 0
+        for job in jobs:
+            job.parts = [
+                _positions(logits[row + i], s, p, job.k, job.temps, job.labels, self.vocab)
+                for i, (s, p) in enumerate(zip(job.seqs, job.positions))
+            ]
+            row += len(job.seqs)
+            self.positions_scored += sum(len(p) for p in job.positions)
+        self.requests += len(jobs)
+        self.forwards += 1
+        self.most_merged = max(self.most_merged, len(jobs))
 
 
 def _checked(req: Any, scorer: Scorer) -> tuple[list[list[int]], list[list[int]]]:
@@ -102,15 +207,16 @@ def _positions(logits: torch.Tensor, seq: list[int], positions: list[int], k: in
     lp = torch.log_softmax(logits[positions, :vocab].float(), dim=-1)
     top, ids = lp.topk(k, dim=-1)
     tail = lp.scatter(-1, ids, float("-inf"))
+    empty = lp.new_zeros(len(positions), 0)
     out = {
-        "ids": ids.tolist(),
-        "logp": top.tolist(),
-        "log_rest": torch.logsumexp(tail, dim=-1).tolist(),
-        "tails": torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temps], dim=-1).tolist() if temps else [],
+        "ids": ids,
+        "logp": top,
+        "log_rest": torch.logsumexp(tail, dim=-1),
+        "tails": torch.stack([torch.logsumexp(tail / t, dim=-1) for t in temps], dim=-1) if temps else empty,
     }
     if labels:
         nxt = torch.tensor([seq[j + 1] for j in positions], dtype=torch.long, device=lp.device)
-        out["label_logp"] = lp.gather(-1, nxt[:, None])[:, 0].tolist()
+        out["label_logp"] = lp.gather(-1, nxt[:, None])[:, 0]
     return out
 
 
@@ -119,17 +225,17 @@ def make_server(scorer: Scorer, host: str, port: int) -> ThreadingHTTPServer:
         def log_message(self, *args) -> None:  # one line per request is noise at training rates
             pass
 
-        def _reply(self, code: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
+        def _reply(self, code: int, body: dict[str, Any] | bytes, content_type: str = "application/json") -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
         def do_GET(self) -> None:
             if self.path == f"{API}/info":
-                self._reply(200, {**scorer.info, "positions_scored": scorer.positions_scored})
+                self._reply(200, {**scorer.info, **scorer.stats()})
             else:
                 self._reply(404, {"error": f"no such endpoint {self.path!r}; expected {API}/info or {API}/score"})
 
@@ -142,7 +248,7 @@ def make_server(scorer: Scorer, host: str, port: int) -> ThreadingHTTPServer:
                 self._reply(400, {"error": f"request body: expected 1..{MAX_REQUEST_BYTES} bytes"})
                 return
             try:
-                self._reply(200, scorer.score(json.loads(self.rfile.read(n))))
+                self._reply(200, *scorer.score(json.loads(self.rfile.read(n))))
             except ValueError as e:  # the request's fault (JSON included): said in one line
                 self._reply(400, {"error": str(e).splitlines()[0][:300]})
 
@@ -158,6 +264,7 @@ def serve(
     port: int,
     model_dir: Optional[str] = None,
     precision: Optional[str] = None,
+    max_batch_tokens: int = 65536,
     ready: Optional[threading.Event] = None,
 ) -> None:
     """`dsdistill teacher-serve`: load the teacher (`model_dir`, else `cfg.teacher.path`) on this machine's device
@@ -178,7 +285,7 @@ def serve(
     model = load_causal_lm(
         spec, field="teacher-serve --model" if model_dir is not None else "teacher", precision=precision, zero3_ds_config=None
     ).to(device)
-    scorer = Scorer(model, tokenizer, device=device)
+    scorer = Scorer(model, tokenizer, device=device, max_batch_tokens=max_batch_tokens)
     try:
         server = make_server(scorer, host, port)
     except OSError as e:
@@ -207,6 +314,9 @@ class ServerOptions(ComponentOptions):
     """vLLM: the served model's name (default: the first of its `/v1/models`)."""
     top_k: int = Field(64, ge=1)
     """Tokens per position the server sends (with a bucket for the rest of the vocabulary)."""
+    reply: Literal["binary", "json"] = "binary"
+    """dsdistill's server: its replies as exact float32 arrays (about a third of the JSON's bytes, and no text to
+    parse), or as JSON (readable, e.g. with curl)."""
     timeout_s: float = Field(120.0, gt=0)
     """Seconds one request may take before it is retried."""
     retries: int = Field(5, ge=0, le=100)
@@ -233,6 +343,20 @@ def request_json(url: str, body: Optional[dict[str, Any]], timeout: float) -> di
             why = ""
         if isinstance(why, dict):  # OpenAI-style {"error": {"message": ...}}
             why = why.get("message", "")
+        raise ConfigError(f"teacher.url: {url} answered {e.code}: {str(why or e.reason).splitlines()[0][:300]}") from None
+
+
+def _request_binary(url: str, body: dict[str, Any], timeout: float) -> tuple[dict[str, Any], wire.Scored]:
+    """POST a score request for the binary reply; (its header, its arrays)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return wire.decode(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            why = json.loads(e.read()).get("error", "")
+        except ValueError:
+            why = ""
         raise ConfigError(f"teacher.url: {url} answered {e.code}: {str(why or e.reason).splitlines()[0][:300]}") from None
 
 
@@ -309,15 +433,15 @@ class ServerTeacher:
     def end_step(self) -> None:
         self._ready.clear()
 
-    def _score(self, batch: TeacherInput, valid: torch.Tensor, *, labels: bool) -> list[dict[str, Any]]:
+    def _score(self, batch: TeacherInput, valid: torch.Tensor, *, labels: bool) -> wire.Scored:
         ids = batch.input_ids.cpu()
         rows = [b for b in range(ids.size(0)) if bool(valid[b].any())]
         if not rows:
-            return []
+            return wire.Scored.from_results([], self.options.top_k, len(self.temperatures))
         return self._fetch([ids[b].tolist() for b in rows], [valid[b].nonzero().flatten().tolist() for b in rows], labels)
 
-    def _fetch(self, sequences: list[list[int]], positions: list[list[int]], labels: bool) -> list[dict[str, Any]]:
-        """Each sequence's top-k, rest and (with `labels`) label log-probs at its positions."""
+    def _fetch(self, sequences: list[list[int]], positions: list[list[int]], labels: bool) -> wire.Scored:
+        """The sequences' top-k, rest and (with `labels`) label log-probs at their positions."""
         body = {
             "sequences": sequences,
             "positions": positions,
@@ -325,12 +449,17 @@ class ServerTeacher:
             "temperatures": list(self.temperatures),
             "labels": labels,
             "tokenizer": self.tokenizer,
+            "reply": self.options.reply,
         }
+        if self.options.reply == "binary":
+            header, scored = self._retrying(lambda: _request_binary(f"{self.url}{API}/score", body, self.options.timeout_s))
+            self._same_teacher(header)
+            return scored
         reply = self._retrying(lambda: request_json(f"{self.url}{API}/score", body, self.options.timeout_s))
         self._same_teacher(reply)
-        return reply["results"]
+        return wire.Scored.from_results(reply["results"], self.options.top_k, len(self.temperatures))
 
-    def _retrying(self, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _retrying(self, call: Callable[[], R]) -> R:
         last = ""
         for attempt in range(self.options.retries + 1):
             try:
@@ -361,27 +490,19 @@ class ServerTeacher:
 
     def _asked(self, batch: TeacherInput) -> TeacherSignal:
         """One micro-batch's signal, asked of the server now."""
-        results = self._score(batch, batch.valid.cpu(), labels=False)
+        scored = self._score(batch, batch.valid.cpu(), labels=False)
         dev = batch.input_ids.device
-        k, m = self.options.top_k, len(self.temperatures)
-        cat = lambda key, shape, dt: torch.tensor([v for r in results for v in r[key]], dtype=dt).reshape(shape).to(dev)  # noqa: E731
-        n = sum(len(r["log_rest"]) for r in results)
+        on = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
         return TeacherSignal(
-            SparseTeacher(
-                cat("ids", (n, k), torch.int64),
-                cat("logp", (n, k), torch.float32),
-                cat("log_rest", (n,), torch.float32),
-                cat("tails", (n, m), torch.float32),
-                self.temperatures,
-            )
+            SparseTeacher(on(scored.ids), on(scored.logp), on(scored.log_rest), on(scored.tails), self.temperatures)
         )
 
     def lm_sums(self, batch: TeacherInput, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         from dsdistill.objective import shifted_valid
 
-        results = self._score(batch, shifted_valid(labels, self.ignore_index).cpu(), labels=True)
-        logps = [v for r in results for v in r["label_logp"]]
-        return -torch.tensor(logps, dtype=torch.float64).sum(), len(logps)
+        scored = self._score(batch, shifted_valid(labels, self.ignore_index).cpu(), labels=True)
+        logps = scored.label_logp if scored.label_logp is not None else np.zeros(0, np.float32)
+        return -torch.from_numpy(logps.astype(np.float64)).sum(), int(logps.size)
 
     def params(self) -> int:
         return 0  # on the server, not in this job

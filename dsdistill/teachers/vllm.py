@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from dsdistill.errors import ConfigError
+from dsdistill.teachers import wire
 from dsdistill.teachers.base import Capabilities, RunContext
 from dsdistill.teachers.server import UNREACHABLE, ServerOptions, ServerTeacher, request_json
 
@@ -25,7 +26,7 @@ PROBE = "The teacher's tokenizer, probed: 12 apples, 3.5 km; naïve café — ok
 
 
 class VllmTeacher(ServerTeacher):
-    def _fetch(self, sequences: list[list[int]], positions: list[list[int]], labels: bool) -> list[dict[str, Any]]:
+    def _fetch(self, sequences: list[list[int]], positions: list[list[int]], labels: bool) -> wire.Scored:
         body = {
             "model": self.model,
             "prompt": sequences,
@@ -39,10 +40,11 @@ class VllmTeacher(ServerTeacher):
                 f"teacher.url: {self.url} answered for model {reply.get('model')!r}; this run distils {self.model!r}"
             )
         by_index = {c.get("index"): c for c in reply.get("choices") or []}
-        return [
+        results = [
             _parse(by_index.get(i), seq, pos, self.options.top_k, self.url)
             for i, (seq, pos) in enumerate(zip(sequences, positions))
         ]
+        return wire.Scored.from_results(results, self.options.top_k, len(self.temperatures))
 
 
 def _parse(choice: Any, seq: list[int], positions: list[int], k: int, url: str) -> dict[str, Any]:
