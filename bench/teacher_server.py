@@ -70,7 +70,7 @@ def _steps(cfg: dict, steps: int, *, ahead: bool = False) -> tuple[float, float,
 
         teacher.prepare = timed
         batches = iter(s.data.stream)
-        window = [next(batches)]
+        window, tokens, t0 = [next(batches)], 0, time.perf_counter()
         for i in range(steps + 1):  # the first is a warm-up
             if i == 1:
                 waited[0], t0, tokens = 0.0, time.perf_counter(), 0
