@@ -140,6 +140,7 @@ def _teacher_commands(sub, with_config) -> None:
         help="requests waiting together are scored in one forward of at most this many padded tokens (default 65536)",
     )
     ts.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    ts.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from a launcher
     ts.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     ts.set_defaults(func=_cmd_teacher_serve)
 

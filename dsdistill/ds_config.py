@@ -257,8 +257,16 @@ def resolve_student(
 
 def resolve_teacher(cfg: RunConfig, *, hidden_size: int | None = None) -> dict[str, Any]:
     """The teacher's DeepSpeed config: ZeRO stage 3, no optimizer or scheduler, "auto" filled."""
+    return teacher_zero3(
+        cfg.deepspeed.teacher, micro_batch=cfg.train.micro_batch_size, precision=precision_of(cfg), hidden_size=hidden_size
+    )
+
+
+def teacher_zero3(source: str | dict | None, *, micro_batch: int, precision: str, hidden_size: int | None) -> dict[str, Any]:
+    """A frozen model's ZeRO-3 config (the run's teacher, or `teacher-serve` on several ranks): `source` (a
+    path, a dict, or None for the bundled one) with "auto" filled."""
     field = "deepspeed.teacher"
-    f = _Filler(load_user_config(cfg.deepspeed.teacher, DEFAULT_TEACHER, field=field), field)
+    f = _Filler(load_user_config(source, DEFAULT_TEACHER, field=field), field)
     _check_shapes(f)
     for key in ("optimizer", "scheduler"):
         if key in f.data:
@@ -270,11 +278,11 @@ def resolve_teacher(cfg: RunConfig, *, hidden_size: int | None = None) -> dict[s
         )
     # The teacher never steps an optimizer, so its batch size is bookkeeping only: fill it, never conflict.
     if f.data.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        f.data["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+        f.data["train_micro_batch_size_per_gpu"] = micro_batch
     for key in ("gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
         if f.data.get(key) == "auto":
             del f.data[key]
-    _fill_precision(f, precision_of(cfg))
+    _fill_precision(f, precision)
     _fill_zero_sizes(f, hidden_size)
     _check_no_auto(f)
     return f.data

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,6 @@ def _scored(url: str) -> int:
 def test_the_next_window_is_fetched_while_this_one_computes(served, tmp_path):
     """A step given the next window (`upcoming`) leaves its request with the server; the next step takes those
     signals and asks for nothing more, with the numbers of a step that asked then."""
-    import time
 
     from dsdistill.objective import shifted_valid
 
@@ -352,3 +352,53 @@ def test_requests_that_wait_together_are_scored_in_one_forward_with_the_same_num
         if stats["most_merged"] > 1:
             break
     assert stats["most_merged"] > 1 and stats["forwards"] < stats["requests"]
+
+
+@pytest.mark.slow
+def test_a_teacher_sharded_over_two_ranks_answers_as_one_device_does(served, assets):
+    """`deepspeed --num_gpus 2 dsdistill/serve.py --model DIR`: ZeRO-3 shards the teacher over the ranks, rank 0
+    answers, every rank runs each forward; the answers are the one-device server's. Ctrl-C stops every rank."""
+    import json
+    import urllib.request
+
+    from dsdistill.demo import launcher_env
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd += [str(ROOT / "dsdistill" / "serve.py"), "--model", str(assets["teacher"]), "--precision", "fp32", "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        seen = []
+        for line in proc.stdout:  # the launcher's output ends if the ranks fail, and so does this loop
+            seen.append(line)
+            if line.startswith("teacher-serve:"):
+                break
+        assert "sharded over 2 ranks" in seen[-1], "".join(seen[-30:])
+
+        def ask(url: str) -> dict:
+            info = json.loads(urllib.request.urlopen(f"{url}/dsdistill/v1/info", timeout=60).read())
+            seqs = [[(7 * i + j) % info["vocab"] for j in range(20 + 5 * i)] for i in range(3)]
+            body = {"sequences": seqs, "positions": [list(range(len(s) - 1)) for s in seqs], "k": 8,
+                    "temperatures": [2.0], "labels": True, "tokenizer": info["tokenizer"], "reply": "json"}  # fmt: skip
+            req = urllib.request.Request(f"{url}/dsdistill/v1/score", data=json.dumps(body).encode())
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return {**json.loads(r.read()), "ranks": info["ranks"]}
+
+        sharded, single = ask(f"http://127.0.0.1:{port}"), ask(served["server"].url)
+        assert sharded["ranks"] == 2 and single["ranks"] == 1 and sharded["model"] == single["model"]
+        for a, b in zip(sharded["results"], single["results"]):
+            assert a["ids"] == b["ids"]
+            for key in ("logp", "log_rest", "tails", "label_logp"):
+                torch.testing.assert_close(torch.tensor(a[key]), torch.tensor(b[key]), rtol=1e-5, atol=1e-6)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the launcher's terminal
+        proc.communicate(timeout=600)
+    from tests.test_preemption import _session
+
+    for _ in range(6000):  # every rank leaves (a generous outer limit)
+        if not _session(proc):
+            break
+        time.sleep(0.05)
+    assert not _session(proc), [p.cmdline() for p in _session(proc)]

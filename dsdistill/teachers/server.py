@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import threading
 import time
@@ -22,8 +23,9 @@ import urllib.error
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -37,7 +39,12 @@ from dsdistill.teachers.base import Capabilities, RunContext, TeacherInput, Teac
 from dsdistill.teachers.cache_format import MAX_TEMPERATURES, config_hash, run_temperatures, tokenizer_hash
 
 API = "/dsdistill/v1"
+IDLE_S = 60.0
+"""Seconds without a request after which a sharded server's other ranks are told it is still there."""
 R = TypeVar("R")
+
+if TYPE_CHECKING:
+    from dsdistill.teachers.sharded import Ranks
 MAX_REQUEST_BYTES = 64 << 20
 """A request larger than this is refused before it is read."""
 
@@ -64,16 +71,28 @@ class Scorer:
     while one runs (from other ranks or runs) are scored together in the next, up to `max_batch_tokens`
     padded tokens, so a busy server runs fewer, larger forwards."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, device: torch.device, max_batch_tokens: int = 65536):
-        self.model = model.eval()
+    def __init__(
+        self,
+        model_config: Any,
+        tokenizer: Any,
+        *,
+        device: torch.device,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        max_batch_tokens: int = 65536,
+        ranks: Optional["Ranks"] = None,
+    ):
+        """`forward`: token ids [B, S] on `device` -> logits; `ranks`: the other ranks of a sharded teacher,
+        which run every forward with this one (told of each by `ranks.lead`, kept alive by `ranks.idle`)."""
+        self.forward, self.ranks = forward, ranks
         self.device = device
         self.vocab = len(tokenizer)
         self.info = {
-            "model": config_hash(model.config),
+            "model": config_hash(model_config),
             "tokenizer": tokenizer_hash(tokenizer),
             "vocab": self.vocab,
-            "config": model.config.to_dict(),
-            "max_positions": getattr(model.config, "max_position_embeddings", None),
+            "config": model_config.to_dict(),
+            "max_positions": getattr(model_config, "max_position_embeddings", None),
+            "ranks": 1 if ranks is None else ranks.world,
         }
         self.max_batch_tokens = max_batch_tokens
         self.positions_scored = 0
@@ -81,8 +100,14 @@ class Scorer:
         self.forwards = 0
         self.most_merged = 0
         """The most requests one forward has scored."""
-        self._jobs: queue.Queue[_Job] = queue.Queue()
-        threading.Thread(target=self._work, name="dsdistill-scorer", daemon=True).start()
+        self._jobs: queue.Queue[Optional[_Job]] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="dsdistill-scorer", daemon=True)
+        self._worker.start()
+
+    def close(self) -> None:
+        """Stop the forward thread (a sharded teacher's other ranks are told to stop too)."""
+        self._jobs.put(None)
+        self._worker.join()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -133,14 +158,28 @@ class Scorer:
         )
 
     def _work(self) -> None:
-        """The forward thread: the oldest waiting request with every other one waiting, within the budget."""
+        """The forward thread (the only one that runs the model, or talks to the other ranks): the oldest
+        waiting request with every other one waiting, within the budget."""
         while True:
-            jobs = [self._jobs.get()]
-            tokens = len(jobs[0].seqs) * max(len(s) for s in jobs[0].seqs)
+            try:
+                first = self._jobs.get(timeout=IDLE_S)
+            except queue.Empty:
+                if self.ranks is not None:
+                    self.ranks.idle()  # the other ranks wait in a collective: keep it from timing out
+                continue
+            if first is None:
+                if self.ranks is not None:
+                    self.ranks.stop()
+                return
+            jobs = [first]
+            tokens = len(first.seqs) * max(len(s) for s in first.seqs)
             while True:
                 try:
                     nxt = self._jobs.get_nowait()
                 except queue.Empty:
+                    break
+                if nxt is None:  # closing: this batch first
+                    self._jobs.put(None)
                     break
                 jobs.append(nxt)
                 tokens += len(nxt.seqs) * max(len(s) for s in nxt.seqs)
@@ -162,7 +201,10 @@ class Scorer:
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):  # right-padded: a causal model's positions before the pad are unaffected
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits
+        ids = ids.to(self.device)
+        if self.ranks is not None:
+            self.ranks.lead(ids)
+        logits = self.forward(ids)
         row = 0
         for job in jobs:
             job.parts = [
@@ -274,6 +316,14 @@ def serve(
     from dsdistill.ds_config import precision_of
     from dsdistill.models import load_causal_lm, load_tokenizer
 
+    if (
+        model_dir is not None
+        and not Path(model_dir).is_dir()
+        and (model_dir.startswith((".", "/", "~")) or Path(model_dir).exists())
+    ):
+        raise ConfigError(
+            f"teacher-serve --model: '{model_dir}' is not a directory; expected one written by save_pretrained, or a Hub name"
+        )
     spec = TeacherSpec(path=model_dir) if model_dir is not None else cfg.one_teacher("teacher-serve")
     if spec.path is None:
         raise ConfigError("teacher-serve: the config's teacher has no path; give the model in teacher.path or --model DIR")
@@ -281,17 +331,34 @@ def serve(
     if precision in (None, "auto"):
         auto = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
         precision = precision_of(cfg) if cfg is not None and precision is None else auto
-    tokenizer = load_tokenizer(spec, field="teacher-serve --model" if model_dir is not None else "teacher")
-    model = load_causal_lm(
-        spec, field="teacher-serve --model" if model_dir is not None else "teacher", precision=precision, zero3_ds_config=None
-    ).to(device)
-    scorer = Scorer(model, tokenizer, device=device, max_batch_tokens=max_batch_tokens)
+    field = "teacher-serve --model" if model_dir is not None else "teacher"
+    tokenizer = load_tokenizer(spec, field=field)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by a launcher: the model sharded by ZeRO-3 over its ranks
+        from dsdistill.teachers.sharded import Ranks, load_sharded
+
+        forward, model_config, device = load_sharded(spec, field=field, precision=precision)
+        ranks = Ranks(device)
+        if ranks.rank != 0:
+            ranks.follow(forward)  # every forward rank 0 leads, until it stops
+            return
+        scorer = Scorer(model_config, tokenizer, device=device, forward=forward, max_batch_tokens=max_batch_tokens, ranks=ranks)
+    else:
+        model = load_causal_lm(spec, field=field, precision=precision, zero3_ds_config=None).to(device).eval()
+        scorer = Scorer(
+            model.config,
+            tokenizer,
+            device=device,
+            forward=lambda ids: model(input_ids=ids, use_cache=False).logits,
+            max_batch_tokens=max_batch_tokens,
+        )
     try:
         server = make_server(scorer, host, port)
     except OSError as e:
+        scorer.close()
         raise ConfigError(f"teacher-serve: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    shards = f", sharded over {scorer.info['ranks']} ranks" if scorer.ranks is not None else ""
     print(
-        f"teacher-serve: {spec.path} on http://{host}:{server.server_address[1]} (model {scorer.info['model']})",
+        f"teacher-serve: {spec.path} on http://{host}:{server.server_address[1]} (model {scorer.info['model']}{shards})",
         flush=True,
     )
     if ready is not None:
@@ -300,6 +367,7 @@ def serve(
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        scorer.close()
 
 
 # ---------------------------------------------------------------------------------------------- client
