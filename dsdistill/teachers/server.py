@@ -23,8 +23,8 @@ import urllib.error
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, TypeVar
 
 import numpy as np
