@@ -9,7 +9,7 @@ Prints, in the same run:
   training loop does), their ratio to live, and the share of the step spent waiting for the teacher;
 - server throughput in scored positions/s with 1, 2 and 4 concurrent clients.
 
-    python bench/teacher_server.py [--steps 20] [--seconds 10]
+    python bench/teacher_server.py [--steps 20] [--seconds 10] [--ranks 2]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -81,6 +82,26 @@ def _steps(cfg: dict, steps: int, *, ahead: bool = False) -> tuple[float, float,
         return time.perf_counter() - t0, waited[0], tokens
 
 
+def _launched(cfg: dict, root: Path, name: str, ranks: int) -> tuple[float, Optional[float]]:
+    """`deepspeed --num_gpus RANKS dsdistill/train.py` on `cfg`: (tokens/s over the steps after the first, from
+    the records' clocks; the mean share of a step rank 0 waited for the teacher, or None)."""
+    from dsdistill.demo import launcher_command, launcher_env
+    from dsdistill.schema import METRICS_FILE, TrainRecord, parse_line
+
+    run = {**cfg, "output": {**cfg["output"], "run_dir": str(root / name), "log_every": 1}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(run))
+    cmd = launcher_command(ROOT / "dsdistill" / "train.py", path, nprocs=ranks, master_port=free_port())
+    proc = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: the launch failed\n{proc.stderr[-2000:]}")
+    recs = [parse_line(line) for line in (root / name / METRICS_FILE).read_text().splitlines()]
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    tokens = trains[-1].tokens - trains[0].tokens
+    waits = [r.teacher_wait for r in trains[1:] if r.teacher_wait is not None]
+    return tokens / (trains[-1].time - trains[0].time), (sum(waits) / len(waits) if waits else None)
+
+
 def _server(root: Path, port: int) -> subprocess.Popen:
     cfg = root / "teacher.yaml"
     cfg.write_text(yaml.safe_dump(_config(root, 1, {"path": str(root / "teacher")}, {})))
@@ -124,6 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=10.0, help="per client count, for the throughput")
+    ap.add_argument("--ranks", type=int, default=0, help="also launch live and server-fed runs on this many ranks")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -158,6 +180,16 @@ def main() -> None:
                 }
             ).encode()
             rates = {n: _throughput(url, n, args.seconds, body) for n in (1, 2, 4)}
+            launched = {}
+            if args.ranks:
+                live_cfg = _config(
+                    root,
+                    args.steps + 1,
+                    {"path": str(root / "teacher")},
+                    {"kd": {"top_k": K, "top_k_rest": True, "top_k_support": "teacher"}},
+                )
+                launched["live"] = _launched(live_cfg, root, "ranks-live", args.ranks)
+                launched["server"] = _launched(served, root, "ranks-server", args.ranks)
         finally:
             server.terminate()
             server.wait()
@@ -174,6 +206,9 @@ def main() -> None:
         )
     for n, rate in rates.items():
         print(f"server throughput, {n} client(s): {rate:,.0f} positions/s")
+    for name, (rate, wait) in launched.items():
+        waiting = f"; rank 0 waiting for the teacher {wait:.0%} of the step" if wait is not None else ""
+        print(f"{args.ranks} ranks through the launcher, {name} teacher: {rate:,.0f} tokens/s{waiting}")
     print(f"(one block of {args.steps} steps each, wall clock; the CPU is shared by the server and the student)")
 
 

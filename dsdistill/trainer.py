@@ -179,6 +179,8 @@ class StepResult:
     """On-policy sampling of this step over all ranks (sequences, tokens, seconds), or None when off-policy."""
     teacher_unavailable: Optional[str] = None
     """Why the teacher could not serve this window (then it is abandoned and the run saves and stops)."""
+    teacher_wait: Optional[float] = None
+    """A remote teacher: the share of this rank's step spent waiting for its answers (None: it is in the job)."""
 
     @property
     def step(self) -> int:
@@ -209,6 +211,8 @@ class Trainer:
         agreed before the window's last micro-batch abandons the window (`StepResult.abandoned`). `upcoming`:
         the next window, whose teacher signals a remote teacher fetches while this one computes."""
         engine, objective, cfg = self.engine, self.objective, self.plan.cfg
+        started = time.perf_counter()
+        waited: Optional[float] = None
         if not callable(stop_requested):
             stop_requested = (lambda asked: lambda: asked)(stop_requested)  # a fixed answer for the whole step
         scale = cfg.train.grad_accum * self.plan.world
@@ -227,7 +231,9 @@ class Trainer:
         needs = objective.needs_of(names, self.plan.layers)
         if self.forward.teacher.capabilities().remote:
             # a teacher elsewhere is asked for the whole window now; every rank agrees to go on or to stop
+            asked = time.perf_counter()
             problem = self.forward.teacher.prepare([_host_input(mb, cfg.loss.ignore_index) for mb in window], needs)
+            waited = time.perf_counter() - asked
             if any_rank(problem is not None):
                 return self._abandoned(ctx, teacher_unavailable=problem or "the teacher stopped answering another rank")
             self._prefetch(upcoming)
@@ -266,6 +272,7 @@ class Trainer:
             stop_requested=r["stop"] > 0,
             rollout=rollout,
             save_due=r["save_due"] > 0,
+            teacher_wait=None if waited is None else waited / max(time.perf_counter() - started, 1e-9),
         )
 
     def _rollouts(self, window: list[dict[str, torch.Tensor]], ctx: StepContext):

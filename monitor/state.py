@@ -267,6 +267,7 @@ class RunState:
             ("temperature", rec.temperature),
             ("tokens_per_s", rec.tokens_per_s),
             ("grad_norm", rec.grad_norm),
+            ("teacher_wait", rec.teacher_wait),
             ("mem_gib", rec.mem_gib),
             *((f"metric/{name}", v) for name, v in rec.metrics.items()),
         )

@@ -246,6 +246,8 @@ def test_a_run_fed_ahead_saves_the_position_of_the_window_it_trained_on(served, 
     parts = kd_by_step(tmp_path / "parts")
     starts = [(r.resumed, r.step) for r in _records(tmp_path / "parts") if getattr(r, "kind", None) == "run_start"]
     assert starts == [(False, 0), (True, 2)]  # the second run resumed at step 2
+    waits = [r.teacher_wait for r in _records(tmp_path / "parts") if getattr(r, "kind", None) == "train"]
+    assert len(waits) == 4 and all(w is not None and 0 <= w <= 1 for w in waits)  # what the step spent waiting
     assert sorted(parts) == [0, 1, 2, 3] and parts == pytest.approx(whole, rel=1e-6)
 
 

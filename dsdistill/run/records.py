@@ -131,6 +131,7 @@ class Records:
             gate_usage=r.gate_usage,
             on_policy=r.ctx.on_policy if plan.curriculum.ever_on_policy else None,
             rollout=rollout_fields(r.rollout),
+            teacher_wait=r.teacher_wait,
         )
         self.writer.write(rec)
         self._line(train_line(rec))
@@ -199,6 +200,7 @@ def train_line(r: TrainRecord) -> str:
     return (
         f"step {r.step + 1}/{r.total_steps} ({100 * r.progress:.1f}%) | T {r.temperature:.2f} | w {weights} | "
         f"obj {_num(r.objective)} | {comps} | lr {r.lr:.3g} | {r.tokens_per_s:,.0f} tok/s"
+        + (f" | teacher wait {r.teacher_wait:.0%}" if r.teacher_wait is not None else "")
     )
 
 

@@ -35,6 +35,7 @@ class StatsPanel(Panel):
             ("temperature", run.train, "temperature"),
             ("tokens/s", run.train, "tokens_per_s"),
             ("grad norm", run.train, "grad_norm"),
+            ("teacher wait", run.train, "teacher_wait"),  # a remote teacher: share of the step
             ("mem GiB", run.train, "mem_gib"),
             ("eval obj", run.eval, "objective"),
             ("eval ppl", run.eval, "ppl"),
