@@ -145,6 +145,9 @@ class SourceConfig(FormatFields):
     """Split used for this source's evaluation (of `eval_path` if given, else of `path`)."""
     streaming: Optional[bool] = None
     """Read this source lazily (default: `data.streaming`)."""
+    teacher: Optional[str] = None
+    """With `teachers:`: the name of the one teacher whose KD this source's tokens get (default: every teacher,
+    by its share)."""
 
 
 class DataConfig(FormatFields):
@@ -486,7 +489,19 @@ class RunConfig(_Strict):
         names = [t.name for t in self.teachers or []]
         if len(set(names)) != len(names):
             raise ConfigError(f"teachers: names must differ; got {', '.join(names)}")
+        for i, source in enumerate(self.data.sources or []):
+            if source.teacher is not None and source.teacher not in names:
+                expected = f"one of the teachers' names ({', '.join(names)})" if names else "the name of one of `teachers:`"
+                raise ConfigError(f"data.sources.{i}.teacher: got {source.teacher!r}; expected {expected}")
         return self
+
+    def routes(self) -> Optional[list[int]]:
+        """Per data source, the index of the one teacher its tokens are distilled from (-1: every teacher by
+        its share); None when no source names one."""
+        if not any(s.teacher for s in self.data.sources or []):
+            return None
+        names = [t.name for t in self.teachers or []]
+        return [names.index(s.teacher) if s.teacher else -1 for s in self.data.resolved_sources()]
 
     def one_teacher(self, command: str) -> TeacherSpec:
         """`teacher:` for a command that runs one teacher (a one-line error naming `command` with `teachers:`)."""

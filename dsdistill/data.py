@@ -481,11 +481,21 @@ class MixedStream:
     the mixture of one). `state()` / `restore()` resume at the exact row."""
 
     def __init__(
-        self, readers: list[SourceReader], weights: list[float], packer: Packer, *, micro_batch: int, seed: int, rank: int
+        self,
+        readers: list[SourceReader],
+        weights: list[float],
+        packer: Packer,
+        *,
+        micro_batch: int,
+        seed: int,
+        rank: int,
+        routes: Optional[list[int]] = None,
     ):
         import numpy as np
 
         self.readers, self.packer, self.micro_batch = readers, packer, micro_batch
+        self.routes = routes
+        """Per source, the teacher its examples are routed to (`RunConfig.routes`), or None."""
         self.seed, self.rank = seed, rank
         w = np.asarray(weights, dtype=np.float64)
         self.p = w / w.sum()
@@ -510,7 +520,10 @@ class MixedStream:
         rng = np.random.default_rng([self.seed, self.rank, block])
         choice = rng.choice(len(self.readers), size=BLOCK, p=self.p) if len(self.readers) > 1 else np.zeros(BLOCK, dtype=int)
         drawn = [iter(r.take(int((choice == i).sum()))) for i, r in enumerate(self.readers)]
-        return self.packer([next(drawn[i]) for i in choice])
+        examples = [next(drawn[i]) for i in choice]
+        if self.routes is not None:  # each example carries its source's teacher into the packed rows
+            examples = [None if ex is None else Example(ex.ids, ex.loss, self.routes[i]) for ex, i in zip(examples, choice)]
+        return self.packer(examples)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         pending: list[dict[str, list[int]]] = []
@@ -720,6 +733,10 @@ def build_splits(cfg: RunConfig, tokenizer) -> Splits:
         readers.append(make)
         plans.append(plan)
         eval_by_source[name] = rows if isinstance(rows[0].get("input_ids"), torch.Tensor) else _to_tensors(rows)
+    routes = cfg.routes()
+    if routes is not None:  # a source's eval rows are its own: one teacher index for each of their tokens
+        for (name, rows), route in zip(eval_by_source.items(), routes):
+            eval_by_source[name] = [{**row, "route": torch.full_like(row["input_ids"], route)} for row in rows]
     evals = [row for rows in eval_by_source.values() for row in rows]
     share = unknown_share(evals, tokenizer)
     _check_unknown(
@@ -754,8 +771,12 @@ def make_stream(cfg: RunConfig, splits: Splits, tokenizer, *, rank: int, world: 
         return TrainStream(splits.train, micro_batch=cfg.train.micro_batch_size, rank=rank, world=world, seed=cfg.train.seed)
     sources = cfg.data.resolved_sources()
     packer = _packer(cfg, tokenizer, splits.packing, sources)
+    routes = cfg.routes()
+    packer.routes = routes is not None
     readers = [make(rank, world) for make in splits.readers]
-    return MixedStream(readers, splits.weights, packer, micro_batch=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank)
+    return MixedStream(
+        readers, splits.weights, packer, micro_batch=cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank, routes=routes
+    )
 
 
 def collate(rows) -> dict[str, torch.Tensor]:
@@ -849,7 +870,8 @@ def data_fingerprint(splits: Splits, cfg: RunConfig) -> str:
         for i in sorted({0, n // 2, n - 1} if n else set()):
             h.update(ds[i]["input_ids"].numpy().tobytes())
         return f"{n} sequences, {h.hexdigest()[:16]}"
-    spec = [s.model_dump(mode="json") for s in cfg.data.resolved_sources()]
+    # a source's teacher is not part of its data (and an unset one leaves older fingerprints as they were)
+    spec = [s.model_dump(mode="json", exclude={"teacher"}) for s in cfg.data.resolved_sources()]
     h.update(json.dumps({"sources": spec, "packing": splits.packing, "overlong": cfg.data.overlong}, sort_keys=True).encode())
     for row in (splits.eval[0], splits.eval[-1]):
         h.update(row["input_ids"].numpy().tobytes())

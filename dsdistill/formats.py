@@ -37,6 +37,8 @@ class Example:
 
     ids: list[int]
     loss: list[bool]
+    route: int = -1
+    """`teachers:` routed per source: the index of the teacher this example's KD comes from (-1: every one)."""
 
     @property
     def loss_tokens(self) -> int:

@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from dsdistill.config import LossConfig
 
 
+Group = tuple[Optional[torch.Tensor], float, bool]
+"""(ordinals into the loss-bearing positions, or None for all; the KD weight; whether LM is taken there)."""
+MixtureMember = tuple[str, float, Optional[torch.Tensor], Optional[torch.Tensor], Optional[SparseTeacher], tuple[Group, ...]]
+"""(name, share, hidden, head, sparse, groups) of one of several teachers."""
+
+
 @dataclass
 class FusedCall:
     """One micro-batch's inputs of the fused head besides the student's hidden state."""
@@ -43,9 +49,9 @@ class FusedCall:
     positions: Optional[torch.Tensor] = None
     """Flat indices of the loss-bearing positions from the host batch (`objective.host_positions`): the
     head gathers by them without a device sync (None: it finds them with a boolean mask)."""
-    mixture: tuple[tuple[str, float, Optional[torch.Tensor], Optional[torch.Tensor], Optional[SparseTeacher]], ...] = ()
-    """Several teachers (`teachers:`): (name, share, hidden, head, sparse) each, instead of the teacher_*
-    fields; the head runs once per teacher (LM with the first) and KD is the share-weighted sum."""
+    mixture: tuple[MixtureMember, ...] = ()
+    """Several teachers (`teachers:`), instead of the teacher_* fields: the head runs once per teacher and
+    group of positions, and KD is the groups' weighted sum."""
 
 
 class FusedKDLMHead(nn.Module):
@@ -71,7 +77,7 @@ class FusedKDLMHead(nn.Module):
         combined, m = self._one(hidden, call, call.teacher_hidden, call.teacher_head, call.teacher_sparse)
         return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined, tokens=m["count"])
 
-    def _one(self, hidden, call: FusedCall, t_hidden, t_head, t_sparse, *, share: float = 1.0, lm: bool = True):
+    def _one(self, hidden, call: FusedCall, t_hidden, t_head, t_sparse, *, share: float = 1.0, lm: bool = True, positions=None):
         return fused_kd_lm(
             hidden,
             self.weight[: self.vocab],
@@ -83,23 +89,39 @@ class FusedKDLMHead(nn.Module):
             options=call.options if lm else dataclasses.replace(call.options, want_lm=False),
             ignore_index=self.ignore_index,
             t_sparse=t_sparse,
-            positions=call.positions,
+            positions=call.positions if positions is None else positions,
         )
 
     def _mixture(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
-        # one chunked pass per teacher (the student's chunk logits are formed again for each), LM in the first
-        parts = [
-            (name, share, self._one(hidden, call, th, head, sparse, share=share, lm=i == 0))
-            for i, (name, share, th, head, sparse) in enumerate(call.mixture)
-        ]
-        first = parts[0][2][1]
+        # one chunked pass per teacher and group of positions (the student's chunk logits are formed again for
+        # each); LM is taken in exactly one group per position
+        runs, per_teacher = [], {}
+        for name, _, th, head, sparse, groups in call.mixture:
+            own: tuple = (0.0, 0)
+            for ordinals, weight, lm in groups:
+                if ordinals is not None and ordinals.numel() == 0:
+                    continue
+                positions = None
+                if ordinals is not None:
+                    assert call.positions is not None, "routed teachers need the host's positions"
+                    positions = call.positions.index_select(0, ordinals)
+                sub = sparse if sparse is None or ordinals is None else sparse.take(ordinals)
+                c, m = self._one(hidden, call, th, head, sub, share=weight, lm=lm, positions=positions)
+                runs.append((c, m, weight, lm))
+                own = (own[0] + m["kd"], own[1] + m["count"])
+            per_teacher[name] = own
+        if not runs:  # no loss-bearing position: one empty pass keeps every sum a tensor
+            name, share, th, head, sparse, _ = call.mixture[0]
+            c, m = self._one(hidden, call, th, head, sparse, share=share)
+            runs.append((c, m, share, True))
+        zero = torch.zeros_like(runs[0][1]["kd"])
         return FusedSums(
-            kd=sum((share * m["kd"] for _, share, (_, m) in parts), torch.zeros_like(first["kd"])),
-            kl=sum((share * m["kl"] for _, share, (_, m) in parts), torch.zeros_like(first["kl"])),
-            lm=first["lm"],
-            combined=sum((c for _, _, (c, _) in parts), torch.zeros_like(parts[0][2][0])),
-            tokens=first["count"],
-            per_teacher={name: m["kd"] for name, _, (_, m) in parts},
+            kd=sum((w * m["kd"] for _, m, w, _ in runs), zero),
+            kl=sum((w * m["kl"] for _, m, w, _ in runs), zero),
+            lm=sum((m["lm"] for _, m, _, lm in runs if lm), zero),
+            combined=sum((c for c, _, _, _ in runs), torch.zeros_like(runs[0][0])),
+            tokens=sum(m["count"] for _, m, _, lm in runs if lm),
+            per_teacher=per_teacher,
         )
 
 

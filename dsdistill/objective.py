@@ -162,15 +162,24 @@ class Objective:
     def metric_zeros(self, names: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
         """The accumulators of the declared metrics: the same keys on every rank, whatever its batches held
         (the reduction over ranks matches them by name)."""
-        return {"metric_batches": 0.0, **{f"metric.{m}": 0.0 for m in self.metric_specs(names)}}
+        specs = self.metric_specs(names)
+        return {
+            "metric_batches": 0.0,
+            **{f"metric.{m}": 0.0 for m in specs},
+            **{f"metric.{m}#count": 0.0 for m, (_, how) in specs.items() if how == "own"},
+        }
 
     def add_metrics(self, acc: dict[str, Any], sums: Sums, names: Optional[tuple[str, ...]] = None) -> None:
         """Add one micro-batch's declared metrics into `acc` (kept on the device until the reduction)."""
         acc["metric_batches"] += 1.0
-        for m in self.metric_specs(names):
+        for m, (_, how) in self.metric_specs(names).items():
             v = sums.extras.get(m)
-            if v is not None:
-                acc[f"metric.{m}"] = acc[f"metric.{m}"] + (v.detach() if torch.is_tensor(v) else float(v))
+            if v is None:
+                continue
+            if how == "own":  # (sum, count)
+                v, n = v
+                acc[f"metric.{m}#count"] += float(n)
+            acc[f"metric.{m}"] = acc[f"metric.{m}"] + (v.detach() if torch.is_tensor(v) else float(v))
 
     def reduce_metrics(
         self, reduced: dict[str, float], normalizers: dict[str, float], names: Optional[tuple[str, ...]] = None
@@ -180,7 +189,10 @@ class Objective:
         for m, (component, how) in self.metric_specs(names).items():
             if f"metric.{m}" in reduced:
                 total = reduced[f"metric.{m}"]
-                out[m] = total / normalizers[component] if how == "unit" else total / max(reduced["metric_batches"], 1.0)
+                if how == "own":
+                    out[m] = total / max(reduced[f"metric.{m}#count"], 1.0)
+                else:
+                    out[m] = total / normalizers[component] if how == "unit" else total / max(reduced["metric_batches"], 1.0)
         return out
 
     @staticmethod

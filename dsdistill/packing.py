@@ -68,6 +68,8 @@ class Packer:
     overlong: str = "truncate"
     labels: bool = True
     """Write labels (False only for concat packing of all-loss text, whose labels are its ids)."""
+    routes: bool = False
+    """Write `route`: each token's example's teacher (`Example.route`; -1 for padding), for routed teachers."""
     stats: PackStats = field(default_factory=PackStats)
 
     def __call__(self, examples: Iterable[Optional[Example]]) -> list[Row]:
@@ -82,7 +84,7 @@ class Packer:
                 if self.overlong == "drop":
                     batch.dropped += 1
                     continue
-                cut = Example(ex.ids[: self.seq_len], ex.loss[: self.seq_len])
+                cut = Example(ex.ids[: self.seq_len], ex.loss[: self.seq_len], ex.route)
                 if any(ex.loss) and not any(cut.loss[1:]):  # an example's first token is never a target
                     batch.emptied += 1
                     continue
@@ -104,10 +106,13 @@ class Packer:
     def _concat(self, examples: list[Example]) -> list[Row]:
         flat: list[int] = []
         labels: list[int] = []
+        routes: list[int] = []
         for ex in examples:
             flat.extend(ex.ids)
             if self.labels:
                 labels.extend(self._label(ex))
+            if self.routes:
+                routes.extend([ex.route] * len(ex.ids))
         n = len(flat) // self.seq_len
         rows = []
         for i in range(n):
@@ -115,6 +120,8 @@ class Packer:
             row: Row = {"input_ids": flat[cut]}
             if self.labels:
                 row["labels"] = labels[cut]
+            if self.routes:
+                row["route"] = routes[cut]
             rows.append(row)
         return rows
 
@@ -123,20 +130,22 @@ class Packer:
         ids: list[int] = []
         labels: list[int] = []
         pos: list[int] = []
+        routes: list[int] = []
 
         def flush():
             if not ids:
                 return
             pad = self.seq_len - len(ids)
             # padding is one more "example" of its own (positions from 0), so it attends only to itself
-            rows.append(
-                {
-                    "input_ids": ids + [self.pad_id] * pad,
-                    "labels": labels + [self.ignore_index] * pad,
-                    "position_ids": pos + list(range(pad)),
-                }
-            )
-            ids.clear(), labels.clear(), pos.clear()
+            row = {
+                "input_ids": ids + [self.pad_id] * pad,
+                "labels": labels + [self.ignore_index] * pad,
+                "position_ids": pos + list(range(pad)),
+            }
+            if self.routes:
+                row["route"] = routes + [-1] * pad
+            rows.append(row)
+            ids.clear(), labels.clear(), pos.clear(), routes.clear()
 
         for ex in examples:
             if one_per_row or len(ids) + len(ex.ids) > self.seq_len:
@@ -146,6 +155,7 @@ class Packer:
             ids.extend(ex.ids)
             labels.extend(lab)
             pos.extend(range(len(ex.ids)))
+            routes.extend([ex.route] * len(ex.ids))
         flush()
         return rows
 

@@ -102,7 +102,7 @@ class PairForward:
                     want_lm=want_lm,
                 ),
                 positions=positions,
-                mixture=_fused_mixture(signal) if want_kd else (),
+                mixture=_fused_mixture(signal, batch, ignore) if want_kd else (),
             )
         if self.capture is not None:
             self.capture.want(needs.student_qk)
@@ -123,18 +123,32 @@ class PairForward:
             loss=self.plan.cfg.loss,
             layers=self.plan.layers,
             position_ids=pos,
+            route=None if batch.get("route") is None else batch["route"].to(self.engine.device, non_blocking=True),
         )
 
 
-def _fused_mixture(signal: TeacherSignal) -> tuple:
-    """Several teachers' distributions as the fused head takes them: (name, share, hidden, head, sparse)."""
+def _fused_mixture(signal: TeacherSignal, batch: dict[str, torch.Tensor], ignore_index: int) -> tuple:
+    """Several teachers' distributions as the fused head takes them: (name, share, hidden, head, sparse,
+    groups). Without routing each teacher scores every position by its share (LM with the first); with
+    sources routed to teachers, each scores the positions routed to it (weight 1, LM there) and the unrouted
+    ones by its share (LM with the first)."""
     mixture = signal.mixture
     if mixture is None:
         return ()
+    routes = batch.get("route")
+    if routes is not None:  # the route of each loss-bearing position's target, in `host_positions` order
+        labels = batch["labels"].numpy()
+        targets = routes.numpy()[:, 1:][labels[:, 1:] != ignore_index]
     out = []
-    for name, share, dist in mixture.members:
+    for i, (name, share, dist) in enumerate(mixture.members):
         one = TeacherSignal(distribution=dist)
-        out.append((name, share, one.hidden, one.head, one.sparse))
+        groups: tuple = ((None, share, i == 0),)
+        if routes is not None:
+            groups = tuple(
+                (torch.from_numpy(np.nonzero(targets == route)[0]), weight, lm)
+                for route, weight, lm in ((i, 1.0, True), (-1, share, i == 0))
+            )
+        out.append((name, share, one.hidden, one.head, one.sparse, groups))
     return tuple(out)
 
 

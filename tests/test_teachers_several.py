@@ -198,3 +198,70 @@ def test_one_teacher_commands_refuse_a_list_of_teachers(make_config, assets, sec
         assert main([command, "--config", str(path), *args]) != 0  # the CLI's own entry, in this process
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines == [f"dsdistill: error: {command}: runs one teacher; give it as teacher: (the config lists teachers:)"]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "full-logits"])
+def test_sources_routed_to_teachers_take_kd_from_their_own(make_config, assets, second_teacher, tmp_path, fused):
+    """`data.sources[i].teacher`: every token of a routed source is distilled from its teacher alone, an
+    unrouted source's from every teacher by its share. The eval KD is what single-teacher runs measure on
+    each source's own rows, weighted by their tokens; each teacher's own KD is over the tokens it scored."""
+    from dsdistill.demo import write_corpus
+
+    other = write_corpus(tmp_path / "other.jsonl", documents=300, seed=11)
+    sources = [
+        {"path": str(assets["corpus"]), "name": "web", "teacher": "llama"},
+        {"path": str(other), "name": "books"},
+    ]
+
+    def cfg(routed=True, **over):
+        plain = [{k: v for k, v in src.items() if routed or k != "teacher"} for src in sources]
+        base = {
+            "data": {"path": None, "sources": plain, "eval_fraction": 0.1},
+            "train": {"max_steps": 2, "micro_batch_size": 4, "grad_accum": 1, "seq_len": 32, "precision": "fp32"},
+            "curriculum": {"weights": {"kd": 0.7, "lm": 0.3}, "temperature": 2.0},
+            "eval": {"every": 0, "max_batches": 50, "at_start": False},
+            "loss": {"fused_logits": fused},
+        }
+        return {**base, **over}
+
+    def per_source(config) -> dict:
+        run = validate(config)
+        with contextlib.redirect_stdout(io.StringIO()), open_session(run) as s:
+            whole = s.evaluate(step=0)
+            parts = {n: s.evaluator.evaluate(s.eval_batches(rows), step=0) for n, rows in s.data.splits.eval_by_source.items()}
+            batch = next(iter(s.data.stream))
+            step = s.trainer.step([batch], stop_requested=False)  # the training stream carries the routes too
+        return {"whole": whole, **parts, "batch": batch, "step": step}
+
+    routed = per_source(_several(make_config, assets, second_teacher, **cfg()))
+    alone = {
+        name: per_source(make_config(teacher={"path": str(path)}, **cfg(False, output={"run_dir": str(tmp_path / name)})))
+        for name, path in (("llama", assets["teacher"]), ("qwen", second_teacher))
+    }
+    web, books = routed["web"].tokens, routed["books"].tokens
+    assert set(routed["batch"]["route"].unique().tolist()) <= {-1, 0} and "route" not in alone["llama"]["batch"]
+    step = routed["step"]  # a training step's own KD per teacher: llama over every token, qwen over the books'
+    assert step.metrics["kd.llama"] > 0 and step.metrics["kd.qwen"] >= 0 and math.isfinite(step.losses["kd"])
+    # web: llama alone; books: 0.75 llama + 0.25 qwen
+    books_kd = 0.75 * alone["llama"]["books"].losses["kd"] + 0.25 * alone["qwen"]["books"].losses["kd"]
+    assert routed["web"].losses["kd"] == pytest.approx(alone["llama"]["web"].losses["kd"], rel=1e-5)
+    assert routed["books"].losses["kd"] == pytest.approx(books_kd, rel=1e-5)
+    expected = (alone["llama"]["web"].losses["kd"] * web + books_kd * books) / (web + books)
+    assert routed["whole"].losses["kd"] == pytest.approx(expected, rel=1e-5)
+    # each teacher's own KD, over the tokens it scored: llama all of them, qwen the books'
+    llama_own = (alone["llama"]["web"].losses["kd"] * web + alone["llama"]["books"].losses["kd"] * books) / (web + books)
+    assert routed["whole"].metrics["kd.llama"] == pytest.approx(llama_own, rel=1e-5)
+    assert routed["whole"].metrics["kd.qwen"] == pytest.approx(alone["qwen"]["books"].losses["kd"], rel=1e-5)
+    assert routed["whole"].losses["lm"] == pytest.approx(alone["llama"]["whole"].losses["lm"], rel=1e-6)
+
+
+def test_a_source_routed_to_an_unknown_teacher_is_one_line(make_config, assets, second_teacher):
+    cfg = _several(make_config, assets, second_teacher)
+    cfg["data"] = {"sources": [{"path": str(assets["corpus"]), "teacher": "mistral"}], "eval_fraction": 0.1}
+    with pytest.raises(
+        DistillError, match=r"^data.sources.0.teacher: got 'mistral'; expected one of the teachers' names \(llama, qwen\)$"
+    ):
+        validate(cfg)
+    one = make_config(data={"path": None, "sources": [{"path": str(assets["corpus"]), "teacher": "llama"}], "eval_fraction": 0.1})
+    with pytest.raises(DistillError, match=r"^data.sources.0.teacher: got 'llama'; expected the name of one of `teachers:`$"):
+        validate(one)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from dsdistill.teachers.base import TeacherSignal
 
 
-MetricReduction = Literal["unit", "micro_batch"]
+MetricReduction = Literal["unit", "micro_batch", "own"]
 
 
 class ComponentOptions(BaseModel):
@@ -74,8 +74,9 @@ class FusedSums(NamedTuple):
     """The differentiable coef_kd * kd + coef_lm * lm (its gradient is the objective's for both terms)."""
     tokens: int
     """Loss-bearing tokens (counted once by the head, so KD and LM need no second device sync)."""
-    per_teacher: Optional[dict[str, torch.Tensor]] = None
-    """Several teachers: each one's KD sum x T^2 (`kd` is their share-weighted sum)."""
+    per_teacher: Optional[dict[str, tuple[torch.Tensor, int]]] = None
+    """Several teachers: each one's (KD sum x T^2, positions) over the positions it scored (`kd` is the sum of
+    each position's teacher's KD, or of every teacher's by its share)."""
 
 
 @dataclass
@@ -108,6 +109,8 @@ class Inputs:
     layers: "LayerMap"
     position_ids: Optional[torch.Tensor] = None
     """[B, S] positions restarting per packed example (None for unpacked rows): which tokens see which."""
+    route: Optional[torch.Tensor] = None
+    """[B, S] with teachers routed per source: each token's teacher index (-1: every teacher by its share)."""
 
     @property
     def ignore_index(self) -> int:
@@ -129,7 +132,8 @@ class Component:
     metrics: dict[str, MetricReduction] = {}
     """Diagnostics its `compute` returns besides "count", by name (unique across components), with how each
     is reduced over a window's micro-batches and the ranks: "unit" (a sum over the component's units, divided
-    by the window's count of them, as its loss is) or "micro_batch" (a value per micro-batch, averaged).
+    by the window's count of them, as its loss is), "micro_batch" (a value per micro-batch, averaged) or
+    "own" (`compute` gives (sum, count): the sums over the counts, e.g. one teacher's KD over its tokens).
     Train and eval records carry them in `metrics`; the monitor plots each one."""
 
     def declared_metrics(self, teachers: tuple[str, ...]) -> dict[str, MetricReduction]:

@@ -61,7 +61,7 @@ class KD(Component):
 
     def declared_metrics(self, teachers: tuple[str, ...]) -> dict:
         # several teachers: each one's KD (x T^2) per loss-bearing token, `kd` being their share-weighted sum
-        return {**self.metrics, **{f"kd.{name}": "unit" for name in teachers}}
+        return {**self.metrics, **{f"kd.{name}": "own" for name in teachers}}
 
     def compute(self, x: Inputs):
         fused = x.student.fused
@@ -72,22 +72,26 @@ class KD(Component):
         if mixture is None:
             assert x.teacher.logits is not None, "KD needs the teacher's logits"
             return self._one(x, x.teacher.logits)
-        total, kl, metrics = None, None, {}
-        for name, share, dist in mixture.members:
+        total, kl, metrics, counted = None, None, {}, {}
+        for i, (name, share, dist) in enumerate(mixture.members):
             assert isinstance(dist, DenseLogits), f"teacher {name}: KD on full logits needs its logits"
-            t, m = self._one(x, dist.logits)
-            total = t * share if total is None else total + t * share
-            kl = m["kd_kl"] * share if kl is None else kl + m["kd_kl"] * share
-            metrics[f"kd.{name}"] = t.detach()
-        return total, {"count": m["count"], "kd_kl": kl, **metrics}
+            own, own_count = 0.0, 0
+            for group, labels, weight in _groups(x, i, share):  # the tokens routed to it, and those shared by all
+                t, m = self._one(x, dist.logits, labels)
+                total = t * weight if total is None else total + t * weight
+                kl = m["kd_kl"] * weight if kl is None else kl + m["kd_kl"] * weight
+                own, own_count = own + t.detach(), own_count + m["count"]
+                counted[group] = m["count"]  # each group's tokens, once
+            metrics[f"kd.{name}"] = (own, own_count)
+        return total, {"count": sum(counted.values()), "kd_kl": kl, **metrics}
 
-    def _one(self, x: Inputs, teacher_logits):
+    def _one(self, x: Inputs, teacher_logits, labels=None):
         c: KDOptions = self.options_of(x.loss)
         assert x.student.logits is not None, "KD needs the student's logits"
         total, m = kd_loss(
             x.student.logits,
             teacher_logits,
-            x.labels,
+            x.labels if labels is None else labels,
             temperature=x.temperature,
             ignore_index=x.ignore_index,
             top_k=c.top_k,
@@ -98,3 +102,14 @@ class KD(Component):
             alpha=c.alpha,
         )
         return total, {"count": m["count"], "kd_kl": m["kl"]}
+
+
+def _groups(x: Inputs, member: int, share: float):
+    """(group, labels keeping only the group's targets, weight) of teacher `member`'s KD groups: every token by its
+    share, or with routed sources the tokens routed to it (weight 1) and the unrouted ones (its share)."""
+    if x.route is None:
+        yield -1, x.labels, share
+        return
+    for wanted, weight in ((member, 1.0), (-1, share)):
+        keep = x.route == wanted
+        yield wanted, x.labels.masked_fill(~keep, x.ignore_index), weight

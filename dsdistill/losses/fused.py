@@ -126,6 +126,13 @@ class SparseTeacher:
     temperatures: tuple[float, ...] = ()
     """The temperatures other than 1 that `tails` serves."""
 
+    def take(self, index: torch.Tensor) -> "SparseTeacher":
+        """The positions `index` (ordinals into this one's), in that order."""
+        index = index.to(self.ids.device)
+        tails = None if self.tails is None else self.tails.index_select(0, index)
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return SparseTeacher(pick(self.ids), pick(self.logp), pick(self.log_rest), tails, self.temperatures)
+
     def rows(self, start: int, end: int) -> "SparseTeacher":
         tails = None if self.tails is None else self.tails[start:end]
         return SparseTeacher(self.ids[start:end], self.logp[start:end], self.log_rest[start:end], tails, self.temperatures)
