@@ -180,6 +180,12 @@ def main() -> None:
                 }
             ).encode()
             rates = {n: _throughput(url, n, args.seconds, body) for n in (1, 2, 4)}
+            sizes = {}
+            for reply in ("json", "binary", "codec"):
+                ask = {**json.loads(body), "reply": reply, "temperatures": [2.0]}
+                req = urllib.request.Request(f"{url}/dsdistill/v1/score", data=json.dumps(ask).encode())
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    sizes[reply] = len(r.read()) / sum(len(p) for p in ask["positions"])
             launched = {}
             if args.ranks:
                 live_cfg = _config(
@@ -206,6 +212,10 @@ def main() -> None:
         )
     for n, rate in rates.items():
         print(f"server throughput, {n} client(s): {rate:,.0f} positions/s")
+    print(
+        f"reply bytes per position (top-{K}, one temperature): "
+        + ", ".join(f"{name} {size:,.0f}" for name, size in sizes.items())
+    )
     for name, (rate, wait) in launched.items():
         waiting = f"; rank 0 waiting for the teacher {wait:.0%} of the step" if wait is not None else ""
         print(f"{args.ranks} ranks through the launcher, {name} teacher: {rate:,.0f} tokens/s{waiting}")

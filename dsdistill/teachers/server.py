@@ -122,6 +122,12 @@ class Scorer:
         scored = self._scored(req)
         if req.get("reply") == "binary":
             return wire.encode(scored, model=self.info["model"], tokenizer=self.info["tokenizer"]), wire.CONTENT_TYPE
+        if req.get("reply") == "codec":
+            bits = req.get("level_bits", 8)
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 12:
+                raise ValueError("level_bits: expected 2..12")
+            data = wire.encode_codec(scored, model=self.info["model"], tokenizer=self.info["tokenizer"], level_bits=bits)
+            return data, wire.CONTENT_TYPE
         results = []
         at = 0
         for n in scored.counts:
@@ -382,9 +388,12 @@ class ServerOptions(ComponentOptions):
     """vLLM: the served model's name (default: the first of its `/v1/models`)."""
     top_k: int = Field(64, ge=1)
     """Tokens per position the server sends (with a bucket for the rest of the vocabulary)."""
-    reply: Literal["binary", "json"] = "binary"
+    reply: Literal["binary", "codec", "json"] = "binary"
     """dsdistill's server: its replies as exact float32 arrays (about a third of the JSON's bytes, and no text to
-    parse), or as JSON (readable, e.g. with curl)."""
+    parse), in the offline cache's codec (about a byte per kept token, log-probs quantised to `level_bits`:
+    for links where bytes count; exact where the cache is), or as JSON (readable, e.g. with curl)."""
+    level_bits: int = Field(8, ge=2, le=12)
+    """With `reply: codec`: bits per kept probability (the cache's `--level-bits`)."""
     timeout_s: float = Field(120.0, gt=0)
     """Seconds one request may take before it is retried."""
     retries: int = Field(5, ge=0, le=100)
@@ -419,7 +428,7 @@ def _request_binary(url: str, body: dict[str, Any], timeout: float) -> tuple[dic
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return wire.decode(r.read())
+            return wire.decode_any(r.read())
     except urllib.error.HTTPError as e:
         try:
             why = json.loads(e.read()).get("error", "")
@@ -518,8 +527,9 @@ class ServerTeacher:
             "labels": labels,
             "tokenizer": self.tokenizer,
             "reply": self.options.reply,
+            "level_bits": self.options.level_bits,
         }
-        if self.options.reply == "binary":
+        if self.options.reply in ("binary", "codec"):
             header, scored = self._retrying(lambda: _request_binary(f"{self.url}{API}/score", body, self.options.timeout_s))
             self._same_teacher(header)
             return scored

@@ -1,10 +1,13 @@
 """The teacher server's replies as arrays: `Scored` (every asked position of a request, in order), and its
-binary form, exact float32 in about a third of the JSON's bytes and without its parsing (the hot part of a
-client's wait).
+two binary forms, both without the JSON's text to parse (the hot part of a client's wait):
 
-Binary reply: b"DSD1" | u32 little-endian header length | header JSON {"model", "tokenizer", "counts" (positions
-per sequence), "k", "m" (temperatures), "labels"} | ids i32[N, k] | logp f32[N, k] | log_rest f32[N] |
-tails f32[N, m] | label_logp f32[N] (with labels). N is the sum of the counts.
+- `binary`: exact float32, about a third of the JSON's bytes. b"DSD1" | u32 little-endian header length |
+  header JSON {"model", "tokenizer", "counts" (positions per sequence), "k", "m" (temperatures), "labels"} |
+  ids i32[N, k] | logp f32[N, k] | log_rest f32[N] | tails f32[N, m] | label_logp f32[N] (with labels).
+- `codec`: the offline cache's codec (dsdistill/codec.py: about a byte per kept token, log-probs quantised to
+  `level_bits`, token ids as their own ranks) for ids, log-probs and the rest, with the tail statistics and
+  label log-probs as float32: KD from it is exact where the cache's is. b"DSC1" | u32 | header (as above, with
+  "level_bits" and "blobs": each sequence's codec bytes) | the blobs | tails f32[N, m] | label_logp f32[N].
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 MAGIC = b"DSD1"
+CODEC_MAGIC = b"DSC1"
 CONTENT_TYPE = "application/x-dsdistill-scores"
 
 
@@ -107,3 +111,64 @@ def decode(data: bytes) -> tuple[dict[str, Any], Scored]:
     tails = take(n * m, "<f4").reshape(n, m)
     label_logp = take(n, "<f4") if labels else None
     return header, Scored(counts, ids, logp, log_rest, tails, label_logp)
+
+
+def encode_codec(scored: Scored, *, model: str, tokenizer: str, level_bits: int) -> bytes:
+    from dsdistill import codec
+
+    n, k = scored.ids.shape
+    blobs, at = [], 0
+    for count in scored.counts:
+        part = slice(at, at + count)
+        blobs.append(codec.encode(scored.ids[part], scored.logp[part], scored.log_rest[part], level_bits=level_bits))
+        at += count
+    header = {
+        "model": model,
+        "tokenizer": tokenizer,
+        "counts": scored.counts,
+        "k": k,
+        "m": scored.tails.shape[1],
+        "labels": scored.label_logp is not None,
+        "level_bits": level_bits,
+        "blobs": [len(b) for b in blobs],
+    }
+    head = json.dumps(header).encode()
+    parts = [CODEC_MAGIC, struct.pack("<I", len(head)), head, *blobs, scored.tails.astype("<f4").tobytes()]
+    if scored.label_logp is not None:
+        parts.append(scored.label_logp.astype("<f4").tobytes())
+    return b"".join(parts)
+
+
+def decode_any(data: bytes) -> tuple[dict[str, Any], Scored]:
+    """(header, arrays) of a reply in either binary form."""
+    return decode_codec(data) if data[:4] == CODEC_MAGIC else decode(data)
+
+
+def decode_codec(data: bytes) -> tuple[dict[str, Any], Scored]:
+    from dsdistill import codec
+
+    (size,) = struct.unpack("<I", data[4:8])
+    header = json.loads(data[8 : 8 + size])
+    counts, sizes = [int(c) for c in header["counts"]], [int(b) for b in header["blobs"]]
+    n, k, m, labels, bits = sum(counts), int(header["k"]), int(header["m"]), bool(header["labels"]), int(header["level_bits"])
+    at = 8 + size
+    if len(data) - at != sum(sizes) + n * m * 4 + (n * 4 if labels else 0):
+        raise ValueError(f"codec reply of {len(data) - at} bytes does not match its header")
+    ids, logp, rest = [], [], []
+    for count, length in zip(counts, sizes):
+        d = codec.decode(data[at : at + length], count, k, level_bits=bits)
+        ids.append(d.ranks)
+        logp.append(d.logp)
+        rest.append(d.log_rest)
+        at += length
+    tails = np.frombuffer(data, dtype="<f4", count=n * m, offset=at).reshape(n, m)
+    at += n * m * 4
+    label_logp = np.frombuffer(data, dtype="<f4", count=n, offset=at) if labels else None
+    return header, Scored(
+        counts,
+        np.concatenate(ids).astype(np.int64) if ids else np.zeros((0, k), np.int64),
+        np.concatenate(logp).astype(np.float32) if logp else np.zeros((0, k), np.float32),
+        np.concatenate(rest).astype(np.float32) if rest else np.zeros(0, np.float32),
+        tails,
+        label_logp,
+    )
