@@ -405,3 +405,53 @@ def test_a_teacher_sharded_over_two_ranks_answers_as_one_device_does(served, ass
             break
         time.sleep(0.05)
     assert not _session(proc), [p.cmdline() for p in _session(proc)]
+
+
+@pytest.mark.slow
+def test_a_server_that_stops_answering_ends_the_run_saved_and_the_resumed_run_equals_an_uninterrupted_one(assets, tmp_path):
+    """The server is frozen (SIGSTOP: connections open, no answer ever) under a training run: each request
+    times out, is retried, then the run saves and exits 75 in one line. Thawed, a relaunch resumes, and every
+    step's numbers equal an uninterrupted run's."""
+    cfg = _base(assets, tmp_path)
+    teacher_yaml = tmp_path / "teacher.yaml"
+    teacher_yaml.write_text(yaml.safe_dump(cfg))
+    server = Server(teacher_yaml, free_port()).start()
+    run = {
+        **cfg,
+        "teacher": {"url": server.url, "options": {"top_k": 16, "retries": 1, "timeout_s": 3}},
+        "train": {**cfg["train"], "max_steps": 6},
+        "eval": {"every": 0, "max_batches": 1, "at_start": False},
+        "checkpoint": {"every": 1000, "save_final": True},
+    }
+
+    def kd(run_dir: Path) -> dict[int, float]:
+        return {r.step: r.losses["kd"] for r in _records(run_dir) if getattr(r, "kind", None) == "train"}
+
+    try:
+        whole = {**run, "output": {**run["output"], "run_dir": str(tmp_path / "whole")}}
+        with contextlib.redirect_stdout(io.StringIO()), open_session(validate(whole)) as s:
+            s.fit()
+        run_yaml = tmp_path / "run.yaml"
+        run_yaml.write_text(yaml.safe_dump(run))
+        cmd = [sys.executable, "-m", "dsdistill", "train", "--config", str(run_yaml)]
+        env = without_world_env(dict(os.environ))
+        trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in trainer.stdout:  # the console's step lines: the server freezes once training is under way
+            if line.startswith("step 2/"):
+                break
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        out, err = trainer.communicate(timeout=600)
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        assert trainer.returncode == EXIT_PREEMPTED, err[-2000:]
+        said = [line for line in err.splitlines() if line.startswith("dsdistill: ")]
+        assert said[-1].startswith(f"dsdistill: teacher.url: {server.url} stopped answering"), err[-2000:]
+        end = _records(tmp_path / "run")[-1]
+        assert isinstance(end, RunEnd) and end.reason == "interrupted" and end.step < 6
+        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-2000:]
+    finally:
+        server.kill()
+    assert "resumed from" in again.stdout
+    assert sorted(kd(tmp_path / "run")) == list(range(6)) and kd(tmp_path / "run") == pytest.approx(
+        kd(tmp_path / "whole"), rel=1e-6
+    )
