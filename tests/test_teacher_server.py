@@ -257,15 +257,16 @@ def _records(run_dir: Path) -> list:
 
 
 @pytest.mark.slow
-def test_server_fed_kd_on_two_ranks_through_the_launcher_equals_live_top_k_and_rest(served, tmp_path):
-    """`deepspeed --num_gpus 2` with the teacher behind the server, at T = 2: the step-0 eval KD over both
-    ranks' shards (and the teacher's perplexity) equals live top-16 + rest on the same eval split."""
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_server_fed_kd_on_two_ranks_through_the_launcher_equals_live_top_k_and_rest(served, tmp_path, temperature):
+    """`deepspeed --num_gpus 2` with the teacher behind the server: the step-0 eval KD over both ranks' shards
+    (and the teacher's perplexity) equals live top-16 + rest on the same eval split."""
     from dsdistill.demo import launcher_command, launcher_env
 
     cfg = {
         **served["cfg"],
         "teacher": {"url": served["server"].url, "options": {"top_k": 16}},
-        "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "temperature": 2.0},
+        "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "temperature": temperature},
         "train": {**served["cfg"]["train"], "max_steps": 2, "micro_batch_size": 2},
         "eval": {"every": 2, "max_batches": 4, "at_start": True, "micro_batch_size": 2},
         "output": {**served["cfg"]["output"], "run_dir": str(tmp_path / "two")},

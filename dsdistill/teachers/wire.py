@@ -86,10 +86,11 @@ def encode(scored: Scored, *, model: str, tokenizer: str) -> bytes:
     return b"".join(parts)
 
 
-def decode(data: bytes) -> tuple[dict[str, Any], Scored]:
+def decode(data: bytes | bytearray) -> tuple[dict[str, Any], Scored]:
     """(header, arrays) of a binary reply; a ValueError in one line for anything that is not one."""
     if data[:4] != MAGIC or len(data) < 8:
         raise ValueError("not a dsdistill binary reply")
+    data = bytearray(data)  # writable arrays: torch takes them without a copy of its own
     (size,) = struct.unpack("<I", data[4:8])
     header = json.loads(data[8 : 8 + size])
     counts = [int(c) for c in header["counts"]]
@@ -161,9 +162,9 @@ def decode_codec(data: bytes) -> tuple[dict[str, Any], Scored]:
         logp.append(d.logp)
         rest.append(d.log_rest)
         at += length
-    tails = np.frombuffer(data, dtype="<f4", count=n * m, offset=at).reshape(n, m)
+    tails = np.frombuffer(data, dtype="<f4", count=n * m, offset=at).reshape(n, m).copy()
     at += n * m * 4
-    label_logp = np.frombuffer(data, dtype="<f4", count=n, offset=at) if labels else None
+    label_logp = np.frombuffer(data, dtype="<f4", count=n, offset=at).copy() if labels else None
     return header, Scored(
         counts,
         np.concatenate(ids).astype(np.int64) if ids else np.zeros((0, k), np.int64),
