@@ -54,11 +54,21 @@ class TeacherSpec(ModelSpec):
     """Another registered kind of teacher (dsdistill/teachers/kinds.py)."""
     options: dict[str, Any] = {}
     """Options of the chosen teacher, checked by its own options model (a server: top_k, timeout_s, retries)."""
+    placement: Literal["auto", "zero3", "replicated"] = "auto"
+    """A model teacher (`path`): sharded over the ranks by ZeRO-3 (`zero3`: no rank holds it whole), or whole on
+    every rank's device (`replicated`: no gathers in its forwards). `auto`: replicated on a GPU when its weights
+    take at most `replicate_share` of the device's memory, else ZeRO-3 (ZeRO-3 on a CPU)."""
+    replicate_share: float = Field(0.25, gt=0, le=1)
+    """`placement: auto`: the share of one GPU's memory a replicated teacher may take."""
 
     @model_validator(mode="after")
     def _one_teacher(self) -> "TeacherSpec":
         if sum(v is not None for v in (self.path, self.cache, self.url, self.kind)) != 1:
             raise ValueError("set path (a model), cache (a teacher-cache directory), url (a teacher server) or kind, exactly one")
+        if self.placement != "auto" and self.path is None:
+            raise ConfigError(
+                f"teacher.placement: {self.placement} places a model this job loads (teacher.path); this teacher has none"
+            )
         from dsdistill.teachers.kinds import plan_class
 
         if self.kind in ("path", "cache", "url"):

@@ -51,9 +51,9 @@ class Plan:
     """What the run's teacher can supply (its kind is never asked)."""
     teacher_names: tuple[str, ...] = ()
     """`teachers:`: their names, in config order (empty: one teacher)."""
-    teacher_shards: tuple[Any, ...] = ()
-    """The configs of the teacher models whose weights this job holds (sharded by ZeRO-3): what the memory
-    estimate counts."""
+    teacher_shards: tuple[tuple[Any, str], ...] = ()
+    """(config, placement) of each teacher model whose weights this job holds, "zero3" (sharded over the ranks)
+    or "replicated" (whole on each): what the memory estimate counts."""
     fused_off: Optional[str] = None
     """Why fused KD/LM cannot run for these models (then full logits are used), or None."""
 
@@ -89,6 +89,15 @@ class RunData:
     """The teacher, opened and checked against this run (no weights loaded)."""
 
 
+def _placed(plan: Plan) -> str:
+    """`, ZeRO-3, frozen` / `, replicated on each rank, frozen` for the teacher models this job holds."""
+    where = {p for _, p in plan.teacher_shards}
+    if not where:
+        return ""
+    said = {"zero3": f"ZeRO-{zero_stage(plan.ds_teacher)}", "replicated": "replicated on each rank"}
+    return ", " + " and ".join(said[w] for w in sorted(where, reverse=True)) + ", frozen"
+
+
 def describe(plan: Plan, data: RunData) -> str:
     """A few lines a person reads before launching."""
     c = plan.cfg
@@ -103,8 +112,7 @@ def describe(plan: Plan, data: RunData) -> str:
         *describe_data(data.splits, c.train.seq_len),
         *separator_lines(c, data.tokenizer),
         *generation_lines(plan),
-        f"{'teachers' if plan.teacher_names else 'teacher'}: {data.teacher.describe()}"
-        + (f", ZeRO-{zero_stage(plan.ds_teacher)}, frozen" if data.teacher.capabilities().model_in_job else ""),
+        f"{'teachers' if plan.teacher_names else 'teacher'}: {data.teacher.describe()}" + _placed(plan),
         f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_student)}, precision {plan.precision}",
         f"LR schedule: {lr_schedule(c, plan.ds_student)}",
         f"curriculum: computes {', '.join(plan.curriculum.active)}"
@@ -272,6 +280,7 @@ def plan_dict(plan: "Plan", data: RunData) -> dict[str, Any]:
         "teacher": {
             **data.teacher.plan_json(),
             **({"zero_stage": zero_stage(plan.ds_teacher)} if data.teacher.capabilities().model_in_job else {}),
+            **({"placement": [p for _, p in plan.teacher_shards]} if plan.teacher_shards else {}),
         },
         "student": {"path": c.student.path, "zero_stage": zero_stage(plan.ds_student)},
         "components": list(plan.curriculum.active),
@@ -292,7 +301,8 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
     gib = 2.0**30
     width = 2 if plan.precision in ("bf16", "fp16") else 4
     world = plan.world
-    teacher = sum(count_params(c) for c in plan.teacher_shards)
+    teacher = sum(count_params(c) for c, _ in plan.teacher_shards)
+    per_device = sum(count_params(c) / (1 if where == "replicated" else plan.world) for c, where in plan.teacher_shards)
     student = count_params(plan.student_config)
     zero = plan.ds_student.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
@@ -329,7 +339,7 @@ def estimate_memory(plan: "Plan") -> dict[str, float]:
         chunk_rows = min(tokens, plan.cfg.loss.fused_chunk or auto_chunk(plan.vocab, 0, budget_bytes=budget, fixed=fixed))
         logits = chunk_rows * plan.vocab * BYTES_PER_LOGIT + fixed
     out = {
-        "teacher_shard": teacher * width / world / gib,
+        "teacher_shard": per_device * width / gib,
         "student_states": (weights + grads + optim) / gib,
         "logits": logits / gib,
         "teacher_params": teacher,
@@ -444,10 +454,18 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
         left_out=left_out,
         teacher=teacher.capabilities(),
         teacher_names=tuple(t.name for t in cfg.teachers or ()),
-        teacher_shards=tuple(p.model_config for _, p, _ in members if p.capabilities().model_in_job),
+        teacher_shards=tuple(
+            (p.model_config, _placement(p, precision_of(cfg))) for _, p, _ in members if p.capabilities().model_in_job
+        ),
         fused_off=fused_off,
     )
     return plan, RunData(tokenizer, splits, stream, teacher)
+
+
+def _placement(teacher: TeacherPlan, precision: str) -> str:
+    """Where a teacher model in the job keeps its weights ("zero3" unless its kind can place it otherwise)."""
+    placement = getattr(teacher, "placement", None)
+    return placement(precision) if placement is not None else "zero3"
 
 
 def _curriculum(cfg: RunConfig, active: Optional[tuple[str, ...]] = None) -> Curriculum:

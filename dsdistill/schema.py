@@ -47,6 +47,9 @@ class RunStart(_Record):
     """Tokens per sequence."""
     student_zero_stage: int = 0
     teacher_zero_stage: int = 3
+    teacher_placement: list[str] = []
+    """Where each teacher model of the job keeps its weights: "zero3" (sharded over the ranks, at
+    `teacher_zero_stage`) or "replicated" (whole on each rank); empty when no teacher model is in the job."""
     student_params: int = 0
     teacher_params: int = 0
     resumed: bool = False

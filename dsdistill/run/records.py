@@ -53,6 +53,7 @@ class Records:
                 seq_len=cfg.train.seq_len,
                 student_zero_stage=zero_stage(plan.ds_student),
                 teacher_zero_stage=zero_stage(plan.ds_teacher),
+                teacher_placement=[p for _, p in plan.teacher_shards],
                 student_params=student_params,
                 teacher_params=t_params,
                 resumed=resumed,

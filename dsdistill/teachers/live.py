@@ -50,8 +50,37 @@ def gather_full(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach()
 
 
+class Replicated:
+    """A frozen model whole on this rank's device, called as the teacher's ZeRO-3 engine would be (`module`,
+    `device`, a call): no parameter is gathered in its forwards."""
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module = module.to(device).eval().requires_grad_(False)
+        self.device = device
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def choose_placement(asked: str, *, weight_bytes: int, device_bytes: Optional[int], share: float) -> str:
+    """ "zero3" or "replicated" for `teacher.placement` `asked`: `auto` replicates a teacher whose weights take at
+    most `share` of one GPU's memory (`device_bytes`; None on a CPU, where ranks share one memory: ZeRO-3)."""
+    if asked != "auto":
+        return asked
+    if device_bytes is None:
+        return "zero3"
+    return "replicated" if weight_bytes <= share * device_bytes else "zero3"
+
+
+def device_bytes() -> Optional[int]:
+    """This rank's GPU memory, or None on a CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
 class LiveTeacher:
-    """The frozen teacher in its ZeRO-3 engine (no rank holds it whole)."""
+    """The frozen teacher in its ZeRO-3 engine (no rank holds it whole), or replicated on every rank."""
 
     def __init__(
         self,
@@ -147,7 +176,7 @@ class LiveTeacher:
         return param_counts(self.engine.module)[0]
 
     def where(self) -> str:
-        return "ZeRO-3"
+        return "replicated" if isinstance(self.engine, Replicated) else "ZeRO-3"
 
     def exact_share(self) -> Optional[float]:
         return None
@@ -190,6 +219,15 @@ class LivePlan:
         t = self.model_config
         return f"{self.spec.path} ({getattr(t, 'num_hidden_layers', '?')} layers, width {getattr(t, 'hidden_size', '?')})"
 
+    def placement(self, precision: str) -> str:
+        """Where its weights live: "zero3" (sharded over the ranks) or "replicated" (whole on each)."""
+        from dsdistill.models import DTYPES, count_params
+
+        weight_bytes = count_params(self.model_config) * DTYPES[precision].itemsize
+        return choose_placement(
+            self.spec.placement, weight_bytes=weight_bytes, device_bytes=device_bytes(), share=self.spec.replicate_share
+        )
+
     def plan_json(self) -> dict[str, Any]:
         return {"path": self.spec.path}
 
@@ -203,11 +241,19 @@ class LivePlan:
         from dsdistill.heads import head_options
         from dsdistill.models import load_causal_lm
 
+        replicated = self.placement(plan.precision) == "replicated"
         lm = agree(
-            lambda: load_causal_lm(self.spec, field="teacher", precision=plan.precision, zero3_ds_config=plan.ds_teacher),
+            lambda: load_causal_lm(
+                self.spec, field="teacher", precision=plan.precision, zero3_ds_config=None if replicated else plan.ds_teacher
+            ),
             what="loading the teacher",
         )
-        engine = build_teacher_engine(TeacherModel(lm), plan.ds_teacher)
+        if replicated:  # whole on this rank's device: its forwards gather nothing
+            from deepspeed.accelerator import get_accelerator
+
+            engine: Any = Replicated(TeacherModel(lm), torch.device(get_accelerator().current_device_name()))
+        else:
+            engine = build_teacher_engine(TeacherModel(lm), plan.ds_teacher)
         return LiveTeacher(
             engine,
             vocab=plan.vocab,
