@@ -406,13 +406,23 @@ UNREACHABLE = (urllib.error.URLError, OSError, ValueError)
 
 def request_json(url: str, body: Optional[dict[str, Any]], timeout: float) -> dict[str, Any]:
     """GET (no body) or POST JSON; an HTTP error status is a one-line ConfigError with the server's reason."""
+    return json.loads(_request(url, body, timeout))
+
+
+def _request_binary(url: str, body: dict[str, Any], timeout: float) -> tuple[dict[str, Any], wire.Scored]:
+    """POST a score request for a binary reply; (its header, its arrays)."""
+    return wire.decode_any(_request(url, body, timeout))
+
+
+def _request(url: str, body: Optional[dict[str, Any]], timeout: float) -> bytes:
+    """The reply's body to a GET (no body) or a JSON POST; an HTTP error status is a one-line ConfigError."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
         url, data=data, headers={"Content-Type": "application/json"}, method="GET" if data is None else "POST"
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
+            return r.read()
     except urllib.error.HTTPError as e:
         try:
             why = json.loads(e.read()).get("error", "")
@@ -420,20 +430,6 @@ def request_json(url: str, body: Optional[dict[str, Any]], timeout: float) -> di
             why = ""
         if isinstance(why, dict):  # OpenAI-style {"error": {"message": ...}}
             why = why.get("message", "")
-        raise ConfigError(f"teacher.url: {url} answered {e.code}: {str(why or e.reason).splitlines()[0][:300]}") from None
-
-
-def _request_binary(url: str, body: dict[str, Any], timeout: float) -> tuple[dict[str, Any], wire.Scored]:
-    """POST a score request for the binary reply; (its header, its arrays)."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return wire.decode_any(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            why = json.loads(e.read()).get("error", "")
-        except ValueError:
-            why = ""
         raise ConfigError(f"teacher.url: {url} answered {e.code}: {str(why or e.reason).splitlines()[0][:300]}") from None
 
 

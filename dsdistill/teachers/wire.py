@@ -61,17 +61,21 @@ class Scored:
         )
 
 
-def encode(scored: Scored, *, model: str, tokenizer: str) -> bytes:
-    n, k = scored.ids.shape
+def _header(scored: Scored, *, model: str, tokenizer: str, **more: Any) -> bytes:
     header = {
         "model": model,
         "tokenizer": tokenizer,
         "counts": scored.counts,
-        "k": k,
+        "k": scored.ids.shape[1],
         "m": scored.tails.shape[1],
         "labels": scored.label_logp is not None,
+        **more,
     }
-    head = json.dumps(header).encode()
+    return json.dumps(header).encode()
+
+
+def encode(scored: Scored, *, model: str, tokenizer: str) -> bytes:
+    head = _header(scored, model=model, tokenizer=tokenizer)
     parts = [
         MAGIC,
         struct.pack("<I", len(head)),
@@ -117,23 +121,12 @@ def decode(data: bytes | bytearray) -> tuple[dict[str, Any], Scored]:
 def encode_codec(scored: Scored, *, model: str, tokenizer: str, level_bits: int) -> bytes:
     from dsdistill import codec
 
-    n, k = scored.ids.shape
     blobs, at = [], 0
     for count in scored.counts:
         part = slice(at, at + count)
         blobs.append(codec.encode(scored.ids[part], scored.logp[part], scored.log_rest[part], level_bits=level_bits))
         at += count
-    header = {
-        "model": model,
-        "tokenizer": tokenizer,
-        "counts": scored.counts,
-        "k": k,
-        "m": scored.tails.shape[1],
-        "labels": scored.label_logp is not None,
-        "level_bits": level_bits,
-        "blobs": [len(b) for b in blobs],
-    }
-    head = json.dumps(header).encode()
+    head = _header(scored, model=model, tokenizer=tokenizer, level_bits=level_bits, blobs=[len(b) for b in blobs])
     parts = [CODEC_MAGIC, struct.pack("<I", len(head)), head, *blobs, scored.tails.astype("<f4").tobytes()]
     if scored.label_logp is not None:
         parts.append(scored.label_logp.astype("<f4").tobytes())
