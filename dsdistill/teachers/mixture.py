@@ -34,6 +34,7 @@ def _renamed(e: DistillError, at: str) -> DistillError:
         text = f"{at}: {text}"
     renamed = type(e).__new__(type(e))
     Exception.__init__(renamed, text)
+    renamed.__dict__.update(e.__dict__)  # what was set on it (`everywhere`) stays
     return renamed
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import urllib.error
@@ -32,7 +33,7 @@ import torch
 from pydantic import Field
 
 from dsdistill.components.base import ComponentOptions
-from dsdistill.errors import ConfigError, DistillError
+from dsdistill.errors import ConfigError, DistillError, one_line
 from dsdistill.losses.fused import SparseTeacher
 from dsdistill.teachers import wire
 from dsdistill.teachers.base import Capabilities, RunContext, TeacherInput, TeacherSignal, TeacherUnavailable
@@ -100,6 +101,8 @@ class Scorer:
         self.forwards = 0
         self.most_merged = 0
         """The most requests one forward has scored."""
+        self._broken: Optional[BaseException] = None
+        """Why a sharded server can no longer run forwards (a rank went away), or None."""
         self._jobs: queue.Queue[Optional[_Job]] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="dsdistill-scorer", daemon=True)
         self._worker.start()
@@ -170,8 +173,11 @@ class Scorer:
             try:
                 first = self._jobs.get(timeout=IDLE_S)
             except queue.Empty:
-                if self.ranks is not None:
-                    self.ranks.idle()  # the other ranks wait in a collective: keep it from timing out
+                if self.ranks is not None and self._broken is None:
+                    try:
+                        self.ranks.idle()  # the other ranks wait in a collective: keep it from timing out
+                    except Exception as e:  # noqa: BLE001 - another rank is gone: every request says so
+                        self._broken = e
                 continue
             if first is None:
                 if self.ranks is not None:
@@ -192,6 +198,8 @@ class Scorer:
                 if tokens >= self.max_batch_tokens:
                     break
             try:
+                if self._broken is not None:
+                    raise RuntimeError(f"the teacher's other ranks are gone ({self._broken})")
                 self._forward(jobs)
             except BaseException as e:  # noqa: BLE001 - each waiting request answers with it
                 for job in jobs:
@@ -299,6 +307,10 @@ def make_server(scorer: Scorer, host: str, port: int) -> ThreadingHTTPServer:
                 self._reply(200, *scorer.score(json.loads(self.rfile.read(n))))
             except ValueError as e:  # the request's fault (JSON included): said in one line
                 self._reply(400, {"error": str(e).splitlines()[0][:300]})
+            except Exception as e:  # noqa: BLE001 - the server's own failure: one line each side, the client retries
+                why = one_line(f"{type(e).__name__}: {e}")[:300]
+                print(f"teacher-serve: error: {why}", file=sys.stderr, flush=True)
+                self._reply(500, {"error": why})
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
@@ -430,7 +442,10 @@ def _request(url: str, body: Optional[dict[str, Any]], timeout: float) -> bytes:
             why = ""
         if isinstance(why, dict):  # OpenAI-style {"error": {"message": ...}}
             why = why.get("message", "")
-        raise ConfigError(f"teacher.url: {url} answered {e.code}: {str(why or e.reason).splitlines()[0][:300]}") from None
+        said = f"answered {e.code}: {str(why or e.reason).splitlines()[0][:300]}"
+        if e.code >= 500:  # the server's own trouble: retried, then the run saves and stops
+            raise urllib.error.URLError(said) from None
+        raise ConfigError(f"teacher.url: {url} {said}") from None
 
 
 def _window_key(window: list[TeacherInput]) -> int:
