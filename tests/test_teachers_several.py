@@ -8,6 +8,7 @@ import contextlib
 import copy
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from dsdistill.errors import DistillError
 from dsdistill.preflight import preflight
 from dsdistill.schema import METRICS_FILE, EvalRecord, RunStart, TrainRecord, parse_line
 from dsdistill.train import open_session
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +268,36 @@ def test_a_source_routed_to_an_unknown_teacher_is_one_line(make_config, assets, 
     one = make_config(data={"path": None, "sources": [{"path": str(assets["corpus"]), "teacher": "llama"}], "eval_fraction": 0.1})
     with pytest.raises(DistillError, match=r"^data.sources.0.teacher: got 'llama'; expected the name of one of `teachers:`$"):
         validate(one)
+
+
+@pytest.mark.slow
+def test_two_teachers_under_zero3_on_two_ranks_through_the_launcher(make_config, assets, second_teacher, tmp_path):
+    """Two live teachers, each its own ZeRO-3 engine over the same 2 ranks, with a ZeRO-3 student, launched as
+    users launch: the run completes and records each teacher's KD and perplexity."""
+    import subprocess
+
+    import yaml
+
+    from dsdistill.demo import launcher_command, launcher_env
+    from dsdistill.dist import free_port
+
+    cfg = _several(
+        make_config,
+        assets,
+        second_teacher,
+        train={"max_steps": 2, "micro_batch_size": 2, "grad_accum": 2, "seq_len": 32, "precision": "fp32"},
+        eval={"every": 2, "max_batches": 2, "at_start": False},
+        deepspeed={"student": str(ROOT / "ds_configs" / "zero3.json")},
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = launcher_command(ROOT / "dsdistill" / "train.py", path, nprocs=2, master_port=free_port())
+    proc = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    start = next(r for r in recs if isinstance(r, RunStart))
+    assert start.world_size == 2 and start.teacher_placement == ["zero3", "zero3"]
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    assert [t.step for t in trains] == [0, 1] and all(set(t.metrics) >= {"kd.llama", "kd.qwen"} for t in trains)
+    final = [r for r in recs if isinstance(r, EvalRecord)][-1]
+    assert set(final.teacher_ppls) == {"llama", "qwen"}
