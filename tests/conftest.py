@@ -23,6 +23,12 @@ from dsdistill.demo import build_tokenizer, pretrain, tiny_llama, write_chat, wr
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The multi-process tests first (in their own order), the in-process ones after: the two xdist workers
+    start on the long runs and end on short ones, instead of one worker finishing a long launch alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, Path]:
     """Corpus, tokenizer, a briefly trained teacher and a different-shaped student, on disk."""

@@ -48,6 +48,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_stream(m
         assert not list((disk / "run" / "checkpoints").glob(".step*"))  # the half-written checkpoint is gone
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_cache_write_is_one_line_and_the_write_resumes(make_config, tmp_path):
     cfg = validate(make_config(curriculum={"weights": {"kd": 1.0}}, train={"max_steps": 2, "micro_batch_size": 2}))
     with small_disk(tmp_path / "disk", "24k") as disk:

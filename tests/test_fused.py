@@ -157,6 +157,7 @@ def test_two_rank_zero3_fused_equals_full_logits(make_config, tmp_path):
             assert a.losses[name] == pytest.approx(b.losses[name], rel=1e-5), (a.step, name)
 
 
+@pytest.mark.slow
 def test_benchmark_script_smoke(tmp_path):
     """The benchmark runs end to end on the tiny CPU preset (numbers are reported, not asserted)."""
     import json
