@@ -421,6 +421,14 @@ def request_json(url: str, body: Optional[dict[str, Any]], timeout: float) -> di
     return json.loads(_request(url, body, timeout))
 
 
+def ask_at_open(source: str, path: str, options: "ServerOptions", *, hint: str) -> dict[str, Any]:
+    """A server's answer to a GET when a run opens it; one that cannot be reached is a one-line error."""
+    try:
+        return request_json(f"{source}{path}", None, min(options.timeout_s, 30.0))
+    except UNREACHABLE as e:
+        raise ConfigError(f"teacher.url: cannot reach {source} ({getattr(e, 'reason', e)}); {hint}") from None
+
+
 def _request_binary(url: str, body: dict[str, Any], timeout: float) -> tuple[dict[str, Any], wire.Scored]:
     """POST a score request for a binary reply; (its header, its arrays)."""
     return wire.decode_any(_request(url, body, timeout))
@@ -621,12 +629,7 @@ class ServerPlan:
         from transformers import AutoConfig
 
         self.source, self.options = url.rstrip("/"), options
-        try:
-            info = request_json(f"{self.source}{API}/info", None, min(options.timeout_s, 30.0))
-        except UNREACHABLE as e:
-            raise ConfigError(
-                f"teacher.url: cannot reach {self.source} ({getattr(e, 'reason', e)}); start it with dsdistill teacher-serve"
-            ) from None
+        info = ask_at_open(self.source, f"{API}/info", options, hint="start it with dsdistill teacher-serve")
         ours = tokenizer_hash(student_tokenizer)
         if info.get("tokenizer") != ours:
             raise ConfigError(f"teacher.url: {self.source} serves tokenizer {info.get('tokenizer')}; this run's is {ours}")

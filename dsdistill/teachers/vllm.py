@@ -19,7 +19,7 @@ from typing import Any
 from dsdistill.errors import ConfigError
 from dsdistill.teachers import wire
 from dsdistill.teachers.base import Capabilities, RunContext
-from dsdistill.teachers.server import UNREACHABLE, ServerOptions, ServerTeacher, request_json
+from dsdistill.teachers.server import ServerOptions, ServerTeacher, ask_at_open, request_json
 
 PROBE = "The teacher's tokenizer, probed: 12 apples, 3.5 km; naïve café — ok?\n"
 """Text whose token ids must agree between the run's tokenizer and vLLM's."""
@@ -90,12 +90,7 @@ class VllmPlan:
         from dsdistill.models import load_config
 
         self.source, self.options = cfg.teacher.url.rstrip("/"), options
-        try:
-            models = request_json(f"{self.source}/v1/models", None, min(options.timeout_s, 30.0))
-        except UNREACHABLE as e:
-            raise ConfigError(
-                f"teacher.url: cannot reach {self.source} ({getattr(e, 'reason', e)}); start vllm serve there"
-            ) from None
+        models = ask_at_open(self.source, "/v1/models", options, hint="start vllm serve there")
         served = [m.get("id") for m in models.get("data") or [] if isinstance(m, dict)]
         self.model = options.model or (served[0] if served else None)
         if self.model not in served:
