@@ -177,18 +177,21 @@ def demo_and_speed(args) -> None:
         run(["train", "--config", str(path)])
         recs = [json.loads(line) for line in (Path(c["output"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         trains = [r for r in recs if r["kind"] == "train"]
-        return float(np.median([r["tokens_per_s"] for r in trains[1:]])) / (
+        waits = [r["teacher_wait"] for r in trains[1:] if r.get("teacher_wait") is not None]
+        rate = float(np.median([r["tokens_per_s"] for r in trains[1:]])) / (
             cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum"] * cfg["train"]["seq_len"]
         )
+        return rate, (float(np.median(waits)) if waits else None)
 
     live = dict(cfg, loss={"kd": {"top_k": 64, "top_k_rest": True}}, curriculum={"weights": {"kd": 1.0, "lm": 0.5}})
     live["output"] = {"run_dir": str(work / "live"), "log_every": 5}
     cached = dict(live, teacher={"cache": str(work / "cache-64")}, loss={})
     cached["output"] = {"run_dir": str(work / "cached"), "log_every": 5}
-    a, b = steps_per_s(live, "live"), steps_per_s(cached, "cached")
+    (a, _), (b, wait) = steps_per_s(live, "live"), steps_per_s(cached, "cached")
     print(
         f"  optimizer steps/s, kd + lm, single process: live teacher (top-64 + rest) {a:.2f}, from the cache {b:.2f} ({b / a:.2f}x)"
     )
+    print(f"  share of a cache-fed step its training thread spent getting the cache's rows (median): {wait:.2%}")
 
 
 def main() -> None:

@@ -68,16 +68,21 @@ def _pack_fields(values: np.ndarray, widths: np.ndarray) -> bytes:
 
 
 def _unpack_fields(buf: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The inverse of `_pack_fields`, whole-array: every field (at most 15 bits, so within 3 bytes of its
+    first byte) is cut from a 24-bit window read at its first byte."""
     total = int(widths.sum())
     out = np.zeros(widths.shape, dtype=np.int64)
     if total == 0:
         return out
-    bits = np.unpackbits(buf, count=total).astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
-    for j in range(int(widths.max())):
-        has = widths > j
-        out[has] |= bits[starts[has] + (widths[has] - 1 - j)] << j
-    return out
+    nbytes = (total + 7) // 8
+    if buf.size < nbytes:
+        raise ValueError("truncated field stream")
+    padded = np.zeros(nbytes + 3, dtype=np.int64)
+    padded[:nbytes] = buf[:nbytes]
+    starts = np.cumsum(widths) - widths
+    at, skip = starts >> 3, starts & 7
+    window = (padded[at] << 16) | (padded[at + 1] << 8) | padded[at + 2]
+    return (window >> (24 - skip - widths)) & ((1 << widths) - 1)
 
 
 def _unary(quotients: np.ndarray) -> bytes:
@@ -143,11 +148,23 @@ def decode(blob, n: int, k: int, *, level_bits: int) -> Decoded:
     gaps = (q[: n * k] << id_w) | id_rem
     levels = (q[n * k :] << lv_w) | lv_rem
     ranks = np.cumsum(gaps.reshape(n, k) + 1, axis=1) - 1
-    levels_max = (1 << level_bits) - 1
-    # level 0 stands for everything below half a step: its middle in log terms
-    s = np.where(levels > 0, levels / levels_max, 0.25 / levels_max).reshape(n, k)
-    logp = (top1[:, None] + 2 * np.log(s)).astype(np.float32)
+    logp = (top1[:, None] + _log_level(level_bits)[levels.reshape(n, k)]).astype(np.float32)
     return Decoded(ranks, logp, rest)
+
+
+_LOG_LEVELS: dict[int, np.ndarray] = {}
+
+
+def _log_level(level_bits: int) -> np.ndarray:
+    """log(p / p_top1) of every level, a table: 2 log(level / max); level 0 stands for everything below half
+    a step, at its middle in log terms."""
+    table = _LOG_LEVELS.get(level_bits)
+    if table is None:
+        levels_max = (1 << level_bits) - 1
+        levels = np.arange(levels_max + 1, dtype=np.float64)
+        table = 2 * np.log(np.where(levels > 0, levels / levels_max, 0.25 / levels_max))
+        _LOG_LEVELS[level_bits] = table
+    return table
 
 
 def exact_bytes(n: int, k: int) -> int:

@@ -165,6 +165,7 @@ class _ChatRenderer:
         self.chat = source.format == "chat"
         self.template = resolve_template(source, tokenizer, field=field) if self.chat else None
         self.eos = tokenizer.eos_token_id
+        self._direct_parts: Optional[tuple] = None
         if not getattr(tokenizer, "is_fast", False):
             raise DataError(
                 f"{field}.format: {source.format} needs a fast tokenizer (character offsets locate the loss-bearing "
@@ -174,12 +175,18 @@ class _ChatRenderer:
     # -- chat
 
     def _render(self, messages: list[dict[str, Any]], *, generation: bool = False, n: int = -1) -> str:
+        return self._guard(
+            lambda: self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
+            ),
+            n,
+        )
+
+    def _guard(self, render: Callable[[], str], n: int) -> str:
         import jinja2
 
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
-            )
+            return render()
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"{self.field}.chat_template: the template does not parse (line {e.lineno}: {e.message})") from None
         except jinja2.TemplateError as e:  # raise_exception(), an undefined name, a sandbox refusal
@@ -217,12 +224,50 @@ class _ChatRenderer:
         # datasets fills missing keys of a struct column with None; a template sees only what was given
         return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
+    def _direct(self):
+        """(compiled template, plain-data conversion, reasoning aliases, context) to render prefixes with the
+        same compiled template `apply_chat_template` uses, without its per-call conversion of every message
+        (which made rendering a conversation's prefixes quadratic twice over); None where this transformers
+        has no such helpers (then every render goes through `apply_chat_template`)."""
+        if self._direct_parts is None:
+            try:
+                from transformers.utils import chat_template_utils as ctu
+
+                compiled = ctu._compile_jinja_template(self.template)
+                plain, alias = ctu._plain_template_data, ctu._alias_reasoning_fields
+                self._direct_parts = (compiled, plain, alias, plain(dict(self.tokenizer.special_tokens_map)))
+            except Exception:  # another transformers: the public path only
+                self._direct_parts = ()
+        return self._direct_parts or None
+
+    def _prefixes(self, messages: list[dict[str, Any]], full: str, n: int) -> Callable[[int, bool], str]:
+        """(k, generation) -> the rendering of messages[:k]. Directly with the compiled template when that renders
+        the whole conversation exactly as `apply_chat_template` did (checked on every conversation), else
+        through `apply_chat_template`."""
+        direct = self._direct()
+        if direct is not None:
+            compiled, plain, alias, context = direct
+            chat = alias(plain(messages))
+
+            def render(k: int, generation: bool) -> str:
+                return compiled.render(messages=chat[:k], tools=None, documents=None, add_generation_prompt=generation, **context)
+
+            try:
+                same = render(len(chat), False) == full
+            except Exception:
+                same = False
+            if same:
+                return lambda k, generation: self._guard(lambda: render(k, generation), n)
+        return lambda k, generation: self._render(messages[:k], generation=generation, n=n)
+
     def _spans(self, messages: list[dict[str, Any]], full: str, turns: list[int], n: int) -> list[tuple[int, int]]:
         """Character spans of the given assistant turns in the rendered conversation."""
         spans = []
+        prefix = self._prefixes(messages, full, n) if turns else None
         for i in turns:
-            before = self._render(messages[:i], generation=True, n=n) if i > 0 else ""
-            upto = self._render(messages[: i + 1], n=n)
+            assert prefix is not None
+            before = prefix(i, True) if i > 0 else ""
+            upto = prefix(i + 1, False)
             if not (full.startswith(before) and full.startswith(upto) and len(before) <= len(upto)):
                 raise DataError(
                     f"{self.field}.chat_template: example {n} of {self.where}: the template does not render the "
@@ -270,7 +315,7 @@ class _ChatRenderer:
     def _tokenize(self, text: str, spans: list[tuple[int, int]], *, eos: bool, prompt_only: bool = False) -> Optional[Example]:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        loss = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+        loss = _in_spans([start for start, _ in enc["offset_mapping"]], spans)
         if eos and self.eos is not None:
             ids.append(self.eos)
             loss.append(True)  # the student learns where a completion ends
@@ -285,6 +330,31 @@ class _ChatRenderer:
         return [
             self._pair_example(p, c, rows[i]) for i, (p, c) in enumerate(zip(batch[s.prompt_field], batch[s.completion_field]))
         ]
+
+
+def _in_spans(starts: list[int], spans: list[tuple[int, int]]) -> list[bool]:
+    """For each token start, whether it lies in one of the character spans (any order, may overlap)."""
+    if not spans or not starts:
+        return [False] * len(starts)
+    if len(spans) == 1:
+        a, b = spans[0]
+        return [a <= s < b for s in starts]
+    import numpy as np
+
+    # merged, sorted spans: a start is inside when the last span beginning at or before it has not ended
+    merged: list[list[int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        elif a < b:
+            merged.append([a, b])
+    if not merged:
+        return [False] * len(starts)
+    lo = np.array([a for a, _ in merged])
+    hi = np.array([b for _, b in merged])
+    at = np.asarray(starts)
+    j = np.searchsorted(lo, at, side="right") - 1
+    return ((j >= 0) & (at < hi[np.maximum(j, 0)])).tolist()
 
 
 class _PretokenizedRenderer:

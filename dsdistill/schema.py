@@ -102,8 +102,10 @@ class TrainRecord(_Record):
     """This step's on-policy sampling over all ranks: sequences, rollout_tokens, generation_s,
     tokens_per_s, mean_completion (None at on_policy 0)."""
     teacher_wait: Optional[float] = None
-    """A remote teacher (a server): the share of rank 0's step spent waiting for its answers; near 0 when the
-    next window's answers arrive while this one computes (None: the teacher runs in the job)."""
+    """A remote teacher (a server): the share of rank 0's step spent waiting for its answers; an offline cache:
+    the share its training thread spent getting the cache's rows (waiting for the read-ahead thread, or
+    decoding them itself). Near 0 when the next window's signals are ready while this one computes (None:
+    the teacher runs in the job)."""
 
 
 class EvalRecord(_Record):

@@ -54,6 +54,9 @@ class PairForward:
         self.teacher = teacher
         self.capture = capture
         """The student's q/k capture (None when no component needs attention)."""
+        self.signal_s = 0.0
+        """Seconds this thread spent in the teacher's `signal` since the trainer last reset it (what a cache's
+        training thread waits for its rows)."""
 
     def __call__(
         self,
@@ -79,7 +82,9 @@ class PairForward:
         valid = shifted_valid(labels, ignore)
         names = objective.names if live is None else live
         needs = objective.needs if live is None else objective.needs_of(live, self.plan.layers)
+        asked = time.perf_counter()
         signal = self.teacher.signal(TeacherInput(ids, valid, pos, batch.get("row")), needs)
+        self.signal_s += time.perf_counter() - asked
         call = None
         if self.plan.fused:
             want_kd = "kd" in names
@@ -194,7 +199,8 @@ class StepResult:
     teacher_unavailable: Optional[str] = None
     """Why the teacher could not serve this window (then it is abandoned and the run saves and stops)."""
     teacher_wait: Optional[float] = None
-    """A remote teacher: the share of this rank's step spent waiting for its answers (None: it is in the job)."""
+    """A remote teacher or a cache: the share of this rank's step spent waiting for its signals (None: the
+    teacher is in the job; see `TrainRecord.teacher_wait`)."""
 
     @property
     def step(self) -> int:
@@ -243,7 +249,11 @@ class Trainer:
         acc["nonfinite"] = 0.0  # micro-batches whose loss was not finite, counted on the device
         usage, skipped, lr = None, False, float("nan")
         needs = objective.needs_of(names, self.plan.layers)
-        if self.forward.teacher.capabilities().remote:
+        caps = self.forward.teacher.capabilities()
+        if caps.reads_ahead and not caps.remote:
+            self._prefetch(upcoming)  # the next window's rows decode on a thread while this one computes
+            waited, self.forward.signal_s = 0.0, 0.0
+        if caps.remote:
             # a teacher elsewhere is asked for the whole window now; every rank agrees to go on or to stop
             asked = time.perf_counter()
             problem = self.forward.teacher.prepare([_host_input(mb, cfg.loss.ignore_index) for mb in window], needs)
@@ -286,7 +296,7 @@ class Trainer:
             stop_requested=r["stop"] > 0,
             rollout=rollout,
             save_due=r["save_due"] > 0,
-            teacher_wait=None if waited is None else waited / max(time.perf_counter() - started, 1e-9),
+            teacher_wait=None if waited is None else (waited + self.forward.signal_s) / max(time.perf_counter() - started, 1e-9),
         )
 
     def _rollouts(self, window: list[dict[str, torch.Tensor]], ctx: StepContext):

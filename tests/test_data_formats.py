@@ -449,3 +449,60 @@ def test_truncation_that_cuts_away_every_loss_token_leaves_the_example_out_and_c
     held = data.splits.sources[0].eval
     assert whole.stats.emptied == st.emptied + held.emptied
     assert whole.stats.tokens == st.tokens + held.tokens and whole.stats.truncated == st.truncated + held.truncated
+
+
+LLAMA3_LIKE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nYou are helpful.<|eot_id|>' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}{{ raise_exception('bad role') }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", ["chatml", LLAMA3_LIKE], ids=["chatml", "llama3-like"])
+def test_long_conversations_mask_exactly_the_assistant_turns_found_by_prefix_renders(chat_assets, template):
+    """32-exchange conversations (multi-byte text, whitespace runs, a template with a default system prompt,
+    `loop.last` and `trim`): the loss mask equals one computed independently, from
+    `tokenizer.apply_chat_template` on every prefix, token by token."""
+    import random
+
+    tok = _tok(chat_assets)
+    words = [w for w in tok.get_vocab() if w.isalpha()][:300] + ["naïve", "東京", "emoji🙂", "  spaced  out  "]
+    rng = random.Random(3)
+    say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))  # noqa: E731
+    convs = []
+    for c in range(6):
+        msgs = [{"role": "system", "content": say()}] if c % 2 else []
+        for _ in range(32):
+            msgs += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+        convs.append(msgs)
+    source = FormatFields(format="chat", chat_template=template)
+    render = renderer(source, tok, field="data", where="long", ignore_index=-100)
+    examples = render({"messages": convs}, range(len(convs)))
+    tmpl = render.template
+    for conv, ex in zip(convs, examples):
+        full = tok.apply_chat_template(conv, chat_template=tmpl, tokenize=False)
+        spans = []
+        for i, m in enumerate(conv):
+            if m["role"] == "assistant":
+                before = tok.apply_chat_template(conv[:i], chat_template=tmpl, tokenize=False, add_generation_prompt=True)
+                upto = tok.apply_chat_template(conv[: i + 1], chat_template=tmpl, tokenize=False)
+                spans.append((len(before), len(upto)))
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        want = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
+        assert ex is not None and ex.ids == enc["input_ids"] and ex.loss == want
+
+
+def test_token_starts_are_placed_in_any_set_of_spans_like_a_plain_scan():
+    import random
+
+    from dsdistill.formats import _in_spans
+
+    rng = random.Random(0)
+    for _ in range(300):
+        spans = [(a, a + rng.randint(0, 9)) for a in (rng.randint(0, 60) for _ in range(rng.randint(0, 6)))]
+        starts = sorted(rng.randint(0, 80) for _ in range(rng.randint(0, 40)))
+        assert _in_spans(starts, spans) == [any(a <= s < b for a, b in spans) for s in starts], (spans, starts)

@@ -146,9 +146,13 @@ def test_training_from_the_cache(written, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()), open_session(validate(cfg)) as s:
         s.fit()
         assert not s.teacher.capabilities().model_in_job
+        # step 1's rows were decoded on the read-ahead thread while step 0 ran
+        assert s.teacher.taken_ahead >= 1
     recs = [parse_line(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
     trains = [r for r in recs if isinstance(r, TrainRecord)]
     assert [t.step for t in trains] == [0, 1] and all(t.losses["kd"] > 0 for t in trains)
+    # the share of each step its training thread spent getting the cache's rows is recorded
+    assert all(t.teacher_wait is not None and 0 <= t.teacher_wait < 1 for t in trains)
     start = next(r for r in recs if isinstance(r, RunStart))
     assert start.kd == {"divergence": "forward_kl", "t2_scaled": True, "top_k_support": "teacher"}
     evals = [r for r in recs if r.kind == "eval"]

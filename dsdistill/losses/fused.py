@@ -25,13 +25,15 @@ the window's token count), so one set of buffers serves both terms.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from dsdistill.losses.kd import _topk_log_probs, divergence, t2_factor
+from dsdistill.losses.closed_form import DivergenceSpec, KDLMTerms, SparseSide
+from dsdistill.losses.kd import t2_factor
 
 BYTES_PER_LOGIT = 4 * 8
 """Live fp32 buffers per logit of one chunk: student and teacher logits, both log-softmaxes, a probability
@@ -133,6 +135,15 @@ class SparseTeacher:
         pick = lambda t: t.index_select(0, index)  # noqa: E731
         return SparseTeacher(pick(self.ids), pick(self.logp), pick(self.log_rest), tails, self.temperatures)
 
+    def to(self, device) -> "SparseTeacher":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        tails = None if self.tails is None else move(self.tails)
+        return SparseTeacher(move(self.ids), move(self.logp), move(self.log_rest), tails, self.temperatures)
+
+    def pinned(self) -> "SparseTeacher":
+        tails = None if self.tails is None else self.tails.pin_memory()
+        return SparseTeacher(self.ids.pin_memory(), self.logp.pin_memory(), self.log_rest.pin_memory(), tails, self.temperatures)
+
     def rows(self, start: int, end: int) -> "SparseTeacher":
         tails = None if self.tails is None else self.tails[start:end]
         return SparseTeacher(self.ids[start:end], self.logp[start:end], self.log_rest[start:end], tails, self.temperatures)
@@ -162,111 +173,199 @@ def sparse_log_probs(s: torch.Tensor, sp: SparseTeacher, temperature: float):
     """Student and teacher over the teacher's k cached tokens plus one bucket for the rest of the vocabulary
     (the same buckets as live top-k KD with `loss.kd.top_k_rest`). `s`: student logits already divided by T. The
     teacher's buckets at T are log p_i / T for the kept tokens and log sum_tail p_i^(1/T) for the rest,
-    renormalised: exactly live top-k + rest at T (the tail statistic is stored per temperature)."""
+    renormalised: exactly live top-k + rest at T (the tail statistic is stored per temperature). A reference
+    for tests; training takes the same buckets through `closed_form`."""
     s_full = torch.log_softmax(s, dim=-1)
     top_s = s_full.gather(-1, sp.ids)
     rest_s = torch.logsumexp(s_full.scatter(-1, sp.ids, float("-inf")), dim=-1, keepdim=True)
-    s_logp = torch.cat([top_s, rest_s], dim=-1)
-    tail = sp.log_tail(temperature).to(s.dtype)
-    t = torch.cat([sp.logp.to(s.dtype) / temperature, tail[:, None]], dim=-1)
-    return s_logp, torch.log_softmax(t, dim=-1)
+    return torch.cat([top_s, rest_s], dim=-1), sparse_side(sp, temperature, s.dtype).logp
 
 
-def _chunk_terms(
-    s_logits: torch.Tensor,
-    t_logits: Optional[torch.Tensor],
-    targets: torch.Tensor,
-    o: KDOptions,
-    sparse: Optional[SparseTeacher] = None,
-):
-    """(kd sum x T^2 (tv: x 1), kd raw sum, lm sum) for one chunk of valid rows (fp32 logits [c, V]); the
-    teacher is dense logits, or `sparse`: its top-k from a teacher cache."""
-    zero = s_logits.new_zeros(())
-    kd = raw = zero
-    if o.want_kd:
-        s = s_logits / o.temperature
-        if sparse is not None:
-            s_logp, t_logp = sparse_log_probs(s, sparse, o.temperature)
-        elif o.top_k is not None and o.top_k < s.size(-1):
-            assert t_logits is not None, "dense KD needs the teacher's logits"
-            t = t_logits / o.temperature
-            s_logp, t_logp = _topk_log_probs(s, t, o.top_k, o.top_k_rest, o.divergence, o.top_k_support)
-        else:
-            assert t_logits is not None, "dense KD needs the teacher's logits"
-            s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t_logits / o.temperature, dim=-1)
-        raw = divergence(t_logp, s_logp, o.divergence, beta=o.beta, alpha=o.alpha).sum()
-        kd = raw * t2_factor(o.divergence, o.temperature)
-    lm = F.cross_entropy(s_logits, targets, reduction="sum") if o.want_lm else zero
-    return kd, raw, lm
+def sparse_side(sp: SparseTeacher, temperature: float, dtype: torch.dtype) -> SparseSide:
+    """The sparse teacher's buckets at T: its k tokens and the rest, renormalised."""
+    tail = sp.log_tail(temperature).to(dtype)
+    t = torch.cat([sp.logp.to(dtype) / temperature, tail[:, None]], dim=-1)
+    return SparseSide(sp.ids, torch.log_softmax(t, dim=-1))
+
+
+def terms_of(o: KDOptions) -> KDLMTerms:
+    return KDLMTerms(
+        temperature=o.temperature,
+        spec=DivergenceSpec(o.divergence, o.beta, o.alpha),
+        top_k=o.top_k,
+        rest=o.top_k_rest,
+        support=o.top_k_support,
+        want_kd=o.want_kd,
+        want_lm=o.want_lm,
+    )
+
+
+class LogitLoss(Protocol):
+    """A loss on the logits of blocks of rows, as the chunked head needs it: for rows [start, end) and their
+    student logits (fp32 or fp64, the loss's to overwrite) it returns its sums (the first is the objective,
+    the one the gradient is of) and the gradient of that objective with respect to the logits as (g, factor),
+    meaning factor x g (None without `grad`). The head forms the logits, runs the GEMMs (where the factor
+    costs nothing) and accumulates; a loss never sees the weights."""
+
+    names: tuple[str, ...]
+    wants_grad: bool
+    """False when every coefficient is 0: the head then does no gradient work at all."""
+
+    def chunk(self, start: int, end: int, logits: torch.Tensor, grad: bool) -> tuple[tuple[torch.Tensor, ...], Optional[tuple[torch.Tensor, float]]]: ...
+
+
+def _exact_scale(temperature: float, dtype: torch.dtype) -> bool:
+    """Whether dividing the teacher's hidden state by T (a [rows, width] pass) may replace dividing its
+    logits (a [rows, vocab] pass): always in fp32/fp64, and in half precision when T is a power of two
+    (then it is exact)."""
+    if dtype in (torch.float32, torch.float64):
+        return True
+    m, _ = math.frexp(temperature)
+    return m == 0.5
+
+
+@dataclass
+class KDLMLoss:
+    """KD (dense teacher from its hidden state and head, or a sparse teacher) + LM, weighted by the
+    objective's coefficients: the fused head's `LogitLoss`."""
+
+    terms: KDLMTerms
+    targets: torch.Tensor
+    coef_kd: float
+    coef_lm: float
+    t_hidden: Optional[torch.Tensor] = None
+    t_weight: Optional[torch.Tensor] = None
+    sparse: Optional[SparseTeacher] = None
+    compile: bool = False
+    names: tuple[str, ...] = ("objective", "kd", "kl", "lm")
+
+    @property
+    def wants_grad(self) -> bool:
+        return self.coef_kd != 0.0 or self.coef_lm != 0.0
+
+    def chunk(self, start, end, logits, grad):
+        terms, teacher, at_t = self.terms, None, False
+        if terms.want_kd:
+            if self.sparse is not None:
+                teacher = sparse_side(self.sparse.rows(start, end), terms.temperature, logits.dtype)
+            else:
+                assert self.t_hidden is not None and self.t_weight is not None, "dense KD needs the teacher's hidden state and head"
+                th = self.t_hidden[start:end].to(self.t_weight.dtype)
+                if terms.temperature != 1.0 and _exact_scale(terms.temperature, th.dtype):
+                    th, at_t = th * (1.0 / terms.temperature), True
+                with torch.no_grad():
+                    teacher = _mm_f32(th, self.t_weight.T).to(logits.dtype)
+        rows = _compiled_rows() if self.compile and logits.is_cuda else _rows
+        kd, lm, g, factor = rows(terms, logits, teacher, self.targets[start:end], self.coef_kd, self.coef_lm, grad, at_t)
+        zero = logits.new_zeros(())
+        raw = kd.sum() if kd is not None else zero
+        kd_sum = raw * t2_factor(terms.spec.kind, terms.temperature)
+        lm_sum = lm.sum() if lm is not None else zero
+        return (self.coef_kd * kd_sum + self.coef_lm * lm_sum, kd_sum, raw, lm_sum), (None if g is None else (g, factor))
+
+
+def _rows(terms: KDLMTerms, logits, teacher, targets, coef_kd, coef_lm, grad, at_t):
+    return terms.rows(logits, teacher, targets, coef_kd=coef_kd, coef_lm=coef_lm, grad=grad, teacher_at_t=at_t)
 
 
 _COMPILED = None
 
 
-def _terms_fn(o: KDOptions, device: torch.device):
-    """The per-chunk function: compiled once (dynamic shapes, for the uneven last chunk) when asked on CUDA."""
+def _compiled_rows():
+    """The per-chunk math compiled once (dynamic shapes, for the uneven last chunk): CUDA only."""
     global _COMPILED
-    if o.compile and device.type == "cuda":
-        if _COMPILED is None:
-            _COMPILED = torch.compile(_chunk_terms, dynamic=True)
-        return _COMPILED
-    return _chunk_terms
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_rows, dynamic=True)
+    return _COMPILED
 
 
-class _FusedKDLM(torch.autograd.Function):
+class _ChunkedHead(torch.autograd.Function):
+    """Any `LogitLoss` over the logits h @ W^T, chunk by chunk: the logits GEMM in the weight's dtype, the
+    loss's value and logit gradient, then d hidden = g @ W and d W += g^T @ h right away. No autograd graph
+    inside a chunk; backward only scales what the forward stored."""
+
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, targets, coef_kd: float, coef_lm: float, o: KDOptions, sparse=None):
+    def forward(ctx, s_hidden, s_weight, loss: LogitLoss, chunk: int):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need = (need_h or need_w) and (coef_kd != 0.0 or coef_lm != 0.0)
+        need = (need_h or need_w) and loss.wants_grad
         acc_dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
         grad_h = torch.zeros(s_hidden.shape, dtype=acc_dtype, device=s_hidden.device) if need and need_h else None
         grad_w = torch.zeros(s_weight.shape, dtype=acc_dtype, device=s_weight.device) if need and need_w else None
         w = s_weight.detach()
-        kd_sum = raw_sum = lm_sum = torch.zeros((), dtype=acc_dtype, device=s_hidden.device)
-        for start in range(0, s_hidden.size(0), o.chunk):
-            end = min(s_hidden.size(0), start + o.chunk)
+        w_dh = _dh_layout(w) if need_h else w
+        totals = None
+        for start in range(0, max(1, s_hidden.size(0)), chunk):
+            end = min(s_hidden.size(0), start + chunk)
             # the chunk's rows take the weight's dtype (never the other way round: no full-weight copy)
             h = s_hidden[start:end].detach().to(w.dtype)
             with torch.no_grad():
                 s_logits = _mm_f32(h, w.T).to(acc_dtype)
-                t_logits = (
-                    _mm_f32(t_hidden[start:end].to(t_weight.dtype), t_weight.T).to(acc_dtype)
-                    if o.want_kd and sparse is None
-                    else None
-                )
-            part = None if sparse is None else sparse.rows(start, end)
-            s_logits.requires_grad_(need)
-            with torch.enable_grad() if need else torch.no_grad():
-                kd, raw, lm = (
-                    _chunk_terms(s_logits, None, targets[start:end], o, part)
-                    if part is not None
-                    else _terms_fn(o, s_logits.device)(s_logits, t_logits, targets[start:end], o)
-                )
-                g = torch.autograd.grad(coef_kd * kd + coef_lm * lm, s_logits)[0] if need else None
-            if g is not None:
-                g_low = g.to(w.dtype)
-                if grad_h is not None:
-                    grad_h[start:end] = _mm_f32(g_low, w).to(acc_dtype)
-                if grad_w is not None:
-                    grad_w += _mm_f32(g_low.T, h).to(acc_dtype)
-                del g, g_low
-            kd_sum = kd_sum + kd.detach()
-            raw_sum = raw_sum + raw.detach()
-            lm_sum = lm_sum + lm.detach()
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+                sums, g = loss.chunk(start, end, s_logits, need)
+                if g is not None:
+                    _accumulate(*g, h, w, w_dh, grad_h, grad_w, start, end)
+                del g
+            totals = list(sums) if totals is None else [a + b for a, b in zip(totals, sums)]
+        assert totals is not None
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.flags = (grad_h is not None, grad_w is not None)
         ctx.dtypes = (s_hidden.dtype, s_weight.dtype)
-        combined = coef_kd * kd_sum + coef_lm * lm_sum
-        ctx.mark_non_differentiable(kd_sum, raw_sum, lm_sum)
-        return combined, kd_sum, raw_sum, lm_sum
+        ctx.mark_non_differentiable(*totals[1:])
+        return tuple(totals)
 
     @staticmethod
-    def backward(ctx, g_combined, *_unused):
+    def backward(ctx, g_objective, *_unused):
         saved = iter(ctx.saved_tensors)
         has_h, has_w = ctx.flags
-        gh = (next(saved) * g_combined).to(ctx.dtypes[0]) if has_h else None
-        gw = (next(saved) * g_combined).to(ctx.dtypes[1]) if has_w else None
-        return gh, gw, None, None, None, None, None, None, None
+        gh = (next(saved) * g_objective).to(ctx.dtypes[0]) if has_h else None
+        gw = (next(saved) * g_objective).to(ctx.dtypes[1]) if has_w else None
+        return gh, gw, None, None
+
+
+def _dh_layout(w: torch.Tensor) -> torch.Tensor:
+    """The weight as d hidden = g @ W reads it. PyTorch's CPU kernels multiply a half-precision [rows, V] by a
+    row-major [V, D] about 10x slower than by the same matrix stored column-major (AVX2, no bf16 units:
+    7.8 s against 0.8 s at 1,024 x 32,000 x 128), so on CPU the half-precision weight is laid out once per
+    call (one copy of it, never one per chunk); on GPUs the GEMM reads either layout at full speed."""
+    if w.is_cuda or w.dtype not in (torch.bfloat16, torch.float16):
+        return w
+    return w.t().contiguous().t()
+
+
+def _accumulate(g, factor, h, w, w_dh, grad_h, grad_w, start, end):
+    """d hidden rows = factor g @ W, d W += factor g^T @ h: in place with an fp32/fp64 GEMM (the factor rides
+    on the GEMM's alpha); in half precision the GEMMs take the model dtype (fp32 outputs where the backend
+    has them)."""
+    if w.dtype == g.dtype:
+        if grad_h is not None:
+            torch.mm(g, w, out=grad_h[start:end])
+            grad_h[start:end].mul_(factor)
+        if grad_w is not None:
+            grad_w.addmm_(g.T, h, alpha=factor)
+        return
+    g_low = g.to(w.dtype)
+    if grad_h is not None:
+        grad_h[start:end] = _mm_f32(g_low, w_dh).mul_(factor)
+    if grad_w is not None:
+        _addmm_f32_(grad_w, g_low.T, h, factor)
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """acc += alpha a @ b for half-precision a, b and an fp32 acc: on CUDA one GEMM that accumulates into acc
+    (no [V, D] temporary); elsewhere the product is upcast and added."""
+    if a.is_cuda and _OUT_F32.get(("addmm", a.dtype), True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _OUT_F32[("addmm", a.dtype)] = False
+    acc.add_(_mm_f32(a, b), alpha=alpha)
+
+
+def chunked_head(s_hidden: torch.Tensor, s_weight: torch.Tensor, loss: LogitLoss, chunk: int) -> dict:
+    """`loss` over the logits s_hidden @ s_weight^T ([N, D] rows, [V, D] weight) chunk by chunk: its sums by
+    name, the first differentiable in s_hidden and s_weight."""
+    out = _ChunkedHead.apply(s_hidden, s_weight, loss, int(chunk))
+    return dict(zip(loss.names, out))
 
 
 def fused_kd_lm(
@@ -309,7 +408,6 @@ def fused_kd_lm(
     t_sparse = as_sparse(t_sparse)
     if t_sparse is not None and t_sparse.ids.size(0) != targets.size(0):
         raise ValueError(f"the teacher cache gave {t_sparse.ids.size(0)} positions for a batch with {targets.size(0)}")
-    combined, kd, raw, lm = _FusedKDLM.apply(
-        sh, s_weight, th, t_weight, targets, float(coef_kd), float(coef_lm), options, t_sparse
-    )
-    return combined, {"kd": kd, "kl": raw, "lm": lm, "count": count}
+    loss = KDLMLoss(terms_of(options), targets, float(coef_kd), float(coef_lm), th, t_weight, t_sparse, options.compile)
+    out = chunked_head(sh, s_weight, loss, options.chunk)
+    return out["objective"], {"kd": out["kd"], "kl": out["kl"], "lm": out["lm"], "count": count}

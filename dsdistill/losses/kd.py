@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from dsdistill.losses.lm import shifted_mask, upcast
+from dsdistill.losses.lm import shifted_mask
 
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv")
 T2_SCALED: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"})
@@ -154,14 +154,18 @@ def kd_loss(
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ")
+    from dsdistill.losses.closed_form import DivergenceSpec, KDLMTerms, full_logits_kd
+
     mask = shifted_mask(labels, ignore_index)
-    # every position, then the valid ones kept by a where: static shapes, so the host never waits for a count
-    s = upcast(student_logits[:, :-1]).reshape(-1, student_logits.size(-1)) / temperature
-    t = upcast(teacher_logits[:, :-1]).reshape(-1, teacher_logits.size(-1)) / temperature
-    if top_k is not None and top_k < s.size(-1):
-        s_logp, t_logp = _topk_log_probs(s, t, top_k, top_k_rest, divergence_kind, top_k_support)
-    else:
-        s_logp, t_logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
-    per = divergence(t_logp, s_logp, divergence_kind, beta=beta, alpha=alpha)
-    raw = torch.where(mask.reshape(-1), per, 0.0).sum()
-    return raw * t2_factor(divergence_kind, temperature), {"count": mask.sum(), "kl": raw.detach()}
+    # every position is a row, the ones without a counted next label masked: static shapes, so the host never
+    # waits for a count; value and gradient in closed form (`closed_form.py`), as the fused head per chunk
+    terms = KDLMTerms(
+        temperature=temperature,
+        spec=DivergenceSpec(divergence_kind, beta, alpha),
+        top_k=top_k,
+        rest=top_k_rest,
+        support=top_k_support,
+        want_lm=False,
+    )
+    total, raw = full_logits_kd(student_logits, teacher_logits, labels, ignore_index, terms)
+    return total, {"count": mask.sum(), "kl": raw.detach()}

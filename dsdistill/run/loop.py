@@ -102,8 +102,10 @@ class Session:
         reason = reason or ("completed" if policy.finished(engine.global_steps) else None)
         self.pace = Pace()
         state.last_save = time.monotonic()
-        # a remote teacher is asked for the next window while this one computes: windows are drawn one ahead
-        ahead = self.teacher.capabilities().remote
+        # a remote teacher is asked for the next window while this one computes (a cache decodes it): windows
+        # are drawn one ahead
+        caps = self.teacher.capabilities()
+        ahead = caps.remote or caps.reads_ahead
         drawn = Windows(self.data.stream, batches, cfg.train.grad_accum)
         while reason is None:
             window, before, after = drawn.next()

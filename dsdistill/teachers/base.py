@@ -47,6 +47,9 @@ class Capabilities:
     remote: bool = False
     """It asks another process for its signals: a window's are fetched before it runs (`prepare`), and a
     failure stops the run cleanly, every rank agreeing."""
+    reads_ahead: bool = False
+    """It prepares a window's signals on a thread while the window before it runs (`prefetch`): windows are
+    drawn one ahead for it (a remote teacher always is)."""
 
 
 @dataclass
@@ -140,8 +143,9 @@ class TeacherSource(Protocol):
         run then saves and stops, every rank agreeing), or None."""
 
     def prefetch(self, window: list[TeacherInput], needs: "Needs") -> None:
-        """Called (for a remote teacher only) with the next training window while this one computes: a source
-        that fetches from elsewhere starts asking now, and `prepare` takes what it got if given that window."""
+        """Called (for a remote or read-ahead teacher only) with the next training window while this one
+        computes: a source that fetches from elsewhere starts asking now, and `prepare` takes what it got if
+        given that window; a cache starts decoding its rows, and `signal` takes them."""
 
     def begin_step(self, needs: "Needs") -> None:
         """Called once before an optimizer step's (or an evaluation's) micro-batches."""

@@ -255,22 +255,25 @@ def _encode_shard(plan, engine, rows, first: int, count: int, what: dict[str, An
         logits = _logits(engine, batch)
         if not idx:
             continue
-        logp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1).cpu()
-        mask = batch["labels"][:, 1:] != ignore
+        # top-k, rest and tails on the logits' device: only [n, k] ids and log-probs and [n] statistics cross
+        # to the host, never a [positions, vocab] block
+        logp = torch.log_softmax(logits[:, :-1, : plan.vocab].float(), dim=-1)
+        mask = (batch["labels"][:, 1:] != ignore).to(logp.device)
         for row in range(len(idx)):
             lp = logp[row][mask[row]]
-            top, ids_k = lp.topk(top_k, dim=-1)
-            tail_lp = lp.scatter(-1, ids_k, float("-inf"))
-            rest = torch.logsumexp(tail_lp, dim=-1)
-            blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=level_bits)
+            top_d, ids_d = lp.topk(top_k, dim=-1)
+            tail_lp = lp.scatter(-1, ids_d, float("-inf"))
+            rest_d = torch.logsumexp(tail_lp, dim=-1)
             stats = [torch.logsumexp(tail_lp / t, dim=-1) for t in temps]
-            tails = torch.stack(stats, dim=-1) if stats else torch.zeros(lp.size(0), 0)
+            tails_d = torch.stack(stats, dim=-1) if stats else lp.new_zeros(lp.size(0), 0)
+            top, ids_k, rest, tails = (x.cpu() for x in (top_d, ids_d, rest_d, tails_d))
+            blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=level_bits)
             blobs.append(tails.numpy().astype(np.float16).tobytes() + blob)
             tokens.append(int(lp.size(0)))
             if b == 0 and row == 0 and lp.size(0):  # the shard's fidelity sample: its first row
                 d = decode(blob, lp.size(0), top_k, level_bits=level_bits)  # the codec part alone
                 order = np.argsort(ranks_of[ids_k].numpy(), axis=1, kind="stable")
-                fid = fidelity(lp, torch.from_numpy(np.take_along_axis(ids_k.numpy(), order, 1)), d.logp, rest)
+                fid = fidelity(lp.cpu(), torch.from_numpy(np.take_along_axis(ids_k.numpy(), order, 1)), d.logp, rest)
     return blobs, tokens, fid
 
 

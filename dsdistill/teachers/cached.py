@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from dsdistill.codec import decode
-from dsdistill.errors import ConfigError
+from dsdistill.errors import ConfigError, DistillError
 from dsdistill.losses.fused import SparseTeacher
 from dsdistill.rundir import sha256_file, sha256_files
 from dsdistill.teachers.base import Capabilities, RunContext, TeacherInput, TeacherSignal
@@ -148,6 +149,10 @@ class CachedTeacher:
         self.covered = 0
         """Teacher-perplexity tokens whose label was among the cached top-k (exact); the others are estimated."""
         self.estimated = 0
+        self.taken_ahead = 0
+        """Micro-batches whose rows were decoded ahead, on the read-ahead thread, before a step asked."""
+        self._ahead: list[tuple[set, threading.Thread, dict]] = []
+        """Windows being decoded on a thread: (their micro-batches' row keys, the thread, results by key)."""
 
     def capabilities(self) -> Capabilities:
         return cache_capabilities(self.cache)
@@ -155,8 +160,41 @@ class CachedTeacher:
     def prepare(self, window: list[TeacherInput], needs) -> Optional[str]:
         return None  # it computes (or reads) each micro-batch's signal when asked
 
-    def prefetch(self, window, needs) -> None:
-        pass  # nothing to fetch ahead: each signal is computed (or read) when asked
+    def prefetch(self, window: list[TeacherInput], needs) -> None:
+        """Decode `window`'s rows on a thread while the step before it computes (numpy releases the GIL for
+        most of it); `signal` takes each micro-batch's from there, or decodes it then if it was not asked for."""
+        self._ahead = self._ahead[-1:]  # the window being trained on stays; anything older is stale
+        if not needs.teacher_logits:
+            return
+        jobs = [(tuple(b.rows.tolist()), b.valid) for b in window if b.rows is not None]
+        box: dict[tuple, Any] = {}
+
+        def work() -> None:
+            for key, valid in jobs:
+                try:
+                    box[key] = self._sparse(valid, torch.tensor(key), torch.device("cpu"), pin=True)
+                except DistillError as e:  # raised again where the micro-batch asks for it
+                    box[key] = e
+
+        thread = threading.Thread(target=work, name="dsdistill-cache-read-ahead", daemon=True)
+        thread.start()
+        self._ahead.append(({key for key, _ in jobs}, thread, box))
+
+    def _take(self, rows: Optional[torch.Tensor], device) -> Optional[SparseTeacher]:
+        if rows is None or not self._ahead:
+            return None
+        key = tuple(rows.tolist())
+        for keys, thread, box in self._ahead:
+            if key in keys:
+                thread.join()
+                got = box.pop(key, None)
+                if isinstance(got, DistillError):
+                    raise got
+                if got is None:
+                    return None
+                self.taken_ahead += 1
+                return got.to(device)
+        return None
 
     def begin_step(self, needs: "Needs") -> None:
         pass
@@ -164,7 +202,7 @@ class CachedTeacher:
     def end_step(self) -> None:
         pass
 
-    def _sparse(self, valid: torch.Tensor, rows: Optional[torch.Tensor], device) -> SparseTeacher:
+    def _sparse(self, valid: torch.Tensor, rows: Optional[torch.Tensor], device, *, pin: bool = False) -> SparseTeacher:
         if rows is None:
             raise CacheError(f"{self.cache.field}: a batch without row numbers cannot be read from a teacher cache")
         ids, lps, rests, tails = [], [], [], []
@@ -186,18 +224,22 @@ class CachedTeacher:
             tails.append(tail)
         k, m = self.cache.k, len(self.cache.temperatures)
         cat = lambda xs, shape, dt: torch.from_numpy(np.concatenate(xs)) if xs else torch.zeros(shape, dtype=dt)  # noqa: E731
-        return SparseTeacher(
-            cat(ids, (0, k), torch.int64).to(device),
-            cat(lps, (0, k), torch.float32).to(device),
-            cat(rests, (0,), torch.float32).to(device),
-            cat(tails, (0, m), torch.float32).to(device),
+        sp = SparseTeacher(
+            cat(ids, (0, k), torch.int64),
+            cat(lps, (0, k), torch.float32),
+            cat(rests, (0,), torch.float32),
+            cat(tails, (0, m), torch.float32),
             self.cache.temperatures,
         )
+        if pin and torch.cuda.is_available():  # page-locked: the copy to the device overlaps the step
+            sp = sp.pinned()
+        return sp.to(device)
 
     def signal(self, batch: TeacherInput, needs: "Needs") -> TeacherSignal:
         sig = TeacherSignal()
         if needs.teacher_logits:
-            sig.distribution = self._sparse(batch.valid, batch.rows, batch.input_ids.device)
+            device = batch.input_ids.device
+            sig.distribution = self._take(batch.rows, device) or self._sparse(batch.valid, batch.rows, device)
         return sig
 
     def lm_sums(self, batch: TeacherInput, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -236,7 +278,7 @@ class CachedTeacher:
 
 def cache_capabilities(cache: TeacherCache) -> Capabilities:
     """A cache holds the top-k and the tail statistics of the rows it was written for, nothing else."""
-    return Capabilities(distribution="sparse", top_k=cache.k, temperatures=(1.0, *cache.temperatures))
+    return Capabilities(distribution="sparse", top_k=cache.k, temperatures=(1.0, *cache.temperatures), reads_ahead=True)
 
 
 # ---------------------------------------------------------------------------------------------- checking

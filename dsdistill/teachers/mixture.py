@@ -87,6 +87,7 @@ class MixturePlan:
             temperatures=tuple(sorted(set.intersection(*temps))) if temps else None,
             model_in_job=any(c.model_in_job for c in caps),
             remote=any(c.remote for c in caps),
+            reads_ahead=any(c.reads_ahead for c in caps),
         )
 
     def verify(self, ctx: RunContext) -> None:
@@ -134,6 +135,7 @@ class TeacherMix:
             unfused=all(c.unfused for c in caps),
             model_in_job=any(c.model_in_job for c in caps),
             remote=any(c.remote for c in caps),
+            reads_ahead=any(c.reads_ahead for c in caps),
         )
 
     def prepare(self, window: list[TeacherInput], needs: "Needs") -> Optional[str]:
