@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from dsdistill.config import RunConfig, read_mapping
 from dsdistill.errors import ConfigError
@@ -30,7 +30,7 @@ DEFAULT_TEACHER: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": "auto",
     "bf16": {"enabled": "auto"},
     "fp16": {"enabled": "auto"},
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"},
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto", "stage3_prefetch_bucket_size": "auto"},
     "steps_per_print": 1_000_000_000,
     "wall_clock_breakdown": False,
 }
@@ -121,7 +121,25 @@ def _fill_precision(f: _Filler, precision: str) -> None:
         raise ConfigError(f"{f.field}: train.precision='fp32' but {'bf16' if bf16 else 'fp16'}.enabled is true")
 
 
-def _fill_zero_sizes(f: _Filler, hidden_size: int | None) -> None:
+def layer_elements(config: Any) -> Optional[tuple[int, int]]:
+    """(parameters of one decoder layer, of its largest "small" matrix) from a transformers config: the
+    attention's q/o and k/v projections (grouped-query heads counted) and a gated MLP; None when the config
+    does not say."""
+    h = getattr(config, "hidden_size", None)
+    inter = getattr(config, "intermediate_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not (isinstance(h, int) and isinstance(inter, int) and isinstance(heads, int) and heads > 0):
+        return None
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv_proj = h * kv * head_dim
+    return 2 * h * heads * head_dim + 2 * kv_proj + 3 * h * inter, kv_proj
+
+
+def _fill_zero_sizes(f: _Filler, hidden_size: int | None, *, frozen_layer: Optional[tuple[int, int]] = None) -> None:
+    """"auto" sizes. A frozen model (the teacher) prefetches a whole layer ahead while one computes, and keeps
+    its norms, biases and grouped-query k/v projections whole on every rank (no gather each forward: about
+    a tenth of a layer under GQA); a trained one takes HF's sizes from its width."""
     zero = f.data.get("zero_optimization")
     if not isinstance(zero, dict):
         return
@@ -132,6 +150,10 @@ def _fill_zero_sizes(f: _Filler, hidden_size: int | None) -> None:
             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
             "stage3_param_persistence_threshold": 10 * hidden_size,
         }
+    if frozen_layer is not None:
+        layer, small = frozen_layer
+        sizes["stage3_prefetch_bucket_size"] = layer
+        sizes["stage3_param_persistence_threshold"] = max(sizes.get("stage3_param_persistence_threshold", 0), small + 1)
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
         if zero.get(key) == "auto":
             if key in sizes:
@@ -255,14 +277,13 @@ def resolve_student(
     return f.data
 
 
-def resolve_teacher(cfg: RunConfig, *, hidden_size: int | None = None) -> dict[str, Any]:
-    """The teacher's DeepSpeed config: ZeRO stage 3, no optimizer or scheduler, "auto" filled."""
-    return teacher_zero3(
-        cfg.deepspeed.teacher, micro_batch=cfg.train.micro_batch_size, precision=precision_of(cfg), hidden_size=hidden_size
-    )
+def resolve_teacher(cfg: RunConfig, *, model_config: Any = None) -> dict[str, Any]:
+    """The teacher's DeepSpeed config: ZeRO stage 3, no optimizer or scheduler, "auto" filled (sizes from the
+    teacher's `model_config`)."""
+    return teacher_zero3(cfg.deepspeed.teacher, micro_batch=cfg.train.micro_batch_size, precision=precision_of(cfg), model_config=model_config)
 
 
-def teacher_zero3(source: str | dict | None, *, micro_batch: int, precision: str, hidden_size: int | None) -> dict[str, Any]:
+def teacher_zero3(source: str | dict | None, *, micro_batch: int, precision: str, model_config: Any = None) -> dict[str, Any]:
     """A frozen model's ZeRO-3 config (the run's teacher, or `teacher-serve` on several ranks): `source` (a
     path, a dict, or None for the bundled one) with "auto" filled."""
     field = "deepspeed.teacher"
@@ -283,7 +304,7 @@ def teacher_zero3(source: str | dict | None, *, micro_batch: int, precision: str
         if f.data.get(key) == "auto":
             del f.data[key]
     _fill_precision(f, precision)
-    _fill_zero_sizes(f, hidden_size)
+    _fill_zero_sizes(f, getattr(model_config, "hidden_size", None), frozen_layer=layer_elements(model_config))
     _check_no_auto(f)
     return f.data
 

@@ -414,7 +414,7 @@ def preflight(cfg: RunConfig, *, world: int, rank: int = 0, writing_cache: bool 
     stream = make_stream(cfg, splits, tokenizer, rank=rank, world=world)
     total_steps = _total_steps(cfg, splits, stream, world)
     teacher_cfg = teacher.model_config
-    ds_teacher = resolve_teacher(cfg, hidden_size=getattr(teacher_cfg, "hidden_size", None))
+    ds_teacher = resolve_teacher(cfg, model_config=teacher_cfg)
     ds_student = resolve_student(
         cfg,
         world_size=world,

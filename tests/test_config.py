@@ -99,10 +99,18 @@ def test_ds_auto_filled_by_the_batch_arithmetic(make_config):
     assert ds["train_batch_size"] == 3 * 4 * 8
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
-    teacher = resolve_teacher(cfg, hidden_size=64)
-    assert teacher["zero_optimization"]["stage"] == 3
-    assert teacher["zero_optimization"]["stage3_param_persistence_threshold"] == 640
-    assert "optimizer" not in teacher
+    from transformers import Qwen2Config
+
+    # Qwen2.5-1.5B's shapes: the teacher prefetches a whole layer and keeps its grouped-query k/v projections
+    qwen = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2)
+    teacher = resolve_teacher(cfg, model_config=qwen)
+    zero = teacher["zero_optimization"]
+    assert zero["stage"] == 3 and "optimizer" not in teacher
+    kv = 1536 * 2 * 128
+    assert zero["stage3_prefetch_bucket_size"] == 2 * 1536 * 1536 + 2 * kv + 3 * 1536 * 8960
+    assert zero["stage3_param_persistence_threshold"] == kv + 1  # k/v and below stay whole; q/o and the MLP are sharded
+    plain = resolve_teacher(cfg)  # no model config: DeepSpeed's own defaults
+    assert "stage3_prefetch_bucket_size" not in plain["zero_optimization"]
 
 
 def test_ds_user_values_kept_and_conflicts_named(make_config, tmp_path):

@@ -111,7 +111,7 @@ class MixturePlan:
                 plan,
                 cfg=alone,
                 teacher_config=member.model_config,
-                ds_teacher=resolve_teacher(alone, hidden_size=getattr(member.model_config, "hidden_size", None)),
+                ds_teacher=resolve_teacher(alone, model_config=member.model_config),
                 teacher=member.capabilities(),
             )
             sources.append((name, share, member.build(own, needs=needs)))

@@ -28,7 +28,7 @@ def load_sharded(spec: Any, *, field: str, precision: str) -> tuple[Callable[[to
 
     init_distributed()
     config = load_config(spec, field=field)
-    ds = teacher_zero3(None, micro_batch=1, precision=precision, hidden_size=getattr(config, "hidden_size", None))
+    ds = teacher_zero3(None, micro_batch=1, precision=precision, model_config=config)
     lm = agree(lambda: load_causal_lm(spec, field=field, precision=precision, zero3_ds_config=ds), what="loading the teacher")
     engine = build_teacher_engine(TeacherModel(lm), ds)
 
