@@ -89,7 +89,7 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def problem(rows: int, vocab: int, dtype, seed=0, ds=128, dt=256):
+def problem(rows: int, vocab: int, dtype, seed=0, ds=128, dt=256, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     b, s = 2, rows // 2 + 1
     sh = (torch.randn(b, s, ds, generator=g) / math.sqrt(ds)).to(dtype)
@@ -97,7 +97,7 @@ def problem(rows: int, vocab: int, dtype, seed=0, ds=128, dt=256):
     th = (torch.randn(b, s, dt, generator=g) / math.sqrt(dt)).to(dtype)
     tw = (torch.randn(vocab, dt, generator=g) * 2).to(dtype)
     lab = torch.randint(0, vocab, (b, s), generator=g)
-    return sh, sw, th, tw, lab
+    return [x.to(device) for x in (sh, sw, th, tw, lab)]
 
 
 def naive(sh, sw, th, tw, lab, T):
@@ -123,8 +123,8 @@ def fused(sh, sw, th, tw, lab, T, chunk):
     return combined
 
 
-def measure(method, rows, vocab, dtype, T, chunk):
-    sh, sw, th, tw, lab = problem(rows, vocab, dtype)
+def measure(method, rows, vocab, dtype, T, chunk, device="cpu"):
+    sh, sw, th, tw, lab = problem(rows, vocab, dtype, device=device)
     sh.requires_grad_(True)
     sw.requires_grad_(True)
     mode = Traffic()
@@ -144,13 +144,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=2048, help="loss-bearing positions")
     ap.add_argument("--chunk", type=int, default=1024, help="fused rows per chunk")
     ap.add_argument("--top", type=int, default=0, help="also list each method's N costliest ops")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"bytes moved per logit outside the GEMMs (forward + backward), V = {args.vocab}, {args.rows} positions")
+    print(f"bytes moved per logit outside the GEMMs (forward + backward), V = {args.vocab}, {args.rows} positions, on {args.device}")
     print(f"{'dtype':<6} {'T':>4} {'naive':>8} {'full-logit':>11} {'fused':>8} {'fused/naive':>12} {'full/naive':>11}")
     for dtype in (torch.float32, torch.bfloat16):
         for T in (2.0, 1.0):
-            got = {m: measure(m, args.rows, args.vocab, dtype, T, args.chunk) for m in ("naive", "full", "fused")}
+            got = {m: measure(m, args.rows, args.vocab, dtype, T, args.chunk, args.device) for m in ("naive", "full", "fused")}
             n, f, u = got["naive"][0], got["full"][0], got["fused"][0]
             name = "fp32" if dtype == torch.float32 else "bf16"
             print(f"{name:<6} {T:>4g} {n:>8.1f} {f:>11.1f} {u:>8.1f} {u / n:>11.2f}x {f / n:>10.2f}x")

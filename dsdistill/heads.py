@@ -158,17 +158,15 @@ def head_options(
     loss: "LossConfig", shape: HeadShape, device: torch.device, *, temperature: float, want_kd: bool, want_lm: bool
 ) -> KDOptions:
     """The fused head's options: KD settings from `loss.kd`, rows per chunk from `loss.fused_chunk` or the
-    fused loss's memory model (sized once per process: on a GPU from the free memory at the first call)."""
+    fused loss's memory model. On a GPU the budget is taken at every call, from the memory free then (after
+    the optimizer's states and this micro-batch's activations exist, PyTorch's cached blocks counted as
+    free), so a chunk never counts on memory the step itself is about to need; the rows are capped anyway
+    (`fused.row_cap`)."""
     kd = loss.section("kd")
-    chunk = loss.fused_chunk or _chunk_rows(
-        shape.vocab,
-        shape.s_width,
-        shape.t_width,
-        shape.t_bytes,
-        shape.tokens,
-        loss.fused_chunk_mib,
-        torch.device(device).type,
-    )
+    chunk = loss.fused_chunk
+    if not chunk:
+        budget = loss.fused_chunk_mib << 20 if loss.fused_chunk_mib else default_budget(torch.device(device))
+        chunk = _chunk_rows(shape.vocab, shape.s_width, shape.t_width, shape.t_bytes, shape.tokens, budget)
     return KDOptions(
         temperature=temperature,
         divergence=kd.divergence,
@@ -184,10 +182,7 @@ def head_options(
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _chunk_rows(
-    vocab: int, s_width: int, t_width: int, t_bytes: int, tokens: int, budget_mib: Optional[int], device_type: str
-) -> int:
-    budget = budget_mib << 20 if budget_mib else default_budget(torch.device(device_type))
+@functools.lru_cache(maxsize=64)
+def _chunk_rows(vocab: int, s_width: int, t_width: int, t_bytes: int, tokens: int, budget: int) -> int:
     fixed = fixed_bytes(tokens=tokens, vocab=vocab, s_width=s_width, t_width=t_width, t_dtype_bytes=t_bytes, grads=True)
     return auto_chunk(vocab, s_width, budget_bytes=budget, fixed=fixed)

@@ -71,10 +71,13 @@ def auto_chunk(vocab: int, hidden: int, *, budget_bytes: int, fixed: int = 0) ->
 
 
 def default_budget(device: torch.device) -> int:
-    """Bytes one call may use: a fraction of the GPU's free memory, or a fixed budget on CPU."""
+    """Bytes one call may use: a fraction of the GPU's memory free now (the driver's free memory plus the
+    blocks PyTorch holds unused), rounded down to 256 MiB steps so the chunk size rarely changes; a fixed
+    budget on CPU."""
     if device.type == "cuda" and torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * GPU_FREE_FRACTION)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free * GPU_FREE_FRACTION) >> 28 << 28
     return CPU_BUDGET_BYTES
 
 
