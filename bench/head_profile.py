@@ -72,7 +72,9 @@ def main(argv=None) -> int:
     methods = {"naive": naive, "fused": fused(False, args.chunk)}
     if cuda:
         methods["fused, compiled"] = fused(True, args.chunk)
-    print(f"head only, {args.rows} positions, V = {args.vocab:,}, widths {args.s_width}/{args.t_width}, bf16, T = {T:g}, on {dev}")
+    print(
+        f"head only, {args.rows} positions, V = {args.vocab:,}, widths {args.s_width}/{args.t_width}, bf16, T = {T:g}, on {dev}"
+    )
     print(f"{'method':<16} {'ms/step':>9} {'x naive':>8} {'peak MiB':>9}")
     base = None
     tables = {}

@@ -41,9 +41,22 @@ VIEWS = {
     "aten.new_empty.default", "aten.empty_strided.default", "aten.reshape.default",
 }  # fmt: skip
 PICKS = {"aten.gather.default", "aten.index_select.default", "aten.index.Tensor", "aten.take_along_dim.default"}
-MAKES = {"aten.new_zeros.default", "aten.new_full.default", "aten.new_ones.default", "aten.zeros_like.default", "aten.full_like.default", "aten.ones_like.default"}
+MAKES = {
+    "aten.new_zeros.default",
+    "aten.new_full.default",
+    "aten.new_ones.default",
+    "aten.zeros_like.default",
+    "aten.full_like.default",
+    "aten.ones_like.default",
+}
 """Factories: they write their output and read nothing (a `new_*` takes its dtype and device from a tensor)."""
-ADDS_AT = {"aten.scatter_add_.default", "aten.index_add_.default", "aten.index_put_.default", "aten.scatter_.src", "aten.scatter_.value"}
+ADDS_AT = {
+    "aten.scatter_add_.default",
+    "aten.index_add_.default",
+    "aten.index_put_.default",
+    "aten.scatter_.src",
+    "aten.scatter_.value",
+}
 
 
 def footprint(t: torch.Tensor) -> int:
@@ -147,7 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"bytes moved per logit outside the GEMMs (forward + backward), V = {args.vocab}, {args.rows} positions, on {args.device}")
+    print(
+        f"bytes moved per logit outside the GEMMs (forward + backward), V = {args.vocab}, {args.rows} positions, on {args.device}"
+    )
     print(f"{'dtype':<6} {'T':>4} {'naive':>8} {'full-logit':>11} {'fused':>8} {'fused/naive':>12} {'full/naive':>11}")
     for dtype in (torch.float32, torch.bfloat16):
         for T in (2.0, 1.0):

@@ -137,7 +137,7 @@ def layer_elements(config: Any) -> Optional[tuple[int, int]]:
 
 
 def _fill_zero_sizes(f: _Filler, hidden_size: int | None, *, frozen_layer: Optional[tuple[int, int]] = None) -> None:
-    """"auto" sizes. A frozen model (the teacher) prefetches a whole layer ahead while one computes, and keeps
+    """ "auto" sizes. A frozen model (the teacher) prefetches a whole layer ahead while one computes, and keeps
     its norms, biases and grouped-query k/v projections whole on every rank (no gather each forward: about
     a tenth of a layer under GQA); a trained one takes HF's sizes from its width."""
     zero = f.data.get("zero_optimization")
@@ -280,7 +280,9 @@ def resolve_student(
 def resolve_teacher(cfg: RunConfig, *, model_config: Any = None) -> dict[str, Any]:
     """The teacher's DeepSpeed config: ZeRO stage 3, no optimizer or scheduler, "auto" filled (sizes from the
     teacher's `model_config`)."""
-    return teacher_zero3(cfg.deepspeed.teacher, micro_batch=cfg.train.micro_batch_size, precision=precision_of(cfg), model_config=model_config)
+    return teacher_zero3(
+        cfg.deepspeed.teacher, micro_batch=cfg.train.micro_batch_size, precision=precision_of(cfg), model_config=model_config
+    )
 
 
 def teacher_zero3(source: str | dict | None, *, micro_batch: int, precision: str, model_config: Any = None) -> dict[str, Any]:

@@ -309,7 +309,9 @@ def _autograd_reference(s_logits, t_logits, targets, T, kind, top_k, rest, suppo
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
-@pytest.mark.parametrize("top_k, rest, support", [(None, False, "auto"), (5, False, "auto"), (5, True, "auto"), (5, True, "teacher")])
+@pytest.mark.parametrize(
+    "top_k, rest, support", [(None, False, "auto"), (5, False, "auto"), (5, True, "auto"), (5, True, "teacher")]
+)
 @pytest.mark.parametrize("T", [1.0, 2.0, 1.5])
 def test_the_closed_form_value_and_gradient_equal_autograd_through_the_reference_formulas(kind, top_k, rest, support, T):
     g = torch.Generator().manual_seed(7)
@@ -319,7 +321,9 @@ def test_the_closed_form_value_and_gradient_equal_autograd_through_the_reference
     th = torch.randn(n + 1, d, generator=g, dtype=torch.float64)
     tw = torch.randn(v, d, generator=g, dtype=torch.float64)
     lab = torch.randint(0, v, (1, n + 1), generator=g)
-    opts = KDOptions(temperature=T, divergence=kind, beta=0.3, alpha=0.2, top_k=top_k, top_k_rest=rest, top_k_support=support, chunk=4)
+    opts = KDOptions(
+        temperature=T, divergence=kind, beta=0.3, alpha=0.2, top_k=top_k, top_k_rest=rest, top_k_support=support, chunk=4
+    )
     for coef_kd, coef_lm in ((0.7, 0.3), (0.7, 0.0), (0.0, 0.3)):
         sh.grad = sw.grad = None
         combined, _ = fused_kd_lm(sh[None], sw, th[None], tw, lab, coef_kd=coef_kd, coef_lm=coef_lm, options=opts)

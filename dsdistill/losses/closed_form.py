@@ -223,6 +223,7 @@ class KDLMTerms:
         kd_factor = coef_kd * t2_factor(self.spec.kind, T) / T if grad and want_kd else 0.0
         ls1 = None
         if want_lm and T != 1.0:  # LM at T = 1 first: then s can be divided by T in place
+            assert targets is not None
             ls1 = torch.log_softmax(s, dim=-1)
             lm = lm_rows(ls1, targets)
         if want_kd:
@@ -230,9 +231,12 @@ class KDLMTerms:
             t = teacher
             if not (isinstance(teacher, SparseSide) or T == 1.0 or teacher_at_t):
                 t = teacher.mul_(1.0 / T) if consume and teacher.dtype == s.dtype else teacher.to(s.dtype) * (1.0 / T)
-            kd, go, m, ls = kd_rows(a, t, self.spec, top_k=self.top_k, rest=self.rest, support=self.support, grad=kd_factor != 0.0)
+            kd, go, m, ls = kd_rows(
+                a, t, self.spec, top_k=self.top_k, rest=self.rest, support=self.support, grad=kd_factor != 0.0
+            )
             kd_factor *= m
         if want_lm and T == 1.0:
+            assert targets is not None
             if ls is None:
                 ls = torch.log_softmax(s, dim=-1)
             lm = lm_rows(ls, targets)
@@ -246,10 +250,12 @@ class KDLMTerms:
         else:
             factor, onehot = kd_factor, -coef_lm / kd_factor if lm_grad else 0.0
             if ls1 is not None:
+                assert ls is not None
                 go = softmax_grad(go, ls)
                 if not onehot:
                     return kd, lm, go, factor
         if onehot:
+            assert targets is not None
             go.scatter_add_(-1, targets[:, None], go.new_full((go.size(0), 1), onehot))
         last = ls1 if ls1 is not None else ls
         assert last is not None

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from dsdistill.losses.closed_form import DivergenceSpec, KDLMTerms, SparseSide
 from dsdistill.losses.kd import t2_factor
@@ -211,10 +210,15 @@ class LogitLoss(Protocol):
     costs nothing) and accumulates; a loss never sees the weights."""
 
     names: tuple[str, ...]
-    wants_grad: bool
-    """False when every coefficient is 0: the head then does no gradient work at all."""
 
-    def chunk(self, start: int, end: int, logits: torch.Tensor, grad: bool) -> tuple[tuple[torch.Tensor, ...], Optional[tuple[torch.Tensor, float]]]: ...
+    @property
+    def wants_grad(self) -> bool:
+        """False when every coefficient is 0: the head then does no gradient work at all."""
+        ...
+
+    def chunk(
+        self, start: int, end: int, logits: torch.Tensor, grad: bool
+    ) -> tuple[tuple[torch.Tensor, ...], Optional[tuple[torch.Tensor, float]]]: ...
 
 
 def _exact_scale(temperature: float, dtype: torch.dtype) -> bool:
@@ -252,7 +256,9 @@ class KDLMLoss:
             if self.sparse is not None:
                 teacher = sparse_side(self.sparse.rows(start, end), terms.temperature, logits.dtype)
             else:
-                assert self.t_hidden is not None and self.t_weight is not None, "dense KD needs the teacher's hidden state and head"
+                assert self.t_hidden is not None and self.t_weight is not None, (
+                    "dense KD needs the teacher's hidden state and head"
+                )
                 th = self.t_hidden[start:end].to(self.t_weight.dtype)
                 if terms.temperature != 1.0 and _exact_scale(terms.temperature, th.dtype):
                     th, at_t = th * (1.0 / terms.temperature), True
