@@ -6,7 +6,7 @@ micro-batch of an accumulation window and every rank, so the result is token-wei
 per-batch means.
 """
 
-from dsdistill.losses.kd import kd_loss
+from dsdistill.losses.closed_form import kd_loss
 from dsdistill.losses.lm import lm_loss, shifted_mask
 
 __all__ = ["kd_loss", "lm_loss", "shifted_mask"]

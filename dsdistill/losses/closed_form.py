@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from dsdistill.losses.kd import _ABSENT, _mix, divergence, t2_factor, topk_support
+from dsdistill.losses.lm import shifted_mask
 
 
 @dataclass(frozen=True)
@@ -300,3 +301,40 @@ def full_logits_kd(s: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
     differentiable in `s` through the closed-form gradient. s, teacher: [B, S, V] logits at T = 1."""
     combined, kd_sum, _ = _FullLogits.apply(s, teacher, labels, ignore_index, terms, 1.0, 0.0)
     return combined, kd_sum
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int = -100,
+    top_k: Optional[int] = None,
+    top_k_rest: bool = False,
+    top_k_support: str = "auto",
+    divergence_kind: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+):
+    """Summed T^2 x divergence (tv: unscaled, see `t2_factor`) over valid positions.
+
+    Both logits are [B, S, V] over the same vocabulary; position t is valid when labels[:, t+1] is not
+    `ignore_index` (the positions the LM loss uses). Computed in at least fp32.
+    Returns (sum, {"count": valid tokens, "kl": summed divergence without the T^2 factor}).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ")
+    mask = shifted_mask(labels, ignore_index)
+    # every position is a row, the ones without a counted next label masked: static shapes, so the host never
+    # waits for a count; value and gradient in closed form (`closed_form.py`), as the fused head per chunk
+    terms = KDLMTerms(
+        temperature=temperature,
+        spec=DivergenceSpec(divergence_kind, beta, alpha),
+        top_k=top_k,
+        rest=top_k_rest,
+        support=top_k_support,
+        want_lm=False,
+    )
+    total, raw = full_logits_kd(student_logits, teacher_logits, labels, ignore_index, terms)
+    return total, {"count": mask.sum(), "kl": raw.detach()}

@@ -16,6 +16,10 @@ sides are softened, so the value that enters the objective is T^2 x divergence (
 variation has no such property (and is bounded by 1), so it enters unscaled. `T2_SCALED` lists which are
 scaled; run_start records it. The unscaled divergence is logged too (`kd_kl`).
 
+Training computes these in closed form (`closed_form.py`: value and logit gradient, for `kd_loss` on full
+logits and the fused head alike); the functions here are the reference formulas it is tested against and
+the values it takes on small supports.
+
 Top-k supports (`loss.kd.top_k`): each divergence is computed on the tokens where the side it weights puts its
 mass, so a student cannot hide mass outside the compared set:
 - forward_kl: the teacher's top-k (the expectation is under the teacher);
@@ -28,11 +32,8 @@ vocabulary is one more bucket on both sides (k = vocab with the bucket equals fu
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
-
-from dsdistill.losses.lm import shifted_mask
 
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv")
 T2_SCALED: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"})
@@ -130,42 +131,3 @@ def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str, *, beta: f
     if kind == "tv":
         return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float,
-    ignore_index: int = -100,
-    top_k: Optional[int] = None,
-    top_k_rest: bool = False,
-    top_k_support: str = "auto",
-    divergence_kind: str = "forward_kl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-):
-    """Summed T^2 x divergence (tv: unscaled, see `t2_factor`) over valid positions.
-
-    Both logits are [B, S, V] over the same vocabulary; position t is valid when labels[:, t+1] is not
-    `ignore_index` (the positions the LM loss uses). Computed in at least fp32.
-    Returns (sum, {"count": valid tokens, "kl": summed divergence without the T^2 factor}).
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ")
-    from dsdistill.losses.closed_form import DivergenceSpec, KDLMTerms, full_logits_kd
-
-    mask = shifted_mask(labels, ignore_index)
-    # every position is a row, the ones without a counted next label masked: static shapes, so the host never
-    # waits for a count; value and gradient in closed form (`closed_form.py`), as the fused head per chunk
-    terms = KDLMTerms(
-        temperature=temperature,
-        spec=DivergenceSpec(divergence_kind, beta, alpha),
-        top_k=top_k,
-        rest=top_k_rest,
-        support=top_k_support,
-        want_lm=False,
-    )
-    total, raw = full_logits_kd(student_logits, teacher_logits, labels, ignore_index, terms)
-    return total, {"count": mask.sum(), "kl": raw.detach()}
