@@ -25,7 +25,8 @@ python3 -c "import torch, transformers, deepspeed; print('torch', torch.__versio
 for tokens in 8192 16384; do
   echo "== gpu-qwen, $tokens tokens per step, $STEPS timed steps"
   timeout 240 python3 -m dsdistill.bench --preset gpu-qwen --tokens-per-step "$tokens" --steps "$STEPS" \
-    --peak-tflops "$PEAK" --timeout 200 --out "$OUT/bench-$tokens.json" || echo "(gpu-qwen at $tokens: failed or timed out)"
+    --methods naive,liger,dsdistill,dsdistill-compiled --peak-tflops "$PEAK" --timeout 200 \
+    --out "$OUT/bench-$tokens.json" || echo "(gpu-qwen at $tokens: failed or timed out)"
 done
 echo "== the head alone, one profiled step"
 timeout 120 python3 bench/head_profile.py --repeat 3 --top 10 | tee "$OUT/head_profile.txt" || echo "(head profile: failed)"

@@ -240,8 +240,9 @@ def worker_plain(root: Path, preset: dict, method: str) -> dict:
     }
 
 
-def worker_dsdistill(root: Path, preset: dict) -> dict:
-    """The product path: dsdistill.train.train with both DeepSpeed engines, fused KD+LM."""
+def worker_dsdistill(root: Path, preset: dict, *, compiled: bool = False) -> dict:
+    """The product path: dsdistill.train.train with both DeepSpeed engines, fused KD+LM (`compiled`: with
+    `loss.fused_compile`; the warm-up step pays the compile)."""
     import contextlib
     import io
 
@@ -260,6 +261,7 @@ def worker_dsdistill(root: Path, preset: dict) -> dict:
             "curriculum": {"weights": {"kd": 0.7, "lm": 0.3}, "temperature": TEMPERATURE},
             "train": {"max_steps": total, "micro_batch_size": micro, "seq_len": preset["seq"], "precision": preset["dtype"]},
             "optimizer": {"lr": 1e-4},
+            "loss": {"fused_compile": compiled},
             "eval": {"every": 0, "max_batches": 1, "at_start": False},
             "output": {"run_dir": str(root / "run"), "log_every": 1},
             "checkpoint": {"save_final": False, "resume": "never"},
@@ -318,7 +320,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--peak-tflops", type=float, default=None, help="peak FLOP/s of the device in TFLOP/s, for MFU (e.g. 989 for H100 bf16)"
     )
-    ap.add_argument("--methods", default="naive,liger,dsdistill", help="comma-separated subset")
+    ap.add_argument(
+        "--methods",
+        default="naive,liger,dsdistill",
+        help="comma-separated subset (also: dsdistill-compiled, with loss.fused_compile)",
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -333,7 +339,10 @@ def main(argv=None) -> int:
 
     if args.worker:
         root = Path(args.root)
-        result = worker_dsdistill(root, preset) if args.worker == "dsdistill" else worker_plain(root, preset, args.worker)
+        if args.worker.startswith("dsdistill"):
+            result = worker_dsdistill(root, preset, compiled=args.worker == "dsdistill-compiled")
+        else:
+            result = worker_plain(root, preset, args.worker)
         print(json.dumps(result))
         return 0
 

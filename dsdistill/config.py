@@ -236,7 +236,9 @@ class LossConfig(_Strict):
     """Memory budget of one fused KD/LM call (chunk buffers plus the gathered teacher head and the fp32
     gradient buffers), MiB; default: half of the GPU's free memory, or 256 MiB on CPU."""
     fused_compile: bool = False
-    """torch.compile the fused chunk math on CUDA (ignored on CPU)."""
+    """torch.compile the fused head's per-chunk math (dense forward KL + LM: one fused kernel per chunk; other
+    divergences and top-k run eagerly). Needs Triton on a GPU or a C++ compiler on CPU; the first step pays
+    the compile (tens of seconds); where it cannot compile, a one-line note and the eager path."""
     _renamed: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="before")

@@ -370,3 +370,44 @@ def test_bytes_per_logit_outside_the_gemms_are_below_six_tenths_of_naive():
             naive, _ = traffic.measure("naive", 1024, 4096, dtype, T, 512)
             fused, _ = traffic.measure("fused", 1024, 4096, dtype, T, 512)
             assert fused <= 0.6 * naive, (dtype, T, fused, naive)
+
+
+@pytest.mark.slow
+def test_the_compiled_head_equals_the_eager_closed_form_and_is_one_kernel_without_logit_sized_intermediates():
+    """`loss.fused_compile` on CPU (Inductor's C++ backend): the same values and gradients as the eager
+    closed form at two sets of coefficients and an uneven last chunk; and the generated code for a chunk is
+    one kernel whose only [rows, V] buffer is the gradient it writes (the logits are read, nothing of
+    their size is written in between)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from dsdistill.losses import fused as fused_mod
+    from dsdistill.losses.closed_form import forward_kl_lm
+
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 37, 8, 500
+    sh = torch.randn(1, n + 1, d, generator=g, requires_grad=True)
+    sw = torch.randn(v, d, generator=g, requires_grad=True)
+    th, tw = torch.randn(1, n + 1, d, generator=g), torch.randn(v, d, generator=g)
+    lab = torch.randint(0, v, (1, n + 1), generator=g)
+    for coef_kd, coef_lm, T in ((0.7, 0.3, 2.0), (0.2, 0.9, 1.0)):
+        grads = []
+        for compiled in (False, True):
+            sh.grad = sw.grad = None
+            opts = KDOptions(temperature=T, chunk=16, compile=compiled)
+            combined, m = fused_kd_lm(sh, sw, th, tw, lab, coef_kd=coef_kd, coef_lm=coef_lm, options=opts)
+            combined.backward()
+            grads.append((float(m["kd"]), float(m["lm"]), sh.grad.clone(), sw.grad.clone()))
+        (kd_e, lm_e, gh_e, gw_e), (kd_c, lm_c, gh_c, gw_c) = grads
+        assert kd_c == pytest.approx(kd_e, rel=1e-5) and lm_c == pytest.approx(lm_e, rel=1e-5)
+        assert torch.allclose(gh_c, gh_e, rtol=1e-4, atol=1e-7) and torch.allclose(gw_c, gw_e, rtol=1e-4, atol=1e-7)
+    assert fused_mod._compiler() is not None
+    rows, vocab = 64, 4096
+    s, t = torch.randn(rows, vocab, generator=g), torch.randn(rows, vocab, generator=g)
+    fn = torch.compile(forward_kl_lm, dynamic=False)
+    _, codes = run_and_get_code(fn, s, t, torch.randint(0, vocab, (rows,), generator=g), 2.0, 0.7, 0.3, True, True, True, False)
+    code = "\n".join(codes)
+    assert len(re.findall(r"cpp_fused_\w+ = async_compile", code)) == 1
+    allocations = re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code)
+    assert [a for a in allocations if str(vocab) in a] == [f"{rows}, {vocab}"], allocations

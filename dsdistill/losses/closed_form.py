@@ -199,6 +199,13 @@ class KDLMTerms:
     want_kd: bool = True
     want_lm: bool = True
 
+    def one_expression(self, dense_teacher: bool) -> bool:
+        """Whether `forward_kl_lm` computes these terms (what `loss.fused_compile` compiles): a dense teacher,
+        forward KL on the whole vocabulary (or no KD)."""
+        if not self.want_kd:
+            return True
+        return dense_teacher and self.top_k is None and self.spec.reduced() == "forward_kl"
+
     def rows(
         self,
         s: torch.Tensor,
@@ -261,6 +268,41 @@ class KDLMTerms:
         last = ls1 if ls1 is not None else ls
         assert last is not None
         return kd, lm, softmax_grad(go, last), factor
+
+
+def forward_kl_lm(
+    s: torch.Tensor,
+    t: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float,
+    kd_scale: float,
+    coef_lm: float,
+    want_kd: bool,
+    want_lm: bool,
+    grad: bool,
+    teacher_at_t: bool,
+):
+    """The common case -- a dense teacher, forward KL at T, LM at 1 -- as one out-of-place expression, for
+    `torch.compile`: Inductor fuses it into one kernel per chunk that reads the two logit blocks and writes
+    the gradient, with no [rows, V] intermediate in memory (the eager `KDLMTerms.rows` needs several).
+    Returns (kd per row, lm per row, kd_scale x dKD/ds + coef_lm x dLM/ds), each None when not asked."""
+    kd = lm = g = None
+    if want_lm:
+        ls1 = torch.log_softmax(s, dim=-1)
+        hit = torch.arange(s.size(-1), device=s.device)[None, :] == targets[:, None]
+        lm = -torch.where(hit, ls1, 0.0).sum(-1)
+        if grad:
+            g = coef_lm * (ls1.exp() - hit.to(s.dtype))
+    if want_kd:
+        assert t is not None
+        ls = torch.log_softmax(s * (1.0 / temperature), dim=-1)
+        lt = torch.log_softmax(t if teacher_at_t else t * (1.0 / temperature), dim=-1)
+        p = lt.exp()
+        kd = (p * (lt - ls)).sum(-1)
+        if grad:
+            gk = kd_scale * (ls.exp() - p)
+            g = gk if g is None else g + gk
+    return kd, lm, g
 
 
 class _FullLogits(torch.autograd.Function):

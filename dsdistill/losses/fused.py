@@ -31,7 +31,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from dsdistill.losses.closed_form import DivergenceSpec, KDLMTerms, SparseSide
+from dsdistill.losses.closed_form import DivergenceSpec, KDLMTerms, SparseSide, forward_kl_lm
 from dsdistill.losses.kd import t2_factor
 
 BYTES_PER_LOGIT = 4 * 8
@@ -109,7 +109,8 @@ class KDOptions:
     want_kd: bool = True
     want_lm: bool = True
     compile: bool = False
-    """torch.compile the per-chunk math (CUDA only; the CPU path always runs eagerly)."""
+    """torch.compile the per-chunk math where it is one expression (dense forward KL + LM: `closed_form.
+    forward_kl_lm`); other divergences and top-k run the eager closed form."""
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,16 @@ class KDLMLoss:
                     th, at_t = th * (1.0 / terms.temperature), True
                 with torch.no_grad():
                     teacher = _mm_f32(th, self.t_weight.T).to(logits.dtype)
-        rows = _compiled_rows() if self.compile and logits.is_cuda else _rows
-        kd, lm, g, factor = rows(terms, logits, teacher, self.targets[start:end], self.coef_kd, self.coef_lm, grad, at_t)
+        targets = self.targets[start:end]
+        if self.compile and terms.one_expression(torch.is_tensor(teacher)) and _compiler() is not None:
+            # the compiled path: one fused kernel per chunk (the coefficients are symbolic: no recompile per step)
+            T = terms.temperature
+            kd_scale = self.coef_kd * t2_factor(terms.spec.kind, T) / T
+            want_lm = terms.want_lm
+            kd, lm, g = _compiler()(logits, teacher, targets, T, kd_scale, self.coef_lm, terms.want_kd, want_lm, grad, at_t)
+            factor = 1.0
+        else:
+            kd, lm, g, factor = _rows(terms, logits, teacher, targets, self.coef_kd, self.coef_lm, grad, at_t)
         zero = logits.new_zeros(())
         raw = kd.sum() if kd is not None else zero
         kd_sum = raw * t2_factor(terms.spec.kind, terms.temperature)
@@ -277,15 +286,27 @@ def _rows(terms: KDLMTerms, logits, teacher, targets, coef_kd, coef_lm, grad, at
     return terms.rows(logits, teacher, targets, coef_kd=coef_kd, coef_lm=coef_lm, grad=grad, teacher_at_t=at_t)
 
 
-_COMPILED = None
+_COMPILED: list = []
 
 
-def _compiled_rows():
-    """The per-chunk math compiled once (dynamic shapes, for the uneven last chunk): CUDA only."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_rows, dynamic=True)
-    return _COMPILED
+def _compiler():
+    """`forward_kl_lm` compiled once (dynamic shapes for the uneven last chunk, symbolic coefficients), or
+    None where torch.compile cannot run here (said once, in one line: the head then runs eagerly)."""
+    if not _COMPILED:
+        try:
+            fn = torch.compile(forward_kl_lm, dynamic=True)
+            x = torch.zeros(2, 3)
+            fn(x, x.clone(), torch.zeros(2, dtype=torch.long), 2.0, 1.0, 1.0, True, True, True, False)  # compiles now
+            _COMPILED.append(fn)
+        except Exception as e:  # no C++ compiler, no Triton, an unsupported backend
+            import sys
+
+            print(
+                f"dsdistill: note: loss.fused_compile: torch.compile is not available here ({type(e).__name__}); the fused head runs eagerly",
+                file=sys.stderr,
+            )
+            _COMPILED.append(None)
+    return _COMPILED[0]
 
 
 class _ChunkedHead(torch.autograd.Function):
