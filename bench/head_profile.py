@@ -23,18 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsdistill.losses.fused import KDOptions, fused_kd_lm  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from traffic import naive as traffic_naive  # noqa: E402 - bench/ is the script's own folder
+
 T = 2.0
 
 
 def naive(sh, sw, th, tw, lab):
-    v = sw.size(0)
-    s_logits = (sh @ sw.T)[:, :-1].float() / T
-    t_logits = (th @ tw.T)[:, :-1].float() / T
-    s_lp = torch.log_softmax(s_logits.reshape(-1, v), -1)
-    t_lp = torch.log_softmax(t_logits.reshape(-1, v), -1)
-    kd = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean() * T**2
-    lm = torch.nn.functional.cross_entropy(s_logits.reshape(-1, v) * T, lab[:, 1:].reshape(-1))
-    return 0.7 * kd + 0.3 * lm
+    return traffic_naive(sh, sw, th, tw, lab, T)  # the same naive step as bench/traffic.py's
 
 
 def fused(compile_: bool, chunk: int):

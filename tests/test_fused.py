@@ -337,15 +337,21 @@ def test_the_closed_form_value_and_gradient_equal_autograd_through_the_reference
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (coef_kd, coef_lm, float((a - b).abs().max()))
 
 
-def test_no_logit_sized_tensor_is_kept_for_backward_and_no_graph_is_built_inside_a_chunk():
-    """Everything saved for the backward pass is the two gradient buffers ([N, D] and [V, D]); the
-    objective's graph has one node (the chunked head) between it and the inputs."""
-    g = torch.Generator().manual_seed(1)
-    n, d, v = 40, 8, 300
+def _one_row_problem(seed: int, n: int, d: int, v: int):
+    """(generator, student hidden [1, n + 1, d] and head [v, d] needing gradients, teacher hidden and head,
+    labels [1, n + 1]) in fp32."""
+    g = torch.Generator().manual_seed(seed)
     sh = torch.randn(1, n + 1, d, generator=g, requires_grad=True)
     sw = torch.randn(v, d, generator=g, requires_grad=True)
     th, tw = torch.randn(1, n + 1, d, generator=g), torch.randn(v, d, generator=g)
-    lab = torch.randint(0, v, (1, n + 1), generator=g)
+    return g, sh, sw, th, tw, torch.randint(0, v, (1, n + 1), generator=g)
+
+
+def test_no_logit_sized_tensor_is_kept_for_backward_and_no_graph_is_built_inside_a_chunk():
+    """Everything saved for the backward pass is the two gradient buffers ([N, D] and [V, D]); the
+    objective's graph has one node (the chunked head) between it and the inputs."""
+    n, d, v = 40, 8, 300
+    _, sh, sw, th, tw, lab = _one_row_problem(1, n, d, v)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         combined, _ = fused_kd_lm(sh, sw, th, tw, lab, coef_kd=0.5, coef_lm=0.5, options=KDOptions(temperature=2.0, chunk=8))
@@ -385,12 +391,7 @@ def test_the_compiled_head_equals_the_eager_closed_form_and_is_one_kernel_withou
     from dsdistill.losses import fused as fused_mod
     from dsdistill.losses.closed_form import forward_kl_lm
 
-    g = torch.Generator().manual_seed(5)
-    n, d, v = 37, 8, 500
-    sh = torch.randn(1, n + 1, d, generator=g, requires_grad=True)
-    sw = torch.randn(v, d, generator=g, requires_grad=True)
-    th, tw = torch.randn(1, n + 1, d, generator=g), torch.randn(v, d, generator=g)
-    lab = torch.randint(0, v, (1, n + 1), generator=g)
+    g, sh, sw, th, tw, lab = _one_row_problem(5, 37, 8, 500)
     for coef_kd, coef_lm, T in ((0.7, 0.3, 2.0), (0.2, 0.9, 1.0)):
         grads = []
         for compiled in (False, True):
