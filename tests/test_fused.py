@@ -373,8 +373,8 @@ def test_bytes_per_logit_outside_the_gemms_are_below_six_tenths_of_naive():
     spec.loader.exec_module(traffic)
     for dtype in (torch.float32, torch.bfloat16):
         for T in (2.0, 1.0):
-            naive, _ = traffic.measure("naive", 1024, 4096, dtype, T, 512)
-            fused, _ = traffic.measure("fused", 1024, 4096, dtype, T, 512)
+            naive, _ = traffic.measure("naive", 2048, 4096, dtype, T, 1024)
+            fused, _ = traffic.measure("fused", 2048, 4096, dtype, T, 1024)
             assert fused <= 0.6 * naive, (dtype, T, fused, naive)
 
 
