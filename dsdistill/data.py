@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -504,11 +505,15 @@ class MixedStream:
         self.starts = [r.position for r in readers]
         """Where each source stood when the current block began."""
         self.batches_per_epoch: Optional[int] = None
+        self._ahead: Optional[tuple[int, threading.Thread, dict[str, Any]]] = None
+        """The next block being read, rendered and packed on a thread while this one is trained on:
+        (block, thread, its result or error). The readers are then past that block; `starts` is not."""
 
     def state(self) -> dict[str, Any]:
         return {"block": self.block, "row": self.row, "sources": [list(s) for s in self.starts]}
 
     def restore(self, state: dict[str, Any]) -> None:
+        self._drop_ahead()  # it reads on from where the stream stood: never mix it into another position
         self.block, self.row = int(state["block"]), int(state["row"])
         self.starts = [tuple(s) for s in state["sources"]]
         for reader, (epoch, consumed) in zip(self.readers, self.starts):
@@ -525,25 +530,63 @@ class MixedStream:
             examples = [None if ex is None else Example(ex.ids, ex.loss, self.routes[i]) for ex, i in zip(examples, choice)]
         return self.packer(examples)
 
+    def _block(self, block: int) -> tuple[list[dict[str, list[int]]], list[tuple[int, int]]]:
+        """A block's packed rows and where each source stands after it."""
+        rows = self._rows(block)
+        return rows, [r.position for r in self.readers]
+
+    def _read_ahead(self, block: int) -> None:
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["done"] = self._block(block)
+            except BaseException as e:  # raised again when the block is needed
+                box["error"] = e
+
+        thread = threading.Thread(target=work, name="dsdistill-stream-read-ahead", daemon=True)
+        thread.start()
+        self._ahead = (block, thread, box)
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].join()  # it moves the readers: let it finish before anyone else does
+            self._ahead = None
+
+    def close(self) -> None:
+        """Wait for a block being read ahead (training is over); the stream can still be restored and read."""
+        self._drop_ahead()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         pending: list[dict[str, list[int]]] = []
         while True:
-            for reader, start in zip(self.readers, self.starts):
-                if reader.position != start:  # after a restore: reopen there (otherwise read on)
-                    reader.seek(*start)
             block = self.block
-            rows = self._rows(block)
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None and ahead[0] == block:  # read, rendered and packed while the last block trained
+                ahead[1].join()
+                if "error" in ahead[2]:
+                    raise ahead[2]["error"]
+                rows, ends = ahead[2]["done"]
+            else:
+                if ahead is not None:
+                    ahead[1].join()
+                for reader, start in zip(self.readers, self.starts):
+                    if reader.position != start:  # after a restore: reopen there (otherwise read on)
+                        reader.seek(*start)
+                rows, ends = self._block(block)
+            # the next block is read, rendered and packed on a thread while this one's micro-batches train
+            self._read_ahead(block + 1)
             for i in range(self.row, len(rows)):
                 pending.append(rows[i])
                 if len(pending) == self.micro_batch:
                     # the committed position is after this micro-batch: a checkpoint taken now resumes after it
                     self.row = i + 1
                     if self.row == len(rows):
-                        self.block, self.row, self.starts = self.block + 1, 0, [r.position for r in self.readers]
+                        self.block, self.row, self.starts = self.block + 1, 0, ends
                     yield collate(pending)
                     pending = []
             if self.block == block:  # the block ended inside a micro-batch (or gave no row): on to the next
-                self.block, self.row, self.starts = block + 1, 0, [r.position for r in self.readers]
+                self.block, self.row, self.starts = block + 1, 0, ends
 
 
 def _first_rows(ds, n: int) -> list[dict[str, Any]]:

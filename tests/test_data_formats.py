@@ -259,6 +259,10 @@ def test_a_streamed_position_resumes_exactly_on_every_rank(chat_config, chat_ass
             it2 = iter(again)
             assert _same([next(it2) for _ in range(12)], batches[at + 1 : at + 13]), (rank, at)
         assert whole_stream.readers[0].epoch >= 2
+        # the next block was read, rendered and packed on a thread while this one's micro-batches were taken
+        assert whole_stream._ahead is not None and whole_stream._ahead[1].name == "dsdistill-stream-read-ahead"
+        whole_stream.close()
+        assert whole_stream._ahead is None and [r.position for r in whole_stream.readers] != whole_stream.starts
         seen.append({tuple(r.tolist()) for b in batches[:30] for r in b["input_ids"]})
     assert not seen[0] & seen[1]  # each rank reads its own part
 

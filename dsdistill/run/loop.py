@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from dsdistill import checkpoint
 from dsdistill.config import RunConfig
-from dsdistill.data import eval_batches
+from dsdistill.data import MixedStream, eval_batches
 from dsdistill.dist import agree, init_distributed
 from dsdistill.errors import DistillError, PeerFailed, one_line
 from dsdistill.metrics import MetricsWriter
@@ -139,6 +139,8 @@ class Session:
                 self._save(early)
             reason = policy.after_step(done=done, stop_requested=r.stop_requested)
         self.records.bar.close()
+        if isinstance(self.data.stream, MixedStream):
+            self.data.stream.close()  # a block read ahead is let finish, not cut at the interpreter's exit
         guard.check_trained()
         return self._finish(reason, early)
 
