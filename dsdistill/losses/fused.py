@@ -172,18 +172,6 @@ def as_sparse(t_sparse) -> Optional[SparseTeacher]:
     return SparseTeacher(ids, logp, log_rest)
 
 
-def sparse_log_probs(s: torch.Tensor, sp: SparseTeacher, temperature: float):
-    """Student and teacher over the teacher's k cached tokens plus one bucket for the rest of the vocabulary
-    (the same buckets as live top-k KD with `loss.kd.top_k_rest`). `s`: student logits already divided by T. The
-    teacher's buckets at T are log p_i / T for the kept tokens and log sum_tail p_i^(1/T) for the rest,
-    renormalised: exactly live top-k + rest at T (the tail statistic is stored per temperature). A reference
-    for tests; training takes the same buckets through `closed_form`."""
-    s_full = torch.log_softmax(s, dim=-1)
-    top_s = s_full.gather(-1, sp.ids)
-    rest_s = torch.logsumexp(s_full.scatter(-1, sp.ids, float("-inf")), dim=-1, keepdim=True)
-    return torch.cat([top_s, rest_s], dim=-1), sparse_side(sp, temperature, s.dtype).logp
-
-
 def sparse_side(sp: SparseTeacher, temperature: float, dtype: torch.dtype) -> SparseSide:
     """The sparse teacher's buckets at T: its k tokens and the rest, renormalised."""
     tail = sp.log_tail(temperature).to(dtype)
@@ -266,24 +254,22 @@ class KDLMLoss:
                 with torch.no_grad():
                     teacher = _mm_f32(th, self.t_weight.T).to(logits.dtype)
         targets = self.targets[start:end]
-        if self.compile and terms.one_expression(torch.is_tensor(teacher)) and _compiler() is not None:
+        compiled = _compiler() if self.compile and terms.one_expression(torch.is_tensor(teacher)) else None
+        if compiled is not None:
             # the compiled path: one fused kernel per chunk (the coefficients are symbolic: no recompile per step)
             T = terms.temperature
             kd_scale = self.coef_kd * t2_factor(terms.spec.kind, T) / T
-            want_lm = terms.want_lm
-            kd, lm, g = _compiler()(logits, teacher, targets, T, kd_scale, self.coef_lm, terms.want_kd, want_lm, grad, at_t)
+            kd, lm, g = compiled(logits, teacher, targets, T, kd_scale, self.coef_lm, terms.want_kd, terms.want_lm, grad, at_t)
             factor = 1.0
         else:
-            kd, lm, g, factor = _rows(terms, logits, teacher, targets, self.coef_kd, self.coef_lm, grad, at_t)
+            kd, lm, g, factor = terms.rows(
+                logits, teacher, targets, coef_kd=self.coef_kd, coef_lm=self.coef_lm, grad=grad, teacher_at_t=at_t
+            )
         zero = logits.new_zeros(())
         raw = kd.sum() if kd is not None else zero
         kd_sum = raw * t2_factor(terms.spec.kind, terms.temperature)
         lm_sum = lm.sum() if lm is not None else zero
         return (self.coef_kd * kd_sum + self.coef_lm * lm_sum, kd_sum, raw, lm_sum), (None if g is None else (g, factor))
-
-
-def _rows(terms: KDLMTerms, logits, teacher, targets, coef_kd, coef_lm, grad, at_t):
-    return terms.rows(logits, teacher, targets, coef_kd=coef_kd, coef_lm=coef_lm, grad=grad, teacher_at_t=at_t)
 
 
 _COMPILED: list = []
