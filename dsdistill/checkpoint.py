@@ -35,12 +35,6 @@ from dsdistill.rundir import damaged_file, ensure_dir, record_checksums, refuse_
 CHECKPOINT_DIR = "checkpoints"
 LAYOUT = "dsdistill.json"
 """The run layout a checkpoint was written with (batch shape, world, ZeRO stage, precision, aux modules)."""
-ENGINE_KEYS = {
-    "zero_stage": "deepspeed.student zero_optimization.stage",
-    "precision": "train.precision",
-    "aux_modules": "the curriculum's components",
-}
-"""Layout keys that fix how the optimizer states are laid out, with the setting that changes them."""
 _TAG = re.compile(r"^step(\d+)$")
 _PARTIAL = re.compile(r"^\.step\d+\.partial$")
 
@@ -318,31 +312,70 @@ def _read_layout(where: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _check_layout(where: Path, saved: dict[str, Any], expect: dict[str, Any]) -> None:
-    """One line for the first setting that differs from the checkpoint's; the checkpoint stays valid and is
-    never to be deleted for it."""
+CARRIED = {"zero_stage": "ZeRO stage", "precision": "precision", "world_size": "ranks", "aux_modules": "components"}
+"""Layout keys a resume can change: the checkpoint is carried into the new layout (`dsdistill.carry`)."""
+
+
+def _changes(where: Path, saved: dict[str, Any], expect: dict[str, Any], *, movable_world: bool) -> dict[str, tuple]:
+    """The carried settings that differ from the checkpoint's, as {key: (saved, now)}; one line for any other
+    difference. The checkpoint stays valid and is never to be deleted for it."""
+    changed: dict[str, tuple] = {}
     for key, now in expect.items():
         if key not in saved or saved[key] == now:
             continue
         if key == "zero_stage" and (saved[key] == 3) == (now == 3):
             continue  # ZeRO-1 and ZeRO-2 write the same partitioned states
-        if key == "aux_modules":
+        if key in CARRIED and (key != "world_size" or movable_world):
+            changed[key] = (saved[key], now)
+            continue
+        if key == "world_size":
             raise CheckpointError(
-                f"checkpoint: '{where}' was trained with the components' modules {saved[key]}, this run has {now}; "
-                f"resume with the same curriculum components, or carry the student's weights into a new run: "
-                f"dsdistill export {where.parent.parent} --out DIR, then student.path: DIR and another output.run_dir"
-            )
-        if key in ENGINE_KEYS:
-            raise CheckpointError(
-                f"checkpoint: '{where}' was written with {key}={saved[key]!r}, this run has {now!r}; its optimizer "
-                f"states are laid out for that; resume with the same {ENGINE_KEYS[key]} (the checkpoint is valid: keep "
-                f"it), or carry the weights: dsdistill export {where.parent.parent} --out DIR, then student.path: DIR"
+                f"checkpoint: '{where}' was written by {saved[key]} ranks, this run has {now}; streamed sources are read "
+                f"per rank, so its data position means nothing on another number of ranks; resume with {saved[key]} ranks "
+                f"(the checkpoint is valid: keep it), or carry the weights: dsdistill export {where.parent.parent} "
+                "--out DIR, then student.path: DIR and another output.run_dir"
             )
         raise CheckpointError(
             f"checkpoint: '{where}' was written with {key}={saved[key]!r}, this run has {now!r}; "
-            f"its data position would mean other sequences; resume with the same {key}, "
-            "or start fresh with checkpoint.resume: never and another output.run_dir"
+            f"its data position would mean other sequences; resume with the same {key} (the checkpoint is valid: keep "
+            "it), or start fresh with checkpoint.resume: never and another output.run_dir"
         )
+    return changed
+
+
+def _carry(engine, where: Path, changed: dict[str, tuple]) -> dict[str, Any]:
+    """Load through `dsdistill.carry`; the loop state, with a one-line note of what changed under "carried"."""
+    from dsdistill import carry
+
+    try:
+        with safe_unpickling():
+            got = carry.load(engine, where)
+    except Exception as e:  # DeepSpeed/torch raise many types for a damaged file
+        raise CheckpointError(describe_load_error(where, e)) from None
+    moved = ", ".join(f"{CARRIED[k]} {_brief(a)} -> {_brief(b)}" for k, (a, b) in changed.items())
+    kept = "weights, Adam moments" if got.moments else "weights (the old optimizer kept no Adam moments: they restart)"
+    note = f"carried {where.name} into a new layout ({moved}): {kept}, step and LR schedule"
+    if got.fresh:
+        note += f"; fresh: {_names(got.fresh)}"
+    if got.dropped:
+        note += f"; dropped: {_names(got.dropped)}"
+    client = got.client
+    client["carried"] = note
+    return client
+
+
+def _brief(value: Any) -> str:
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+
+
+def _names(params: list[str]) -> str:
+    """Parameter names by module (`aux.router.proj.weight` -> `aux.router`), counted."""
+    groups: dict[str, int] = {}
+    for name in params:
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "aux" else parts[0]
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(f"{k} ({n} tensor{'s' if n > 1 else ''})" for k, n in groups.items())
 
 
 def _verified_by_rank0(run_dir: Path, tag: str) -> None:
@@ -368,11 +401,17 @@ def _has_states(where: Path) -> bool:
 
 
 def load(
-    engine, run_dir: Path, *, tag: Optional[str] = None, expect: Optional[dict[str, Any]] = None
+    engine,
+    run_dir: Path,
+    *,
+    tag: Optional[str] = None,
+    expect: Optional[dict[str, Any]] = None,
+    movable_world: bool = False,
 ) -> Optional[dict[str, Any]]:
     """Restore a checkpoint (`tag`, else what `latest` names) into `engine`; the loop state it saved, or None
-    if the run has none. `expect` maps each field whose value fixes the meaning of the saved data position
-    (batch shape, world size, data fingerprint) to its value now: any difference is refused."""
+    if the run has none. `expect` maps each layout field to its value now. A change of ZeRO stage, precision or
+    components - and of world size where `movable_world` (the data position can be re-sharded) - is carried
+    (`dsdistill.carry`) and described under "carried"; any other difference is refused."""
     tag = resolve_tag(run_dir, tag, field="checkpoint.resume_tag")
     if tag is None:
         return None
@@ -383,7 +422,10 @@ def load(
             f"delete it or pick another with --set checkpoint.resume_tag=stepN (checkpoints: {_listing(run_dir)})"
         )
     _verified_by_rank0(run_dir, tag)
-    _check_layout(where, _read_layout(where), expect or {})
+    changed = _changes(where, _read_layout(where), expect or {}, movable_world=movable_world)
+    if changed:
+        client = _carry(engine, where, changed)
+        return _restored(client, where, tag)
     try:
         with safe_unpickling():
             path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
@@ -391,7 +433,17 @@ def load(
         raise CheckpointError(describe_load_error(where, e)) from None
     if path is None or client is None or "stream" not in client:
         raise CheckpointError(f"checkpoint: '{where}' is incomplete (no loop state); delete it or set checkpoint.resume: never")
-    _check_layout(where, client.get("layout") or {}, expect or {})
+    if _changes(where, client.get("layout") or {}, expect or {}, movable_world=movable_world):
+        raise CheckpointError(  # a checkpoint from before the layout file: its layout is known only now
+            f"checkpoint: '{where}' was written with another ZeRO stage, precision, world size or components and "
+            "predates carrying them; resume with the settings it was written with (the checkpoint is valid: keep it)"
+        )
+    return _restored(client, where, tag)
+
+
+def _restored(client: dict[str, Any], where: Path, tag: str) -> dict[str, Any]:
+    if "stream" not in client:
+        raise CheckpointError(f"checkpoint: '{where}' is incomplete (no loop state); delete it or set checkpoint.resume: never")
     rng = client.pop("rng", None)
     if rng:
         torch.set_rng_state(rng["torch"])

@@ -837,7 +837,7 @@ class TrainStream:
 
     def __init__(self, ds, *, micro_batch: int, rank: int, world: int, seed: int):
         self.ds = ds
-        self.micro_batch = micro_batch
+        self.micro_batch, self.world = micro_batch, world
         self.sampler: DistributedSampler = DistributedSampler(
             ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
@@ -851,6 +851,13 @@ class TrainStream:
 
     def restore(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def reshard(self, state: dict[str, int], world: int) -> dict[str, int]:
+        """The position saved by `world` ranks, on this run's ranks. Every rank reads every world-th row of one
+        seeded order, so the ranks together had read a prefix of it; each rank goes on after that prefix
+        (rounded down to whole micro-batches of all ranks: at most that many rows are seen twice)."""
+        read = int(state["position"]) * self.micro_batch * world
+        return {"epoch": int(state["epoch"]), "position": read // (self.micro_batch * self.world)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         assert self.batches_per_epoch is not None

@@ -59,6 +59,16 @@ def any_rank(flag: bool) -> bool:
     return bool(t.numpy()[0] > 0)  # a host tensor: reading it waits for nothing
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (plain data), in rank order, on every rank: a checkpoint records each rank's own data
+    position, since ZeRO-1/2 write the loop state from rank 0 alone."""
+    if not (_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=control_group())
+    return out
+
+
 def all_reduce_named(values: dict[str, Any]) -> dict[str, float]:
     """`all_reduce_sum` over a dict: every rank passes the same keys and gets each one's sum by name."""
     keys = sorted(values)

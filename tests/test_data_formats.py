@@ -21,10 +21,11 @@ import yaml
 
 from dsdistill.config import FormatFields, validate
 from dsdistill.data import MixedStream, build_splits, eval_batches, make_stream
-from dsdistill.errors import DataError
+from dsdistill.errors import DataError, DistillError
 from dsdistill.formats import Example, renderer
 from dsdistill.packing import Packer
 from dsdistill.preflight import preflight
+from dsdistill.rundir import record_checksums
 from dsdistill.schema import METRICS_FILE, EvalRecord, RunStart, TrainRecord, parse_line
 from dsdistill.train import open_session, train
 
@@ -282,6 +283,18 @@ def test_streamed_training_resumed_equals_uninterrupted(chat_config, chat_assets
 
     whole = run("whole")
     run("parts", stop_at_step=2)
+    # the same position on another number of ranks would mean other rows (each rank streams its own part):
+    # refused in one line that keeps the checkpoint (the layout claims two ranks, as a copy from a cluster would)
+    step2 = tmp_path / "parts" / "checkpoints" / "step2"
+    saved = (step2 / "dsdistill.json").read_text()
+    (step2 / "dsdistill.json").write_text(saved.replace('"world_size": 1', '"world_size": 2'))
+    record_checksums(step2)
+    with pytest.raises(DistillError) as e:
+        run("parts")
+    assert str(e.value).startswith(f"checkpoint: '{step2}' was written by 2 ranks, this run has 1; streamed sources")
+    assert "keep it" in str(e.value) and "delete" not in str(e.value)
+    (step2 / "dsdistill.json").write_text(saved)
+    record_checksums(step2)
     parts = run("parts")
     assert [r.step for r in whole] == [0, 1, 2, 3]
     resumed = {r.step: r for r in parts}

@@ -16,7 +16,7 @@ import yaml
 
 from dsdistill.config import validate
 from dsdistill.dist import free_port
-from dsdistill.schema import METRICS_FILE, RunEnd, RunStart, TrainRecord, parse_line
+from dsdistill.schema import METRICS_FILE, AlertRecord, RunEnd, RunStart, TrainRecord, parse_line
 from dsdistill.train import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,6 +151,7 @@ def test_real_two_process_launch_and_resume(config_file, tmp_path):
         ["--config", str(cfg), "--gpus-per-node", "2", "--master-port", port, "--", "--set", "train.stop_at_step=3"], tmp_path
     )
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    shutil.copytree(tmp_path / "run", tmp_path / "one-rank")  # paused at step 3 by two ranks, at ZeRO-2
     second = run_launch(["--config", str(cfg), "--gpus-per-node", "2", "--master-port", str(free_port())], tmp_path)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "resumed from" in second.stdout
@@ -161,6 +162,23 @@ def test_real_two_process_launch_and_resume(config_file, tmp_path):
     assert [e.reason for e in recs if isinstance(e, RunEnd)] == ["paused", "completed"]
     # DeepSpeed's CPU all-reduce buffers in /dev/shm are unlinked when the ranks exit (they leaked before)
     assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
+    # the same checkpoint resumed by one rank at ZeRO-3, accumulating 2 micro-batches (the same rows per step):
+    # the data position is re-sharded and the weights and moments carried, so it goes on as the two ranks did
+    one = yaml.safe_load(cfg.read_text())
+    one["output"]["run_dir"] = str(tmp_path / "one-rank")
+    one["train"]["grad_accum"] = 2
+    auto = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    one["deepspeed"] = {"student": {**dict.fromkeys(auto, "auto"), "zero_optimization": {"stage": 3}}}
+    with contextlib.redirect_stdout(io.StringIO()), open_session(validate(one)) as session:
+        assert session.fit().reason == "completed"
+    alone = [parse_line(line) for line in (tmp_path / "one-rank" / METRICS_FILE).read_text().splitlines()]
+    note = next(a.message for a in alone if isinstance(a, AlertRecord) and a.code == "resume_carried")
+    assert note.startswith("carried step3 into a new layout (ranks 2 -> 1, ZeRO stage 2 -> 3)")
+    two = {t.step: t for t in recs if isinstance(t, TrainRecord)}
+    for t in (t for t in alone if isinstance(t, TrainRecord) and t.step >= 3):
+        assert t.lr == two[t.step].lr
+        for name in ("kd", "lm"):  # per-token terms (in-batch ones like contrastive see other negatives here)
+            assert t.losses[name] == pytest.approx(two[t.step].losses[name], rel=2e-5, abs=1e-6), (t.step, name)
 
 
 def test_ds_configs_are_documented():

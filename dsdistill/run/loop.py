@@ -156,6 +156,8 @@ class Session:
 
         s_params, _ = param_counts(self.student.module.model)
         self.records.start(step=step, resumed=resumed is not None, data=self.data, teacher=self.teacher, student_params=s_params)
+        if resumed is not None and resumed.get("carried"):  # another ZeRO stage, world, precision or components
+            self.records.alert(step, "info", "resume_carried", resumed["carried"])
         members = members_of(self.teacher)
         if len(members) > 1:  # each teacher's own; the run's is exp of their share-weighted cross-entropy
             self.teacher_ppls = {n: self.evaluator.teacher_perplexity(self.eval_batches(), t) for n, _, t in members}

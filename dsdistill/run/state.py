@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional
 
 from dsdistill import checkpoint
 from dsdistill.data import data_fingerprint
-from dsdistill.dist import agree
+from dsdistill.dist import agree, gather_objects
 from dsdistill.ds_config import zero_stage
 from dsdistill.trainer import EarlyStopping
 
@@ -50,14 +50,31 @@ class RunState:
         if plan.cfg.checkpoint.resume != "auto":
             return None
         resumed = agree(
-            lambda: checkpoint.load(engine, plan.run_dir, tag=plan.cfg.checkpoint.resume_tag, expect=self.layout()),
+            lambda: checkpoint.load(
+                engine,
+                plan.run_dir,
+                tag=plan.cfg.checkpoint.resume_tag,
+                expect=self.layout(),
+                movable_world=hasattr(self.data.stream, "reshard"),
+            ),
             what="resuming",
         )
         if resumed is not None:
-            self.data.stream.restore(resumed["stream"])
+            self.data.stream.restore(self._own_position(resumed))
             early.restore(resumed["early_stopping"])
             self.tokens_seen = int(resumed["tokens_seen"])
         return resumed
+
+    def _own_position(self, resumed: dict[str, Any]) -> dict[str, Any]:
+        """This rank's data position: its own entry where the checkpoint has one per rank (ZeRO-1/2 save the
+        loop state from rank 0 only), re-sharded from the saved world where that differs."""
+        streams = resumed.get("streams")
+        saved_world = int((resumed.get("layout") or {}).get("world_size", self.plan.world))
+        if saved_world != self.plan.world:
+            return self.data.stream.reshard(resumed["stream"], saved_world)
+        if isinstance(streams, list) and len(streams) == self.plan.world:
+            return streams[self.plan.rank]
+        return resumed["stream"]
 
     def save_due(self) -> bool:
         """Rank 0's clock: a time-based checkpoint is due (the step's reduction makes every rank agree)."""
@@ -66,8 +83,10 @@ class RunState:
 
     def save(self, early: EarlyStopping, mark_best: bool = False) -> None:
         at = self.abandoned  # an abandoned window: the state before it
+        stream = at["stream"] if at else (self.position if self.position is not None else self.data.stream.state())
         state = {
-            "stream": at["stream"] if at else (self.position if self.position is not None else self.data.stream.state()),
+            "stream": stream,
+            "streams": gather_objects(stream),
             "early_stopping": early.state(),
             "tokens_seen": at["tokens_seen"] if at else self.tokens_seen,
             "layout": self.layout(),
