@@ -25,7 +25,8 @@ TRAIN="$ROOT/dsdistill/train.py"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-"$PYTHON" -c 'import torch, deepspeed, dsdistill' 2>/dev/null \
+# (found, not imported: importing them costs seconds, and the check below imports them anyway)
+"$PYTHON" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("torch", "deepspeed", "dsdistill")))' 2>/dev/null \
   || die "'$PYTHON' cannot import torch, deepspeed and dsdistill; run 'make install' (it makes $ROOT/.venv), activate the environment you installed into, or set PYTHON=/path/to/its/python"
 CONFIG="" NODES="" GPUS="" HOSTFILE="" LAUNCHER="" MASTER_ADDR="" MASTER_PORT=29500 DRY_RUN=0 RESUME=auto
 USER_ENV_FILE="" KILL_AFTER=0

@@ -431,8 +431,8 @@ def load(
             path, client = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
     except Exception as e:  # DeepSpeed/torch raise many types for a damaged file
         raise CheckpointError(describe_load_error(where, e)) from None
-    if path is None or client is None or "stream" not in client:
-        raise CheckpointError(f"checkpoint: '{where}' is incomplete (no loop state); delete it or set checkpoint.resume: never")
+    if path is None or client is None:
+        client = {}  # no loop state: `_restored` says so
     if _changes(where, client.get("layout") or {}, expect or {}, movable_world=movable_world):
         raise CheckpointError(  # a checkpoint from before the layout file: its layout is known only now
             f"checkpoint: '{where}' was written with another ZeRO stage, precision, world size or components and "

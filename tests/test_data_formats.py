@@ -387,6 +387,7 @@ def test_two_ranks_stream_a_packed_chat_mixture_under_zero3(chat_config, chat_as
         train={"max_steps": 3, "grad_accum": 2},
         eval={"every": 3, "max_batches": 1, "at_start": True},
         deepspeed={"student": {**zero3, "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}, "teacher": zero3},
+        checkpoint={"save_final": True},
     )
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -405,6 +406,16 @@ def test_two_ranks_stream_a_packed_chat_mixture_under_zero3(chat_config, chat_as
     evals = [r for r in recs if isinstance(r, EvalRecord)]
     assert [e.step for e in evals] == [0, 3] and all(set(e.sources) == {"chat", "corpus"} for e in evals)
     assert isinstance(recs[-1], RunEnd) and recs[-1].reason == "completed"
+    # each rank streams its own rows, so the checkpoint keeps each rank's position (ZeRO-1/2 write the loop
+    # state from rank 0 alone: past the first block a resumed rank 1 took rank 0's position before)
+    from dsdistill import checkpoint
+
+    with checkpoint.safe_unpickling():
+        client = torch.load(
+            Path(cfg["output"]["run_dir"]) / "checkpoints" / "step3" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+        )
+    streams = client["streams"]
+    assert len(streams) == 2 and streams[0] == client["stream"] and streams[0]["row"] == streams[1]["row"] > 0
 
 
 def test_data_config_errors_name_the_field(chat_config):

@@ -25,7 +25,7 @@ def test_the_control_run_differs_from_the_demo_only_in_its_curriculum_and_direct
 def test_demo_student_moves_toward_teacher_and_reports_the_control(tmp_path, capsys):
     cache = tmp_path / "cache"
     ensure_assets(cache, teacher_steps=150, documents=1500)
-    assert run_demo(run_dir=tmp_path / "demo", steps=40, nprocs=2, cache=cache) == 0
+    assert run_demo(run_dir=tmp_path / "demo", steps=20, nprocs=2, cache=cache) == 0
     s = summarize(tmp_path / "demo" / METRICS_FILE)
     alone = summarize(tmp_path / "demo-no-teacher" / METRICS_FILE)
     assert s["last_ppl"] < 0.5 * s["first_ppl"] and alone["last_ppl"] < 0.5 * alone["first_ppl"]
@@ -35,9 +35,9 @@ def test_demo_student_moves_toward_teacher_and_reports_the_control(tmp_path, cap
     assert len(first) == 1
     assert f"distilled student {s['last_ppl']:.2f}, same student without the teacher {alone['last_ppl']:.2f}" in first[0]
     # running the finished demo again launches nothing and says the same
-    assert run_demo(run_dir=tmp_path / "demo", steps=40, nprocs=2, cache=cache) == 0
+    assert run_demo(run_dir=tmp_path / "demo", steps=20, nprocs=2, cache=cache) == 0
     out = capsys.readouterr().out
     again = [ln for ln in out.splitlines() if ln.startswith("demo: eval perplexity: teacher ")]
-    assert again == first and out.count("already completed this config's 40 steps; not launched again") == 2
+    assert again == first and out.count("already completed this config's 20 steps; not launched again") == 2
     assert "deepspeed" not in out  # no launch line
     assert Path(tmp_path / "demo-no-teacher" / "run.yaml").exists()

@@ -120,12 +120,11 @@ def _one_rank(proc, sig):
 @pytest.mark.parametrize(
     "deliver, sig",
     [
-        (_group, signal.SIGTERM),  # SLURM/`timeout`/kill -TERM -PGID
-        (_group, signal.SIGINT),  # Ctrl-C in the terminal
+        (_group, signal.SIGINT),  # Ctrl-C in the terminal (a group SIGTERM: the relaunch test below)
         (_launcher_pid, signal.SIGTERM),
         (_one_rank, signal.SIGTERM),
     ],
-    ids=["group-SIGTERM", "group-SIGINT-ctrl-c", "launcher-pid", "one-rank"],
+    ids=["group-SIGINT-ctrl-c", "launcher-pid", "one-rank"],
 )
 def test_launch_sh_stop_saves_ends_and_exits_75(long_run, tmp_path, deliver, sig):
     config, run_dir = long_run
@@ -170,8 +169,13 @@ def _group_sigterm(cmd: list[str], run_dir: Path, tmp_path: Path) -> subprocess.
 
 
 def test_relaunch_after_preemption_resumes_at_the_saved_step(long_run, tmp_path):
+    """A group SIGTERM (SLURM, `timeout`, kill -TERM -PGID) to launch.sh: saved, ended, exit 75; then the
+    relaunch resumes at the saved step."""
     config, run_dir = long_run
-    _group_sigterm(_launch_sh(config), run_dir, tmp_path)
+    first = _group_sigterm(_launch_sh(config), run_dir, tmp_path)
+    log = (tmp_path / "launch.log").read_text()
+    assert first.returncode == EXIT_PREEMPTED, log[-3000:]
+    assert "exiting now without saving" not in log
     step = _assert_saved_and_ended(run_dir)
     again = _start(_launch_sh(config) + ["--", "--set", f"train.stop_at_step={step + 1}"], tmp_path)
     again.wait(timeout=240)
