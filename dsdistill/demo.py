@@ -105,6 +105,22 @@ def build_tokenizer(out_dir: Path, *, chat: bool = False):
     return fast
 
 
+def build_bpe_tokenizer(out_dir: Path, texts: list[str], *, vocab_size: int = 300):
+    """A byte-level BPE fast tokenizer trained on `texts` (another tokenisation of the demo corpus than the
+    word-level one: what a cross-tokenizer run and its benchmark pair), saved with `save_pretrained`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
 def write_chat(path: Path, *, conversations: int, seed: int = 0) -> Path:
     """A jsonl file of generated conversations in a `messages` field: an optional system prompt, one to
     three user/assistant exchanges, some with a tool turn between an assistant call and its answer."""
