@@ -9,8 +9,12 @@ chunks. Zero-width tokens (a BOS or EOS the post-processor adds, with no text) b
 
 The first token of every chunk starts at the same character in both sequences, so the positions that predict
 those tokens have read the same text: those are the pairs a cross-tokenizer KD term compares
-(`Alignment.pairs`). A chunk of one token on each side whose strings both vocabularies share is an exact
-pair; the rest is what span merging or a distribution-free term must handle.
+(`Alignment.pairs`). A chunk of one token on each side whose two tokens add the same text is an exact pair;
+the rest is what span merging or a distribution-free term must handle. What a token adds depends on where it
+starts when one tokenizer keeps spaces inside its tokens (byte-level BPE, SentencePiece) and the other drops
+them (word-level, WordPiece): after a space, ` likes` of the one is `likes` of the other. So the shared
+vocabulary is taken per context (`CONTEXTS`, `pair_contexts`) for such a pair of tokenizers, and by bytes
+alone otherwise (one tokenizer on both sides pairs every id with itself).
 """
 
 from __future__ import annotations
@@ -109,18 +113,32 @@ def _byte_alphabet() -> dict[str, int]:
     return table
 
 
-def _byte_level(tok) -> bool:
+def _spec(tok) -> dict:
     import json
 
-    decoder = json.loads(tok.backend_tokenizer.to_str()).get("decoder") or {}
-    return "ByteLevel" in json.dumps(decoder)
+    return json.loads(tok.backend_tokenizer.to_str())
+
+
+def _byte_level(tok) -> bool:
+    return "ByteLevel" in str(_spec(tok).get("decoder") or {})
+
+
+def spaced(tok) -> bool:
+    """Whether the tokenizer keeps spaces inside its tokens (byte-level BPE's `Ġ`, SentencePiece's `▁`), as
+    opposed to dropping them between words (word-level, WordPiece)."""
+    spec = _spec(tok)
+    return (
+        _byte_level(tok) or "Metaspace" in str(spec.get("decoder") or {}) or "Metaspace" in str(spec.get("pre_tokenizer") or {})
+    )
 
 
 def token_bytes(tok) -> list[bytes]:
     """Each id's text as bytes: a byte-level token's own bytes (a lone byte of a multi-byte character too),
-    otherwise what the token decodes to alone (WordPiece's `##` and SentencePiece's `▁` as the decoder reads
-    them); special tokens as written."""
+    a SentencePiece token's with `▁` as a space, otherwise what the token decodes to alone (WordPiece's
+    `##` dropped); special tokens as written."""
     table = _byte_alphabet() if _byte_level(tok) else None
+    metaspace = not table and spaced(tok)
+    prefix = _continuation(tok)
     specials = set(tok.all_special_tokens) | {str(t) for t in tok.added_tokens_decoder.values()}
     out = []
     for i in range(len(tok)):
@@ -131,25 +149,91 @@ def token_bytes(tok) -> list[bytes]:
             out.append(piece.encode())
         elif table is not None and all(c in table for c in piece):
             out.append(bytes(table[c] for c in piece))
+        elif metaspace:
+            out.append(piece.replace("\u2581", " ").encode())
+        elif prefix and piece.startswith(prefix):
+            out.append(piece[len(prefix) :].encode())  # a word's continuation, as it reads inside the word
         else:
             out.append(tok.convert_tokens_to_string([piece]).encode())
     return out
 
 
-def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(student ids, teacher ids) of the tokens whose bytes (`token_bytes`) both vocabularies have, one pair
-    per distinct byte string; with one tokenizer on both sides, every id paired with itself."""
+CONTEXTS = ("space", "word", "other")
+"""Where a pair's next token starts: after one space, right after a letter or digit, or anywhere else."""
 
-    def by_bytes(tok) -> dict[bytes, int]:
-        out: dict[bytes, int] = {}
+
+def _continuation(tok) -> str:
+    return str((_spec(tok).get("model") or {}).get("continuing_subword_prefix") or "")
+
+
+def _keys(tok, context: str) -> dict[tuple[bool, bytes], int]:
+    """The text each token adds at a position in `context` (bytes, first id of each), for comparing a
+    tokenizer that keeps spaces with one that drops them: after a space, a spaced tokenizer's next token
+    starts with it and a dropping one's next token is a word start that the space precedes; right after a
+    letter, a dropping tokenizer continues the word (`##` pieces, if it has them)."""
+    raw, keep = token_bytes(tok), spaced(tok)
+    prefix = _continuation(tok)
+    pieces = [tok.convert_ids_to_tokens(i) or "" for i in range(len(tok))]
+    out: dict[tuple[bool, bytes], int] = {}
+    for i, (b, piece) in enumerate(zip(raw, pieces)):
+        if not b:
+            continue
+        lead = b[:1].isspace()
+        if keep:
+            key = b if (context == "space") == lead else None
+        else:
+            cont = bool(prefix) and piece.startswith(prefix)
+            if context == "space":
+                key = None if cont or lead else b" " + b
+            elif context == "word" and prefix:
+                key = b if cont else None
+            else:
+                key = None if cont else b
+        if key is not None:
+            out.setdefault((False, key), i)
+    return out
+
+
+def shared_vocabulary(student_tokenizer, teacher_tokenizer, context: str = "any") -> tuple[np.ndarray, np.ndarray]:
+    """(student ids, teacher ids) of the tokens that add the same text. When both tokenizers keep spaces in
+    their tokens, or both drop them, that is the same bytes (`token_bytes`) in any context, and one tokenizer
+    on both sides pairs every id with itself. When one keeps and one drops spaces, what a token adds depends
+    on where it starts: `context` (one of `CONTEXTS`) says where."""
+
+    def by_bytes(tok) -> dict[tuple[bool, bytes], int]:
+        # a word's continuation (WordPiece's `##ed`) is another token than the word `ed`
+        prefix = _continuation(tok)
+        out: dict[tuple[bool, bytes], int] = {}
         for i, raw in enumerate(token_bytes(tok)):
             if raw:
-                out.setdefault(raw, i)
+                piece = tok.convert_ids_to_tokens(i) or ""
+                out.setdefault((bool(prefix) and piece.startswith(prefix), raw), i)
         return out
 
-    s, t = by_bytes(student_tokenizer), by_bytes(teacher_tokenizer)
+    if context == "any" or spaced(student_tokenizer) == spaced(teacher_tokenizer):
+        s, t = by_bytes(student_tokenizer), by_bytes(teacher_tokenizer)
+    else:
+        s, t = _keys(student_tokenizer, context), _keys(teacher_tokenizer, context)
     common = sorted(set(s) & set(t))
     return np.array([s[x] for x in common], dtype=np.int64), np.array([t[x] for x in common], dtype=np.int64)
+
+
+def pair_contexts(text: str, alignment: Alignment) -> np.ndarray:
+    """The context (an index into `CONTEXTS`, or -1: none compares) of each pair of `alignment.pairs()`: a
+    chunk that opens with one space then text is "space"; one that opens with other whitespace (a newline, a
+    run of spaces) has no counterpart token on a tokenizer that drops whitespace, so -1; else "word" right
+    after a letter or digit, "other" otherwise."""
+    keep = (alignment.s_start > 0) & (alignment.t_start > 0)
+    out = []
+    for lo, _ in alignment.spans[keep]:
+        head = text[lo : lo + 2]
+        if head[:1] == " " and head[1:2] and not head[1].isspace():
+            out.append(0)
+        elif head[:1].isspace():
+            out.append(-1)
+        else:
+            out.append(1 if lo > 0 and text[lo - 1].isalnum() else 2)
+    return np.array(out, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -166,12 +250,14 @@ class Plan:
     exact_share: float
     """Share of the student's text-bearing tokens in one-token chunks on both sides whose bytes are shared."""
     pair_share: float
-    """Share of the student's text-bearing tokens that open a chunk (the positions a KD pair compares)."""
+    """Share of the student's text-bearing tokens that open a chunk with a position before it on both sides
+    (what a KD pair compares; a text's first chunk has none)."""
 
 
 def plan(student_tokenizer, teacher_tokenizer, texts: Sequence[str]) -> Plan:
     s_shared, t_shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
-    pairs = dict(zip(s_shared.tolist(), t_shared.tolist()))
+    same = spaced(student_tokenizer) == spaced(teacher_tokenizer)  # then one map serves every context
+    by_context = [dict(zip(*(x.tolist() for x in shared_vocabulary(student_tokenizer, teacher_tokenizer, c)))) for c in CONTEXTS]
     unaligned = s_tokens = t_tokens = exact = opened = 0
     for text in texts:
         s = student_tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
@@ -182,10 +268,13 @@ def plan(student_tokenizer, teacher_tokenizer, texts: Sequence[str]) -> Plan:
             continue
         s_tokens += int((a.s_end - a.s_start).sum())
         t_tokens += int((a.t_end - a.t_start).sum())
-        opened += len(a)
         s_ids, t_ids = s["input_ids"], t["input_ids"]
-        for k in np.nonzero(a.one_to_one())[0]:
-            exact += pairs.get(s_ids[a.s_start[k]]) == t_ids[a.t_start[k]]
+        opens = np.nonzero((a.s_start > 0) & (a.t_start > 0))[0]
+        opened += len(opens)
+        contexts = np.zeros(len(opens), dtype=np.int64) if same else pair_contexts(text, a)
+        for k, context in zip(opens, contexts):
+            if context >= 0 and a.one_to_one()[k]:
+                exact += by_context[context].get(s_ids[a.s_start[k]]) == t_ids[a.t_start[k]]
     return Plan(
         examples=len(texts),
         unaligned=unaligned,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsdistill.crosstok import align, plan, shared_vocabulary
+from dsdistill.crosstok import align, pair_contexts, plan, shared_vocabulary, spaced
 from dsdistill.losses.closed_form import kd_loss
 from dsdistill.losses.cross import chunk_likelihood, exact_and_sorted
 
@@ -219,7 +219,37 @@ def test_the_plan_counts_what_aligns(tokenizers_):
     bpe, wp = tokenizers_
     same = plan(bpe, bpe, TEXTS + [""])
     assert (same.examples, same.unaligned) == (5, 1)  # an empty text has nothing to compare
-    assert same.shared_share == 1.0 and same.teacher_per_student == 1.0 and same.exact_share == same.pair_share == 1.0
+    assert same.shared_share == 1.0 and same.teacher_per_student == 1.0
+    assert same.exact_share == same.pair_share > 0.9  # every pair exact; a text's first token has no pair
     cross = plan(bpe, wp, TEXTS)
     assert cross.unaligned == 0 and 0 < cross.shared_share < 1
     assert 0 < cross.exact_share < cross.pair_share < 1 and cross.teacher_per_student != 1.0
+
+
+def test_a_tokenizer_that_keeps_spaces_pairs_with_one_that_drops_them_by_where_the_token_starts(tokenizers_):
+    bpe, wp = tokenizers_
+    assert spaced(bpe) and not spaced(wp)
+    ids = lambda tok, piece: tok.convert_tokens_to_ids(piece)  # noqa: E731
+    after_space = dict(zip(*(x.tolist() for x in shared_vocabulary(bpe, wp, "space"))))
+    assert after_space[ids(bpe, "Ġand")] == ids(wp, "and")  # " and" is what both add after a space
+    anywhere = dict(zip(*(x.tolist() for x in shared_vocabulary(bpe, wp))))
+    assert ids(bpe, "Ġand") not in anywhere  # by bytes alone " and" and "and" differ
+    mid_word = shared_vocabulary(bpe, wp, "word")[1].tolist()
+    assert mid_word and all(wp.convert_ids_to_tokens(i).startswith("##") for i in mid_word)
+    text = "ate 数据 and\n\ntwice."
+    s = bpe(text, return_offsets_mapping=True)
+    t = wp(text, return_offsets_mapping=True)
+    a = align(s["offset_mapping"], t["offset_mapping"])
+    contexts = pair_contexts(text, a)
+    keep = (a.s_start > 0) & (a.t_start > 0)
+    opening = [text[lo:hi] for lo, hi in a.spans[keep]]
+    assert len(contexts) == len(opening)
+    for chunk, c in zip(opening, contexts):
+        if chunk.startswith(" "):
+            assert c == 0
+        elif chunk[0].isspace():
+            assert c == -1  # after a blank line the spaced tokenizer's next token is the newline: no counterpart
+    assert plan(bpe, wp, TEXTS).exact_share > 0
+    # one WordPiece on both sides: every id with itself (`##ed` and `ed` stay apart)
+    s_ids, t_ids = shared_vocabulary(wp, wp)
+    assert (s_ids == t_ids).all() and sorted(s_ids.tolist()) == list(range(len(wp)))
