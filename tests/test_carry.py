@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from dsdistill.schema import METRICS_FILE, AlertRecord, RunStart, TrainRecord, p
 from dsdistill.train import train
 from dsdistill.trainer import EarlyStopping
 
+ROOT = Path(__file__).resolve().parent.parent
 ZERO = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
@@ -79,13 +81,16 @@ def _carried(run_dir) -> str:
     return alerts[0].message
 
 
-def test_a_resume_at_another_zero_stage_continues_the_uninterrupted_run(copy):
-    """ZeRO-2 -> ZeRO-3: DeepSpeed's own load ends in an AssertionError; carried, the run goes on as if nothing
-    changed (same losses and LR at every later step), so the weights, both Adam moments, the optimizer's step,
-    the LR schedule and the data position all came across."""
+@pytest.mark.parametrize("target", ["zero3", "zero3_offload"])
+def test_a_resume_at_another_zero_stage_continues_the_uninterrupted_run(copy, target):
+    """ZeRO-2 -> ZeRO-3 (and ZeRO-3 with the optimizer and parameters offloaded, DeepSpeed's CPU Adam):
+    DeepSpeed's own load ends in an AssertionError; carried, the run goes on as if nothing changed (same
+    losses and LR at every later step), so the weights, both Adam moments, the optimizer's step, the LR
+    schedule and the data position all came across."""
     cfg, run_dir, whole = copy
     before = {p.name: p.read_bytes() for p in (checkpoint.checkpoint_dir(run_dir) / "step2").iterdir()}
-    summary = _train({**cfg, "deepspeed": _stage(3)})
+    student = _stage(3) if target == "zero3" else {"student": str(ROOT / "ds_configs" / "zero3_offload.json")}
+    summary = _train({**cfg, "deepspeed": student})
     assert summary.reason == "completed" and summary.steps == 4
     note = _carried(run_dir)
     assert note.startswith("carried step2 into a new layout (ZeRO stage 2 -> 3): weights, Adam moments, step and LR schedule")
@@ -98,7 +103,7 @@ def test_a_resume_at_another_zero_stage_continues_the_uninterrupted_run(copy):
     for step in (2, 3):
         assert got[step].lr == pytest.approx(ref[step].lr, rel=1e-12)
         for name, value in ref[step].losses.items():
-            assert got[step].losses[name] == pytest.approx(value, rel=2e-5, abs=1e-6), (step, name)
+            assert got[step].losses[name] == pytest.approx(value, rel=1e-6, abs=1e-8), (step, name)
     # the checkpoint it came from is untouched
     assert {p.name: p.read_bytes() for p in (checkpoint.checkpoint_dir(run_dir) / "step2").iterdir()} == before
 

@@ -55,15 +55,20 @@ def tokenizers_():
 
 
 def _byte_table() -> dict[str, int]:
-    """The byte-level alphabet: printable bytes stand for themselves, the others for 256 + their rank."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
+    """Which character the byte-level pre-tokenizer writes for each byte, asked of the pre-tokenizer itself:
+    ASCII one character at a time, the other bytes as they occur in 2-, 3- and 4-byte UTF-8 characters."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    table: dict[str, int] = {}
+    probes = [chr(c) for c in range(1, 0x80)] + [chr(c) for c in range(0x80, 0x800, 0x3F)]
+    probes += [chr(0x800)] + [chr((c << 12) + 0x100) for c in range(1, 16)]  # 3-byte leads (no surrogate)
+    probes += [chr(max(0x10000, c << 18)) for c in range(5)]  # 4-byte leads
+    probes += [chr(0x80 + c) for c in range(0x40)]
+    for ch in probes:
+        (mapped, _), *_ = split.pre_tokenize_str(ch)
+        for char, byte in zip(mapped, ch.encode()):
+            table.setdefault(char, byte)
     return table
 
 
@@ -134,12 +139,16 @@ def test_chunks_cover_the_same_bytes_in_both_tokenisations(tokenizers_):
                 assert a.s_start[k] <= i + 1 < a.s_end[k]
 
 
+def _aligned(bpe, wp, text: str):
+    s = bpe(text, return_offsets_mapping=True)
+    t = wp(text, return_offsets_mapping=True)
+    return s, t, align(s["offset_mapping"], t["offset_mapping"])
+
+
 def test_the_pairs_predict_tokens_that_start_at_the_same_character(tokenizers_):
     bpe, wp = tokenizers_
     text = TEXTS[1]
-    s = bpe(text, return_offsets_mapping=True)
-    t = wp(text, return_offsets_mapping=True)
-    a = align(s["offset_mapping"], t["offset_mapping"])
+    s, t, a = _aligned(bpe, wp, text)
     sp, tp = a.pairs()
     assert len(sp) == len(a) - 1  # every chunk but the first (nothing before it on the teacher side)
     for i, j in zip(sp, tp):
@@ -173,17 +182,14 @@ def test_with_one_tokenizer_on_both_sides_the_term_is_ordinary_kd(tokenizers_, k
     got, m = exact_and_sorted(s, t, sp, tp, s_ids, t_ids, temperature=temperature, divergence_kind=kind)
     want, _ = kd_loss(s[None], t[None], torch.zeros(1, n, dtype=torch.long), temperature=temperature, divergence_kind=kind)
     assert m["count"] == n - 1 and m["sorted"] == 0.0 and m["shared_mass"] == pytest.approx(n - 1, rel=1e-12)
-    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
     g_got, g_want = torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0]
     assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-15)
 
 
 def test_across_tokenizers_both_terms_are_finite_zero_for_equal_chunk_likelihoods_and_differentiable(tokenizers_):
     bpe, wp = tokenizers_
-    text = TEXTS[2]
-    s_enc = bpe(text, return_offsets_mapping=True)
-    t_enc = wp(text, return_offsets_mapping=True)
-    a = align(s_enc["offset_mapping"], t_enc["offset_mapping"])
+    s_enc, t_enc, a = _aligned(bpe, wp, TEXTS[2])
     s_shared, t_shared = (torch.from_numpy(x) for x in shared_vocabulary(bpe, wp))
     assert 0 < len(s_shared) < min(len(bpe), len(wp))
     s, t = _logits(len(s_enc["input_ids"]), len(bpe), 2), _logits(len(t_enc["input_ids"]), len(wp), 3)
@@ -237,9 +243,7 @@ def test_a_tokenizer_that_keeps_spaces_pairs_with_one_that_drops_them_by_where_t
     mid_word = shared_vocabulary(bpe, wp, "word")[1].tolist()
     assert mid_word and all(wp.convert_ids_to_tokens(i).startswith("##") for i in mid_word)
     text = "ate 数据 and\n\ntwice."
-    s = bpe(text, return_offsets_mapping=True)
-    t = wp(text, return_offsets_mapping=True)
-    a = align(s["offset_mapping"], t["offset_mapping"])
+    s, t, a = _aligned(bpe, wp, text)
     contexts = pair_contexts(text, a)
     keep = (a.s_start > 0) & (a.t_start > 0)
     opening = [text[lo:hi] for lo, hi in a.spans[keep]]

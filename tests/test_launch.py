@@ -177,8 +177,8 @@ def test_real_two_process_launch_and_resume(config_file, tmp_path):
     two = {t.step: t for t in recs if isinstance(t, TrainRecord)}
     for t in (t for t in alone if isinstance(t, TrainRecord) and t.step >= 3):
         assert t.lr == two[t.step].lr
-        for name in ("kd", "lm"):  # per-token terms (in-batch ones like contrastive see other negatives here)
-            assert t.losses[name] == pytest.approx(two[t.step].losses[name], rel=2e-5, abs=1e-6), (t.step, name)
+        for name in ("kd", "lm"):  # per-token terms (contrastive draws its negatives from every rank: 4 rows there, 2 here)
+            assert t.losses[name] == pytest.approx(two[t.step].losses[name], rel=1e-6, abs=1e-8), (t.step, name)
 
 
 def test_ds_configs_are_documented():
