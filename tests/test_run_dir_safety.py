@@ -25,6 +25,9 @@ from dsdistill.export import export
 from dsdistill.rundir import RunLock, record_checksums
 from dsdistill.train import train
 
+ZERO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
+"""A student DeepSpeed config with the batch sizes filled from run.yaml; tests add the ZeRO stage."""
+
 
 def _train(cfg: dict):
     with contextlib.redirect_stdout(io.StringIO()):
@@ -80,13 +83,15 @@ def _plant(run_dir: Path, marker: Path) -> Path:
     return states
 
 
-def test_a_planted_pickle_payload_runs_nothing_on_resume(run_copy, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3], ids=["same-layout", "carried-into-zero3"])
+def test_a_planted_pickle_payload_runs_nothing_on_resume(run_copy, tmp_path, stage):
+    """DeepSpeed's own load, and the carry into another layout (`dsdistill.carry`), read the same files."""
     cfg, run_dir = run_copy
     marker = tmp_path / "PWNED"
     _plant(run_dir, marker)
     before = _snapshot(run_dir)
     with pytest.raises(DistillError) as e:
-        _train(cfg)
+        _train({**cfg, "deepspeed": {"student": {**ZERO, "zero_optimization": {"stage": stage}}}})
     msg = str(e.value)
     assert not marker.exists()
     assert msg.startswith(f"checkpoint: '{checkpoint.checkpoint_dir(run_dir) / 'step2'}' holds an object that is not plain data")
@@ -368,8 +373,6 @@ def test_an_empty_optimizer_shard_is_named(run_copy, with_checksums):
 
 
 # ---------------------------------------------------------------------------------------------- changed settings
-
-ZERO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
 
 
 def test_zero1_resumes_a_zero2_checkpoint_as_it_is(run_copy):
