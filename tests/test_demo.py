@@ -24,7 +24,7 @@ def test_the_control_run_differs_from_the_demo_only_in_its_curriculum_and_direct
 @pytest.mark.slow
 def test_demo_student_moves_toward_teacher_and_reports_the_control(tmp_path, capsys):
     cache = tmp_path / "cache"
-    ensure_assets(cache, teacher_steps=150, documents=1500)
+    ensure_assets(cache, teacher_steps=60, documents=1500)
     assert run_demo(run_dir=tmp_path / "demo", steps=20, nprocs=2, cache=cache) == 0
     s = summarize(tmp_path / "demo" / METRICS_FILE)
     alone = summarize(tmp_path / "demo-no-teacher" / METRICS_FILE)
