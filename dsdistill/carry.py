@@ -15,6 +15,8 @@ Everything is read under `checkpoint.safe_unpickling` (plain tensors and data, n
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,8 @@ def _consolidated(where: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[
     """(fp32 weights, {moment: tensors}, optimizer step) of every trainable parameter, whole, by name."""
     from deepspeed.utils import zero_to_fp32 as zf
 
-    model_states = zf.parse_model_states(zf.get_model_state_files(str(where)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        model_states = zf.parse_model_states(zf.get_model_state_files(str(where)))
     shards = [
         torch.load(f, map_location="cpu", mmap=True, weights_only=True)["optimizer_state_dict"]
         for f in zf.get_optim_files(str(where))
@@ -71,10 +74,11 @@ def _consolidated(where: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[
 
     def whole(flat: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         # the moments are partitioned exactly like the fp32 masters, so DeepSpeed's own merge reassembles both
-        if stage <= 2:
-            merged = zf._get_fp32_state_dict_from_zero2_checkpoint(world, flat, model_states, True, paddings)
-        else:
-            merged = zf._get_fp32_state_dict_from_zero3_checkpoint(world, flat, model_states, True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines, once per rank and tensor kind
+            if stage <= 2:
+                merged = zf._get_fp32_state_dict_from_zero2_checkpoint(world, flat, model_states, True, paddings)
+            else:
+                merged = zf._get_fp32_state_dict_from_zero3_checkpoint(world, flat, model_states, True)
         return {k: v for k, v in zf.to_torch_tensor(merged).items() if k in trainable}
 
     masters = [list(s[flat_key]) for s in shards]
