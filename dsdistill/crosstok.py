@@ -15,6 +15,10 @@ starts when one tokenizer keeps spaces inside its tokens (byte-level BPE, Senten
 them (word-level, WordPiece): after a space, ` likes` of the one is `likes` of the other. So the shared
 vocabulary is taken per context (`CONTEXTS`, `pair_contexts`) for such a pair of tokenizers, and by bytes
 alone otherwise (one tokenizer on both sides pairs every id with itself).
+
+`project_sequence` turns the teacher's distribution at each pair into a top-k + rest teacher over the
+student's vocabulary (`SparseTeacher`, what a cache or a server gives), so a teacher with another tokenizer
+can feed the same KD path as any sparse teacher.
 """
 
 from __future__ import annotations
@@ -283,3 +287,63 @@ def plan(student_tokenizer, teacher_tokenizer, texts: Sequence[str]) -> Plan:
         exact_share=exact / s_tokens if s_tokens else 0.0,
         pair_share=opened / s_tokens if s_tokens else 0.0,
     )
+
+
+def project(teacher_logp, student_ids, teacher_ids, *, top_k: int, temperatures: Sequence[float] = ()):
+    """The teacher's next-token distributions at some positions ([P, Vt] log-probabilities at T = 1), as a
+    `SparseTeacher` over the student's vocabulary: per position the top-k of the tokens both vocabularies
+    share (`student_ids[j]` adds what `teacher_ids[j]` adds), with every other token's mass, shared or not, in
+    the rest bucket, and the tail statistics at `temperatures`. Then the student's KD machinery (fused head,
+    cache, server) compares it as it compares any top-k + rest teacher."""
+    import torch
+
+    from dsdistill.losses.fused import SparseTeacher
+
+    t_ids = torch.as_tensor(teacher_ids, device=teacher_logp.device)
+    s_ids = torch.as_tensor(student_ids, device=teacher_logp.device)
+    k = min(top_k, len(t_ids))
+    logp, pick = teacher_logp.index_select(1, t_ids).topk(k, dim=-1)
+    tail = teacher_logp.scatter(-1, t_ids[pick], float("-inf"))
+    tails = [torch.logsumexp(tail / t, dim=-1) for t in temperatures]
+    return SparseTeacher(
+        ids=s_ids[pick],
+        logp=logp,
+        log_rest=torch.logsumexp(tail, dim=-1),
+        tails=torch.stack(tails, dim=-1) if tails else None,
+        temperatures=tuple(temperatures),
+    )
+
+
+def project_sequence(
+    teacher_logits, alignment: Alignment, text: str, student_tokenizer, teacher_tokenizer, *, top_k: int, temperatures=()
+):
+    """(student positions, `SparseTeacher` rows in that order) for one sequence: the teacher's distribution at
+    each aligned pair, over the student's vocabulary by the shared map of the pair's context. A pair with no
+    counterpart tokens (-1 in `pair_contexts`) gives no row: KD there has nothing to compare, so it is left out
+    (its position's weight is 0), and the LM term still counts it."""
+    import torch
+
+    sp, tp = alignment.pairs()
+    same = spaced(student_tokenizer) == spaced(teacher_tokenizer)
+    contexts = np.zeros(len(sp), dtype=np.int64) if same else pair_contexts(text, alignment)
+    logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    used = sorted(set(contexts.tolist()) - {-1})
+    maps = {c: shared_vocabulary(student_tokenizer, teacher_tokenizer, "any" if same else CONTEXTS[c]) for c in used}
+    k = min([top_k] + [len(m[0]) for m in maps.values()])  # one k for every row
+    positions, parts = [], []
+    for c in used:
+        at = np.nonzero(contexts == c)[0]
+        rows = logp.index_select(0, torch.as_tensor(tp[at], device=logp.device))
+        parts.append(project(rows, *maps[c], top_k=k, temperatures=temperatures))
+        positions.append(sp[at])
+    if not parts:
+        return np.zeros(0, dtype=np.int64), None
+    order = np.argsort(np.concatenate(positions), kind="stable")
+    cat = lambda xs: torch.cat(xs)[torch.as_tensor(order)]  # noqa: E731
+    from dsdistill.losses.fused import SparseTeacher
+
+    tails = cat([p.tails for p in parts]) if parts[0].tails is not None else None
+    merged = SparseTeacher(
+        cat([p.ids for p in parts]), cat([p.logp for p in parts]), cat([p.log_rest for p in parts]), tails, parts[0].temperatures
+    )
+    return np.concatenate(positions)[order], merged

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from dsdistill.crosstok import align, pair_contexts, plan, shared_vocabulary, spaced
+from dsdistill.crosstok import (
+    CONTEXTS,
+    align,
+    pair_contexts,
+    plan,
+    project_sequence,
+    shared_vocabulary,
+    spaced,
+    token_bytes,
+)
 from dsdistill.losses.closed_form import kd_loss
 from dsdistill.losses.cross import chunk_likelihood, exact_and_sorted
 
@@ -257,3 +266,42 @@ def test_a_tokenizer_that_keeps_spaces_pairs_with_one_that_drops_them_by_where_t
     # one WordPiece on both sides: every id with itself (`##ed` and `ed` stay apart)
     s_ids, t_ids = shared_vocabulary(wp, wp)
     assert (s_ids == t_ids).all() and sorted(s_ids.tolist()) == list(range(len(wp)))
+
+
+def test_with_one_tokenizer_the_projected_teacher_is_its_own_top_k_and_rest(tokenizers_):
+    """What the cache writer stores for a live teacher (top-k, rest, tails) is what the projection gives when
+    both sides share the tokenizer: the cross-tokenizer teacher rides on the sparse-teacher KD path."""
+    bpe, _ = tokenizers_
+    text = TEXTS[1]
+    enc = bpe(text, return_offsets_mapping=True)
+    a = align(enc["offset_mapping"], enc["offset_mapping"])
+    logits = _logits(len(enc["input_ids"]), len(bpe), 4).detach()
+    positions, sparse = project_sequence(logits, a, text, bpe, bpe, top_k=8, temperatures=(2.0,))
+    n = len(enc["input_ids"])
+    assert positions.tolist() == list(range(n - 1))
+    lp = torch.log_softmax(logits[: n - 1].float(), dim=-1)
+    top, ids = lp.topk(8, dim=-1)
+    tail = lp.scatter(-1, ids, float("-inf"))
+    assert torch.equal(sparse.ids, ids) and torch.allclose(sparse.logp, top)
+    assert torch.allclose(sparse.log_rest, torch.logsumexp(tail, -1))
+    assert torch.allclose(sparse.tails[:, 0], torch.logsumexp(tail / 2.0, -1))
+
+
+def test_across_tokenizers_the_projection_keeps_the_mass_and_pairs_tokens_that_add_the_same_text(tokenizers_):
+    bpe, wp = tokenizers_
+    text = TEXTS[2]
+    s, t, a = _aligned(bpe, wp, text)
+    logits = _logits(len(t["input_ids"]), len(wp), 5).detach()
+    positions, sparse = project_sequence(logits, a, text, bpe, wp, top_k=4)
+    contexts = pair_contexts(text, a)
+    sp, tp = a.pairs()
+    assert positions.tolist() == sp[contexts >= 0].tolist() and len(positions) > 0  # no row where nothing compares
+    mass = sparse.logp.exp().sum(-1) + sparse.log_rest.exp()
+    assert torch.allclose(mass, torch.ones_like(mass), atol=1e-5)  # top-k + rest is the whole distribution
+    s_text = token_bytes(bpe)
+    for row, (pos, ctx) in enumerate(zip(sp[contexts >= 0], contexts[contexts >= 0])):
+        lp = torch.log_softmax(logits[tp[sp.tolist().index(pos)]].float(), -1)
+        t_map = dict(zip(*(x.tolist() for x in shared_vocabulary(bpe, wp, CONTEXTS[ctx]))))
+        for sid, value in zip(sparse.ids[row].tolist(), sparse.logp[row].tolist()):
+            assert value == pytest.approx(float(lp[t_map[sid]]), abs=1e-6)  # the teacher's own log-prob of that text
+            assert s_text[sid].strip()  # a real piece of text, not a lone byte
