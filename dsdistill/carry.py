@@ -46,7 +46,8 @@ def _model_state(where: Path) -> dict[str, Any]:
     files = sorted(where.glob("mp_rank_*_model_states.pt")) or sorted(where.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
     if not files:
         raise ValueError(f"no model-states file in '{where}'")
-    return torch.load(files[0], map_location="cpu", weights_only=True)
+    # mapped, not read: a ZeRO-1/2 model-states file also holds the whole module, which is not wanted here
+    return torch.load(files[0], map_location="cpu", mmap=True, weights_only=True)
 
 
 def _consolidated(where: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int]:

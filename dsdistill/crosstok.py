@@ -241,6 +241,32 @@ def pair_contexts(text: str, alignment: Alignment) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class SharedMaps:
+    """The shared vocabulary of a student and a teacher tokenizer, built once (it reads every token of both):
+    one map when both keep spaces in their tokens or both drop them, else one per context."""
+
+    same: bool
+    maps: dict[str, tuple[np.ndarray, np.ndarray]]
+    """"any" (when `same`), else each of `CONTEXTS` -> (student ids, teacher ids)."""
+
+    def of(self, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """The map of a pair whose context is `CONTEXTS[context]` (an index from `pair_contexts`)."""
+        return self.maps["any"] if self.same else self.maps[CONTEXTS[context]]
+
+    def contexts(self, text: str, alignment: Alignment) -> np.ndarray:
+        """`pair_contexts` where the maps differ by context; else 0 for every pair (any pair compares)."""
+        if self.same:
+            return np.zeros(len(alignment.pairs()[0]), dtype=np.int64)
+        return pair_contexts(text, alignment)
+
+
+def shared_maps(student_tokenizer, teacher_tokenizer) -> SharedMaps:
+    same = spaced(student_tokenizer) == spaced(teacher_tokenizer)
+    names = ("any",) if same else CONTEXTS
+    return SharedMaps(same, {c: shared_vocabulary(student_tokenizer, teacher_tokenizer, c) for c in names})
+
+
+@dataclass(frozen=True)
 class Plan:
     """How two tokenizers align over sample texts (what `dsdistill check` is to print for a cross-tokenizer run)."""
 
@@ -259,9 +285,9 @@ class Plan:
 
 
 def plan(student_tokenizer, teacher_tokenizer, texts: Sequence[str]) -> Plan:
-    s_shared, t_shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
-    same = spaced(student_tokenizer) == spaced(teacher_tokenizer)  # then one map serves every context
-    by_context = [dict(zip(*(x.tolist() for x in shared_vocabulary(student_tokenizer, teacher_tokenizer, c)))) for c in CONTEXTS]
+    s_shared, _ = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    maps = shared_maps(student_tokenizer, teacher_tokenizer)
+    by_context = [dict(zip(*(x.tolist() for x in maps.of(c)))) for c in range(len(CONTEXTS))]
     unaligned = s_tokens = t_tokens = exact = opened = 0
     for text in texts:
         s = student_tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
@@ -275,9 +301,9 @@ def plan(student_tokenizer, teacher_tokenizer, texts: Sequence[str]) -> Plan:
         s_ids, t_ids = s["input_ids"], t["input_ids"]
         opens = np.nonzero((a.s_start > 0) & (a.t_start > 0))[0]
         opened += len(opens)
-        contexts = np.zeros(len(opens), dtype=np.int64) if same else pair_contexts(text, a)
-        for k, context in zip(opens, contexts):
-            if context >= 0 and a.one_to_one()[k]:
+        single = a.one_to_one()
+        for k, context in zip(opens, maps.contexts(text, a)):
+            if context >= 0 and single[k]:
                 exact += by_context[context].get(s_ids[a.s_start[k]]) == t_ids[a.t_start[k]]
     return Plan(
         examples=len(texts),
@@ -314,27 +340,23 @@ def project(teacher_logp, student_ids, teacher_ids, *, top_k: int, temperatures:
     )
 
 
-def project_sequence(
-    teacher_logits, alignment: Alignment, text: str, student_tokenizer, teacher_tokenizer, *, top_k: int, temperatures=()
-):
+def project_sequence(teacher_logits, alignment: Alignment, text: str, maps: SharedMaps, *, top_k: int, temperatures=()):
     """(student positions, `SparseTeacher` rows in that order) for one sequence: the teacher's distribution at
-    each aligned pair, over the student's vocabulary by the shared map of the pair's context. A pair with no
-    counterpart tokens (-1 in `pair_contexts`) gives no row: KD there has nothing to compare, so it is left out
-    (its position's weight is 0), and the LM term still counts it."""
+    each aligned pair, over the student's vocabulary by the shared map of the pair's context (`maps`, built
+    once per tokenizer pair). A pair with no counterpart tokens (-1 in `pair_contexts`) gives no row: KD there
+    has nothing to compare, so it is left out (its position's weight is 0), and the LM term still counts it."""
     import torch
 
     sp, tp = alignment.pairs()
-    same = spaced(student_tokenizer) == spaced(teacher_tokenizer)
-    contexts = np.zeros(len(sp), dtype=np.int64) if same else pair_contexts(text, alignment)
+    contexts = maps.contexts(text, alignment)
     logp = torch.log_softmax(teacher_logits.float(), dim=-1)
     used = sorted(set(contexts.tolist()) - {-1})
-    maps = {c: shared_vocabulary(student_tokenizer, teacher_tokenizer, "any" if same else CONTEXTS[c]) for c in used}
-    k = min([top_k] + [len(m[0]) for m in maps.values()])  # one k for every row
+    k = min([top_k] + [len(maps.of(c)[0]) for c in used])  # one k for every row
     positions, parts = [], []
     for c in used:
         at = np.nonzero(contexts == c)[0]
         rows = logp.index_select(0, torch.as_tensor(tp[at], device=logp.device))
-        parts.append(project(rows, *maps[c], top_k=k, temperatures=temperatures))
+        parts.append(project(rows, *maps.of(c), top_k=k, temperatures=temperatures))
         positions.append(sp[at])
     if not parts:
         return np.zeros(0, dtype=np.int64), None

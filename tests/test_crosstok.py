@@ -14,6 +14,7 @@ from dsdistill.crosstok import (
     pair_contexts,
     plan,
     project_sequence,
+    shared_maps,
     shared_vocabulary,
     spaced,
     token_bytes,
@@ -276,7 +277,7 @@ def test_with_one_tokenizer_the_projected_teacher_is_its_own_top_k_and_rest(toke
     enc = bpe(text, return_offsets_mapping=True)
     a = align(enc["offset_mapping"], enc["offset_mapping"])
     logits = _logits(len(enc["input_ids"]), len(bpe), 4).detach()
-    positions, sparse = project_sequence(logits, a, text, bpe, bpe, top_k=8, temperatures=(2.0,))
+    positions, sparse = project_sequence(logits, a, text, shared_maps(bpe, bpe), top_k=8, temperatures=(2.0,))
     n = len(enc["input_ids"])
     assert positions.tolist() == list(range(n - 1))
     lp = torch.log_softmax(logits[: n - 1].float(), dim=-1)
@@ -292,7 +293,7 @@ def test_across_tokenizers_the_projection_keeps_the_mass_and_pairs_tokens_that_a
     text = TEXTS[2]
     s, t, a = _aligned(bpe, wp, text)
     logits = _logits(len(t["input_ids"]), len(wp), 5).detach()
-    positions, sparse = project_sequence(logits, a, text, bpe, wp, top_k=4)
+    positions, sparse = project_sequence(logits, a, text, shared_maps(bpe, wp), top_k=4)
     contexts = pair_contexts(text, a)
     sp, tp = a.pairs()
     assert positions.tolist() == sp[contexts >= 0].tolist() and len(positions) > 0  # no row where nothing compares

@@ -24,7 +24,9 @@ class RunState:
         """The data position after the last window handed to a step (the stream itself may be drawn ahead)."""
 
     def layout(self) -> dict[str, Any]:
-        """What fixes the meaning of a saved data position: resuming with any of it changed is refused."""
+        """The layout a checkpoint is written with: a resume with another ZeRO stage, precision, set of aux modules
+        or (packed data) world size is carried into the new layout; with anything else changed, what fixes the
+        meaning of the saved data position, it is refused."""
         c = self.plan.cfg
         return {
             "train.micro_batch_size": c.train.micro_batch_size,
