@@ -5,7 +5,9 @@ tokenizer (student) and by a byte-level BPE trained on it (teacher), then cut in
     python bench/align_cost.py --documents 5000 --vocab 1000
 
 Prints CPU microseconds per student token for the alignment alone and for tokenising both sides with
-offsets (what a cross-tokenizer data path adds), best of 3, and the alignment plan (`crosstok.plan`).
+offsets (what a cross-tokenizer data path adds), best of 3, and the alignment plan (`crosstok.plan`); then the
+whole render path with and without the teacher's side (`formats.TeacherText`), and the per-pair projection a
+training step does (`crosstok.project_rows`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,54 @@ def main() -> None:
     print(
         f"plan: shared vocabulary {p.shared_share:.1%} of the student's, exact positions {p.exact_share:.1%}, "
         f"KD pairs {p.pair_share:.1%}, unaligned examples {p.unaligned} of {p.examples}"
+    )
+    render_cost(student, teacher, texts, tokens)
+    projection_cost(student, teacher)
+
+
+def render_cost(student, teacher, texts: list[str], tokens: int) -> None:
+    """The data path a run takes: the text renderer alone, and with the teacher's side (its tokens, the pairs)."""
+    from dsdistill.config import FormatFields
+    from dsdistill.crosstok import spaced
+    from dsdistill.formats import TeacherText, renderer
+
+    src = FormatFields()
+    side = TeacherText(teacher, None, same_spacing=spaced(teacher) == spaced(student))
+    batch, rows = {"text": texts}, list(range(len(texts)))
+    alone = renderer(src, student, field="data", where="bench", ignore_index=-100)
+    both = renderer(src, student, field="data", where="bench", ignore_index=-100, teacher=side)
+    t_alone = best_of(lambda: alone(batch, rows))
+    t_both = best_of(lambda: both(batch, rows))
+    print(
+        f"render (student alone):       {1e6 * t_alone / tokens:.3f} CPU-us per student token\n"
+        f"render (with the teacher's):  {1e6 * t_both / tokens:.3f} CPU-us per student token "
+        f"({t_both / t_alone:.1f}x; {tokens / t_both:,.0f} tokens/s per core)"
+    )
+
+
+def projection_cost(student, teacher, rows: int = 1024) -> None:
+    """The training step's part: the teacher's logits at `rows` paired positions projected onto the student's
+    vocabulary (top-64 + rest), per pair, at the demo's teacher vocabulary and at a Qwen-sized one (the same
+    shared map, the teacher's logits widened with tokens no student token shares)."""
+    import numpy as np
+    import torch
+
+    from dsdistill.crosstok import project_rows, shared_maps
+
+    torch.set_num_threads(1)
+    maps = shared_maps(student, teacher)
+    contexts = np.random.default_rng(0).integers(0, 3, rows) if not maps.same else np.zeros(rows, dtype=np.int64)
+    for vocab in (len(teacher), 151_936):
+        logits = torch.randn(rows, vocab)
+        t = best_of(lambda x=logits: project_rows(x, contexts, maps, top_k=64, temperatures=(2.0,)))
+        print(f"project (teacher vocab {vocab:,}): {1e6 * t / rows:.1f} CPU-us per pair (1 thread)")
+    # what the teacher itself spends per position on the same thread: its lm_head GEMM alone (Qwen2.5-1.5B's
+    # width), the least of a teacher's forward
+    h, w = torch.randn(rows, 1536), torch.randn(151_936, 1536)
+    g = best_of(lambda: h @ w.T, repeats=1)
+    print(
+        f"teacher lm_head GEMM (width 1,536, vocab 151,936): {1e6 * g / rows:.1f} CPU-us per position (1 thread); "
+        f"the projection is {t / g:.0%} of it"
     )
 
 

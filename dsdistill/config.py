@@ -40,6 +40,22 @@ class ModelSpec(_Strict):
     """Attention kernel passed to transformers."""
 
 
+class CrossTokenizerConfig(_Strict):
+    """`teacher.cross_tokenizer`: distil from a teacher whose tokenizer is not the student's. Each example is
+    rendered as text (a chat with each model's own template, from the same messages), tokenised by both, and
+    the positions that have read the same text are paired (dsdistill/crosstok.py); KD compares them."""
+
+    method: Literal["shared_topk"] = "shared_topk"
+    """How a pair is compared. `shared_topk` (GOLD's exact part): the teacher's next-token distribution on the
+    tokens whose text both vocabularies share (per context: after a space, inside a word, elsewhere), its top
+    `top_k` of those against the student's same tokens, and every other token's mass, shared or not, as one
+    rest bucket on each side; then `loss.kd`'s divergence, temperature and T^2 as for any top-k + rest teacher."""
+    top_k: int = Field(64, ge=1, le=4096)
+    """Shared tokens kept per pair (fewer when a context shares fewer)."""
+    chat_template: Optional[str] = None
+    """The teacher's chat template (text, a file, or `chatml`); default: its tokenizer's own, else the data's."""
+
+
 class TeacherSpec(ModelSpec):
     """The frozen teacher: a model (`path`), an offline cache of its top-k distributions (`cache`), a teacher
     server (`url`), or another registered kind of teacher (`kind`); `options` configure the chosen one."""
@@ -60,11 +76,25 @@ class TeacherSpec(ModelSpec):
     take at most `replicate_share` of the device's memory, else ZeRO-3 (ZeRO-3 on a CPU)."""
     replicate_share: float = Field(0.25, gt=0, le=1)
     """`placement: auto`: the share of one GPU's memory a replicated teacher may take."""
+    cross_tokenizer: Optional[CrossTokenizerConfig] = None
+    """Set when the teacher's tokenizer is not the student's (a model, `path`; or a server, `url`, or a cache of
+    one, `cache`, with a local copy of its tokenizer in `tokenizer`): see its fields."""
 
     @model_validator(mode="after")
     def _one_teacher(self) -> "TeacherSpec":
         if sum(v is not None for v in (self.path, self.cache, self.url, self.kind)) != 1:
             raise ValueError("set path (a model), cache (a teacher-cache directory), url (a teacher server) or kind, exactly one")
+        if self.cross_tokenizer is not None and self.kind is not None:
+            raise ConfigError(
+                "teacher.cross_tokenizer: a teacher with another tokenizer is a model (teacher.path), a server "
+                "(teacher.url) or a cache (teacher.cache); not a teacher.kind"
+            )
+        if self.cross_tokenizer is not None and self.path is None and self.tokenizer is None:
+            where = "served" if self.url is not None else "cached"
+            raise ConfigError(
+                f"teacher.tokenizer: a {where} teacher with another tokenizer needs a local copy of that tokenizer "
+                "(the data is tokenised here); set teacher.tokenizer to its directory"
+            )
         if self.placement != "auto" and self.path is None:
             raise ConfigError(
                 f"teacher.placement: {self.placement} places a model this job loads (teacher.path); this teacher has none"
@@ -101,6 +131,14 @@ class NamedTeacher(TeacherSpec):
     weight: float = Field(1.0, gt=0)
     """Its share of the KD term is weight / the sum of the teachers' weights: KD = sum_i share_i KD_i, so the
     objective is the share-weighted sum of the objectives of single-teacher runs on the same batches."""
+
+    @model_validator(mode="after")
+    def _one_tokenizer(self) -> "NamedTeacher":
+        if self.cross_tokenizer is not None:
+            raise ValueError(
+                "cross_tokenizer: several teachers read the student's tokens; a teacher with another tokenizer goes under teacher:"
+            )
+        return self
 
 
 Format = Literal["text", "chat", "prompt_completion", "pretokenized"]
@@ -183,7 +221,8 @@ class DataConfig(FormatFields):
     packing: Optional[Packing] = None
     """concat: documents joined and cut into seq_len blocks, attention across them (default for text);
     documents: whole examples packed per sequence, positions restarting and no attention across examples
-    (default for the other formats); none: one example per sequence, padded."""
+    (default for the other formats, and for text with `teacher.cross_tokenizer`); none: one example per
+    sequence, padded."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """documents/none packing: examples longer than seq_len are cut to seq_len or left out (both counted)."""
     streaming: bool = False

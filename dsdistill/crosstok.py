@@ -24,11 +24,12 @@ can feed the same KD path as any sparse teacher.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 Offsets = Sequence[tuple[int, int]]
+Segments = Sequence[tuple[int, int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,15 @@ class SharedMaps:
         """The map of a pair whose context is `CONTEXTS[context]` (an index from `pair_contexts`)."""
         return self.maps["any"] if self.same else self.maps[CONTEXTS[context]]
 
+    def k(self, top_k: int) -> int:
+        """Slots per position: `top_k`, or fewer when no context shares that many tokens. A row whose context
+        shares fewer holds its own shared tokens and absent slots (`SparseTeacher.absent`) after them."""
+        return min(top_k, max(len(s) for s, _ in self.maps.values()))
+
+    def teacher_span(self) -> int:
+        """One past the largest teacher id any map holds."""
+        return max(int(t.max()) + 1 if len(t) else 0 for _, t in self.maps.values())
+
     def contexts(self, text: str, alignment: Alignment) -> np.ndarray:
         """`pair_contexts` where the maps differ by context; else 0 for every pair (any pair compares)."""
         if self.same:
@@ -261,9 +271,216 @@ class SharedMaps:
 
 
 def shared_maps(student_tokenizer, teacher_tokenizer) -> SharedMaps:
+    """Both tokenizers' end-of-text tokens (EOS) mean the same whatever their strings, so they are paired in
+    every map: a document's last position predicts EOS on both sides."""
     same = spaced(student_tokenizer) == spaced(teacher_tokenizer)
     names = ("any",) if same else CONTEXTS
-    return SharedMaps(same, {c: shared_vocabulary(student_tokenizer, teacher_tokenizer, c) for c in names})
+    maps = {c: shared_vocabulary(student_tokenizer, teacher_tokenizer, c) for c in names}
+    s_eos, t_eos = student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id
+    if s_eos is not None and t_eos is not None:
+        for c, (s, t) in maps.items():
+            keep = (s != s_eos) & (t != t_eos)
+            maps[c] = (np.append(s[keep], s_eos), np.append(t[keep], t_eos))
+    return SharedMaps(same, maps)
+
+
+def pair_positions(
+    student: Offsets, teacher: Offsets, text: str, *, teacher_text: Optional[str] = None, segments: Optional[Segments] = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(student positions, teacher positions, contexts) of the positions that have read the same text: position
+    i of the student and j of the teacher pair when token i ends where token j ends, inside a stretch of text
+    both sides render alike (`segments`: (student start, end, teacher start, end) character spans holding the
+    same text; by default the whole text, when both sides render one), and both have a next token there. The
+    contexts are indices into `CONTEXTS` (-1: the next text opens with whitespace other than one space, which a
+    tokenizer that drops whitespace has no token for). With one text this is `align(...).pairs()`; with two
+    (each side's chat template around the same messages) only the messages' content is compared, and a
+    position right after a template's own markup pairs when the content that follows starts there on both."""
+    t_text = text if teacher_text is None else teacher_text
+    if segments is None:
+        if t_text != text:
+            raise ValueError("two different texts need the segments they share")
+        segments = [(0, len(text), 0, len(text))]
+    if len(student) + len(teacher) <= SMALL:
+        return _pairs_small(student, teacher, text, segments)
+    s_ends, s_idx = _tiling(student)
+    t_ends, t_idx = _tiling(teacher)
+    sp, tp, cuts = [], [], []
+    for s_lo, s_hi, t_lo, t_hi in segments:
+        if s_hi - s_lo != t_hi - t_lo:
+            raise ValueError("a segment covers the same text on both sides")
+        s_at, s_pos = _cuts(s_ends, s_idx, s_lo, s_hi)
+        t_at, t_pos = _cuts(t_ends, t_idx, t_lo, t_hi)
+        common, si, ti = np.intersect1d(s_at - s_lo, t_at - t_lo, assume_unique=True, return_indices=True)
+        sp.append(s_pos[si])
+        tp.append(t_pos[ti])
+        cuts.append(common + s_lo)
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
+    s_all, t_all, c_all = cat(sp), cat(tp), cat(cuts)
+    return s_all, t_all, np.array([_context(text, int(c)) for c in c_all], dtype=np.int64)
+
+
+SMALL = 1024
+"""Up to this many tokens on both sides together, `pair_positions` walks them in Python (numpy's per-call cost
+is most of a short example's time); longer ones go through numpy. Both give the same pairs."""
+
+
+def _pairs_small(student: Offsets, teacher: Offsets, text: str, segments: Segments):
+    sp: list[int] = []
+    tp: list[int] = []
+    cuts: list[int] = []
+    for s_lo, s_hi, t_lo, t_hi in segments:
+        if s_hi - s_lo != t_hi - t_lo:
+            raise ValueError("a segment covers the same text on both sides")
+        s_at = _cuts_small(student, s_lo, s_hi)
+        t_at = _cuts_small(teacher, t_lo, t_hi)
+        for c in sorted(s_at.keys() & t_at.keys()):
+            sp.append(s_at[c])
+            tp.append(t_at[c])
+            cuts.append(c + s_lo)
+    arr = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
+    return arr(sp), arr(tp), arr([_context(text, c) for c in cuts])
+
+
+def _cuts_small(offsets: Offsets, lo: int, hi: int) -> dict[int, int]:
+    """`_cuts` in Python: {cut character - lo: the position before it}."""
+    bearing = [(i, int(e)) for i, (a, e) in enumerate(offsets) if e > a]
+    out = {}
+    for (i, e), (j, nxt) in zip(bearing, bearing[1:]):
+        if nxt < e:
+            raise ValueError("token offsets go backwards; expected the offsets of one left-to-right tokenisation")
+        if nxt != e and j == i + 1 and lo <= e < hi:
+            out[e - lo] = i
+    return out
+
+
+def _cuts(ends: np.ndarray, idx: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cut characters, the position before each) inside [lo, hi): the last token ending at a character, when
+    the next token carries text and follows it directly (no zero-width token between)."""
+    if len(ends) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    last = np.nonzero((ends[:-1] != ends[1:]) & (idx[1:] == idx[:-1] + 1))[0]  # a token whose next one moves on
+    keep = last[(ends[last] >= lo) & (ends[last] < hi)]
+    return ends[keep], idx[keep]
+
+
+def _context(text: str, c: int) -> int:
+    """The context of a pair whose next text starts at character c (see `pair_contexts`)."""
+    head = text[c : c + 2]
+    if head[:1] == " " and head[1:2] and not head[1].isspace():
+        return 0
+    if head[:1].isspace():
+        return -1
+    return 1 if c > 0 and text[c - 1].isalnum() else 2
+
+
+def project_rows(teacher_logits, contexts: np.ndarray, maps: SharedMaps, *, top_k: int, temperatures=(), chunk: int = 1024):
+    """The teacher's logits at some positions ([P, Vt], any dtype) as a `SparseTeacher` over the student's
+    vocabulary, row i by the shared map of context `contexts[i]` (none is -1), in the given order; k is
+    `maps.k(top_k)` for every row. Chunked, so a large vocabulary never takes more than `chunk` rows of
+    fp32 log-probs at once."""
+    import torch
+
+    from dsdistill.losses.fused import SparseTeacher
+
+    k = maps.k(top_k)
+    parts = []
+    for lo in range(0, teacher_logits.shape[0], chunk):
+        block = teacher_logits[lo : lo + chunk]
+        logp = torch.log_softmax(block if block.dtype == torch.float64 else block.float(), dim=-1)
+        ctx = contexts[lo : lo + chunk]
+        pieces, where = [], []
+        for c in sorted(set(ctx.tolist())):
+            at = np.nonzero(ctx == c)[0]
+            rows = logp.index_select(0, torch.as_tensor(at, device=logp.device))
+            pieces.append(_padded(project(rows, *maps.of(c), top_k=k, temperatures=temperatures), k))
+            where.append(at)
+        if pieces:
+            parts.append(_reorder(pieces, np.concatenate(where)))
+    if not parts:
+        empty = torch.zeros(0, k, device=teacher_logits.device)
+        tails = torch.zeros(0, len(temperatures), device=teacher_logits.device) if temperatures else None
+        return SparseTeacher(empty.long(), empty, empty[:, 0], tails, tuple(temperatures))
+    return _concat(parts)
+
+
+def _padded(sp, k: int):
+    """`sp` with k slots per row: slots past its own marked absent (repeating each row's first token)."""
+    import torch
+
+    from dsdistill.losses.fused import SparseTeacher
+
+    have = sp.ids.shape[1]
+    if have >= k:
+        return sp
+    absent = torch.zeros(sp.ids.shape[0], k, dtype=torch.bool, device=sp.ids.device)
+    absent[:, have:] = True
+    ids = torch.cat([sp.ids, sp.ids[:, :1].expand(-1, k - have)], dim=1)
+    logp = torch.cat([sp.logp, sp.logp.new_full((sp.logp.shape[0], k - have), float("-inf"))], dim=1)
+    return SparseTeacher(ids, logp, sp.log_rest, sp.tails, sp.temperatures, absent)
+
+
+def project_sparse(teacher, contexts: np.ndarray, maps: SharedMaps, *, top_k: int):
+    """A `SparseTeacher` over the teacher's vocabulary (a server's or a cache's top-k + rest), over the
+    student's: of each row's k tokens those the shared map of its context pairs keep their log-probs (the
+    first `maps.k(top_k)` of them by probability), and the mass of the others joins the rest bucket at T = 1
+    and in every tail. Exact for what the top-k held; the teacher's tail beyond its k stays a bucket."""
+    import torch
+
+    from dsdistill.losses.fused import SparseTeacher
+
+    k, device = maps.k(top_k), teacher.ids.device
+    wide = lambda t: t if t.dtype == torch.float64 else t.float()  # noqa: E731
+    n, vt = teacher.ids.shape[0], int(teacher.ids.max()) + 1 if teacher.ids.numel() else 1
+    s_of = torch.full((len(CONTEXTS) if not maps.same else 1, max(vt, maps.teacher_span())), -1, dtype=torch.long)
+    for c in range(s_of.shape[0]):
+        s_ids, t_ids = maps.of(c)
+        s_of[c, torch.as_tensor(t_ids)] = torch.as_tensor(s_ids)
+    ctx = torch.as_tensor(np.where(np.asarray(contexts) < 0, 0, contexts) if not maps.same else np.zeros(n, dtype=np.int64))
+    mapped = s_of.to(device)[ctx.to(device)[:, None], teacher.ids]  # [n, K] student id, or -1
+    if teacher.ids.shape[1] < k:
+        raise ValueError(f"the teacher gives {teacher.ids.shape[1]} tokens per position; the cross-tokenizer term keeps {k}")
+    logp = wide(teacher.logp).masked_fill(mapped < 0, float("-inf"))
+    top, pick = logp.topk(k, dim=-1)
+    absent = top == float("-inf")  # fewer than k of the row's tokens have a counterpart
+    ids = mapped.gather(1, pick)
+    ids = torch.where(absent, ids[:, :1].clamp(min=0), ids)  # absent slots repeat the row's first token
+    kept = wide(teacher.logp).gather(1, pick).masked_fill(absent, float("-inf"))
+    # every token of the teacher's top-k the student side does not keep joins its rest, at T = 1 and at each T
+    dropped = wide(teacher.logp).scatter(1, pick, float("-inf"))
+    dropped = torch.where(torch.zeros_like(dropped, dtype=torch.bool).scatter(1, pick, absent), wide(teacher.logp), dropped)
+    log_rest = torch.logaddexp(wide(teacher.log_rest), torch.logsumexp(dropped, dim=-1))
+    tails = None
+    if teacher.tails is not None:
+        extra = torch.stack([torch.logsumexp(dropped / t, dim=-1) for t in teacher.temperatures], dim=-1)
+        tails = torch.logaddexp(wide(teacher.tails), extra)
+    return SparseTeacher(ids, kept, log_rest, tails, teacher.temperatures, absent if bool(absent.any()) else None)
+
+
+def _reorder(parts, where: np.ndarray):
+    import torch
+
+    order = torch.as_tensor(np.argsort(where, kind="stable"))
+    merged = _concat(parts)
+    return merged.take(order.to(merged.ids.device))
+
+
+def _concat(parts):
+    import torch
+
+    from dsdistill.losses.fused import SparseTeacher
+
+    tails = torch.cat([p.tails for p in parts]) if parts[0].tails is not None else None
+    absent = None
+    if any(p.absent is not None for p in parts):
+        absent = torch.cat([p.absent if p.absent is not None else torch.zeros_like(p.ids, dtype=torch.bool) for p in parts])
+    return SparseTeacher(
+        torch.cat([p.ids for p in parts]),
+        torch.cat([p.logp for p in parts]),
+        torch.cat([p.log_rest for p in parts]),
+        tails,
+        parts[0].temperatures,
+        absent,
+    )
 
 
 @dataclass(frozen=True)
@@ -329,12 +546,18 @@ def project(teacher_logp, student_ids, teacher_ids, *, top_k: int, temperatures:
     s_ids = torch.as_tensor(student_ids, device=teacher_logp.device)
     k = min(top_k, len(t_ids))
     logp, pick = teacher_logp.index_select(1, t_ids).topk(k, dim=-1)
-    tail = teacher_logp.scatter(-1, t_ids[pick], float("-inf"))
-    tails = [torch.logsumexp(tail / t, dim=-1) for t in temperatures]
+    kept = t_ids[pick]
+
+    def log_tail(power: float):
+        # the tail's mass summed directly (no 1 - kept cancellation): one exp pass, the kept zeroed in place
+        mass = (teacher_logp / power).exp_() if power != 1.0 else teacher_logp.exp()
+        return mass.scatter_(-1, kept, 0.0).sum(-1).log()
+
+    tails = [log_tail(t) for t in temperatures]
     return SparseTeacher(
         ids=s_ids[pick],
         logp=logp,
-        log_rest=torch.logsumexp(tail, dim=-1),
+        log_rest=log_tail(1.0),
         tails=torch.stack(tails, dim=-1) if tails else None,
         temperatures=tuple(temperatures),
     )

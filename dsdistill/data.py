@@ -31,8 +31,8 @@ from torch.utils.data import DistributedSampler
 
 from dsdistill.config import RunConfig, SourceConfig
 from dsdistill.errors import DataError, one_line
-from dsdistill.formats import Example, Renderer, renderer
-from dsdistill.packing import Packer, PackStats
+from dsdistill.formats import Example, Renderer, TeacherText, TeacherTokens, renderer
+from dsdistill.packing import TEACHER_IGNORE, Packer, PackStats
 
 BLOCK = 1024
 """Examples per streamed block (rows never span blocks: a block's rows depend on it alone)."""
@@ -283,10 +283,43 @@ def source_names(sources: list[SourceConfig]) -> list[str]:
     return names
 
 
+_TEACHER_TEXT: dict[str, TeacherText] = {}
+
+
+def teacher_text(cfg: RunConfig, student_tokenizer) -> Optional[TeacherText]:
+    """A cross-tokenizer run's teacher side of the data (its tokenizer and chat template), loaded once; None
+    for a run whose teacher reads the student's ids."""
+    spec = cfg.teacher
+    if spec is None or spec.cross_tokenizer is None:
+        return None
+    key = f"{spec.model_dump_json()}|{getattr(student_tokenizer, 'name_or_path', '')}"
+    if key not in _TEACHER_TEXT:
+        from dsdistill.config import FormatFields
+        from dsdistill.formats import resolve_template
+        from dsdistill.models import load_tokenizer
+
+        field = "teacher.cross_tokenizer"
+        tok = load_tokenizer(spec, field="teacher")
+        if not getattr(tok, "is_fast", False):
+            raise DataError(
+                f"{field}: the teacher's tokenizer '{spec.tokenizer or spec.path}' is a slow one; aligning two "
+                "tokenisations needs character offsets (a fast tokenizer)"
+            )
+        given, own = spec.cross_tokenizer.chat_template, getattr(tok, "chat_template", None)
+        template = None
+        if given is not None or own:
+            template = resolve_template(FormatFields(chat_template=given), tok, field=field)
+        from dsdistill.crosstok import spaced
+
+        _TEACHER_TEXT[key] = TeacherText(tok, template, same_spacing=spaced(tok) == spaced(student_tokenizer), field=field)
+    return _TEACHER_TEXT[key]
+
+
 def _packing(cfg: RunConfig, sources: list[SourceConfig]) -> str:
     if cfg.data.packing is not None:
         return cfg.data.packing
-    return "concat" if all(s.format == "text" for s in sources) else "documents"
+    cross = cfg.teacher is not None and cfg.teacher.cross_tokenizer is not None  # whole examples on both sides
+    return "concat" if all(s.format == "text" for s in sources) and not cross else "documents"
 
 
 def _packer(cfg: RunConfig, tokenizer, kind: str, sources: list[SourceConfig]) -> Packer:
@@ -318,28 +351,51 @@ def _render_dataset(ds, render: Renderer, *, with_loss: bool):
         out: dict[str, list] = {"input_ids": [ex.ids if ex else [] for ex in examples]}
         if with_loss:
             out["loss"] = [ex.loss if ex else [] for ex in examples]
+        if cross:
+            sides = [ex.teacher if ex else None for ex in examples]
+            for column, attr in TEACHER_COLUMNS.items():
+                out[column] = [getattr(t, attr) if t else [] for t in sides]
         return out
+
+    cross = getattr(render, "teacher", None) is not None
 
     with main_process_first():
         return ds.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names)
 
 
+TEACHER_COLUMNS = {"t_ids": "ids", "t_loss": "loss", "t_pair": "pair", "t_context": "context"}
+"""A cross-tokenizer run's rendered columns: each example's `TeacherTokens` field by field."""
+CROSS_ROWS = ("t_input_ids", "t_labels", "t_position_ids", "x_pos", "x_ctx")
+"""A cross-tokenizer run's packed columns: the teacher row (its own length) and, per student position, the
+paired teacher position in it and the pair's context (see `Packer`)."""
+
+
+def _examples(columns: dict[str, list]) -> Iterator[Optional[Example]]:
+    """The examples of a batch of rendered rows (None where one was skipped)."""
+    ids = columns["input_ids"]
+    losses = columns.get("loss") or [None] * len(ids)
+    sides = (
+        [TeacherTokens(*(columns[c][k] for c in TEACHER_COLUMNS)) for k in range(len(ids))]
+        if "t_ids" in columns
+        else [None] * len(ids)
+    )
+    for i, m, side in zip(ids, losses, sides):
+        yield Example(i, m if m is not None else [True] * len(i), teacher=side) if i else None
+
+
 def _pack_dataset(rendered, packer: Packer):
     """Stage 2: rows of seq_len tokens (in batches of 2000 examples, so concat packing is what it always was)."""
-    has_loss = "loss" in rendered.column_names
 
     def fn(batch):
-        ids = batch["input_ids"]
-        losses = batch["loss"] if has_loss else [None] * len(ids)
-        rows = packer(Example(i, m if m is not None else [True] * len(i)) if i else None for i, m in zip(ids, losses))
-        cols = ["input_ids"] + [c for c in ("labels", "position_ids") if rows and c in rows[0]]
+        rows = packer(_examples(batch))
+        cols = ["input_ids"] + [c for c in ("labels", "position_ids", *CROSS_ROWS) if rows and c in rows[0]]
         return {c: [r[c] for r in rows] for c in cols}
 
     with main_process_first():
         out = rendered.map(fn, batched=True, batch_size=2000, remove_columns=rendered.column_names)
     if "input_ids" not in out.column_names:  # no batch produced a full block
         return out.select([])
-    out.set_format("torch", columns=[c for c in ("input_ids", "labels", "position_ids") if c in out.column_names])
+    out.set_format("torch", columns=[c for c in ("input_ids", "labels", "position_ids", *CROSS_ROWS) if c in out.column_names])
     return out
 
 
@@ -391,7 +447,15 @@ def _whole(ds, source: SourceConfig, tokenizer, cfg: RunConfig, packer: Packer, 
     """(rendered, packed, stats) of a dataset read whole."""
     if len(ds) == 0:
         raise DataError(f"{where} is empty; expected at least one document")
-    render = renderer(source, tokenizer, field=field, where=where, ignore_index=cfg.loss.ignore_index, columns=ds.column_names)
+    render = renderer(
+        source,
+        tokenizer,
+        field=field,
+        where=where,
+        ignore_index=cfg.loss.ignore_index,
+        columns=ds.column_names,
+        teacher=teacher_text(cfg, tokenizer),
+    )
     rendered = _render_dataset(ds, render, with_loss=source.format != "text")
     packed = _pack_dataset(rendered, packer)
     stats = _exact_stats(
@@ -626,7 +690,15 @@ def _streamed_source(s: SourceConfig, name: str, cfg: RunConfig, tokenizer, kind
     if not head:
         raise DataError(f"{field}.path: '{s.path}' is empty; expected at least one document")
     where = f"'{s.path}'"
-    render = renderer(s, tokenizer, field=field, where=where, ignore_index=cfg.loss.ignore_index, columns=list(head[0]))
+    render = renderer(
+        s,
+        tokenizer,
+        field=field,
+        where=where,
+        ignore_index=cfg.loss.ignore_index,
+        columns=list(head[0]),
+        teacher=teacher_text(cfg, tokenizer),
+    )
     held_out = 0
     if s.eval_path is not None or s.eval_split is not None:
         src = s.eval_path or s.path
@@ -694,17 +766,14 @@ def _whole_source(s: SourceConfig, name: str, cfg: RunConfig, tokenizer, kind: s
     _, eval_packed, eval_stats = _whole(
         eval_docs, s, tokenizer, cfg, _packer(cfg, tokenizer, kind, sources), field=field, where=f"the eval split of {where}"
     )
-    seed, has_loss = cfg.train.seed, "loss" in rendered.column_names
+    seed = cfg.train.seed
 
     def make(rank: int, world: int) -> SourceReader:
         def open_epoch(epoch: int) -> Iterator[Optional[Example]]:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(rendered), generator=g)[rank::world].tolist()
             for start in range(0, len(order), 1000):
-                chunk = rendered[order[start : start + 1000]]
-                losses = chunk["loss"] if has_loss else [None] * len(chunk["input_ids"])
-                for ids, loss in zip(chunk["input_ids"], losses):
-                    yield Example(ids, loss if loss is not None else [True] * len(ids)) if ids else None
+                yield from _examples(rendered[order[start : start + 1000]])
 
         return SourceReader(name, open_epoch, None, field=field)
 
@@ -823,11 +892,35 @@ def make_stream(cfg: RunConfig, splits: Splits, tokenizer, *, rank: int, world: 
 
 
 def collate(rows) -> dict[str, torch.Tensor]:
-    """Rows (lists or tensors) -> a micro-batch; labels are the ids when a row carries none."""
-    batch = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
+    """Rows (lists or tensors) -> a micro-batch; labels are the ids when a row carries none. A cross-tokenizer
+    run's teacher rows are padded to the longest of the micro-batch (`pad_teacher_rows`)."""
+    batch = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0] if k not in TEACHER_ROWS}
+    if "t_input_ids" in rows[0]:
+        batch.update(pad_teacher_rows([{k: r[k] for k in TEACHER_ROWS} for r in rows]))
     if "labels" not in batch:
         batch["labels"] = batch["input_ids"].clone()
     return batch
+
+
+TEACHER_ROWS = ("t_input_ids", "t_labels", "t_position_ids")
+
+
+def pad_teacher_rows(rows: list[dict[str, Any]], multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Teacher rows of different lengths as [B, L] tensors, L the longest rounded up to `multiple`: padding ids
+    0, labels ignored (`TEACHER_IGNORE`), positions
+    restarting (the padding is an example of its own, attending to nothing real)."""
+    longest = max(len(r["t_input_ids"]) for r in rows)
+    width = max(multiple, -(-longest // multiple) * multiple)
+    out: dict[str, list] = {k: [] for k in TEACHER_ROWS}
+    for r in rows:
+        ids = torch.as_tensor(r["t_input_ids"], dtype=torch.long)
+        pad = width - len(ids)
+        out["t_input_ids"].append(torch.cat([ids, ids.new_zeros(pad)]))
+        out["t_labels"].append(
+            torch.cat([torch.as_tensor(r["t_labels"], dtype=torch.long), ids.new_full((pad,), TEACHER_IGNORE)])
+        )
+        out["t_position_ids"].append(torch.cat([torch.as_tensor(r["t_position_ids"], dtype=torch.long), torch.arange(pad)]))
+    return {k: torch.stack(v) for k, v in out.items()}
 
 
 class TrainStream:
@@ -869,6 +962,8 @@ class TrainStream:
                 idx = order[start : start + self.micro_batch]
                 self.position += 1
                 batch = dict(self.ds[idx])
+                if "t_input_ids" in batch:
+                    batch.update(pad_teacher_rows([{k: batch[k][i] for k in TEACHER_ROWS} for i in range(len(idx))]))
                 if "labels" not in batch:
                     batch["labels"] = batch["input_ids"].clone()
                 batch["row"] = torch.tensor(idx)  # which packed rows: what an offline teacher cache is keyed by
@@ -897,16 +992,18 @@ def eval_batches(
     mine = list(range(rank, n, world))
     for b in range(n_batches):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
-        batch = collate([ds[i] for i in idx]) if idx else None
-        if batch is not None and row_offset is not None:
-            batch["row"] = torch.tensor(idx) + row_offset
         missing = micro_batch - len(idx)
-        if missing:  # rows that count nothing keep every rank's batch the same shape for the collectives
-            filler = collate([ds[0]] * missing)
-            filler["labels"] = torch.full_like(filler["input_ids"], ignore_index)
-            if row_offset is not None:
-                filler["row"] = torch.full((missing,), -1)
-            batch = filler if batch is None else {k: torch.cat([batch[k], filler[k]]) for k in batch}
+        # rows that count nothing keep every rank's batch the same shape for the collectives (collated with the
+        # real rows: a cross-tokenizer batch's teacher rows are padded to one width)
+        batch = collate([ds[i] for i in idx] + [ds[0]] * missing)
+        if row_offset is not None:
+            batch["row"] = torch.cat([torch.tensor(idx, dtype=torch.long) + row_offset, torch.full((missing,), -1)])
+        if missing:
+            filler = slice(len(idx), None)
+            batch["labels"][filler] = ignore_index
+            if "t_labels" in batch:
+                batch["t_labels"][filler] = TEACHER_IGNORE
+                batch["x_pos"][filler] = -1
         yield batch
 
 

@@ -39,10 +39,113 @@ class Example:
     loss: list[bool]
     route: int = -1
     """`teachers:` routed per source: the index of the teacher this example's KD comes from (-1: every one)."""
+    teacher: Optional["TeacherTokens"] = None
+    """`teacher.cross_tokenizer`: the same example in the teacher's tokens, and which positions pair."""
 
     @property
     def loss_tokens(self) -> int:
         return sum(self.loss)
+
+
+@dataclass(frozen=True)
+class TeacherTokens:
+    """An example as a teacher with another tokenizer reads it."""
+
+    ids: list[int]
+    loss: list[bool]
+    """Its tokens whose text lies in the loss-bearing spans (what its perplexity counts)."""
+    pair: list[int]
+    """Per student token i: the teacher token whose position has read the same text as student position i
+    (both predict text starting at the same character), or -1."""
+    context: list[int]
+    """Per student token: the pair's context (an index into `crosstok.CONTEXTS`), or -1."""
+
+    def cut(self, n: int) -> "TeacherTokens":
+        """For the student example cut to its first n tokens: the pairs there, and the teacher tokens up to
+        the last one a kept pair reads (and the one it predicts)."""
+        pair, context = self.pair[:n], self.context[:n]
+        if n:  # the kept student example's last position has no next token left
+            pair, context = pair[:-1] + [-1], context[:-1] + [-1]
+        end = max((p for p in pair if p >= 0), default=-1) + 2
+        return TeacherTokens(self.ids[:end], self.loss[:end], pair, context)
+
+
+class TeacherText:
+    """The teacher's side of a cross-tokenizer run's examples: its tokenizer and chat template, and the pairing
+    of its positions with the student's (dsdistill/crosstok.py)."""
+
+    def __init__(self, tokenizer, template: Optional[str], *, same_spacing: bool, field: str = "teacher.cross_tokenizer"):
+        self.tokenizer, self.template, self.field = tokenizer, template, field
+        self.eos = tokenizer.eos_token_id
+        self.same_spacing = same_spacing
+        """Both tokenizers keep spaces in their tokens, or both drop them (`crosstok.shared_maps`: one map)."""
+
+    def encode(
+        self,
+        text: str,
+        s_offsets,
+        spans: list[tuple[int, int]],
+        *,
+        s_count: int,
+        eos: bool,
+        teacher_text: Optional[str] = None,
+        segments=None,
+        teacher_spans: Optional[list[tuple[int, int]]] = None,
+        encoded=None,
+    ) -> TeacherTokens:
+        """The teacher's tokens of `text` (or of `teacher_text`, its own rendering, whose `segments` hold the same
+        text as the student's), paired with the student's `s_count` tokens (`s_offsets` into `text`; one more,
+        an appended EOS, when `eos`)."""
+        from dsdistill.crosstok import pair_positions
+
+        t_text = text if teacher_text is None else teacher_text
+        if encoded is None:  # (ids, offsets) of the teacher's text, when a batch was tokenised at once
+            enc = self.tokenizer(t_text, add_special_tokens=False, return_offsets_mapping=True)
+            encoded = (enc["input_ids"], enc["offset_mapping"])
+        t_ids, t_off = list(encoded[0]), encoded[1]
+        loss = _in_spans([a for a, _ in t_off], spans if teacher_spans is None else teacher_spans)
+        sp, tp, ctx = pair_positions(s_offsets, t_off, text, teacher_text=teacher_text, segments=segments)
+        pair, context = [-1] * s_count, [-1] * s_count
+        for i, j, c in zip(sp.tolist(), tp.tolist(), ctx.tolist()):
+            if self.same_spacing:  # every pair compares, by one shared map
+                pair[i], context[i] = j, 0
+            elif c >= 0:  # else a pair whose next text opens with whitespace has no counterpart token: none
+                pair[i], context[i] = j, c
+        if eos and self.eos is not None:
+            if t_ids and len(s_offsets) and self.eos is not None and teacher_text is None:
+                # the last text tokens on both sides predict the end of the document
+                pair[len(s_offsets) - 1], context[len(s_offsets) - 1] = len(t_ids) - 1, 0 if self.same_spacing else 2
+            t_ids.append(self.eos)
+            loss.append(True)
+        return TeacherTokens(t_ids, loss, pair, context)
+
+    def render(self, messages: list[dict[str, Any]], *, generation: bool, guard: Callable[[Callable[[], str]], str]) -> str:
+        return guard(
+            lambda: self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
+            )
+        )
+
+    def segments(self, messages: list[dict[str, Any]], s_text: str, t_text: str, n: int, where: str):
+        """(student start, end, teacher start, end) of each message's content in the two renderings, found in
+        order; a DataError when a template renders some message's content otherwise (drops, rewrites or
+        reorders it): then the two models would not read the same conversation."""
+        out, s_at, t_at = [], 0, 0
+        for j, m in enumerate(messages):
+            content = m.get("content") or ""
+            if not content:
+                continue
+            s_lo, t_lo = s_text.find(content, s_at), t_text.find(content, t_at)
+            if s_lo < 0 or t_lo < 0:
+                side = "student's" if s_lo < 0 else "teacher's"
+                raise DataError(
+                    f"{self.field}.chat_template: example {n} of {where}: the {side} template does not render message "
+                    f"{j}'s content as given, so the two models would read different conversations; use templates that "
+                    "keep every message's text (or the same template for both)"
+                )
+            out.append((s_lo, s_lo + len(content), t_lo, t_lo + len(content)))
+            s_at, t_at = s_lo + len(content), t_lo + len(content)
+        return out
 
 
 Renderer = Callable[[dict[str, list], Sequence[int]], list[Optional[Example]]]
@@ -103,15 +206,28 @@ def check_columns(source: FormatFields, columns: list[str], *, field: str, where
 
 
 def renderer(
-    source: FormatFields, tokenizer, *, field: str, where: str, ignore_index: int, columns: Optional[list[str]] = None
+    source: FormatFields,
+    tokenizer,
+    *,
+    field: str,
+    where: str,
+    ignore_index: int,
+    columns: Optional[list[str]] = None,
+    teacher: Optional[TeacherText] = None,
 ) -> Renderer:
-    """The function that renders this source's raw rows (checked against `columns` when they are known)."""
+    """The function that renders this source's raw rows (checked against `columns` when they are known);
+    with `teacher` (a cross-tokenizer run) every example carries the teacher's tokens too."""
     if columns is not None:
         check_columns(source, columns, field=field, where=where)
     if source.format == "text":
-        return _TextRenderer(source, tokenizer, field=field, where=where)
+        return _TextRenderer(source, tokenizer, field=field, where=where, teacher=teacher)
     if source.format in ("chat", "prompt_completion"):
-        return _ChatRenderer(source, tokenizer, field=field, where=where)
+        return _ChatRenderer(source, tokenizer, field=field, where=where, teacher=teacher)
+    if teacher is not None:
+        raise DataError(
+            f"{field}.format: pretokenized data holds only the student's ids; a teacher with another tokenizer "
+            "(teacher.cross_tokenizer) needs the text: use text, chat or prompt_completion data"
+        )
     labels = source.labels_field
     mask = source.loss_mask_field
     if columns is not None and labels is None and mask is None:
@@ -136,9 +252,10 @@ def separator_id(source: FormatFields, tokenizer, *, field: str) -> Optional[int
 class _TextRenderer:
     """Raw text: every token carries loss; EOS closes each document."""
 
-    def __init__(self, source: FormatFields, tokenizer, *, field: str, where: str):
+    def __init__(self, source: FormatFields, tokenizer, *, field: str, where: str, teacher: Optional[TeacherText] = None):
         self.column, self.tokenizer, self.field, self.where = source.text_field, tokenizer, field, where
         self.eos = separator_id(source, tokenizer, field=field)
+        self.teacher = teacher
 
     def __call__(self, batch: dict[str, list], rows: Sequence[int]) -> list[Optional[Example]]:
         texts = batch[self.column]
@@ -149,19 +266,35 @@ class _TextRenderer:
                     f"(example {rows[i]}); expected strings"
                 )
         keep = [i for i, t in enumerate(texts) if t]
-        ids = self.tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"] if keep else []
+        cross = self.teacher is not None
+        enc = self.tokenizer([texts[i] for i in keep], add_special_tokens=False, return_offsets_mapping=cross) if keep else {}
+        ids = enc["input_ids"] if keep else []
         out: list[Optional[Example]] = [None] * len(texts)
-        for i, doc in zip(keep, ids):
+        if self.teacher is not None and keep:  # the teacher's tokens of the batch in one call
+            t_enc = self.teacher.tokenizer([texts[i] for i in keep], add_special_tokens=False, return_offsets_mapping=True)
+        for n, (i, doc) in enumerate(zip(keep, ids)):
             doc = list(doc) + ([self.eos] if self.eos is not None else [])
-            out[i] = Example(doc, [True] * len(doc))
+            side = None
+            if self.teacher is not None:
+                text = texts[i]
+                side = self.teacher.encode(
+                    text,
+                    enc["offset_mapping"][n],
+                    [(0, len(text))],
+                    s_count=len(doc),
+                    eos=self.eos is not None,
+                    encoded=(t_enc["input_ids"][n], t_enc["offset_mapping"][n]),
+                )
+            out[i] = _aligned(Example(doc, [True] * len(doc), teacher=side))
         return out
 
 
 class _ChatRenderer:
     """Conversations (chat) and prompt/completion pairs, rendered with offsets so masks follow characters."""
 
-    def __init__(self, source: FormatFields, tokenizer, *, field: str, where: str):
+    def __init__(self, source: FormatFields, tokenizer, *, field: str, where: str, teacher: Optional[TeacherText] = None):
         self.source, self.tokenizer, self.field, self.where = source, tokenizer, field, where
+        self.teacher = teacher
         self.chat = source.format == "chat"
         self.template = resolve_template(source, tokenizer, field=field) if self.chat else None
         self.eos = tokenizer.eos_token_id
@@ -288,11 +421,12 @@ class _ChatRenderer:
             if messages[-1]["role"] in ("user", "tool"):
                 # a conversation waiting for its answer is all prompt (earlier answers are its context): the
                 # whole history and the generation prompt, for on-policy sampling; no loss of its own
-                return self._tokenize(self._render(messages, generation=True, n=n), [], eos=False, prompt_only=True)
+                prompt = self._render(messages, generation=True, n=n)
+                return self._tokenize(prompt, [], eos=False, prompt_only=True, messages=(messages, True, n))
             if loss_on == "last_assistant":
                 turns = turns[-1:]
             spans = self._spans(messages, full, turns, n)
-        return self._tokenize(full, spans, eos=False)
+        return self._tokenize(full, spans, eos=False, messages=(messages, False, n))
 
     # -- prompt / completion
 
@@ -312,7 +446,9 @@ class _ChatRenderer:
             return None
         return self._tokenize(prompt + completion, [(len(prompt), len(prompt) + len(completion))], eos=True)
 
-    def _tokenize(self, text: str, spans: list[tuple[int, int]], *, eos: bool, prompt_only: bool = False) -> Optional[Example]:
+    def _tokenize(
+        self, text: str, spans: list[tuple[int, int]], *, eos: bool, prompt_only: bool = False, messages=None
+    ) -> Optional[Example]:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         loss = _in_spans([start for start, _ in enc["offset_mapping"]], spans)
@@ -321,7 +457,31 @@ class _ChatRenderer:
             loss.append(True)  # the student learns where a completion ends
         if not ids or not (any(loss) or prompt_only):
             return None
-        return Example(ids, loss)
+        side = None
+        if self.teacher is not None:
+            side = self._teacher_side(text, enc["offset_mapping"], spans, len(ids), eos=eos, messages=messages)
+        return _aligned(Example(ids, loss, teacher=side)) if not prompt_only else Example(ids, loss, teacher=side)
+
+    def _teacher_side(self, text: str, offsets, spans, count: int, *, eos: bool, messages) -> TeacherTokens:
+        """The teacher's tokens of this example: of the same text, or of its own template's rendering of the same
+        messages (then only the messages' content pairs, and its loss spans are the loss-bearing content)."""
+        assert self.teacher is not None
+        if messages is None or self.teacher.template is None:
+            return self.teacher.encode(text, offsets, spans, s_count=count, eos=eos)
+        msgs, generation, n = messages
+        own = self.teacher.render(msgs, generation=generation, guard=lambda f: self._guard(f, n))
+        if own == text:
+            return self.teacher.encode(text, offsets, spans, s_count=count, eos=eos)
+        segments = self.teacher.segments(msgs, text, own, n, self.where)
+        t_spans = [
+            (t_lo + max(a, s_lo) - s_lo, t_lo + min(b, s_hi) - s_lo)
+            for s_lo, s_hi, t_lo, _ in segments
+            for a, b in spans
+            if max(a, s_lo) < min(b, s_hi)
+        ]
+        return self.teacher.encode(
+            text, offsets, spans, s_count=count, eos=eos, teacher_text=own, segments=segments, teacher_spans=t_spans
+        )
 
     def __call__(self, batch: dict[str, list], rows: Sequence[int]) -> list[Optional[Example]]:
         s = self.source
@@ -330,6 +490,16 @@ class _ChatRenderer:
         return [
             self._pair_example(p, c, rows[i]) for i, (p, c) in enumerate(zip(batch[s.prompt_field], batch[s.completion_field]))
         ]
+
+
+def _aligned(ex: Example) -> Optional[Example]:
+    """The example, or None (skipped, like an example with no loss) when it has a teacher side and none of its
+    loss-bearing tokens is predicted at a position the teacher has one for: the two tokenisations never cut
+    at the same character, so a cross-tokenizer run has nothing to compare on it."""
+    if ex.teacher is None:
+        return ex
+    pair, loss = ex.teacher.pair, ex.loss
+    return ex if any(pair[i] >= 0 and loss[i + 1] for i in range(len(loss) - 1)) else None
 
 
 def _in_spans(starts: list[int], spans: list[tuple[int, int]]) -> list[bool]:

@@ -49,6 +49,9 @@ class FusedCall:
     positions: Optional[torch.Tensor] = None
     """Flat indices of the loss-bearing positions from the host batch (`objective.host_positions`): the
     head gathers by them without a device sync (None: it finds them with a boolean mask)."""
+    kd_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """(ordinals of the loss-bearing positions KD compares, of those it does not): a teacher with another
+    tokenizer has no position for some; `teacher_sparse` holds the first's rows. LM is on both."""
     mixture: tuple[MixtureMember, ...] = ()
     """Several teachers (`teachers:`), instead of the teacher_* fields: the head runs once per teacher and
     group of positions, and KD is the groups' weighted sum."""
@@ -74,6 +77,8 @@ class FusedKDLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
         if call.mixture:
             return self._mixture(hidden, call)
+        if call.kd_rows is not None:
+            return self._partial(hidden, call)
         combined, m = self._one(hidden, call, call.teacher_hidden, call.teacher_head, call.teacher_sparse)
         return FusedSums(kd=m["kd"], kl=m["kl"], lm=m["lm"], combined=combined, tokens=m["count"])
 
@@ -90,6 +95,27 @@ class FusedKDLMHead(nn.Module):
             ignore_index=self.ignore_index,
             t_sparse=t_sparse,
             positions=call.positions if positions is None else positions,
+        )
+
+    def _partial(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
+        # KD + LM on the paired positions, LM alone on the others: the same rows pass the head once either way
+        assert call.positions is not None and call.kd_rows is not None, "KD on some positions needs the host's positions"
+        paired, alone = call.kd_rows
+        runs = []
+        if paired.numel() or not alone.numel():
+            runs.append(
+                self._one(hidden, call, None, None, call.teacher_sparse, positions=call.positions.index_select(0, paired))
+            )
+        if alone.numel():
+            lm_only = dataclasses.replace(call, coef_kd=0.0, options=dataclasses.replace(call.options, want_kd=False))
+            runs.append(self._one(hidden, lm_only, None, None, None, positions=call.positions.index_select(0, alone)))
+        zero = torch.zeros_like(runs[0][1]["kd"])
+        return FusedSums(
+            kd=sum((m["kd"] for _, m in runs), zero),
+            kl=sum((m["kl"] for _, m in runs), zero),
+            lm=sum((m["lm"] for _, m in runs), zero),
+            combined=sum((c for c, _ in runs), torch.zeros_like(runs[0][0])),
+            tokens=sum(m["count"] for _, m in runs),
         )
 
     def _mixture(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:

@@ -20,16 +20,18 @@ from dsdistill.curriculum import Curriculum
 from dsdistill.layers import LayerMap
 from dsdistill.losses import shifted_mask
 
-UNITS = ("token", "sequence", "micro_batch")
+UNITS = ("token", "pair", "sequence", "micro_batch")
 
 
-def count_units(labels: torch.Tensor, ignore_index: int) -> dict[str, int]:
-    """Units in a micro-batch: loss-bearing tokens, sequences with any, and the micro-batch itself if it
-    has any (the unit of per-batch terms such as the router's load balance). Counted on the host from the
-    loader's batch (no device sync); labels already on a device are read back once."""
+def count_units(labels: torch.Tensor, ignore_index: int, pairs: Optional[torch.Tensor] = None) -> dict[str, int]:
+    """Units in a micro-batch: loss-bearing tokens, those with a paired teacher position (`pairs`: a
+    cross-tokenizer batch's `x_pos`, -1 where none; without it every loss-bearing token), sequences with any,
+    and the micro-batch itself if it has any (the unit of per-batch terms such as the router's load balance).
+    Counted on the host from the loader's batch (no device sync); labels already on a device are read back once."""
     lab = labels.detach().cpu().numpy()  # a no-op view for the loader's host tensors
     mask = lab[:, 1:] != ignore_index
-    return {"token": int(mask.sum()), "sequence": int(mask.any(1).sum()), "micro_batch": int(mask.any())}
+    paired = int(mask.sum()) if pairs is None else int((mask & (pairs.numpy()[:, :-1] >= 0)).sum())
+    return {"token": int(mask.sum()), "pair": paired, "sequence": int(mask.any(1).sum()), "micro_batch": int(mask.any())}
 
 
 def host_positions(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:

@@ -23,6 +23,8 @@ from dsdistill.errors import DataError
 from dsdistill.formats import Example
 
 Row = dict[str, list[int]]
+TEACHER_IGNORE = -100
+"""A cross-tokenizer teacher row's label where its token carries no loss (any negative reads as none)."""
 
 
 @dataclass
@@ -84,13 +86,19 @@ class Packer:
                 if self.overlong == "drop":
                     batch.dropped += 1
                     continue
-                cut = Example(ex.ids[: self.seq_len], ex.loss[: self.seq_len], ex.route)
+                side = None if ex.teacher is None else ex.teacher.cut(self.seq_len)
+                cut = Example(ex.ids[: self.seq_len], ex.loss[: self.seq_len], ex.route, side)
                 if any(ex.loss) and not any(cut.loss[1:]):  # an example's first token is never a target
                     batch.emptied += 1
                     continue
                 batch.truncated += 1
                 ex = cut
             kept.append(ex)
+        if self.kind == "concat" and any(ex.teacher is not None for ex in kept):
+            raise DataError(
+                "data.packing: concat cuts examples mid-text, where a teacher with another tokenizer "
+                "(teacher.cross_tokenizer) has no matching cut; set data.packing: documents (or none)"
+            )
         rows = self._concat(kept) if self.kind == "concat" else self._documents(kept, one_per_row=self.kind == "none")
         batch.sequences = len(rows)
         batch.tokens = len(rows) * self.seq_len if self.kind == "concat" else sum(len(ex.ids) for ex in kept)
@@ -131,6 +139,13 @@ class Packer:
         labels: list[int] = []
         pos: list[int] = []
         routes: list[int] = []
+        # a cross-tokenizer run's teacher row: the same examples in the teacher's tokens (as long as they are)
+        t_ids: list[int] = []
+        t_labels: list[int] = []
+        t_pos: list[int] = []
+        x_pos: list[int] = []
+        x_ctx: list[int] = []
+        cross = any(ex.teacher is not None for ex in examples)
 
         def flush():
             if not ids:
@@ -144,8 +159,17 @@ class Packer:
             }
             if self.routes:
                 row["route"] = routes + [-1] * pad
+            if cross:
+                row.update(
+                    t_input_ids=list(t_ids),
+                    t_labels=list(t_labels),
+                    t_position_ids=list(t_pos),
+                    x_pos=x_pos + [-1] * pad,
+                    x_ctx=x_ctx + [-1] * pad,
+                )
             rows.append(row)
-            ids.clear(), labels.clear(), pos.clear(), routes.clear()
+            for part in (ids, labels, pos, routes, t_ids, t_labels, t_pos, x_pos, x_ctx):
+                part.clear()
 
         for ex in examples:
             if one_per_row or len(ids) + len(ex.ids) > self.seq_len:
@@ -156,6 +180,18 @@ class Packer:
             labels.extend(lab)
             pos.extend(range(len(ex.ids)))
             routes.extend([ex.route] * len(ex.ids))
+            if cross:
+                side = ex.teacher
+                assert side is not None, "every example of a cross-tokenizer run has its teacher tokens"
+                base = len(t_ids)
+                t_lab = [t if keep else TEACHER_IGNORE for t, keep in zip(side.ids, side.loss)]
+                if t_lab:
+                    t_lab[0] = TEACHER_IGNORE
+                t_ids.extend(side.ids)
+                t_labels.extend(t_lab)
+                t_pos.extend(range(len(side.ids)))
+                x_pos.extend(p + base if p >= 0 else -1 for p in side.pair)
+                x_ctx.extend(side.context)
         flush()
         return rows
 

@@ -113,6 +113,7 @@ def describe(plan: Plan, data: RunData) -> str:
         *separator_lines(c, data.tokenizer),
         *generation_lines(plan),
         f"{'teachers' if plan.teacher_names else 'teacher'}: {data.teacher.describe()}" + _placed(plan),
+        *getattr(data.teacher, "plan_lines", list)(),
         f"student: {c.student.path} ({getattr(s, 'num_hidden_layers', '?')} layers, width {getattr(s, 'hidden_size', '?')}), ZeRO-{zero_stage(plan.ds_student)}, precision {plan.precision}",
         f"LR schedule: {lr_schedule(c, plan.ds_student)}",
         f"curriculum: computes {', '.join(plan.curriculum.active)}"
@@ -490,17 +491,24 @@ def _check_vocabularies(cfg: RunConfig, curriculum: Curriculum, tokenizer, teach
             f"tokens such as {tokenizer.eos_token!r}"
         )
     formats = sorted({s.format for s in cfg.data.resolved_sources()} - {"text"})
+    if cfg.teacher is not None and cfg.teacher.cross_tokenizer is not None:
+        # each side reads its own tokens of the same text: each model covers its own tokenizer
+        _check_covers(cfg, len(teacher.tokenizer), "teacher", "teacher.path", teacher.model_config)
+        _check_covers(cfg, vocab, "student", "student.path", student_cfg)
+        return
     for at, member, _ in plans_of(teacher, cfg):
         teacher_tok = member.tokenizer
         if formats and not _same_vocab(tokenizer, teacher_tok):
             raise ModelError(
                 f"{at}.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
-                f"{', '.join(formats)} data is rendered once and both models read the same ids, so they need one tokenizer"
+                f"{', '.join(formats)} data is rendered once and both models read the same ids; set teacher.cross_tokenizer: "
+                "{} to give the teacher its own tokens of the same text"
             )
         if curriculum.ever_nonzero("kd") and not _same_vocab(tokenizer, teacher_tok):
             raise ModelError(
                 f"{at}.tokenizer: teacher and student vocabularies differ ({len(teacher_tok)} vs {vocab} tokens); "
-                "logit KD needs a shared vocabulary (set the kd weight to 0 to distil without it)"
+                "logit KD needs a shared vocabulary: set teacher.cross_tokenizer: {} to pair them by text, or the kd "
+                "weight to 0 to distil without it"
             )
         _check_covers(cfg, vocab, at, member.field, member.model_config)
     _check_covers(cfg, vocab, "student", "student.path", student_cfg)

@@ -16,7 +16,6 @@ then both models score the sampled tokens. The figures:
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 import torch
@@ -24,7 +23,7 @@ import torch.distributed as dist
 
 from dsdistill.components.base import Needs
 from dsdistill.rollout import apply_rollouts
-from dsdistill.trainer import teacher_input
+from dsdistill.trainer import retokenised, teacher_input
 
 if TYPE_CHECKING:
     from dsdistill.preflight import Plan, RunData
@@ -64,6 +63,16 @@ def _rows(session: "Session", limit: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def _stacked(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One-row batches as one batch (a cross-tokenizer run's teacher rows padded to one width)."""
+    from dsdistill.data import TEACHER_ROWS, pad_teacher_rows
+
+    out = {key: torch.cat([r[key] for r in rows]) for key in rows[0] if key not in TEACHER_ROWS}
+    if "t_input_ids" in rows[0]:
+        out.update(pad_teacher_rows([{key: r[key][0] for key in TEACHER_ROWS} for r in rows]))
+    return out
+
+
 def _agreed_min(n: int) -> int:
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([n], dtype=torch.long)
@@ -80,7 +89,7 @@ def on_policy_probe(session: "Session", *, step: int, prompts: int) -> dict[str,
     k = _agreed_min(len(rows))  # every rank samples and scores the same number of rows (ZeRO-3 gathers together)
     if k == 0 or sampler is None:
         return {}
-    window = [{key: torch.cat([r[key] for r in rows[:k]]) for key in rows[0]}]
+    window = [_stacked(rows[:k])]
     # seeds from (seed, step, row) like training, offset so a probe never replays a training sample
     sampled, stats = apply_rollouts(
         window,
@@ -92,8 +101,12 @@ def on_policy_probe(session: "Session", *, step: int, prompts: int) -> dict[str,
         pad=sampler.pad,
         ignore_index=cfg.loss.ignore_index,
     )
+    sampled = retokenised(session.forward.teacher, sampled, stats.places)
     r = session.evaluator.evaluate(sampled, step=step)  # the student's cross-entropy on its own tokens
-    teacher_ce = math.log(session.evaluator.teacher_perplexity(sampled))
+    t_sum, t_count = session.evaluator.teacher_nll(sampled)
+    # per student token: a teacher with another tokenizer scores the same text in its own tokens, so its summed
+    # cross-entropy is over the student's completion tokens (log p of the same text on both sides)
+    teacher_ce = t_sum / max(r.tokens if "x_pos" in sampled[0] else t_count, 1.0)
     totals = {"sequences": float(stats.sequences), "tokens": float(stats.tokens), "ended": float(stats.ended)}
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor(list(totals.values()), dtype=torch.float64)
@@ -128,7 +141,7 @@ def _samples(session: "Session", mb: dict[str, torch.Tensor], n: int) -> list[di
                 {
                     "prompt": tok.decode(ids[0, :start].tolist()),
                     "completion": tok.decode(ids[0, start:end].tolist()),
-                    "teacher_logprob": -float(s) / max(count, 1),
+                    "teacher_logprob": -float(s) / max(len(carried), 1),  # per student token of the completion
                 }
             )
     finally:

@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-Unit = Literal["token", "sequence", "micro_batch"]
+Unit = Literal["token", "pair", "sequence", "micro_batch"]
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,9 @@ class Registration:
 
     name: str
     unit: Unit
-    """What the component is averaged over: loss-bearing tokens, sequences with any, or micro-batches
-    with any (the router's load balance is one number per micro-batch)."""
+    """What the component is averaged over: loss-bearing tokens, those whose position a teacher with another
+    tokenizer has a position for (`pair`: every loss-bearing token when both read the same ids), sequences with
+    any, or micro-batches with any (the router's load balance is one number per micro-batch)."""
     description: str
     implementation: str
     """`package.module:Class` of its `dsdistill.components.base.Component` subclass."""
@@ -86,7 +87,7 @@ EARLY = {"kind": "linear", "start": 0.1, "end": 0.4, "start_value": 0.0, "end_va
 
 register(
     "kd",
-    "token",
+    "pair",
     "divergence between temperature-softened teacher and student distributions, x T^2",
     "dsdistill.components.kd:KD",
     default=0.9,

@@ -46,6 +46,8 @@ class RolloutStats:
     """Wall time of generation."""
     ended: int = 0
     """Completions that ended on a stop token (the rest ran to their length limit)."""
+    places: tuple[tuple[int, int], ...] = ()
+    """(micro-batch, row) of each sequence whose completion was sampled."""
 
 
 def _filter(logits: torch.Tensor, g: GenerationConfig) -> torch.Tensor:
@@ -248,4 +250,4 @@ def apply_rollouts(
         if "position_ids" in mb:
             mb["position_ids"][i] = torch.tensor(list(range(n)) + list(range(seq_len - n)))
         tokens += len(completion)
-    return out, RolloutStats(len(places), tokens, seconds, ended)
+    return out, RolloutStats(len(places), tokens, seconds, ended, tuple(places))

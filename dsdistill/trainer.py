@@ -25,7 +25,7 @@ from dsdistill.heads import FusedCall, head_options
 from dsdistill.objective import UNITS, Objective, StepContext, count_units, host_positions, shifted_valid
 from dsdistill.preflight import Plan
 from dsdistill.rollout import RolloutBackend, apply_rollouts
-from dsdistill.teachers.base import TeacherInput, TeacherSignal, TeacherSource, TeacherUnavailable
+from dsdistill.teachers.base import CrossInput, TeacherInput, TeacherSignal, TeacherSource, TeacherUnavailable
 
 
 def teacher_input(batch: dict[str, torch.Tensor], labels: torch.Tensor, ignore_index: int) -> TeacherInput:
@@ -36,13 +36,51 @@ def teacher_input(batch: dict[str, torch.Tensor], labels: torch.Tensor, ignore_i
         shifted_valid(labels, ignore_index),
         None if pos is None else pos.to(labels.device),
         batch.get("row"),
+        cross_input(batch, ignore_index),
     )
 
 
 def _host_input(batch: dict[str, torch.Tensor], ignore_index: int) -> TeacherInput:
     """A host batch as a teacher reads it, without moving anything to the device."""
     labels = batch["labels"]
-    return TeacherInput(batch["input_ids"], shifted_valid(labels, ignore_index), batch.get("position_ids"), batch.get("row"))
+    return TeacherInput(
+        batch["input_ids"],
+        shifted_valid(labels, ignore_index),
+        batch.get("position_ids"),
+        batch.get("row"),
+        cross_input(batch, ignore_index),
+    )
+
+
+def cross_input(batch: dict[str, torch.Tensor], ignore_index: int) -> Optional[CrossInput]:
+    """A cross-tokenizer batch's teacher side, from the loader's host tensors (None for any other batch): which
+    loss-bearing positions pair with a teacher position, in `host_positions` order."""
+    if "x_pos" not in batch:
+        return None
+    lab = batch["labels"].numpy()
+    b, t = np.nonzero(lab[:, 1:] != ignore_index)  # the loss-bearing positions, as `host_positions` orders them
+    x = batch["x_pos"].numpy()[b, t]
+    paired = x >= 0
+    where = np.zeros(lab.shape, dtype=bool)
+    where[b[paired], t[paired]] = True
+    width = batch["t_input_ids"].shape[1]
+    return CrossInput(
+        ids=batch["t_input_ids"],
+        labels=batch["t_labels"],
+        position_ids=batch["t_position_ids"],
+        rows=torch.from_numpy(b[paired] * width + x[paired]),
+        contexts=batch["x_ctx"].numpy()[b, t][paired],
+        kd=torch.from_numpy(np.nonzero(paired)[0]),
+        lm_only=torch.from_numpy(np.nonzero(~paired)[0]),
+        paired=torch.from_numpy(where),
+    )
+
+
+def retokenised(teacher: TeacherSource, window: list[dict[str, torch.Tensor]], places) -> list[dict[str, torch.Tensor]]:
+    """The window after sampling: a teacher with another tokenizer re-reads the sampled rows in its own tokens
+    (`CrossTeacher.retokenise`); any other teacher reads the student's ids as they are."""
+    redo = getattr(teacher, "retokenise", None)
+    return redo(window, places) if redo is not None and places and "x_pos" in window[0] else window
 
 
 class PairForward:
@@ -83,7 +121,8 @@ class PairForward:
         names = objective.names if live is None else live
         needs = objective.needs if live is None else objective.needs_of(live, self.plan.layers)
         asked = time.perf_counter()
-        signal = self.teacher.signal(TeacherInput(ids, valid, pos, batch.get("row")), needs)
+        cross = cross_input(batch, ignore)
+        signal = self.teacher.signal(TeacherInput(ids, valid, pos, batch.get("row"), cross), needs)
         self.signal_s += time.perf_counter() - asked
         call = None
         if self.plan.fused:
@@ -107,6 +146,7 @@ class PairForward:
                     want_lm=want_lm,
                 ),
                 positions=positions,
+                kd_rows=signal.kd_rows if want_kd else None,
                 mixture=_fused_mixture(signal, batch, ignore) if want_kd else (),
             )
         if self.capture is not None:
@@ -240,7 +280,7 @@ class Trainer:
         names = objective.live(ctx)  # weight 0 at this step: not computed at all
         window, rollout = self._rollouts(window, ctx)
         # units in the whole window on all ranks: each component is divided by its own unit count
-        counted = [count_units(mb["labels"], cfg.loss.ignore_index) for mb in window]
+        counted = [count_units(mb["labels"], cfg.loss.ignore_index, mb.get("x_pos")) for mb in window]
         units = all_reduce_named({u: float(sum(c[u] for c in counted)) for u in UNITS})
         normalizers = objective.normalizers(units)
         coefficients = objective.coefficients(ctx, normalizers)
@@ -315,6 +355,7 @@ class Trainer:
             pad=self.pad,
             ignore_index=cfg.loss.ignore_index,
         )
+        window = retokenised(self.forward.teacher, window, stats.places)
         keys = {"sequences": stats.sequences, "tokens": stats.tokens, "seconds": stats.seconds, "ended": stats.ended}
         r = all_reduce_named({k: float(v) for k, v in keys.items()})
         return window, {**r, "seconds": r["seconds"] / self.plan.world}
@@ -515,7 +556,7 @@ class Evaluator:
                 for n in obj.names:  # summed on the device; transferred once by the reduction below
                     acc[f"loss.{n}"] = acc[f"loss.{n}"] + part.sums[n].detach()
                 obj.add_metrics(acc, part)
-                for u, c in count_units(x.labels, self.plan.cfg.loss.ignore_index).items():
+                for u, c in count_units(batch["labels"], self.plan.cfg.loss.ignore_index, batch.get("x_pos")).items():
                     acc[f"units.{u}"] += c
         finally:
             self.forward.teacher.end_step()
@@ -544,9 +585,18 @@ class Evaluator:
         if any_rank(problem is not None):
             raise TeacherUnavailable(problem or "the teacher stopped answering another rank")
 
-    @torch.no_grad()
     def teacher_perplexity(self, batches: Iterable[dict[str, torch.Tensor]], teacher: Optional[TeacherSource] = None) -> float:
         """exp of the teacher's (default: the run's) token-weighted LM cross-entropy (computed once per run)."""
+        total, count = self.teacher_nll(batches, teacher)
+        ce = total / max(count, 1.0)
+        return math.exp(ce) if ce < 700 else float("inf")
+
+    @torch.no_grad()
+    def teacher_nll(
+        self, batches: Iterable[dict[str, torch.Tensor]], teacher: Optional[TeacherSource] = None
+    ) -> tuple[float, float]:
+        """(the teacher's summed next-token cross-entropy, the tokens it is over) on all ranks: the student's
+        tokens, or a teacher with another tokenizer's own."""
         teacher, device = teacher or self.forward.teacher, self.forward.engine.device
         total: Any = 0.0
         count = 0
@@ -569,8 +619,7 @@ class Evaluator:
         finally:
             teacher.end_step()
         r = all_reduce_named({"sum": total, "count": float(count)})
-        ce = r["sum"] / max(r["count"], 1.0)
-        return math.exp(ce) if ce < 700 else float("inf")
+        return float(r["sum"]), float(r["count"])
 
 
 class EarlyStopping:

@@ -131,3 +131,43 @@ def test_two_rank_zero1_with_every_component(make_config, tmp_path):
     assert len(trains) == 4 and all(set(t.losses) == set(EVERY_COMPONENT) for t in trains)
     assert all(math.isfinite(v) for t in trains for v in [*t.losses.values(), *t.weighted.values()])
     assert not [r for r in recs if getattr(r, "code", None) == "step_skipped"]
+
+
+def test_two_rank_zero3_cross_tokenizer_teacher(make_config, tmp_path, tmp_path_factory):
+    """A byte-level BPE teacher with the word-level student, both ZeRO-3 over two ranks: the teacher reads its
+    own tokens, no rank holds it whole, and KD over the paired positions trains."""
+    from tests.test_cross_training import _bpe_teacher
+
+    teacher = _bpe_teacher(tmp_path_factory.mktemp("bpe2"), Path(make_config()["data"]["path"]), steps=20)
+    steps = 4
+    zero3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    cfg = make_config(
+        teacher={"path": str(teacher), "cross_tokenizer": {"top_k": 16}},
+        train={"max_steps": steps, "grad_accum": 2, "micro_batch_size": 2},
+        optimizer={"lr": 5e-3},
+        curriculum={"weights": {"kd": 0.9, "lm": 0.1}},
+        deepspeed={
+            "student": {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "zero_optimization": zero3,
+            },
+            "teacher": {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": zero3},
+        },
+        eval={"every": 4, "max_batches": 2, "at_start": True},
+    )
+    proc = launch(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = Path(cfg["output"]["run_dir"])
+    probes = [json.loads((run_dir / f"probe-rank{r}.json").read_text()) for r in range(2)]
+    assert all(p["world"] == 2 and 0 < p["teacher_local"] < p["teacher_total"] for p in probes)
+    recs = [parse_line(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    start = recs[0]
+    assert isinstance(start, RunStart) and start.student_zero_stage == 3 and start.teacher_zero_stage == 3
+    trains = [r for r in recs if isinstance(r, TrainRecord)]
+    assert [t.step for t in trains] == list(range(steps))
+    assert all(math.isfinite(t.losses["kd"]) and t.losses["kd"] > 0 for t in trains)
+    evals = [r for r in recs if isinstance(r, EvalRecord)]
+    assert [e.step for e in evals] == [0, 4] and evals[-1].losses["kd"] < evals[0].losses["kd"]
+    assert "its own tokenizer" in proc.stdout

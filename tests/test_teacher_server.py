@@ -74,9 +74,17 @@ def _session_eval(cfg: dict, run_dir: Path):
         return s.evaluate(step=0), s.evaluator.teacher_perplexity(s.eval_batches()), s
 
 
-@pytest.mark.parametrize("temperature, reply", [(1.0, "binary"), (2.0, "binary"), (2.0, "json"), (2.0, "codec")])
-def test_server_fed_kd_equals_live_top_k_and_rest(served, tmp_path, temperature, reply):
+@pytest.mark.parametrize(
+    "temperature, reply, packing",
+    [(1.0, "binary", None), (2.0, "binary", None), (2.0, "json", None), (2.0, "codec", None), (2.0, "binary", "documents")],
+)
+def test_server_fed_kd_equals_live_top_k_and_rest(served, tmp_path, temperature, reply, packing):
+    """`documents`: each packed example reaches the server as a sequence of its own, as the live teacher reads
+    it (its positions restart), not with the examples packed before it as context."""
     cfg = {**served["cfg"], "curriculum": {"weights": {"kd": 1.0, "lm": 0.5}, "temperature": temperature}}
+    if packing is not None:  # rows of several examples each
+        cfg["data"] = {**cfg["data"], "packing": packing}
+        cfg["train"] = {**cfg["train"], "seq_len": 96}
     live_loss = {"kd": {"top_k": 16, "top_k_rest": True, "top_k_support": "teacher"}}
     live, live_ppl, _ = _session_eval({**cfg, "loss": live_loss}, tmp_path / "live")
     url = {"path": None, "url": served["server"].url, "options": {"top_k": 16, "reply": reply}}

@@ -96,6 +96,8 @@ class SparseSide:
 
     ids: torch.Tensor
     logp: torch.Tensor
+    absent: Optional[torch.Tensor] = None
+    """[N, k] slots holding no token (`SparseTeacher.absent`), or None."""
 
 
 def softmax_grad(go: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
@@ -129,7 +131,7 @@ def kd_rows(
     `teacher`: dense logits [N, V] at T, or a `SparseSide`. The support follows `kd.topk_support`."""
     ls = torch.log_softmax(a, dim=-1)
     if isinstance(teacher, SparseSide):
-        value, go = _on_buckets(ls, teacher.ids, None, teacher.logp, spec, rest=True, grad=grad)
+        value, go = _on_buckets(ls, teacher.ids, teacher.absent, teacher.logp, spec, rest=True, grad=grad)
         return value, go, 1.0, ls
     lt = torch.log_softmax(teacher, dim=-1, dtype=a.dtype)  # a half-precision teacher is read as fp32 here
     if top_k is None or top_k >= a.size(-1):
@@ -156,6 +158,8 @@ def _buckets(full_lp: torch.Tensor, full_p: Optional[torch.Tensor], idx, dup, re
         return torch.log_softmax(top, dim=-1)
     assert full_p is not None
     tail = full_p.scatter(-1, idx, 0.0).sum(-1, keepdim=True)
+    if dup is not None:  # a row whose every slot holds no token: the id they repeat is in the tail after all
+        tail = tail + torch.where(dup.all(-1, keepdim=True), full_p.gather(-1, idx[:, :1]), 0.0)
     return torch.cat([top, tail.log()], dim=-1)
 
 

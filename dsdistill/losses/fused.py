@@ -32,7 +32,7 @@ from typing import Optional, Protocol
 import torch
 
 from dsdistill.losses.closed_form import DivergenceSpec, KDLMTerms, SparseSide, forward_kl_lm
-from dsdistill.losses.kd import t2_factor
+from dsdistill.losses.kd import _ABSENT, t2_factor
 
 BYTES_PER_LOGIT = 4 * 8
 """Live fp32 buffers per logit of one chunk: student and teacher logits, both log-softmaxes, a probability
@@ -130,26 +130,28 @@ class SparseTeacher:
     """[N, len(temperatures)] log sum over the tail of p_i^(1/T), one column per temperature."""
     temperatures: tuple[float, ...] = ()
     """The temperatures other than 1 that `tails` serves."""
+    absent: Optional[torch.Tensor] = None
+    """[N, k] slots that hold no token (a row with fewer than k tokens: a server's top-k over another vocabulary,
+    of which fewer than k have a counterpart): each repeats a token of its row's support, or of the row's first
+    slot when it has none, and carries no mass on either side."""
+
+    def _map(self, f) -> "SparseTeacher":
+        opt = lambda t: None if t is None else f(t)  # noqa: E731
+        return SparseTeacher(f(self.ids), f(self.logp), f(self.log_rest), opt(self.tails), self.temperatures, opt(self.absent))
 
     def take(self, index: torch.Tensor) -> "SparseTeacher":
         """The positions `index` (ordinals into this one's), in that order."""
         index = index.to(self.ids.device)
-        tails = None if self.tails is None else self.tails.index_select(0, index)
-        pick = lambda t: t.index_select(0, index)  # noqa: E731
-        return SparseTeacher(pick(self.ids), pick(self.logp), pick(self.log_rest), tails, self.temperatures)
+        return self._map(lambda t: t.index_select(0, index))
 
     def to(self, device) -> "SparseTeacher":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        tails = None if self.tails is None else move(self.tails)
-        return SparseTeacher(move(self.ids), move(self.logp), move(self.log_rest), tails, self.temperatures)
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pinned(self) -> "SparseTeacher":
-        tails = None if self.tails is None else self.tails.pin_memory()
-        return SparseTeacher(self.ids.pin_memory(), self.logp.pin_memory(), self.log_rest.pin_memory(), tails, self.temperatures)
+        return self._map(lambda t: t.pin_memory())
 
     def rows(self, start: int, end: int) -> "SparseTeacher":
-        tails = None if self.tails is None else self.tails[start:end]
-        return SparseTeacher(self.ids[start:end], self.logp[start:end], self.log_rest[start:end], tails, self.temperatures)
+        return self._map(lambda t: t[start:end])
 
     def log_tail(self, temperature: float) -> torch.Tensor:
         """log sum over the tail of p_i^(1/T): exact, or a ValueError naming what the source can serve."""
@@ -176,7 +178,10 @@ def sparse_side(sp: SparseTeacher, temperature: float, dtype: torch.dtype) -> Sp
     """The sparse teacher's buckets at T: its k tokens and the rest, renormalised."""
     tail = sp.log_tail(temperature).to(dtype)
     t = torch.cat([sp.logp.to(dtype) / temperature, tail[:, None]], dim=-1)
-    return SparseSide(sp.ids, torch.log_softmax(t, dim=-1))
+    if sp.absent is None:
+        return SparseSide(sp.ids, torch.log_softmax(t, dim=-1))
+    lp = torch.log_softmax(t.masked_fill(torch.nn.functional.pad(sp.absent, (0, 1)), float("-inf")), dim=-1)
+    return SparseSide(sp.ids, lp.masked_fill(torch.nn.functional.pad(sp.absent, (0, 1)), _ABSENT), sp.absent)
 
 
 def terms_of(o: KDOptions) -> KDLMTerms:

@@ -64,6 +64,32 @@ class TeacherInput:
     rows: Optional[torch.Tensor] = None
     """The packed rows' numbers in the dataset (-1: an eval filler row): a batch's identity, for sources that
     look rows up rather than compute them."""
+    cross: Optional["CrossInput"] = None
+    """A cross-tokenizer run's micro-batch in the teacher's own tokens."""
+
+
+@dataclass
+class CrossInput:
+    """A micro-batch of a cross-tokenizer run as its teacher reads it: its own rows of the same examples, and
+    which of the student's loss-bearing positions have a teacher position that has read the same text (all
+    worked out on the host from the loader's batch)."""
+
+    ids: torch.Tensor
+    """[B, Lt] the teacher's tokens."""
+    labels: torch.Tensor
+    """[B, Lt] its targets where its tokens lie in loss-bearing text (negative: none)."""
+    position_ids: torch.Tensor
+    """[B, Lt] restarting per packed example."""
+    rows: torch.Tensor
+    """[P] flat indices b * Lt + j of the teacher positions paired with the student's, in KD order."""
+    contexts: Any
+    """[P] each pair's context (numpy; an index into `crosstok.CONTEXTS`)."""
+    kd: torch.Tensor
+    """[P] the paired student positions, as ordinals into the loss-bearing ones (`objective.host_positions`)."""
+    lm_only: torch.Tensor
+    """The loss-bearing student positions with no pair (LM there, no KD)."""
+    paired: torch.Tensor
+    """[B, S] the student positions that carry loss and have a pair (what a cross-tokenizer cache holds rows for)."""
 
 
 @dataclass
@@ -108,6 +134,9 @@ class TeacherSignal:
     """[B, Dt] final hidden state mean-pooled over loss-bearing positions."""
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Captured post-RoPE (q, k) by 1-based layer."""
+    kd_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """(the loss-bearing positions KD compares, those it leaves out) as ordinals into the loss-bearing ones,
+    when KD is not on all of them (a teacher with another tokenizer); the distribution's rows are the first's."""
 
     # readers of one form (None when the distribution has another form)
     @property

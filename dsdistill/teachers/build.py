@@ -18,6 +18,10 @@ def open_teacher(cfg: Any, student_tokenizer: Any, *, rank: int) -> TeacherPlan:
         from dsdistill.teachers.mixture import MixturePlan
 
         return MixturePlan.open(cfg, student_tokenizer, rank=rank)
+    if cfg.teacher.cross_tokenizer is not None:  # a model teacher reading its own tokens of the same text
+        from dsdistill.teachers.cross import CrossPlan
+
+        return CrossPlan.open(cfg, student_tokenizer, rank=rank)
     return plan_class(cfg.teacher.chosen).open(cfg, student_tokenizer, rank=rank)
 
 
@@ -48,7 +52,8 @@ def check_serves(teacher: TeacherPlan, ctx: RunContext, *, fused_off: Optional[s
         line = yaml.safe_dump(keep, default_flow_style=True, sort_keys=False, width=10**9).strip()
         raise ConfigError(
             f"{teacher.field}: {', '.join(internals)} need the teacher's hidden states or attention, which {teacher.noun} "
-            f"does not hold; train with --set curriculum.weights='{line}' (or use teacher.path)"
+            f"does not hold; train with --set curriculum.weights='{line}'"
+            + (" (or use teacher.path)" if teacher.field != "teacher.cross_tokenizer" else "")
         )
     if samples is not None and not caps.scores_new_text:
         raise ConfigError(

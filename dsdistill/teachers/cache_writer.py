@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -90,17 +91,23 @@ def write(
 
     _check_args(plan, data.splits, top_k=top_k, level_bits=level_bits, shard_rows=shard_rows)
     ranks_table = rank_table(data.splits.train, plan.vocab)  # the codec's id map: computed once, from the data alone
-    if level_bits is None:
+    cross = _cross(plan, tokenizer, top_k)
+    if cross is not None:
+        top_k = cross.k
+    if level_bits is None and cross is not None:
+        level_bits = CROSS_LEVEL_BITS
+        say(f"teacher-cache: --level-bits auto: {level_bits} bits for a teacher with another tokenizer")
+    elif level_bits is None:
         level_bits = _auto_level_bits(plan, data.splits, engine, ranks_table, top_k)
         say(f"teacher-cache: --level-bits auto chose {level_bits} bits")
-    what = _header(plan, data.splits, tokenizer, top_k=top_k, level_bits=level_bits, shard_rows=shard_rows)
+    what = _header(plan, data.splits, tokenizer, top_k=top_k, level_bits=level_bits, shard_rows=shard_rows, cross=cross)
     agree(lambda: _prepare(out, what, ranks_table, plan) if plan.rank == 0 else None, what="preparing the cache directory")
     if plan.world > 1:
         dist.barrier()
     ranks_of = torch.from_numpy(np.fromfile(out / "ranks.bin", dtype=np.uint32).astype(np.int64))
     done_shards = 0
     for split, rows in (("train", data.splits.train), ("eval", data.splits.eval)):
-        done_shards += _write_split(plan, engine, out, split, rows, what, ranks_of, say)
+        done_shards += _write_split(plan, engine, out, split, rows, what, ranks_of, say, cross)
     if plan.world > 1:
         dist.barrier()
     manifest = agree(lambda: _manifest(out, what, plan.rank), what="writing the manifest")
@@ -109,6 +116,36 @@ def write(
     if done_shards:
         say(f"teacher-cache: {done_shards} shards were already written and kept")
     return manifest
+
+
+CROSS_LEVEL_BITS = 8
+"""`--level-bits auto` for a teacher with another tokenizer (the measured choice needs the student's vocabulary)."""
+
+
+@dataclass(frozen=True)
+class CrossCache:
+    """What a cache of a teacher with another tokenizer stores per row: its distribution at the paired
+    positions, projected onto the student's vocabulary (`crosstok.project_rows`) with k slots that every
+    context fills (no absent slot: the codec stores k tokens per position)."""
+
+    maps: Any
+    k: int
+    teacher_tokenizer_hash: str
+    method: str
+
+
+def _cross(plan, tokenizer, top_k: int) -> Optional[CrossCache]:
+    spec = plan.cfg.teacher
+    if spec is None or spec.cross_tokenizer is None:
+        return None
+    from dsdistill.crosstok import shared_maps
+    from dsdistill.data import teacher_text
+
+    side = teacher_text(plan.cfg, tokenizer)
+    assert side is not None  # a cross-tokenizer config always has its teacher's side
+    maps = shared_maps(tokenizer, side.tokenizer)
+    k = min([top_k] + [len(s) for s, _ in maps.maps.values()])
+    return CrossCache(maps, k, tokenizer_hash(side.tokenizer), spec.cross_tokenizer.method)
 
 
 def _check_args(plan, splits, *, top_k: int, level_bits: Optional[int], shard_rows: int) -> None:
@@ -152,12 +189,16 @@ def _logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logits
 
 
-def _header(plan, splits, tokenizer, *, top_k: int, level_bits: int, shard_rows: int) -> dict[str, Any]:
+def _header(plan, splits, tokenizer, *, top_k: int, level_bits: int, shard_rows: int, cross=None) -> dict[str, Any]:
     """What the cache is of (plan.json; the manifest adds the totals): a resumed write must match it."""
     from dsdistill.data import data_fingerprint
 
     cfg = plan.cfg
+    extra = {}
+    if cross is not None:  # rows at the paired positions, over the student's vocabulary
+        extra = {"cross_tokenizer": {"teacher_tokenizer_hash": cross.teacher_tokenizer_hash, "method": cross.method}}
     return {
+        **extra,
         "format_version": FORMAT_VERSION,
         "k": top_k,
         "level_bits": level_bits,
@@ -202,7 +243,7 @@ def _prepare(out: Path, what: dict[str, Any], ranks_table: np.ndarray, plan) -> 
         stale.unlink(missing_ok=True)
 
 
-def _write_split(plan, engine, out: Path, split: str, rows, what: dict[str, Any], ranks_of: torch.Tensor, say) -> int:
+def _write_split(plan, engine, out: Path, split: str, rows, what: dict[str, Any], ranks_of: torch.Tensor, say, cross=None) -> int:
     """The split's missing shards, dealt to ranks round-robin; returns how many were already written."""
     from dsdistill.dist import agree
 
@@ -219,7 +260,7 @@ def _write_split(plan, engine, out: Path, split: str, rows, what: dict[str, Any]
         j = todo[mine] if mine < len(todo) else None
         first = 0 if j is None else j * shard_rows
         count = 0 if j is None else min(shard_rows, len(rows) - first)
-        blobs, tokens, fid = _encode_shard(plan, engine, rows, first, count, what, ranks_of)
+        blobs, tokens, fid = _encode_shard(plan, engine, rows, first, count, what, ranks_of, cross)
         header = {
             "version": FORMAT_VERSION,
             "split": split,
@@ -238,7 +279,7 @@ def _write_split(plan, engine, out: Path, split: str, rows, what: dict[str, Any]
     return n_shards - len(todo)
 
 
-def _encode_shard(plan, engine, rows, first: int, count: int, what: dict[str, Any], ranks_of: torch.Tensor):
+def _encode_shard(plan, engine, rows, first: int, count: int, what: dict[str, Any], ranks_of: torch.Tensor, cross=None):
     """(row blobs, positions per row, the fidelity of the shard's first row) of rows first..first+count.
     Every rank runs the same number of forwards (ZeRO-3 gathers together), a rank without a shard on dummies."""
     from dsdistill.data import collate
@@ -252,6 +293,14 @@ def _encode_shard(plan, engine, rows, first: int, count: int, what: dict[str, An
     for b in range(math.ceil(what["shard_rows"] / micro)):
         idx = list(range(first + b * micro, min(first + count, first + (b + 1) * micro)))
         batch = collate([rows[i] for i in (idx or [0])])
+        if cross is not None:
+            teacher_rows = {"input_ids": batch["t_input_ids"], "position_ids": batch["t_position_ids"]}
+            logits = _logits(engine, teacher_rows)
+            if idx:
+                for blob, n in _cross_rows(batch, logits, cross, what, ranks_of, ignore):
+                    blobs.append(blob)
+                    tokens.append(n)
+            continue
         logits = _logits(engine, batch)
         if not idx:
             continue
@@ -275,6 +324,22 @@ def _encode_shard(plan, engine, rows, first: int, count: int, what: dict[str, An
                 order = np.argsort(ranks_of[ids_k].numpy(), axis=1, kind="stable")
                 fid = fidelity(lp.cpu(), torch.from_numpy(np.take_along_axis(ids_k.numpy(), order, 1)), d.logp, rest)
     return blobs, tokens, fid
+
+
+def _cross_rows(batch, logits, cross: CrossCache, what: dict[str, Any], ranks_of: torch.Tensor, ignore: int):
+    """(blob, positions) of each row of a cross-tokenizer batch: the teacher's logits at the positions paired
+    with the student's loss-bearing ones, projected onto the student's vocabulary, encoded as any row is."""
+    from dsdistill.crosstok import project_rows
+
+    paired = (batch["labels"][:, 1:] != ignore) & (batch["x_pos"][:, :-1] >= 0)
+    for b in range(batch["input_ids"].size(0)):
+        at = paired[b].nonzero().flatten()
+        rows = logits[b].index_select(0, batch["x_pos"][b, at].to(logits.device))
+        sp = project_rows(rows, batch["x_ctx"][b, at].numpy(), cross.maps, top_k=cross.k, temperatures=what["tail_temperatures"])
+        tails = sp.tails if sp.tails is not None else sp.log_rest.new_zeros(len(at), 0)
+        top, ids_k, rest, tails = (x.cpu() for x in (sp.logp, sp.ids, sp.log_rest, tails))
+        blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=what["level_bits"])
+        yield tails.numpy().astype(np.float16).tobytes() + blob, int(len(at))
 
 
 def _manifest(out: Path, what: dict[str, Any], rank: int) -> dict[str, Any]:
@@ -351,9 +416,14 @@ def write_teacher_cache(
         say=say,
     )
     f = manifest["fidelity"]
+    fidelity = (
+        "the teacher's rows at the paired positions, over the student's vocabulary"
+        if "cross_tokenizer" in manifest
+        else f"KL to the teacher: exact top-k {f['kl_top_k_exact']:.3g}, cache {f['kl_cache']:.3g} "
+        f"({f['quantisation_overhead']:+.1%})"
+    )
     say(
-        f"teacher-cache: {manifest['tokens']:,} positions, top-{top_k}, {manifest['bytes_per_token']:.1f} bytes per token "
-        f"(plain: {manifest['plain_bytes_per_token']}); KL to the teacher: exact top-k {f['kl_top_k_exact']:.3g}, "
-        f"cache {f['kl_cache']:.3g} ({f['quantisation_overhead']:+.1%}); written to {out}",
+        f"teacher-cache: {manifest['tokens']:,} positions, top-{manifest['k']}, {manifest['bytes_per_token']:.1f} bytes "
+        f"per token (plain: {manifest['plain_bytes_per_token']}); {fidelity}; written to {out}",
     )
     return manifest

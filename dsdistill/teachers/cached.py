@@ -349,6 +349,17 @@ def verify_for_run(cache: TeacherCache, ctx: RunContext) -> None:
         raise ConfigError(
             "teacher.cache: needs data read whole (a streamed source has no fixed row numbers); set data.streaming: false"
         )
+    crossed, asked = m.get("cross_tokenizer"), cfg.teacher is not None and cfg.teacher.cross_tokenizer is not None
+    if crossed is not None and not asked:
+        raise ConfigError(
+            f"teacher.cache: '{cache.dir}' holds the rows of a teacher with another tokenizer (at the positions paired "
+            "with the student's); set teacher.cross_tokenizer and teacher.tokenizer (that teacher's tokenizer) to read it"
+        )
+    if crossed is None and asked:
+        raise ConfigError(
+            f"teacher.cross_tokenizer: '{cache.dir}' holds a teacher that reads the student's own tokens; write the cache "
+            "with this config (dsdistill teacher-cache) or leave cross_tokenizer unset"
+        )
     d = m["data"]
     for what, cached, now in (
         ("seq_len", d["seq_len"], seq_len),

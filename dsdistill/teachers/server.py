@@ -530,11 +530,23 @@ class ServerTeacher:
         self._ready.clear()
 
     def _score(self, batch: TeacherInput, valid: torch.Tensor, *, labels: bool) -> wire.Scored:
+        """The valid positions' scores, in the batch's flat order. Each packed example goes as a sequence of its
+        own (split where its positions restart), so the server's teacher reads it as the live one does: alone."""
         ids = batch.input_ids.cpu()
-        rows = [b for b in range(ids.size(0)) if bool(valid[b].any())]
-        if not rows:
+        pos = batch.position_ids.cpu() if batch.position_ids is not None else None
+        sequences, positions = [], []
+        for b in range(ids.size(0)):
+            if not bool(valid[b].any()):
+                continue
+            starts = [0] if pos is None else (pos[b] == 0).nonzero().flatten().tolist() or [0]
+            for lo, hi in zip(starts, starts[1:] + [ids.size(1)]):
+                at = valid[b, lo:hi].nonzero().flatten()
+                if len(at):
+                    sequences.append(ids[b, lo:hi].tolist())
+                    positions.append(at.tolist())
+        if not sequences:
             return wire.Scored.from_results([], self.options.top_k, len(self.temperatures))
-        return self._fetch([ids[b].tolist() for b in rows], [valid[b].nonzero().flatten().tolist() for b in rows], labels)
+        return self._fetch(sequences, positions, labels)
 
     def _fetch(self, sequences: list[list[int]], positions: list[list[int]], labels: bool) -> wire.Scored:
         """The sequences' top-k, rest and (with `labels`) label log-probs at their positions."""
