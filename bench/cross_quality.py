@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.demo_quality import _fmt  # noqa: E402  (mean ± half the range, as in docs/quality.md's other tables)
 from dsdistill.demo import (  # noqa: E402
     _launch,
     build_bpe_tokenizer,
@@ -97,11 +98,6 @@ def run(paths, root: Path, name: str, seed: int, steps: int, *, teacher: Path | 
         raise SystemExit(f"cross_quality: {name} (seed {seed}) failed with exit code {rc}")
     s = summarize(run_dir / METRICS_FILE)
     return {"ppl": s["last_ppl"], "teacher_ppl": s["teacher_ppl"], "seconds": time.time() - t0}
-
-
-def _fmt(values: list[float]) -> str:
-    spread = (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
 
 
 def main(argv=None) -> int:

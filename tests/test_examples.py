@@ -62,6 +62,7 @@ def recipe_assets(chat_assets, tmp_path_factory):
     ):
         out[name] = _tiny(kind, len(tok), root / name, width=width, layers=layers, max_pos=8192)
         tok.save_pretrained(out[name])
+    out["tokenizer"] = chat_assets["tokenizer"]
     out["chat"] = write_chat(root / "chat.jsonl", conversations=14000, seed=1)
     out["pairs"] = write_prompt_completion(root / "pairs.jsonl", examples=6000, seed=2)
     out["web"] = root / "web-text"
@@ -188,3 +189,32 @@ def test_the_served_teacher_recipe_against_a_real_server(recipe_assets, tmp_path
     assert plan["world_size"] == 16 and plan["global_batch"] == 64
     assert plan["teacher"]["url"] == server.url and plan["teacher"]["k"] == 64
     assert plan["memory_gib"]["teacher_shard"] == 0.0
+
+
+def test_the_cross_tokenizer_recipe(recipe_assets, tmp_path):
+    """A Llama teacher with a byte-level BPE tokenizer and a template of its own, the Qwen student with the
+    chat tokenizer and ChatML: `check` for the recipe's 8 ranks prints the alignment plan."""
+    from dsdistill.demo import build_bpe_tokenizer
+    from tests.test_cross_training import TEACHER_TEMPLATE
+
+    texts = [json.loads(line)["text"] for line in write_corpus(tmp_path / "bpe.jsonl", documents=400).read_text().splitlines()]
+    tok = build_bpe_tokenizer(tmp_path / "bpe", texts, vocab_size=400)
+    tok.chat_template = TEACHER_TEMPLATE
+    teacher = _tiny("llama", len(tok), tmp_path / "llama_bpe", width=64, layers=3, max_pos=8192)
+    tok.save_pretrained(teacher)
+    cfg = yaml.safe_load((EXAMPLES / "cross-tokenizer.yaml").read_text())
+    cfg["teacher"]["path"], cfg["student"]["path"] = str(teacher), str(recipe_assets["qwen_student"])
+    # the chat tokenizer itself: loaded from the tiny Qwen's directory, transformers makes it a Qwen2Tokenizer
+    # (from config.json's model_type), which drops the word-level vocabulary's words
+    cfg["student"]["tokenizer"] = str(recipe_assets["tokenizer"])
+    cfg["data"]["path"] = str(recipe_assets["chat"])
+    cfg["data"]["max_documents"] = 2000  # both tokenizers render every conversation: a part of the file is enough
+    cfg["output"]["run_dir"] = str(tmp_path / "run")
+    plan = _check(cfg, tmp_path, 8)
+    cross = plan["teacher"]["cross_tokenizer"]
+    assert (
+        plan["world_size"] == 8 and cross["method"] == "shared_topk" and 0 < cross["top_k"] <= 64
+    )  # the tiny vocabularies share fewer
+    # the student's end-of-turn markup carries loss but is no content: the assistant tokens that pair are the rest
+    assert cross["unaligned"] == 0 and cross["paired_share"] > 0.6 and cross["teacher_per_student"] > 0.5
+    assert plan["teacher"]["zero_stage"] == 3 and plan["student"]["zero_stage"] == 2
