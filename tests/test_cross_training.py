@@ -229,6 +229,36 @@ def test_pairs_over_two_chat_templates_read_the_same_content():
     assert same[0].tolist() == a_sp.tolist() and same[1].tolist() == a_tp.tolist()
 
 
+def test_long_and_short_examples_pair_alike():
+    """`pair_positions` walks short examples in Python and long ones with numpy: the same pairs and contexts,
+    on two random tokenisations of one long text (with multi-character tokens that share an end, as the bytes
+    of one character do) and of its short prefixes."""
+    import random
+
+    from dsdistill import crosstok
+
+    rng = random.Random(0)
+    text = "".join(rng.choice("ab  c\nd") for _ in range(3000))
+
+    def offsets(n: int, shared: float) -> list[tuple[int, int]]:
+        out, at = [], 0
+        while at < n:
+            end = min(n, at + rng.randint(1, 4))
+            out.append((at, end))
+            if rng.random() < shared:  # a second token over the same characters (a split multi-byte character)
+                out.append((at, end))
+            at = end
+        return out
+
+    s_off, t_off = offsets(len(text), 0.05), offsets(len(text), 0.1)
+    assert len(s_off) + len(t_off) > crosstok.SMALL
+    long_pairs = crosstok.pair_positions(s_off, t_off, text)
+    small_pairs = crosstok._pairs_small(s_off, t_off, text, [(0, len(text), 0, len(text))])
+    for a, b in zip(long_pairs, small_pairs):
+        assert a.tolist() == b.tolist()
+    assert len(long_pairs[0]) > 100
+
+
 def test_chat_with_each_models_own_template_trains(chat_config, bpe_chat_teacher, tmp_path):
     cfg = chat_config(
         teacher={"path": str(bpe_chat_teacher), "cross_tokenizer": {"top_k": 16}},
