@@ -419,24 +419,35 @@ def _padded(sp, k: int):
     return SparseTeacher(ids, logp, sp.log_rest, sp.tails, sp.temperatures, absent)
 
 
-def project_sparse(teacher, contexts: np.ndarray, maps: SharedMaps, *, top_k: int):
+def student_of(maps: SharedMaps, teacher_vocab: int):
+    """[contexts, teacher_vocab] the student id each teacher id adds the same text as, per context (-1: none):
+    `project_sparse`'s lookup table, built once per run."""
+    import torch
+
+    table = torch.full((1 if maps.same else len(CONTEXTS), max(teacher_vocab, maps.teacher_span())), -1, dtype=torch.long)
+    for c in range(table.shape[0]):
+        s_ids, t_ids = maps.of(c)
+        table[c, torch.as_tensor(t_ids)] = torch.as_tensor(s_ids)
+    return table
+
+
+def project_sparse(teacher, contexts: np.ndarray, maps: SharedMaps, *, top_k: int, table=None):
     """A `SparseTeacher` over the teacher's vocabulary (a server's or a cache's top-k + rest), over the
     student's: of each row's k tokens those the shared map of its context pairs keep their log-probs (the
     first `maps.k(top_k)` of them by probability), and the mass of the others joins the rest bucket at T = 1
-    and in every tail. Exact for what the top-k held; the teacher's tail beyond its k stays a bucket."""
+    and in every tail. Exact for what the top-k held; the teacher's tail beyond its k stays a bucket.
+    `table`: `student_of(maps, teacher vocabulary)` on the rows' device (built here when not given)."""
     import torch
 
     from dsdistill.losses.fused import SparseTeacher
 
     k, device = maps.k(top_k), teacher.ids.device
     wide = lambda t: t if t.dtype == torch.float64 else t.float()  # noqa: E731
-    n, vt = teacher.ids.shape[0], int(teacher.ids.max()) + 1 if teacher.ids.numel() else 1
-    s_of = torch.full((len(CONTEXTS) if not maps.same else 1, max(vt, maps.teacher_span())), -1, dtype=torch.long)
-    for c in range(s_of.shape[0]):
-        s_ids, t_ids = maps.of(c)
-        s_of[c, torch.as_tensor(t_ids)] = torch.as_tensor(s_ids)
+    n = teacher.ids.shape[0]
+    if table is None:
+        table = student_of(maps, int(teacher.ids.max()) + 1 if teacher.ids.numel() else 1).to(device)
     ctx = torch.as_tensor(np.where(np.asarray(contexts) < 0, 0, contexts) if not maps.same else np.zeros(n, dtype=np.int64))
-    mapped = s_of.to(device)[ctx.to(device)[:, None], teacher.ids]  # [n, K] student id, or -1
+    mapped = table[ctx.to(device)[:, None], teacher.ids]  # [n, K] student id, or -1
     if teacher.ids.shape[1] < k:
         raise ValueError(f"the teacher gives {teacher.ids.shape[1]} tokens per position; the cross-tokenizer term keeps {k}")
     logp = wide(teacher.logp).masked_fill(mapped < 0, float("-inf"))

@@ -68,6 +68,8 @@ class CrossTeacher:
         """The data's `formats.TeacherText` (its tokenizer and the pairing), for sampled rows."""
         self.unmatched = 0
         """Sampled rows whose text did not tokenise back to the student's ids (no KD on them)."""
+        self._table: Optional[torch.Tensor] = None
+        """`crosstok.student_of` for a server's rows, built on their device once."""
 
     def retokenise(self, window: list[dict[str, torch.Tensor]], places) -> list[dict[str, torch.Tensor]]:
         """The window after on-policy sampling, with each sampled row re-read in the teacher's tokens: the
@@ -180,9 +182,16 @@ class CrossTeacher:
         assert c is not None  # `_own` refused a batch without it
         sig = self.inner.signal(own, needs)
         if sig.sparse is not None:  # a server's top-k over its own vocabulary, at the paired positions in order
-            from dsdistill.crosstok import project_sparse
+            from dsdistill.crosstok import project_sparse, student_of
 
-            projected = project_sparse(sig.sparse, c.contexts, self.maps, top_k=self.top_k)
+            ids = sig.sparse.ids
+            if self._table is None or self._table.device != ids.device:
+                self._table = student_of(self.maps, len(self.text.tokenizer)).to(ids.device)
+            if ids.numel() and int(ids.max()) >= self._table.shape[1]:  # the server's reply is checked, not trusted
+                raise DistillError(
+                    f"teacher.url: the server answered token id {int(ids.max())}; its tokenizer has {self._table.shape[1]} tokens"
+                )
+            projected = project_sparse(sig.sparse, c.contexts, self.maps, top_k=self.top_k, table=self._table)
             return TeacherSignal(distribution=projected, kd_rows=(c.kd, c.lm_only))
         rows = c.rows.to(own.input_ids.device)
         logits_of = _logits_of(sig, self.inner.vocab)
