@@ -82,11 +82,13 @@ def word_teacher(cache: Path, paths, *, seed: int, steps: int = 1000) -> Path:
     return out
 
 
-def run(paths, root: Path, name: str, seed: int, steps: int, *, teacher: Path | None, cross: bool) -> dict:
+def run(
+    paths, root: Path, name: str, seed: int, steps: int, *, teacher: Path | None, cross: bool, temperature: float = 1.0
+) -> dict:
     run_dir = root / f"seed{seed}" / name
     cfg = demo_config(paths, run_dir, steps=steps, seed=seed)
     cfg["data"]["packing"] = "documents"
-    cfg["curriculum"] = KD_LM
+    cfg["curriculum"] = {**KD_LM, "temperature": temperature}
     if teacher is None:
         cfg = no_teacher_config(cfg)
         run_dir = Path(cfg["output"]["run_dir"])
@@ -106,12 +108,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("/tmp/dsdistill-cross-quality"))
     ap.add_argument("--teacher-seed", type=int, default=1, help="both teachers' initialisation seed (the demo's: 1)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="the KD temperature of the distilled runs")
     args = ap.parse_args(argv)
     cache = default_cache()
     paths = ensure_assets(cache)
     teacher = bpe_teacher(cache, seed=args.teacher_seed)
     same = word_teacher(cache, paths, seed=args.teacher_seed)
     out = args.out if args.teacher_seed == 1 else args.out / f"teachers-{args.teacher_seed}"
+    if args.temperature != 1.0:
+        out = out / f"T{args.temperature:g}"
     runs = {
         "same student without the teacher (LM only)": dict(teacher=None, cross=False),
         "distilled from the same-tokenizer teacher": dict(teacher=same, cross=False),
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     results: dict[str, list[dict]] = {n: [] for n in runs}
     for seed in args.seeds:
         for i, (name, how) in enumerate(runs.items()):
-            r = run(paths, out, f"run{i}", seed, args.steps, **how)
+            r = run(paths, out, f"run{i}", seed, args.steps, **how, temperature=args.temperature)
             results[name].append(r)
             print(f"seed {seed}: {name}: eval ppl {r['ppl']:.3f} (teacher {r['teacher_ppl']}) in {r['seconds']:.0f}s", flush=True)
     alone = [r["ppl"] for r in results["same student without the teacher (LM only)"]]
