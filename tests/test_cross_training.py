@@ -150,6 +150,12 @@ def test_bpe_teacher_distils_into_a_word_level_student_and_check_prints_the_plan
     assert "teacher tokens per student token" in line and "of the loss-bearing positions paired" in line
     assert "sampled examples cannot align (dropped)" in line
     assert "packing documents" in proc.stdout  # text data packs whole examples for two tokenizers
+    assert "warning: curriculum.temperature" not in proc.stdout
+    from dsdistill.preflight import describe
+
+    hot = {**cfg, "curriculum": {**cfg["curriculum"], "temperature": 2.0}}
+    plan, data = preflight(validate(hot), world=1)
+    assert "warning: curriculum.temperature reaches 2: with another tokenizer the rest bucket" in describe(plan, data)
     train(validate(cfg))
     steps, evals = _records(tmp_path / "run", "train"), _records(tmp_path / "run", "eval")
     assert [r["step"] for r in steps] == [0, 1, 2, 3]

@@ -365,12 +365,19 @@ class CrossPlan:
 
     def plan_lines(self) -> list[str]:
         a = self.alignment()
-        return [
+        lines = [
             f"cross-tokenizer ({self.options.method}): {a['shared_share']:.1%} of the student's tokens shared with the "
             f"teacher's; {a['teacher_per_student']:.2f} teacher tokens per student token; {a['paired_share']:.1%} of the "
             f"loss-bearing positions paired, {a['exact_share']:.1%} exactly (the same next token on both sides); "
             f"{a['unaligned']} of {a['examples']} sampled examples cannot align (dropped)"
         ]
+        if self.temperatures:  # what docs/quality.md measured: T = 2 made the demo's student worse than no teacher
+            temps = ", ".join(f"{t:g}" for t in self.temperatures)
+            lines.append(
+                f"warning: curriculum.temperature reaches {temps}: with another tokenizer the rest bucket holds the "
+                "teacher's mass on tokens the student's vocabulary lacks, and above T = 1 that mass grows; keep T = 1"
+            )
+        return lines
 
     def plan_json(self) -> dict[str, Any]:
         return {
