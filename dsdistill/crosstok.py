@@ -583,23 +583,8 @@ def project_sequence(teacher_logits, alignment: Alignment, text: str, maps: Shar
 
     sp, tp = alignment.pairs()
     contexts = maps.contexts(text, alignment)
-    logp = torch.log_softmax(teacher_logits.float(), dim=-1)
-    used = sorted(set(contexts.tolist()) - {-1})
-    k = min([top_k] + [len(maps.of(c)[0]) for c in used])  # one k for every row
-    positions, parts = [], []
-    for c in used:
-        at = np.nonzero(contexts == c)[0]
-        rows = logp.index_select(0, torch.as_tensor(tp[at], device=logp.device))
-        parts.append(project(rows, *maps.of(c), top_k=k, temperatures=temperatures))
-        positions.append(sp[at])
-    if not parts:
+    keep = contexts >= 0
+    if not keep.any():
         return np.zeros(0, dtype=np.int64), None
-    order = np.argsort(np.concatenate(positions), kind="stable")
-    cat = lambda xs: torch.cat(xs)[torch.as_tensor(order)]  # noqa: E731
-    from dsdistill.losses.fused import SparseTeacher
-
-    tails = cat([p.tails for p in parts]) if parts[0].tails is not None else None
-    merged = SparseTeacher(
-        cat([p.ids for p in parts]), cat([p.logp for p in parts]), cat([p.log_rest for p in parts]), tails, parts[0].temperatures
-    )
-    return np.concatenate(positions)[order], merged
+    rows = teacher_logits.float().index_select(0, torch.as_tensor(tp[keep], device=teacher_logits.device))
+    return sp[keep], project_rows(rows, contexts[keep], maps, top_k=top_k, temperatures=temperatures)
