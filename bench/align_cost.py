@@ -63,6 +63,7 @@ def main() -> None:
     )
     render_cost(student, teacher, texts, tokens)
     projection_cost(student, teacher)
+    chunk_cost()
 
 
 def render_cost(student, teacher, texts: list[str], tokens: int) -> None:
@@ -108,6 +109,56 @@ def projection_cost(student, teacher, rows: int = 1024) -> None:
     print(
         f"teacher lm_head GEMM (width 1,536, vocab 151,936): {1e6 * g / rows:.1f} CPU-us per position (1 thread); "
         f"the projection is {t / g:.0%} of it"
+    )
+
+
+def chunk_cost(rows: int = 8, width: int = 2048, vocab: int = 32_000, hidden: int = 512) -> None:
+    """`chunk_likelihood`'s parts: the host's chunking of a packed micro-batch (`crosstok.chunks_of`) per student
+    token, and the fused head's LM + chunk term (two chunked passes over the rows) against its LM alone (one
+    pass) on the same rows, forward and backward, one thread."""
+    import numpy as np
+    import torch
+
+    from dsdistill.crosstok import chunks_of
+    from dsdistill.losses.chunk_likelihood import fused_chunk_likelihood
+    from dsdistill.losses.fused import KDOptions, fused_kd_lm
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 100, (rows, width))
+    labels[:, 0] = -100
+    t_width = int(width * 1.3)
+    x_pos = np.full((rows, width), -1)
+    for b in range(rows):  # about 4 in 5 student positions paired, monotone into the teacher's row
+        at = np.sort(rng.choice(width - 1, int(0.8 * (width - 1)), replace=False))
+        x_pos[b, at] = np.sort(rng.choice(t_width - 1, len(at), replace=False))
+    t_labels = rng.integers(0, 100, (rows, t_width))
+    t = best_of(lambda: chunks_of(labels, x_pos, t_labels, -100))
+    print(
+        f"chunks_of ({rows} x {width} student, {rows} x {t_width} teacher): {1e6 * t / (rows * width):.3f} CPU-us per student token"
+    )
+    ch = chunks_of(labels, x_pos, t_labels, -100)
+    n = 1024
+    h = torch.randn(n + 1, hidden, requires_grad=True)  # the LM pass reads rows 0..n-1 of a [1, n + 1] row
+    w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+    labels_row = torch.cat([targets.new_full((1,), -100), targets])[None]
+    chunk_of = torch.from_numpy(ch.s_chunk[:n] - ch.s_chunk[0])
+    teacher = -torch.rand(int(chunk_of.max()) + 1) * 3
+    options = KDOptions(temperature=1.0, want_kd=False, chunk=1024)
+
+    def lm() -> None:
+        fused_kd_lm(h[None], w, None, None, labels_row, coef_kd=0.0, coef_lm=1.0, options=options)[0].backward()
+
+    def chunked() -> None:
+        out, _ = fused_chunk_likelihood(h[:n], w, targets, chunk_of, teacher, coef=1.0, coef_lm=1.0, temperature=1.0, chunk=1024)
+        out.backward()
+
+    t_lm = best_of(lm, repeats=2)
+    t_chunk = best_of(chunked, repeats=2)
+    print(
+        f"fused head, {n} rows at vocab {vocab:,}: LM alone {1e3 * t_lm:.0f} CPU-ms, LM + chunk term "
+        f"{1e3 * t_chunk:.0f} CPU-ms ({t_chunk / t_lm:.2f}x)"
     )
 
 

@@ -45,13 +45,18 @@ class CrossTokenizerConfig(_Strict):
     rendered as text (a chat with each model's own template, from the same messages), tokenised by both, and
     the positions that have read the same text are paired (dsdistill/crosstok.py); KD compares them."""
 
-    method: Literal["shared_topk"] = "shared_topk"
-    """How a pair is compared. `shared_topk` (GOLD's exact part): the teacher's next-token distribution on the
-    tokens whose text both vocabularies share (per context: after a space, inside a word, elsewhere), its top
-    `top_k` of those against the student's same tokens, and every other token's mass, shared or not, as one
-    rest bucket on each side; then `loss.kd`'s divergence, temperature and T^2 as for any top-k + rest teacher."""
+    method: Literal["shared_topk", "chunk_likelihood"] = "shared_topk"
+    """How the two models are compared. `shared_topk` (GOLD's exact part): at each pair, the teacher's next-token
+    distribution on the tokens whose text both vocabularies share (per context: after a space, inside a word,
+    elsewhere), its top `top_k` of those against the student's same tokens, and every other token's mass, shared
+    or not, as one rest bucket on each side; then `loss.kd`'s divergence, temperature and T^2 as for any top-k +
+    rest teacher. `chunk_likelihood` (ALM's binarised likelihood matching): the text between two consecutive
+    pairs is a chunk; each model's log-likelihood of it (the sum over its own tokens of that text) is compared as
+    two Bernoulli probabilities by the binary KL from teacher to student, with the likelihoods raised to 1/T
+    (no T^2; `loss.kd`'s divergence must stay forward_kl). It needs no shared token and compares chunks of any
+    number of tokens on either side, but sees one number per chunk, not the distribution over other text."""
     top_k: int = Field(64, ge=1, le=4096)
-    """Shared tokens kept per pair (fewer when a context shares fewer)."""
+    """`shared_topk`: shared tokens kept per pair (fewer when a context shares fewer)."""
     chat_template: Optional[str] = None
     """The teacher's chat template (text, a file, or `chatml`); default: its tokenizer's own, else the data's."""
 

@@ -588,3 +588,56 @@ def project_sequence(teacher_logits, alignment: Alignment, text: str, maps: Shar
         return np.zeros(0, dtype=np.int64), None
     rows = teacher_logits.float().index_select(0, torch.as_tensor(tp[keep], device=teacher_logits.device))
     return sp[keep], project_rows(rows, contexts[keep], maps, top_k=top_k, temperatures=temperatures)
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """A cross-tokenizer micro-batch cut into chunks for `chunk_likelihood`: chunk k starts at pair k (in KD
+    order) and runs, on each side, up to the next pair of the same run of loss-bearing positions (or the run's
+    end). Both sides of a chunk then predict the same text: the student's and the teacher's likelihoods of it
+    compare, whatever the two tokenisations of it."""
+
+    count: int
+    """Chunks (= pairs)."""
+    s_members: np.ndarray
+    """Ordinals into the student's loss-bearing positions that lie in a chunk."""
+    s_chunk: np.ndarray
+    """The chunk of each of `s_members`."""
+    t_rows: np.ndarray
+    """Flat teacher positions b * Lt + j that lie in a chunk (each predicts its next token), ascending."""
+    t_chunk: np.ndarray
+    """The chunk of each of `t_rows`."""
+
+
+def _fill_forward(mark: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Per position of [B, L] (row-major), the last `mark` (>= 0) at or before it with no `stop` between, or -1;
+    rows never carry over. A position that is both keeps its mark."""
+    b, n = mark.shape
+    at = np.arange(b * n).reshape(b, n)
+    event = (mark >= 0) | stop
+    event[:, 0] = True  # a row starts afresh
+    last = np.maximum.accumulate(np.where(event, at, 0).reshape(-1)).reshape(b, n)
+    out = mark.reshape(-1)[last.reshape(-1)].reshape(b, n)
+    return np.where(stop & (mark < 0), -1, out)
+
+
+def chunks_of(labels: np.ndarray, x_pos: np.ndarray, t_labels: np.ndarray, ignore_index: int) -> Chunks:
+    """The chunks of a packed cross-tokenizer batch: `labels` [B, S] the student's, `x_pos` [B, S] each
+    position's paired teacher position (-1: none), `t_labels` [B, Lt] the teacher's (negative: no loss)."""
+    s_bearing = np.zeros(labels.shape, dtype=bool)
+    s_bearing[:, :-1] = labels[:, 1:] != ignore_index
+    paired = s_bearing & (x_pos >= 0)
+    count = int(paired.sum())
+    pair_id = np.full(labels.shape, -1, dtype=np.int64)
+    pair_id[paired] = np.arange(count)
+    s_fill = _fill_forward(pair_id, ~s_bearing)
+    ordinal_of = s_fill[s_bearing]  # in the loss-bearing positions' order (row-major), as `host_positions`
+    s_members = np.nonzero(ordinal_of >= 0)[0]
+    t_bearing = np.zeros(t_labels.shape, dtype=bool)
+    t_bearing[:, :-1] = t_labels[:, 1:] >= 0
+    t_mark = np.full(t_labels.shape, -1, dtype=np.int64)
+    b, s = np.nonzero(paired)
+    t_mark[b, x_pos[b, s]] = pair_id[b, s]
+    t_fill = _fill_forward(t_mark, ~t_bearing)
+    t_rows = np.nonzero(t_fill.reshape(-1) >= 0)[0]
+    return Chunks(count, s_members, ordinal_of[s_members], t_rows, t_fill.reshape(-1)[t_rows])

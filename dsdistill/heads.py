@@ -52,6 +52,10 @@ class FusedCall:
     kd_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     """(ordinals of the loss-bearing positions KD compares, of those it does not): a teacher with another
     tokenizer has no position for some; `teacher_sparse` holds the first's rows. LM is on both."""
+    chunks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """`chunk_likelihood` (a teacher with another tokenizer): (ordinals of the loss-bearing positions that lie
+    in a chunk, each one's chunk); `teacher_sparse.logp[:, 0]` then holds the teacher's log-likelihood of each
+    chunk, and KD is the chunks' divergence (dsdistill/losses/chunk_likelihood.py). LM is on every position."""
     mixture: tuple[MixtureMember, ...] = ()
     """Several teachers (`teachers:`), instead of the teacher_* fields: the head runs once per teacher and
     group of positions, and KD is the groups' weighted sum."""
@@ -77,6 +81,8 @@ class FusedKDLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
         if call.mixture:
             return self._mixture(hidden, call)
+        if call.chunks is not None:
+            return self._chunked(hidden, call)
         if call.kd_rows is not None:
             return self._partial(hidden, call)
         combined, m = self._one(hidden, call, call.teacher_hidden, call.teacher_head, call.teacher_sparse)
@@ -117,6 +123,33 @@ class FusedKDLMHead(nn.Module):
             combined=sum((c for c, _ in runs), torch.zeros_like(runs[0][0])),
             tokens=sum(m["count"] for _, m in runs),
         )
+
+    def _chunked(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
+        # LM on every loss-bearing position and the chunks' likelihoods against the teacher's, from one pair of
+        # passes (both need only each row's log-probability of its label)
+        from dsdistill.losses.chunk_likelihood import fused_chunk_likelihood
+
+        assert call.positions is not None and call.chunks is not None and call.teacher_sparse is not None
+        dev = hidden.device
+        positions = call.positions.to(dev, non_blocking=True)
+        members, chunk_ids = call.chunks
+        chunk_of = torch.full((positions.numel(),), -1, dtype=torch.long)
+        chunk_of[members] = chunk_ids
+        rows = hidden.reshape(-1, hidden.size(-1)).index_select(0, positions)
+        objective, c = fused_chunk_likelihood(
+            rows,
+            self.weight[: self.vocab],
+            call.labels.reshape(-1).index_select(0, positions + 1),
+            chunk_of.to(dev, non_blocking=True),
+            call.teacher_sparse.logp[:, 0],
+            coef=call.coef_kd,
+            coef_lm=call.coef_lm if call.options.want_lm else 0.0,
+            temperature=call.options.temperature,
+            chunk=call.options.chunk,
+        )
+        lm = c["lm"].float() if call.options.want_lm else torch.zeros((), device=dev)
+        kd = c["kd"].to(lm.dtype)
+        return FusedSums(kd=kd, kl=kd, lm=lm, combined=objective, tokens=int(positions.numel()))
 
     def _mixture(self, hidden: torch.Tensor, call: FusedCall) -> FusedSums:
         # one chunked pass per teacher and group of positions (the student's chunk logits are formed again for

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dsdistill.components.base import Inputs, StudentOutputs
+from dsdistill.crosstok import chunks_of
 from dsdistill.dist import all_reduce_named, any_rank, control_group
 from dsdistill.engines import current_lr
 from dsdistill.errors import DistillError
@@ -73,6 +74,7 @@ def cross_input(batch: dict[str, torch.Tensor], ignore_index: int) -> Optional[C
         kd=torch.from_numpy(np.nonzero(paired)[0]),
         lm_only=torch.from_numpy(np.nonzero(~paired)[0]),
         paired=torch.from_numpy(where),
+        chunks=chunks_of(lab, batch["x_pos"].numpy(), batch["t_labels"].numpy(), ignore_index),
     )
 
 
@@ -147,6 +149,7 @@ class PairForward:
                 ),
                 positions=positions,
                 kd_rows=signal.kd_rows if want_kd else None,
+                chunks=signal.chunks if want_kd else None,
                 mixture=_fused_mixture(signal, batch, ignore) if want_kd else (),
             )
         if self.capture is not None:

@@ -454,7 +454,7 @@ def _first_step(cfg: dict, run_dir):
 def test_on_policy_samples_are_re_read_in_the_teachers_tokens(chat_config, chat_assets, bpe_chat_teacher, tmp_path):
     """The student's sampled completions, decoded and tokenised again for the teacher: with one tokenizer on
     both sides the first on-policy step's KD equals the ordinary run's on the same samples; with the BPE
-    teacher every sample re-reads, and KD trains on its paired positions."""
+    teacher every sample re-reads, and KD trains on its paired positions (or its chunks)."""
     cfg = _on_policy(chat_config, chat_assets)
     ordinary, _ = _first_step(cfg, tmp_path / "ordinary")
     same = {**cfg, "teacher": {**cfg["teacher"], "cross_tokenizer": {"top_k": 4096}}}
@@ -465,6 +465,11 @@ def test_on_policy_samples_are_re_read_in_the_teachers_tokens(chat_config, chat_
     assert crossed.losses["lm"] == pytest.approx(ordinary.losses["lm"], rel=1e-6)
     other = {**cfg, "teacher": {"path": str(bpe_chat_teacher), "cross_tokenizer": {"top_k": 16}}}
     result, teacher = _first_step(other, tmp_path / "bpe")
+    assert result.rollout["sequences"] == 2 and teacher.unmatched == 0
+    assert np.isfinite(result.losses["kd"]) and result.losses["kd"] > 0
+    # chunk_likelihood reads the same re-read rows: the chunks between their pairs
+    chunked = {**cfg, "teacher": {"path": str(bpe_chat_teacher), "cross_tokenizer": {"method": "chunk_likelihood"}}}
+    result, teacher = _first_step(chunked, tmp_path / "chunks")
     assert result.rollout["sequences"] == 2 and teacher.unmatched == 0
     assert np.isfinite(result.losses["kd"]) and result.losses["kd"] > 0
 
@@ -506,3 +511,149 @@ def test_a_cache_of_a_teacher_with_another_tokenizer_feeds_the_same_kd(make_conf
     assert msg.startswith(f"teacher.cache: '{tmp_path / 'cache'}' holds the rows of a teacher with another tokenizer")
     msg = _refused({**base, "teacher": {**cached_teacher, "tokenizer": str(assets["student"])}})
     assert msg.startswith(f"teacher.tokenizer: the cache '{tmp_path / 'cache'}' was written for a teacher tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------- chunk_likelihood
+
+
+def test_chunks_cover_the_same_text_on_both_sides(make_config, bpe_teacher):
+    """`crosstok.chunks_of` on real batches of a byte-level BPE teacher and a word-level student: each chunk's
+    student tokens and teacher tokens decode to the same text (an independent reading by each tokenizer's own
+    decoding), every pair starts one, and only loss-bearing positions lie in one."""
+    from transformers import AutoTokenizer
+
+    from dsdistill.crosstok import chunks_of
+    from dsdistill.data import collate
+
+    cfg = make_config(
+        teacher={"path": str(bpe_teacher), "cross_tokenizer": {"method": "chunk_likelihood"}}, curriculum={"weights": {"kd": 1.0}}
+    )
+    plan, data = preflight(validate(cfg), world=1)
+    s_tok, t_tok = data.tokenizer, AutoTokenizer.from_pretrained(bpe_teacher)
+    batch = collate([data.splits.train[i] for i in range(8)])
+    ch = chunks_of(batch["labels"].numpy(), batch["x_pos"].numpy(), batch["t_labels"].numpy(), -100)
+    lab = batch["labels"].numpy()
+    b_s, p_s = np.nonzero(lab[:, 1:] != -100)  # the loss-bearing positions, in ordinal order
+    s_next = lab[b_s, p_s + 1]
+    t_ids = batch["t_input_ids"].numpy().reshape(-1)
+    assert ch.count == int(((lab[:, 1:] != -100) & (batch["x_pos"].numpy()[:, :-1] >= 0)).sum()) > 20
+    assert np.array_equal(np.unique(ch.s_chunk), np.arange(ch.count))
+    assert np.array_equal(np.unique(ch.t_chunk), np.arange(ch.count))
+    several = 0
+    for k in range(ch.count):
+        s_tokens = s_next[ch.s_members[ch.s_chunk == k]].tolist()
+        t_tokens = t_ids[ch.t_rows[ch.t_chunk == k] + 1].tolist()
+        several += len(t_tokens) > 1 or len(s_tokens) > 1
+        s_text = s_tok.decode(s_tokens).replace(" ", "")
+        t_text = t_tok.decode(t_tokens).replace(" ", "")
+        assert s_text == t_text, (k, s_text, t_text)
+    assert several  # some chunks are not one token on each side
+
+
+def test_chunk_likelihood_head_matches_full_logits_autograd_in_float64():
+    """The fused head's chunk-likelihood term with LM (two chunked passes, gradients taken by hand) against the
+    same binary KL and cross-entropy written plainly on full logits with autograd, in float64: values and
+    gradients of the student's hidden states and head; rows outside every chunk get LM alone."""
+    from dsdistill.losses.chunk_likelihood import fused_chunk_likelihood
+
+    torch.manual_seed(0)
+    n, d, v, c = 23, 8, 17, 9
+    hidden = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    chunk_of = torch.sort(torch.cat([torch.arange(c), torch.randint(0, c, (n - c - 3,))])).values
+    chunk_of = torch.cat([torch.full((2,), -1), chunk_of, torch.full((1,), -1)])  # unchunked rows at both ends
+    teacher = -torch.rand(c, dtype=torch.float64) * 4
+    for temperature, coef_lm in ((1.0, 0.3), (2.0, 0.0)):
+        objective, m = fused_chunk_likelihood(
+            hidden, weight, targets, chunk_of, teacher, coef=0.7, coef_lm=coef_lm, temperature=temperature, chunk=5
+        )
+        g_h, g_w = torch.autograd.grad(objective, (hidden, weight))
+        logq = torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        inside = chunk_of >= 0
+        ls = torch.zeros(c, dtype=torch.float64).index_add(0, chunk_of[inside], logq[inside]) / temperature
+        lt = teacher / temperature
+        p, q = lt.exp(), ls.exp()
+        plain = (p * (lt - ls) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))).sum()
+        r_h, r_w = torch.autograd.grad(0.7 * plain - coef_lm * logq.sum(), (hidden, weight))
+        plain, lm = float(plain.detach()), float(-logq.sum().detach())
+        assert m["count"] == c
+        assert float(m["kd"]) == pytest.approx(plain, rel=1e-12) and float(m["lm"]) == pytest.approx(lm, rel=1e-12)
+        assert float(objective.detach()) == pytest.approx(0.7 * plain + coef_lm * lm, rel=1e-12)
+        assert torch.allclose(g_h, r_h, rtol=1e-10, atol=1e-12) and torch.allclose(g_w, r_w, rtol=1e-10, atol=1e-12)
+    # the one-sequence reference (losses/cross.py) is the same term
+    from dsdistill.losses.cross import chunk_likelihood
+
+    # one sequence: row r predicts token r + 1; the teacher's chunk k is its token k + 1, of probability
+    # exp(teacher[k]) (a two-token row); a last row predicts nothing on each side
+    s_logits = torch.cat([(hidden @ weight.T).detach(), torch.zeros(1, v, dtype=torch.float64)])
+    ids = torch.cat([torch.zeros(1, dtype=torch.long), targets])
+    starts = [r for r in range(2, n - 1) if r == 2 or chunk_of[r] != chunk_of[r - 1]]
+    s_start, s_end = torch.tensor(starts) + 1, torch.tensor(starts[1:] + [n - 1]) + 1
+    t_logits = torch.cat([torch.stack([torch.log(-torch.expm1(teacher)), teacher], 1), torch.zeros(1, 2, dtype=torch.float64)])
+    t_ids = torch.ones(c + 1, dtype=torch.long)
+    t_start = torch.arange(1, c + 1)
+    ref, info = chunk_likelihood(s_logits, t_logits, ids, t_ids, s_start, s_end, t_start, t_start + 1, temperature=2.0)
+    _, m = fused_chunk_likelihood(hidden, weight, targets, chunk_of, teacher, coef=0.0, temperature=2.0, chunk=5)
+    assert info["count"] == c and float(ref) == pytest.approx(float(m["kd"]), rel=1e-9)
+
+
+def test_chunk_likelihood_trains_from_live_served_and_cached_teachers(make_config, bpe_teacher, tmp_path):
+    """The BPE teacher into the word-level student by `chunk_likelihood`: a run trains (finite KD that eval sees
+    fall); `teacher-serve` asked for the label log-probs of the teacher's own tokens gives the live teacher's
+    eval KD, and so does a cache of the chunks' likelihoods (within its fixed point); a cache of the other
+    method and a divergence other than forward KL are refused in one line."""
+    import contextlib
+    import io
+
+    from dsdistill.dist import free_port
+    from dsdistill.teachers.cache_writer import write_teacher_cache
+    from dsdistill.train import open_session
+    from tests.test_teacher_server import Server
+
+    chunked = {"method": "chunk_likelihood"}
+    cfg = make_config(
+        teacher={"path": str(bpe_teacher), "cross_tokenizer": chunked},
+        train={"max_steps": 4},
+        curriculum={"weights": {"kd": 0.9, "lm": 0.1}},
+        eval={"every": 4, "max_batches": 2, "at_start": True},
+        output={"run_dir": str(tmp_path / "run"), "log_every": 1},
+    )
+    train(validate(cfg))
+    steps, evals = _records(tmp_path / "run", "train"), _records(tmp_path / "run", "eval")
+    assert [r["step"] for r in steps] == [0, 1, 2, 3]
+    assert all(np.isfinite(r["losses"]["kd"]) and r["losses"]["kd"] > 0 for r in steps)
+    assert evals[-1]["losses"]["kd"] < evals[0]["losses"]["kd"]
+    assert _records(tmp_path / "run", "run_start")[0]["kd"]["cross_tokenizer"] == "chunk_likelihood"
+
+    base = make_config(curriculum={"weights": {"kd": 1.0, "lm": 0.5}}, data={"max_documents": 200})
+
+    def evaluate(teacher, name):
+        c = {**base, "teacher": teacher, "output": {**base["output"], "run_dir": str(tmp_path / name)}}
+        with contextlib.redirect_stdout(io.StringIO()), open_session(validate(c)) as s:
+            return s.evaluate(step=0)
+
+    live = evaluate({"path": str(bpe_teacher), "cross_tokenizer": chunked}, "live")
+    server = Server(None, free_port(), model=bpe_teacher).start()
+    try:
+        remote = evaluate({"url": server.url, "tokenizer": str(bpe_teacher), "cross_tokenizer": chunked}, "remote")
+    finally:
+        server.kill()
+    assert remote.losses["lm"] == live.losses["lm"]
+    assert remote.losses["kd"] == pytest.approx(live.losses["kd"], rel=1e-5)
+    live_cfg = {**base, "teacher": {"path": str(bpe_teacher), "cross_tokenizer": chunked}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        manifest = write_teacher_cache(validate(live_cfg), tmp_path / "cache", top_k=16, level_bits=None, shard_rows=16)
+    assert manifest["k"] == 1 and manifest["cross_tokenizer"]["method"] == "chunk_likelihood"
+    cached_teacher = {"cache": str(tmp_path / "cache"), "tokenizer": str(bpe_teacher), "cross_tokenizer": chunked}
+    cached = evaluate(cached_teacher, "cached")
+    assert cached.losses["lm"] == live.losses["lm"]
+    assert cached.losses["kd"] == pytest.approx(live.losses["kd"], rel=1e-3)
+    msg = _refused({**base, "teacher": {**cached_teacher, "cross_tokenizer": {}}})
+    assert msg.startswith("teacher.cross_tokenizer.method: the cache ") and "holds chunk_likelihood rows" in msg
+    msg = _refused({**live_cfg, "loss": {"kd": {"divergence": "jsd"}}})
+    assert msg.startswith("loss.kd.divergence: jsd compares distributions over a vocabulary")
+    msg = _refused({**live_cfg, "loss": {"kd": {"top_k": 8}}})
+    assert msg.startswith("loss.kd.top_k: teacher.cross_tokenizer.method: chunk_likelihood compares each chunk")
+    msg = _refused({**live_cfg, "teacher": {**live_cfg["teacher"], "cross_tokenizer": {**chunked, "top_k": 8}}})
+    assert msg.startswith("teacher.cross_tokenizer.top_k: it sizes shared_topk's rows")

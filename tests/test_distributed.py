@@ -133,16 +133,17 @@ def test_two_rank_zero1_with_every_component(make_config, tmp_path):
     assert not [r for r in recs if getattr(r, "code", None) == "step_skipped"]
 
 
-def test_two_rank_zero3_cross_tokenizer_teacher(make_config, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("method", ["shared_topk", "chunk_likelihood"])
+def test_two_rank_zero3_cross_tokenizer_teacher(make_config, tmp_path, tmp_path_factory, method):
     """A byte-level BPE teacher with the word-level student, both ZeRO-3 over two ranks: the teacher reads its
-    own tokens, no rank holds it whole, and KD over the paired positions trains."""
+    own tokens, no rank holds it whole, and KD (over the paired positions, or the chunks between them) trains."""
     from tests.test_cross_training import _bpe_teacher
 
     teacher = _bpe_teacher(tmp_path_factory.mktemp("bpe2"), Path(make_config()["data"]["path"]), steps=20)
     steps = 4
     zero3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
     cfg = make_config(
-        teacher={"path": str(teacher), "cross_tokenizer": {"top_k": 16}},
+        teacher={"path": str(teacher), "cross_tokenizer": {"top_k": 16} if method == "shared_topk" else {"method": method}},
         train={"max_steps": steps, "grad_accum": 2, "micro_batch_size": 2},
         optimizer={"lr": 5e-3},
         curriculum={"weights": {"kd": 0.9, "lm": 0.1}},

@@ -10,21 +10,18 @@ Two methods, both comparing only positions that have read the same text (the fir
   correspondence). With one tokenizer on both sides every token is shared and every chunk is one token, so
   the term is ordinary KD.
 - `chunk_likelihood` (ALM-style): each aligned chunk's likelihood under each model (the product of its own
-  tokens' probabilities, at temperature T), compared as two Bernoulli distributions (binarised KL of the
-  teacher's from the student's). It needs no shared vocabulary and covers chunks of any length.
+  tokens' probabilities, raised to 1/T), compared as two Bernoulli distributions (binarised KL of the
+  teacher's from the student's, `chunk_likelihood.chunk_divergence`). It needs no shared vocabulary and covers
+  chunks of any length. Training computes it in the fused head (dsdistill/losses/chunk_likelihood.py); this
+  one-sequence form over an `Alignment` is its reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dsdistill.losses.chunk_likelihood import chunk_divergence
 from dsdistill.losses.closed_form import kd_loss
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends."""
-    x = x.clamp(max=-1e-12)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def exact_and_sorted(
@@ -109,16 +106,16 @@ def chunk_likelihood(
     s_start, s_end, t_start, t_end = s_start[keep], s_end[keep], t_start[keep], t_end[keep]
     if len(s_start) == 0:
         return student_logits.sum() * 0.0, {"count": 0.0}
-    log_s = _chunk_logprob(student_logits, student_ids, s_start, s_end, temperature)
-    log_t = _chunk_logprob(teacher_logits, teacher_ids, t_start, t_end, temperature)
-    p = log_t.exp()
-    kl = p * (log_t - log_s) + (1 - p) * (_log1mexp(log_t) - _log1mexp(log_s))
+    log_s = _chunk_logprob(student_logits, student_ids, s_start, s_end)
+    log_t = _chunk_logprob(teacher_logits, teacher_ids, t_start, t_end)
+    kl, _ = chunk_divergence(log_t, log_s, temperature)
     return kl.sum().to(student_logits.dtype), {"count": float(len(s_start))}
 
 
-def _chunk_logprob(logits, ids, start, end, temperature) -> torch.Tensor:
-    """Sum of log p(token j | tokens before j) over each chunk's tokens, at temperature T."""
-    logp = torch.log_softmax(logits[:-1].double() / temperature, dim=-1).gather(1, ids[1:, None])[:, 0]
+def _chunk_logprob(logits, ids, start, end) -> torch.Tensor:
+    """Sum of log p(token j | tokens before j) over each chunk's tokens (at T = 1: the temperature applies to
+    the chunk's likelihood, `chunk_divergence`)."""
+    logp = torch.log_softmax(logits[:-1].double(), dim=-1).gather(1, ids[1:, None])[:, 0]
     # token j is predicted at position j-1: a cumulative sum over tokens 1..N-1 gives every chunk's sum
     cum = torch.cat([logp.new_zeros(1), logp.cumsum(0)])
     return cum[end - 1] - cum[start - 1]

@@ -90,6 +90,8 @@ class CrossInput:
     """The loss-bearing student positions with no pair (LM there, no KD)."""
     paired: torch.Tensor
     """[B, S] the student positions that carry loss and have a pair (what a cross-tokenizer cache holds rows for)."""
+    chunks: Any = None
+    """`crosstok.Chunks`: the text between consecutive pairs on each side (`chunk_likelihood` compares them)."""
 
 
 @dataclass
@@ -137,6 +139,9 @@ class TeacherSignal:
     kd_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     """(the loss-bearing positions KD compares, those it leaves out) as ordinals into the loss-bearing ones,
     when KD is not on all of them (a teacher with another tokenizer); the distribution's rows are the first's."""
+    chunks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """`chunk_likelihood`: (ordinals of the loss-bearing positions in a chunk, each one's chunk); the
+    distribution's `logp[:, 0]` is then the teacher's log-likelihood of each chunk (`heads.FusedCall.chunks`)."""
 
     # readers of one form (None when the distribution has another form)
     @property

@@ -132,6 +132,8 @@ class CrossCache:
     k: int
     teacher_tokenizer_hash: str
     method: str
+    vocab: int
+    """The teacher tokenizer's size: its logits past it (a padded embedding) are no token's."""
 
 
 def _cross(plan, tokenizer, top_k: int) -> Optional[CrossCache]:
@@ -144,8 +146,8 @@ def _cross(plan, tokenizer, top_k: int) -> Optional[CrossCache]:
     side = teacher_text(plan.cfg, tokenizer)
     assert side is not None  # a cross-tokenizer config always has its teacher's side
     maps = shared_maps(tokenizer, side.tokenizer)
-    k = min([top_k] + [len(s) for s, _ in maps.maps.values()])
-    return CrossCache(maps, k, tokenizer_hash(side.tokenizer), spec.cross_tokenizer.method)
+    k = 1 if spec.cross_tokenizer.method == "chunk_likelihood" else min([top_k] + [len(s) for s, _ in maps.maps.values()])
+    return CrossCache(maps, k, tokenizer_hash(side.tokenizer), spec.cross_tokenizer.method, len(side.tokenizer))
 
 
 def _check_args(plan, splits, *, top_k: int, level_bits: Optional[int], shard_rows: int) -> None:
@@ -295,7 +297,7 @@ def _encode_shard(plan, engine, rows, first: int, count: int, what: dict[str, An
         batch = collate([rows[i] for i in (idx or [0])])
         if cross is not None:
             teacher_rows = {"input_ids": batch["t_input_ids"], "position_ids": batch["t_position_ids"]}
-            logits = _logits(engine, teacher_rows)
+            logits = _logits(engine, teacher_rows)[..., : cross.vocab]
             if idx:
                 for blob, n in _cross_rows(batch, logits, cross, what, ranks_of, ignore):
                     blobs.append(blob)
@@ -332,6 +334,9 @@ def _cross_rows(batch, logits, cross: CrossCache, what: dict[str, Any], ranks_of
     from dsdistill.crosstok import project_rows
 
     paired = (batch["labels"][:, 1:] != ignore) & (batch["x_pos"][:, :-1] >= 0)
+    if cross.method == "chunk_likelihood":
+        yield from _chunk_rows(batch, logits, paired, what, ranks_of, ignore)
+        return
     for b in range(batch["input_ids"].size(0)):
         at = paired[b].nonzero().flatten()
         rows = logits[b].index_select(0, batch["x_pos"][b, at].to(logits.device))
@@ -340,6 +345,34 @@ def _cross_rows(batch, logits, cross: CrossCache, what: dict[str, Any], ranks_of
         top, ids_k, rest, tails = (x.cpu() for x in (sp.logp, sp.ids, sp.log_rest, tails))
         blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=what["level_bits"])
         yield tails.numpy().astype(np.float16).tobytes() + blob, int(len(at))
+
+
+def _chunk_rows(batch, logits, paired, what: dict[str, Any], ranks_of: torch.Tensor, ignore: int):
+    """`chunk_likelihood`'s rows: at each pair one slot, the student's next token there, whose log-prob is the
+    teacher's log-likelihood of the chunk that starts there (fixed point over [-16, 0] in the codec: a chunk
+    less likely than e^-16 is stored as that, which moves its binary KL by under 1e-6 nats)."""
+    from dsdistill.crosstok import chunks_of
+    from dsdistill.losses.chunk_likelihood import teacher_chunk_rows
+
+    ch = chunks_of(batch["labels"].numpy(), batch["x_pos"].numpy(), batch["t_labels"].numpy(), ignore)
+    flat = logits.reshape(-1, logits.size(-1))
+    t_ids = batch["t_input_ids"].reshape(-1)
+    at = torch.from_numpy(ch.t_rows)
+    lp = torch.log_softmax(flat.index_select(0, at.to(flat.device)).float(), dim=-1)
+    logp = lp.gather(1, t_ids.index_select(0, at + 1).to(lp.device)[:, None]).squeeze(1)
+    ids = batch["input_ids"][:, 1:][paired]
+    rows = teacher_chunk_rows(ids.to(logp.device), logp, torch.from_numpy(ch.t_chunk).to(logp.device), ch.count)
+    top = rows.logp.clamp(min=-16.0).cpu()
+    m = len(what["tail_temperatures"])
+    first = 0
+    for b in range(batch["input_ids"].size(0)):
+        n = int(paired[b].sum())
+        sl = slice(first, first + n)
+        first += n
+        blob = encode(
+            ranks_of[rows.ids[sl].cpu()].numpy(), top[sl].numpy(), rows.log_rest[sl].cpu().numpy(), level_bits=what["level_bits"]
+        )
+        yield np.zeros((n, m), dtype=np.float16).tobytes() + blob, n
 
 
 def _manifest(out: Path, what: dict[str, Any], rank: int) -> dict[str, Any]:

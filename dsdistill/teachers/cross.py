@@ -54,8 +54,12 @@ class CrossTeacher:
         student_tokenizer: Any = None,
         text: Any = None,
         student_rows: bool = False,
+        method: str = "shared_topk",
     ):
         self.inner = inner
+        self.method = method
+        """`shared_topk`: rows projected onto the student's vocabulary; `chunk_likelihood`: the teacher's
+        log-likelihood of each chunk of text (dsdistill/losses/chunk_likelihood.py)."""
         self.student_rows = student_rows
         """The inner source reads the student's rows (a cache of this teacher's rows already projected onto the
         student's vocabulary at the paired positions), not the teacher's own tokens."""
@@ -136,16 +140,25 @@ class CrossTeacher:
 
     def capabilities(self) -> Capabilities:
         own = self.inner.capabilities()
+        if self.method == "chunk_likelihood":
+            return cross_capabilities(1, own)
         return cross_capabilities(own.top_k if self.student_rows else self.maps.k(self.top_k), own)
 
     def _input(self, batch: TeacherInput) -> TeacherInput:
         return self._student(batch) if self.student_rows else self._own(batch)
 
+    def _served_chunks(self) -> bool:
+        """A server asked for its label log-probs (chunk_likelihood): asked when the rows are read, not ahead."""
+        return self.method == "chunk_likelihood" and not self.student_rows and hasattr(self.inner, "_score")
+
     def prepare(self, window, needs) -> Optional[str]:
+        if self._served_chunks():
+            return None
         return self.inner.prepare([self._input(x) for x in window], needs)
 
     def prefetch(self, window, needs) -> None:
-        self.inner.prefetch([self._input(x) for x in window], needs)
+        if not self._served_chunks():
+            self.inner.prefetch([self._input(x) for x in window], needs)
 
     def _student(self, batch: TeacherInput) -> TeacherInput:
         """The student's rows with `valid` the paired loss-bearing positions: what a cross-tokenizer cache holds."""
@@ -160,13 +173,15 @@ class CrossTeacher:
     def end_step(self) -> None:
         self.inner.end_step()
 
-    def _own(self, batch: TeacherInput) -> TeacherInput:
+    def _own(self, batch: TeacherInput, rows: Optional[torch.Tensor] = None) -> TeacherInput:
         c = batch.cross
         if c is None:
             raise DistillError("a teacher with another tokenizer got a batch without its tokens (teacher.cross_tokenizer)")
-        # `valid`: the paired positions (what a server is asked to score), in the flat order of the pairs
+        # `valid`: the paired positions (what a server is asked to score), in the flat order of the pairs; or
+        # the given flat `rows`
         dev = batch.input_ids.device
-        valid = torch.zeros(c.ids.numel(), dtype=torch.bool).index_fill_(0, c.rows, True).view_as(c.ids)
+        rows = c.rows if rows is None else rows
+        valid = torch.zeros(c.ids.numel(), dtype=torch.bool).index_fill_(0, rows, True).view_as(c.ids)
         return TeacherInput(c.ids.to(dev), valid.to(dev), c.position_ids.to(dev), batch.rows)
 
     def signal(self, batch: TeacherInput, needs: "Needs") -> TeacherSignal:
@@ -174,6 +189,8 @@ class CrossTeacher:
 
         if not needs.teacher_logits:
             return TeacherSignal()
+        if self.method == "chunk_likelihood":
+            return self._chunk_signal(batch, needs)
         c = batch.cross
         if self.student_rows:
             rows = self.inner.signal(self._student(batch), needs).sparse
@@ -212,6 +229,39 @@ class CrossTeacher:
 
         return TeacherSignal(distribution=_concat(parts), kd_rows=(c.kd, c.lm_only))
 
+    def _chunk_signal(self, batch: TeacherInput, needs: "Needs") -> TeacherSignal:
+        """The teacher's log-likelihood of each chunk (as the `logp` of a one-slot row per pair, whose id is the
+        student's next token there), and where the student's chunks lie."""
+        from dsdistill.losses.chunk_likelihood import teacher_chunk_rows
+
+        c = batch.cross
+        if c is None or c.chunks is None:
+            raise DistillError("a teacher with another tokenizer got a batch without its tokens (teacher.cross_tokenizer)")
+        ch = c.chunks
+        members = (torch.from_numpy(ch.s_members), torch.from_numpy(ch.s_chunk))
+        if self.student_rows:  # a cache of this method holds exactly those rows
+            rows = self.inner.signal(self._student(batch), needs).sparse
+            return TeacherSignal(distribution=rows, kd_rows=(c.kd, c.lm_only), chunks=members)
+        dev = batch.input_ids.device
+        t_rows = torch.from_numpy(ch.t_rows)
+        own = self._own(batch, rows=t_rows)
+        flat_ids = own.input_ids.reshape(-1)
+        if self._served_chunks():
+            scored = self.inner._score(own, own.valid.cpu(), labels=True)
+            logp = torch.from_numpy(scored.label_logp.astype("float32")).to(dev)
+        else:
+            logits_of = _logits_of(self.inner.signal(own, needs), self.inner.vocab)
+            parts = []
+            with torch.no_grad():
+                for lo in range(0, len(t_rows), ROWS_PER_PASS):
+                    at = t_rows[lo : lo + ROWS_PER_PASS].to(dev)
+                    lp = torch.log_softmax(logits_of(at).float(), dim=-1)
+                    parts.append(lp.gather(1, flat_ids.index_select(0, at + 1)[:, None]).squeeze(1))
+            logp = torch.cat(parts) if parts else torch.zeros(0, device=dev)
+        ids = batch.input_ids[:, 1:][c.paired[:, :-1].to(dev)]
+        rows = teacher_chunk_rows(ids, logp, torch.from_numpy(ch.t_chunk).to(dev), ch.count)
+        return TeacherSignal(distribution=rows, kd_rows=(c.kd, c.lm_only), chunks=members)
+
     def lm_sums(self, batch: TeacherInput, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The teacher's LM sums on its own tokens (its perplexity is per teacher token)."""
         if self.student_rows:  # from the cached rows: the student's next tokens at the paired positions
@@ -237,6 +287,27 @@ class CrossTeacher:
         if forward is None:
             return None
         return lambda ids, pos: forward(ids % vocab, pos)  # the check's ids are the student's
+
+
+def _check_chunk_options(cfg: Any, options: Any) -> None:
+    """`chunk_likelihood` compares one likelihood per chunk: the options of a distribution over a vocabulary
+    would be ignored, so they are refused rather than dropped."""
+    kd = cfg.loss.section("kd")
+    what = "compares each chunk's likelihood by the binary KL from teacher to student"
+    if kd.divergence != "forward_kl":
+        raise ConfigError(
+            f"loss.kd.divergence: {kd.divergence} compares distributions over a vocabulary; teacher.cross_tokenizer."
+            f"method: chunk_likelihood {what}; leave loss.kd.divergence at forward_kl"
+        )
+    if kd.top_k is not None:
+        raise ConfigError(
+            f"loss.kd.top_k: teacher.cross_tokenizer.method: chunk_likelihood {what}, with no top-k; remove loss.kd.top_k"
+        )
+    if "top_k" in options.model_fields_set:
+        raise ConfigError(
+            "teacher.cross_tokenizer.top_k: it sizes shared_topk's rows; method: chunk_likelihood keeps one "
+            "likelihood per chunk; remove top_k"
+        )
 
 
 def _logits_of(sig: TeacherSignal, vocab: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -274,8 +345,14 @@ class CrossPlan:
         self.model_config = self.inner.model_config
         self.student_tokenizer = student_tokenizer
         self.maps = shared_maps(student_tokenizer, self.tokenizer)
-        if self.maps.k(self.options.top_k) < 1:
-            raise ConfigError(f"{self.field}: the two tokenizers share no token; KD across them has nothing to compare")
+        self.chunked = self.options.method == "chunk_likelihood"
+        if not self.chunked and self.maps.k(self.options.top_k) < 1:
+            raise ConfigError(
+                f"{self.field}: the two tokenizers share no token; KD across them has nothing to compare (method: "
+                "chunk_likelihood needs none)"
+            )
+        if self.chunked:
+            _check_chunk_options(cfg, self.options)
         self.temperatures: tuple[float, ...] = ()
 
     @classmethod
@@ -284,6 +361,8 @@ class CrossPlan:
 
     def capabilities(self) -> Capabilities:
         own = self.inner.capabilities()
+        if self.chunked:
+            return cross_capabilities(1, own)
         return cross_capabilities(own.top_k if self.cached else self.maps.k(self.options.top_k), own)
 
     def verify(self, ctx: RunContext) -> None:
@@ -309,10 +388,16 @@ class CrossPlan:
                     f"teacher.tokenizer: the cache '{self.source}' was written for a teacher tokenizer {written}; "
                     f"this one's is {ours}"
                 )
+            method = crossed.get("method", "shared_topk")
+            if method != self.options.method:
+                raise ConfigError(
+                    f"teacher.cross_tokenizer.method: the cache '{self.source}' holds {method} rows; this run compares "
+                    f"by {self.options.method} (write the cache with this config)"
+                )
             return
         own = self.inner.capabilities()
         k = self.maps.k(self.options.top_k)
-        if own.distribution == "sparse" and (own.top_k or 0) < k:
+        if own.distribution == "sparse" and not self.chunked and (own.top_k or 0) < k:
             raise ConfigError(
                 f"teacher.options.top_k: {self.inner.noun} sends {own.top_k} tokens per position; "
                 f"teacher.cross_tokenizer keeps {k} shared ones, so it needs at least as many (more is better: "
@@ -353,6 +438,8 @@ class CrossPlan:
 
     def shared_line(self) -> str:
         s, _ = self.maps.maps["any"] if self.maps.same else self.maps.maps["space"]
+        if self.chunked:
+            return f"{len(s) / len(self.student_tokenizer):.1%} of the student's tokens shared; chunks' likelihoods compared"
         k = self.maps.k(self.options.top_k)
         return f"{len(s) / len(self.student_tokenizer):.1%} of the student's tokens shared, top-{k} + rest per pair"
 
@@ -371,7 +458,9 @@ class CrossPlan:
             f"loss-bearing positions paired, {a['exact_share']:.1%} exactly (the same next token on both sides); "
             f"{a['unaligned']} of {a['examples']} sampled examples cannot align (dropped)"
         ]
-        if self.temperatures:  # what docs/quality.md measured: T = 2 made the demo's student worse than no teacher
+        if (
+            self.temperatures and not self.chunked
+        ):  # what docs/quality.md measured: T = 2 made the demo's student worse than no teacher
             temps = ", ".join(f"{t:g}" for t in self.temperatures)
             lines.append(
                 f"warning: curriculum.temperature reaches {temps}: with another tokenizer the rest bucket holds the "
@@ -403,6 +492,7 @@ class CrossPlan:
             student_tokenizer=self.student_tokenizer,
             text=teacher_text(self.cfg, self.student_tokenizer),
             student_rows=self.cached,
+            method=self.options.method,
         )
 
 
