@@ -46,11 +46,13 @@ class CrossTokenizerConfig(_Strict):
     the positions that have read the same text are paired (dsdistill/crosstok.py); KD compares them."""
 
     method: Literal["shared_topk", "chunk_likelihood"] = "shared_topk"
-    """How the two models are compared. `shared_topk` (GOLD's exact part): at each pair, the teacher's next-token
-    distribution on the tokens whose text both vocabularies share (per context: after a space, inside a word,
-    elsewhere), its top `top_k` of those against the student's same tokens, and every other token's mass, shared
-    or not, as one rest bucket on each side; then `loss.kd`'s divergence, temperature and T^2 as for any top-k +
-    rest teacher. `chunk_likelihood` (ALM's binarised likelihood matching): the text between two consecutive
+    """How the two models are compared. `shared_topk` (GOLD's exact part and span merging): at each pair, the
+    teacher's next-token distribution on the tokens whose text both vocabularies share (per context: after a
+    space, inside a word, elsewhere), its top `top_k` of those against the student's same tokens, and every other
+    token's mass, shared or not, as one rest bucket on each side; where the student's next token is one token
+    that the teacher spells in several, that token gets the teacher's chain-rule probability of them (taken from
+    where the first of them had it); then `loss.kd`'s divergence, temperature and T^2 as for any top-k + rest
+    teacher. `chunk_likelihood` (ALM's binarised likelihood matching): the text between two consecutive
     pairs is a chunk; each model's log-likelihood of it (the sum over its own tokens of that text) is compared as
     two Bernoulli probabilities by the binary KL from teacher to student, with the likelihoods raised to 1/T
     (no T^2; `loss.kd`'s divergence must stay forward_kl). It needs no shared token and compares chunks of any

@@ -18,11 +18,14 @@ alone otherwise (one tokenizer on both sides pairs every id with itself).
 
 `project_sequence` turns the teacher's distribution at each pair into a top-k + rest teacher over the
 student's vocabulary (`SparseTeacher`, what a cache or a server gives), so a teacher with another tokenizer
-can feed the same KD path as any sparse teacher.
+can feed the same KD path as any sparse teacher; `merge_spans` then gives a student token that the teacher
+spells in several tokens its chain-rule probability. `chunks_of` cuts a packed batch into the chunks between
+pairs, which `chunk_likelihood` compares by their likelihoods instead.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -641,3 +644,91 @@ def chunks_of(labels: np.ndarray, x_pos: np.ndarray, t_labels: np.ndarray, ignor
     t_fill = _fill_forward(t_mark, ~t_bearing)
     t_rows = np.nonzero(t_fill.reshape(-1) >= 0)[0]
     return Chunks(count, s_members, ordinal_of[s_members], t_rows, t_fill.reshape(-1)[t_rows])
+
+
+def spans_to_merge(chunks: Chunks) -> tuple[np.ndarray, np.ndarray]:
+    """(the chunks the student reads as one token and the teacher as several, the indices into `chunks.t_rows`
+    of their teacher rows): what `merge_spans` needs the teacher's log-probs of."""
+    s_len = np.bincount(chunks.s_chunk, minlength=chunks.count)
+    t_len = np.bincount(chunks.t_chunk, minlength=chunks.count)
+    merged = np.nonzero((s_len == 1) & (t_len >= 2))[0]
+    return merged, np.nonzero(np.isin(chunks.t_chunk, merged))[0]
+
+
+def merge_spans(rows, chunks: Chunks, *, next_ids, t_logp, t_next, contexts: np.ndarray, table):
+    """`shared_topk`'s rows with the teacher's multi-token spans merged by the chain rule (GOLD's span merging):
+    where the student reads a chunk as one token v and the teacher as several, the teacher's probability of v is
+    the product of its own tokens' probabilities over the chunk, p. That mass was counted under the chunk's
+    first teacher token (in its shared slot, or the rest bucket when it has none), so it moves from there to v:
+    v's slot gains p (a slot of its own: the row's first absent slot, else the last kept slot, whose mass then
+    joins the rest). Rows keep their k slots, so a cache, a server and a live teacher hold the same shape.
+
+    `rows` [P, k] in KD order; `next_ids` [P] the student's next token at each pair; `t_logp` / `t_next` [N] the
+    teacher's log-prob of, and id of, its next token at the rows `spans_to_merge` names (in that order);
+    `table` = `student_of`. At
+    T != 1 the tails lose p^(1/T) where the rest bucket loses p (the first token's tail share is not split
+    exactly)."""
+    import torch
+
+    from dsdistill.losses.fused import SparseTeacher
+
+    merged, sel = spans_to_merge(chunks)
+    if not len(merged):
+        return rows
+    dev = rows.ids.device
+    t_chunk = chunks.t_chunk[sel]
+    first = np.searchsorted(t_chunk, merged)  # t_chunk is sorted: each chunk's first teacher row
+    at = torch.as_tensor(merged, device=dev)
+    lt = torch.zeros(chunks.count, dtype=torch.float64, device=dev)
+    lt.index_add_(0, torch.as_tensor(t_chunk, device=dev), t_logp.to(dev).double())
+    log_p = lt.index_select(0, at).clamp(max=-1e-6)
+    ctx = torch.as_tensor(
+        np.where(contexts[merged] < 0, 0, contexts[merged]) if table.shape[0] > 1 else np.zeros(len(merged), dtype=np.int64)
+    )
+    piece = table[ctx.to(dev), t_next.to(dev).index_select(0, torch.as_tensor(first, device=dev))]  # student id or -1
+    v = next_ids.to(dev).index_select(0, at)
+
+    ids, logp = rows.ids.index_select(0, at).clone(), rows.logp.index_select(0, at).double()
+    absent = rows.absent.index_select(0, at).clone() if rows.absent is not None else torch.zeros_like(ids, dtype=torch.bool)
+    rest = rows.log_rest.index_select(0, at).double()
+    temps = torch.tensor([float(t) for t in rows.temperatures], dtype=torch.float64, device=dev)
+    tails = rows.tails.index_select(0, at).double() if rows.tails is not None else None
+    k = ids.shape[1]
+    rng = torch.arange(len(merged), device=dev)
+    present = (ids == v[:, None]) & ~absent
+    has_v, slot_v = present.any(1), present.float().argmax(1)
+    has_gap, gap = absent.any(1), absent.float().argmax(1)
+    release = ~has_v & ~has_gap
+    # the released slot's mass joins the rest (at T = 1 and in every tail)
+    freed = logp[:, k - 1]
+    rest = torch.where(release, torch.logaddexp(rest, freed), rest)
+    if tails is not None:
+        tails = torch.where(release[:, None], torch.logaddexp(tails, freed[:, None] / temps), tails)
+    slot = torch.where(has_v, slot_v, torch.where(has_gap, gap, torch.full_like(gap, k - 1)))
+    live = ~absent & ~(release[:, None] & (torch.arange(k, device=dev) == k - 1))
+    # the first teacher token's share: its slot loses p, or the rest does
+    holds = (ids == piece[:, None]) & live & (torch.arange(k, device=dev) != slot[:, None]) & (piece[:, None] >= 0)
+    has_piece, slot_piece = holds.any(1), holds.float().argmax(1)
+    tiny = -69.0  # e^-69: what is left where rounding takes more than was there
+    cut = lambda a, b: torch.log((a.exp() - b.exp()).clamp(min=math.exp(tiny)))  # noqa: E731
+    old = logp[rng, slot_piece]
+    logp[rng, slot_piece] = torch.where(has_piece, cut(old, log_p), old)
+    rest = torch.where(has_piece, rest, cut(rest, log_p))
+    if tails is not None:
+        tails = torch.where(has_piece[:, None], tails, cut(tails, log_p[:, None] / temps))
+    # v's slot gains p
+    logp[rng, slot] = torch.where(has_v, torch.logaddexp(logp[rng, slot], log_p), log_p)
+    ids[rng, slot] = v
+    absent[rng, slot] = False
+
+    def put(whole, part):
+        return whole.index_copy(0, at, part.to(whole.dtype))
+
+    return SparseTeacher(
+        put(rows.ids, ids),
+        put(rows.logp, logp),
+        put(rows.log_rest, rest),
+        None if rows.tails is None else put(rows.tails, tails),
+        rows.temperatures,
+        None if rows.absent is None else put(rows.absent, absent),
+    )

@@ -548,6 +548,9 @@ def test_chunks_cover_the_same_text_on_both_sides(make_config, bpe_teacher):
         t_text = t_tok.decode(t_tokens).replace(" ", "")
         assert s_text == t_text, (k, s_text, t_text)
     assert several  # some chunks are not one token on each side
+    from dsdistill.crosstok import spans_to_merge
+
+    assert len(spans_to_merge(ch)[0])  # and some are one student token that the teacher spells in several
 
 
 def test_chunk_likelihood_head_matches_full_logits_autograd_in_float64():

@@ -306,3 +306,59 @@ def test_across_tokenizers_the_projection_keeps_the_mass_and_pairs_tokens_that_a
         for sid, value in zip(sparse.ids[row].tolist(), sparse.logp[row].tolist()):
             assert value == pytest.approx(float(lp[t_map[sid]]), abs=1e-6)  # the teacher's own log-prob of that text
             assert s_text[sid].strip()  # a real piece of text, not a lone byte
+
+
+def test_merged_spans_give_the_student_token_the_teachers_chain_rule_probability(tokenizers_):
+    """Where the WordPiece student reads a chunk as one token and the BPE teacher as several, `merge_spans`
+    gives that token the product of the teacher's probabilities of its own tokens over the chunk (computed here
+    from the teacher's log-softmax directly), takes that mass from where the chunk's first teacher token had
+    it, and keeps every row a distribution (its slots and rest sum to 1) of the same k slots."""
+    from dsdistill.crosstok import chunks_of, merge_spans, pair_positions, project_rows, spans_to_merge, student_of
+
+    bpe, wp = tokenizers_
+    maps = shared_maps(wp, bpe)
+    table = student_of(maps, len(bpe))
+    gen = torch.Generator().manual_seed(3)
+    merged_total = 0
+    for text in TEXTS + [CORPUS[-1]]:
+        s = wp(text, add_special_tokens=False, return_offsets_mapping=True)
+        t = bpe(text, add_special_tokens=False, return_offsets_mapping=True)
+        sp, tp, ctx = pair_positions(s["offset_mapping"], t["offset_mapping"], text)
+        labels = np.array([[-100] + s["input_ids"][1:]])
+        x_pos = np.full(labels.shape, -1)
+        x_pos[0, sp] = tp
+        t_labels = np.array([[-1] + t["input_ids"][1:]])
+        ch = chunks_of(labels, x_pos, t_labels, -100)
+        keep = sp < len(s["input_ids"]) - 1  # pairs whose next student token exists, in KD order
+        sp, tp, ctx = sp[keep], tp[keep], ctx[keep]
+        assert ch.count == len(sp)
+        logits = torch.randn(len(t["input_ids"]), len(bpe), generator=gen, dtype=torch.float64) * 3
+        logp = torch.log_softmax(logits, -1)
+        rows = project_rows(logits[tp], np.where(ctx < 0, 0, ctx), maps, top_k=6)
+        merged, sel = spans_to_merge(ch)
+        t_rows = ch.t_rows[sel]
+        t_ids = torch.tensor(t["input_ids"])
+        out = merge_spans(
+            rows,
+            ch,
+            next_ids=torch.tensor(s["input_ids"])[sp + 1],
+            t_logp=logp[t_rows, t_ids[t_rows + 1]],
+            t_next=t_ids[t_rows + 1],
+            contexts=np.where(ctx < 0, 0, ctx),
+            table=table,
+        )
+        assert out.ids.shape == rows.ids.shape
+        live = out.logp.masked_fill(out.absent, float("-inf")) if out.absent is not None else out.logp
+        total = live.exp().sum(1) + out.log_rest.exp()
+        assert torch.allclose(total, torch.ones_like(total), atol=1e-9)
+        untouched = np.setdiff1d(np.arange(ch.count), merged)
+        assert torch.equal(out.logp[untouched], rows.logp[untouched]) and torch.equal(out.ids[untouched], rows.ids[untouched])
+        for k in merged:
+            j = ch.t_rows[ch.t_chunk == k]
+            chain = float(logp[j, t_ids[j + 1]].sum())
+            v = s["input_ids"][sp[k] + 1]
+            slot = (out.ids[k] == v).nonzero().flatten()
+            before = rows.logp[k][rows.ids[k] == v].exp().sum() if (rows.ids[k] == v).any() else 0.0
+            assert len(slot) == 1 and float(out.logp[k, slot[0]].exp()) == pytest.approx(float(before) + np.exp(chain), rel=1e-9)
+            merged_total += 1
+    assert merged_total >= 8, merged_total

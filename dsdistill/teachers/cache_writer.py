@@ -337,14 +337,42 @@ def _cross_rows(batch, logits, cross: CrossCache, what: dict[str, Any], ranks_of
     if cross.method == "chunk_likelihood":
         yield from _chunk_rows(batch, logits, paired, what, ranks_of, ignore)
         return
+    from dsdistill.crosstok import chunks_of, merge_spans, spans_to_merge, student_of
+
+    # every pair of the batch in KD order (row-major), projected, with the teacher's multi-token spans merged
+    b_of, p_of = paired.nonzero(as_tuple=True)
+    t_width = logits.size(1)
+    flat = logits.reshape(-1, logits.size(-1))
+    at = (b_of * t_width + batch["x_pos"][b_of, p_of]).to(flat.device)
+    contexts = batch["x_ctx"][b_of, p_of].numpy()
+    sp = project_rows(flat.index_select(0, at), contexts, cross.maps, top_k=cross.k, temperatures=what["tail_temperatures"])
+    ch = chunks_of(batch["labels"].numpy(), batch["x_pos"].numpy(), batch["t_labels"].numpy(), ignore)
+    merged, sel = spans_to_merge(ch)
+    if len(merged):
+        rows_t = torch.from_numpy(ch.t_rows[sel])
+        t_ids = batch["t_input_ids"].reshape(-1)
+        lp = torch.log_softmax(flat.index_select(0, rows_t.to(flat.device)).float(), dim=-1)
+        t_logp = lp.gather(1, t_ids.index_select(0, rows_t + 1).to(lp.device)[:, None]).squeeze(1)
+        sp = merge_spans(
+            sp,
+            ch,
+            next_ids=batch["input_ids"][:, 1:][paired],
+            t_logp=t_logp,
+            t_next=t_ids.index_select(0, rows_t + 1),
+            contexts=contexts,
+            table=student_of(cross.maps, cross.vocab).to(flat.device),
+        )
+    tails = sp.tails if sp.tails is not None else sp.log_rest.new_zeros(len(at), 0)
+    top, ids_k, rest, tails = (x.cpu() for x in (sp.logp, sp.ids, sp.log_rest, tails))
+    first = 0
     for b in range(batch["input_ids"].size(0)):
-        at = paired[b].nonzero().flatten()
-        rows = logits[b].index_select(0, batch["x_pos"][b, at].to(logits.device))
-        sp = project_rows(rows, batch["x_ctx"][b, at].numpy(), cross.maps, top_k=cross.k, temperatures=what["tail_temperatures"])
-        tails = sp.tails if sp.tails is not None else sp.log_rest.new_zeros(len(at), 0)
-        top, ids_k, rest, tails = (x.cpu() for x in (sp.logp, sp.ids, sp.log_rest, tails))
-        blob = encode(ranks_of[ids_k].numpy(), top.numpy(), rest.numpy(), level_bits=what["level_bits"])
-        yield tails.numpy().astype(np.float16).tobytes() + blob, int(len(at))
+        n = int(paired[b].sum())
+        sl = slice(first, first + n)
+        first += n
+        blob = encode(
+            ranks_of[ids_k[sl]].numpy(), top[sl].float().numpy(), rest[sl].float().numpy(), level_bits=what["level_bits"]
+        )
+        yield tails[sl].numpy().astype(np.float16).tobytes() + blob, n
 
 
 def _chunk_rows(batch, logits, paired, what: dict[str, Any], ranks_of: torch.Tensor, ignore: int):

@@ -209,6 +209,7 @@ class CrossTeacher:
                     f"teacher.url: the server answered token id {int(ids.max())}; its tokenizer has {self._table.shape[1]} tokens"
                 )
             projected = project_sparse(sig.sparse, c.contexts, self.maps, top_k=self.top_k, table=self._table)
+            projected = self._merged(projected, batch, lambda at: self._served_logp(batch, at))
             return TeacherSignal(distribution=projected, kd_rows=(c.kd, c.lm_only))
         rows = c.rows.to(own.input_ids.device)
         logits_of = _logits_of(sig, self.inner.vocab)
@@ -227,7 +228,48 @@ class CrossTeacher:
                 )
         from dsdistill.crosstok import _concat
 
-        return TeacherSignal(distribution=_concat(parts), kd_rows=(c.kd, c.lm_only))
+        flat_ids = own.input_ids.reshape(-1)
+
+        def logp_at(at: torch.Tensor) -> torch.Tensor:
+            out = []
+            with torch.no_grad():
+                for lo in range(0, len(at), ROWS_PER_PASS):
+                    part = at[lo : lo + ROWS_PER_PASS].to(flat_ids.device)
+                    lp = torch.log_softmax(logits_of(part).float(), dim=-1)
+                    out.append(lp.gather(1, flat_ids.index_select(0, part + 1)[:, None]).squeeze(1))
+            return torch.cat(out)
+
+        return TeacherSignal(distribution=self._merged(_concat(parts), batch, logp_at), kd_rows=(c.kd, c.lm_only))
+
+    def _merged(self, rows, batch: TeacherInput, logp_at: Callable[[torch.Tensor], torch.Tensor]):
+        """`rows` with the teacher's multi-token spans merged (`crosstok.merge_spans`); `logp_at(flat teacher
+        rows)` gives the teacher's log-probs of its own next tokens there."""
+        from dsdistill.crosstok import merge_spans, spans_to_merge, student_of
+
+        c = batch.cross
+        assert c is not None and c.chunks is not None
+        merged, sel = spans_to_merge(c.chunks)
+        if not len(merged):
+            return rows
+        dev = rows.ids.device
+        at = torch.from_numpy(c.chunks.t_rows[sel])
+        if self._table is None or self._table.device != dev:
+            self._table = student_of(self.maps, len(self.text.tokenizer)).to(dev)
+        return merge_spans(
+            rows,
+            c.chunks,
+            next_ids=batch.input_ids[:, 1:][c.paired[:, :-1].to(batch.input_ids.device)],
+            t_logp=logp_at(at),
+            t_next=c.ids.reshape(-1).index_select(0, at + 1),
+            contexts=c.contexts,
+            table=self._table,
+        )
+
+    def _served_logp(self, batch: TeacherInput, at: torch.Tensor) -> torch.Tensor:
+        """A server's log-probs of the teacher's own next tokens at the flat rows `at` (ascending)."""
+        own = self._own(batch, rows=at)
+        scored = self.inner._score(own, own.valid.cpu(), labels=True)
+        return torch.from_numpy(scored.label_logp.astype("float32")).to(batch.input_ids.device)
 
     def _chunk_signal(self, batch: TeacherInput, needs: "Needs") -> TeacherSignal:
         """The teacher's log-likelihood of each chunk (as the `logp` of a one-slot row per pair, whose id is the
@@ -247,8 +289,7 @@ class CrossTeacher:
         own = self._own(batch, rows=t_rows)
         flat_ids = own.input_ids.reshape(-1)
         if self._served_chunks():
-            scored = self.inner._score(own, own.valid.cpu(), labels=True)
-            logp = torch.from_numpy(scored.label_logp.astype("float32")).to(dev)
+            logp = self._served_logp(batch, t_rows)
         else:
             logits_of = _logits_of(self.inner.signal(own, needs), self.inner.vocab)
             parts = []
