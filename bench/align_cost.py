@@ -154,12 +154,37 @@ def chunk_cost(rows: int = 8, width: int = 2048, vocab: int = 32_000, hidden: in
         out, _ = fused_chunk_likelihood(h[:n], w, targets, chunk_of, teacher, coef=1.0, coef_lm=1.0, temperature=1.0, chunk=1024)
         out.backward()
 
+    merge_cost(ch, rows * width)
     t_lm = best_of(lm, repeats=2)
     t_chunk = best_of(chunked, repeats=2)
     print(
         f"fused head, {n} rows at vocab {vocab:,}: LM alone {1e3 * t_lm:.0f} CPU-ms, LM + chunk term "
         f"{1e3 * t_chunk:.0f} CPU-ms ({t_chunk / t_lm:.2f}x)"
     )
+
+
+def merge_cost(ch, tokens: int, k: int = 64, t_vocab: int = 151_936) -> None:
+    """`shared_topk`'s span merging (`crosstok.merge_spans`) on a packed micro-batch's pairs, one thread."""
+    import numpy as np
+    import torch
+
+    from dsdistill.crosstok import merge_spans, spans_to_merge
+    from dsdistill.losses.fused import SparseTeacher
+
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(ch.count, k + 1, generator=g), -1)
+    rows = SparseTeacher(torch.randint(0, 32_000, (ch.count, k), generator=g), logp[:, :k], logp[:, k])
+    merged, sel = spans_to_merge(ch)
+    table = torch.randint(-1, 32_000, (1, t_vocab), generator=g)
+    args = dict(
+        next_ids=torch.randint(0, 32_000, (ch.count,), generator=g),
+        t_logp=-torch.rand(len(sel), generator=g, dtype=torch.float64),
+        t_next=torch.randint(0, t_vocab, (len(sel),), generator=g),
+        contexts=np.zeros(ch.count, dtype=np.int64),
+        table=table,
+    )
+    t = best_of(lambda: merge_spans(rows, ch, **args))
+    print(f"merge_spans ({ch.count} pairs, {len(merged)} merged, k = {k}): {1e6 * t / tokens:.3f} CPU-us per student token")
 
 
 if __name__ == "__main__":
