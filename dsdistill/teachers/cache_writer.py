@@ -351,26 +351,35 @@ def _cross_rows(batch, logits, cross: CrossCache, what: dict[str, Any], ranks_of
     if len(merged):
         rows_t = torch.from_numpy(ch.t_rows[sel])
         t_ids = batch["t_input_ids"].reshape(-1)
-        lp = torch.log_softmax(flat.index_select(0, rows_t.to(flat.device)).float(), dim=-1)
-        t_logp = lp.gather(1, t_ids.index_select(0, rows_t + 1).to(lp.device)[:, None]).squeeze(1)
         sp = merge_spans(
             sp,
             ch,
             next_ids=batch["input_ids"][:, 1:][paired],
-            t_logp=t_logp,
+            t_logp=_own_logp(flat, t_ids, rows_t),
             t_next=t_ids.index_select(0, rows_t + 1),
             contexts=contexts,
             table=student_of(cross.maps, cross.vocab).to(flat.device),
         )
     tails = sp.tails if sp.tails is not None else sp.log_rest.new_zeros(len(at), 0)
-    top, ids_k, rest, tails = (x.cpu() for x in (sp.logp, sp.ids, sp.log_rest, tails))
+    yield from _row_blobs(paired, sp.ids, sp.logp, sp.log_rest, tails, what, ranks_of)
+
+
+def _own_logp(flat: torch.Tensor, t_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The teacher's log-probs of its own next tokens at the flat `rows` of its logits `flat` [positions, V]."""
+    lp = torch.log_softmax(flat.index_select(0, rows.to(flat.device)).float(), dim=-1)
+    return lp.gather(1, t_ids.index_select(0, rows + 1).to(lp.device)[:, None]).squeeze(1)
+
+
+def _row_blobs(paired, ids, logp, log_rest, tails, what: dict[str, Any], ranks_of: torch.Tensor):
+    """(blob, positions) per row of the batch, from its pairs' rows in KD order (row-major)."""
+    ids, logp, log_rest, tails = (x.cpu() for x in (ids, logp, log_rest, tails))
     first = 0
-    for b in range(batch["input_ids"].size(0)):
+    for b in range(paired.size(0)):
         n = int(paired[b].sum())
         sl = slice(first, first + n)
         first += n
         blob = encode(
-            ranks_of[ids_k[sl]].numpy(), top[sl].float().numpy(), rest[sl].float().numpy(), level_bits=what["level_bits"]
+            ranks_of[ids[sl]].numpy(), logp[sl].float().numpy(), log_rest[sl].float().numpy(), level_bits=what["level_bits"]
         )
         yield tails[sl].numpy().astype(np.float16).tobytes() + blob, n
 
@@ -384,23 +393,11 @@ def _chunk_rows(batch, logits, paired, what: dict[str, Any], ranks_of: torch.Ten
 
     ch = chunks_of(batch["labels"].numpy(), batch["x_pos"].numpy(), batch["t_labels"].numpy(), ignore)
     flat = logits.reshape(-1, logits.size(-1))
-    t_ids = batch["t_input_ids"].reshape(-1)
-    at = torch.from_numpy(ch.t_rows)
-    lp = torch.log_softmax(flat.index_select(0, at.to(flat.device)).float(), dim=-1)
-    logp = lp.gather(1, t_ids.index_select(0, at + 1).to(lp.device)[:, None]).squeeze(1)
+    logp = _own_logp(flat, batch["t_input_ids"].reshape(-1), torch.from_numpy(ch.t_rows))
     ids = batch["input_ids"][:, 1:][paired]
     rows = teacher_chunk_rows(ids.to(logp.device), logp, torch.from_numpy(ch.t_chunk).to(logp.device), ch.count)
-    top = rows.logp.clamp(min=-16.0).cpu()
-    m = len(what["tail_temperatures"])
-    first = 0
-    for b in range(batch["input_ids"].size(0)):
-        n = int(paired[b].sum())
-        sl = slice(first, first + n)
-        first += n
-        blob = encode(
-            ranks_of[rows.ids[sl].cpu()].numpy(), top[sl].numpy(), rows.log_rest[sl].cpu().numpy(), level_bits=what["level_bits"]
-        )
-        yield np.zeros((n, m), dtype=np.float16).tobytes() + blob, n
+    tails = torch.zeros(ch.count, len(what["tail_temperatures"]))
+    yield from _row_blobs(paired, rows.ids, rows.logp.clamp(min=-16.0), rows.log_rest, tails, what, ranks_of)
 
 
 def _manifest(out: Path, what: dict[str, Any], rank: int) -> dict[str, Any]:
