@@ -229,17 +229,8 @@ class CrossTeacher:
         from dsdistill.crosstok import _concat
 
         flat_ids = own.input_ids.reshape(-1)
-
-        def logp_at(at: torch.Tensor) -> torch.Tensor:
-            out = []
-            with torch.no_grad():
-                for lo in range(0, len(at), ROWS_PER_PASS):
-                    part = at[lo : lo + ROWS_PER_PASS].to(flat_ids.device)
-                    lp = torch.log_softmax(logits_of(part).float(), dim=-1)
-                    out.append(lp.gather(1, flat_ids.index_select(0, part + 1)[:, None]).squeeze(1))
-            return torch.cat(out)
-
-        return TeacherSignal(distribution=self._merged(_concat(parts), batch, logp_at), kd_rows=(c.kd, c.lm_only))
+        merged = self._merged(_concat(parts), batch, lambda at: _own_token_logp(logits_of, flat_ids, at))
+        return TeacherSignal(distribution=merged, kd_rows=(c.kd, c.lm_only))
 
     def _merged(self, rows, batch: TeacherInput, logp_at: Callable[[torch.Tensor], torch.Tensor]):
         """`rows` with the teacher's multi-token spans merged (`crosstok.merge_spans`); `logp_at(flat teacher
@@ -286,19 +277,12 @@ class CrossTeacher:
             return TeacherSignal(distribution=rows, kd_rows=(c.kd, c.lm_only), chunks=members)
         dev = batch.input_ids.device
         t_rows = torch.from_numpy(ch.t_rows)
-        own = self._own(batch, rows=t_rows)
-        flat_ids = own.input_ids.reshape(-1)
         if self._served_chunks():
             logp = self._served_logp(batch, t_rows)
         else:
+            own = self._own(batch, rows=t_rows)
             logits_of = _logits_of(self.inner.signal(own, needs), self.inner.vocab)
-            parts = []
-            with torch.no_grad():
-                for lo in range(0, len(t_rows), ROWS_PER_PASS):
-                    at = t_rows[lo : lo + ROWS_PER_PASS].to(dev)
-                    lp = torch.log_softmax(logits_of(at).float(), dim=-1)
-                    parts.append(lp.gather(1, flat_ids.index_select(0, at + 1)[:, None]).squeeze(1))
-            logp = torch.cat(parts) if parts else torch.zeros(0, device=dev)
+            logp = _own_token_logp(logits_of, own.input_ids.reshape(-1), t_rows)
         ids = batch.input_ids[:, 1:][c.paired[:, :-1].to(dev)]
         rows = teacher_chunk_rows(ids, logp, torch.from_numpy(ch.t_chunk).to(dev), ch.count)
         return TeacherSignal(distribution=rows, kd_rows=(c.kd, c.lm_only), chunks=members)
@@ -349,6 +333,18 @@ def _check_chunk_options(cfg: Any, options: Any) -> None:
             "teacher.cross_tokenizer.top_k: it sizes shared_topk's rows; method: chunk_likelihood keeps one "
             "likelihood per chunk; remove top_k"
         )
+
+
+def _own_token_logp(logits_of: Callable[[torch.Tensor], torch.Tensor], flat_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The teacher's log-probs of its own next tokens at the flat rows `at`, `ROWS_PER_PASS` rows of logits at a
+    time: [len(at)] fp32 on the ids' device."""
+    out = [torch.zeros(0, device=flat_ids.device)]
+    with torch.no_grad():
+        for lo in range(0, len(at), ROWS_PER_PASS):
+            part = at[lo : lo + ROWS_PER_PASS].to(flat_ids.device)
+            lp = torch.log_softmax(logits_of(part).float(), dim=-1)
+            out.append(lp.gather(1, flat_ids.index_select(0, part + 1)[:, None]).squeeze(1))
+    return torch.cat(out)
 
 
 def _logits_of(sig: TeacherSignal, vocab: int) -> Callable[[torch.Tensor], torch.Tensor]:
