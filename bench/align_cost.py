@@ -168,13 +168,13 @@ def merge_cost(ch, tokens: int, k: int = 64, t_vocab: int = 151_936) -> None:
     import numpy as np
     import torch
 
-    from dsdistill.crosstok import merge_spans, spans_to_merge
+    from dsdistill.crosstok import merge_spans
     from dsdistill.losses.fused import SparseTeacher
 
     g = torch.Generator().manual_seed(0)
     logp = torch.log_softmax(torch.randn(ch.count, k + 1, generator=g), -1)
     rows = SparseTeacher(torch.randint(0, 32_000, (ch.count, k), generator=g), logp[:, :k], logp[:, k])
-    merged, sel = spans_to_merge(ch)
+    merged, sel = ch.to_merge
     table = torch.randint(-1, 32_000, (1, t_vocab), generator=g)
     args = dict(
         next_ids=torch.randint(0, 32_000, (ch.count,), generator=g),

@@ -25,6 +25,7 @@ pairs, which `chunk_likelihood` compares by their likelihoods instead.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -611,6 +612,15 @@ class Chunks:
     t_chunk: np.ndarray
     """The chunk of each of `t_rows`."""
 
+    @functools.cached_property
+    def to_merge(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the chunks the student reads as one token and the teacher as several, the indices into `t_rows` of
+        their teacher rows): what `merge_spans` needs the teacher's log-probs of (worked out once per batch)."""
+        s_len = np.bincount(self.s_chunk, minlength=self.count)
+        t_len = np.bincount(self.t_chunk, minlength=self.count)
+        merged = np.nonzero((s_len == 1) & (t_len >= 2))[0]
+        return merged, np.nonzero(np.isin(self.t_chunk, merged))[0]
+
 
 def _fill_forward(mark: np.ndarray, stop: np.ndarray) -> np.ndarray:
     """Per position of [B, L] (row-major), the last `mark` (>= 0) at or before it with no `stop` between, or -1;
@@ -646,15 +656,6 @@ def chunks_of(labels: np.ndarray, x_pos: np.ndarray, t_labels: np.ndarray, ignor
     return Chunks(count, s_members, ordinal_of[s_members], t_rows, t_fill.reshape(-1)[t_rows])
 
 
-def spans_to_merge(chunks: Chunks) -> tuple[np.ndarray, np.ndarray]:
-    """(the chunks the student reads as one token and the teacher as several, the indices into `chunks.t_rows`
-    of their teacher rows): what `merge_spans` needs the teacher's log-probs of."""
-    s_len = np.bincount(chunks.s_chunk, minlength=chunks.count)
-    t_len = np.bincount(chunks.t_chunk, minlength=chunks.count)
-    merged = np.nonzero((s_len == 1) & (t_len >= 2))[0]
-    return merged, np.nonzero(np.isin(chunks.t_chunk, merged))[0]
-
-
 def merge_spans(rows, chunks: Chunks, *, next_ids, t_logp, t_next, contexts: np.ndarray, table):
     """`shared_topk`'s rows with the teacher's multi-token spans merged by the chain rule (GOLD's span merging):
     where the student reads a chunk as one token v and the teacher as several, the teacher's probability of v is
@@ -664,7 +665,7 @@ def merge_spans(rows, chunks: Chunks, *, next_ids, t_logp, t_next, contexts: np.
     joins the rest). Rows keep their k slots, so a cache, a server and a live teacher hold the same shape.
 
     `rows` [P, k] in KD order; `next_ids` [P] the student's next token at each pair; `t_logp` / `t_next` [N] the
-    teacher's log-prob of, and id of, its next token at the rows `spans_to_merge` names (in that order);
+    teacher's log-prob of, and id of, its next token at the rows `chunks.to_merge` names (in that order);
     `table` = `student_of`. At
     T != 1 the tails lose p^(1/T) where the rest bucket loses p (the first token's tail share is not split
     exactly)."""
@@ -672,7 +673,7 @@ def merge_spans(rows, chunks: Chunks, *, next_ids, t_logp, t_next, contexts: np.
 
     from dsdistill.losses.fused import SparseTeacher
 
-    merged, sel = spans_to_merge(chunks)
+    merged, sel = chunks.to_merge
     if not len(merged):
         return rows
     dev = rows.ids.device

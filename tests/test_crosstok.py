@@ -313,7 +313,7 @@ def test_merged_spans_give_the_student_token_the_teachers_chain_rule_probability
     gives that token the product of the teacher's probabilities of its own tokens over the chunk (computed here
     from the teacher's log-softmax directly), takes that mass from where the chunk's first teacher token had
     it, and keeps every row a distribution (its slots and rest sum to 1) of the same k slots."""
-    from dsdistill.crosstok import chunks_of, merge_spans, pair_positions, project_rows, spans_to_merge, student_of
+    from dsdistill.crosstok import chunks_of, merge_spans, pair_positions, project_rows, student_of
 
     bpe, wp = tokenizers_
     maps = shared_maps(wp, bpe)
@@ -335,7 +335,7 @@ def test_merged_spans_give_the_student_token_the_teachers_chain_rule_probability
         logits = torch.randn(len(t["input_ids"]), len(bpe), generator=gen, dtype=torch.float64) * 3
         logp = torch.log_softmax(logits, -1)
         rows = project_rows(logits[tp], np.where(ctx < 0, 0, ctx), maps, top_k=6)
-        merged, sel = spans_to_merge(ch)
+        merged, sel = ch.to_merge
         t_rows = ch.t_rows[sel]
         t_ids = torch.tensor(t["input_ids"])
         out = merge_spans(

@@ -337,7 +337,7 @@ def _cross_rows(batch, logits, cross: CrossCache, what: dict[str, Any], ranks_of
     if cross.method == "chunk_likelihood":
         yield from _chunk_rows(batch, logits, paired, what, ranks_of, ignore)
         return
-    from dsdistill.crosstok import chunks_of, merge_spans, spans_to_merge, student_of
+    from dsdistill.crosstok import chunks_of, merge_spans, student_of
 
     # every pair of the batch in KD order (row-major), projected, with the teacher's multi-token spans merged
     b_of, p_of = paired.nonzero(as_tuple=True)
@@ -347,7 +347,7 @@ def _cross_rows(batch, logits, cross: CrossCache, what: dict[str, Any], ranks_of
     contexts = batch["x_ctx"][b_of, p_of].numpy()
     sp = project_rows(flat.index_select(0, at), contexts, cross.maps, top_k=cross.k, temperatures=what["tail_temperatures"])
     ch = chunks_of(batch["labels"].numpy(), batch["x_pos"].numpy(), batch["t_labels"].numpy(), ignore)
-    merged, sel = spans_to_merge(ch)
+    merged, sel = ch.to_merge
     if len(merged):
         rows_t = torch.from_numpy(ch.t_rows[sel])
         t_ids = batch["t_input_ids"].reshape(-1)

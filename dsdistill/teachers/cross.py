@@ -235,11 +235,11 @@ class CrossTeacher:
     def _merged(self, rows, batch: TeacherInput, logp_at: Callable[[torch.Tensor], torch.Tensor]):
         """`rows` with the teacher's multi-token spans merged (`crosstok.merge_spans`); `logp_at(flat teacher
         rows)` gives the teacher's log-probs of its own next tokens there."""
-        from dsdistill.crosstok import merge_spans, spans_to_merge, student_of
+        from dsdistill.crosstok import merge_spans, student_of
 
         c = batch.cross
         assert c is not None and c.chunks is not None
-        merged, sel = spans_to_merge(c.chunks)
+        merged, sel = c.chunks.to_merge
         if not len(merged):
             return rows
         dev = rows.ids.device
