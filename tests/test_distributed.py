@@ -135,11 +135,15 @@ def test_two_rank_zero1_with_every_component(make_config, tmp_path):
 
 @pytest.mark.parametrize("method", ["shared_topk", "chunk_likelihood"])
 def test_two_rank_zero3_cross_tokenizer_teacher(make_config, tmp_path, tmp_path_factory, method):
-    """A byte-level BPE teacher with the word-level student, both ZeRO-3 over two ranks: the teacher reads its
-    own tokens, no rank holds it whole, and KD (over the paired positions, or the chunks between them) trains."""
+    """A byte-level BPE teacher with the word-level student, both ZeRO-3 over two ranks, through the deepspeed
+    launcher: the teacher reads its own tokens, no rank holds it whole, and KD (over the paired positions, or
+    the chunks between them: there from a Qwen2 teacher into the Llama student) trains."""
     from tests.test_cross_training import _bpe_teacher
 
-    teacher = _bpe_teacher(tmp_path_factory.mktemp("bpe2"), Path(make_config()["data"]["path"]), steps=20)
+    # the second method's teacher is another model family than the student's (Qwen2 into Llama)
+    family = "llama" if method == "shared_topk" else "qwen2"
+    teacher = _bpe_teacher(tmp_path_factory.mktemp("bpe2"), Path(make_config()["data"]["path"]), steps=20, family=family)
+    assert json.loads((teacher / "config.json").read_text())["model_type"] == family
     steps = 4
     zero3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
     cfg = make_config(
